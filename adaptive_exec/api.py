@@ -1,0 +1,536 @@
+"""The public entry points: ``parallelize`` and ``adaptive_map``.
+
+One map, end to end: fingerprint -> remembered features, or sample the first items
+here -> plan -> run serially here or on the pool -> remember what was observed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import logging
+import math
+import os
+import threading
+import time
+import types
+from dataclasses import dataclass, field
+from typing import (
+    Any,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Optional,
+    TypeVar,
+    Union,
+    overload,
+)
+
+from . import cache, calibration, system
+from .backends import loky as loky_backend
+from .backends import serial as serial_backend
+from .dispatch import ParallelRun
+from .fingerprint import describe, fingerprint, function_complexity
+from .planner import Plan, fmt_s, make_plan
+from .sampling import Features, features_from, sample
+from .worker import function_ref
+
+logger = logging.getLogger("adaptive_exec")
+
+BACKENDS = ("auto", "loky", "serial")
+ENV_PROGRESS = "ADAPTIVE_EXEC_PROGRESS"
+# Unknown length (a generator): read ahead this much work before planning, so that a
+# short stream is seen to be short. Bounded in items and bytes: never materialised.
+READ_AHEAD_WORK_S = 2.0
+READ_AHEAD_ITEMS = 100_000
+READ_AHEAD_BYTES = 64 << 20
+# A serial run is re-planned between chunks; their duration starts here and doubles.
+SERIAL_FIRST_CHUNK_S = 0.02
+SERIAL_MAX_CHUNK_S = 0.5
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class RunReport:
+    plan: Plan
+    wall_s: float
+    n_items: int
+    n_sampled: int
+    from_cache: bool
+    workers_timeline: list[tuple[float, int]] = field(default_factory=list)
+    sampling_s: float = 0.0  # wall time from the call to the plan, sampled calls included
+    planning_overhead_s: float = 0.0  # that time minus the sampled calls' own time
+    observed_item_s: Optional[float] = None  # mean seconds per item seen during the run
+
+
+def _check_options(
+    max_workers: Optional[int], backend: str, timeout: Optional[float]
+) -> None:
+    if max_workers is not None:
+        if isinstance(max_workers, bool) or not isinstance(max_workers, int):
+            msg = f"max_workers must be a positive int or None, got {max_workers!r}"
+            raise TypeError(msg)
+        if max_workers < 1:
+            msg = f"max_workers must be a positive int or None, got {max_workers!r}"
+            raise ValueError(msg)
+    if backend not in BACKENDS:
+        msg = f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}"
+        raise ValueError(msg)
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            msg = f"timeout must be a positive number of seconds or None, got {timeout!r}"
+            raise ValueError(msg)
+        msg = "timeout= is not implemented yet: per-item time-outs come with issue 6"
+        raise NotImplementedError(msg)
+
+
+class _CallStats:
+    """Durations of plain calls, kept as samples for the next map (bounded)."""
+
+    MAX = 64
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.durations: list[float] = []
+
+    def add(self, seconds: float) -> None:
+        with self.lock:
+            if len(self.durations) < self.MAX:
+                self.durations.append(seconds)
+
+    def take(self) -> list[float]:
+        with self.lock:
+            out, self.durations = self.durations, []
+            return out
+
+
+class ParallelFunction:
+    """A function with ``map``, ``imap``, ``imap_unordered``, ``starmap`` and ``plan``.
+
+    Calling it plainly runs it here, unchanged; the call is timed as a sample.
+    """
+
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        *,
+        max_workers: Optional[int] = None,
+        cache: bool = True,
+        progress: bool = False,
+        backend: str = "auto",
+        timeout: Optional[float] = None,
+        strict: bool = False,
+    ):
+        if not callable(func):
+            msg = (
+                "parallelize needs a callable (a function, lambda or callable object), "
+                f"got {func!r}"
+            )
+            raise TypeError(msg)
+        _check_options(max_workers, backend, timeout)
+        functools.update_wrapper(self, func)
+        self.__adaptive_exec_wrapped__ = func
+        self._func = func
+        self._options = dict(
+            max_workers=max_workers, cache=cache, progress=progress,
+            backend=backend, timeout=timeout, strict=strict,
+        )
+        self._calls = _CallStats()
+        self._key: Optional[str] = None
+        self.last_report: Optional[RunReport] = None
+
+    # --- plain calls, and use as a method -----------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        result = self._func(*args, **kwargs)
+        self._calls.add(time.perf_counter() - t0)
+        return result
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if obj is None:
+            return self
+        return ParallelFunction(types.MethodType(self._func, obj), **self._options)
+
+    def __repr__(self) -> str:
+        return f"<parallelized {getattr(self._func, '__qualname__', self._func)!r}>"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"func": self._func, "options": self._options}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["func"], **state["options"])  # type: ignore[misc]
+
+    # --- the maps -----------------------------------------------------------------
+
+    def map(self, items: Iterable[Any]) -> list[Any]:
+        """``[func(x) for x in items]``, as fast as this machine allows."""
+        out: list[Any] = []
+        for batch in self._run(items, star=False, ordered=True, name="map"):
+            out.extend(batch)
+        return out
+
+    def starmap(self, arg_tuples: Iterable[Iterable[Any]]) -> list[Any]:
+        """``[func(*args) for args in arg_tuples]``."""
+        out: list[Any] = []
+        for batch in self._run(arg_tuples, star=True, ordered=True, name="starmap"):
+            out.extend(batch)
+        return out
+
+    def imap(self, items: Iterable[Any]) -> Iterator[Any]:
+        """Results in order, lazily, with bounded read-ahead."""
+        return itertools.chain.from_iterable(
+            self._run(items, star=False, ordered=True, name="imap")
+        )
+
+    def imap_unordered(self, items: Iterable[Any]) -> Iterator[Any]:
+        """Results as they complete."""
+        return itertools.chain.from_iterable(
+            self._run(items, star=False, ordered=False, name="imap_unordered")
+        )
+
+    def plan(self, items: Iterable[Any]) -> Plan:
+        """The decision a ``map`` over ``items`` would take, without running the whole
+        workload: the first items are run to measure them (their results are dropped,
+        and the measurement is remembered, so the next map does not sample again)."""
+        if iter(items) is items:  # type: ignore[comparison-overlap]
+            msg = (
+                "plan() needs a collection it can read without using it up (a list, tuple "
+                "or range); a one-shot iterator would lose the items it samples"
+            )
+            raise TypeError(msg)
+        gen = self._run(items, star=False, ordered=True, name="plan", plan_only=True)
+        for _ in gen:
+            pass
+        assert self._planned is not None
+        return self._planned
+
+    # --- one run ------------------------------------------------------------------
+
+    def _fingerprint(self) -> str:
+        if self._key is None:
+            self._key = fingerprint(self._func)
+        return self._key
+
+    def _run(
+        self,
+        items: Iterable[Any],
+        *,
+        star: bool,
+        ordered: bool,
+        name: str,
+        plan_only: bool = False,
+    ) -> Iterator[list[Any]]:
+        try:
+            it = iter(items)
+        except TypeError:
+            msg = (
+                f"{name}() needs an iterable of items (a list, range, generator...), "
+                f"got {type(items).__name__}"
+            )
+            raise TypeError(msg) from None
+        n_known = _known_length(items)
+        gen = self._execute(it, n_known, star=star, ordered=ordered, plan_only=plan_only)
+        if self._progress_on() and not plan_only:
+            gen = _with_progress(gen, n_known, name)
+        return gen
+
+    def _progress_on(self) -> bool:
+        return bool(self._options["progress"]) or os.environ.get(ENV_PROGRESS, "") not in ("", "0")
+
+    def _execute(
+        self,
+        it: Iterator[Any],
+        n_known: Optional[int],
+        *,
+        star: bool,
+        ordered: bool,
+        plan_only: bool,
+    ) -> Iterator[list[Any]]:
+        self._planned: Optional[Plan] = None
+        t_start = time.perf_counter()
+        func = self._func
+        opts = self._options
+        key = self._fingerprint()
+        use_cache = bool(opts["cache"])
+
+        forced = None
+        if system.disabled():
+            forced = f"{system.ENV_DISABLE}=1 is set"
+        elif system.in_worker():
+            forced = "already inside an adaptive_exec worker: nested maps run serially"
+        elif opts["backend"] == "serial":
+            forced = "backend='serial' was requested"
+
+        cached = cache.lookup(key) if use_cache and forced is None else None
+        n_sampled = 0
+        sampled_calls_s = 0.0
+        head: list[Any] = []
+        features: Optional[Features]
+        exhausted = False
+        if forced is not None:
+            features = Features(0.0, None, None, None, None, function_complexity(func), 0, None)
+        elif cached is not None:
+            features = cached
+        else:
+            s = sample(func, it, star=star, complexity=function_complexity(func))
+            head, n_sampled, exhausted = s.results, len(s.results), s.exhausted
+            sampled_calls_s = s.calls_s
+            features = _merge_plain_calls(s.features, self._calls.take())
+        if features is None:  # no items at all
+            self._finish(_empty_plan(), t_start, 0, 0, False, [], 0.0, 0.0, None)
+            return
+
+        # The number of items: known, or found by reading a bounded stretch ahead.
+        buffered: list[Any] = []
+        if exhausted:
+            n_items = n_sampled
+        elif n_known is not None:
+            n_items = n_known
+        else:
+            buffered, ended = _read_ahead(it, features)
+            n_items = n_sampled + len(buffered)
+            if not ended:
+                n_items = max(n_items, n_sampled + READ_AHEAD_ITEMS)  # a lower bound
+        source: Iterator[Any] = itertools.chain(buffered, it) if buffered else it
+
+        plan = self._make_plan(features, n_items, n_sampled, t_start, cached is not None, forced)
+        self._planned = plan
+        sampling_s = time.perf_counter() - t_start
+        if logger.isEnabledFor(logging.INFO):
+            logger.info(
+                "plan for %s: mode=%s workers=%d chunksize=%d from_cache=%s: %s",
+                describe(func)[1], plan.mode, plan.n_workers, plan.chunksize,
+                plan.from_cache, plan.reason,
+            )
+        if plan_only:
+            if use_cache and n_sampled:
+                cache.observe(key, features, None)
+            return
+
+        if head:
+            yield head
+        n_done = n_sampled
+        timeline: list[tuple[float, int]] = []
+        observed: Optional[float] = None
+        if plan.mode == "serial":
+            plan, timeline, observed, count = yield from self._serial(
+                source, n_sampled, n_items, features, plan, star=star, ordered=ordered,
+                key=key, from_cache=cached is not None, replan=forced is None,
+            )
+            n_done += count
+        else:
+            timeline, observed, count = yield from self._parallel(
+                source, n_sampled, plan, star=star, ordered=ordered, key=key
+            )
+            n_done += count
+        if use_cache and forced is None:
+            cache.observe(key, features if cached is None else None, observed)
+        self._finish(plan, t_start, n_done, n_sampled, cached is not None, timeline,
+                     sampling_s, sampling_s - sampled_calls_s, observed)
+
+    def _parallel(
+        self, source: Iterator[Any], first: int, plan: Plan, *, star: bool, ordered: bool,
+        key: str,
+    ) -> Generator[list[Any], None, tuple[list[tuple[float, int]], Optional[float], int]]:
+        run = ParallelRun(
+            self._func, function_ref(self._func, key), source, first, plan.n_workers,
+            plan.chunksize, star=star, ordered=ordered, strict=bool(self._options["strict"]),
+        )
+        count = 0
+        for batch in run:
+            count += len(batch)
+            yield batch
+        observed = run.worker_compute_s / run.worker_items if run.worker_items else None
+        return run.timeline, observed, count
+
+    def _serial(
+        self, source: Iterator[Any], first: int, n_items: int, features: Features, plan: Plan,
+        *, star: bool, ordered: bool, key: str, from_cache: bool, replan: bool,
+    ) -> Generator[
+        list[Any], None, tuple[Plan, list[tuple[float, int]], Optional[float], int]
+    ]:
+        """The loop, in chunks of growing duration; between chunks, re-plan from the
+        chunk's own per-item time, and move the rest to the pool when that now wins."""
+        func = self._func
+        done = first
+        chunk_s = SERIAL_FIRST_CHUNK_S
+        per_item = max(features.mean_s, 1e-8)
+        total_s = 0.0
+        while True:
+            n = max(1, int(chunk_s / per_item)) if replan else max(1, n_items - done)
+            t0 = time.perf_counter()
+            batch = serial_backend.run_chunk(func, source, n, done, star=star)
+            elapsed = time.perf_counter() - t0
+            if batch:
+                total_s += elapsed
+                done += len(batch)
+                per_item = max(elapsed / len(batch), 1e-8)
+                yield batch
+            observed = total_s / (done - first) if done > first else None
+            if len(batch) < n:  # the items ran out
+                return plan, [], observed, done - first
+            if not replan:
+                continue
+            chunk_s = min(chunk_s * 2, SERIAL_MAX_CHUNK_S)
+            recent = dataclasses.replace(features, mean_s=per_item)
+            new = self._make_plan(recent, max(n_items, done + 1), done, time.perf_counter(),
+                                  from_cache, None)
+            if new.mode == "serial":
+                continue
+            reason = (
+                f"switched to parallel after {done:,} items ran serially, at "
+                f"{fmt_s(per_item)} per item against {fmt_s(features.mean_s)} sampled: "
+                f"{new.reason}"
+            )
+            new = dataclasses.replace(new, reason=reason)
+            self._planned = new
+            logger.info("re-plan for %s: %s", describe(func)[1], reason)
+            timeline, observed_par, count = yield from self._parallel(
+                source, done, new, star=star, ordered=ordered, key=key
+            )
+            n_all = done - first + count
+            if observed_par is not None and observed is not None:
+                observed = (observed * (done - first) + observed_par * count) / n_all
+            return new, timeline, observed, n_all
+
+    def _make_plan(
+        self,
+        features: Features,
+        n_items: int,
+        n_sampled: int,
+        t_start: float,
+        from_cache: bool,
+        forced: Optional[str],
+    ) -> Plan:
+        max_workers = self._options["max_workers"]
+        calib = calibration.current()
+        elapsed = time.perf_counter() - t_start
+        snap = system.snapshot(max_workers, with_memory=False)
+        warm = loky_backend.is_warm(snap.usable_cpus)
+        plan = make_plan(features, n_items, n_sampled, snap, calib, warm=warm,
+                         from_cache=from_cache, elapsed_s=elapsed, forced_serial=forced)
+        if plan.mode != "serial":
+            # Reading memory costs a psutil import; only a parallel plan needs it.
+            snap = system.snapshot(max_workers, with_memory=True)
+            plan = make_plan(features, n_items, n_sampled, snap, calib, warm=warm,
+                             from_cache=from_cache, elapsed_s=elapsed)
+        return plan
+
+    def _finish(
+        self,
+        plan: Plan,
+        t_start: float,
+        n_items: int,
+        n_sampled: int,
+        from_cache: bool,
+        timeline: list[tuple[float, int]],
+        sampling_s: float,
+        overhead_s: float,
+        observed: Optional[float],
+    ) -> None:
+        self.last_report = RunReport(
+            plan=plan,
+            wall_s=time.perf_counter() - t_start,
+            n_items=n_items,
+            n_sampled=n_sampled,
+            from_cache=from_cache,
+            workers_timeline=timeline,
+            sampling_s=sampling_s,
+            planning_overhead_s=max(0.0, overhead_s),
+            observed_item_s=observed,
+        )
+
+
+def _known_length(items: Iterable[Any]) -> Optional[int]:
+    if hasattr(items, "__len__"):
+        try:
+            return len(items)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+    return None
+
+
+def _read_ahead(it: Iterator[Any], features: Features) -> tuple[list[Any], bool]:
+    """Items read from ``it`` until enough work is seen; (items, the iterator ended)."""
+    per_item = max(features.mean_s, 1e-9)
+    want = min(READ_AHEAD_ITEMS, math.ceil(READ_AHEAD_WORK_S / per_item))
+    size = (features.input_pickle_size or 64) + 64
+    want = max(1, min(want, READ_AHEAD_BYTES // size))
+    buffered = list(itertools.islice(it, want))
+    return buffered, len(buffered) < want
+
+
+def _merge_plain_calls(features: Optional[Features], plain: list[float]) -> Optional[Features]:
+    """Fold the durations of earlier plain calls into the sampled features."""
+    if features is None or not plain:
+        return features
+    n = features.n_samples
+    durations = [features.mean_s] * n + plain  # the sample's spread is kept through its CV
+    merged = features_from(durations, [], [], features.peak_memory or 0,
+                           features.function_complexity, 0.0, 0.0, features.picklable)
+    cvs = [c for c in (features.coefficient_of_variation, merged.coefficient_of_variation)
+           if c is not None]
+    return dataclasses.replace(
+        features,
+        mean_s=merged.mean_s,
+        coefficient_of_variation=max(cvs) if cvs else None,
+        n_samples=n + len(plain),
+    )
+
+
+def _empty_plan() -> Plan:
+    return Plan("serial", 1, 1, 0.0, 0.0, 0.0, "there are no items", False, {})
+
+
+def _with_progress(
+    gen: Iterator[list[Any]], total: Optional[int], name: str
+) -> Iterator[list[Any]]:
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc=name, unit="item") as bar:
+        for batch in gen:
+            bar.update(len(batch))
+            yield batch
+
+
+@overload
+def parallelize(func: F) -> ParallelFunction: ...
+@overload
+def parallelize(
+    func: None = None, *, max_workers: Optional[int] = None, cache: bool = True,
+    progress: bool = False, backend: str = "auto", timeout: Optional[float] = None,
+    strict: bool = False,
+) -> Callable[[F], ParallelFunction]: ...
+
+
+def parallelize(
+    func: Optional[Callable[..., Any]] = None,
+    *,
+    max_workers: Optional[int] = None,
+    cache: bool = True,
+    progress: bool = False,
+    backend: str = "auto",
+    timeout: Optional[float] = None,
+    strict: bool = False,
+) -> Union[ParallelFunction, Callable[[Callable[..., Any]], ParallelFunction]]:
+    """Decorate a function with ``map``/``imap``/``starmap``/``plan``; bare or with options."""
+    options = dict(max_workers=max_workers, cache=cache, progress=progress,
+                   backend=backend, timeout=timeout, strict=strict)
+    if func is None:
+        _check_options(max_workers, backend, timeout)
+        return lambda f: ParallelFunction(f, **options)  # type: ignore[arg-type]
+    return ParallelFunction(func, **options)  # type: ignore[arg-type]
+
+
+def adaptive_map(func: Callable[..., Any], items: Iterable[Any], /, **options: Any) -> list[Any]:
+    """``[func(x) for x in items]`` for any callable (lambdas and closures too), in parallel
+    when that is faster. Options as for ``parallelize``."""
+    if isinstance(func, ParallelFunction):
+        pf = func if not options else ParallelFunction(func._func, **{**func._options, **options})
+    else:
+        pf = ParallelFunction(func, **options)
+    return pf.map(items)

@@ -1,0 +1,50 @@
+"""The loop, in the caller: the fastest plan for small work, and the fallback for all.
+
+It runs in chunks so that the caller can re-plan between them (api.py): a workload
+whose items get slower as it goes can still move to the pool part way.
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+from typing import Any, Callable, Iterator
+
+from ..errors import attach_origin
+
+# Iterators whose length_hint is exact, so a failing item's index can be recovered
+# after the fact and the loop itself can run at C speed (list(map(...))).
+_EXACT = (type(iter([])), type(iter(())), type(iter(range(0))))
+
+
+def run_chunk(
+    func: Callable[..., Any],
+    source: Iterator[Any],
+    n: int,
+    first_index: int,
+    *,
+    star: bool,
+) -> list[Any]:
+    """Up to ``n`` results of ``func`` over the next items of ``source``."""
+    mapper = itertools.starmap if star else map
+    if isinstance(source, _EXACT):
+        before = operator.length_hint(source)
+        try:
+            return list(mapper(func, itertools.islice(source, n)))
+        except Exception as exc:
+            # length_hint now counts what was not read; the failing item was read last.
+            attach_origin(exc, first_index + before - operator.length_hint(source) - 1, None)
+            raise
+    out: list[Any] = []
+    append = out.append
+    try:
+        if star:
+            for args in itertools.islice(source, n):
+                append(func(*args))
+        else:
+            for item in itertools.islice(source, n):
+                append(func(item))
+    except Exception as exc:
+        attach_origin(exc, first_index + len(out), None)
+        raise
+    return out

@@ -1,0 +1,230 @@
+"""Features + system + calibration -> Plan: a cost model, not a rule of thumb.
+
+For N items of mean cost t, W workers and chunks of c items (DESIGN.md section 4):
+
+    serial   = N * t
+    parallel = start-up (cold pool only, partly hidden by the caller working meanwhile)
+             + makespan of ceil(N/c) chunks of (c*t + task overhead + c*bytes*byte cost)
+               on W workers, with a tail that grows with the chunk time and the CV
+             + never less than the parent's own share: every result is unpickled here
+
+The plan with the smallest estimate wins; parallel must beat serial clearly
+(MIN_SPEEDUP) or the map stays serial, since a wrong "parallel" costs far more than a
+wrong "serial".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .calibration import Calibration
+from .sampling import Features
+from .system import SystemSnapshot
+
+MIN_SPEEDUP = 1.2  # below this the estimate's own error can turn a gain into a loss
+MIN_SAVING_S = 0.01
+# A chunk longer than this delays errors, cancellation and streamed results.
+MAX_CHUNK_S = 0.5
+# What a fresh loky worker costs in memory before it runs anything (measured: ~25 MB RSS).
+WORKER_BASE_MEMORY = 40 << 20
+MEMORY_RESERVE = 256 << 20
+# Fraction of the start-up the caller spends working through items: it shares the
+# cores with booting workers, so it is not a full worker during that time.
+STARTUP_OVERLAP = 0.5
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str  # "serial" | "parallel" | "threads" | "distributed"
+    n_workers: int
+    chunksize: int
+    estimated_serial_s: float
+    estimated_parallel_s: float
+    estimated_speedup: float
+    reason: str
+    from_cache: bool
+    features: dict[str, Any] = field(default_factory=dict)
+
+    def explain(self) -> str:
+        f = self.features
+        lines = [
+            f"mode:        {self.mode}",
+            f"workers:     {self.n_workers}",
+            f"chunksize:   {self.chunksize}",
+            f"serial:      {fmt_s(self.estimated_serial_s)} (estimated)",
+            f"parallel:    {fmt_s(self.estimated_parallel_s)} (estimated)",
+            f"speedup:     {self.estimated_speedup:.2f}x (estimated)",
+            f"from cache:  {self.from_cache}",
+            f"reason:      {self.reason}",
+        ]
+        if f:
+            lines.append("features:")
+            width = max(len(k) for k in f)
+            for key in sorted(f):
+                lines.append(f"  {key.ljust(width)}  {f[key]}")
+        return "\n".join(lines)
+
+
+def fmt_s(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds * 1e6:.1f} µs"
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+@dataclass(frozen=True)
+class _Estimate:
+    total_s: float
+    n_workers: int
+    chunksize: int
+    startup_s: float
+    parent_s: float
+
+
+def _estimate(
+    n: int, t: float, cv: float, bytes_per_item: float, w: int, c: int,
+    calib: Calibration, warm: bool,
+) -> _Estimate:
+    per_chunk = c * t + calib.task_overhead_s + c * bytes_per_item * calib.byte_cost_s
+    n_chunks = math.ceil(n / c)
+    rounds = math.ceil(n_chunks / w)
+    # Workers free up at different times, so the last chunk leaves the others idle for
+    # about half a chunk, more when chunk times spread (their CV shrinks like 1/sqrt(c)
+    # for independent items). Costs that drift along the list (the skewed workload) are
+    # what this tail guards against: it makes long chunks expensive.
+    fluid = n_chunks * per_chunk / w + per_chunk * (0.5 + cv / math.sqrt(c))
+    makespan = max(rounds * per_chunk, fluid)
+    # The parent pickles every input and unpickles every result, one at a time.
+    parent = n * bytes_per_item * calib.byte_cost_s + n_chunks * calib.task_overhead_s / 2
+    startup = 0.0 if warm else calib.startup_for(w)
+    hidden = min(startup * STARTUP_OVERLAP, n * t)  # work the caller does meanwhile
+    total = startup + max(makespan - hidden / w, parent)
+    return _Estimate(total, w, c, startup, parent)
+
+
+def _chunk_candidates(n: int, w: int, t: float) -> list[int]:
+    upper = max(1, math.ceil(n / w))
+    if t > 0:
+        upper = min(upper, max(1, int(MAX_CHUNK_S / t)))
+    out = []
+    c = 1
+    while c < upper:
+        out.append(c)
+        c *= 2
+    out.append(upper)
+    return out
+
+
+def memory_cap(features: Features, system: SystemSnapshot) -> Optional[int]:
+    """Workers the available memory allows, or None when memory was not read."""
+    if system.available_memory is None:
+        return None
+    per_worker = WORKER_BASE_MEMORY + (features.peak_memory or 0)
+    return max(1, int((system.available_memory - MEMORY_RESERVE) // per_worker))
+
+
+def make_plan(
+    features: Features,
+    n_items: int,
+    n_done: int,
+    system: SystemSnapshot,
+    calib: Calibration,
+    *,
+    warm: bool,
+    from_cache: bool,
+    elapsed_s: float = 0.0,
+    forced_serial: Optional[str] = None,
+    extra: Optional[dict[str, Any]] = None,
+) -> Plan:
+    """Plan the remaining ``n_items - n_done`` items; ``elapsed_s`` was already spent."""
+    t = features.mean_s
+    cv = features.coefficient_of_variation if features.coefficient_of_variation is not None else 0.5
+    cv = min(cv, 4.0)
+    bytes_per_item = float((features.pickle_size or 0) + (features.input_pickle_size or 0))
+    remaining = max(0, n_items - n_done)
+    serial_rest = remaining * t
+    est_serial = elapsed_s + serial_rest
+    info = {
+        **features.to_dict(),
+        "n_items": n_items,
+        "usable_cpus": system.usable_cpus,
+        "available_memory": system.available_memory,
+        "calibration": calib.source,
+        "worker_startup_s": round(calib.worker_startup_s, 4),
+        "task_overhead_s": calib.task_overhead_s,
+        "byte_cost_s": calib.byte_cost_s,
+        "pool_warm": warm,
+        **(extra or {}),
+    }
+
+    def serial(reason: str, est_parallel: float = math.inf) -> Plan:
+        speedup = est_serial / est_parallel if est_parallel not in (0, math.inf) else 0.0
+        return Plan("serial", 1, max(1, remaining), est_serial,
+                    est_parallel if est_parallel != math.inf else est_serial,
+                    speedup, reason, from_cache, info)
+
+    work = f"{remaining:,} items x {fmt_s(t)} = {fmt_s(serial_rest)} of work"
+    if forced_serial:
+        return serial(forced_serial)
+    if remaining == 0:
+        return serial("every item was already run while sampling")
+    if not features.picklable:
+        return serial("items or results cannot be pickled, so they cannot reach a worker")
+
+    w_max = system.usable_cpus
+    mem_cap = memory_cap(features, system)
+    if mem_cap is not None:
+        w_max = min(w_max, mem_cap)
+    if w_max < 2:
+        why = "only one CPU is usable" if system.usable_cpus < 2 else (
+            f"available memory ({_fmt_bytes(system.available_memory or 0)}) fits one worker"
+        )
+        return serial(f"{work}; {why}, so a pool cannot beat the loop")
+
+    best: Optional[_Estimate] = None
+    for w in range(2, w_max + 1):
+        for c in _chunk_candidates(remaining, w, t):
+            e = _estimate(remaining, t, cv, bytes_per_item, w, c, calib, warm)
+            # Prefer fewer workers when they are as fast: they leave the machine freer.
+            if best is None or e.total_s < best.total_s * 0.99:
+                best = e
+    assert best is not None
+    est_parallel = elapsed_s + best.total_s
+    speedup = est_serial / est_parallel if est_parallel > 0 else 0.0
+
+    if speedup < MIN_SPEEDUP or est_serial - est_parallel < MIN_SAVING_S:
+        limits = []
+        if best.startup_s > 0:
+            limits.append(f"start-up {fmt_s(best.startup_s)}")
+        if best.parent_s > serial_rest / best.n_workers and bytes_per_item > 0:
+            limits.append(
+                f"{_fmt_bytes(bytes_per_item * remaining)} to move through the parent "
+                f"({fmt_s(best.parent_s)})"
+            )
+        if not limits:
+            limits.append(f"{fmt_s(calib.task_overhead_s)} overhead per task")
+        return serial(
+            f"{work}; the best pool ({best.n_workers} workers) is estimated at "
+            f"{fmt_s(best.total_s)} ({', '.join(limits)}), a speedup of {speedup:.2f}x, "
+            f"below the {MIN_SPEEDUP}x worth the risk",
+            est_parallel,
+        )
+    startup = f", {fmt_s(best.startup_s)} of pool start-up included" if best.startup_s else \
+        ", the pool is already warm"
+    reason = (
+        f"{work}; {best.n_workers} workers with chunks of {best.chunksize} are estimated "
+        f"at {fmt_s(best.total_s)} ({speedup:.1f}x){startup}"
+    )
+    return Plan("parallel", best.n_workers, best.chunksize, est_serial, est_parallel,
+                speedup, reason, from_cache, info)
