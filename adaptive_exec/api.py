@@ -15,6 +15,7 @@ import os
 import threading
 import time
 import types
+import warnings
 from dataclasses import dataclass, field
 from typing import (
     Any,
@@ -32,10 +33,11 @@ from . import cache, calibration, system
 from .backends import loky as loky_backend
 from .backends import serial as serial_backend
 from .dispatch import ParallelRun
+from .errors import UnpicklableWarning
 from .fingerprint import describe, fingerprint, function_complexity
 from .planner import Plan, fmt_s, make_plan
 from .sampling import Features, features_from, sample
-from .worker import function_ref
+from .worker import FunctionRef, function_ref
 
 logger = logging.getLogger("adaptive_exec")
 
@@ -43,8 +45,8 @@ BACKENDS = ("auto", "loky", "serial")
 ENV_PROGRESS = "ADAPTIVE_EXEC_PROGRESS"
 # Unknown length (a generator): read ahead this much work before planning, so that a
 # short stream is seen to be short. Bounded in items and bytes: never materialised.
-READ_AHEAD_WORK_S = 2.0
-READ_AHEAD_ITEMS = 100_000
+READ_AHEAD_WORK_S = 1.0
+READ_AHEAD_ITEMS = 10_000
 READ_AHEAD_BYTES = 64 << 20
 # A serial run is re-planned between chunks; their duration starts here and doubles.
 SERIAL_FIRST_CHUNK_S = 0.02
@@ -67,8 +69,14 @@ class RunReport:
 
 
 def _check_options(
-    max_workers: Optional[int], backend: str, timeout: Optional[float]
+    max_workers: Optional[int], backend: str, timeout: Optional[float],
+    chunksize: Optional[int] = None,
 ) -> None:
+    if chunksize is not None and (
+        isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1
+    ):
+        msg = f"chunksize must be a positive int or None (chosen for you), got {chunksize!r}"
+        raise ValueError(msg)
     if max_workers is not None:
         if isinstance(max_workers, bool) or not isinstance(max_workers, int):
             msg = f"max_workers must be a positive int or None, got {max_workers!r}"
@@ -123,6 +131,7 @@ class ParallelFunction:
         backend: str = "auto",
         timeout: Optional[float] = None,
         strict: bool = False,
+        chunksize: Optional[int] = None,
     ):
         if not callable(func):
             msg = (
@@ -130,13 +139,13 @@ class ParallelFunction:
                 f"got {func!r}"
             )
             raise TypeError(msg)
-        _check_options(max_workers, backend, timeout)
+        _check_options(max_workers, backend, timeout, chunksize)
         functools.update_wrapper(self, func)
         self.__adaptive_exec_wrapped__ = func
         self._func = func
         self._options = dict(
             max_workers=max_workers, cache=cache, progress=progress,
-            backend=backend, timeout=timeout, strict=strict,
+            backend=backend, timeout=timeout, strict=strict, chunksize=chunksize,
         )
         self._calls = _CallStats()
         self._key: Optional[str] = None
@@ -233,7 +242,8 @@ class ParallelFunction:
             )
             raise TypeError(msg) from None
         n_known = _known_length(items)
-        gen = self._execute(it, n_known, star=star, ordered=ordered, plan_only=plan_only)
+        gen = self._execute(it, n_known, star=star, ordered=ordered, plan_only=plan_only,
+                            partial=name.startswith("imap"))
         if self._progress_on() and not plan_only:
             gen = _with_progress(gen, n_known, name)
         return gen
@@ -249,6 +259,7 @@ class ParallelFunction:
         star: bool,
         ordered: bool,
         plan_only: bool,
+        partial: bool,
     ) -> Iterator[list[Any]]:
         self._planned: Optional[Plan] = None
         t_start = time.perf_counter()
@@ -277,6 +288,10 @@ class ParallelFunction:
             features = cached
         else:
             s = sample(func, it, star=star, complexity=function_complexity(func))
+            if s.error is not None:
+                if s.results:
+                    yield s.results
+                raise s.error
             head, n_sampled, exhausted = s.results, len(s.results), s.exhausted
             sampled_calls_s = s.calls_s
             features = _merge_plain_calls(s.features, self._calls.take())
@@ -284,6 +299,8 @@ class ParallelFunction:
             self._finish(_empty_plan(), t_start, 0, 0, False, [], 0.0, 0.0, None)
             return
 
+        if head and not plan_only:
+            yield head  # before any read-ahead: a stream's first results come early
         # The number of items: known, or found by reading a bounded stretch ahead.
         buffered: list[Any] = []
         if exhausted:
@@ -298,6 +315,8 @@ class ParallelFunction:
         source: Iterator[Any] = itertools.chain(buffered, it) if buffered else it
 
         plan = self._make_plan(features, n_items, n_sampled, t_start, cached is not None, forced)
+        if plan.features.get("blocked_by_pickling"):
+            self._unpicklable("the sampled items or results cannot be pickled")
         self._planned = plan
         sampling_s = time.perf_counter() - t_start
         if logger.isEnabledFor(logging.INFO):
@@ -311,8 +330,6 @@ class ParallelFunction:
                 cache.observe(key, features, None)
             return
 
-        if head:
-            yield head
         n_done = n_sampled
         timeline: list[tuple[float, int]] = []
         observed: Optional[float] = None
@@ -320,6 +337,7 @@ class ParallelFunction:
             plan, timeline, observed, count = yield from self._serial(
                 source, n_sampled, n_items, features, plan, star=star, ordered=ordered,
                 key=key, from_cache=cached is not None, replan=forced is None,
+                partial=partial,
             )
             n_done += count
         else:
@@ -332,12 +350,39 @@ class ParallelFunction:
         self._finish(plan, t_start, n_done, n_sampled, cached is not None, timeline,
                      sampling_s, sampling_s - sampled_calls_s, observed)
 
+    def _unpicklable(self, what: str, cause: Optional[BaseException] = None) -> None:
+        if self._options["strict"]:
+            msg = f"{what}, so they cannot be sent to worker processes (strict=True)"
+            raise TypeError(msg) from cause
+        warnings.warn(
+            f"adaptive_exec: {what}; running serially in the caller instead",
+            UnpicklableWarning,
+            stacklevel=5,
+        )
+
     def _parallel(
         self, source: Iterator[Any], first: int, plan: Plan, *, star: bool, ordered: bool,
         key: str,
     ) -> Generator[list[Any], None, tuple[list[tuple[float, int]], Optional[float], int]]:
+        try:
+            ref: Optional[FunctionRef] = function_ref(self._func, key)
+        except Exception as exc:
+            self._unpicklable(f"the function cannot be pickled ({exc})", exc)
+            ref = None
+        if ref is None:
+            count = 0
+            while True:
+                batch, err = serial_backend.run_chunk(self._func, source, 4096, first + count,
+                                                      star=star, partial=True)
+                count += len(batch)
+                if batch:
+                    yield batch
+                if err is not None:
+                    raise err
+                if len(batch) < 4096:
+                    return [], None, count
         run = ParallelRun(
-            self._func, function_ref(self._func, key), source, first, plan.n_workers,
+            self._func, ref, source, first, plan.n_workers,
             plan.chunksize, star=star, ordered=ordered, strict=bool(self._options["strict"]),
         )
         count = 0
@@ -349,7 +394,7 @@ class ParallelFunction:
 
     def _serial(
         self, source: Iterator[Any], first: int, n_items: int, features: Features, plan: Plan,
-        *, star: bool, ordered: bool, key: str, from_cache: bool, replan: bool,
+        *, star: bool, ordered: bool, key: str, from_cache: bool, replan: bool, partial: bool,
     ) -> Generator[
         list[Any], None, tuple[Plan, list[tuple[float, int]], Optional[float], int]
     ]:
@@ -363,13 +408,16 @@ class ParallelFunction:
         while True:
             n = max(1, int(chunk_s / per_item)) if replan else max(1, n_items - done)
             t0 = time.perf_counter()
-            batch = serial_backend.run_chunk(func, source, n, done, star=star)
+            batch, err = serial_backend.run_chunk(func, source, n, done, star=star,
+                                                  partial=partial)
             elapsed = time.perf_counter() - t0
             if batch:
                 total_s += elapsed
                 done += len(batch)
                 per_item = max(elapsed / len(batch), 1e-8)
                 yield batch
+            if err is not None:
+                raise err
             observed = total_s / (done - first) if done > first else None
             if len(batch) < n:  # the items ran out
                 return plan, [], observed, done - first
@@ -411,13 +459,18 @@ class ParallelFunction:
         elapsed = time.perf_counter() - t_start
         snap = system.snapshot(max_workers, with_memory=False)
         warm = loky_backend.is_warm(snap.usable_cpus)
-        plan = make_plan(features, n_items, n_sampled, snap, calib, warm=warm,
-                         from_cache=from_cache, elapsed_s=elapsed, forced_serial=forced)
+        forced_parallel = (
+            "backend='loky' was requested" if self._options["backend"] == "loky" else None
+        )
+        kwargs: dict[str, Any] = dict(
+            warm=warm, from_cache=from_cache, elapsed_s=elapsed, forced_serial=forced,
+            forced_parallel=forced_parallel, chunksize=self._options["chunksize"],
+        )
+        plan = make_plan(features, n_items, n_sampled, snap, calib, **kwargs)
         if plan.mode != "serial":
-            # Reading memory costs a psutil import; only a parallel plan needs it.
+            # Only a parallel plan needs memory read (and capped by it).
             snap = system.snapshot(max_workers, with_memory=True)
-            plan = make_plan(features, n_items, n_sampled, snap, calib, warm=warm,
-                             from_cache=from_cache, elapsed_s=elapsed)
+            plan = make_plan(features, n_items, n_sampled, snap, calib, **kwargs)
         return plan
 
     def _finish(
@@ -503,7 +556,7 @@ def parallelize(func: F) -> ParallelFunction: ...
 def parallelize(
     func: None = None, *, max_workers: Optional[int] = None, cache: bool = True,
     progress: bool = False, backend: str = "auto", timeout: Optional[float] = None,
-    strict: bool = False,
+    strict: bool = False, chunksize: Optional[int] = None,
 ) -> Callable[[F], ParallelFunction]: ...
 
 
@@ -516,12 +569,21 @@ def parallelize(
     backend: str = "auto",
     timeout: Optional[float] = None,
     strict: bool = False,
+    chunksize: Optional[int] = None,
 ) -> Union[ParallelFunction, Callable[[Callable[..., Any]], ParallelFunction]]:
-    """Decorate a function with ``map``/``imap``/``starmap``/``plan``; bare or with options."""
+    """Decorate a function with ``map``/``imap``/``starmap``/``plan``; bare or with options.
+
+    max_workers: a ceiling on worker processes (None: what the machine allows).
+    cache: remember what was measured about the function, to plan the next map at once.
+    progress: show a tqdm progress bar (also ADAPTIVE_EXEC_PROGRESS=1).
+    backend: "auto" decides; "loky" always uses the process pool; "serial" never does.
+    strict: raise instead of warning and running serially when pickling fails.
+    chunksize: items per task sent to a worker (None: chosen from measurements).
+    """
     options = dict(max_workers=max_workers, cache=cache, progress=progress,
-                   backend=backend, timeout=timeout, strict=strict)
+                   backend=backend, timeout=timeout, strict=strict, chunksize=chunksize)
     if func is None:
-        _check_options(max_workers, backend, timeout)
+        _check_options(max_workers, backend, timeout, chunksize)
         return lambda f: ParallelFunction(f, **options)  # type: ignore[arg-type]
     return ParallelFunction(func, **options)  # type: ignore[arg-type]
 

@@ -59,6 +59,10 @@ def _stable_repr(value: Any) -> bytes:
     try:
         data = pickle.dumps(value, protocol=4)
     except Exception:
+        # An instance of a local class, say: its attributes still tell instances apart.
+        state = getattr(value, "__dict__", None)
+        if isinstance(state, dict) and state is not value:
+            return f"{type(value).__qualname__}:".encode() + _stable_repr(state)
         return f"unpicklable:{type(value).__qualname__}".encode()
     if len(data) > _MAX_CAPTURED_BYTES:
         # Hashing a large captured array on every map would cost more than it tells.
@@ -87,10 +91,11 @@ def fingerprint(func: Callable[..., Any]) -> str:
         if inner is not None:
             f = inner
         elif isinstance(f, functools.partial):
-            partial_args.append((f.args, sorted(f.keywords.items())))
+            partial_args.extend(f.args)
+            partial_args.extend(sorted(f.keywords.items()))
             f = f.func
         elif isinstance(f, types.MethodType):
-            partial_args.append(("self", f.__self__))
+            partial_args.append(f.__self__)
             f = f.__func__
         else:
             break

@@ -145,6 +145,8 @@ def make_plan(
     from_cache: bool,
     elapsed_s: float = 0.0,
     forced_serial: Optional[str] = None,
+    forced_parallel: Optional[str] = None,
+    chunksize: Optional[int] = None,
     extra: Optional[dict[str, Any]] = None,
 ) -> Plan:
     """Plan the remaining ``n_items - n_done`` items; ``elapsed_s`` was already spent."""
@@ -179,22 +181,20 @@ def make_plan(
         return serial(forced_serial)
     if remaining == 0:
         return serial("every item was already run while sampling")
-    if not features.picklable:
-        return serial("items or results cannot be pickled, so they cannot reach a worker")
 
     w_max = system.usable_cpus
     mem_cap = memory_cap(features, system)
     if mem_cap is not None:
         w_max = min(w_max, mem_cap)
-    if w_max < 2:
+    if w_max < 2 and not forced_parallel:
         why = "only one CPU is usable" if system.usable_cpus < 2 else (
             f"available memory ({_fmt_bytes(system.available_memory or 0)}) fits one worker"
         )
         return serial(f"{work}; {why}, so a pool cannot beat the loop")
 
     best: Optional[_Estimate] = None
-    for w in range(2, w_max + 1):
-        for c in _chunk_candidates(remaining, w, t):
+    for w in range(min(2, w_max), w_max + 1):
+        for c in [chunksize] if chunksize else _chunk_candidates(remaining, w, t):
             e = _estimate(remaining, t, cv, bytes_per_item, w, c, calib, warm)
             # Prefer fewer workers when they are as fast: they leave the machine freer.
             if best is None or e.total_s < best.total_s * 0.99:
@@ -203,6 +203,20 @@ def make_plan(
     est_parallel = elapsed_s + best.total_s
     speedup = est_serial / est_parallel if est_parallel > 0 else 0.0
 
+    if not features.picklable and (forced_parallel or speedup >= MIN_SPEEDUP):
+        info["blocked_by_pickling"] = True
+        return serial(
+            f"{work}; a pool would be faster ({speedup:.2f}x estimated) but the sampled "
+            "items or results cannot be pickled, so they cannot reach a worker",
+            est_parallel,
+        )
+    if forced_parallel:
+        reason = (
+            f"{forced_parallel}; {work}, {best.n_workers} workers with chunks of "
+            f"{best.chunksize} estimated at {fmt_s(best.total_s)} ({speedup:.2f}x)"
+        )
+        return Plan("parallel", best.n_workers, best.chunksize, est_serial, est_parallel,
+                    speedup, reason, from_cache, info)
     if speedup < MIN_SPEEDUP or est_serial - est_parallel < MIN_SAVING_S:
         limits = []
         if best.startup_s > 0:

@@ -17,6 +17,8 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from .errors import ResultPicklingError
+
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _FUNCTIONS: dict[str, Callable[..., Any]] = {}  # in a worker: unpickled functions by key
 _MAX_FUNCTIONS = 16
@@ -128,4 +130,12 @@ def run_chunk(ref: FunctionRef, start: int, payload: bytes, star: bool) -> Chunk
                 error_repr=f"{type(exc).__qualname__}: {exc}",
             )
     compute = time.perf_counter() - t0
-    return ChunkResult(dumps(out), len(out), compute, os.getpid())
+    try:
+        data = dumps(out)
+    except Exception as exc:
+        msg = (
+            f"the results of items {start}..{start + len(items) - 1} cannot be pickled to "
+            f"return from the worker ({exc}); use backend='serial' for this function"
+        )
+        raise ResultPicklingError(msg) from None
+    return ChunkResult(data, len(out), compute, os.getpid())

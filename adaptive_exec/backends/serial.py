@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import operator
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 from ..errors import attach_origin
 
@@ -24,17 +24,25 @@ def run_chunk(
     first_index: int,
     *,
     star: bool,
-) -> list[Any]:
-    """Up to ``n`` results of ``func`` over the next items of ``source``."""
+    partial: bool = True,
+) -> tuple[list[Any], Optional[BaseException]]:
+    """Up to ``n`` results of ``func`` over the next items of ``source``, and the
+    exception that stopped them, if any (index attached).
+
+    With ``partial`` the results before a failure are returned too, for imap to yield
+    as the loop would have. Without it (map and starmap, which return nothing when an
+    item raises) the loop runs at C speed, list(map(...)), whose partial results are
+    lost on an exception.
+    """
     mapper = itertools.starmap if star else map
-    if isinstance(source, _EXACT):
+    if not partial and isinstance(source, _EXACT):
         before = operator.length_hint(source)
         try:
-            return list(mapper(func, itertools.islice(source, n)))
+            return list(mapper(func, itertools.islice(source, n))), None
         except Exception as exc:
             # length_hint now counts what was not read; the failing item was read last.
-            attach_origin(exc, first_index + before - operator.length_hint(source) - 1, None)
-            raise
+            failed_at = before - operator.length_hint(source) - 1
+            return [], attach_origin(exc, first_index + failed_at, None)
     out: list[Any] = []
     append = out.append
     try:
@@ -45,6 +53,5 @@ def run_chunk(
             for item in itertools.islice(source, n):
                 append(func(item))
     except Exception as exc:
-        attach_origin(exc, first_index + len(out), None)
-        raise
-    return out
+        return out, attach_origin(exc, first_index + len(out), None)
+    return out, None

@@ -1,0 +1,78 @@
+"""Functions the tests send to worker processes (module-level: importable there)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def square(x):
+    return x * x
+
+
+def add(a, b):
+    return a + b
+
+
+def heavy(x):
+    spin(0.02)
+    return x * 3
+
+
+def tiny(x):
+    # About a microsecond of pure Python.
+    total = 0
+    for i in range(12):
+        total += (x ^ i) & 7
+    return total
+
+
+def record_call(path: str, x: int, seconds: float = 0.0) -> int:
+    """Append one line per call to ``path``: counts executions across processes."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"%d %d\n" % (x, os.getpid()))
+    finally:
+        os.close(fd)
+    if seconds:
+        spin(seconds)
+    return x * 2
+
+
+def fail_on(x, bad=frozenset()):
+    if x in bad:
+        raise ValueError(f"bad item {x}")
+    return x
+
+
+class CustomError(Exception):
+    def __init__(self, code, detail):
+        super().__init__(code, detail)
+        self.code = code
+        self.detail = detail
+
+
+def raise_custom(x, at=7):
+    if x == at:
+        raise CustomError(42, "seven")
+    return x
+
+
+def worker_pid(_x):
+    spin(0.002)
+    return os.getpid()
+
+
+def nested_map(x):
+    # Runs in a worker: the inner map must stay serial there.
+    from adaptive_exec import parallelize
+
+    spin(0.025)  # so that sampling stops after one item and the rest goes to workers
+    inner = parallelize(square, backend="loky")
+    return sum(inner.map(range(x))), inner.last_report.plan.mode, os.getpid()

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import psutil
+import pytest
+
+from adaptive_exec import cache
+from adaptive_exec.backends import loky as loky_backend
+
+
+def _our_workers() -> list[psutil.Process]:
+    out = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(child.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        # loky's resource tracker lives as long as this process does, by design.
+        if "resource_tracker" in cmd:
+            continue
+        out.append(child)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _fresh_memory():
+    """Each test plans from its own measurements, not a previous test's."""
+    cache.clear()
+    yield
+    cache.clear()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _end_pool():
+    """Every worker process a test module starts is ended by it."""
+    yield
+    loky_backend.shutdown()
+    left = _our_workers()
+    gone, alive = psutil.wait_procs(left, timeout=10)
+    for p in alive:
+        p.kill()
+    assert not alive, f"worker processes survived the module: {[p.pid for p in alive]}"

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from adaptive_exec import calibrate, calibration
+
+
+def test_calibrate_measures_a_real_pool():
+    c = calibrate(2)
+    assert c.measured and c.source.endswith("overheads measured")
+    assert c.worker_startup_s > 0 and c.task_overhead_s > 0 and c.byte_cost_s > 0
+    assert calibration.current() == c
+
+
+def test_cli_calibrate_and_demo_run():
+    out = subprocess.run([sys.executable, "-m", "adaptive_exec", "calibrate"],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "per-task overhead" in out
+    demo = subprocess.run([sys.executable, "-m", "adaptive_exec", "demo", "--scale", "0.1"],
+                          capture_output=True, text=True, timeout=300)
+    assert demo.returncode == 0, demo.stderr
+    for name in ("tiny", "heavy", "skewed"):
+        assert f"== {name}" in demo.stdout
+    assert "RESULTS DIFFER" not in demo.stdout and "why:" in demo.stdout

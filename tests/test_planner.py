@@ -1,0 +1,68 @@
+"""The cost model on constructed inputs: no processes, no clock."""
+
+from __future__ import annotations
+
+from adaptive_exec.calibration import DEFAULTS
+from adaptive_exec.planner import make_plan
+from adaptive_exec.sampling import Features
+from adaptive_exec.system import SystemSnapshot
+
+TWO = SystemSnapshot(usable_cpus=2, available_memory=16 << 30)
+EIGHT = SystemSnapshot(usable_cpus=8, available_memory=16 << 30)
+
+
+def feats(mean_s, out_bytes=8, in_bytes=8, peak=0, cv=0.1):
+    return Features(mean_s, cv, out_bytes, in_bytes, peak, 10, 16, 1.0)
+
+
+def plan(f, n, system=TWO, warm=False, **kw):
+    return make_plan(f, n, 0, system, DEFAULTS, warm=warm, from_cache=False, **kw)
+
+
+def test_microsecond_items_stay_serial_on_a_cold_pool():
+    p = plan(feats(1e-6), 100_000)
+    assert p.mode == "serial"
+    assert "start-up" in p.reason and "100,000 items" in p.reason
+
+
+def test_heavy_items_go_parallel_with_every_core():
+    p = plan(feats(0.02), 100)
+    assert p.mode == "parallel" and p.n_workers == 2 and p.estimated_speedup > 1.5
+    assert plan(feats(0.02), 1000, system=EIGHT).n_workers == 8
+
+
+def test_fat_results_stay_serial():
+    # 0.1 ms of work returning 200 KB: moving the bytes costs more than the work.
+    p = plan(feats(1e-4, out_bytes=200_000), 2000)
+    assert p.mode == "serial" and "through the parent" in p.reason
+
+
+def test_chunks_grow_when_items_are_small():
+    small = plan(feats(2e-4), 5000)
+    heavy = plan(feats(0.02), 100)
+    assert small.mode == heavy.mode == "parallel"
+    assert small.chunksize > 8 and heavy.chunksize <= 2
+
+
+def test_memory_caps_the_workers():
+    tight = SystemSnapshot(usable_cpus=8, available_memory=(256 << 20) + 3 * ((40 << 20) + (400 << 20)))
+    p = plan(feats(0.05, peak=400 << 20), 200, system=tight)
+    assert p.mode == "parallel" and p.n_workers == 3
+
+
+def test_forced_serial_and_single_cpu():
+    assert plan(feats(0.02), 100, forced_serial="because").reason == "because"
+    one = SystemSnapshot(usable_cpus=1, available_memory=None)
+    assert "one CPU" in plan(feats(0.02), 100, system=one).reason
+
+
+def test_unpicklable_blocks_a_winning_pool():
+    f = Features(0.02, 0.1, None, None, 0, 10, 1, 1.0, picklable=False)
+    p = plan(f, 100)
+    assert p.mode == "serial" and p.features["blocked_by_pickling"]
+
+
+def test_a_warm_pool_changes_the_decision_for_medium_work():
+    f = feats(1e-4)
+    cold, warm = plan(f, 2000), plan(f, 2000, warm=True)
+    assert cold.estimated_parallel_s > warm.estimated_parallel_s

@@ -1,0 +1,144 @@
+"""The public surface, the decorator's forms, and argument checking."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+
+import aex_helpers as h
+import pytest
+
+import adaptive_exec
+from adaptive_exec import Plan, RunReport, adaptive_map, parallelize
+
+
+def test_public_names():
+    assert sorted(adaptive_exec.__all__) == sorted([
+        "AdaptiveExecError", "Calibration", "ParallelFunction", "Plan", "RemoteError",
+        "ResultPicklingError", "RunReport", "UnpicklableWarning", "WorkerCrashedError",
+        "adaptive_map", "calibrate", "parallelize",
+    ])
+    for name in adaptive_exec.__all__:
+        assert hasattr(adaptive_exec, name)
+
+
+def test_import_starts_nothing():
+    import subprocess
+    import sys
+
+    code = (
+        "import threading, sys, adaptive_exec;"
+        "assert threading.active_count() == 1, threading.enumerate();"
+        "assert 'loky' not in sys.modules and 'psutil' not in sys.modules, 'eager import'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_bare_and_with_options_keep_the_function():
+    @parallelize
+    def bare(x):
+        """doc"""
+        return x + 1
+
+    @parallelize(max_workers=2, backend="serial")
+    def opts(x):
+        return x + 2
+
+    assert bare(1) == 2 and opts(1) == 3
+    assert bare.__name__ == "bare" and bare.__doc__ == "doc"
+    assert bare.__wrapped__(1) == 2
+    assert bare.map([1, 2]) == [2, 3]
+    assert opts.map([1, 2]) == [3, 4]
+
+
+def test_plain_calls_unchanged_and_timed():
+    @parallelize
+    def f(a, b=10, *, c=100):
+        if a < 0:
+            raise KeyError(a)
+        return a + b + c
+
+    assert f(1) == 111 and f(1, 2, c=3) == 6
+    with pytest.raises(KeyError) as info:
+        f(-1)
+    assert not hasattr(info.value, "item_index")  # a plain call is not an item
+    assert len(f._calls.durations) == 2  # the successful calls were kept as samples
+
+
+def test_methods_can_be_parallelized():
+    class Scaler:
+        def __init__(self, k):
+            self.k = k
+
+        @parallelize
+        def scale(self, x):
+            return self.k * x
+
+    s = Scaler(3)
+    assert s.scale(2) == 6
+    assert s.scale.map([1, 2, 3]) == [3, 6, 9]
+
+
+def test_plan_and_report_are_frozen_records():
+    pf = parallelize(h.square)
+    assert pf.last_report is None
+    assert pf.map(range(10)) == [x * x for x in range(10)]
+    report = pf.last_report
+    assert isinstance(report, RunReport) and isinstance(report.plan, Plan)
+    for field in ("plan", "wall_s", "n_items", "n_sampled", "from_cache", "workers_timeline"):
+        assert hasattr(report, field)
+    for field in ("mode", "n_workers", "chunksize", "estimated_serial_s", "estimated_parallel_s",
+                  "estimated_speedup", "reason", "from_cache", "features"):
+        assert hasattr(report.plan, field)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        report.plan.mode = "parallel"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        report.wall_s = 0  # type: ignore[misc]
+    assert report.n_items == 10
+    text = report.plan.explain()
+    assert report.plan.reason in text and "pickle_size" in text
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "words"),
+    [
+        (dict(max_workers=-1), ValueError, "max_workers"),
+        (dict(max_workers=0), ValueError, "positive"),
+        (dict(max_workers="2"), TypeError, "max_workers"),
+        (dict(backend="ray"), ValueError, "'auto'"),
+        (dict(timeout=0), ValueError, "timeout"),
+        (dict(timeout=-1.5), ValueError, "timeout"),
+        (dict(chunksize=0), ValueError, "chunksize"),
+    ],
+)
+def test_bad_options_say_what_to_pass(kwargs, error, words):
+    with pytest.raises(error, match=words):
+        parallelize(h.square, **kwargs)
+    with pytest.raises(error, match=words):
+        adaptive_map(h.square, [1], **kwargs)
+
+
+def test_bad_function_and_items():
+    with pytest.raises(TypeError, match="callable"):
+        parallelize(3)
+    with pytest.raises(TypeError, match="iterable"):
+        adaptive_map(h.square, 5)
+    with pytest.raises(TypeError, match="iterable"):
+        parallelize(h.square).imap(None)
+
+
+def test_plan_refuses_a_one_shot_iterator():
+    with pytest.raises(TypeError, match="list, tuple"):
+        parallelize(h.square).plan(iter([1, 2, 3]))
+
+
+def test_parallel_function_pickles():
+    pf = parallelize(h.square, max_workers=2)
+    clone = pickle.loads(pickle.dumps(pf))
+    assert clone(4) == 16 and clone._options["max_workers"] == 2
+
+
+def test_empty_input():
+    pf = parallelize(h.square)
+    assert pf.map([]) == [] and list(pf.imap(iter([]))) == [] and pf.starmap([]) == []
+    assert pf.last_report.n_items == 0

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import aex_helpers as h
+
+from adaptive_exec.sampling import ITEM_BUDGET, sample
+
+
+def test_a_fast_function_stops_at_the_item_budget_and_costs_little():
+    it = iter(range(100_000))
+    s = sample(h.tiny, it, star=False, complexity=1)
+    assert len(s.results) == ITEM_BUDGET
+    assert s.results == [h.tiny(x) for x in range(ITEM_BUDGET)]
+    assert next(it) == ITEM_BUDGET  # the iterator continues where sampling stopped
+    f = s.features
+    assert f.n_samples == ITEM_BUDGET and f.mean_s > 0
+    assert f.coefficient_of_variation is not None
+    assert f.pickle_size and f.input_pickle_size
+    # The sample took a small part of the time its own calls would take 50 times over
+    # (a relative bound, not an absolute time).
+    assert s.wall_s < 50 * s.calls_s + 0.005
+
+
+def test_a_slow_function_is_sampled_on_one_item():
+    s = sample(h.heavy, iter(range(10)), star=False, complexity=1)
+    assert s.results == [0] and s.features.n_samples == 1
+    assert s.features.coefficient_of_variation is None
+
+
+def test_sizes_and_memory_are_measured():
+    def fat(x):
+        block = bytearray(50 << 20)  # 50 MB touched: raises the peak RSS
+        block[:: 4096] = b"x" * len(block[:: 4096])
+        return b"y" * 100_000
+
+    s = sample(fat, iter(range(3)), star=False, complexity=1)
+    assert s.features.pickle_size >= 100_000
+    assert s.features.peak_memory >= 20 << 20
+
+
+def test_an_exception_ends_the_sample_with_the_results_before_it():
+    s = sample(lambda x: 1 // (x - 3), iter(range(10)), star=False, complexity=1)
+    assert s.results == [1 // (x - 3) for x in range(3)]
+    assert isinstance(s.error, ZeroDivisionError) and s.error.item_index == 3
+
+
+def test_unpicklable_results_are_noticed():
+    import threading
+
+    s = sample(lambda x: threading.Lock(), iter(range(5)), star=False, complexity=1)
+    assert s.features.picklable is False
