@@ -276,7 +276,9 @@ class ParallelFunction:
         elif opts["backend"] == "serial":
             forced = "backend='serial' was requested"
 
-        cached = cache.lookup(key) if use_cache and forced is None else None
+        entry = cache.lookup(key) if use_cache and forced is None else None
+        cached = entry.features if entry is not None else None
+        correction = entry.parallel_correction() if entry is not None else 1.0
         n_sampled = 0
         sampled_calls_s = 0.0
         head: list[Any] = []
@@ -285,7 +287,7 @@ class ParallelFunction:
         if forced is not None:
             features = Features(0.0, None, None, None, None, function_complexity(func), 0, None)
         elif cached is not None:
-            features = cached
+            features = cached  # a hit: no sampling
         else:
             s = sample(func, it, star=star, complexity=function_complexity(func))
             if s.error is not None:
@@ -314,7 +316,8 @@ class ParallelFunction:
                 n_items = max(n_items, n_sampled + READ_AHEAD_ITEMS)  # a lower bound
         source: Iterator[Any] = itertools.chain(buffered, it) if buffered else it
 
-        plan = self._make_plan(features, n_items, n_sampled, t_start, cached is not None, forced)
+        plan = self._make_plan(features, n_items, n_sampled, t_start, cached is not None, forced,
+                               correction)
         if plan.features.get("blocked_by_pickling"):
             self._unpicklable("the sampled items or results cannot be pickled")
         self._planned = plan
@@ -325,9 +328,11 @@ class ParallelFunction:
                 describe(func)[1], plan.mode, plan.n_workers, plan.chunksize,
                 plan.from_cache, plan.reason,
             )
+        module, qualname = describe(func)
         if plan_only:
             if use_cache and n_sampled:
-                cache.observe(key, features, None)
+                cache.observe(key, module=module, qualname=qualname, sampled=features,
+                              observed_item_s=None, run=None)
             return
 
         n_done = n_sampled
@@ -337,7 +342,7 @@ class ParallelFunction:
             plan, timeline, observed, count = yield from self._serial(
                 source, n_sampled, n_items, features, plan, star=star, ordered=ordered,
                 key=key, from_cache=cached is not None, replan=forced is None,
-                partial=partial,
+                partial=partial, correction=correction,
             )
             n_done += count
         else:
@@ -345,8 +350,17 @@ class ParallelFunction:
                 source, n_sampled, plan, star=star, ordered=ordered, key=key
             )
             n_done += count
+        wall = time.perf_counter() - t_start
         if use_cache and forced is None:
-            cache.observe(key, features if cached is None else None, observed)
+            estimate = (plan.estimated_serial_s if plan.mode == "serial"
+                        else plan.estimated_parallel_s)
+            cache.observe(
+                key, module=module, qualname=qualname,
+                sampled=features if cached is None else None, observed_item_s=observed,
+                run=cache.RunRecord(n_done, plan.mode, plan.n_workers, plan.chunksize,
+                                    estimate, wall),
+            )
+            _save_calibration()
         self._finish(plan, t_start, n_done, n_sampled, cached is not None, timeline,
                      sampling_s, sampling_s - sampled_calls_s, observed)
 
@@ -395,6 +409,7 @@ class ParallelFunction:
     def _serial(
         self, source: Iterator[Any], first: int, n_items: int, features: Features, plan: Plan,
         *, star: bool, ordered: bool, key: str, from_cache: bool, replan: bool, partial: bool,
+        correction: float,
     ) -> Generator[
         list[Any], None, tuple[Plan, list[tuple[float, int]], Optional[float], int]
     ]:
@@ -426,7 +441,7 @@ class ParallelFunction:
             chunk_s = min(chunk_s * 2, SERIAL_MAX_CHUNK_S)
             recent = dataclasses.replace(features, mean_s=per_item)
             new = self._make_plan(recent, max(n_items, done + 1), done, time.perf_counter(),
-                                  from_cache, None)
+                                  from_cache, None, correction)
             if new.mode == "serial":
                 continue
             reason = (
@@ -453,9 +468,10 @@ class ParallelFunction:
         t_start: float,
         from_cache: bool,
         forced: Optional[str],
+        correction: float = 1.0,
     ) -> Plan:
         max_workers = self._options["max_workers"]
-        calib = calibration.current()
+        calib = _load_calibration()
         elapsed = time.perf_counter() - t_start
         snap = system.snapshot(max_workers, with_memory=False)
         warm = loky_backend.is_warm(snap.usable_cpus)
@@ -465,6 +481,7 @@ class ParallelFunction:
         kwargs: dict[str, Any] = dict(
             warm=warm, from_cache=from_cache, elapsed_s=elapsed, forced_serial=forced,
             forced_parallel=forced_parallel, chunksize=self._options["chunksize"],
+            parallel_correction=correction,
         )
         plan = make_plan(features, n_items, n_sampled, snap, calib, **kwargs)
         if plan.mode != "serial":
@@ -496,6 +513,42 @@ class ParallelFunction:
             planning_overhead_s=max(0.0, overhead_s),
             observed_item_s=observed,
         )
+
+
+class _CalibrationSync:
+    """This machine's constants: read from the cache once per process, written back
+    when this process measured something new."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # guards loaded and saved
+        self.loaded = False
+        self.saved: Optional[calibration.Calibration] = None
+
+
+_calib_sync = _CalibrationSync()
+
+
+def _load_calibration() -> calibration.Calibration:
+    with _calib_sync.lock:
+        if not _calib_sync.loaded:
+            _calib_sync.loaded = True
+            stored = cache.load_calibration()
+            if stored is not None and not calibration.current().measured:
+                calibration.set_current(dataclasses.replace(
+                    stored, source="measured earlier on this machine (cache): "
+                    "start-up and overheads measured"))
+                _calib_sync.saved = calibration.current()
+    return calibration.current()
+
+
+def _save_calibration() -> None:
+    current = calibration.current()
+    with _calib_sync.lock:
+        # Only a complete measurement is worth keeping for other processes.
+        if not calibration.overheads_measured() or current == _calib_sync.saved:
+            return
+        _calib_sync.saved = current
+    cache.store_calibration(current)
 
 
 def _known_length(items: Iterable[Any]) -> Optional[int]:

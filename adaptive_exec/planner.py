@@ -15,6 +15,7 @@ wrong "serial".
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -147,9 +148,15 @@ def make_plan(
     forced_serial: Optional[str] = None,
     forced_parallel: Optional[str] = None,
     chunksize: Optional[int] = None,
+    parallel_correction: float = 1.0,
     extra: Optional[dict[str, Any]] = None,
 ) -> Plan:
-    """Plan the remaining ``n_items - n_done`` items; ``elapsed_s`` was already spent."""
+    """Plan the remaining ``n_items - n_done`` items; ``elapsed_s`` was already spent.
+
+    ``parallel_correction`` (>= 1, from the cache's run history) scales the pool's
+    estimate: a function whose parallel runs kept taking longer than estimated gets a
+    more cautious plan.
+    """
     t = features.mean_s
     cv = features.coefficient_of_variation if features.coefficient_of_variation is not None else 0.5
     cv = min(cv, 4.0)
@@ -167,6 +174,7 @@ def make_plan(
         "task_overhead_s": calib.task_overhead_s,
         "byte_cost_s": calib.byte_cost_s,
         "pool_warm": warm,
+        "parallel_correction": round(parallel_correction, 3),
         **(extra or {}),
     }
 
@@ -200,6 +208,8 @@ def make_plan(
             if best is None or e.total_s < best.total_s * 0.99:
                 best = e
     assert best is not None
+    if parallel_correction != 1.0:
+        best = dataclasses.replace(best, total_s=best.total_s * parallel_correction)
     est_parallel = elapsed_s + best.total_s
     speedup = est_serial / est_parallel if est_parallel > 0 else 0.0
 
@@ -236,6 +246,8 @@ def make_plan(
         )
     startup = f", {fmt_s(best.startup_s)} of pool start-up included" if best.startup_s else \
         ", the pool is already warm"
+    if parallel_correction > 1.0:
+        startup += f", x{parallel_correction:.2f} for past parallel runs that took longer"
     reason = (
         f"{work}; {best.n_workers} workers with chunks of {best.chunksize} are estimated "
         f"at {fmt_s(best.total_s)} ({speedup:.1f}x){startup}"

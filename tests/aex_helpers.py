@@ -76,3 +76,10 @@ def nested_map(x):
     spin(0.025)  # so that sampling stops after one item and the rest goes to workers
     inner = parallelize(square, backend="loky")
     return sum(inner.map(range(x))), inner.last_report.plan.mode, os.getpid()
+
+
+def die_on(x, at=50):
+    if x == at:
+        os._exit(3)
+    spin(0.001)
+    return x

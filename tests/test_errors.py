@@ -84,3 +84,15 @@ def test_an_exception_that_cannot_be_pickled_still_arrives():
         pf.map(range(10))
     assert info.value.item_index == 3
     assert "has a lock" in str(info.value)
+
+
+def test_a_dying_worker_raises_and_the_next_map_works():
+    from adaptive_exec import WorkerCrashedError
+
+    calibrate()  # a warm pool, so that item 400 runs in a worker, not in the caller
+    pf = parallelize(functools.partial(h.die_on, at=400), backend="loky", chunksize=5)
+    with pytest.raises(WorkerCrashedError) as info:
+        pf.map(range(1000))
+    assert isinstance(info.value, RuntimeError)
+    assert "died" in str(info.value) and info.value.index is not None
+    assert parallelize(h.square, backend="loky").map(range(300)) == [x * x for x in range(300)]
