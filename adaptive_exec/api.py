@@ -143,7 +143,7 @@ class ParallelFunction:
         functools.update_wrapper(self, func)
         self.__adaptive_exec_wrapped__ = func
         self._func = func
-        self._options = dict(
+        self._options: dict[str, Any] = dict(
             max_workers=max_workers, cache=cache, progress=progress,
             backend=backend, timeout=timeout, strict=strict, chunksize=chunksize,
         )

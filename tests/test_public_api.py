@@ -142,3 +142,15 @@ def test_empty_input():
     pf = parallelize(h.square)
     assert pf.map([]) == [] and list(pf.imap(iter([]))) == [] and pf.starmap([]) == []
     assert pf.last_report.n_items == 0
+
+
+def test_progress_bar_and_plan_log(capsys, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="adaptive_exec")
+    pf = parallelize(h.square, progress=True)
+    assert pf.map(range(500)) == [x * x for x in range(500)]
+    err = capsys.readouterr().err
+    assert "500/500" in err and "it" in err  # tqdm's count and rate
+    plans = [r for r in caplog.records if r.getMessage().startswith("plan for square")]
+    assert len(plans) == 1 and "mode=serial" in plans[0].getMessage()

@@ -14,7 +14,7 @@ from ..errors import attach_origin
 
 # Iterators whose length_hint is exact, so a failing item's index can be recovered
 # after the fact and the loop itself can run at C speed (list(map(...))).
-_EXACT = (type(iter([])), type(iter(())), type(iter(range(0))))
+_EXACT: tuple[type, ...] = (type(iter([])), type(iter(())), type(iter(range(0))))
 
 
 def run_chunk(
