@@ -51,6 +51,9 @@ READ_AHEAD_BYTES = 64 << 20
 # A serial run is re-planned between chunks; their duration starts here and doubles.
 SERIAL_FIRST_CHUNK_S = 0.02
 SERIAL_MAX_CHUNK_S = 0.5
+# Start the pool ahead of a plan when the work left is at least this many start-ups:
+# the caller keeps working meanwhile, so a free core makes it nearly free.
+PRESTART_FACTOR = 3.0
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -289,7 +292,13 @@ class ParallelFunction:
         elif cached is not None:
             features = cached  # a hit: no sampling
         else:
-            s = sample(func, it, star=star, complexity=function_complexity(func))
+            watch = self._watch_sampling(n_known)
+            try:
+                s = sample(func, it, star=star, complexity=function_complexity(func),
+                           progress=watch.progress if watch else None)
+            finally:
+                if watch is not None:
+                    watch.stop()
             if s.error is not None:
                 if s.results:
                     yield s.results
@@ -363,6 +372,25 @@ class ParallelFunction:
             _save_calibration()
         self._finish(plan, t_start, n_done, n_sampled, cached is not None, timeline,
                      sampling_s, sampling_s - sampled_calls_s, observed)
+
+    def _pool_allowed(self) -> int:
+        """Workers a pool could have for this function now; 0 when no pool may be used."""
+        if self._options["backend"] == "serial" or system.disabled() or system.in_worker():
+            return 0
+        cpus = system.usable_cpus(self._options["max_workers"])
+        return cpus if cpus >= 2 or self._options["backend"] == "loky" else 0
+
+    def _maybe_prestart(self, work_left_s: float) -> None:
+        """Start the pool ahead when the work left clearly dwarfs its start-up."""
+        cpus = self._pool_allowed()
+        if cpus and work_left_s >= PRESTART_FACTOR * calibration.current().startup_for(cpus):
+            loky_backend.prestart(cpus)
+
+    def _watch_sampling(self, n_known: Optional[int]) -> Optional[_SamplingWatch]:
+        cpus = self._pool_allowed()
+        if not cpus or loky_backend.is_warm(cpus) or (n_known is not None and n_known < 2):
+            return None
+        return _SamplingWatch(self, n_known)
 
     def _unpicklable(self, what: str, cause: Optional[BaseException] = None) -> None:
         if self._options["strict"]:
@@ -439,6 +467,7 @@ class ParallelFunction:
             if not replan:
                 continue
             chunk_s = min(chunk_s * 2, SERIAL_MAX_CHUNK_S)
+            self._maybe_prestart(max(0, n_items - done) * per_item)
             recent = dataclasses.replace(features, mean_s=per_item)
             new = self._make_plan(recent, max(n_items, done + 1), done, time.perf_counter(),
                                   from_cache, None, correction)
@@ -475,13 +504,15 @@ class ParallelFunction:
         elapsed = time.perf_counter() - t_start
         snap = system.snapshot(max_workers, with_memory=False)
         warm = loky_backend.is_warm(snap.usable_cpus)
+        startup_left = loky_backend.startup_left(calib.startup_for(snap.usable_cpus),
+                                                 snap.usable_cpus)
         forced_parallel = (
             "backend='loky' was requested" if self._options["backend"] == "loky" else None
         )
         kwargs: dict[str, Any] = dict(
             warm=warm, from_cache=from_cache, elapsed_s=elapsed, forced_serial=forced,
             forced_parallel=forced_parallel, chunksize=self._options["chunksize"],
-            parallel_correction=correction,
+            parallel_correction=correction, startup_left=startup_left,
         )
         plan = make_plan(features, n_items, n_sampled, snap, calib, **kwargs)
         if plan.mode != "serial":
@@ -513,6 +544,35 @@ class ParallelFunction:
             planning_overhead_s=max(0.0, overhead_s),
             observed_item_s=observed,
         )
+
+
+class _SamplingWatch:
+    """While the first items are sampled, start the pool as soon as they alone show
+    that one will be worth it: a 300 ms function then finds its workers up when its
+    first call returns, instead of starting them only then."""
+
+    def __init__(self, owner: ParallelFunction, n_known: Optional[int]):
+        self.owner = owner
+        self.n_known = n_known
+        self.progress = [0]
+        self.t0 = time.perf_counter()
+        self.done = threading.Event()
+        threading.Thread(target=self._run, name="adaptive_exec-prestart", daemon=True).start()
+
+    def _run(self) -> None:
+        delay = 0.005
+        while not self.done.wait(delay):
+            elapsed = time.perf_counter() - self.t0
+            finished = self.progress[0]
+            per_item = elapsed / (finished + 1)  # a lower bound: one call is still running
+            left = (self.n_known - finished) if self.n_known is not None else READ_AHEAD_ITEMS
+            if per_item * left >= PRESTART_FACTOR * calibration.current().startup_for(2):
+                self.owner._maybe_prestart(per_item * left)
+                return
+            delay *= 2
+
+    def stop(self) -> None:
+        self.done.set()
 
 
 class _CalibrationSync:

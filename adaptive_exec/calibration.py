@@ -170,7 +170,7 @@ def calibrate(n_workers: Optional[int] = None) -> Calibration:
 
     w = n_workers or usable_cpus()
     executor, created_at = loky_backend.fresh_executor(w)
-    probe = StartupProbe(executor, w, created_at)
+    probe = loky_backend.current_probe(executor) or StartupProbe(executor, w, created_at)
     executor.submit(_noop, 0).result()
     deadline = time.perf_counter() + 60
     while probe.startup_s is None and time.perf_counter() < deadline:

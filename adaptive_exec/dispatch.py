@@ -139,8 +139,10 @@ class ParallelRun:
         executor, cold, created_at = loky_backend.get_executor(self.n_workers)
         self._t0 = time.perf_counter()
         probe: Optional[calibration.StartupProbe] = None
-        if cold:
-            probe = calibration.StartupProbe(executor, loky_backend.pool_size(), created_at)
+        probe = loky_backend.current_probe(executor) if cold else None
+        if probe is not None:
+            # Its pings are queued ahead of our chunks (maybe by a pool started ahead of
+            # this map): the first answer means a worker is up.
             self._warm = probe.first
         else:
             self._warm.set()
@@ -269,6 +271,7 @@ class ParallelRun:
             if probe is not None and probe.startup_s is not None:
                 self.startup_s = probe.startup_s
                 calibration.record_startup(probe.startup_s, loky_backend.pool_size())
+            loky_backend.mark_warm(executor)
             if not calibration.overheads_measured():
                 # Once per process, while the pool and this thread are both idle.
                 calibration.record_overheads(

@@ -95,7 +95,7 @@ class _Estimate:
 
 def _estimate(
     n: int, t: float, cv: float, bytes_per_item: float, w: int, c: int,
-    calib: Calibration, warm: bool,
+    calib: Calibration, warm: bool, startup_left: Optional[float] = None,
 ) -> _Estimate:
     per_chunk = c * t + calib.task_overhead_s + c * bytes_per_item * calib.byte_cost_s
     n_chunks = math.ceil(n / c)
@@ -108,7 +108,7 @@ def _estimate(
     makespan = max(rounds * per_chunk, fluid)
     # The parent pickles every input and unpickles every result, one at a time.
     parent = n * bytes_per_item * calib.byte_cost_s + n_chunks * calib.task_overhead_s / 2
-    startup = 0.0 if warm else calib.startup_for(w)
+    startup = 0.0 if warm else calib.startup_for(w) if startup_left is None else startup_left
     hidden = min(startup * STARTUP_OVERLAP, n * t)  # work the caller does meanwhile
     total = startup + max(makespan - hidden / w, parent)
     return _Estimate(total, w, c, startup, parent)
@@ -149,11 +149,14 @@ def make_plan(
     forced_parallel: Optional[str] = None,
     chunksize: Optional[int] = None,
     parallel_correction: float = 1.0,
+    startup_left: Optional[float] = None,
     extra: Optional[dict[str, Any]] = None,
 ) -> Plan:
     """Plan the remaining ``n_items - n_done`` items; ``elapsed_s`` was already spent.
 
-    ``parallel_correction`` (>= 1, from the cache's run history) scales the pool's
+    ``startup_left`` is what remains of the start-up of a pool started ahead (None: a
+    cold pool costs ``calib.startup_for(w)``). ``parallel_correction`` (>= 1, from the
+    cache's run history) scales the pool's
     estimate: a function whose parallel runs kept taking longer than estimated gets a
     more cautious plan.
     """
@@ -203,7 +206,7 @@ def make_plan(
     best: Optional[_Estimate] = None
     for w in range(min(2, w_max), w_max + 1):
         for c in [chunksize] if chunksize else _chunk_candidates(remaining, w, t):
-            e = _estimate(remaining, t, cv, bytes_per_item, w, c, calib, warm)
+            e = _estimate(remaining, t, cv, bytes_per_item, w, c, calib, warm, startup_left)
             # Prefer fewer workers when they are as fast: they leave the machine freer.
             if best is None or e.total_s < best.total_s * 0.99:
                 best = e
@@ -246,7 +249,7 @@ def make_plan(
         )
     startup = f", {fmt_s(best.startup_s)} of pool start-up included" if best.startup_s else \
         ", the pool is already warm"
-    if parallel_correction > 1.0:
+    if parallel_correction >= 1.05:
         startup += f", x{parallel_correction:.2f} for past parallel runs that took longer"
     reason = (
         f"{work}; {best.n_workers} workers with chunks of {best.chunksize} are estimated "

@@ -126,11 +126,13 @@ def sample(
     complexity: int,
     time_budget_s: float = TIME_BUDGET_S,
     item_budget: int = ITEM_BUDGET,
+    progress: Optional[list[int]] = None,
 ) -> Sample:
     """Run ``func`` on the first items of ``items`` (consumed) until the budget is spent.
 
     An exception from ``func`` ends the sample; it is returned (index attached) with
     the results before it, which the caller yields first, as the plain loop would.
+    ``progress[0]``, when given, counts the calls completed (read by another thread).
     """
     memory = _PeakMemory()
     perf = time.perf_counter
@@ -157,6 +159,8 @@ def sample(
         t1 = perf()
         durations.append(t1 - t0)
         results.append(result)
+        if progress is not None:
+            progress[0] = len(durations)
         if sized:
             grown = memory.after(rss_before)
             if grown is not None:
