@@ -32,12 +32,12 @@ from typing import (
 from . import cache, calibration, system
 from .backends import loky as loky_backend
 from .backends import serial as serial_backend
-from .dispatch import ParallelRun
+from .dispatch import LokyTarget, ParallelRun, ThreadTarget
 from .errors import UnpicklableWarning
 from .fingerprint import describe, fingerprint, function_complexity
-from .planner import Plan, fmt_s, make_plan
+from .planner import OWN_THREADS_MIN, Plan, fmt_s, make_plan
 from .sampling import Features, features_from, sample
-from .worker import FunctionRef, function_ref
+from .worker import function_ref
 
 logger = logging.getLogger("adaptive_exec")
 
@@ -51,9 +51,16 @@ READ_AHEAD_BYTES = 64 << 20
 # A serial run is re-planned between chunks; their duration starts here and doubles.
 SERIAL_FIRST_CHUNK_S = 0.02
 SERIAL_MAX_CHUNK_S = 0.5
+# Serial chunks whose per-item time grows by GROWTH_MIN or more are projected one more
+# step ahead (at most GROWTH_CAP times the last), so the re-plan does not price the
+# rest of an ascending workload at its cheaper past.
+GROWTH_MIN = 1.5
+GROWTH_CAP = 4.0
 # Start the pool ahead of a plan when the work left is at least this many start-ups:
-# the caller keeps working meanwhile, so a free core makes it nearly free.
-PRESTART_FACTOR = 3.0
+# the caller keeps working meanwhile, so a free core makes it nearly free. Not for a
+# function that keeps more than one CPU busy itself (BLAS): its workers would compete
+# with it (measured: the numpy workload's serial run 1.56x slower with a pool booting).
+PRESTART_FACTOR = 1.5
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -314,6 +321,7 @@ class ParallelFunction:
             yield head  # before any read-ahead: a stream's first results come early
         # The number of items: known, or found by reading a bounded stretch ahead.
         buffered: list[Any] = []
+        n_exact = True  # n_items is the count, not a lower bound
         if exhausted:
             n_items = n_sampled
         elif n_known is not None:
@@ -321,6 +329,7 @@ class ParallelFunction:
         else:
             buffered, ended = _read_ahead(it, features)
             n_items = n_sampled + len(buffered)
+            n_exact = ended
             if not ended:
                 n_items = max(n_items, n_sampled + READ_AHEAD_ITEMS)  # a lower bound
         source: Iterator[Any] = itertools.chain(buffered, it) if buffered else it
@@ -351,12 +360,13 @@ class ParallelFunction:
             plan, timeline, observed, count = yield from self._serial(
                 source, n_sampled, n_items, features, plan, star=star, ordered=ordered,
                 key=key, from_cache=cached is not None, replan=forced is None,
-                partial=partial, correction=correction,
+                partial=partial, correction=correction, t_start=t_start, n_exact=n_exact,
             )
             n_done += count
         else:
             timeline, observed, count = yield from self._parallel(
-                source, n_sampled, plan, star=star, ordered=ordered, key=key
+                source, n_sampled, plan, star=star, ordered=ordered, key=key,
+                n_left=n_items - n_sampled if n_exact else None,
             )
             n_done += count
         wall = time.perf_counter() - t_start
@@ -404,14 +414,18 @@ class ParallelFunction:
 
     def _parallel(
         self, source: Iterator[Any], first: int, plan: Plan, *, star: bool, ordered: bool,
-        key: str,
+        key: str, n_left: Optional[int] = None,
     ) -> Generator[list[Any], None, tuple[list[tuple[float, int]], Optional[float], int]]:
-        try:
-            ref: Optional[FunctionRef] = function_ref(self._func, key)
-        except Exception as exc:
-            self._unpicklable(f"the function cannot be pickled ({exc})", exc)
-            ref = None
-        if ref is None:
+        target: Union[LokyTarget, ThreadTarget, None]
+        if plan.mode == "threads":
+            target = ThreadTarget(self._func, star)
+        else:
+            try:
+                target = LokyTarget(function_ref(self._func, key), star)
+            except Exception as exc:
+                self._unpicklable(f"the function cannot be pickled ({exc})", exc)
+                target = None
+        if target is None:
             count = 0
             while True:
                 batch, err = serial_backend.run_chunk(self._func, source, 4096, first + count,
@@ -424,8 +438,10 @@ class ParallelFunction:
                 if len(batch) < 4096:
                     return [], None, count
         run = ParallelRun(
-            self._func, ref, source, first, plan.n_workers,
+            self._func, target, source, first, plan.n_workers,
             plan.chunksize, star=star, ordered=ordered, strict=bool(self._options["strict"]),
+            n_left=n_left, fixed_chunksize=self._options["chunksize"] is not None,
+            task_overhead_s=calibration.current().task_overhead_s,
         )
         count = 0
         for batch in run:
@@ -437,7 +453,7 @@ class ParallelFunction:
     def _serial(
         self, source: Iterator[Any], first: int, n_items: int, features: Features, plan: Plan,
         *, star: bool, ordered: bool, key: str, from_cache: bool, replan: bool, partial: bool,
-        correction: float,
+        correction: float, t_start: float, n_exact: bool,
     ) -> Generator[
         list[Any], None, tuple[Plan, list[tuple[float, int]], Optional[float], int]
     ]:
@@ -447,6 +463,7 @@ class ParallelFunction:
         done = first
         chunk_s = SERIAL_FIRST_CHUNK_S
         per_item = max(features.mean_s, 1e-8)
+        previous = per_item
         total_s = 0.0
         while True:
             n = max(1, int(chunk_s / per_item)) if replan else max(1, n_items - done)
@@ -457,7 +474,7 @@ class ParallelFunction:
             if batch:
                 total_s += elapsed
                 done += len(batch)
-                per_item = max(elapsed / len(batch), 1e-8)
+                previous, per_item = per_item, max(elapsed / len(batch), 1e-8)
                 yield batch
             if err is not None:
                 raise err
@@ -467,22 +484,32 @@ class ParallelFunction:
             if not replan:
                 continue
             chunk_s = min(chunk_s * 2, SERIAL_MAX_CHUNK_S)
-            self._maybe_prestart(max(0, n_items - done) * per_item)
-            recent = dataclasses.replace(features, mean_s=per_item)
-            new = self._make_plan(recent, max(n_items, done + 1), done, time.perf_counter(),
+            # Items getting steadily slower (the costly ones last, joblib issue 1220):
+            # expect one more step of that growth rather than the last chunk's cost.
+            growth = per_item / previous
+            ahead = per_item * min(growth, GROWTH_CAP) if growth >= GROWTH_MIN else per_item
+            if (features.cpu_fraction or 1.0) <= OWN_THREADS_MIN:
+                self._maybe_prestart(max(0, n_items - done) * ahead)
+            # Growing costs are uneven costs: the planner then keeps chunks small, so that
+            # the last (costliest) chunk does not run alone at the end.
+            spread = max(features.coefficient_of_variation or 0.0, growth - 1.0)
+            recent = dataclasses.replace(features, mean_s=ahead, coefficient_of_variation=spread)
+            # t_start: the estimate covers the whole map, as the run record's actual does.
+            new = self._make_plan(recent, max(n_items, done + 1), done, t_start,
                                   from_cache, None, correction)
             if new.mode == "serial":
                 continue
             reason = (
-                f"switched to parallel after {done:,} items ran serially, at "
-                f"{fmt_s(per_item)} per item against {fmt_s(features.mean_s)} sampled: "
-                f"{new.reason}"
+                f"switched to {new.mode} after {done:,} items ran serially, at "
+                f"{fmt_s(per_item)} per item (expecting {fmt_s(ahead)} ahead) against "
+                f"{fmt_s(features.mean_s)} sampled: {new.reason}"
             )
             new = dataclasses.replace(new, reason=reason)
             self._planned = new
             logger.info("re-plan for %s: %s", describe(func)[1], reason)
             timeline, observed_par, count = yield from self._parallel(
-                source, done, new, star=star, ordered=ordered, key=key
+                source, done, new, star=star, ordered=ordered, key=key,
+                n_left=n_items - done if n_exact else None,
             )
             n_all = done - first + count
             if observed_par is not None and observed is not None:
@@ -561,15 +588,18 @@ class _SamplingWatch:
 
     def _run(self) -> None:
         delay = 0.005
+        cpu0 = time.process_time()
         while not self.done.wait(delay):
             elapsed = time.perf_counter() - self.t0
+            if (time.process_time() - cpu0) / elapsed > OWN_THREADS_MIN:
+                return  # the function runs threads of its own: no pool for it
             finished = self.progress[0]
             per_item = elapsed / (finished + 1)  # a lower bound: one call is still running
             left = (self.n_known - finished) if self.n_known is not None else READ_AHEAD_ITEMS
             if per_item * left >= PRESTART_FACTOR * calibration.current().startup_for(2):
                 self.owner._maybe_prestart(per_item * left)
                 return
-            delay *= 2
+            delay = min(delay * 2, 0.05)
 
     def stop(self) -> None:
         self.done.set()

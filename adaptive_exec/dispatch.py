@@ -1,7 +1,10 @@
-"""Chunking, bounded work in flight and ordered reassembly, on the loky pool.
+"""Chunking, bounded work in flight and ordered reassembly, on a pool.
 
-    caller thread                                         loky workers
-    -------------                                         ------------
+The pool is loky's processes (LokyTarget) or, for functions that mostly wait, threads of
+this process (ThreadTarget); the loop below is the same for both.
+
+    caller thread                                         workers
+    -------------                                         -------
     source iterator --islice(c)--> chunk --pickle--> submit ---------> run_chunk
           |                                   (at most `limit` in flight)   |
           |  while the pool is cold:                                       |
@@ -24,6 +27,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import itertools
 import logging
+import math
 import pickle
 import threading
 import time
@@ -38,13 +42,73 @@ from .errors import (
     WorkerCrashedError,
     attach_origin,
 )
-from .worker import ChunkResult, FunctionRef, dumps, run_chunk
+from .worker import ChunkResult, FunctionRef, dumps, run_chunk, run_items
 
 logger = logging.getLogger("adaptive_exec")
 
 # Chunks in flight per worker: one running and one queued, so a worker never waits for
 # the parent to notice it finished before it gets its next chunk.
 IN_FLIGHT_PER_WORKER = 2
+# Chunk sizing during a run (guided self-scheduling): a chunk is at most the items left
+# divided by GUIDED_SPLIT x workers, so chunks shrink towards the end and the workers
+# finish together, even when the costliest items come last (joblib issue 1220); and at
+# least long enough that the per-task overhead stays under OVERHEAD_SHARE of it.
+GUIDED_SPLIT = 2
+OVERHEAD_SHARE = 0.05
+EWMA = 0.3  # weight of the newest chunk in the observed per-item time
+
+
+class LokyTarget:
+    """Chunks go to the process pool, pickled by us (see worker.py)."""
+
+    kind = "loky"
+
+    def __init__(self, ref: FunctionRef, star: bool):
+        self.ref = ref
+        self.star = star
+
+    def open(self, n_workers: int) -> tuple[Any, Optional[calibration.StartupProbe]]:
+        executor, cold, _ = loky_backend.get_executor(n_workers)
+        return executor, loky_backend.current_probe(executor) if cold else None
+
+    def submit(self, executor: Any, chunk: list[Any], start: int) -> cf.Future:
+        payload = dumps(chunk)  # raises when an item cannot be pickled
+        return executor.submit(run_chunk, self.ref, start, payload, self.star)
+
+    def decode(self, res: ChunkResult) -> tuple[list[Any], Optional[BaseException]]:
+        results = pickle.loads(res.results)
+        if res.error_index is None:
+            return results, None
+        if res.error is not None:
+            return results, pickle.loads(res.error)
+        return results, RemoteError(f"{res.error_repr} (the exception could not be pickled)")
+
+    def close(self, executor: Any, clean: bool) -> None:
+        if clean:
+            loky_backend.mark_warm(executor)
+
+
+class ThreadTarget:
+    """Chunks go to threads of this process: for functions that mostly wait."""
+
+    kind = "threads"
+
+    def __init__(self, func: Callable[..., Any], star: bool):
+        self.func = func
+        self.star = star
+
+    def open(self, n_workers: int) -> tuple[Any, None]:
+        return cf.ThreadPoolExecutor(n_workers, thread_name_prefix="adaptive_exec"), None
+
+    def submit(self, executor: Any, chunk: list[Any], start: int) -> cf.Future:
+        return executor.submit(run_items, self.func, start, chunk, self.star)
+
+    def decode(self, res: ChunkResult) -> tuple[list[Any], Optional[BaseException]]:
+        return res.results, res.error
+
+    def close(self, executor: Any, clean: bool) -> None:
+        # Threads cannot be interrupted: after an error the running ones finish first.
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 class _Pending:
@@ -62,7 +126,7 @@ class ParallelRun:
     def __init__(
         self,
         func: Callable[..., Any],
-        ref: FunctionRef,
+        target: LokyTarget | ThreadTarget,
         source: Iterator[Any],
         first_index: int,
         n_workers: int,
@@ -71,13 +135,20 @@ class ParallelRun:
         star: bool,
         ordered: bool,
         strict: bool,
+        n_left: Optional[int] = None,
+        fixed_chunksize: bool = False,
+        task_overhead_s: float = 0.0,
     ):
         self.func = func
-        self.ref = ref
+        self.target = target
         self.source = source
         self.first_index = first_index
         self.n_workers = n_workers
-        self.chunksize = max(1, chunksize)
+        self.chunksize = max(1, chunksize)  # the plan's: an upper bound when not fixed
+        self.n_left = n_left  # items still to read from source, when known
+        self.fixed_chunksize = fixed_chunksize
+        self.task_overhead_s = task_overhead_s
+        self.per_item_s: Optional[float] = None  # observed in workers, smoothed
         self.star = star
         self.ordered = ordered
         self.strict = strict
@@ -132,14 +203,30 @@ class ParallelRun:
         if not self.timeline or self.timeline[-1][1] != active:
             self.timeline.append((round(time.perf_counter() - self._t0, 4), active))
 
+    def _next_chunksize(self) -> int:
+        if self.fixed_chunksize:
+            return self.chunksize
+        c = self.chunksize
+        if self.n_left is not None:
+            c = min(c, math.ceil(self.n_left / (GUIDED_SPLIT * self.n_workers)))
+        if self.per_item_s and self.task_overhead_s:
+            floor = math.ceil(self.task_overhead_s / (OVERHEAD_SHARE * self.per_item_s))
+            c = max(c, min(floor, self.chunksize))
+        return max(1, c)
+
+    def _observe(self, res: ChunkResult) -> None:
+        if res.n_done:
+            t = res.compute_s / res.n_done
+            self.per_item_s = t if self.per_item_s is None else (
+                EWMA * t + (1 - EWMA) * self.per_item_s)
+
     def __iter__(self) -> Iterator[list[Any]]:
         return self._run()
 
     def _run(self) -> Iterator[list[Any]]:
-        executor, cold, created_at = loky_backend.get_executor(self.n_workers)
+        executor, probe = self.target.open(self.n_workers)
         self._t0 = time.perf_counter()
-        probe: Optional[calibration.StartupProbe] = None
-        probe = loky_backend.current_probe(executor) if cold else None
+        clean = False
         if probe is not None:
             # Its pings are queued ahead of our chunks (maybe by a pool started ahead of
             # this map): the first answer means a worker is up.
@@ -158,13 +245,15 @@ class ParallelRun:
         def submit_more() -> None:
             nonlocal read_pos, exhausted, error_at
             while not exhausted and error_at is None and len(pending) < limit:
-                chunk = list(itertools.islice(self.source, self.chunksize))
+                chunk = list(itertools.islice(self.source, self._next_chunksize()))
                 if not chunk:
                     exhausted = True
                     return
                 start, read_pos = read_pos, read_pos + len(chunk)
+                if self.n_left is not None:
+                    self.n_left -= len(chunk)
                 try:
-                    payload = dumps(chunk)
+                    fut = self.target.submit(executor, chunk, start)
                 except Exception as exc:
                     self._unpicklable(exc, start)
                     out, err = self._run_here(chunk, start)
@@ -172,7 +261,6 @@ class ParallelRun:
                     if err is not None:
                         error_at = start + len(out)
                     continue
-                fut = executor.submit(run_chunk, self.ref, start, payload, self.star)
                 pending[fut] = _Pending(start, len(chunk), time.perf_counter())
 
         def collect(fut: cf.Future) -> None:
@@ -183,7 +271,7 @@ class ParallelRun:
             except cf.CancelledError:
                 return
             except Exception as exc:
-                if _is_worker_death(exc):
+                if self.target.kind == "loky" and _is_worker_death(exc):
                     loky_backend.mark_broken(executor)
                     msg = (
                         f"a worker process died while running items {info.start}.."
@@ -193,17 +281,14 @@ class ParallelRun:
                 raise
             if self.first_result_s is None:
                 self.first_result_s = time.perf_counter() - self._t0
-                loky_backend.mark_warm(executor)
             self.worker_compute_s += res.compute_s
             self.worker_items += res.n_done
-            results = pickle.loads(res.results)
-            err: Optional[BaseException] = None
-            if res.error_index is not None:
-                if res.error is not None:
-                    err = pickle.loads(res.error)
-                else:
-                    err = RemoteError(f"{res.error_repr} (the exception could not be pickled)")
-                attach_origin(err, res.error_index, res.error_tb)
+            self._observe(res)
+            results, err = self.target.decode(res)
+            if err is not None:
+                assert res.error_index is not None
+                remote_tb = res.error_tb if self.target.kind == "loky" else None
+                attach_origin(err, res.error_index, remote_tb)
                 if error_at is None or res.error_index < error_at:
                     error_at = res.error_index
             buffer[info.start] = (results, info.n, err)
@@ -240,6 +325,8 @@ class ParallelRun:
                         exhausted = True
                         break
                     read_pos += 1
+                    if self.n_left is not None:
+                        self.n_left -= 1
                     out, local_err = self._run_here([item], read_pos - 1)
                     local.extend(out)
                     if local_err is not None:
@@ -268,11 +355,11 @@ class ParallelRun:
                 for fut in sorted(done, key=lambda f: pending[f].start):
                     collect(fut)
             self._record(0)
+            clean = True
             if probe is not None and probe.startup_s is not None:
                 self.startup_s = probe.startup_s
                 calibration.record_startup(probe.startup_s, loky_backend.pool_size())
-            loky_backend.mark_warm(executor)
-            if not calibration.overheads_measured():
+            if self.target.kind == "loky" and not calibration.overheads_measured():
                 # Once per process, while the pool and this thread are both idle.
                 calibration.record_overheads(
                     *calibration.measure_overheads(executor, loky_backend.pool_size())
@@ -280,6 +367,7 @@ class ParallelRun:
         finally:
             for fut in pending:
                 fut.cancel()
+            self.target.close(executor, clean)
 
 
 def _is_worker_death(exc: BaseException) -> bool:

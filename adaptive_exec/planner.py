@@ -34,6 +34,15 @@ MEMORY_RESERVE = 256 << 20
 # Fraction of the start-up the caller spends working through items: it shares the
 # cores with booting workers, so it is not a full worker during that time.
 STARTUP_OVERLAP = 0.5
+# A function whose process uses more than this many CPU seconds per wall second runs
+# threads of its own (BLAS): our workers run it with one thread each (see
+# backends/loky.py), so each item takes about that many times longer there.
+OWN_THREADS_MIN = 1.3
+# Below this CPU share the function mostly waits: threads overlap the waiting.
+WAITING_MAX_CPU = 0.5
+MAX_THREADS = 64
+# Per task on a thread pool (submit, future, wake-up), measured ~30-60 µs here.
+THREAD_TASK_OVERHEAD_S = 5e-5
 
 
 @dataclass(frozen=True)
@@ -104,14 +113,34 @@ def _estimate(
     # about half a chunk, more when chunk times spread (their CV shrinks like 1/sqrt(c)
     # for independent items). Costs that drift along the list (the skewed workload) are
     # what this tail guards against: it makes long chunks expensive.
-    fluid = n_chunks * per_chunk / w + per_chunk * (0.5 + cv / math.sqrt(c))
-    makespan = max(rounds * per_chunk, fluid)
+    spread = cv / math.sqrt(c)
+    if n_chunks <= w:
+        # One round, every chunk at once: the slowest of them, not a tail.
+        makespan = per_chunk * (1 + 0.5 * spread)
+    else:
+        fluid = n_chunks * per_chunk / w + per_chunk * (0.5 + spread)
+        makespan = max(rounds * per_chunk, fluid)
     # The parent pickles every input and unpickles every result, one at a time.
     parent = n * bytes_per_item * calib.byte_cost_s + n_chunks * calib.task_overhead_s / 2
     startup = 0.0 if warm else calib.startup_for(w) if startup_left is None else startup_left
     hidden = min(startup * STARTUP_OVERLAP, n * t)  # work the caller does meanwhile
     total = startup + max(makespan - hidden / w, parent)
     return _Estimate(total, w, c, startup, parent)
+
+
+def _threads_plan(n: int, t: float, cpu: float, cpus: int, chunksize: Optional[int]
+                  ) -> _Estimate:
+    """A thread pool for a function that mostly waits: as many threads as keep the
+    CPU share of all of them within the usable CPUs (the GIL serialises that share)."""
+    threads = int(min(MAX_THREADS, n, max(2, cpus / max(cpu, 1e-3))))
+    threads = max(1, threads)
+    c = chunksize or 1
+    n_chunks = math.ceil(n / c)
+    per_chunk = c * t + THREAD_TASK_OVERHEAD_S
+    waiting = math.ceil(n_chunks / threads) * per_chunk
+    computing = n * t * cpu  # the CPU part runs one thread at a time
+    return _Estimate(max(waiting, computing) + n_chunks * THREAD_TASK_OVERHEAD_S / 2,
+                     threads, c, 0.0, 0.0)
 
 
 def _chunk_candidates(n: int, w: int, t: float) -> list[int]:
@@ -161,6 +190,8 @@ def make_plan(
     more cautious plan.
     """
     t = features.mean_s
+    cpu = features.cpu_fraction
+    own_threads = min(cpu, system.usable_cpus) if cpu is not None and cpu > OWN_THREADS_MIN else 1.0
     cv = features.coefficient_of_variation if features.coefficient_of_variation is not None else 0.5
     cv = min(cv, 4.0)
     bytes_per_item = float((features.pickle_size or 0) + (features.input_pickle_size or 0))
@@ -203,10 +234,27 @@ def make_plan(
         )
         return serial(f"{work}; {why}, so a pool cannot beat the loop")
 
+    waiting = cpu is not None and cpu < WAITING_MAX_CPU and not forced_parallel
+    if waiting:
+        threads = _threads_plan(remaining, t, cpu or 0.0, system.usable_cpus, chunksize)
+        t_speedup = serial_rest / threads.total_s if threads.total_s > 0 else 0.0
+        if t_speedup >= MIN_SPEEDUP and serial_rest - threads.total_s >= MIN_SAVING_S:
+            est = elapsed_s + threads.total_s
+            reason = (
+                f"{work}, of which only {cpu:.0%} is CPU: the function mostly waits, so "
+                f"{threads.n_workers} threads overlap the waiting; estimated at "
+                f"{fmt_s(threads.total_s)} ({est_serial / est:.1f}x)"
+            )
+            return Plan("threads", threads.n_workers, threads.chunksize, est_serial, est,
+                        est_serial / est, reason, from_cache, info)
+
+    # In a worker the function gets one BLAS thread: an item costs own_threads times more.
+    t_worker = t * own_threads
     best: Optional[_Estimate] = None
     for w in range(min(2, w_max), w_max + 1):
-        for c in [chunksize] if chunksize else _chunk_candidates(remaining, w, t):
-            e = _estimate(remaining, t, cv, bytes_per_item, w, c, calib, warm, startup_left)
+        for c in [chunksize] if chunksize else _chunk_candidates(remaining, w, t_worker):
+            e = _estimate(remaining, t_worker, cv, bytes_per_item, w, c, calib, warm,
+                          startup_left)
             # Prefer fewer workers when they are as fast: they leave the machine freer.
             if best is None or e.total_s < best.total_s * 0.99:
                 best = e
@@ -238,6 +286,11 @@ def make_plan(
             limits.append(
                 f"{_fmt_bytes(bytes_per_item * remaining)} to move through the parent "
                 f"({fmt_s(best.parent_s)})"
+            )
+        if own_threads > 1.0:
+            limits.append(
+                f"the function already keeps {own_threads:.1f} CPUs busy with threads of "
+                "its own, which a worker limits to one"
             )
         if not limits:
             limits.append(f"{fmt_s(calib.task_overhead_s)} overhead per task")

@@ -94,7 +94,10 @@ class Features:
     peak_memory: Optional[int]  # bytes one call raised resident memory by, at its peak
     function_complexity: int  # bytecode bytes, nested code included
     n_samples: int
-    cpu_fraction: Optional[float]  # CPU seconds / wall seconds while sampling
+    # CPU seconds of the whole process / wall seconds while sampling: near 1 for plain
+    # Python, near k for a function running k threads of its own (BLAS), near 0 for one
+    # that waits (I/O, sleeps).
+    cpu_fraction: Optional[float]
     picklable: bool = True  # items and results pickled fine
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,7 +139,7 @@ def sample(
     """
     memory = _PeakMemory()
     perf = time.perf_counter
-    cpu = time.thread_time
+    cpu = time.process_time
     results: list[Any] = []
     durations: list[float] = []
     in_sizes: list[int] = []
@@ -215,6 +218,6 @@ def features_from(
         peak_memory=peak,
         function_complexity=complexity,
         n_samples=n,
-        cpu_fraction=min(1.0, cpu_s / wall_s) if wall_s > 0 else None,
+        cpu_fraction=cpu_s / wall_s if wall_s > 0 else None,
         picklable=picklable,
     )

@@ -8,6 +8,7 @@ worker (``_FUNCTIONS``), not once per chunk.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import pickle
@@ -89,11 +90,11 @@ class ChunkResult:
     """A chunk's outcome: the results (pickled) of the items that ran, and the first
     failure, if any; items after a failure are not run, as in the loop."""
 
-    results: bytes
+    results: Any  # the list; pickled (bytes) on its way back from a process
     n_done: int
     compute_s: float
     pid: int
-    error: Optional[bytes] = None  # the pickled exception
+    error: Any = None  # the exception; pickled (bytes, or None if it cannot be) from a process
     error_index: Optional[int] = None
     error_tb: Optional[str] = None
     error_repr: Optional[str] = None  # when the exception itself cannot be pickled
@@ -109,9 +110,23 @@ def _pickle_error(exc: BaseException) -> Optional[bytes]:
 
 
 def run_chunk(ref: FunctionRef, start: int, payload: bytes, star: bool) -> ChunkResult:
-    """Worker side: run the items of one chunk in order."""
-    func = _resolve(ref)
-    items = pickle.loads(payload)
+    """Worker side: run the items of one chunk in order; results go back pickled."""
+    res = run_items(_resolve(ref), start, pickle.loads(payload), star)
+    try:
+        data = dumps(res.results)
+    except Exception as exc:
+        msg = (
+            f"the results of items {start}..{start + res.n_done - 1} cannot be pickled to "
+            f"return from the worker ({exc}); use backend='serial' for this function"
+        )
+        raise ResultPicklingError(msg) from None
+    error = _pickle_error(res.error) if res.error is not None else None
+    return dataclasses.replace(res, results=data, error=error)
+
+
+def run_items(func: Callable[..., Any], start: int, items: list[Any], star: bool) -> ChunkResult:
+    """Run one chunk's items in order (in a process worker or a thread); ``results`` is
+    the list itself, and the first failure stops the chunk, as in the loop."""
     out: list[Any] = []
     t0 = time.perf_counter()
     for offset, item in enumerate(items):
@@ -120,22 +135,13 @@ def run_chunk(ref: FunctionRef, start: int, payload: bytes, star: bool) -> Chunk
         except Exception as exc:
             compute = time.perf_counter() - t0
             return ChunkResult(
-                results=dumps(out),
+                results=out,
                 n_done=len(out),
                 compute_s=compute,
                 pid=os.getpid(),
-                error=_pickle_error(exc),
+                error=exc,
                 error_index=start + offset,
                 error_tb="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
                 error_repr=f"{type(exc).__qualname__}: {exc}",
             )
-    compute = time.perf_counter() - t0
-    try:
-        data = dumps(out)
-    except Exception as exc:
-        msg = (
-            f"the results of items {start}..{start + len(items) - 1} cannot be pickled to "
-            f"return from the worker ({exc}); use backend='serial' for this function"
-        )
-        raise ResultPicklingError(msg) from None
-    return ChunkResult(data, len(out), compute, os.getpid())
+    return ChunkResult(out, len(out), time.perf_counter() - t0, os.getpid())
