@@ -35,7 +35,7 @@ from .backends import serial as serial_backend
 from .dispatch import LokyTarget, ParallelRun, ThreadTarget
 from .errors import UnpicklableWarning
 from .fingerprint import describe, fingerprint, function_complexity
-from .planner import OWN_THREADS_MIN, Plan, fmt_s, make_plan
+from .planner import OWN_THREADS_MIN, WAITING_MAX_CPU, Plan, fmt_s, make_plan
 from .sampling import Features, features_from, sample
 from .worker import function_ref
 
@@ -302,7 +302,8 @@ class ParallelFunction:
             watch = self._watch_sampling(n_known)
             try:
                 s = sample(func, it, star=star, complexity=function_complexity(func),
-                           progress=watch.progress if watch else None)
+                           progress=watch.progress if watch else None,
+                           ours_cpu=watch.cpu_spent if watch else None)
             finally:
                 if watch is not None:
                     watch.stop()
@@ -488,7 +489,7 @@ class ParallelFunction:
             # expect one more step of that growth rather than the last chunk's cost.
             growth = per_item / previous
             ahead = per_item * min(growth, GROWTH_CAP) if growth >= GROWTH_MIN else per_item
-            if (features.cpu_fraction or 1.0) <= OWN_THREADS_MIN:
+            if (features.threads_cpu or 0.0) <= OWN_THREADS_MIN:
                 self._maybe_prestart(max(0, n_items - done) * ahead)
             # Growing costs are uneven costs: the planner then keeps chunks small, so that
             # the last (costliest) chunk does not run alone at the end.
@@ -583,23 +584,41 @@ class _SamplingWatch:
         self.n_known = n_known
         self.progress = [0]
         self.t0 = time.perf_counter()
+        self.cpu_s = 0.0  # this thread's own CPU: not the sampled function's
         self.done = threading.Event()
         threading.Thread(target=self._run, name="adaptive_exec-prestart", daemon=True).start()
 
     def _run(self) -> None:
         delay = 0.005
         cpu0 = time.process_time()
-        while not self.done.wait(delay):
-            elapsed = time.perf_counter() - self.t0
-            if (time.process_time() - cpu0) / elapsed > OWN_THREADS_MIN:
-                return  # the function runs threads of its own: no pool for it
-            finished = self.progress[0]
-            per_item = elapsed / (finished + 1)  # a lower bound: one call is still running
-            left = (self.n_known - finished) if self.n_known is not None else READ_AHEAD_ITEMS
-            if per_item * left >= PRESTART_FACTOR * calibration.current().startup_for(2):
-                self.owner._maybe_prestart(per_item * left)
-                return
-            delay = min(delay * 2, 0.05)
+        try:
+            while not self.done.wait(delay):
+                elapsed = time.perf_counter() - self.t0
+                share = (time.process_time() - cpu0) / elapsed
+                if share < WAITING_MAX_CPU or share > 1 + OWN_THREADS_MIN:
+                    # It waits (threads will serve it) or runs threads of its own
+                    # (BLAS): no process pool for it. Look again later.
+                    delay = min(delay * 2, 0.05)
+                    continue
+                if self._check(elapsed):
+                    return
+                delay = min(delay * 2, 0.05)
+        finally:
+            self.cpu_s = time.thread_time()
+
+    def cpu_spent(self) -> float:
+        return self.cpu_s
+
+    def _check(self, elapsed: float) -> bool:
+        finished = self.progress[0]
+        per_item = elapsed / (finished + 1)  # a lower bound: one call is still running
+        left = (self.n_known - finished) if self.n_known is not None else READ_AHEAD_ITEMS
+        if per_item * left >= PRESTART_FACTOR * calibration.current().startup_for(2):
+            self.owner._maybe_prestart(per_item * left)
+            # Starting the pool cost this thread CPU that is not the function's.
+            self.cpu_s = time.thread_time()
+            return True
+        return False
 
     def stop(self) -> None:
         self.done.set()

@@ -57,9 +57,79 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    print("The persistent cache is not built yet (issue 4): features are remembered "
-          "within a process only.", file=sys.stderr)
-    return 2
+    from . import cache as store
+    from .planner import fmt_s
+
+    def when(t: float) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+    action, target = args.action, args.target
+    if action == "show" and not target:
+        print("cache show needs a function name or a fingerprint (see: cache list)",
+              file=sys.stderr)
+        return 2
+    if target and action != "show":
+        print(f"cache {action} takes no argument (got {target!r})", file=sys.stderr)
+        return 2
+    if action == "path":
+        print(store.path())
+        return 0
+    try:
+        if action == "clear":
+            n = store.clear()
+            print(f"cleared {n} entries from {store.path()}")
+            return 0
+        if action == "stats":
+            for key, value in store.stats().items():
+                if key.endswith("_at") and isinstance(value, float):
+                    value = when(value)
+                print(f"{key + ':':22} {value}")
+            return 0
+        here = store.machine_id()
+        if action == "list":
+            entries = store.list_entries()
+            if not entries:
+                print(f"the cache is empty ({store.path()})")
+                return 0
+            print(f"{'fingerprint':12}  {'hits':>6}  {'runs':>4}  {'per item':>9}  "
+                  f"{'last used':19}  function")
+            for e in entries:
+                other = "" if e.machine == here else f"  (machine {e.machine})"
+                print(f"{e.fingerprint[:12]:12}  {e.hits:>6}  {len(e.runs):>4}  "
+                      f"{fmt_s(e.features.mean_s):>9}  {when(e.used_at):19}  "
+                      f"{e.module}:{e.qualname}{other}")
+            print(f"{len(entries)} entries in {store.path()}")
+            return 0
+        found = store.find(target)
+        if not found:
+            print(f"no cache entry matches {target!r} (see: cache list)", file=sys.stderr)
+            return 1
+        for e in found:
+            mine = " (this machine)" if e.machine == here else " (another machine)"
+            rows: list[tuple[str, object]] = [
+                ("fingerprint", e.fingerprint), ("machine", e.machine + mine),
+                ("module", e.module), ("qualname", e.qualname),
+            ]
+            rows += [(name, getattr(e.features, name)) for name in store.FEATURE_COLUMNS]
+            rows += [("created_at", when(e.created_at)), ("updated_at", when(e.updated_at)),
+                     ("used_at", when(e.used_at)), ("hits", e.hits),
+                     ("parallel_correction", f"{e.parallel_correction():.3f}")]
+            print(f"== {e.module}:{e.qualname}")
+            for name, value in rows:
+                note = " (per item: " + fmt_s(e.features.mean_s) + ")" if name == "mean_s" else ""
+                print(f"  {name:26} {value}{note}")
+            print(f"  run history ({len(e.runs)}, oldest first):")
+            if e.runs:
+                print(f"    {'at':19}  {'items':>8}  {'mode':8}  {'workers':>7}  "
+                      f"{'chunksize':>9}  {'estimated_s':>11}  {'actual_s':>9}  actual/estimated")
+            for r in e.runs:
+                ratio = f"{r.actual_s / r.estimated_s:.2f}" if r.estimated_s > 0 else "-"
+                print(f"    {when(r.at):19}  {r.n_items:>8}  {r.mode:8}  {r.n_workers:>7}  "
+                      f"{r.chunksize:>9}  {r.estimated_s:>11.4g}  {r.actual_s:>9.4g}  {ratio}")
+        return 0
+    except Exception as exc:
+        print(f"cannot read the cache at {store.path()}: {exc}", file=sys.stderr)
+        return 1
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -70,8 +140,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     demo.add_argument("--scale", type=float, default=1.0, help="multiply workload sizes")
     cal = sub.add_parser("calibrate", help="measure this machine's pool constants")
     cal.add_argument("--workers", type=int, default=None)
-    cache = sub.add_parser("cache", help="inspect the cache (not built yet)")
-    cache.add_argument("action", nargs="?", default="path")
+    cache = sub.add_parser("cache", help="inspect or clear the persistent feature cache")
+    cache.add_argument("action", nargs="?", default="path",
+                       choices=("path", "list", "show", "stats", "clear"))
+    cache.add_argument("target", nargs="?", help="for show: a function name or fingerprint")
     args = parser.parse_args(argv)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "demo": _demo, "calibrate": _calibrate, "cache": _cache,

@@ -34,10 +34,10 @@ MEMORY_RESERVE = 256 << 20
 # Fraction of the start-up the caller spends working through items: it shares the
 # cores with booting workers, so it is not a full worker during that time.
 STARTUP_OVERLAP = 0.5
-# A function whose process uses more than this many CPU seconds per wall second runs
-# threads of its own (BLAS): our workers run it with one thread each (see
-# backends/loky.py), so each item takes about that many times longer there.
-OWN_THREADS_MIN = 1.3
+# A function whose other threads use more than this many CPU seconds per wall second
+# runs threads of its own (BLAS): our workers run it with one thread each (see
+# backends/loky.py), so each item takes about 1 + that many times longer there.
+OWN_THREADS_MIN = 0.3
 # Below this CPU share the function mostly waits: threads overlap the waiting.
 WAITING_MAX_CPU = 0.5
 MAX_THREADS = 64
@@ -191,7 +191,8 @@ def make_plan(
     """
     t = features.mean_s
     cpu = features.cpu_fraction
-    own_threads = min(cpu, system.usable_cpus) if cpu is not None and cpu > OWN_THREADS_MIN else 1.0
+    others = features.threads_cpu or 0.0
+    own_threads = min(1.0 + others, system.usable_cpus) if others > OWN_THREADS_MIN else 1.0
     cv = features.coefficient_of_variation if features.coefficient_of_variation is not None else 0.5
     cv = min(cv, 4.0)
     bytes_per_item = float((features.pickle_size or 0) + (features.input_pickle_size or 0))
@@ -234,7 +235,8 @@ def make_plan(
         )
         return serial(f"{work}; {why}, so a pool cannot beat the loop")
 
-    waiting = cpu is not None and cpu < WAITING_MAX_CPU and not forced_parallel
+    waiting = (cpu is not None and cpu < WAITING_MAX_CPU and others <= OWN_THREADS_MIN
+               and not forced_parallel)
     if waiting:
         threads = _threads_plan(remaining, t, cpu or 0.0, system.usable_cpus, chunksize)
         t_speedup = serial_rest / threads.total_s if threads.total_s > 0 else 0.0

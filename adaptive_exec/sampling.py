@@ -94,11 +94,13 @@ class Features:
     peak_memory: Optional[int]  # bytes one call raised resident memory by, at its peak
     function_complexity: int  # bytecode bytes, nested code included
     n_samples: int
-    # CPU seconds of the whole process / wall seconds while sampling: near 1 for plain
-    # Python, near k for a function running k threads of its own (BLAS), near 0 for one
-    # that waits (I/O, sleeps).
+    # CPU seconds of the calling thread / wall seconds while sampling: near 1 for plain
+    # computation, near 0 for a function that waits (I/O, sleeps).
     cpu_fraction: Optional[float]
     picklable: bool = True  # items and results pickled fine
+    # CPU seconds of the process's other threads per wall second (ours excluded): near
+    # k-1 for a function that runs k threads of its own (BLAS), else near 0.
+    threads_cpu: Optional[float] = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,16 +132,19 @@ def sample(
     time_budget_s: float = TIME_BUDGET_S,
     item_budget: int = ITEM_BUDGET,
     progress: Optional[list[int]] = None,
+    ours_cpu: Optional[Callable[[], float]] = None,
 ) -> Sample:
     """Run ``func`` on the first items of ``items`` (consumed) until the budget is spent.
 
     An exception from ``func`` ends the sample; it is returned (index attached) with
     the results before it, which the caller yields first, as the plain loop would.
-    ``progress[0]``, when given, counts the calls completed (read by another thread).
+    ``progress[0]``, when given, counts the calls completed (read by another thread);
+    ``ours_cpu()`` is CPU that other threads of ours spent meanwhile (not the function's).
     """
     memory = _PeakMemory()
     perf = time.perf_counter
-    cpu = time.process_time
+    cpu = time.thread_time
+    process_cpu = time.process_time
     results: list[Any] = []
     durations: list[float] = []
     in_sizes: list[int] = []
@@ -150,6 +155,7 @@ def sample(
     error: Optional[BaseException] = None
     start = perf()
     cpu_start = cpu()
+    process_start = process_cpu()
     for index, item in enumerate(items):
         sized = index < N_SIZED
         rss_before = memory.before() if sized else None
@@ -179,13 +185,15 @@ def sample(
             break
     wall = perf() - start
     cpu_used = cpu() - cpu_start
+    others = process_cpu() - process_start - cpu_used - (ours_cpu() if ours_cpu else 0.0)
     if not durations:
         return Sample(results, None, True, wall, 0.0, error)
     calls = math.fsum(durations)
     return Sample(
         results=results,
         features=features_from(
-            durations, in_sizes, out_sizes, peak, complexity, cpu_used, wall, picklable
+            durations, in_sizes, out_sizes, peak, complexity, cpu_used, wall, picklable,
+            max(0.0, others),
         ),
         exhausted=exhausted,
         wall_s=wall,
@@ -203,6 +211,7 @@ def features_from(
     cpu_s: float,
     wall_s: float,
     picklable: bool,
+    others_cpu_s: float = 0.0,
 ) -> Features:
     n = len(durations)
     mean = math.fsum(durations) / n
@@ -218,6 +227,7 @@ def features_from(
         peak_memory=peak,
         function_complexity=complexity,
         n_samples=n,
-        cpu_fraction=cpu_s / wall_s if wall_s > 0 else None,
+        cpu_fraction=min(1.0, cpu_s / wall_s) if wall_s > 0 else None,
         picklable=picklable,
+        threads_cpu=others_cpu_s / wall_s if wall_s > 0 else None,
     )

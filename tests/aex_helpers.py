@@ -83,3 +83,31 @@ def die_on(x, at=50):
         os._exit(3)
     spin(0.001)
     return x
+
+
+def sleepy(x):
+    time.sleep(0.01)
+    return x + 1
+
+
+_HASHED = None
+
+
+def hash_in_two_threads(x):
+    # hashlib releases the GIL on large buffers: two threads really use two CPUs,
+    # like BLAS does.
+    import hashlib
+    import threading
+
+    global _HASHED
+    if _HASHED is None:
+        _HASHED = bytes(32 << 20)
+    data = _HASHED
+    out = []
+    threads = [threading.Thread(target=lambda: out.append(hashlib.sha256(data).digest()))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return x

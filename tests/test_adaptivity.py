@@ -1,0 +1,64 @@
+"""What the planner and the dispatcher do with what they observe, on real processes."""
+
+from __future__ import annotations
+
+import aex_helpers as h
+import pytest
+
+from adaptive_exec import calibrate, parallelize
+from adaptive_exec.dispatch import LokyTarget, ParallelRun
+from adaptive_exec.sampling import sample
+from adaptive_exec.system import usable_cpus
+from adaptive_exec.worker import function_ref
+
+
+def test_a_waiting_function_runs_on_threads():
+    pf = parallelize(h.sleepy)
+    assert pf.map(range(120)) == [x + 1 for x in range(120)]
+    plan = pf.last_report.plan
+    assert plan.mode == "threads", plan.reason
+    assert plan.n_workers > usable_cpus()  # sized for waiting, not for cores
+    assert "waits" in plan.reason
+    assert plan.features["cpu_fraction"] < 0.5
+
+
+@pytest.mark.skipif(usable_cpus() < 2, reason="needs 2 CPUs to see two threads at once")
+def test_a_function_with_threads_of_its_own_is_seen():
+    s = sample(h.hash_in_two_threads, iter(range(5)), star=False, complexity=1)
+    assert s.features.threads_cpu > 0.3, s.features  # ~1: one more CPU than the caller's
+
+
+def test_a_function_with_threads_of_its_own_gets_no_pool():
+    from adaptive_exec.calibration import DEFAULTS
+    from adaptive_exec.planner import make_plan
+    from adaptive_exec.sampling import Features
+    from adaptive_exec.system import SystemSnapshot
+
+    two = SystemSnapshot(usable_cpus=2, available_memory=8 << 30)
+
+    def plan(threads_cpu):
+        f = Features(0.006, 0.1, 8, 8, 0, 10, 5, 1.0, threads_cpu=threads_cpu)
+        return make_plan(f, 200, 0, two, DEFAULTS, warm=True, from_cache=False)
+
+    assert plan(0.0).mode == "parallel"
+    blas = plan(1.0)
+    assert blas.mode == "serial" and "threads of its own" in blas.reason
+
+
+def test_chunks_shrink_towards_the_end(tmp_path):
+    sizes = []
+
+    class Recording(LokyTarget):
+        def submit(self, executor, chunk, start):
+            sizes.append(len(chunk))
+            return super().submit(executor, chunk, start)
+
+    calibrate()  # a warm pool: on a cold one the caller would run these quick items itself
+    target = Recording(function_ref(h.square, "k"), star=False)
+    run = ParallelRun(h.square, target, iter(range(4000)), 0, 2, 500, star=False,
+                      ordered=True, strict=False, n_left=4000)
+    out = [r for batch in run for r in batch]
+    assert out == [x * x for x in range(4000)]
+    assert sizes[0] == 500  # the plan's chunk is the upper bound
+    assert sizes[-1] < sizes[0] / 4  # the last chunks are small: workers end together
+    assert sizes == sorted(sizes, reverse=True)
