@@ -14,13 +14,17 @@ def make(src: str):
     return ns["f"]
 
 
+def key(src: str) -> str:
+    return fingerprint(make(src))
+
+
 def test_one_constant_changes_the_key():
-    assert fingerprint(make("def f(x): return x * 2")) != fingerprint(make("def f(x): return x * 3"))
+    assert key("def f(x): return x * 2") != key("def f(x): return x * 3")
 
 
 def test_same_code_same_key_and_names_matter():
-    assert fingerprint(make("def f(x): return x * 2")) == fingerprint(make("def f(x): return x * 2"))
-    assert fingerprint(make("def f(x): return abs(x)")) != fingerprint(make("def f(x): return len(x)"))
+    assert key("def f(x): return x * 2") == key("def f(x): return x * 2")
+    assert key("def f(x): return abs(x)") != key("def f(x): return len(x)")
 
 
 def test_defaults_and_nested_code_count():
@@ -76,6 +80,8 @@ def test_stable_across_processes():
 
 def test_complexity_includes_nested_code():
     flat = make("def f(x): return x")
-    nested = make("def f(x):\n    def g(y):\n        return [z * 2 for z in range(y)]\n    return g(x)")
+    nested = make(
+        "def f(x):\n    def g(y):\n        return [z * 2 for z in range(y)]\n    return g(x)"
+    )
     assert 0 < function_complexity(flat) < function_complexity(nested)
     assert function_complexity(len) == 0

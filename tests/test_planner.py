@@ -45,7 +45,9 @@ def test_chunks_grow_when_items_are_small():
 
 
 def test_memory_caps_the_workers():
-    tight = SystemSnapshot(usable_cpus=8, available_memory=(256 << 20) + 3 * ((40 << 20) + (400 << 20)))
+    # The reserve, plus three workers' base footprint and per-call peak.
+    room = (256 << 20) + 3 * ((40 << 20) + (400 << 20))
+    tight = SystemSnapshot(usable_cpus=8, available_memory=room)
     p = plan(feats(0.05, peak=400 << 20), 200, system=tight)
     assert p.mode == "parallel" and p.n_workers == 3
 
