@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "AdaptiveExecError": "errors",
+    "CacheWarning": "errors",
     "Calibration": "calibration",
     "ParallelFunction": "api",
     "Plan": "planner",
@@ -32,6 +33,7 @@ _EXPORTS = {
 
 __all__ = [
     "AdaptiveExecError",
+    "CacheWarning",
     "Calibration",
     "ParallelFunction",
     "Plan",
@@ -51,6 +53,7 @@ if TYPE_CHECKING:
     from .calibration import Calibration, calibrate
     from .errors import (
         AdaptiveExecError,
+        CacheWarning,
         RemoteError,
         ResultPicklingError,
         UnpicklableWarning,

@@ -29,7 +29,7 @@ from typing import (
     overload,
 )
 
-from . import cache, calibration, system
+from . import cache, calibration, planner, system
 from .backends import loky as loky_backend
 from .backends import serial as serial_backend
 from .dispatch import LokyTarget, ParallelRun, ThreadTarget
@@ -80,8 +80,10 @@ class RunReport:
 
 def _check_options(
     max_workers: Optional[int], backend: str, timeout: Optional[float],
-    chunksize: Optional[int] = None,
+    chunksize: Optional[int] = None, max_memory: Union[int, str, None] = None,
 ) -> None:
+    if max_memory is not None:
+        system.parse_bytes(max_memory, "max_memory")
     if chunksize is not None and (
         isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1
     ):
@@ -142,6 +144,7 @@ class ParallelFunction:
         timeout: Optional[float] = None,
         strict: bool = False,
         chunksize: Optional[int] = None,
+        max_memory: Union[int, str, None] = None,
     ):
         if not callable(func):
             msg = (
@@ -149,13 +152,14 @@ class ParallelFunction:
                 f"got {func!r}"
             )
             raise TypeError(msg)
-        _check_options(max_workers, backend, timeout, chunksize)
+        _check_options(max_workers, backend, timeout, chunksize, max_memory)
         functools.update_wrapper(self, func)
         self.__adaptive_exec_wrapped__ = func
         self._func = func
         self._options: dict[str, Any] = dict(
             max_workers=max_workers, cache=cache, progress=progress,
             backend=backend, timeout=timeout, strict=strict, chunksize=chunksize,
+            max_memory=max_memory,
         )
         self._calls = _CallStats()
         self._key: Optional[str] = None
@@ -286,6 +290,9 @@ class ParallelFunction:
         elif opts["backend"] == "serial":
             forced = "backend='serial' was requested"
 
+        # Other processes' CPU load is measured over the time from here to the plan.
+        self._load = (system.LoadProbe(loky_backend.worker_pids)
+                      if forced is None and self._pool_allowed() else None)
         entry = cache.lookup(key) if use_cache and forced is None else None
         cached = entry.features if entry is not None else None
         correction = entry.parallel_correction() if entry is not None else 1.0
@@ -384,6 +391,35 @@ class ParallelFunction:
         self._finish(plan, t_start, n_done, n_sampled, cached is not None, timeline,
                      sampling_s, sampling_s - sampled_calls_s, observed)
 
+    def _monitor(self, plan: Plan) -> Callable[[int], int]:
+        """decide(busy workers now) -> how many to keep busy, re-read from the machine."""
+        probe = system.LoadProbe(loky_backend.worker_pids)
+        max_workers, max_memory = self._options["max_workers"], self._max_memory()
+        per_worker = planner.WORKER_BASE_MEMORY + (plan.features.get("peak_memory") or 0)
+
+        def decide(current: int) -> int:
+            others = system.faked("others")
+            if others is None:
+                others = probe.others(min_window_s=0.0) or 0.0
+            free = system.usable_cpus(max_workers) - system.busy_cpus(others)
+            target = max(1, min(plan.n_workers, free))
+            room = system.faked("room")
+            if room is None:
+                room = system.memory_room(max_memory)
+            if room is not None and room < planner.MEMORY_RESERVE:
+                # Memory is running out: shed a worker's work each reading, before the
+                # machine swaps or the OOM killer picks a process.
+                target = min(target, max(1, current - 1))
+            elif room is not None and room < planner.MEMORY_RESERVE + per_worker:
+                target = min(target, current)  # no room for one more
+            return target
+
+        return decide
+
+    def _max_memory(self) -> Optional[int]:
+        value = self._options["max_memory"]
+        return None if value is None else system.parse_bytes(value, "max_memory")
+
     def _pool_allowed(self) -> int:
         """Workers a pool could have for this function now; 0 when no pool may be used."""
         if self._options["backend"] == "serial" or system.disabled() or system.in_worker():
@@ -443,6 +479,7 @@ class ParallelFunction:
             plan.chunksize, star=star, ordered=ordered, strict=bool(self._options["strict"]),
             n_left=n_left, fixed_chunksize=self._options["chunksize"] is not None,
             task_overhead_s=calibration.current().task_overhead_s,
+            monitor=self._monitor(plan) if plan.mode == "parallel" else None,
         )
         count = 0
         for batch in run:
@@ -463,7 +500,9 @@ class ParallelFunction:
         func = self._func
         done = first
         chunk_s = SERIAL_FIRST_CHUNK_S
-        per_item = max(features.mean_s, 1e-8)
+        # The first chunk is sized on a cautious per-item time: an uneven sample (its
+        # last items far slower than the rest) must not commit a long chunk to the loop.
+        per_item = max(features.mean_s * (1 + (features.coefficient_of_variation or 0)), 1e-8)
         previous = per_item
         total_s = 0.0
         while True:
@@ -528,6 +567,7 @@ class ParallelFunction:
         correction: float = 1.0,
     ) -> Plan:
         max_workers = self._options["max_workers"]
+        max_memory = self._max_memory()
         calib = _load_calibration()
         elapsed = time.perf_counter() - t_start
         snap = system.snapshot(max_workers, with_memory=False)
@@ -543,9 +583,13 @@ class ParallelFunction:
             parallel_correction=correction, startup_left=startup_left,
         )
         plan = make_plan(features, n_items, n_sampled, snap, calib, **kwargs)
-        if plan.mode != "serial":
-            # Only a parallel plan needs memory read (and capped by it).
-            snap = system.snapshot(max_workers, with_memory=True)
+        if plan.mode == "parallel":
+            # Only a parallel plan needs the machine's load and memory (and is capped by
+            # them). The load is read over the time since the map began, when that is
+            # long enough to tell; else the run's monitor corrects it within ~0.3 s.
+            others = self._load.others() if self._load is not None else None
+            snap = system.snapshot(max_workers, with_memory=True, max_memory=max_memory,
+                                   others_load=others)
             plan = make_plan(features, n_items, n_sampled, snap, calib, **kwargs)
         return plan
 
@@ -719,6 +763,7 @@ def parallelize(
     func: None = None, *, max_workers: Optional[int] = None, cache: bool = True,
     progress: bool = False, backend: str = "auto", timeout: Optional[float] = None,
     strict: bool = False, chunksize: Optional[int] = None,
+    max_memory: Union[int, str, None] = None,
 ) -> Callable[[F], ParallelFunction]: ...
 
 
@@ -732,6 +777,7 @@ def parallelize(
     timeout: Optional[float] = None,
     strict: bool = False,
     chunksize: Optional[int] = None,
+    max_memory: Union[int, str, None] = None,
 ) -> Union[ParallelFunction, Callable[[Callable[..., Any]], ParallelFunction]]:
     """Decorate a function with ``map``/``imap``/``starmap``/``plan``; bare or with options.
 
@@ -741,11 +787,14 @@ def parallelize(
     backend: "auto" decides; "loky" always uses the process pool; "serial" never does.
     strict: raise instead of warning and running serially when pickling fails.
     chunksize: items per task sent to a worker (None: chosen from measurements).
+    max_memory: a ceiling on the memory the map's processes may hold, in bytes or as
+        "2GB" (also ADAPTIVE_EXEC_MAX_MEMORY); workers are capped to fit under it.
     """
     options = dict(max_workers=max_workers, cache=cache, progress=progress,
-                   backend=backend, timeout=timeout, strict=strict, chunksize=chunksize)
+                   backend=backend, timeout=timeout, strict=strict, chunksize=chunksize,
+                   max_memory=max_memory)
     if func is None:
-        _check_options(max_workers, backend, timeout, chunksize)
+        _check_options(max_workers, backend, timeout, chunksize, max_memory)
         return lambda f: ParallelFunction(f, **options)  # type: ignore[arg-type]
     return ParallelFunction(func, **options)  # type: ignore[arg-type]
 

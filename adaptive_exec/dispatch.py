@@ -56,6 +56,41 @@ IN_FLIGHT_PER_WORKER = 2
 GUIDED_SPLIT = 2
 OVERHEAD_SHARE = 0.05
 EWMA = 0.3  # weight of the newest chunk in the observed per-item time
+# The monitor re-reads the machine this often during a run (a load change is followed
+# within about twice this), and the loop wakes this often to apply what it decided.
+MONITOR_INTERVAL_S = 0.3
+WAKE_S = 0.25
+
+
+class _Throttle:
+    """How many workers the run may keep busy now: the monitor thread sets it from the
+    machine's load and memory, the dispatch loop reads it."""
+
+    def __init__(self, n_workers: int):
+        self.lock = threading.Lock()  # guards target
+        self.target = n_workers
+        self.stop = threading.Event()
+
+    def get(self) -> int:
+        with self.lock:
+            return self.target
+
+    def set(self, value: int) -> None:
+        with self.lock:
+            self.target = value
+
+
+def _monitor(throttle: _Throttle, decide: Callable[[int], int]) -> None:
+    while not throttle.stop.wait(MONITOR_INTERVAL_S):
+        try:
+            current = throttle.get()
+            new = decide(current)
+        except Exception as exc:  # a failed reading keeps the current target
+            logger.debug("load monitor: %r", exc)
+            continue
+        if new != current:
+            logger.debug("load monitor: %d -> %d busy workers", current, new)
+            throttle.set(new)
 
 
 class LokyTarget:
@@ -138,6 +173,7 @@ class ParallelRun:
         n_left: Optional[int] = None,
         fixed_chunksize: bool = False,
         task_overhead_s: float = 0.0,
+        monitor: Optional[Callable[[int], int]] = None,
     ):
         self.func = func
         self.target = target
@@ -149,6 +185,9 @@ class ParallelRun:
         self.fixed_chunksize = fixed_chunksize
         self.task_overhead_s = task_overhead_s
         self.per_item_s: Optional[float] = None  # observed in workers, smoothed
+        # decide(current busy workers) -> the number to keep busy now (load, memory).
+        self.monitor = monitor
+        self.throttle = _Throttle(n_workers)
         self.star = star
         self.ordered = ordered
         self.strict = strict
@@ -199,7 +238,7 @@ class ParallelRun:
     # --- the loop ----------------------------------------------------------------
 
     def _record(self, active: int) -> None:
-        active = min(active, self.n_workers)
+        active = min(active, self.n_workers, self.throttle.get())
         if not self.timeline or self.timeline[-1][1] != active:
             self.timeline.append((round(time.perf_counter() - self._t0, 4), active))
 
@@ -234,7 +273,16 @@ class ParallelRun:
         else:
             self._warm.set()
 
-        limit = self.n_workers * IN_FLIGHT_PER_WORKER
+        if self.monitor is not None:
+            threading.Thread(target=_monitor, args=(self.throttle, self.monitor),
+                             name="adaptive_exec-monitor", daemon=True).start()
+
+        def limit() -> int:
+            # With every worker allowed, one chunk queued per worker keeps them fed;
+            # with fewer, exactly that many chunks, so only that many workers are busy.
+            target = self.throttle.get()
+            return target * IN_FLIGHT_PER_WORKER if target >= self.n_workers else target
+
         pending: dict[cf.Future, _Pending] = {}
         buffer: dict[int, tuple[list[Any], int, Optional[BaseException]]] = {}
         next_out = self.first_index
@@ -244,7 +292,7 @@ class ParallelRun:
 
         def submit_more() -> None:
             nonlocal read_pos, exhausted, error_at
-            while not exhausted and error_at is None and len(pending) < limit:
+            while not exhausted and error_at is None and len(pending) < limit():
                 chunk = list(itertools.islice(self.source, self._next_chunksize()))
                 if not chunk:
                     exhausted = True
@@ -351,7 +399,7 @@ class ParallelRun:
                         yield from ready()
                         break
                     continue
-                done, _ = cf.wait(list(pending), return_when=cf.FIRST_COMPLETED)
+                done, _ = cf.wait(list(pending), timeout=WAKE_S, return_when=cf.FIRST_COMPLETED)
                 for fut in sorted(done, key=lambda f: pending[f].start):
                     collect(fut)
             self._record(0)
@@ -365,6 +413,7 @@ class ParallelRun:
                     *calibration.measure_overheads(executor, loky_backend.pool_size())
                 )
         finally:
+            self.throttle.stop.set()
             for fut in pending:
                 fut.cancel()
             self.target.close(executor, clean)

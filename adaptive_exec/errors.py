@@ -37,6 +37,11 @@ class UnpicklableWarning(UserWarning):
     """The function, an item or a result cannot be pickled: the map ran serially instead."""
 
 
+class CacheWarning(UserWarning):
+    """The cache could not be used as it is (corrupt, unwritable, or a newer schema):
+    maps go on without it, or read-only."""
+
+
 class RemoteTraceback(Exception):
     """Carries a worker's formatted traceback as the ``__cause__`` of a re-raised exception.
 

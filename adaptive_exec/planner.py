@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from .calibration import Calibration
 from .sampling import Features
-from .system import SystemSnapshot
+from .system import SystemSnapshot, busy_cpus
 
 MIN_SPEEDUP = 1.2  # below this the estimate's own error can turn a gain into a loss
 MIN_SAVING_S = 0.01
@@ -85,7 +85,7 @@ def fmt_s(seconds: float) -> str:
     return f"{seconds * 1e6:.1f} µs"
 
 
-def _fmt_bytes(n: float) -> str:
+def fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -225,14 +225,23 @@ def make_plan(
     if remaining == 0:
         return serial("every item was already run while sampling")
 
-    w_max = system.usable_cpus
+    # CPUs other processes keep busy are not ours to use (a lightly loaded one still is).
+    busy = busy_cpus(system.others_load)
+    w_max = max(1, system.usable_cpus - busy)
     mem_cap = memory_cap(features, system)
     if mem_cap is not None:
         w_max = min(w_max, mem_cap)
+    info["others_load"] = round(system.others_load, 2)
     if w_max < 2 and not forced_parallel:
-        why = "only one CPU is usable" if system.usable_cpus < 2 else (
-            f"available memory ({_fmt_bytes(system.available_memory or 0)}) fits one worker"
-        )
+        if system.usable_cpus < 2:
+            why = "only one CPU is usable"
+        elif mem_cap is not None and mem_cap < 2:
+            per_worker = fmt_bytes(WORKER_BASE_MEMORY + (features.peak_memory or 0))
+            why = (f"the memory a map may use ({fmt_bytes(system.available_memory or 0)}) "
+                   f"fits one worker of {per_worker}")
+        else:
+            why = (f"{busy} of {system.usable_cpus} CPUs are busy with other processes "
+                   f"({system.others_load:.1f} CPUs of load)")
         return serial(f"{work}; {why}, so a pool cannot beat the loop")
 
     waiting = (cpu is not None and cpu < WAITING_MAX_CPU and others <= OWN_THREADS_MIN
@@ -286,7 +295,7 @@ def make_plan(
             limits.append(f"start-up {fmt_s(best.startup_s)}")
         if best.parent_s > serial_rest / best.n_workers and bytes_per_item > 0:
             limits.append(
-                f"{_fmt_bytes(bytes_per_item * remaining)} to move through the parent "
+                f"{fmt_bytes(bytes_per_item * remaining)} to move through the parent "
                 f"({fmt_s(best.parent_s)})"
             )
         if own_threads > 1.0:

@@ -31,6 +31,17 @@ else:
     _MAXRSS_UNIT = 1024
 
 
+def _runqueue_wait_s() -> float:
+    """Seconds this thread has spent runnable but not running (Linux schedstat; 0 where
+    it cannot be read). Time a busy machine kept us off the CPU is not waiting: without
+    this, CPU-bound code sampled on a loaded machine looked like I/O."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def _maxrss() -> Optional[int]:
     try:
         import resource
@@ -156,6 +167,7 @@ def sample(
     start = perf()
     cpu_start = cpu()
     process_start = process_cpu()
+    queued_start = _runqueue_wait_s()
     for index, item in enumerate(items):
         sized = index < N_SIZED
         rss_before = memory.before() if sized else None
@@ -185,6 +197,7 @@ def sample(
             break
     wall = perf() - start
     cpu_used = cpu() - cpu_start
+    queued = _runqueue_wait_s() - queued_start
     others = process_cpu() - process_start - cpu_used - (ours_cpu() if ours_cpu else 0.0)
     if not durations:
         return Sample(results, None, True, wall, 0.0, error)
@@ -192,8 +205,8 @@ def sample(
     return Sample(
         results=results,
         features=features_from(
-            durations, in_sizes, out_sizes, peak, complexity, cpu_used, wall, picklable,
-            max(0.0, others),
+            durations, in_sizes, out_sizes, peak, complexity, cpu_used,
+            max(wall - queued, cpu_used), picklable, max(0.0, others),
         ),
         exhausted=exhausted,
         wall_s=wall,

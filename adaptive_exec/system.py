@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
 ENV_MAX_WORKERS = "ADAPTIVE_EXEC_MAX_WORKERS"
 ENV_DISABLE = "ADAPTIVE_EXEC_DISABLE"
@@ -19,8 +20,9 @@ ENV_IN_WORKER = "ADAPTIVE_EXEC_IN_WORKER"
 
 @dataclass(frozen=True)
 class SystemSnapshot:
-    usable_cpus: int
-    available_memory: Optional[int]  # bytes; None when not read
+    usable_cpus: int  # after affinity, quota and ceilings; not yet after load
+    available_memory: Optional[int]  # bytes a map may use; None when not read
+    others_load: float = 0.0  # CPUs kept busy by other processes
 
 
 def _cgroup_cpu_limit() -> Optional[float]:
@@ -108,8 +110,203 @@ def in_worker() -> bool:
     return os.environ.get(ENV_IN_WORKER) == "1"
 
 
-def snapshot(max_workers: Optional[int] = None, with_memory: bool = True) -> SystemSnapshot:
+def snapshot(
+    max_workers: Optional[int] = None,
+    with_memory: bool = True,
+    max_memory: Optional[int] = None,
+    others_load: Optional[float] = None,
+) -> SystemSnapshot:
+    room: Optional[float] = None
+    if with_memory:
+        room = faked("room")
+        if room is None:
+            room = memory_room(max_memory)
+    load = faked("others")
+    if load is None:
+        load = others_load or 0.0
     return SystemSnapshot(
         usable_cpus=usable_cpus(max_workers),
-        available_memory=available_memory() if with_memory else None,
+        available_memory=None if room is None else int(room),
+        others_load=load,
     )
+
+
+# --- memory inside containers, and a ceiling set by the user --------------------------
+
+ENV_MAX_MEMORY = "ADAPTIVE_EXEC_MAX_MEMORY"
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
+          "G": 1 << 30, "GB": 1 << 30, "T": 1 << 40, "TB": 1 << 40}
+
+
+def parse_bytes(value: object, what: str) -> int:
+    """``2147483648``, ``"2GB"``, ``"512M"`` -> bytes; a clear error for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        text = value.strip().upper().replace(" ", "").replace("IB", "B")
+        number = text.rstrip("KMGTB")
+        unit = text[len(number):]
+        try:
+            amount = float(number)
+        except ValueError:
+            amount = -1.0
+        if amount > 0 and unit in _UNITS:
+            return int(amount * _UNITS[unit])
+    msg = f"{what} must be a positive number of bytes or a size like '2GB', got {value!r}"
+    raise ValueError(msg)
+
+
+def _read_int(path: str) -> Optional[int]:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+        return None if text == "max" else int(text)
+    except (OSError, ValueError):
+        return None
+
+
+def cgroup_memory_room() -> Optional[int]:
+    """Bytes left under this process's cgroup memory limit (v2, else v1), or None."""
+    limit = _read_int("/sys/fs/cgroup/memory.max")
+    usage = _read_int("/sys/fs/cgroup/memory.current")
+    if limit is None:
+        limit = _read_int("/sys/fs/cgroup/memory/memory.limit_in_bytes")
+        usage = _read_int("/sys/fs/cgroup/memory/memory.usage_in_bytes")
+        if limit is not None and limit >= 1 << 60:  # v1 spells "no limit" as a huge number
+            limit = None
+    if limit is None or usage is None:
+        return None
+    return max(0, limit - usage)
+
+
+def memory_room(max_memory: Optional[int] = None) -> Optional[int]:
+    """What a map may still use: available memory, inside the cgroup limit, under the
+    user's ceiling (option, else ADAPTIVE_EXEC_MAX_MEMORY) minus what our processes hold."""
+    room = available_memory()
+    cgroup = cgroup_memory_room()
+    if cgroup is not None:
+        room = cgroup if room is None else min(room, cgroup)
+    if max_memory is None and os.environ.get(ENV_MAX_MEMORY, "").strip():
+        max_memory = parse_bytes(os.environ[ENV_MAX_MEMORY], ENV_MAX_MEMORY)
+    if max_memory is not None:
+        ceiling = max(0, max_memory - _our_rss())
+        room = ceiling if room is None else min(room, ceiling)
+    return room
+
+
+def _our_rss() -> int:
+    """Resident bytes of this process and its children (our workers among them)."""
+    try:
+        import psutil
+
+        me = psutil.Process()
+        total = me.memory_info().rss
+        for child in me.children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except psutil.Error:
+                pass
+        return int(total)
+    except Exception:
+        return 0
+
+
+# --- CPU used by other processes ------------------------------------------------------
+
+
+def _system_busy_s() -> Optional[float]:
+    """CPU seconds all CPUs have spent not idle since boot (Linux /proc/stat, else psutil)."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            fields = f.readline().split()[1:]
+        ticks = [int(x) for x in fields]
+        # user nice system idle iowait irq softirq steal [guest guest_nice]: guests are
+        # already counted in user and nice.
+        busy = sum(ticks[:8]) - ticks[3] - ticks[4]
+        return busy / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+
+        t = psutil.cpu_times()
+        return float(sum(t)) - t.idle - getattr(t, "iowait", 0.0)
+    except Exception:
+        return None
+
+
+def _process_cpu_s(pid: int) -> float:
+    """CPU seconds of process ``pid`` (Linux /proc, else psutil; 0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # The command name (field 2) may hold spaces: count fields after its ')'.
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+
+        c = psutil.Process(pid).cpu_times()
+        return float(c.user + c.system)
+    except Exception:
+        return 0.0
+
+
+MIN_LOAD_WINDOW_S = 0.1
+# CPUs with at least this much load from others count as taken: a busy process sharing
+# two cores with our two workers gets ~0.67 of one; tick noise over 0.3 s is ~0.03.
+BUSY_CPU = 0.5
+
+
+def busy_cpus(others_load: float) -> int:
+    return math.floor(others_load + 1 - BUSY_CPU)
+
+
+class LoadProbe:
+    """How many CPUs other processes keep busy, between two readings.
+
+    Everything is load but this process and the worker processes we started: a busy
+    process the user launched counts, our own pool does not. ``pids`` gives our
+    workers' process ids at each reading.
+    """
+
+    def __init__(self, pids: Optional[Callable[[], Iterable[int]]] = None):
+        self.pids = pids or (lambda: ())
+        self._last = self._read()
+
+    def _ours_s(self) -> float:
+        t = os.times()
+        return t.user + t.system + sum(_process_cpu_s(pid) for pid in self.pids())
+
+    def _read(self) -> tuple[float, Optional[float], float]:
+        return time.perf_counter(), _system_busy_s(), self._ours_s()
+
+    def others(self, min_window_s: float = MIN_LOAD_WINDOW_S) -> Optional[float]:
+        """CPUs busy with other processes since the last reading (None: unknown, or
+        too short a window to tell: the kernel counts in ticks of 10 ms, so over 20 ms
+        one tick is half a CPU; the window then keeps growing until the next call)."""
+        now = self._read()
+        (t0, busy0, ours0), (t1, busy1, ours1) = self._last, now
+        if busy0 is None or busy1 is None or t1 - t0 < min_window_s:
+            return None
+        self._last = now
+        # A worker that exited between readings takes its CPU with it: never below 0.
+        return max(0.0, ((busy1 - busy0) - (ours1 - ours0)) / (t1 - t0))
+
+
+# A seam for tests: when set, replaces the readings of other processes' CPU load and of
+# the memory room (each test of the same behaviour also runs once on the real machine).
+_fake: dict[str, Optional[float]] = {}
+
+
+def fake_readings(others: Optional[float] = None, room: Optional[float] = None) -> None:
+    _fake.clear()
+    if others is not None:
+        _fake["others"] = others
+    if room is not None:
+        _fake["room"] = room
+
+
+def faked(name: str) -> Optional[float]:
+    return _fake.get(name)

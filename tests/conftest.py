@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import psutil
 import pytest
 
@@ -19,6 +21,18 @@ def _our_workers() -> list[psutil.Process]:
             continue
         out.append(child)
     return out
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir(tmp_path_factory):
+    """No test writes into the user's real cache; child and worker processes inherit it."""
+    old = os.environ.get(cache.ENV_DIR)
+    os.environ[cache.ENV_DIR] = str(tmp_path_factory.mktemp("aex-cache"))
+    yield
+    if old is None:
+        os.environ.pop(cache.ENV_DIR, None)
+    else:
+        os.environ[cache.ENV_DIR] = old
 
 
 @pytest.fixture(autouse=True)

@@ -14,9 +14,9 @@ from adaptive_exec import Plan, RunReport, adaptive_map, parallelize
 
 def test_public_names():
     assert sorted(adaptive_exec.__all__) == sorted([
-        "AdaptiveExecError", "Calibration", "ParallelFunction", "Plan", "RemoteError",
-        "ResultPicklingError", "RunReport", "UnpicklableWarning", "WorkerCrashedError",
-        "adaptive_map", "calibrate", "parallelize",
+        "AdaptiveExecError", "CacheWarning", "Calibration", "ParallelFunction", "Plan",
+        "RemoteError", "ResultPicklingError", "RunReport", "UnpicklableWarning",
+        "WorkerCrashedError", "adaptive_map", "calibrate", "parallelize",
     ])
     for name in adaptive_exec.__all__:
         assert hasattr(adaptive_exec, name)

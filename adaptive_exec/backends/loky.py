@@ -189,6 +189,14 @@ def shutdown() -> None:
         executor.shutdown(wait=True, kill_workers=True)
 
 
+def worker_pids() -> list[int]:
+    """Process ids of the pool's workers (their CPU is ours, not load)."""
+    with _state.lock:
+        executor = _state.executor
+    processes = getattr(executor, "_processes", None) or {}
+    return list(processes)
+
+
 def pool_size() -> int:
     with _state.lock:
         return _state.size

@@ -1,0 +1,143 @@
+"""The worker count follows the machine: real busy processes, real memory ceilings."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import aex_helpers as h
+import pytest
+
+from adaptive_exec import calibrate, parallelize, system
+from adaptive_exec.system import usable_cpus
+
+needs_two = pytest.mark.skipif(usable_cpus() < 2, reason="needs 2 usable CPUs")
+
+BUSY = "import time\nend = time.time() + 30\nwhile time.time() < end:\n    pass\n"
+
+
+class Busy:
+    """A process that keeps one CPU busy (at most 30 s), always ended by the test."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", BUSY])
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+@pytest.fixture
+def busy():
+    b = Busy()
+    yield b
+    b.stop()
+
+
+def slow(x):
+    h.spin(0.15)
+    return x
+
+
+def medium(x):
+    h.spin(0.1)
+    return x
+
+
+@needs_two
+def test_a_busy_process_lowers_the_planned_workers(busy):
+    busy.start()
+    time.sleep(0.3)
+    plan = parallelize(slow).plan(range(40))  # the one sampled call is a 150 ms window
+    assert plan.mode == "serial" or plan.n_workers < usable_cpus(), plan.reason
+    assert plan.features["others_load"] >= 0.5
+    if plan.mode == "serial":
+        assert "busy with other processes" in plan.reason
+
+
+@needs_two
+def test_the_same_plan_under_a_faked_load_and_none():
+    # The seam, both ways, so the real-machine test above has its counterpart.
+    system.fake_readings(others=float(usable_cpus()))
+    try:
+        loaded = parallelize(slow).plan(range(40))
+    finally:
+        system.fake_readings(others=0.0)
+    try:
+        quiet = parallelize(slow).plan(range(40))
+    finally:
+        system.fake_readings()
+    assert loaded.mode == "serial" and "busy" in loaded.reason
+    assert quiet.mode == "parallel" and quiet.n_workers == usable_cpus()
+
+
+@needs_two
+def test_active_workers_follow_a_busy_process_during_the_run(busy):
+    calibrate()  # a warm pool, so the run's timeline starts with every worker busy
+    starter = threading.Timer(0.8, busy.start)
+    stopper = threading.Timer(2.2, busy.stop)
+    starter.start()
+    stopper.start()
+    try:
+        pf = parallelize(medium, backend="loky", chunksize=1)
+        assert pf.map(range(70)) == list(range(70))  # ~3.5 s on 2 workers
+    finally:
+        starter.cancel()
+        stopper.cancel()
+    timeline = pf.last_report.workers_timeline
+    full = usable_cpus()
+    active = [a for _, a in timeline]
+    assert full in active, timeline
+    first_full = active.index(full)
+    lowered = [i for i, a in enumerate(active) if i > first_full and 0 < a < full]
+    assert lowered, f"the busy process never lowered the workers: {timeline}"
+    assert full in active[lowered[0]:], f"the workers never rose again: {timeline}"
+
+
+def test_memory_ceiling_caps_the_workers_and_the_map_completes():
+    def hungry(x):
+        block = bytearray(300 << 20)  # 300 MB, touched
+        block[:: 4096] = b"\x01" * len(block[:: 4096])
+        return x + sum(block[:: 1 << 20])
+
+    pf = parallelize(hungry, max_memory="700MB")
+    assert pf.map(range(6)) == [x + 300 for x in range(6)]
+    plan = pf.last_report.plan
+    assert plan.features["peak_memory"] >= 250 << 20
+    assert plan.n_workers <= 1 and "memory" in plan.reason
+
+
+def test_memory_ceiling_from_the_environment(monkeypatch):
+    monkeypatch.setenv("ADAPTIVE_EXEC_MAX_MEMORY", "1GB")
+    room = system.memory_room()
+    assert room is not None and room <= 1 << 30
+    monkeypatch.setenv("ADAPTIVE_EXEC_MAX_MEMORY", "lots")
+    with pytest.raises(ValueError, match="ADAPTIVE_EXEC_MAX_MEMORY"):
+        system.memory_room()
+
+
+@needs_two
+def test_work_in_flight_shrinks_when_memory_runs_out():
+    calibrate()
+    squeeze = threading.Timer(0.6, system.fake_readings, kwargs={"room": 1 << 20})
+    squeeze.start()
+    try:
+        pf = parallelize(medium, backend="loky", chunksize=1)
+        assert pf.map(range(40)) == list(range(40))
+    finally:
+        squeeze.cancel()
+        system.fake_readings()
+    active = [a for _, a in pf.last_report.workers_timeline]
+    assert usable_cpus() in active and 1 in active[active.index(usable_cpus()):]
+
+
+def test_bad_memory_option():
+    with pytest.raises(ValueError, match="max_memory"):
+        parallelize(h.square, max_memory="-3GB")
