@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "AdaptiveExecError": "errors",
     "CacheWarning": "errors",
+    "ItemTimeoutError": "errors",
     "Calibration": "calibration",
     "ParallelFunction": "api",
     "Plan": "planner",
@@ -35,6 +36,7 @@ __all__ = [
     "AdaptiveExecError",
     "CacheWarning",
     "Calibration",
+    "ItemTimeoutError",
     "ParallelFunction",
     "Plan",
     "RemoteError",
@@ -54,6 +56,7 @@ if TYPE_CHECKING:
     from .errors import (
         AdaptiveExecError,
         CacheWarning,
+        ItemTimeoutError,
         RemoteError,
         ResultPicklingError,
         UnpicklableWarning,

@@ -103,8 +103,10 @@ def _check_options(
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
             msg = f"timeout must be a positive number of seconds or None, got {timeout!r}"
             raise ValueError(msg)
-        msg = "timeout= is not implemented yet: per-item time-outs come with issue 6"
-        raise NotImplementedError(msg)
+        if backend == "serial":
+            msg = ("timeout= needs worker processes (an item running in the caller cannot "
+                   "be stopped safely); it cannot be combined with backend='serial'")
+            raise ValueError(msg)
 
 
 class _CallStats:
@@ -191,29 +193,19 @@ class ParallelFunction:
 
     def map(self, items: Iterable[Any]) -> list[Any]:
         """``[func(x) for x in items]``, as fast as this machine allows."""
-        out: list[Any] = []
-        for batch in self._run(items, star=False, ordered=True, name="map"):
-            out.extend(batch)
-        return out
+        return _collect(self._run(items, star=False, ordered=True, name="map"))
 
     def starmap(self, arg_tuples: Iterable[Iterable[Any]]) -> list[Any]:
         """``[func(*args) for args in arg_tuples]``."""
-        out: list[Any] = []
-        for batch in self._run(arg_tuples, star=True, ordered=True, name="starmap"):
-            out.extend(batch)
-        return out
+        return _collect(self._run(arg_tuples, star=True, ordered=True, name="starmap"))
 
     def imap(self, items: Iterable[Any]) -> Iterator[Any]:
         """Results in order, lazily, with bounded read-ahead."""
-        return itertools.chain.from_iterable(
-            self._run(items, star=False, ordered=True, name="imap")
-        )
+        return _flatten(self._run(items, star=False, ordered=True, name="imap"))
 
     def imap_unordered(self, items: Iterable[Any]) -> Iterator[Any]:
         """Results as they complete."""
-        return itertools.chain.from_iterable(
-            self._run(items, star=False, ordered=False, name="imap_unordered")
-        )
+        return _flatten(self._run(items, star=False, ordered=False, name="imap_unordered"))
 
     def plan(self, items: Iterable[Any]) -> Plan:
         """The decision a ``map`` over ``items`` would take, without running the whole
@@ -301,7 +293,10 @@ class ParallelFunction:
         head: list[Any] = []
         features: Optional[Features]
         exhausted = False
-        if forced is not None:
+        timeout = opts["timeout"] if forced is None else None
+        if forced is not None or (timeout is not None and cached is None):
+            # Nothing sampled here: a forced-serial map needs no measurement, and with a
+            # timeout every item, the first ones too, must run where it can be stopped.
             features = Features(0.0, None, None, None, None, function_complexity(func), 0, None)
         elif cached is not None:
             features = cached  # a hit: no sampling
@@ -480,6 +475,7 @@ class ParallelFunction:
             n_left=n_left, fixed_chunksize=self._options["chunksize"] is not None,
             task_overhead_s=calibration.current().task_overhead_s,
             monitor=self._monitor(plan) if plan.mode == "parallel" else None,
+            timeout=self._options["timeout"] if plan.mode == "parallel" else None,
         )
         count = 0
         for batch in run:
@@ -577,9 +573,14 @@ class ParallelFunction:
         forced_parallel = (
             "backend='loky' was requested" if self._options["backend"] == "loky" else None
         )
+        chunksize = self._options["chunksize"]
+        if self._options["timeout"] is not None and forced is None:
+            forced_parallel = (f"timeout={self._options['timeout']:g} s is set: every item runs "
+                               "in a worker, one at a time, where it can be stopped")
+            chunksize = 1
         kwargs: dict[str, Any] = dict(
             warm=warm, from_cache=from_cache, elapsed_s=elapsed, forced_serial=forced,
-            forced_parallel=forced_parallel, chunksize=self._options["chunksize"],
+            forced_parallel=forced_parallel, chunksize=chunksize,
             parallel_correction=correction, startup_left=startup_left,
         )
         plan = make_plan(features, n_items, n_sampled, snap, calib, **kwargs)
@@ -702,6 +703,30 @@ def _save_calibration() -> None:
             return
         _calib_sync.saved = current
     cache.store_calibration(current)
+
+
+def _flatten(batches: Iterator[list[Any]]) -> Generator[Any, None, None]:
+    """The results one by one; closing it (or dropping it) stops the map's work."""
+    try:
+        for batch in batches:
+            yield from batch
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+
+
+def _collect(batches: Iterator[list[Any]]) -> list[Any]:
+    out: list[Any] = []
+    try:
+        for batch in batches:
+            out.extend(batch)
+    except KeyboardInterrupt:
+        # Ctrl-C between two batches lands here, not in the dispatcher: end the pool's
+        # workers all the same, so that nothing runs on and no process is left behind.
+        loky_backend.shutdown()
+        raise
+    return out
 
 
 def _known_length(items: Iterable[Any]) -> Optional[int]:

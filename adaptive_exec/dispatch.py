@@ -24,11 +24,14 @@ the first answer ends the caller's share of the work.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import itertools
 import logging
 import math
 import pickle
+import re
+import signal
 import threading
 import time
 import warnings
@@ -37,6 +40,7 @@ from typing import Any, Callable, Iterator, Optional
 from . import calibration
 from .backends import loky as loky_backend
 from .errors import (
+    ItemTimeoutError,
     RemoteError,
     UnpicklableWarning,
     WorkerCrashedError,
@@ -118,8 +122,11 @@ class LokyTarget:
             return results, pickle.loads(res.error)
         return results, RemoteError(f"{res.error_repr} (the exception could not be pickled)")
 
-    def close(self, executor: Any, clean: bool) -> None:
-        if clean:
+    def close(self, executor: Any, clean: bool, interrupted: bool = False) -> None:
+        if interrupted:
+            # Ctrl-C: end the workers too, so that nothing runs on and nothing is left.
+            loky_backend.mark_broken(executor)
+        elif clean:
             loky_backend.mark_warm(executor)
 
 
@@ -141,18 +148,27 @@ class ThreadTarget:
     def decode(self, res: ChunkResult) -> tuple[list[Any], Optional[BaseException]]:
         return res.results, res.error
 
-    def close(self, executor: Any, clean: bool) -> None:
-        # Threads cannot be interrupted: after an error the running ones finish first.
-        executor.shutdown(wait=True, cancel_futures=True)
+    def close(self, executor: Any, clean: bool, interrupted: bool = False) -> None:
+        # Threads cannot be stopped: after an error the running ones finish first; after
+        # Ctrl-C they finish in the background and control returns at once.
+        executor.shutdown(wait=not interrupted, cancel_futures=True)
 
 
 class _Pending:
-    __slots__ = ("start", "n", "submitted")
+    """A chunk in flight. Its items are kept until it returns: a chunk whose worker dies
+    is sent again (retries); ``crashes`` counts the pools it was in when one broke."""
 
-    def __init__(self, start: int, n: int, submitted: float):
+    __slots__ = ("start", "items", "submitted", "crashes")
+
+    def __init__(self, start: int, items: list[Any], submitted: float, crashes: int = 0):
         self.start = start
-        self.n = n
+        self.items = items
         self.submitted = submitted
+        self.crashes = crashes
+
+    @property
+    def n(self) -> int:
+        return len(self.items)
 
 
 class ParallelRun:
@@ -174,6 +190,7 @@ class ParallelRun:
         fixed_chunksize: bool = False,
         task_overhead_s: float = 0.0,
         monitor: Optional[Callable[[int], int]] = None,
+        timeout: Optional[float] = None,
     ):
         self.func = func
         self.target = target
@@ -191,6 +208,11 @@ class ParallelRun:
         self.star = star
         self.ordered = ordered
         self.strict = strict
+        # Per item, in seconds: items then go one per task, one task per worker, and an
+        # item past it ends the map (see _check_deadlines).
+        self.timeout = timeout
+        if timeout is not None:
+            self.chunksize, self.fixed_chunksize = 1, True
         # Observations, read by the caller after the run:
         self.timeline: list[tuple[float, int]] = []
         self.worker_compute_s = 0.0
@@ -265,34 +287,61 @@ class ParallelRun:
     def _run(self) -> Iterator[list[Any]]:
         executor, probe = self.target.open(self.n_workers)
         self._t0 = time.perf_counter()
-        clean = False
+        clean = interrupted = False
         if probe is not None:
             # Its pings are queued ahead of our chunks (maybe by a pool started ahead of
             # this map): the first answer means a worker is up.
             self._warm = probe.first
         else:
             self._warm.set()
+        warm_at: Optional[float] = None if probe is not None else self._t0
 
         if self.monitor is not None:
             threading.Thread(target=_monitor, args=(self.throttle, self.monitor),
                              name="adaptive_exec-monitor", daemon=True).start()
 
-        def limit() -> int:
-            # With every worker allowed, one chunk queued per worker keeps them fed;
-            # with fewer, exactly that many chunks, so only that many workers are busy.
-            target = self.throttle.get()
-            return target * IN_FLIGHT_PER_WORKER if target >= self.n_workers else target
-
         pending: dict[cf.Future, _Pending] = {}
+        # Chunks whose pool broke under them, to send again one at a time (so that the
+        # one that kills its worker is found alone) before any new chunk.
+        retry: collections.deque[_Pending] = collections.deque()
         buffer: dict[int, tuple[list[Any], int, Optional[BaseException]]] = {}
         next_out = self.first_index
         read_pos = self.first_index
         exhausted = False
         error_at: Optional[int] = None
 
+        def limit() -> int:
+            if retry or any(info.crashes for info in pending.values()):
+                return 1
+            target = self.throttle.get()
+            if self.timeout is not None:
+                return target  # no queue: an item's clock starts when it is sent
+            # With every worker allowed, one chunk queued per worker keeps them fed;
+            # with fewer, exactly that many chunks, so only that many workers are busy.
+            return target * IN_FLIGHT_PER_WORKER if target >= self.n_workers else target
+
+        def send(info: _Pending) -> None:
+            nonlocal error_at
+            try:
+                fut = self.target.submit(executor, info.items, info.start)
+            except Exception as exc:
+                self._unpicklable(exc, info.start)
+                out, err = self._run_here(info.items, info.start)
+                buffer[info.start] = (out, info.n, err)
+                if err is not None:
+                    error_at = info.start + len(out)
+                return
+            info.submitted = time.perf_counter()
+            pending[fut] = info
+
         def submit_more() -> None:
-            nonlocal read_pos, exhausted, error_at
-            while not exhausted and error_at is None and len(pending) < limit():
+            nonlocal read_pos, exhausted
+            while error_at is None and len(pending) < limit():
+                if retry:
+                    send(retry.popleft())
+                    continue
+                if exhausted:
+                    return
                 chunk = list(itertools.islice(self.source, self._next_chunksize()))
                 if not chunk:
                     exhausted = True
@@ -300,19 +349,35 @@ class ParallelRun:
                 start, read_pos = read_pos, read_pos + len(chunk)
                 if self.n_left is not None:
                     self.n_left -= len(chunk)
-                try:
-                    fut = self.target.submit(executor, chunk, start)
-                except Exception as exc:
-                    self._unpicklable(exc, start)
-                    out, err = self._run_here(chunk, start)
-                    buffer[start] = (out, len(chunk), err)
-                    if err is not None:
-                        error_at = start + len(out)
-                    continue
-                pending[fut] = _Pending(start, len(chunk), time.perf_counter())
+                send(_Pending(start, chunk, 0.0))
+
+        def crashed(info: _Pending, exc: BaseException) -> None:
+            """The pool broke while ``info`` was in it: rebuild, and retry or name."""
+            nonlocal executor, error_at
+            if loky_backend.mark_broken(executor):
+                executor, _ = self.target.open(self.n_workers)
+            info.crashes += 1
+            code = _exit_code(exc)
+            if info.n == 1 and info.crashes >= 2:
+                msg = f"item {info.start} killed its worker process twice ({_describe_exit(code)})"
+                err = WorkerCrashedError(msg, index=info.start, exitcode=code)
+                err.__cause__ = exc
+                # Raised in its turn, after the results and errors of the items before it.
+                buffer[info.start] = ([], 1, attach_origin(err, info.start, None))
+                if error_at is None or info.start < error_at:
+                    error_at = info.start
+                return
+            if info.crashes >= 2:
+                # The chunk broke a pool alone: narrow it down to the item, each alone.
+                for offset, item in enumerate(info.items):
+                    retry.append(_Pending(info.start + offset, [item], 0.0, crashes=1))
+            else:
+                retry.append(info)
+            logger.debug("a worker died (%s); items %d..%d will run again",
+                         _describe_exit(code), info.start, info.start + info.n - 1)
 
         def collect(fut: cf.Future) -> None:
-            nonlocal error_at
+            nonlocal error_at, warm_at
             info = pending.pop(fut)
             try:
                 res: ChunkResult = fut.result()
@@ -320,12 +385,8 @@ class ParallelRun:
                 return
             except Exception as exc:
                 if self.target.kind == "loky" and _is_worker_death(exc):
-                    loky_backend.mark_broken(executor)
-                    msg = (
-                        f"a worker process died while running items {info.start}.."
-                        f"{info.start + info.n - 1} ({exc})"
-                    )
-                    raise WorkerCrashedError(msg, index=info.start) from exc
+                    crashed(info, exc)
+                    return
                 raise
             if self.first_result_s is None:
                 self.first_result_s = time.perf_counter() - self._t0
@@ -340,6 +401,30 @@ class ParallelRun:
                 if error_at is None or res.error_index < error_at:
                     error_at = res.error_index
             buffer[info.start] = (results, info.n, err)
+
+        def check_deadlines() -> None:
+            """With a timeout: an item running past it ends the map, and its pool."""
+            nonlocal warm_at
+            if self.timeout is None:
+                return
+            now = time.perf_counter()
+            if warm_at is None:
+                if not self._warm.is_set():
+                    return  # start-up does not count against any item
+                warm_at = now
+            for fut, info in pending.items():
+                began = max(info.submitted, warm_at)
+                if not fut.done() and now - began > self.timeout:
+                    loky_backend.mark_broken(executor)  # its worker is replaced
+                    msg = (f"item {info.start} ran past the timeout of {self.timeout:g} s; "
+                           "its worker was ended")
+                    raise attach_origin(ItemTimeoutError(msg), info.start, None)
+
+        def next_wake() -> float:
+            if self.timeout is None or warm_at is None or not pending:
+                return WAKE_S
+            first = min(max(info.submitted, warm_at) for info in pending.values())
+            return max(0.005, min(WAKE_S, first + self.timeout - time.perf_counter()))
 
         def ready() -> Iterator[list[Any]]:
             nonlocal next_out
@@ -360,10 +445,11 @@ class ParallelRun:
                         raise err
 
         try:
-            # Cold pool: keep the caller busy with items until a worker answers.
             submit_more()
             self._record(len(pending))
-            if not self._warm.is_set():
+            if not self._warm.is_set() and self.timeout is None:
+                # Cold pool: keep the caller busy with items until a worker answers.
+                # (Not with a timeout: an item running here could not be stopped.)
                 local: list[Any] = []
                 local_start = read_pos
                 local_err: Optional[BaseException] = None
@@ -394,14 +480,17 @@ class ParallelRun:
                         if info.start > error_at:
                             fut.cancel()
                             del pending[fut]
-                if not pending:
+                    retry = collections.deque(i for i in retry if i.start < error_at)
+                if not pending and not retry:
                     if exhausted or error_at is not None:
                         yield from ready()
                         break
                     continue
-                done, _ = cf.wait(list(pending), timeout=WAKE_S, return_when=cf.FIRST_COMPLETED)
+                done, _ = cf.wait(list(pending), timeout=next_wake(),
+                                  return_when=cf.FIRST_COMPLETED)
                 for fut in sorted(done, key=lambda f: pending[f].start):
                     collect(fut)
+                check_deadlines()
             self._record(0)
             clean = True
             if probe is not None and probe.startup_s is not None:
@@ -412,11 +501,31 @@ class ParallelRun:
                 calibration.record_overheads(
                     *calibration.measure_overheads(executor, loky_backend.pool_size())
                 )
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
         finally:
             self.throttle.stop.set()
             for fut in pending:
                 fut.cancel()
-            self.target.close(executor, clean)
+            self.target.close(executor, clean, interrupted)
+
+
+def _exit_code(exc: BaseException) -> Optional[int]:
+    """The dead worker's exit code from loky's message ("{EXIT(13)}", "{SIGKILL(-9)}")."""
+    match = re.search(r"\((-?\d+)\)", str(exc))
+    return int(match.group(1)) if match else None
+
+
+def _describe_exit(code: Optional[int]) -> str:
+    if code is None:
+        return "exit code unknown"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
 
 
 def _is_worker_death(exc: BaseException) -> bool:

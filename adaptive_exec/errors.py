@@ -25,6 +25,10 @@ class WorkerCrashedError(AdaptiveExecError, RuntimeError):
         self.exitcode = exitcode
 
 
+class ItemTimeoutError(AdaptiveExecError, TimeoutError):
+    """An item ran past the ``timeout=`` given to the map."""
+
+
 class ResultPicklingError(AdaptiveExecError, TypeError):
     """A worker ran items whose results cannot be pickled back to the caller."""
 

@@ -111,3 +111,34 @@ def hash_in_two_threads(x):
     for t in threads:
         t.join()
     return x
+
+
+def in_worker() -> bool:
+    return os.environ.get("ADAPTIVE_EXEC_IN_WORKER") == "1"
+
+
+def faulty(x, crash=frozenset(), raise_on=frozenset(), how="exit", cost=0.0):
+    """Crash the worker process on items in ``crash`` (never the caller: there it would
+    take the test down), raise on those in ``raise_on``; spend ``cost`` seconds."""
+    if cost:
+        spin(cost)
+    if x in crash and in_worker():
+        if how == "exit":
+            os._exit(13)
+        if how == "kill":
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        if how == "segfault":
+            import ctypes
+
+            ctypes.string_at(0)
+    if x in raise_on:
+        raise ValueError(f"raised on {x}")
+    return x * 10
+
+
+def hang_on(x, at=5, seconds=60.0):
+    if x == at:
+        time.sleep(seconds)
+    return x

@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from benchmarks import harness, workloads
+from benchmarks import harness, reaction, workloads
+from benchmarks.load import BusyCore
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,3 +87,47 @@ def test_timeout_and_crash_are_reported(tmp_path: Path) -> None:
     crashed = harness.run_child({**base, "runner": "fork", "workers": 0, "chunksize": 1},
                                 30, tmp_path)
     assert crashed["status"] == "FAIL" and "ValueError" in crashed["message"]
+
+
+@pytest.mark.timeout(300)
+def test_loaded_scenario_and_reaction_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--only", "heavy@loaded,reaction",
+         "--repeats", "1", "--runners", "serial,adaptive_cold", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=280,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    (loaded,) = results["workloads"]
+    assert loaded["name"] == "heavy@loaded" and loaded["loaded"] is True
+    statuses = {entry["name"]: entry["status"] for entry in loaded["runners"]}
+    assert statuses == {"serial": "ok", "adaptive_cold": "ok"}, statuses
+    (run,) = results["reaction"]["runs"]
+    assert run["status"] == "ok", run.get("message")
+    assert run["details"]["timeline"] and run["details"]["load_on"] is not None
+    assert "Reaction to a load change" in proc.stdout
+
+
+def test_busy_core_spins_until_stopped() -> None:
+    busy = BusyCore(max_s=30)
+    busy.start()
+    try:
+        assert busy.proc is not None
+        pid = busy.proc.pid
+        time.sleep(0.3)
+        assert psutil.Process(pid).cpu_times().user > 0.1
+    finally:
+        busy.stop()
+    assert not psutil.pid_exists(pid)  # killed and reaped
+    assert busy.start() is None  # one object, one load: a late timer starts nothing
+
+
+def test_reaction_delays_from_a_timeline() -> None:
+    details = {"mode": "parallel", "n_workers": 2, "offset_s": 0.1, "load_on": 1.1,
+               "load_off": 2.6,  # 1.0 and 2.5 on the timeline's clock
+               "timeline": [[0.0, 2], [1.4, 1], [2.9, 2], [3.6, 1], [3.7, 0]]}
+    found = reaction.delays(details)
+    assert found["drop_s"] == pytest.approx(0.4) and found["rise_s"] == pytest.approx(0.4)
+    never = reaction.delays({**details, "timeline": [[0.0, 2], [3.6, 1], [3.7, 0]]})
+    assert never["drop_s"] is None and never["rise_s"] is None and never["note"]

@@ -94,5 +94,6 @@ def test_a_dying_worker_raises_and_the_next_map_works():
     with pytest.raises(WorkerCrashedError) as info:
         pf.map(range(1000))
     assert isinstance(info.value, RuntimeError)
-    assert "died" in str(info.value) and info.value.index is not None
+    assert "killed its worker" in str(info.value) and info.value.index == 400
+    assert info.value.exitcode == 3
     assert parallelize(h.square, backend="loky").map(range(300)) == [x * x for x in range(300)]

@@ -14,7 +14,8 @@ from adaptive_exec import Plan, RunReport, adaptive_map, parallelize
 
 def test_public_names():
     assert sorted(adaptive_exec.__all__) == sorted([
-        "AdaptiveExecError", "CacheWarning", "Calibration", "ParallelFunction", "Plan",
+        "AdaptiveExecError", "CacheWarning", "Calibration", "ItemTimeoutError",
+        "ParallelFunction", "Plan",
         "RemoteError", "ResultPicklingError", "RunReport", "UnpicklableWarning",
         "WorkerCrashedError", "adaptive_map", "calibrate", "parallelize",
     ])

@@ -165,16 +165,18 @@ def mark_warm(executor: Any) -> None:
             _state.last_used = time.perf_counter()
 
 
-def mark_broken(executor: Any) -> None:
-    """Forget a pool that lost a worker: the next request builds a new one."""
+def mark_broken(executor: Any) -> bool:
+    """End a pool that lost a worker (or must lose one: a time-out, Ctrl-C) and forget it:
+    the next request builds a new one. False when it was already forgotten."""
     with _state.lock:
         if executor is not _state.executor:
-            return
+            return False
         _state.executor = None
         _state.warm = False
         _state.size = 0
         _state.probe = None
     executor.shutdown(wait=False, kill_workers=True)
+    return True
 
 
 def shutdown() -> None:

@@ -1,0 +1,211 @@
+"""Fault injection with real processes: crashes, hangs, Ctrl-C, threads, endless input.
+
+Every fault below is injected for real (os._exit, SIGKILL, a segfault, an item that hangs,
+SIGINT to a real process); after each the next map must work, and the module fixture in
+conftest.py checks that no worker process survives. TOTAL_FAULTS counts them for the
+README's fault figure.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import aex_helpers as h
+import psutil
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from adaptive_exec import WorkerCrashedError, calibrate, parallelize
+
+
+def check_next_map_works():
+    pf = parallelize(h.square, backend="loky")
+    assert pf.map(range(200)) == [x * x for x in range(200)]
+
+
+@pytest.mark.parametrize("how", ["exit", "kill", "segfault"])
+@pytest.mark.parametrize("at", [0, 37, 399])  # the first, a middle and the last item
+def test_a_crashing_item_is_named_and_nothing_is_lost(how, at):
+    calibrate()  # a warm pool: the caller does not take items while workers start
+    # 2 ms items: sampling (in the caller, where nothing crashes) stops after ~10; for
+    # item 0, timeout= sends every item, the first ones too, to a worker.
+    options = {"timeout": 60} if at < 20 else {"chunksize": 8}
+    pf = parallelize(functools.partial(h.faulty, crash={at}, how=how, cost=0.002),
+                     backend="loky", **options)
+    got = []
+    with pytest.raises(WorkerCrashedError) as info:
+        for r in pf.imap(range(400)):
+            got.append(r)
+    err = info.value
+    assert err.index == at, str(err)
+    assert isinstance(err, RuntimeError)
+    assert str(at) in str(err)
+    assert err.exitcode is not None
+    if how == "exit":
+        assert err.exitcode == 13, str(err)
+    elif how == "kill":
+        assert err.exitcode == -signal.SIGKILL, str(err)
+    else:
+        assert err.exitcode == -signal.SIGSEGV, str(err)
+    assert got == [x * 10 for x in range(at)]  # what imap yielded is right, and in order
+    check_next_map_works()
+
+
+def test_a_transient_crash_is_retried_and_the_results_are_complete(tmp_path):
+    # The item kills its worker the first time only (a flag file says it did).
+    flag = tmp_path / "crashed-once"
+
+    def once(x):
+        h.spin(0.002)  # so that sampling stops long before item 123
+        if x == 123 and h.in_worker() and not flag.exists():
+            flag.write_text("yes")
+            os._exit(9)
+        return x + 1
+
+    calibrate()
+    pf = parallelize(once, backend="loky", chunksize=10)
+    assert pf.map(range(600)) == [x + 1 for x in range(600)]
+    assert flag.exists()
+    check_next_map_works()
+
+
+@pytest.mark.parametrize("at", [0, 5])
+def test_an_item_over_its_timeout_is_named_and_its_worker_replaced(at):
+    pf = parallelize(functools.partial(h.hang_on, at=at, seconds=60), timeout=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError) as info:
+        pf.map(range(20))
+    assert time.monotonic() - t0 < 30  # far from the 60 s the item would take
+    assert info.value.item_index == at and f"item {at}" in str(info.value)
+    check_next_map_works()
+
+
+def test_with_a_timeout_every_item_runs_in_a_worker(tmp_path):
+    path = str(tmp_path / "calls")
+    pf = parallelize(functools.partial(h.record_call, path), timeout=30)
+    assert pf.map(range(50)) == [2 * x for x in range(50)]
+    with open(path) as f:
+        pids = {int(line.split()[1]) for line in f}
+    assert os.getpid() not in pids
+
+
+CTRL_C_CHILD = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, {tests!r})
+    import aex_helpers as h
+    from adaptive_exec import parallelize
+
+    def slow(x):
+        h.spin(0.05)
+        return x
+
+    pf = parallelize(slow, backend="loky", chunksize=1)
+    print("ready", flush=True)
+    try:
+        pf.map(range(100000))
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+""")
+
+
+def test_ctrl_c_ends_the_workers_and_gives_control_back(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(CTRL_C_CHILD.format(tests=os.path.dirname(__file__)))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(1.5)  # the pool is up and busy
+        family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        assert len(family) >= 3, family  # the script and at least two workers
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=20)
+        assert "interrupted" in out
+        assert time.monotonic() - t0 < 10
+        _, alive = psutil.wait_procs([psutil.Process(p) for p in family if psutil.pid_exists(p)],
+                                     timeout=10)
+        assert not alive, f"processes left behind: {[p.pid for p in alive]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_two_threads_mapping_at_once():
+    results = {}
+
+    def worker(name, func, items):
+        results[name] = parallelize(func, backend="loky", chunksize=3).map(items)
+
+    threads = [threading.Thread(target=worker, args=("a", h.square, range(300))),
+               threading.Thread(target=worker, args=("b", h.heavy, range(30)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results["a"] == [x * x for x in range(300)]
+    assert results["b"] == [3 * x for x in range(30)]
+
+
+def test_an_endless_generator_through_islice_keeps_memory_flat():
+    pf = parallelize(h.square, backend="loky")
+    stream = pf.imap(itertools.count())
+    rss = psutil.Process().memory_info().rss
+    head = list(itertools.islice(stream, 200_000))
+    assert head[:3] == [0, 1, 4] and head[-1] == 199_999 ** 2
+    more = list(itertools.islice(stream, 200_000))
+    assert more[0] == 200_000 ** 2
+    del head, more
+    grown = psutil.Process().memory_info().rss - rss
+    assert grown < 200 << 20, grown  # a bounded read-ahead, not the stream
+    stream.close()
+
+
+def expected_outcome(items, crash, raise_on):
+    out = []
+    for x in items:
+        if x in crash:
+            return out, ("crash", x)
+        if x in raise_on:
+            return out, ("raise", x)
+        out.append(x * 10)
+    return out, None
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 60),
+    crash=st.frozensets(st.integers(0, 59), max_size=2),
+    raise_on=st.frozensets(st.integers(0, 59), max_size=3),
+    chunksize=st.integers(1, 6),
+)
+def test_mixed_faults_against_the_loop(n, crash, raise_on, chunksize):
+    # timeout= makes every item run in a worker, so crashes never hit the caller.
+    func = functools.partial(h.faulty, crash=crash, raise_on=raise_on)
+    items = list(range(n))
+    want_results, want_error = expected_outcome(items, crash, raise_on)
+    pf = parallelize(func, timeout=60, chunksize=chunksize)
+    got = []
+    try:
+        for r in pf.imap(items):
+            got.append(r)
+        error = None
+    except WorkerCrashedError as exc:
+        error = ("crash", exc.index)
+    except ValueError as exc:
+        error = ("raise", exc.item_index)
+    assert (got, error) == (want_results, want_error)
+
+
+# 9 crashes + 1 transient crash + 2 hangs + 1 Ctrl-C + 1 endless stream, plus the
+# hypothesis examples with crashing and raising items (15 examples).
+TOTAL_FAULTS = 9 + 1 + 2 + 1 + 1 + 15
