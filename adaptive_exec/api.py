@@ -61,6 +61,9 @@ GROWTH_CAP = 4.0
 # function that keeps more than one CPU busy itself (BLAS): its workers would compete
 # with it (measured: the numpy workload's serial run 1.56x slower with a pool booting).
 PRESTART_FACTOR = 1.5
+# What starting a pool costs the caller's process: importing loky and spawning the
+# workers, ~70 ms of its CPU and GIL (measured: fat_return's serial run 0.38 -> 0.49 s).
+PRESTART_COST_S = 0.07
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -376,11 +379,16 @@ class ParallelFunction:
         if use_cache and forced is None:
             estimate = (plan.estimated_serial_s if plan.mode == "serial"
                         else plan.estimated_parallel_s)
+            # A run whose items cost far from what was planned says nothing about how
+            # well the pool delivers (the refreshed per-item time corrects that): it is
+            # not kept for the parallel correction, which would count the error twice.
+            planned = max(features.mean_s, 1e-12)
+            telling = observed is None or 0.5 <= observed / planned <= 2.0
             cache.observe(
                 key, module=module, qualname=qualname,
                 sampled=features if cached is None else None, observed_item_s=observed,
                 run=cache.RunRecord(n_done, plan.mode, plan.n_workers, plan.chunksize,
-                                    estimate, wall),
+                                    estimate, wall) if telling else None,
             )
             _save_calibration()
         self._finish(plan, t_start, n_done, n_sampled, cached is not None, timeline,
@@ -410,6 +418,19 @@ class ParallelFunction:
             return target
 
         return decide
+
+    def _worth_a_pool(self, features: Features, n_items: int, done: int) -> bool:
+        """Would starting a pool now pay: a warm one beats the loop on the items left,
+        and what it saves after its start-up outweighs what starting it costs here?"""
+        snap = system.snapshot(self._options["max_workers"], with_memory=False)
+        calib = _load_calibration()
+        plan = make_plan(features, n_items, done, snap, calib, warm=True, from_cache=False)
+        if plan.mode == "serial" or plan.estimated_speedup <= 1:
+            return False
+        left_after_startup = (n_items - done) * features.mean_s - calib.startup_for(
+            snap.usable_cpus)
+        saved = left_after_startup * (1 - 1 / plan.estimated_speedup)
+        return saved >= 2 * PRESTART_COST_S
 
     def _max_memory(self) -> Optional[int]:
         value = self._options["max_memory"]
@@ -524,12 +545,15 @@ class ParallelFunction:
             # expect one more step of that growth rather than the last chunk's cost.
             growth = per_item / previous
             ahead = per_item * min(growth, GROWTH_CAP) if growth >= GROWTH_MIN else per_item
-            if (features.threads_cpu or 0.0) <= OWN_THREADS_MIN:
-                self._maybe_prestart(max(0, n_items - done) * ahead)
             # Growing costs are uneven costs: the planner then keeps chunks small, so that
             # the last (costliest) chunk does not run alone at the end.
             spread = max(features.coefficient_of_variation or 0.0, growth - 1.0)
             recent = dataclasses.replace(features, mean_s=ahead, coefficient_of_variation=spread)
+            if (features.threads_cpu or 0.0) <= OWN_THREADS_MIN and self._worth_a_pool(
+                    recent, max(n_items, done + 1), done):
+                # Starting a pool costs this process ~70 ms (importing loky, spawning):
+                # only when a warm one would win.
+                self._maybe_prestart(max(0, n_items - done) * ahead)
             # t_start: the estimate covers the whole map, as the run record's actual does.
             new = self._make_plan(recent, max(n_items, done + 1), done, t_start,
                                   from_cache, None, correction)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import atexit
 import threading
 import time
-from typing import Any
+from typing import Any, Optional
 
 from ..system import ENV_IN_WORKER
 
@@ -40,6 +40,10 @@ class _PoolState:
         self.warm = False
         self.last_used = 0.0
         self.probe: Any = None  # the StartupProbe of a pool started ahead of its map
+        # When a start ahead began (perf_counter): importing loky and spawning take a
+        # while on a thread that shares the GIL with the caller, and the planner counts
+        # the start-up from here, not from when the probe exists.
+        self.starting_at: Optional[float] = None
 
 
 _state = _PoolState()
@@ -122,7 +126,14 @@ def prestart(n_workers: int) -> None:
     """Start the pool's workers now, ahead of a map that will probably want them: the
     caller keeps working meanwhile, so on a machine with a free core this is nearly free.
     The map that uses the pool then finds its probe (``current_probe``)."""
-    _get(n_workers)
+    with _state.lock:
+        if _state.starting_at is None:
+            _state.starting_at = time.perf_counter()
+    try:
+        _get(n_workers)
+    finally:
+        with _state.lock:
+            _state.starting_at = None
 
 
 def current_probe(executor: Any) -> Any:
@@ -144,6 +155,8 @@ def startup_left(full_startup_s: float, n_workers: int) -> float:
             if probe.first.is_set():
                 return 0.0
             return max(0.0, full_startup_s - (time.perf_counter() - probe.created_at))
+        if _state.starting_at is not None:
+            return max(0.0, full_startup_s - (time.perf_counter() - _state.starting_at))
     return full_startup_s
 
 
