@@ -655,7 +655,9 @@ class _SamplingWatch:
         self.t0 = time.perf_counter()
         self.cpu_s = 0.0  # this thread's own CPU: not the sampled function's
         self.done = threading.Event()
-        threading.Thread(target=self._run, name="adaptive_exec-prestart", daemon=True).start()
+        self.thread = threading.Thread(target=self._run, name="adaptive_exec-prestart",
+                                       daemon=True)
+        self.thread.start()
 
     def _run(self) -> None:
         delay = 0.005
@@ -676,6 +678,15 @@ class _SamplingWatch:
             self.cpu_s = time.thread_time()
 
     def cpu_spent(self) -> float:
+        """This thread's CPU so far, read live where the platform allows: a pool start
+        still importing loky when sampling ends must not count as the function's CPU
+        (it made heavy_task look like a BLAS function under load)."""
+        ident = self.thread.ident
+        if ident is not None and self.thread.is_alive() and hasattr(time, "pthread_getcpuclockid"):
+            try:
+                return time.clock_gettime(time.pthread_getcpuclockid(ident))
+            except (OSError, ValueError):  # it ended meanwhile: its final reading below
+                pass
         return self.cpu_s
 
     def _check(self, elapsed: float) -> bool:

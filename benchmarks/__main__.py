@@ -1,4 +1,5 @@
-"""python -m benchmarks [--quick] [--only NAMES] [--runners NAMES] [--repeats N] [--out DIR]
+"""python -m benchmarks [--quick] [--only NAMES] [--loaded] [--runners NAMES] [--repeats N]
+                       [--out DIR]
 
 Progress goes to stderr, one line per measurement; the table goes to stdout; results.json,
 results.md, results.txt and results.png go to --out.
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from benchmarks import harness, report, runners, workloads
+from benchmarks import harness, report, runners
 
 
 def _names(text: str, known: List[str], what: str) -> List[str]:
@@ -24,8 +25,20 @@ def _names(text: str, known: List[str], what: str) -> List[str]:
     return names
 
 
+def _with_loaded(names: List[str]) -> List[str]:
+    """--loaded: each selected workload also under load, and the reaction time."""
+    out = list(names)
+    for name in names:
+        workload, loaded = harness.split_scenario(name)
+        if not loaded and name != harness.REACTION and workload + harness.LOADED not in out:
+            out.append(workload + harness.LOADED)
+    if harness.REACTION not in out:
+        out.append(harness.REACTION)
+    return out
+
+
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    known_workloads = list(workloads.WORKLOADS)
+    known_scenarios = harness.all_scenarios()
     known_runners = [*runners.NAMED_BY_NAME, "oracle"]
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
@@ -33,10 +46,15 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                     "concurrent.futures, loky and the best fixed configuration.")
     parser.add_argument("--quick", action="store_true",
                         help="smaller grid, fewer items and repeats (~3 min on 2 cores)")
-    parser.add_argument("--only", metavar="NAMES", default=",".join(known_workloads),
-                        type=lambda t: _names(t, known_workloads, "workload"),
-                        help=f"comma-separated workloads (default all: "
-                             f"{', '.join(known_workloads)})")
+    parser.add_argument("--only", metavar="NAMES", default=",".join(harness.DEFAULT_SCENARIOS),
+                        type=lambda t: _names(t, known_scenarios, "scenario"),
+                        help="comma-separated scenarios: a workload (NAME), a workload with "
+                             f"one CPU kept busy by another process (NAME{harness.LOADED}), "
+                             f"'{harness.REACTION}' (how soon the worker count follows a load "
+                             f"change); default: {', '.join(harness.DEFAULT_SCENARIOS)}")
+    parser.add_argument("--loaded", action="store_true",
+                        help=f"add NAME{harness.LOADED} for every selected workload, and "
+                             f"'{harness.REACTION}'")
     parser.add_argument("--runners", metavar="NAMES", default=",".join(known_runners),
                         type=lambda t: _names(t, known_runners, "runner"),
                         help=f"comma-separated runners; 'oracle' is the grid of fixed "
@@ -51,6 +69,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if args.loaded:
+        args.only = _with_loaded(args.only)
     return args
 
 

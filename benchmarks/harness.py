@@ -1,11 +1,15 @@
 """The harness: which measurements, in which order, with time-outs, repeats and medians.
 
-For each workload:
+For each scenario: a workload (``heavy``), a workload under load (``heavy@loaded``: one
+CPU kept busy by another process during every measurement, warm-up included), or the
+reaction-time measurement (``reaction``, see that module):
 
     warm-up of adaptive_warm's cache dir (one fresh process, not timed)
     repeat N times:
         for each runner and grid configuration, in a fixed order, serial first:
+            [start the busy process]
             fresh process -> _child -> JSON {status, seconds, details}
+            [stop the busy process]
 
 Rounds interleave the runners, so that a slow drift of the shared machine's load touches
 every runner alike and the ratios, measured side by side, stay fair.  Each process runs in
@@ -24,12 +28,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, TextIO
+from typing import Any, ContextManager, Dict, List, Optional, TextIO, Tuple
 
+from benchmarks import reaction
 from benchmarks import runners as runners_mod
 from benchmarks import workloads as workloads_mod
+from benchmarks.load import BusyCore
 from benchmarks.runners import RunnerSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,11 +61,30 @@ SERIAL_TIME_LIMIT = (30.0, 20.0)
 DEFAULT_REPEATS_QUICK = 2
 DEFAULT_REPEATS_FULL = 3
 
+# Scenario names: a workload's, the same with LOADED appended, and REACTION.
+LOADED = "@loaded"
+REACTION = "reaction"
+DEFAULT_SCENARIOS = [*workloads_mod.WORKLOADS, f"heavy{LOADED}", REACTION]
+# The reaction's runs, unless --repeats says otherwise: a median of 2 is a mean.
+DEFAULT_REACTION_REPEATS = 3
+
+
+def all_scenarios() -> List[str]:
+    return [*workloads_mod.WORKLOADS, *(f"{w}{LOADED}" for w in workloads_mod.WORKLOADS),
+            REACTION]
+
+
+def split_scenario(name: str) -> Tuple[str, bool]:
+    """'heavy@loaded' -> ('heavy', True); 'heavy' -> ('heavy', False)."""
+    if name.endswith(LOADED):
+        return name[: -len(LOADED)], True
+    return name, False
+
 
 @dataclass
 class Options:
     quick: bool = False
-    workloads: List[str] = field(default_factory=lambda: list(workloads_mod.WORKLOADS))
+    workloads: List[str] = field(default_factory=lambda: list(DEFAULT_SCENARIOS))  # scenarios
     runners: List[str] = field(default_factory=lambda: [*runners_mod.NAMED_BY_NAME, "oracle"])
     repeats: Optional[int] = None
     progress: Optional[TextIO] = None
@@ -68,6 +94,10 @@ class Options:
         if self.repeats is not None:
             return self.repeats
         return DEFAULT_REPEATS_QUICK if self.quick else DEFAULT_REPEATS_FULL
+
+    @property
+    def n_reaction_repeats(self) -> int:
+        return self.repeats if self.repeats is not None else DEFAULT_REACTION_REPEATS
 
 
 @dataclass
@@ -189,13 +219,14 @@ def _read_outcome(out_path: Path, log_path: Path, returncode: int, exited: bool,
 # --------------------------------------------------------------------------- the suite
 
 
-def _specs(options: Options, n_items: int, ncpu: int) -> List[RunnerSpec]:
+def _specs(options: Options, n_items: int, ncpu: int, loaded: bool) -> List[RunnerSpec]:
     specs = [runners_mod.NAMED_BY_NAME[name] for name in options.runners
              if name in runners_mod.NAMED_BY_NAME]
     specs.sort(key=lambda s: s.name != "serial")  # serial first: it sets the time limits
     if "oracle" in options.runners:
         named = {(s.runner, s.workers, s.chunksize) for s in specs}
-        specs += [g for g in runners_mod.grid(n_items, ncpu, options.quick)
+        grid = runners_mod.loaded_grid if loaded else runners_mod.grid
+        specs += [g for g in grid(n_items, ncpu, options.quick)
                   if (g.runner, g.workers, g.chunksize) not in named]
     return specs
 
@@ -207,14 +238,16 @@ class _Progress:
     def skip(self, n: int) -> None:
         self.total -= n
 
-    def line(self, workload: str, name: str, label: str, outcome: Dict[str, Any]) -> None:
+    def line(self, workload: str, name: str, label: str, outcome: Dict[str, Any],
+             note: str = "") -> None:
         self.done += 1
         if self.stream is None:
             return
         seconds = outcome.get("seconds")
         shown = f"{seconds:8.3f} s" if seconds is not None and outcome["status"] == "ok" \
             else " " * 10
-        note = outcome.get("message", "") if outcome["status"] != "ok" else ""
+        if outcome["status"] != "ok":
+            note = outcome.get("message", "")
         width = len(str(self.total))
         print(f"[{self.done:{width}d}/{self.total}] {workload:<13} {name:<22} {label:<7}"
               f" {shown}  {outcome['status']} {note[:90]}".rstrip(),
@@ -242,18 +275,22 @@ def _worth_repeating(config: Config, best: Optional[float]) -> bool:
 
 def run_workload(name: str, options: Options, work_dir: Path, progress: _Progress,
                  ncpu: int) -> Dict[str, Any]:
-    workload = workloads_mod.get(name)
+    """One workload scenario ('heavy' or 'heavy@loaded'): every runner, repeated."""
+    workload_name, loaded = split_scenario(name)
+    workload = workloads_mod.get(workload_name)
     n_items = workload.n_items(options.quick)
     nominal = workload.nominal_serial_s(options.quick)
-    configs = [Config(spec) for spec in _specs(options, n_items, ncpu)]
-    base = {"workload": name, "n_items": n_items}
-    warm_dir = str(work_dir / f"cache-warm-{name}")
+    configs = [Config(spec) for spec in _specs(options, n_items, ncpu, loaded)]
+    base = {"workload": workload_name, "n_items": n_items}
+    warm_dir = str(work_dir / f"cache-warm-{name.replace('@', '-')}")
     os.makedirs(warm_dir, exist_ok=True)  # as the cold runs' dirs: existing and empty
 
     warmup = None
     if any(c.spec.name == "adaptive_warm" for c in configs):
-        warmup = run_child({**base, "runner": "adaptive"}, _time_limit(options.quick, nominal),
-                           work_dir, cache_dir=warm_dir)
+        limit = _time_limit(options.quick, nominal)
+        with _load(loaded, limit):
+            warmup = run_child({**base, "runner": "adaptive"}, limit, work_dir,
+                               cache_dir=warm_dir)
         progress.line(name, "adaptive_warm", "warm-up", warmup)
 
     repeats = options.n_repeats
@@ -267,11 +304,18 @@ def run_workload(name: str, options: Options, work_dir: Path, progress: _Progres
             serial = next((c for c in configs if c.spec.name == "serial" and c.times), None)
             limit = _time_limit(options.quick, min(serial.times) if serial else nominal,
                                 baseline=config.spec.name == "serial")
-            outcome = _measure(config.spec, base, limit, work_dir, warm_dir)
+            with _load(loaded, limit):
+                outcome = _measure(config.spec, base, limit, work_dir, warm_dir)
             config.runs.append(outcome)
             progress.line(name, config.spec.name, label, outcome)
 
-    return _summarize(workload, options.quick, configs, warmup)
+    return _summarize(name, workload, options.quick, configs, warmup, loaded)
+
+
+def _load(loaded: bool, limit: float) -> ContextManager[Any]:
+    """The busy process of a loaded scenario, around one measurement (else nothing); it
+    ends by itself a while after the measurement's own deadline, if the harness dies."""
+    return BusyCore(max_s=limit + STARTUP_ALLOWANCE_S + 30) if loaded else nullcontext()
 
 
 def _measure(spec: RunnerSpec, base: Dict[str, Any], limit: float, work_dir: Path,
@@ -288,8 +332,35 @@ def _measure(spec: RunnerSpec, base: Dict[str, Any], limit: float, work_dir: Pat
             shutil.rmtree(cache_dir, ignore_errors=True)
 
 
-def _summarize(workload: workloads_mod.Workload, quick: bool, configs: List[Config],
-               warmup: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+def run_reaction(options: Options, work_dir: Path, progress: _Progress) -> Dict[str, Any]:
+    """The reaction-time runs (see ``reaction``), each in a fresh process with an empty
+    cache dir; the child starts and stops the busy process itself, on the map's clock."""
+    runs = []
+    repeats = options.n_reaction_repeats
+    for rep in range(repeats):
+        cache_dir = tempfile.mkdtemp(prefix="cache-reaction-", dir=work_dir)
+        try:
+            outcome = run_child(reaction.spec(), reaction.LIMIT_S, work_dir, cache_dir)
+        finally:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+        outcome["delays"] = reaction.delays(outcome.get("details") or {})
+        runs.append(outcome)
+        progress.line(REACTION, "adaptive (loky, c1)", f"{rep + 1}/{repeats}", outcome,
+                      _delays_note(outcome["delays"]))
+    return reaction.summarize(runs)
+
+
+def _delays_note(delays: Dict[str, Any]) -> str:
+    def shown(value: Optional[float]) -> str:
+        return "-" if value is None else f"{value:.2f} s"
+
+    note = f"drop after {shown(delays['drop_s'])}, rise after {shown(delays['rise_s'])}"
+    return f"{note} ({delays['note']})" if delays["note"] else note
+
+
+def _summarize(name: str, workload: workloads_mod.Workload, quick: bool,
+               configs: List[Config], warmup: Optional[Dict[str, Any]],
+               loaded: bool) -> Dict[str, Any]:
     candidates = [c for c in configs if c.spec.in_oracle and c.median is not None]
     oracle = min(candidates, key=lambda c: c.median) if candidates else None
     serial = next((c for c in configs if c.spec.name == "serial" and c.median), None)
@@ -311,9 +382,14 @@ def _summarize(workload: workloads_mod.Workload, quick: bool, configs: List[Conf
             "details": [r.get("details") for r in c.runs if r.get("details")],
             "load1": [r.get("load1") for r in c.runs],
         })
+    description = workload.description
+    if loaded:
+        description += "; one CPU kept busy by another process during each measurement"
     return {
-        "name": workload.name,
-        "description": workload.description,
+        "name": name,
+        "workload": workload.name,
+        "loaded": loaded,
+        "description": description,
         "n_items": workload.n_items(quick),
         "nominal_serial_s": workload.nominal_serial_s(quick),
         "oracle": None if oracle is None else {"name": oracle.spec.name,
@@ -341,6 +417,10 @@ def planning_accuracy(entry: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         "measured_s": entry["median_s"], "ratio": estimate / entry["median_s"],
         "from_cache": [d.get("from_cache") for d in entry["details"]],
         "n_sampled": [d.get("n_sampled") for d in entry["details"]],
+        # From the call to the plan: on a cache hit, the lookup and the planning alone.
+        "sampling_s": [d.get("sampling_s") for d in entry["details"]],
+        # The same plan again after the run, in the same process: a hit, first-use paid.
+        "plan_again_s": [d.get("plan_again_s") for d in entry["details"]],
         "reason": plan.get("reason"),
     }
 
@@ -351,21 +431,26 @@ def run_suite(options: Options) -> Dict[str, Any]:
     ncpu = usable_cpus()
     started, load_before = time.time(), os.getloadavg()
     described = machine.describe()  # before the runs: the commit that is measured
-    planned = 0
-    for name in options.workloads:
-        n_items = workloads_mod.get(name).n_items(options.quick)
-        planned += len(_specs(options, n_items, ncpu)) * options.n_repeats
+    scenarios = [name for name in options.workloads if name != REACTION]
+    planned = options.n_reaction_repeats if REACTION in options.workloads else 0
+    for name in scenarios:
+        workload_name, loaded = split_scenario(name)
+        n_items = workloads_mod.get(workload_name).n_items(options.quick)
+        planned += len(_specs(options, n_items, ncpu, loaded)) * options.n_repeats
         planned += "adaptive_warm" in options.runners
     progress = _Progress(options.progress, planned)
     work_dir = Path(tempfile.mkdtemp(prefix="adaptive-exec-bench-"))
     try:
         results = [run_workload(name, options, work_dir, progress, ncpu)
-                   for name in options.workloads]
+                   for name in scenarios]
+        reacted = (run_reaction(options, work_dir, progress)
+                   if REACTION in options.workloads else None)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     return {
         "meta": _meta(options, ncpu, started, load_before, described),
         "workloads": results,
+        "reaction": reacted,
     }
 
 
@@ -384,6 +469,8 @@ def _meta(options: Options, ncpu: int, started: float, load_before: Any,
         "time_limits": {"quick": TIME_LIMIT_QUICK, "full": TIME_LIMIT_FULL,
                         "serial": SERIAL_TIME_LIMIT},
         "skip_factor": SKIP_FACTOR,
+        "load": "one busy Python process (a spinning loop, its own process group) during "
+                f"each measurement of the {LOADED} scenarios",
         **described,
     }
 

@@ -473,7 +473,10 @@ def test_second_run_in_a_fresh_process_plans_from_the_cache(tmp_path):
     assert fourth["mean_s"] >= 0.0015
     (entry,) = cache.list_entries()
     assert entry.qualname == "work" and entry.features.mean_s >= 0.0015
-    assert len(entry.runs) == 4 and entry.hits == 3
+    # The third run's items cost 10x what was planned: its record would teach the
+    # parallel correction an error that the refreshed mean already fixes, so it is not
+    # kept (api.py); the other three are.
+    assert len(entry.runs) == 3 and entry.hits == 3
 
 
 def test_observed_time_replaces_the_cached_one_only_beyond_2x():
