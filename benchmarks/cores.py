@@ -24,7 +24,7 @@ ex = loky.ProcessPoolExecutor(workers, env={"OMP_NUM_THREADS": "1", "OPENBLAS_NU
                                             "MKL_NUM_THREADS": "1"})
 task = cores.python_task if kind == "python" else cores.numpy_task
 list(ex.map(task, range(workers * 2)))  # warm: every worker up and imported
-n = 16 * workers
+n = 60 * workers
 t0 = time.perf_counter()
 list(ex.map(task, range(n)))
 print(json.dumps({"items_per_s": n / (time.perf_counter() - t0)}))
