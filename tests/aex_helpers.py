@@ -142,3 +142,10 @@ def hang_on(x, at=5, seconds=60.0):
     if x == at:
         time.sleep(seconds)
     return x
+
+
+def thread_caps(_x):
+    spin(0.02)
+    return {k: os.environ.get(k) for k in
+            ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+             "ADAPTIVE_EXEC_IN_WORKER")}, os.getpid()

@@ -208,4 +208,22 @@ def test_mixed_faults_against_the_loop(n, crash, raise_on, chunksize):
 
 # 9 crashes + 1 transient crash + 2 hangs + 1 Ctrl-C + 1 endless stream, plus the
 # hypothesis examples with crashing and raising items (15 examples).
-TOTAL_FAULTS = 9 + 1 + 2 + 1 + 1 + 15
+TOTAL_FAULTS = 9 + 1 + 2 + 1 + 1 + 15  # 29
+
+
+def test_workers_cap_blas_and_openmp_threads():
+    calibrate()  # a warm pool, so items beyond the sampled one run in workers
+    got = parallelize(h.thread_caps, backend="loky", chunksize=1).map(range(12))
+    in_workers = [caps for caps, pid in got if pid != os.getpid()]
+    assert in_workers
+    for caps in in_workers:
+        assert caps == {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+                        "MKL_NUM_THREADS": "1", "ADAPTIVE_EXEC_IN_WORKER": "1"}
+
+
+def test_progress_bar_on_a_parallel_run(capsys):
+    pf = parallelize(h.heavy, progress=True, backend="loky")
+    assert pf.map(range(40)) == [3 * x for x in range(40)]
+    err = capsys.readouterr().err
+    assert "40/40" in err
+    assert pf.last_report.plan.mode == "parallel"
