@@ -1,7 +1,8 @@
 """The public entry points: ``parallelize`` and ``adaptive_map``.
 
 One map, end to end: fingerprint -> remembered features, or sample the first items
-here -> plan -> run serially here or on the pool -> remember what was observed.
+here -> plan -> run serially here, on the pool or on a dask cluster -> remember what was
+observed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import threading
 import time
 import types
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from typing import (
@@ -30,18 +32,20 @@ from typing import (
 )
 
 from . import cache, calibration, planner, system
+from .backends import dask as dask_backend
 from .backends import loky as loky_backend
 from .backends import serial as serial_backend
+from .backends.dask import DaskTarget
 from .dispatch import LokyTarget, ParallelRun, ThreadTarget
 from .errors import UnpicklableWarning
 from .fingerprint import describe, fingerprint, function_complexity
-from .planner import OWN_THREADS_MIN, WAITING_MAX_CPU, Plan, fmt_s, make_plan
+from .planner import OWN_THREADS_MIN, WAITING_MAX_CPU, Cluster, Plan, fmt_s, make_plan
 from .sampling import Features, features_from, sample
 from .worker import function_ref
 
 logger = logging.getLogger("adaptive_exec")
 
-BACKENDS = ("auto", "loky", "serial")
+BACKENDS = ("auto", "loky", "serial", "dask")
 ENV_PROGRESS = "ADAPTIVE_EXEC_PROGRESS"
 # Unknown length (a generator): read ahead this much work before planning, so that a
 # short stream is seen to be short. Bounded in items and bytes: never materialised.
@@ -84,6 +88,7 @@ class RunReport:
 def _check_options(
     max_workers: Optional[int], backend: str, timeout: Optional[float],
     chunksize: Optional[int] = None, max_memory: Union[int, str, None] = None,
+    client: Any = None,
 ) -> None:
     if max_memory is not None:
         system.parse_bytes(max_memory, "max_memory")
@@ -110,6 +115,20 @@ def _check_options(
             msg = ("timeout= needs worker processes (an item running in the caller cannot "
                    "be stopped safely); it cannot be combined with backend='serial'")
             raise ValueError(msg)
+    if client is not None:
+        if backend not in ("auto", "dask"):
+            msg = f"client= runs the map on a dask cluster; it cannot be combined with " \
+                  f"backend={backend!r} (use backend='dask' or 'auto')"
+            raise ValueError(msg)
+        dask_backend.check_client(client)
+    if backend == "dask" or client is not None:
+        if timeout is not None:
+            msg = ("timeout= needs worker processes of our own, which it ends when an item "
+                   "runs too long; a dask cluster's workers are not ours to end, so it "
+                   "cannot be combined with backend='dask' or client=")
+            raise ValueError(msg)
+        if not dask_backend.installed():
+            dask_backend.require()  # raises, naming the extra
 
 
 class _CallStats:
@@ -150,6 +169,7 @@ class ParallelFunction:
         strict: bool = False,
         chunksize: Optional[int] = None,
         max_memory: Union[int, str, None] = None,
+        client: Any = None,
     ):
         if not callable(func):
             msg = (
@@ -157,17 +177,22 @@ class ParallelFunction:
                 f"got {func!r}"
             )
             raise TypeError(msg)
-        _check_options(max_workers, backend, timeout, chunksize, max_memory)
+        _check_options(max_workers, backend, timeout, chunksize, max_memory, client)
         functools.update_wrapper(self, func)
         self.__adaptive_exec_wrapped__ = func
         self._func = func
         self._options: dict[str, Any] = dict(
             max_workers=max_workers, cache=cache, progress=progress,
             backend=backend, timeout=timeout, strict=strict, chunksize=chunksize,
-            max_memory=max_memory,
+            max_memory=max_memory, client=client,
         )
         self._calls = _CallStats()
         self._key: Optional[str] = None
+        # The fingerprint says what the function does, not which values a large captured
+        # object holds (fingerprint.py knows those by type and size only): two closures
+        # over different arrays of one size share it. The workers keep functions by key,
+        # so each ParallelFunction adds its own token to that key.
+        self._token = uuid.uuid4().hex[:12]
         self.last_report: Optional[RunReport] = None
 
     # --- plain calls, and use as a method -----------------------------------------
@@ -187,7 +212,8 @@ class ParallelFunction:
         return f"<parallelized {getattr(self._func, '__qualname__', self._func)!r}>"
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"func": self._func, "options": self._options}
+        # A dask client does not travel (it is a connection): the copy finds its own.
+        return {"func": self._func, "options": {**self._options, "client": None}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["func"], **state["options"])  # type: ignore[misc]
@@ -282,15 +308,23 @@ class ParallelFunction:
             forced = f"{system.ENV_DISABLE}=1 is set"
         elif system.in_worker():
             forced = "already inside an adaptive_exec worker: nested maps run serially"
+        elif dask_backend.in_task():
+            forced = "already inside a dask task: nested maps run serially"
         elif opts["backend"] == "serial":
             forced = "backend='serial' was requested"
+        # The dask client, when this map may go to a cluster. Known before sampling: no
+        # local pool is started ahead, nor local load measured, for a map going there.
+        client = self._dask_client() if forced is None else None
 
         # Other processes' CPU load is measured over the time from here to the plan.
         self._load = (system.LoadProbe(loky_backend.worker_pids)
-                      if forced is None and self._pool_allowed() else None)
+                      if forced is None and client is None and self._pool_allowed() else None)
         entry = cache.lookup(key) if use_cache and forced is None else None
         cached = entry.features if entry is not None else None
-        correction = entry.parallel_correction() if entry is not None else 1.0
+        # Past runs on the same kind of workers correct the estimate: a cluster's runs
+        # say nothing about the local pool's, nor the reverse.
+        correction = (entry.parallel_correction("parallel" if client is None else "distributed")
+                      if entry is not None else 1.0)
         n_sampled = 0
         sampled_calls_s = 0.0
         head: list[Any] = []
@@ -304,7 +338,7 @@ class ParallelFunction:
         elif cached is not None:
             features = cached  # a hit: no sampling
         else:
-            watch = self._watch_sampling(n_known)
+            watch = self._watch_sampling(n_known) if client is None else None
             try:
                 s = sample(func, it, star=star, complexity=function_complexity(func),
                            progress=watch.progress if watch else None,
@@ -341,7 +375,7 @@ class ParallelFunction:
         source: Iterator[Any] = itertools.chain(buffered, it) if buffered else it
 
         plan = self._make_plan(features, n_items, n_sampled, t_start, cached is not None, forced,
-                               correction)
+                               correction, client)
         if plan.features.get("blocked_by_pickling"):
             self._unpicklable("the sampled items or results cannot be pickled")
         self._planned = plan
@@ -367,12 +401,13 @@ class ParallelFunction:
                 source, n_sampled, n_items, features, plan, star=star, ordered=ordered,
                 key=key, from_cache=cached is not None, replan=forced is None,
                 partial=partial, correction=correction, t_start=t_start, n_exact=n_exact,
+                client=client,
             )
             n_done += count
         else:
             timeline, observed, count = yield from self._parallel(
                 source, n_sampled, plan, star=star, ordered=ordered, key=key,
-                n_left=n_items - n_sampled if n_exact else None,
+                n_left=n_items - n_sampled if n_exact else None, client=client,
             )
             n_done += count
         wall = time.perf_counter() - t_start
@@ -393,6 +428,18 @@ class ParallelFunction:
             _save_calibration()
         self._finish(plan, t_start, n_done, n_sampled, cached is not None, timeline,
                      sampling_s, sampling_s - sampled_calls_s, observed)
+
+    def _dask_client(self) -> Any:
+        """The client of the dask cluster this map runs on, or None for this machine:
+        backend='dask' or client= must find one (or raise, saying how to give one);
+        'auto' takes the active client if there is one (timeout= stays local: it needs
+        processes of our own)."""
+        opts = self._options
+        if opts["backend"] == "dask" or opts["client"] is not None:
+            return dask_backend.resolve(opts["client"])
+        if opts["backend"] == "auto" and opts["timeout"] is None:
+            return dask_backend.current_client()
+        return None
 
     def _monitor(self, plan: Plan) -> Callable[[int], int]:
         """decide(busy workers now) -> how many to keep busy, re-read from the machine."""
@@ -467,14 +514,20 @@ class ParallelFunction:
 
     def _parallel(
         self, source: Iterator[Any], first: int, plan: Plan, *, star: bool, ordered: bool,
-        key: str, n_left: Optional[int] = None,
+        key: str, n_left: Optional[int] = None, client: Any = None,
     ) -> Generator[list[Any], None, tuple[list[tuple[float, int]], Optional[float], int]]:
-        target: Union[LokyTarget, ThreadTarget, None]
+        target: Union[LokyTarget, ThreadTarget, DaskTarget, None]
+        task_overhead_s = calibration.current().task_overhead_s
         if plan.mode == "threads":
             target = ThreadTarget(self._func, star)
         else:
             try:
-                target = LokyTarget(function_ref(self._func, key), star)
+                ref = function_ref(self._func, f"{key}-{self._token}")
+                if plan.mode == "distributed":
+                    target = DaskTarget(client, ref, star)
+                    task_overhead_s = plan.features.get("task_overhead_s", task_overhead_s)
+                else:
+                    target = LokyTarget(ref, star)
             except Exception as exc:
                 self._unpicklable(f"the function cannot be pickled ({exc})", exc)
                 target = None
@@ -494,7 +547,7 @@ class ParallelFunction:
             self._func, target, source, first, plan.n_workers,
             plan.chunksize, star=star, ordered=ordered, strict=bool(self._options["strict"]),
             n_left=n_left, fixed_chunksize=self._options["chunksize"] is not None,
-            task_overhead_s=calibration.current().task_overhead_s,
+            task_overhead_s=task_overhead_s,
             monitor=self._monitor(plan) if plan.mode == "parallel" else None,
             timeout=self._options["timeout"] if plan.mode == "parallel" else None,
         )
@@ -508,7 +561,7 @@ class ParallelFunction:
     def _serial(
         self, source: Iterator[Any], first: int, n_items: int, features: Features, plan: Plan,
         *, star: bool, ordered: bool, key: str, from_cache: bool, replan: bool, partial: bool,
-        correction: float, t_start: float, n_exact: bool,
+        correction: float, t_start: float, n_exact: bool, client: Any = None,
     ) -> Generator[
         list[Any], None, tuple[Plan, list[tuple[float, int]], Optional[float], int]
     ]:
@@ -549,14 +602,14 @@ class ParallelFunction:
             # the last (costliest) chunk does not run alone at the end.
             spread = max(features.coefficient_of_variation or 0.0, growth - 1.0)
             recent = dataclasses.replace(features, mean_s=ahead, coefficient_of_variation=spread)
-            if (features.threads_cpu or 0.0) <= OWN_THREADS_MIN and self._worth_a_pool(
-                    recent, max(n_items, done + 1), done):
+            if client is None and (features.threads_cpu or 0.0) <= OWN_THREADS_MIN and \
+                    self._worth_a_pool(recent, max(n_items, done + 1), done):
                 # Starting a pool costs this process ~70 ms (importing loky, spawning):
                 # only when a warm one would win.
                 self._maybe_prestart(max(0, n_items - done) * ahead)
             # t_start: the estimate covers the whole map, as the run record's actual does.
             new = self._make_plan(recent, max(n_items, done + 1), done, t_start,
-                                  from_cache, None, correction)
+                                  from_cache, None, correction, client)
             if new.mode == "serial":
                 continue
             reason = (
@@ -569,7 +622,7 @@ class ParallelFunction:
             logger.info("re-plan for %s: %s", describe(func)[1], reason)
             timeline, observed_par, count = yield from self._parallel(
                 source, done, new, star=star, ordered=ordered, key=key,
-                n_left=n_items - done if n_exact else None,
+                n_left=n_items - done if n_exact else None, client=client,
             )
             n_all = done - first + count
             if observed_par is not None and observed is not None:
@@ -585,8 +638,12 @@ class ParallelFunction:
         from_cache: bool,
         forced: Optional[str],
         correction: float = 1.0,
+        client: Any = None,
     ) -> Plan:
         max_workers = self._options["max_workers"]
+        if client is not None and forced is None:
+            return self._cluster_plan(features, n_items, n_sampled, t_start, from_cache,
+                                      correction, client)
         max_memory = self._max_memory()
         calib = _load_calibration()
         elapsed = time.perf_counter() - t_start
@@ -617,6 +674,35 @@ class ParallelFunction:
                                    others_load=others)
             plan = make_plan(features, n_items, n_sampled, snap, calib, **kwargs)
         return plan
+
+    def _cluster_plan(
+        self,
+        features: Features,
+        n_items: int,
+        n_sampled: int,
+        t_start: float,
+        from_cache: bool,
+        correction: float,
+        client: Any,
+    ) -> Plan:
+        """The plan on a dask cluster: its threads (max_workers caps them), its constants
+        (measured on first use), no start-up."""
+        threads = dask_backend.n_threads(client)
+        calib = dask_backend.calibration_for(client, threads)
+        max_workers = self._options["max_workers"]
+        usable = min(threads, max_workers) if max_workers else threads
+        forced_parallel = None
+        if self._options["client"] is not None:
+            forced_parallel = "client= was given"
+        elif self._options["backend"] == "dask":
+            forced_parallel = "backend='dask' was requested"
+        return make_plan(
+            features, n_items, n_sampled, system.snapshot(max_workers, with_memory=False),
+            calib, warm=True, from_cache=from_cache,
+            elapsed_s=time.perf_counter() - t_start, forced_parallel=forced_parallel,
+            chunksize=self._options["chunksize"], parallel_correction=correction,
+            cluster=Cluster(dask_backend.address(client), usable),
+        )
 
     def _finish(
         self,
@@ -823,7 +909,7 @@ def parallelize(
     func: None = None, *, max_workers: Optional[int] = None, cache: bool = True,
     progress: bool = False, backend: str = "auto", timeout: Optional[float] = None,
     strict: bool = False, chunksize: Optional[int] = None,
-    max_memory: Union[int, str, None] = None,
+    max_memory: Union[int, str, None] = None, client: Any = None,
 ) -> Callable[[F], ParallelFunction]: ...
 
 
@@ -838,23 +924,27 @@ def parallelize(
     strict: bool = False,
     chunksize: Optional[int] = None,
     max_memory: Union[int, str, None] = None,
+    client: Any = None,
 ) -> Union[ParallelFunction, Callable[[Callable[..., Any]], ParallelFunction]]:
     """Decorate a function with ``map``/``imap``/``starmap``/``plan``; bare or with options.
 
     max_workers: a ceiling on worker processes (None: what the machine allows).
     cache: remember what was measured about the function, to plan the next map at once.
     progress: show a tqdm progress bar (also ADAPTIVE_EXEC_PROGRESS=1).
-    backend: "auto" decides; "loky" always uses the process pool; "serial" never does.
+    backend: "auto" decides (on the dask cluster of the active client, if there is one);
+        "loky" always uses the process pool; "serial" never does; "dask" runs on a dask
+        cluster: ``client``, else the current client, else $ADAPTIVE_EXEC_DASK_ADDRESS.
     strict: raise instead of warning and running serially when pickling fails.
     chunksize: items per task sent to a worker (None: chosen from measurements).
     max_memory: a ceiling on the memory the map's processes may hold, in bytes or as
         "2GB" (also ADAPTIVE_EXEC_MAX_MEMORY); workers are capped to fit under it.
+    client: a dask.distributed Client: run on its cluster (needs the ``dask`` extra).
     """
     options = dict(max_workers=max_workers, cache=cache, progress=progress,
                    backend=backend, timeout=timeout, strict=strict, chunksize=chunksize,
-                   max_memory=max_memory)
+                   max_memory=max_memory, client=client)
     if func is None:
-        _check_options(max_workers, backend, timeout, chunksize, max_memory)
+        _check_options(max_workers, backend, timeout, chunksize, max_memory, client)
         return lambda f: ParallelFunction(f, **options)  # type: ignore[arg-type]
     return ParallelFunction(func, **options)  # type: ignore[arg-type]
 

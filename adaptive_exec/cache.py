@@ -1,8 +1,8 @@
 """Remembered features, per function fingerprint and machine, in one SQLite file.
 
 The rest of the library calls five functions: ``lookup`` (before a map), ``observe``
-(after it), ``load_calibration``/``store_calibration`` (this machine's constants) and
-``clear``. Behind them:
+(after it), ``load_calibration``/``store_calibration`` (this machine's constants, or a
+dask cluster's under a name of its own: ``machine="dask:..."``) and ``clear``. Behind them:
 
     thread --(one connection per thread, reopened after fork)--> <dir>/cache.sqlite3 (WAL)
       lookup:  one read transaction: the entry + its run history  (never waits on writers)
@@ -106,12 +106,13 @@ class Entry:
     updated_at: float = 0.0  # of the last write
     used_at: float = 0.0  # of the last hit or write: the LRU and expiry clock
 
-    def parallel_correction(self) -> float:
-        """How much parallel runs of this function took over their estimate (median of
-        the last few; 1.0 without history). Never below 1: a lucky run must not make
-        the next plan bolder than the model."""
+    def parallel_correction(self, mode: str = "parallel") -> float:
+        """How much runs of this function in ``mode`` ("parallel": the local pool,
+        "distributed": a dask cluster) took over their estimate (median of the last few;
+        1.0 without history). Never below 1: a lucky run must not make the next plan
+        bolder than the model."""
         ratios = [r.actual_s / r.estimated_s for r in self.runs[-HISTORY_USED:]
-                  if r.mode == "parallel" and r.estimated_s > 0 and r.actual_s > 0]
+                  if r.mode == mode and r.estimated_s > 0 and r.actual_s > 0]
         if not ratios:
             return 1.0
         return max(1.0, statistics.median(ratios))
@@ -852,15 +853,16 @@ def _prune(conn: sqlite3.Connection, now: float) -> int:
     return removed
 
 
-def load_calibration() -> Optional[Calibration]:
-    """This machine's pool constants, as last measured by any process; None if never."""
+def load_calibration(machine: Optional[str] = None) -> Optional[Calibration]:
+    """This machine's pool constants (or those stored under ``machine``, a dask
+    cluster's name), as last measured by any process; None if never."""
     try:
         db = _db(create=False)
         if db is None:
             return None
         row = db.conn.execute(
             f"SELECT {', '.join(_CALIBRATION_COLUMNS)} FROM calibration WHERE machine = ?",
-            (machine_id(),)).fetchone()
+            (machine or machine_id(),)).fetchone()
         if row is None:
             return None
         startup, overhead, byte_cost = _num(row[0]), _num(row[1]), _num(row[2])
@@ -875,7 +877,7 @@ def load_calibration() -> Optional[Calibration]:
         return None
 
 
-def store_calibration(calib: Calibration) -> bool:
+def store_calibration(calib: Calibration, machine: Optional[str] = None) -> bool:
     try:
         db = _db()
         if db is None or db.read_only:
@@ -884,7 +886,7 @@ def store_calibration(calib: Calibration) -> bool:
             db.conn.execute(
                 "INSERT OR REPLACE INTO calibration (machine, "
                 f"{', '.join(_CALIBRATION_COLUMNS)}, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (machine_id(), calib.worker_startup_s, calib.task_overhead_s,
+                (machine or machine_id(), calib.worker_startup_s, calib.task_overhead_s,
                  calib.byte_cost_s, calib.n_workers, calib.source, time.time()))
         return True
     except Exception as exc:

@@ -1,7 +1,8 @@
 """Chunking, bounded work in flight and ordered reassembly, on a pool.
 
-The pool is loky's processes (LokyTarget) or, for functions that mostly wait, threads of
-this process (ThreadTarget); the loop below is the same for both.
+The pool is loky's processes (LokyTarget), for functions that mostly wait threads of
+this process (ThreadTarget), or a dask cluster (backends/dask.py: DaskTarget); the loop
+below is the same for all three.
 
     caller thread                                         workers
     -------------                                         -------
@@ -35,11 +36,13 @@ import signal
 import threading
 import time
 import warnings
-from typing import Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union
 
 from . import calibration
 from .backends import loky as loky_backend
 from .errors import (
+    AdaptiveExecError,
+    ClusterError,
     ItemTimeoutError,
     RemoteError,
     UnpicklableWarning,
@@ -47,6 +50,9 @@ from .errors import (
     attach_origin,
 )
 from .worker import ChunkResult, FunctionRef, dumps, run_chunk, run_items
+
+if TYPE_CHECKING:
+    from .backends.dask import DaskTarget
 
 logger = logging.getLogger("adaptive_exec")
 
@@ -177,7 +183,7 @@ class ParallelRun:
     def __init__(
         self,
         func: Callable[..., Any],
-        target: LokyTarget | ThreadTarget,
+        target: Union[LokyTarget, ThreadTarget, DaskTarget],
         source: Iterator[Any],
         first_index: int,
         n_workers: int,
@@ -324,6 +330,8 @@ class ParallelRun:
             nonlocal error_at
             try:
                 fut = self.target.submit(executor, info.items, info.start)
+            except AdaptiveExecError:
+                raise  # ours (a cluster that went away...): not a pickling failure
             except Exception as exc:
                 self._unpicklable(exc, info.start)
                 out, err = self._run_here(info.items, info.start)
@@ -336,11 +344,14 @@ class ParallelRun:
 
         def submit_more() -> None:
             nonlocal read_pos, exhausted
-            while error_at is None and len(pending) < limit():
+            while len(pending) < limit():
                 if retry:
+                    # Even after an error: a chunk retried here comes before it (later
+                    # ones were dropped), and its results are yielded first. Holding it
+                    # back left the loop waiting on nothing, for ever.
                     send(retry.popleft())
                     continue
-                if exhausted:
+                if exhausted or error_at is not None:
                     return
                 chunk = list(itertools.islice(self.source, self._next_chunksize()))
                 if not chunk:
@@ -357,9 +368,14 @@ class ParallelRun:
             if loky_backend.mark_broken(executor):
                 executor, _ = self.target.open(self.n_workers)
             info.crashes += 1
-            code = _exit_code(exc)
+            # dask: the task was lost with the workers that held it or its function.
+            lost = isinstance(exc, ClusterError)
+            code = None if lost else _exit_code(exc)
             if info.n == 1 and info.crashes >= 2:
-                msg = f"item {info.start} killed its worker process twice ({_describe_exit(code)})"
+                msg = (f"item {info.start} was lost twice with the dask workers running it "
+                       f"({exc})" if lost else
+                       f"item {info.start} killed its worker process twice "
+                       f"({_describe_exit(code)})")
                 err = WorkerCrashedError(msg, index=info.start, exitcode=code)
                 err.__cause__ = exc
                 # Raised in its turn, after the results and errors of the items before it.
@@ -374,7 +390,8 @@ class ParallelRun:
             else:
                 retry.append(info)
             logger.debug("a worker died (%s); items %d..%d will run again",
-                         _describe_exit(code), info.start, info.start + info.n - 1)
+                         exc if lost else _describe_exit(code), info.start,
+                         info.start + info.n - 1)
 
         def collect(fut: cf.Future) -> None:
             nonlocal error_at, warm_at
@@ -383,8 +400,16 @@ class ParallelRun:
                 res: ChunkResult = fut.result()
             except cf.CancelledError:
                 return
+            except WorkerCrashedError as exc:
+                # A target that gave up on the chunk itself (dask: KilledWorker, after the
+                # scheduler's own retries). Raised in its turn, after the items before it.
+                buffer[info.start] = ([], info.n, attach_origin(exc, info.start, None))
+                if error_at is None or info.start < error_at:
+                    error_at = info.start
+                return
             except Exception as exc:
-                if self.target.kind == "loky" and _is_worker_death(exc):
+                if (self.target.kind == "loky" and _is_worker_death(exc)) or isinstance(
+                        exc, ClusterError):
                     crashed(info, exc)
                     return
                 raise
@@ -396,7 +421,9 @@ class ParallelRun:
             results, err = self.target.decode(res)
             if err is not None:
                 assert res.error_index is not None
-                remote_tb = res.error_tb if self.target.kind == "loky" else None
+                # From another process (loky, dask), the worker's traceback is text to
+                # chain; a thread's exception still carries its own.
+                remote_tb = res.error_tb if self.target.kind != "threads" else None
                 attach_origin(err, res.error_index, remote_tb)
                 if error_at is None or res.error_index < error_at:
                     error_at = res.error_index

@@ -37,6 +37,16 @@ class RemoteError(AdaptiveExecError, RuntimeError):
     """Stands in for a worker exception that could not itself be pickled."""
 
 
+class MissingDependencyError(AdaptiveExecError, ImportError):
+    """A backend was asked for whose optional dependency is not installed; the message
+    names the extra that provides it (``pip install "adaptive_exec[dask]"``)."""
+
+
+class ClusterError(AdaptiveExecError, RuntimeError):
+    """The dask cluster cancelled or lost a chunk's task (the client closed, the
+    scheduler went away), so its items have no result."""
+
+
 class UnpicklableWarning(UserWarning):
     """The function, an item or a result cannot be pickled: the map ran serially instead."""
 

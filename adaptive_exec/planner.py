@@ -11,6 +11,9 @@ For N items of mean cost t, W workers and chunks of c items (DESIGN.md section 4
 The plan with the smallest estimate wins; parallel must beat serial clearly
 (MIN_SPEEDUP) or the map stays serial, since a wrong "parallel" costs far more than a
 wrong "serial".
+
+On a dask cluster (``cluster=``) the same model holds with the cluster's worker threads
+as W, its own measured constants, and no start-up: the cluster is already running.
 """
 
 from __future__ import annotations
@@ -94,6 +97,14 @@ def fmt_bytes(n: float) -> str:
 
 
 @dataclass(frozen=True)
+class Cluster:
+    """A running dask cluster to plan for: its worker threads are the workers."""
+
+    address: str
+    n_threads: int
+
+
+@dataclass(frozen=True)
 class _Estimate:
     total_s: float
     n_workers: int
@@ -156,6 +167,19 @@ def _chunk_candidates(n: int, w: int, t: float) -> list[int]:
     return out
 
 
+def _worker_candidates(lo: int, hi: int, cluster: bool) -> list[int]:
+    if not cluster:
+        return list(range(lo, hi + 1))
+    # A cluster may have hundreds of threads: powers of two and all of them suffice.
+    out = []
+    w = lo
+    while w < hi:
+        out.append(w)
+        w *= 2
+    out.append(hi)
+    return out
+
+
 def memory_cap(features: Features, system: SystemSnapshot) -> Optional[int]:
     """Workers the available memory allows, or None when memory was not read."""
     if system.available_memory is None:
@@ -180,6 +204,7 @@ def make_plan(
     parallel_correction: float = 1.0,
     startup_left: Optional[float] = None,
     extra: Optional[dict[str, Any]] = None,
+    cluster: Optional[Cluster] = None,
 ) -> Plan:
     """Plan the remaining ``n_items - n_done`` items; ``elapsed_s`` was already spent.
 
@@ -188,7 +213,14 @@ def make_plan(
     cache's run history) scales the pool's
     estimate: a function whose parallel runs kept taking longer than estimated gets a
     more cautious plan.
+
+    ``cluster``: plan for that dask cluster (mode "distributed") instead of this
+    machine's pool: ``system`` (this machine's CPUs, load and memory) is then not used.
     """
+    if cluster is not None:
+        warm, startup_left = True, 0.0  # the cluster is already running
+    mode = "distributed" if cluster is not None else "parallel"
+    unit = "cluster threads" if cluster is not None else "workers"
     t = features.mean_s
     cpu = features.cpu_fraction
     others = features.threads_cpu or 0.0
@@ -212,6 +244,8 @@ def make_plan(
         "parallel_correction": round(parallel_correction, 3),
         **(extra or {}),
     }
+    if cluster is not None:
+        info.update(cluster=cluster.address, cluster_threads=cluster.n_threads)
 
     def serial(reason: str, est_parallel: float = math.inf) -> Plan:
         speedup = est_serial / est_parallel if est_parallel not in (0, math.inf) else 0.0
@@ -225,13 +259,22 @@ def make_plan(
     if remaining == 0:
         return serial("every item was already run while sampling")
 
-    # CPUs other processes keep busy are not ours to use (a lightly loaded one still is).
-    busy = busy_cpus(system.others_load)
-    w_max = max(1, system.usable_cpus - busy)
-    mem_cap = memory_cap(features, system)
-    if mem_cap is not None:
-        w_max = min(w_max, mem_cap)
-    info["others_load"] = round(system.others_load, 2)
+    if cluster is not None:
+        # The cluster's scheduler owns its machines' load and memory: all its threads.
+        w_max = max(1, cluster.n_threads)
+        if w_max < 2 and not forced_parallel:
+            return serial(f"{work}; the dask cluster has {cluster.n_threads} worker "
+                          "thread(s), so it cannot beat the loop")
+        mem_cap = None
+        busy = 0
+    else:
+        # CPUs other processes keep busy are not ours to use (a lightly loaded one still is).
+        busy = busy_cpus(system.others_load)
+        w_max = max(1, system.usable_cpus - busy)
+        mem_cap = memory_cap(features, system)
+        if mem_cap is not None:
+            w_max = min(w_max, mem_cap)
+        info["others_load"] = round(system.others_load, 2)
     if w_max < 2 and not forced_parallel:
         if system.usable_cpus < 2:
             why = "only one CPU is usable"
@@ -244,8 +287,10 @@ def make_plan(
                    f"({system.others_load:.1f} CPUs of load)")
         return serial(f"{work}; {why}, so a pool cannot beat the loop")
 
+    # A function that mostly waits gets threads here; on a cluster its threads overlap
+    # the waiting as well, and the user asked for the cluster.
     waiting = (cpu is not None and cpu < WAITING_MAX_CPU and others <= OWN_THREADS_MIN
-               and not forced_parallel)
+               and not forced_parallel and cluster is None)
     if waiting:
         threads = _threads_plan(remaining, t, cpu or 0.0, system.usable_cpus, chunksize)
         t_speedup = serial_rest / threads.total_s if threads.total_s > 0 else 0.0
@@ -262,7 +307,7 @@ def make_plan(
     # In a worker the function gets one BLAS thread: an item costs own_threads times more.
     t_worker = t * own_threads
     best: Optional[_Estimate] = None
-    for w in range(min(2, w_max), w_max + 1):
+    for w in _worker_candidates(min(2, w_max), w_max, cluster is not None):
         for c in [chunksize] if chunksize else _chunk_candidates(remaining, w, t_worker):
             e = _estimate(remaining, t_worker, cv, bytes_per_item, w, c, calib, warm,
                           startup_left)
@@ -284,10 +329,10 @@ def make_plan(
         )
     if forced_parallel:
         reason = (
-            f"{forced_parallel}; {work}, {best.n_workers} workers with chunks of "
+            f"{forced_parallel}; {work}, {best.n_workers} {unit} with chunks of "
             f"{best.chunksize} estimated at {fmt_s(best.total_s)} ({speedup:.2f}x)"
         )
-        return Plan("parallel", best.n_workers, best.chunksize, est_serial, est_parallel,
+        return Plan(mode, best.n_workers, best.chunksize, est_serial, est_parallel,
                     speedup, reason, from_cache, info)
     if speedup < MIN_SPEEDUP or est_serial - est_parallel < MIN_SAVING_S:
         limits = []
@@ -305,19 +350,21 @@ def make_plan(
             )
         if not limits:
             limits.append(f"{fmt_s(calib.task_overhead_s)} overhead per task")
+        where = "the cluster" if cluster is not None else "the best pool"
         return serial(
-            f"{work}; the best pool ({best.n_workers} workers) is estimated at "
+            f"{work}; {where} ({best.n_workers} {unit}) is estimated at "
             f"{fmt_s(best.total_s)} ({', '.join(limits)}), a speedup of {speedup:.2f}x, "
             f"below the {MIN_SPEEDUP}x worth the risk",
             est_parallel,
         )
     startup = f", {fmt_s(best.startup_s)} of pool start-up included" if best.startup_s else \
+        ", the cluster is already running" if cluster is not None else \
         ", the pool is already warm"
     if parallel_correction >= 1.05:
         startup += f", x{parallel_correction:.2f} for past parallel runs that took longer"
     reason = (
-        f"{work}; {best.n_workers} workers with chunks of {best.chunksize} are estimated "
+        f"{work}; {best.n_workers} {unit} with chunks of {best.chunksize} are estimated "
         f"at {fmt_s(best.total_s)} ({speedup:.1f}x){startup}"
     )
-    return Plan("parallel", best.n_workers, best.chunksize, est_serial, est_parallel,
+    return Plan(mode, best.n_workers, best.chunksize, est_serial, est_parallel,
                 speedup, reason, from_cache, info)

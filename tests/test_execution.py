@@ -159,3 +159,21 @@ def test_some_unpicklable_items_later_in_the_stream():
         got = pf.map(items)
     assert got == [isinstance(x, int) for x in items]
     assert [w.category for w in caught] == [UnpicklableWarning]
+
+
+def test_closures_over_different_large_values_get_their_own_function():
+    # Large captured values are fingerprinted by type and size only: the two closures
+    # share a fingerprint, and the workers must still run each with its own value.
+    def make(k):
+        big = [k] * 50_000
+
+        def f(x):
+            h.spin(0.001)
+            return x + big[0]
+
+        return f
+
+    first = adaptive_map(make(1), range(200), backend="loky", chunksize=5)
+    second = adaptive_map(make(2), range(200), backend="loky", chunksize=5)
+    assert first == [x + 1 for x in range(200)]
+    assert second == [x + 2 for x in range(200)]

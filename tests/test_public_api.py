@@ -14,8 +14,8 @@ from adaptive_exec import Plan, RunReport, adaptive_map, parallelize
 
 def test_public_names():
     assert sorted(adaptive_exec.__all__) == sorted([
-        "AdaptiveExecError", "CacheWarning", "Calibration", "ItemTimeoutError",
-        "ParallelFunction", "Plan",
+        "AdaptiveExecError", "CacheWarning", "Calibration", "ClusterError",
+        "ItemTimeoutError", "MissingDependencyError", "ParallelFunction", "Plan",
         "RemoteError", "ResultPicklingError", "RunReport", "UnpicklableWarning",
         "WorkerCrashedError", "adaptive_map", "calibrate", "parallelize",
     ])

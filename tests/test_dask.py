@@ -1,0 +1,369 @@
+"""The dask backend on a real LocalCluster (2 worker processes, 1 thread each): equal to
+the loop, errors with their item, a worker killed mid-run, the function sent once,
+auto selection, and the error when the ``dask`` extra is missing.
+
+The tests that need a cluster are skipped, with the reason, where dask.distributed is not
+installed; those about its absence run everywhere.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import itertools
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import aex_helpers as h
+import dask_helpers as dh
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from adaptive_exec import AdaptiveExecError, WorkerCrashedError, adaptive_map, cache, parallelize
+from adaptive_exec.backends import dask as dask_backend
+from adaptive_exec.errors import MissingDependencyError, RemoteTraceback
+
+SETTINGS = settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                          HealthCheck.function_scoped_fixture]
+)
+NO_DASK = "dask.distributed is not installed (the 'dask' extra: pip install -e '.[dask]')"
+
+values = st.recursive(
+    st.none() | st.integers() | st.text(max_size=5) | st.floats(allow_nan=False),
+    lambda inner: st.lists(inner, max_size=3) | st.tuples(inner, inner),
+    max_leaves=6,
+)
+
+
+class Cluster:
+    def __init__(self, distributed):
+        self.distributed = distributed
+        # dask's defaults (a task may see 3 workers die under it, then KilledWorker).
+        self.cluster = distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+        # Not the default client: the tests choose when it is the current one.
+        self.client = distributed.Client(self.cluster, set_as_default=False)
+        self.address = self.cluster.scheduler_address
+
+    def worker_pids(self) -> set[int]:
+        return set(self.client.run(os.getpid).values())
+
+    def settle(self) -> None:
+        """After a worker died: both workers back before the next test."""
+        self.client.wait_for_workers(2, timeout=60)
+
+    def close(self) -> None:
+        self.client.close()
+        self.cluster.close()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    distributed = pytest.importorskip("distributed", reason=NO_DASK)
+    c = Cluster(distributed)
+    try:
+        yield c
+    finally:
+        c.close()  # its worker processes end here; conftest checks none is left
+        dask_backend.close_clients()
+
+
+@pytest.fixture
+def client(cluster):
+    cluster.settle()
+    return cluster.client
+
+
+def outcome(run, items):
+    out = []
+    try:
+        for r in run(items):
+            out.append(r)
+    except Exception as exc:
+        return out, (type(exc), getattr(exc, "item_index", None))
+    return out, None
+
+
+# --- equal to the loop ---------------------------------------------------------------
+
+
+@SETTINGS
+@given(n=st.integers(0, 120), table=st.lists(values, min_size=1, max_size=6),
+       chunksize=st.integers(1, 9))
+def test_map_and_imap_equal_the_loop(client, n, table, chunksize):
+    func = functools.partial(dh.slow_value, table)
+    items = list(range(n))
+    expected = [func(x) for x in items]
+    pf = parallelize(func, backend="dask", client=client, chunksize=chunksize)
+    assert pf.map(items) == expected
+    # The features are cached now: no sampling, every item goes to the cluster.
+    assert list(pf.imap(iter(items))) == expected
+    got = list(pf.imap_unordered(items))
+    assert collections.Counter(map(repr, got)) == collections.Counter(map(repr, expected))
+    if n:
+        assert pf.last_report.plan.mode == "distributed"
+
+
+@SETTINGS
+@given(n=st.integers(0, 100), bad=st.frozensets(st.integers(0, 99), max_size=3),
+       chunksize=st.integers(1, 6))
+def test_raising_items_behave_as_in_the_loop(client, n, bad, chunksize):
+    func = functools.partial(dh.slow_fail, bad=bad)
+    items = list(range(n))
+    expected = []
+    error = None
+    for i in items:
+        if i in bad:
+            error = (ValueError, i)
+            break
+        expected.append(i)
+    pf = parallelize(func, backend="dask", client=client, chunksize=chunksize)
+    pf.map([x for x in items if x not in bad][:5])  # cache the features: no sampling next
+    assert outcome(pf.imap, items) == (expected, error)
+    got = outcome(lambda xs: iter(pf.map(xs)), items)
+    assert got[1] == error
+
+
+def test_starmap_and_items_run_on_the_workers(cluster, client):
+    pf = parallelize(h.add, backend="dask", client=client)
+    pairs = [(i, -2 * i) for i in range(300)]
+    assert pf.starmap(pairs) == [a + b for a, b in pairs]
+    got = adaptive_map(dh.where, range(60), backend="dask", client=client, chunksize=3)
+    assert [g[0] for g in got] == list(range(60))
+    ran_on = {g[1] for g in got} - {os.getpid()}
+    assert ran_on and ran_on <= cluster.worker_pids()
+
+
+# --- errors ----------------------------------------------------------------------------
+
+
+def test_exception_carries_index_type_and_worker_traceback(client):
+    pf = parallelize(functools.partial(h.raise_custom, at=37), backend="dask", client=client,
+                     chunksize=5)
+    pf.map(range(10))  # features cached: item 37 will run on the cluster
+    it = pf.imap(range(80))
+    got = []
+    with pytest.raises(h.CustomError) as info:
+        for r in it:
+            got.append(r)
+    assert got == list(range(37))  # the results before it, as the loop would
+    exc = info.value
+    assert exc.item_index == 37 and (exc.code, exc.detail) == (42, "seven")
+    assert isinstance(exc.__cause__, RemoteTraceback)
+    assert "raise_custom" in str(exc.__cause__)
+    notes = getattr(exc, "__notes__", [])
+    assert any("item 37" in note for note in notes) or sys.version_info < (3, 11)
+    # The cluster stays usable.
+    assert pf.map(range(20)) == list(range(20))
+
+
+def test_a_worker_killed_mid_run_is_recovered(cluster, client, tmp_path):
+    flag = str(tmp_path / "died")
+    pf = parallelize(functools.partial(dh.die_once, flag=flag, at=40), backend="dask",
+                     client=client, chunksize=4)
+    pf.map(range(100, 110))  # features cached: item 40 runs on the cluster
+    assert pf.map(range(120)) == [2 * x for x in range(120)]
+    assert os.path.exists(flag), "no worker died: the test did not test anything"
+    cluster.settle()
+
+
+def test_every_worker_killed_at_once_the_function_is_sent_again(cluster, client):
+    import signal
+
+    pf = parallelize(dh.where, backend="dask", client=client, chunksize=5)
+    pf.map(range(10))  # features cached: every item runs on the cluster
+    got = []
+    for i, (x, _pid) in enumerate(pf.imap(range(300))):
+        got.append(x)
+        if i == 40:
+            # Both workers at once: every copy of the function dies with them, and
+            # dask cannot recompute scattered data.
+            for pid in cluster.worker_pids():
+                os.kill(pid, signal.SIGKILL)
+    assert got == list(range(300))
+    cluster.settle()
+
+
+def test_an_item_that_always_kills_its_worker_is_named(cluster, client):
+    pf = parallelize(functools.partial(dh.always_die, at=0), backend="dask", client=client,
+                     chunksize=1)
+    pf.map(range(100, 110))  # features cached: item 0 runs on the cluster, not here
+    with pytest.raises(WorkerCrashedError) as info:
+        pf.map(range(20))
+    assert info.value.index == 0 and info.value.item_index == 0
+    # dask's KilledWorker, or (when both workers died holding the function) our retry
+    # of the lost task that lost it again.
+    assert "dask" in str(info.value)
+    cluster.settle()
+    assert pf.map(range(1, 9)) == [2 * x for x in range(1, 9)]  # and the next map works
+
+
+# --- the function travels once; streaming is bounded -----------------------------------
+
+
+def test_a_large_captured_object_is_sent_once(cluster, client, tmp_path, monkeypatch):
+    path = str(tmp_path / "unpickled")
+    payload = dh.Payload(path, 8 << 20)
+
+    def uses_payload(x):
+        h.spin(0.002)
+        return x + len(payload.data)
+
+    submitted = []
+    scattered = []
+    real_submit, real_scatter = client.submit, client.scatter
+
+    def spy_submit(func, *args, **kwargs):
+        submitted.append((func, args))
+        return real_submit(func, *args, **kwargs)
+
+    def spy_scatter(data, **kwargs):
+        scattered.append(data)
+        return real_scatter(data, **kwargs)
+
+    monkeypatch.setattr(client, "submit", spy_submit)
+    monkeypatch.setattr(client, "scatter", spy_scatter)
+    got = adaptive_map(uses_payload, range(200), backend="dask", client=client, chunksize=2)
+    assert got == [x + (8 << 20) for x in range(200)]
+    assert len(scattered) == 1 and len(submitted) > 20
+    ref_futures = {args[0] for _, args in submitted}
+    assert len(ref_futures) == 1  # every task names the one scattered function
+    assert isinstance(next(iter(ref_futures)), cluster.distributed.Future)
+    assert max(len(pickle.dumps(args[1:])) for _, args in submitted) < 1000
+    with open(path) as f:
+        unpicklings = f.read().split()
+    assert len(unpicklings) <= 2, unpicklings  # once per worker at most, not per task
+
+
+def test_imap_streams_an_endless_source_with_bounded_reading(client):
+    read = []
+
+    def endless():
+        for i in itertools.count():
+            read.append(i)
+            yield i
+
+    pf = parallelize(dh.where, backend="dask", client=client, chunksize=5)
+    it = pf.imap(endless())
+    first = [next(it)[0] for _ in range(100)]
+    assert first == list(range(100))
+    it.close()
+    # Sampling, a bounded read-ahead (~1 s of work) and 2 chunks per worker thread.
+    assert len(read) < 2_000, len(read)
+
+
+def test_a_map_inside_a_dask_task_runs_serially(cluster, client):
+    got = adaptive_map(dh.nested, [5, 6, 7], backend="dask", client=client)
+    assert [g[0] for g in got] == [sum(x * x for x in range(n)) for n in (5, 6, 7)]
+    on_cluster = [g for g in got if g[2] != os.getpid()]
+    assert on_cluster and all(g[1] == "serial" for g in on_cluster)
+
+
+# --- planning -----------------------------------------------------------------------
+
+
+def test_the_plan_knows_the_cluster_and_its_constants_are_cached(cluster, client):
+    pf = parallelize(h.heavy, backend="dask", client=client)
+    assert pf.map(range(30)) == [3 * x for x in range(30)]
+    plan = pf.last_report.plan
+    assert plan.mode == "distributed" and plan.n_workers == 2
+    assert plan.features["cluster_threads"] == 2
+    assert "dask cluster" in plan.features["calibration"]
+    key = dask_backend.cluster_key(cluster.address)
+    stored = cache.load_calibration(machine=key)
+    if stored is None:  # the autouse fixture cleared the cache after it was measured
+        dask_backend._state.calibrations.pop(key, None)
+        pf.map(range(30))
+        stored = cache.load_calibration(machine=key)
+    assert stored is not None and stored.n_workers == 2 and stored.task_overhead_s > 0
+    assert stored.worker_startup_s == 0.0  # a running cluster has nothing to start
+    assert cache.load_calibration() != stored  # this machine's own constants are apart
+
+
+def test_auto_uses_the_current_client_and_only_then(cluster, client):
+    pf = parallelize(h.heavy)
+    with client.as_current():
+        assert pf.plan(range(40)).mode == "distributed"
+        assert pf.map(range(40)) == [3 * x for x in range(40)]
+        assert pf.last_report.plan.mode == "distributed"
+    assert pf.plan(range(40)).mode != "distributed"
+    # timeout= needs processes of our own: auto stays local even with a client.
+    with client.as_current():
+        pf_t = parallelize(h.heavy, timeout=30)
+        assert pf_t.plan(range(40)).mode != "distributed"
+
+
+def test_a_cluster_at_the_address_in_the_environment(cluster, monkeypatch):
+    monkeypatch.setenv(dask_backend.ENV_ADDRESS, cluster.address)
+    try:
+        got = adaptive_map(dh.where, range(60), backend="dask", chunksize=5)
+        assert [g[0] for g in got] == list(range(60))
+        assert {g[1] for g in got} & cluster.worker_pids()
+    finally:
+        dask_backend.close_clients()
+
+
+# --- options and the missing extra -----------------------------------------------------
+
+
+def test_bad_dask_options_say_what_to_pass(cluster, client, monkeypatch):
+    with pytest.raises(TypeError, match="Client"):
+        parallelize(h.square, client="tcp://127.0.0.1:8786")
+    with pytest.raises(ValueError, match="client="):
+        parallelize(h.square, backend="loky", client=client)
+    with pytest.raises(ValueError, match="timeout"):
+        parallelize(h.square, backend="dask", timeout=1)
+    monkeypatch.delenv(dask_backend.ENV_ADDRESS, raising=False)
+    with pytest.raises(ValueError, match=dask_backend.ENV_ADDRESS):
+        adaptive_map(h.square, range(5), backend="dask")
+
+
+def test_pickling_a_function_drops_its_client(client):
+    pf = parallelize(h.square, client=client)
+    copy = pickle.loads(pickle.dumps(pf))
+    assert copy._options["client"] is None and copy(3) == 9
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=90)
+
+
+def test_without_the_extra_dask_is_a_clear_error_and_auto_still_works():
+    code = """
+        import sys
+        sys.modules["distributed"] = None  # as if dask.distributed were not installed
+        from adaptive_exec import AdaptiveExecError, adaptive_map, parallelize
+        for ask in (lambda: parallelize(abs, backend="dask"),
+                    lambda: adaptive_map(abs, [1, -2], backend="dask")):
+            try:
+                ask()
+            except ImportError as exc:
+                assert isinstance(exc, AdaptiveExecError), type(exc)
+                assert 'pip install "adaptive_exec[dask]"' in str(exc), str(exc)
+            else:
+                raise SystemExit("no error")
+        assert adaptive_map(abs, [1, -2, 3]) == [1, 2, 3]
+        print("ok")
+    """
+    proc = _run_python(code)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    assert issubclass(MissingDependencyError, (ImportError, AdaptiveExecError))
+
+
+def test_auto_never_imports_distributed():
+    code = """
+        import sys
+        from adaptive_exec import adaptive_map, parallelize
+        assert adaptive_map(abs, range(-50, 50)) == [abs(x) for x in range(-50, 50)]
+        parallelize(abs).plan(list(range(10)))
+        assert "distributed" not in sys.modules and "dask" not in sys.modules
+        print("ok")
+    """
+    proc = _run_python(code)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
