@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, Optional
 from ..errors import attach_origin
 
 # Iterators whose length_hint is exact, so a failing item's index can be recovered
-# after the fact and the loop itself can run at C speed (list(map(...))).
+# after the fact and the loop itself can be a bare comprehension.
 _EXACT: tuple[type, ...] = (type(iter([])), type(iter(())), type(iter(range(0))))
 
 
@@ -31,14 +31,17 @@ def run_chunk(
 
     With ``partial`` the results before a failure are returned too, for imap to yield
     as the loop would have. Without it (map and starmap, which return nothing when an
-    item raises) the loop runs at C speed, list(map(...)), whose partial results are
-    lost on an exception.
+    item raises) the loop is a plain comprehension, as fast as the user's own loop,
+    whose partial results are lost on an exception.
     """
-    mapper = itertools.starmap if star else map
     if not partial and isinstance(source, _EXACT):
         before = operator.length_hint(source)
         try:
-            return list(mapper(func, itertools.islice(source, n))), None
+            # A comprehension, not list(map(...)): CPython 3.11 specialises its calls,
+            # map's are generic (measured: 0.040 s against 0.044 s for 300k tiny calls).
+            if star:
+                return [func(*args) for args in itertools.islice(source, n)], None
+            return [func(x) for x in itertools.islice(source, n)], None
         except Exception as exc:
             # length_hint now counts what was not read; the failing item was read last.
             failed_at = before - operator.length_hint(source) - 1
