@@ -30,7 +30,6 @@ import concurrent.futures as cf
 import itertools
 import logging
 import math
-import pickle
 import re
 import signal
 import threading
@@ -44,12 +43,11 @@ from .errors import (
     AdaptiveExecError,
     ClusterError,
     ItemTimeoutError,
-    RemoteError,
     UnpicklableWarning,
     WorkerCrashedError,
     attach_origin,
 )
-from .worker import ChunkResult, FunctionRef, dumps, run_chunk, run_items
+from .worker import ChunkResult, FunctionRef, decode, dumps, run_chunk, run_items
 
 if TYPE_CHECKING:
     from .backends.dask import DaskTarget
@@ -121,12 +119,7 @@ class LokyTarget:
         return executor.submit(run_chunk, self.ref, start, payload, self.star)
 
     def decode(self, res: ChunkResult) -> tuple[list[Any], Optional[BaseException]]:
-        results = pickle.loads(res.results)
-        if res.error_index is None:
-            return results, None
-        if res.error is not None:
-            return results, pickle.loads(res.error)
-        return results, RemoteError(f"{res.error_repr} (the exception could not be pickled)")
+        return decode(res)
 
     def close(self, executor: Any, clean: bool, interrupted: bool = False) -> None:
         if interrupted:

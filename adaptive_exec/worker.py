@@ -18,7 +18,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from .errors import ResultPicklingError
+from .errors import RemoteError, ResultPicklingError
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _FUNCTIONS: dict[str, Callable[..., Any]] = {}  # in a worker: unpickled functions by key
@@ -145,3 +145,14 @@ def run_items(func: Callable[..., Any], start: int, items: list[Any], star: bool
                 error_repr=f"{type(exc).__qualname__}: {exc}",
             )
     return ChunkResult(out, len(out), time.perf_counter() - t0, os.getpid())
+
+
+def decode(res: ChunkResult) -> tuple[list[Any], Optional[BaseException]]:
+    """Caller side of run_chunk: the chunk's results and its exception, unpickled (an
+    exception that could not be pickled comes back as a RemoteError with its text)."""
+    results = pickle.loads(res.results)
+    if res.error_index is None:
+        return results, None
+    if res.error is not None:
+        return results, pickle.loads(res.error)
+    return results, RemoteError(f"{res.error_repr} (the exception could not be pickled)")

@@ -149,3 +149,14 @@ def thread_caps(_x):
     return {k: os.environ.get(k) for k in
             ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
              "ADAPTIVE_EXEC_IN_WORKER")}, os.getpid()
+
+
+def outcome(run, items):
+    """What iterating ``run(items)`` gives: (results before any error, (type, item_index))."""
+    out = []
+    try:
+        for r in run(items):
+            out.append(r)
+    except Exception as exc:
+        return out, (type(exc), getattr(exc, "item_index", None))
+    return out, None

@@ -79,14 +79,7 @@ def client(cluster):
     return cluster.client
 
 
-def outcome(run, items):
-    out = []
-    try:
-        for r in run(items):
-            out.append(r)
-    except Exception as exc:
-        return out, (type(exc), getattr(exc, "item_index", None))
-    return out, None
+outcome = h.outcome
 
 
 # --- equal to the loop ---------------------------------------------------------------

@@ -39,14 +39,7 @@ def loop_outcome(func, items):
     return out, None
 
 
-def ours_outcome(run, items):
-    out = []
-    try:
-        for r in run(items):
-            out.append(r)
-    except Exception as exc:
-        return out, (type(exc), getattr(exc, "item_index", None))
-    return out, None
+ours_outcome = h.outcome
 
 
 backends = pytest.mark.parametrize("backend", ["loky", "auto", "serial"])

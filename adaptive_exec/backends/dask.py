@@ -33,7 +33,6 @@ import functools
 import importlib.util
 import logging
 import os
-import pickle
 import sys
 import threading
 import time
@@ -42,8 +41,8 @@ from typing import Any, Optional
 
 from .. import cache
 from ..calibration import Calibration, _bytes_of, _noop
-from ..errors import ClusterError, MissingDependencyError, RemoteError, WorkerCrashedError
-from ..worker import ChunkResult, FunctionRef, dumps, run_chunk
+from ..errors import ClusterError, MissingDependencyError, WorkerCrashedError
+from ..worker import ChunkResult, FunctionRef, decode, dumps, run_chunk
 
 logger = logging.getLogger("adaptive_exec")
 
@@ -401,12 +400,7 @@ class DaskTarget:
         return bridge
 
     def decode(self, res: ChunkResult) -> tuple[list[Any], Optional[BaseException]]:
-        results = pickle.loads(res.results)
-        if res.error_index is None:
-            return results, None
-        if res.error is not None:
-            return results, pickle.loads(res.error)
-        return results, RemoteError(f"{res.error_repr} (the exception could not be pickled)")
+        return decode(res)
 
     def close(self, executor: Any, clean: bool, interrupted: bool = False) -> None:
         # Chunks still in flight were cancelled by the loop (their futures released);
