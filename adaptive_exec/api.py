@@ -445,7 +445,8 @@ class ParallelFunction:
         """decide(busy workers now) -> how many to keep busy, re-read from the machine."""
         probe = system.LoadProbe(loky_backend.worker_pids)
         max_workers, max_memory = self._options["max_workers"], self._max_memory()
-        per_worker = planner.WORKER_BASE_MEMORY + (plan.features.get("peak_memory") or 0)
+        per_worker = (plan.features.get("worker_memory") or planner.WORKER_BASE_MEMORY) + (
+            plan.features.get("peak_memory") or 0)
 
         def decide(current: int) -> int:
             others = system.faked("others")
@@ -671,7 +672,7 @@ class ParallelFunction:
             # long enough to tell; else the run's monitor corrects it within ~0.3 s.
             others = self._load.others() if self._load is not None else None
             snap = system.snapshot(max_workers, with_memory=True, max_memory=max_memory,
-                                   others_load=others)
+                                   others_load=others, worker_memory=loky_backend.worker_rss())
             plan = make_plan(features, n_items, n_sampled, snap, calib, **kwargs)
         return plan
 

@@ -31,8 +31,16 @@ MIN_SPEEDUP = 1.2  # below this the estimate's own error can turn a gain into a 
 MIN_SAVING_S = 0.01
 # A chunk longer than this delays errors, cancellation and streamed results.
 MAX_CHUNK_S = 0.5
-# What a fresh loky worker costs in memory before it runs anything (measured: ~25 MB RSS).
+# What a loky worker holds before it runs anything, until the pool's own workers can be
+# measured (SystemSnapshot.worker_memory; ~25-30 MB RSS measured here).
 WORKER_BASE_MEMORY = 40 << 20
+
+
+def worker_footprint(features: Features, system: SystemSnapshot) -> int:
+    """Bytes one more worker needs: its own resident memory (measured on the pool's
+    workers when they exist) plus the peak memory of one call, from sampling."""
+    base = system.worker_memory if system.worker_memory else WORKER_BASE_MEMORY
+    return base + (features.peak_memory or 0)
 MEMORY_RESERVE = 256 << 20
 # Fraction of the start-up the caller spends working through items: it shares the
 # cores with booting workers, so it is not a full worker during that time.
@@ -184,7 +192,7 @@ def memory_cap(features: Features, system: SystemSnapshot) -> Optional[int]:
     """Workers the available memory allows, or None when memory was not read."""
     if system.available_memory is None:
         return None
-    per_worker = WORKER_BASE_MEMORY + (features.peak_memory or 0)
+    per_worker = worker_footprint(features, system)
     return max(1, int((system.available_memory - MEMORY_RESERVE) // per_worker))
 
 
@@ -275,11 +283,12 @@ def make_plan(
         if mem_cap is not None:
             w_max = min(w_max, mem_cap)
         info["others_load"] = round(system.others_load, 2)
+    info["worker_memory"] = system.worker_memory
     if w_max < 2 and not forced_parallel:
         if system.usable_cpus < 2:
             why = "only one CPU is usable"
         elif mem_cap is not None and mem_cap < 2:
-            per_worker = fmt_bytes(WORKER_BASE_MEMORY + (features.peak_memory or 0))
+            per_worker = fmt_bytes(worker_footprint(features, system))
             why = (f"the memory a map may use ({fmt_bytes(system.available_memory or 0)}) "
                    f"fits one worker of {per_worker}")
         else:

@@ -23,6 +23,7 @@ class SystemSnapshot:
     usable_cpus: int  # after affinity, quota and ceilings; not yet after load
     available_memory: Optional[int]  # bytes a map may use; None when not read
     others_load: float = 0.0  # CPUs kept busy by other processes
+    worker_memory: Optional[int] = None  # resident bytes of one idle worker, when measured
 
 
 def _cgroup_cpu_limit() -> Optional[float]:
@@ -115,6 +116,7 @@ def snapshot(
     with_memory: bool = True,
     max_memory: Optional[int] = None,
     others_load: Optional[float] = None,
+    worker_memory: Optional[int] = None,
 ) -> SystemSnapshot:
     room: Optional[float] = None
     if with_memory:
@@ -128,6 +130,7 @@ def snapshot(
         usable_cpus=usable_cpus(max_workers),
         available_memory=None if room is None else int(room),
         others_load=load,
+        worker_memory=worker_memory,
     )
 
 
@@ -231,6 +234,21 @@ def _system_busy_s() -> Optional[float]:
 
         t = psutil.cpu_times()
         return float(sum(t)) - t.idle - getattr(t, "iowait", 0.0)
+    except Exception:
+        return None
+
+
+def process_rss(pid: int) -> Optional[int]:
+    """Resident bytes of process ``pid`` (Linux /proc, else psutil; None when gone)."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+
+        return int(psutil.Process(pid).memory_info().rss)
     except Exception:
         return None
 

@@ -141,3 +141,19 @@ def test_work_in_flight_shrinks_when_memory_runs_out():
 def test_bad_memory_option():
     with pytest.raises(ValueError, match="max_memory"):
         parallelize(h.square, max_memory="-3GB")
+
+
+@needs_two
+def test_the_worker_footprint_is_the_pools_measured_rss():
+    calibrate()  # a pool whose workers can be measured
+    from adaptive_exec.backends import loky as loky_backend
+
+    measured = loky_backend.worker_rss()
+    assert measured is not None and 5 << 20 < measured < 1 << 30
+    system.fake_readings(others=0.0)  # load is not the point here; the memory is real
+    try:
+        plan = parallelize(slow).plan(range(40))
+    finally:
+        system.fake_readings()
+    assert plan.mode == "parallel", plan.reason
+    assert abs(plan.features["worker_memory"] - measured) < 64 << 20

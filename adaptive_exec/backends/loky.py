@@ -212,6 +212,14 @@ def worker_pids() -> list[int]:
     return list(processes)
 
 
+def worker_rss() -> Optional[int]:
+    """Mean resident bytes of the pool's workers now, or None without a pool."""
+    from ..system import process_rss
+
+    sizes = [s for s in (process_rss(pid) for pid in worker_pids()) if s]
+    return int(sum(sizes) / len(sizes)) if sizes else None
+
+
 def pool_size() -> int:
     with _state.lock:
         return _state.size
