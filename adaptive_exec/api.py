@@ -303,15 +303,7 @@ class ParallelFunction:
         key = self._fingerprint()
         use_cache = bool(opts["cache"])
 
-        forced = None
-        if system.disabled():
-            forced = f"{system.ENV_DISABLE}=1 is set"
-        elif system.in_worker():
-            forced = "already inside an adaptive_exec worker: nested maps run serially"
-        elif dask_backend.in_task():
-            forced = "already inside a dask task: nested maps run serially"
-        elif opts["backend"] == "serial":
-            forced = "backend='serial' was requested"
+        forced = self._forced_serial()
         # The dask client, when this map may go to a cluster. Known before sampling: no
         # local pool is started ahead, nor local load measured, for a map going there.
         client = self._dask_client() if forced is None else None
@@ -484,9 +476,21 @@ class ParallelFunction:
         value = self._options["max_memory"]
         return None if value is None else system.parse_bytes(value, "max_memory")
 
+    def _forced_serial(self) -> Optional[str]:
+        """Why this map must run in the caller, or None when it may use a pool."""
+        if system.disabled():
+            return f"{system.ENV_DISABLE}=1 is set"
+        if system.in_worker():
+            return "already inside an adaptive_exec worker: nested maps run serially"
+        if dask_backend.in_task():
+            return "already inside a dask task: nested maps run serially"
+        if self._options["backend"] == "serial":
+            return "backend='serial' was requested"
+        return None
+
     def _pool_allowed(self) -> int:
         """Workers a pool could have for this function now; 0 when no pool may be used."""
-        if self._options["backend"] == "serial" or system.disabled() or system.in_worker():
+        if self._forced_serial() is not None:
             return 0
         cpus = system.usable_cpus(self._options["max_workers"])
         return cpus if cpus >= 2 or self._options["backend"] == "loky" else 0

@@ -138,8 +138,11 @@ def faulty(x, crash=frozenset(), raise_on=frozenset(), how="exit", cost=0.0):
     return x * 10
 
 
-def hang_on(x, at=5, seconds=60.0):
+def hang_on(x, at=5, seconds=60.0, pidfile=None):
     if x == at:
+        if pidfile:
+            with open(pidfile, "w") as f:
+                f.write(str(os.getpid()))
         time.sleep(seconds)
     return x
 

