@@ -16,8 +16,8 @@ import os
 import threading
 import time
 import types
-import uuid
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import (
     Any,
@@ -108,8 +108,10 @@ def _check_options(
         msg = f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}"
         raise ValueError(msg)
     if timeout is not None:
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-            msg = f"timeout must be a positive number of seconds or None, got {timeout!r}"
+        if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                or not math.isfinite(timeout) or timeout <= 0):
+            msg = (f"timeout must be a positive, finite number of seconds per item, or None "
+                   f"for no limit, got {timeout!r}")
             raise ValueError(msg)
         if backend == "serial":
             msg = ("timeout= needs worker processes (an item running in the caller cannot "
@@ -151,6 +153,35 @@ class _CallStats:
             return out
 
 
+class _MapState:
+    """What one map decided and measured: its own, never shared with another map of the
+    same function running in another thread."""
+
+    __slots__ = ("plan", "load")
+
+    def __init__(self) -> None:
+        self.plan: Optional[Plan] = None
+        self.load: Optional[system.LoadProbe] = None
+
+
+class _Reports(threading.local):
+    """``last_report`` per thread: the one of this thread's last map."""
+
+    report: Optional[RunReport] = None
+
+
+class _Shared:
+    """What outlives one map of a function: the samples of its plain calls and its
+    reports. A decorated method's bound copies of one instance share one (see __get__)."""
+
+    def __init__(self) -> None:
+        self.calls = _CallStats()
+        # The report of this thread's last map; the last of any thread's for a thread
+        # that has run none (several threads may map one function at once).
+        self.reports = _Reports()
+        self.latest_report: Optional[RunReport] = None
+
+
 class ParallelFunction:
     """A function with ``map``, ``imap``, ``imap_unordered``, ``starmap`` and ``plan``.
 
@@ -170,6 +201,7 @@ class ParallelFunction:
         chunksize: Optional[int] = None,
         max_memory: Union[int, str, None] = None,
         client: Any = None,
+        _shared: Optional[_Shared] = None,
     ):
         if not callable(func):
             msg = (
@@ -186,14 +218,19 @@ class ParallelFunction:
             backend=backend, timeout=timeout, strict=strict, chunksize=chunksize,
             max_memory=max_memory, client=client,
         )
-        self._calls = _CallStats()
+        self._shared = _shared if _shared is not None else _Shared()
+        self._calls = self._shared.calls
         self._key: Optional[str] = None
-        # The fingerprint says what the function does, not which values a large captured
-        # object holds (fingerprint.py knows those by type and size only): two closures
-        # over different arrays of one size share it. The workers keep functions by key,
-        # so each ParallelFunction adds its own token to that key.
-        self._token = uuid.uuid4().hex[:12]
-        self.last_report: Optional[RunReport] = None
+        # Used as a method: what each instance's bound copies share, while it lives.
+        self._per_instance: dict[int, tuple[Any, _Shared]] = {}
+        self._per_instance_lock = threading.Lock()  # guards _per_instance
+
+    @property
+    def last_report(self) -> Optional[RunReport]:
+        """The RunReport of this thread's last map (of any thread's, if this thread ran
+        none), or None before the first."""
+        mine = self._shared.reports.report
+        return mine if mine is not None else self._shared.latest_report
 
     # --- plain calls, and use as a method -----------------------------------------
 
@@ -206,7 +243,29 @@ class ParallelFunction:
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
         if obj is None:
             return self
-        return ParallelFunction(types.MethodType(self._func, obj), **self._options)
+        # A bound copy per read, sharing per instance its last_report and the samples
+        # of its plain calls (kept while the instance lives, without keeping it alive).
+        key = id(obj)
+        with self._per_instance_lock:
+            entry = self._per_instance.get(key)
+            shared = entry[1] if entry is not None and entry[0]() is obj else None
+        if shared is None:
+            shared = _Shared()
+            try:
+                ref = weakref.ref(obj, functools.partial(self._forget, key))
+            except TypeError:  # no weak references (__slots__): nothing is kept
+                ref = None
+            if ref is not None:
+                with self._per_instance_lock:
+                    self._per_instance[key] = (ref, shared)
+        return ParallelFunction(types.MethodType(self._func, obj), _shared=shared,
+                                **self._options)
+
+    def _forget(self, key: int, ref: Any) -> None:
+        with self._per_instance_lock:
+            entry = self._per_instance.get(key)
+            if entry is not None and entry[0] is ref:
+                del self._per_instance[key]
 
     def __repr__(self) -> str:
         return f"<parallelized {getattr(self._func, '__qualname__', self._func)!r}>"
@@ -246,11 +305,13 @@ class ParallelFunction:
                 "or range); a one-shot iterator would lose the items it samples"
             )
             raise TypeError(msg)
-        gen = self._run(items, star=False, ordered=True, name="plan", plan_only=True)
+        state = _MapState()
+        gen = self._run(items, star=False, ordered=True, name="plan", plan_only=True,
+                        state=state)
         for _ in gen:
             pass
-        assert self._planned is not None
-        return self._planned
+        assert state.plan is not None
+        return state.plan
 
     # --- one run ------------------------------------------------------------------
 
@@ -267,7 +328,10 @@ class ParallelFunction:
         ordered: bool,
         name: str,
         plan_only: bool = False,
+        state: Optional[_MapState] = None,
     ) -> Iterator[list[Any]]:
+        # Options read from the environment are checked before any item runs.
+        system.env_max_memory()
         try:
             it = iter(items)
         except TypeError:
@@ -277,8 +341,9 @@ class ParallelFunction:
             )
             raise TypeError(msg) from None
         n_known = _known_length(items)
-        gen = self._execute(it, n_known, star=star, ordered=ordered, plan_only=plan_only,
-                            partial=name.startswith("imap"))
+        gen = self._execute(_guard(it), n_known, star=star, ordered=ordered,
+                            plan_only=plan_only, partial=name.startswith("imap"),
+                            state=state if state is not None else _MapState())
         if self._progress_on() and not plan_only:
             gen = _with_progress(gen, n_known, name)
         return gen
@@ -295,8 +360,25 @@ class ParallelFunction:
         ordered: bool,
         plan_only: bool,
         partial: bool,
+        state: _MapState,
     ) -> Iterator[list[Any]]:
-        self._planned: Optional[Plan] = None
+        yield from self._execute_items(it, n_known, star=star, ordered=ordered,
+                                       plan_only=plan_only, partial=partial, state=state)
+        # The input iterator's own exception, after every result before it (as the loop).
+        if isinstance(it, _GuardedIterator) and it.error is not None:
+            raise it.error
+
+    def _execute_items(
+        self,
+        it: Iterator[Any],
+        n_known: Optional[int],
+        *,
+        star: bool,
+        ordered: bool,
+        plan_only: bool,
+        partial: bool,
+        state: _MapState,
+    ) -> Iterator[list[Any]]:
         t_start = time.perf_counter()
         func = self._func
         opts = self._options
@@ -309,7 +391,7 @@ class ParallelFunction:
         client = self._dask_client() if forced is None else None
 
         # Other processes' CPU load is measured over the time from here to the plan.
-        self._load = (system.LoadProbe(loky_backend.worker_pids)
+        state.load = (system.LoadProbe(loky_backend.worker_pids)
                       if forced is None and client is None and self._pool_allowed() else None)
         entry = cache.lookup(key) if use_cache and forced is None else None
         cached = entry.features if entry is not None else None
@@ -346,7 +428,8 @@ class ParallelFunction:
             sampled_calls_s = s.calls_s
             features = _merge_plain_calls(s.features, self._calls.take())
         if features is None:  # no items at all
-            self._finish(_empty_plan(), t_start, 0, 0, False, [], 0.0, 0.0, None)
+            state.plan = _empty_plan()
+            self._finish(state.plan, t_start, 0, 0, False, [], 0.0, 0.0, None)
             return
 
         if head and not plan_only:
@@ -367,10 +450,10 @@ class ParallelFunction:
         source: Iterator[Any] = itertools.chain(buffered, it) if buffered else it
 
         plan = self._make_plan(features, n_items, n_sampled, t_start, cached is not None, forced,
-                               correction, client)
+                               correction, client, state)
         if plan.features.get("blocked_by_pickling"):
             self._unpicklable("the sampled items or results cannot be pickled")
-        self._planned = plan
+        state.plan = plan
         sampling_s = time.perf_counter() - t_start
         if logger.isEnabledFor(logging.INFO):
             logger.info(
@@ -393,13 +476,14 @@ class ParallelFunction:
                 source, n_sampled, n_items, features, plan, star=star, ordered=ordered,
                 key=key, from_cache=cached is not None, replan=forced is None,
                 partial=partial, correction=correction, t_start=t_start, n_exact=n_exact,
-                client=client,
+                client=client, state=state,
             )
             n_done += count
         else:
             timeline, observed, count = yield from self._parallel(
-                source, n_sampled, plan, star=star, ordered=ordered, key=key,
+                source, n_sampled, plan, star=star, ordered=ordered,
                 n_left=n_items - n_sampled if n_exact else None, client=client,
+                max_chunk_items=_imap_chunk_cap(features) if partial else None,
             )
             n_done += count
         wall = time.perf_counter() - t_start
@@ -519,7 +603,7 @@ class ParallelFunction:
 
     def _parallel(
         self, source: Iterator[Any], first: int, plan: Plan, *, star: bool, ordered: bool,
-        key: str, n_left: Optional[int] = None, client: Any = None,
+        n_left: Optional[int] = None, client: Any = None, max_chunk_items: Optional[int] = None,
     ) -> Generator[list[Any], None, tuple[list[tuple[float, int]], Optional[float], int]]:
         target: Union[LokyTarget, ThreadTarget, DaskTarget, None]
         task_overhead_s = calibration.current().task_overhead_s
@@ -527,7 +611,7 @@ class ParallelFunction:
             target = ThreadTarget(self._func, star)
         else:
             try:
-                ref = function_ref(self._func, f"{key}-{self._token}")
+                ref = function_ref(self._func)
                 if plan.mode == "distributed":
                     target = DaskTarget(client, ref, star)
                     task_overhead_s = plan.features.get("task_overhead_s", task_overhead_s)
@@ -541,18 +625,19 @@ class ParallelFunction:
             while True:
                 batch, err = serial_backend.run_chunk(self._func, source, 4096, first + count,
                                                       star=star, partial=True)
-                count += len(batch)
+                got = len(batch)  # imap empties a batch as it yields it (_flatten)
+                count += got
                 if batch:
                     yield batch
                 if err is not None:
                     raise err
-                if len(batch) < 4096:
+                if got < 4096:
                     return [], None, count
         run = ParallelRun(
             self._func, target, source, first, plan.n_workers,
             plan.chunksize, star=star, ordered=ordered, strict=bool(self._options["strict"]),
             n_left=n_left, fixed_chunksize=self._options["chunksize"] is not None,
-            task_overhead_s=task_overhead_s,
+            max_chunk_items=max_chunk_items, task_overhead_s=task_overhead_s,
             monitor=self._monitor(plan) if plan.mode == "parallel" else None,
             timeout=self._options["timeout"] if plan.mode == "parallel" else None,
         )
@@ -567,6 +652,7 @@ class ParallelFunction:
         self, source: Iterator[Any], first: int, n_items: int, features: Features, plan: Plan,
         *, star: bool, ordered: bool, key: str, from_cache: bool, replan: bool, partial: bool,
         correction: float, t_start: float, n_exact: bool, client: Any = None,
+        state: _MapState,
     ) -> Generator[
         list[Any], None, tuple[Plan, list[tuple[float, int]], Optional[float], int]
     ]:
@@ -580,21 +666,26 @@ class ParallelFunction:
         per_item = max(features.mean_s * (1 + (features.coefficient_of_variation or 0)), 1e-8)
         previous = per_item
         total_s = 0.0
+        # imap: a batch's results are held until the consumer takes them; bounded.
+        cap = _imap_chunk_cap(features) if partial else None
         while True:
             n = max(1, int(chunk_s / per_item)) if replan else max(1, n_items - done)
+            if cap is not None:
+                n = min(n, cap)
             t0 = time.perf_counter()
             batch, err = serial_backend.run_chunk(func, source, n, done, star=star,
                                                   partial=partial)
             elapsed = time.perf_counter() - t0
+            got = len(batch)  # imap empties a batch as it yields it (_flatten)
             if batch:
                 total_s += elapsed
-                done += len(batch)
-                previous, per_item = per_item, max(elapsed / len(batch), 1e-8)
+                done += got
+                previous, per_item = per_item, max(elapsed / got, 1e-8)
                 yield batch
             if err is not None:
                 raise err
             observed = total_s / (done - first) if done > first else None
-            if len(batch) < n:  # the items ran out
+            if got < n:  # the items ran out
                 return plan, [], observed, done - first
             if not replan:
                 continue
@@ -614,7 +705,7 @@ class ParallelFunction:
                 self._maybe_prestart(max(0, n_items - done) * ahead)
             # t_start: the estimate covers the whole map, as the run record's actual does.
             new = self._make_plan(recent, max(n_items, done + 1), done, t_start,
-                                  from_cache, None, correction, client)
+                                  from_cache, None, correction, client, state)
             if new.mode == "serial":
                 continue
             reason = (
@@ -623,11 +714,12 @@ class ParallelFunction:
                 f"{fmt_s(features.mean_s)} sampled: {new.reason}"
             )
             new = dataclasses.replace(new, reason=reason)
-            self._planned = new
+            state.plan = new
             logger.info("re-plan for %s: %s", describe(func)[1], reason)
             timeline, observed_par, count = yield from self._parallel(
-                source, done, new, star=star, ordered=ordered, key=key,
+                source, done, new, star=star, ordered=ordered,
                 n_left=n_items - done if n_exact else None, client=client,
+                max_chunk_items=cap,
             )
             n_all = done - first + count
             if observed_par is not None and observed is not None:
@@ -644,6 +736,7 @@ class ParallelFunction:
         forced: Optional[str],
         correction: float = 1.0,
         client: Any = None,
+        state: Optional[_MapState] = None,
     ) -> Plan:
         max_workers = self._options["max_workers"]
         if client is not None and forced is None:
@@ -674,7 +767,8 @@ class ParallelFunction:
             # Only a parallel plan needs the machine's load and memory (and is capped by
             # them). The load is read over the time since the map began, when that is
             # long enough to tell; else the run's monitor corrects it within ~0.3 s.
-            others = self._load.others() if self._load is not None else None
+            load = state.load if state is not None else None
+            others = load.others() if load is not None else None
             snap = system.snapshot(max_workers, with_memory=True, max_memory=max_memory,
                                    others_load=others, worker_memory=loky_backend.worker_rss())
             plan = make_plan(features, n_items, n_sampled, snap, calib, **kwargs)
@@ -721,7 +815,7 @@ class ParallelFunction:
         overhead_s: float,
         observed: Optional[float],
     ) -> None:
-        self.last_report = RunReport(
+        report = RunReport(
             plan=plan,
             wall_s=time.perf_counter() - t_start,
             n_items=n_items,
@@ -732,6 +826,8 @@ class ParallelFunction:
             planning_overhead_s=max(0.0, overhead_s),
             observed_item_s=observed,
         )
+        self._shared.reports.report = report
+        self._shared.latest_report = report
 
 
 class _SamplingWatch:
@@ -832,10 +928,16 @@ def _save_calibration() -> None:
 
 
 def _flatten(batches: Iterator[list[Any]]) -> Generator[Any, None, None]:
-    """The results one by one; closing it (or dropping it) stops the map's work."""
+    """The results one by one; closing it (or dropping it) stops the map's work.
+
+    Each result is taken out of its batch as it is yielded: once the consumer drops it,
+    nothing of ours keeps it alive (as CPython's Executor.map since bpo-14406)."""
     try:
         for batch in batches:
-            yield from batch
+            batch.reverse()  # every batch is a fresh list of ours (see _collect)
+            pop = batch.pop
+            while batch:
+                yield pop()
     finally:
         close = getattr(batches, "close", None)
         if close is not None:
@@ -852,21 +954,75 @@ def _collect(batches: Iterator[list[Any]]) -> list[Any]:
                 out = batch
             else:
                 out.extend(batch)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         # Ctrl-C between two batches lands here, not in the dispatcher: end the pool's
         # workers all the same, so that nothing runs on and no process is left behind.
-        loky_backend.shutdown()
+        # (An item's own KeyboardInterrupt carries its index: the pool is fine.)
+        if getattr(exc, "item_index", None) is None:
+            loky_backend.shutdown()
         raise
     return out if out is not None else []
 
 
 def _known_length(items: Iterable[Any]) -> Optional[int]:
+    """len(items), or None (it streams, as a generator would) when there is none or it
+    fails: range(10**20) overflows, a custom __len__ may raise."""
     if hasattr(items, "__len__"):
         try:
             return len(items)  # type: ignore[arg-type]
-        except TypeError:
+        except Exception:
             return None
     return None
+
+
+# imap holds a batch's results until the consumer takes them: a batch is capped at about
+# this many bytes of (pickled) results, as sampled. A judgement: 1 MB of results per
+# chunk, with at most (IN_FLIGHT + BUFFERED) chunks per worker held (dispatch.py).
+IMAP_CHUNK_BYTES = 1 << 20
+
+
+def _imap_chunk_cap(features: Features) -> int:
+    return max(16, IMAP_CHUNK_BYTES // max(features.pickle_size or 64, 64))
+
+
+class _GuardedIterator:
+    """The input iterator, with its own exception held back: the map runs every item
+    read before it, yields their results, and raises it after them, as the loop would.
+    (A KeyboardInterrupt is Ctrl-C: it leaves at once.)"""
+
+    __slots__ = ("_it", "error", "count")
+
+    def __init__(self, it: Iterator[Any]):
+        self._it = it
+        self.error: Optional[BaseException] = None
+        self.count = 0
+
+    def __iter__(self) -> _GuardedIterator:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            item = next(self._it)
+        except StopIteration:
+            raise
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            self.error = exc
+            self._it = iter(())
+            raise StopIteration from None
+        self.count += 1
+        return item
+
+
+# Iterators over builtin sequences cannot raise: they go unguarded (and keep the serial
+# loop's fast path, backends/serial.py).
+_SAFE_ITERATORS: tuple[type, ...] = (type(iter([])), type(iter(())), type(iter(range(0))),
+                   type(iter(range(1 << 70))))
+
+
+def _guard(it: Iterator[Any]) -> Iterator[Any]:
+    return it if isinstance(it, _SAFE_ITERATORS) else _GuardedIterator(it)
 
 
 def _read_ahead(it: Iterator[Any], features: Features) -> tuple[list[Any], bool]:

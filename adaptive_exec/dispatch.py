@@ -43,11 +43,22 @@ from .errors import (
     AdaptiveExecError,
     ClusterError,
     ItemTimeoutError,
+    ResultPicklingError,
     UnpicklableWarning,
     WorkerCrashedError,
     attach_origin,
 )
-from .worker import ChunkResult, FunctionRef, decode, dumps, run_chunk, run_items
+from .worker import (
+    FALLBACK,
+    NEED_FUNCTION,
+    ChunkResult,
+    FunctionRef,
+    decode,
+    dumps,
+    run_chunk,
+    run_here,
+    run_items,
+)
 
 if TYPE_CHECKING:
     from .backends.dask import DaskTarget
@@ -68,6 +79,10 @@ EWMA = 0.3  # weight of the newest chunk in the observed per-item time
 # within about twice this), and the loop wakes this often to apply what it decided.
 MONITOR_INTERVAL_S = 0.3
 WAKE_S = 0.25
+# Ordered results waiting for an earlier, slower chunk: at most this many chunks per
+# worker are held before no new chunk is sent (a judgement: the memory a slow consumer
+# or one slow chunk can pin stays bounded, and skewed work keeps ~4 chunks of slack).
+BUFFERED_PER_WORKER = 4
 
 
 class _Throttle:
@@ -108,15 +123,25 @@ class LokyTarget:
 
     def __init__(self, ref: FunctionRef, star: bool):
         self.ref = ref
+        self.lean = ref.lean_copy()
         self.star = star
+        self.full_left = 0  # chunks still to send with the whole function
 
     def open(self, n_workers: int) -> tuple[Any, Optional[calibration.StartupProbe]]:
         executor, cold, _ = loky_backend.get_executor(n_workers)
+        # One whole ref per worker, about: the others carry its key alone, and a worker
+        # that lacks it asks (NEED_FUNCTION) and gets the chunk again, whole.
+        self.full_left = n_workers
         return executor, loky_backend.current_probe(executor) if cold else None
 
-    def submit(self, executor: Any, chunk: list[Any], start: int) -> cf.Future:
+    def submit(self, executor: Any, chunk: list[Any], start: int, full: bool = False
+               ) -> cf.Future:
         payload = dumps(chunk)  # raises when an item cannot be pickled
-        return executor.submit(run_chunk, self.ref, start, payload, self.star)
+        if self.full_left > 0:
+            self.full_left -= 1
+            full = True
+        return executor.submit(run_chunk, self.ref if full else self.lean, start, payload,
+                               self.star)
 
     def decode(self, res: ChunkResult) -> tuple[list[Any], Optional[BaseException]]:
         return decode(res)
@@ -141,7 +166,8 @@ class ThreadTarget:
     def open(self, n_workers: int) -> tuple[Any, None]:
         return cf.ThreadPoolExecutor(n_workers, thread_name_prefix="adaptive_exec"), None
 
-    def submit(self, executor: Any, chunk: list[Any], start: int) -> cf.Future:
+    def submit(self, executor: Any, chunk: list[Any], start: int, full: bool = False
+               ) -> cf.Future:
         return executor.submit(run_items, self.func, start, chunk, self.star)
 
     def decode(self, res: ChunkResult) -> tuple[list[Any], Optional[BaseException]]:
@@ -187,6 +213,7 @@ class ParallelRun:
         strict: bool,
         n_left: Optional[int] = None,
         fixed_chunksize: bool = False,
+        max_chunk_items: Optional[int] = None,
         task_overhead_s: float = 0.0,
         monitor: Optional[Callable[[int], int]] = None,
         timeout: Optional[float] = None,
@@ -199,6 +226,9 @@ class ParallelRun:
         self.chunksize = max(1, chunksize)  # the plan's: an upper bound when not fixed
         self.n_left = n_left  # items still to read from source, when known
         self.fixed_chunksize = fixed_chunksize
+        # imap: a chunk's results are at most about this many items (their bytes
+        # bounded), so a slow consumer pins a bounded amount of memory.
+        self.max_chunk_items = max_chunk_items
         self.task_overhead_s = task_overhead_s
         self.per_item_s: Optional[float] = None  # observed in workers, smoothed
         # decide(current busy workers) -> the number to keep busy now (load, memory).
@@ -216,42 +246,31 @@ class ParallelRun:
         self.timeline: list[tuple[float, int]] = []
         self.worker_compute_s = 0.0
         self.worker_items = 0
-        self.caller_items = 0
-        self.caller_compute_s = 0.0
-        self.first_result_s: Optional[float] = None
         self.startup_s: Optional[float] = None
         self._t0 = 0.0
         self._warm = threading.Event()
         self._warned = False
+        # Set once something could not cross to or from a worker (a result, the function
+        # in a worker): the rest of the map runs here, in the caller.
+        self.caller_only = False
 
     # --- the caller's own share -------------------------------------------------
 
     def _run_here(self, items: list[Any], start: int) -> tuple[list[Any], Optional[BaseException]]:
-        out: list[Any] = []
-        t0 = time.perf_counter()
-        func, star = self.func, self.star
-        try:
-            for item in items:
-                out.append(func(*item) if star else func(item))
-        except Exception as exc:
-            return out, attach_origin(exc, start + len(out), None)
-        finally:
-            self.caller_compute_s += time.perf_counter() - t0
-            self.caller_items += len(out)
-        return out, None
+        return run_here(self.func, items, start, self.star)
 
-    def _unpicklable(self, exc: BaseException, start: int) -> None:
+    def _unpicklable(self, what: str, cause: Optional[BaseException] = None,
+                     error: type[TypeError] = TypeError) -> None:
+        """Something cannot cross between the caller and a worker: raise with strict=True,
+        else warn once (the caller runs what is missing)."""
         if self.strict:
-            msg = (
-                f"item {start} (or one near it) cannot be pickled to reach a worker: {exc}; "
-                "pass strict=False to run such items in the caller instead"
-            )
-            raise TypeError(msg) from exc
+            msg = (f"{what}; pass strict=False to run such items in the caller instead "
+                   "(strict=True)")
+            raise error(msg) from cause
         if not self._warned:
             self._warned = True
             warnings.warn(
-                f"adaptive_exec: items from index {start} cannot be pickled ({exc}); "
-                "running them in the caller",
+                f"adaptive_exec: {what}; running them in the caller",
                 UnpicklableWarning,
                 stacklevel=4,
             )
@@ -267,6 +286,8 @@ class ParallelRun:
         if self.fixed_chunksize:
             return self.chunksize
         c = self.chunksize
+        if self.max_chunk_items is not None:
+            c = min(c, self.max_chunk_items)
         if self.n_left is not None:
             c = min(c, math.ceil(self.n_left / (GUIDED_SPLIT * self.n_workers)))
         if self.per_item_s and self.task_overhead_s:
@@ -312,6 +333,8 @@ class ParallelRun:
         def limit() -> int:
             if retry or any(info.crashes for info in pending.values()):
                 return 1
+            if self.ordered and pending and len(buffer) >= BUFFERED_PER_WORKER * self.n_workers:
+                return 0  # results wait for an earlier chunk: send nothing new meanwhile
             target = self.throttle.get()
             if self.timeout is not None:
                 return target  # no queue: an item's clock starts when it is sent
@@ -319,21 +342,47 @@ class ParallelRun:
             # with fewer, exactly that many chunks, so only that many workers are busy.
             return target * IN_FLIGHT_PER_WORKER if target >= self.n_workers else target
 
-        def send(info: _Pending) -> None:
+        def run_locally(info: _Pending) -> None:
             nonlocal error_at
+            out, err = self._run_here(info.items, info.start)
+            buffer[info.start] = (out, info.n, err)
+            if err is not None and (error_at is None or info.start + len(out) < error_at):
+                error_at = info.start + len(out)
+
+        def send(info: _Pending, full: bool = False) -> None:
+            if self.caller_only:
+                run_locally(info)
+                return
             try:
-                fut = self.target.submit(executor, info.items, info.start)
+                fut = self.target.submit(executor, info.items, info.start, full)
             except AdaptiveExecError:
                 raise  # ours (a cluster that went away...): not a pickling failure
             except Exception as exc:
-                self._unpicklable(exc, info.start)
-                out, err = self._run_here(info.items, info.start)
-                buffer[info.start] = (out, info.n, err)
-                if err is not None:
-                    error_at = info.start + len(out)
+                self._unpicklable(f"items from index {info.start} cannot be pickled to reach "
+                                  f"a worker ({exc})", exc)
+                run_locally(info)
                 return
             info.submitted = time.perf_counter()
             pending[fut] = info
+
+        def fall_back(info: _Pending, res: ChunkResult) -> tuple[list[Any], Optional[
+                BaseException], Optional[int]]:
+            """A chunk that could not fully cross: the items a worker could not run, or
+            whose results could not come back, run here; so does the rest of the map."""
+            reason = res.reason or "something cannot cross between the caller and a worker"
+            self._unpicklable(reason, None, ResultPicklingError if res.holes else TypeError)
+            self.caller_only = True
+            if res.holes is None:  # nothing ran there
+                out, err = self._run_here(info.items, info.start)
+                return out, err, None
+            results, err = self.target.decode(res)
+            err_index = res.error_index
+            for hole in res.holes:
+                out, hole_err = self._run_here([info.items[hole]], info.start + hole)
+                if hole_err is not None:  # before the worker's own error, if any
+                    return results[:hole], hole_err, None
+                results[hole] = out[0]
+            return results, err, err_index
 
         def submit_more() -> None:
             nonlocal read_pos, exhausted
@@ -406,20 +455,34 @@ class ParallelRun:
                     crashed(info, exc)
                     return
                 raise
-            if self.first_result_s is None:
-                self.first_result_s = time.perf_counter() - self._t0
+            status = getattr(res, "status", None)
+            if status == NEED_FUNCTION:  # a worker new to this function: send it whole
+                send(info, full=True)
+                return
             self.worker_compute_s += res.compute_s
             self.worker_items += res.n_done
             self._observe(res)
-            results, err = self.target.decode(res)
-            if err is not None:
-                assert res.error_index is not None
+            err_index = res.error_index
+            if status == FALLBACK:
+                results, err, err_index = fall_back(info, res)
+            else:
+                try:
+                    results, err = self.target.decode(res)
+                except Exception as exc:  # results this process cannot unpickle
+                    self._unpicklable(f"the results of items from index {info.start} cannot "
+                                      f"be unpickled in the caller ({exc})", exc)
+                    self.caller_only = True
+                    results, err = self._run_here(info.items, info.start)
+                    err_index = None
+            if err is not None and err_index is not None:
                 # From another process (loky, dask), the worker's traceback is text to
                 # chain; a thread's exception still carries its own.
                 remote_tb = res.error_tb if self.target.kind != "threads" else None
-                attach_origin(err, res.error_index, remote_tb)
-                if error_at is None or res.error_index < error_at:
-                    error_at = res.error_index
+                attach_origin(err, err_index, remote_tb)
+            if err is not None:
+                at = getattr(err, "item_index", info.start + len(results))
+                if error_at is None or at < error_at:
+                    error_at = at
             buffer[info.start] = (results, info.n, err)
 
         def check_deadlines() -> None:
@@ -521,8 +584,10 @@ class ParallelRun:
                 calibration.record_overheads(
                     *calibration.measure_overheads(executor, loky_backend.pool_size())
                 )
-        except KeyboardInterrupt:
-            interrupted = True
+        except KeyboardInterrupt as exc:
+            # Ctrl-C (not an item's own KeyboardInterrupt, which carries its index):
+            # the workers are ended with the map.
+            interrupted = getattr(exc, "item_index", None) is None
             raise
         finally:
             self.throttle.stop.set()

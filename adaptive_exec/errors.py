@@ -8,8 +8,11 @@ failing item's index and the worker's traceback attached (see ``attach_origin``)
 
 from __future__ import annotations
 
+import builtins
+import pickle
 import sys
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 
 class AdaptiveExecError(Exception):
@@ -34,7 +37,20 @@ class ResultPicklingError(AdaptiveExecError, TypeError):
 
 
 class RemoteError(AdaptiveExecError, RuntimeError):
-    """Stands in for a worker exception that could not itself be pickled."""
+    """Stands in for a worker's exception that could not be rebuilt in the caller as
+    itself (its class cannot travel, or cannot be made without calling __init__).
+
+    ``type_name`` is the original's qualified type name (module included), ``message``
+    its text, ``item_index`` the failing item, and the worker's traceback is chained as
+    ``__cause__``. When the original subclassed a builtin exception (ValueError...), the
+    stand-in is a subclass of both RemoteError and that builtin, so ``except ValueError``
+    still catches it; its class is named ``RemoteError[<type name>]``.
+    """
+
+    def __init__(self, message: str, type_name: str = "", original_message: str = ""):
+        super().__init__(message)
+        self.type_name = type_name
+        self.message = original_message or message
 
 
 class MissingDependencyError(AdaptiveExecError, ImportError):
@@ -87,3 +103,89 @@ def attach_origin(exc: BaseException, index: int, remote_tb: Optional[str]) -> B
     if remote_tb:
         exc.__cause__ = RemoteTraceback(f'\n"""\n{remote_tb}"""')
     return exc
+
+
+# --- exceptions that do not round-trip through pickle ----------------------------------
+
+
+@dataclass(frozen=True)
+class ExceptionState:
+    """What travels instead of an exception that does not survive pickle's round trip
+    (required __init__ arguments it does not pass to ``super().__init__``, a lock in
+    its attributes): its class, its args and attributes that pickle (the others are
+    dropped), and its type name and message, for a stand-in when the class cannot
+    be rebuilt."""
+
+    cls: Optional[bytes]  # the pickled class; None when it cannot travel
+    args: tuple[Any, ...]
+    state: dict[str, Any]
+    type_name: str
+    message: str
+    builtin_base: str  # the nearest builtin exception class in its MRO
+
+
+def _picklable(value: Any) -> bool:
+    try:
+        pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        return True
+    except Exception:
+        return False
+
+
+def safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return "<its message cannot be shown: its __str__ raised>"
+
+
+def reduce_exception(exc: BaseException) -> ExceptionState:
+    """In the worker: the parts of ``exc`` that can travel."""
+    cls = type(exc)
+    try:
+        from .worker import dumps
+
+        data = dumps(cls)
+        pickle.loads(data)  # a class that pickles but cannot be rebuilt stays behind
+        cls_blob: Optional[bytes] = data
+    except Exception:
+        cls_blob = None
+    args = tuple(a if _picklable(a) else repr(a) for a in exc.args)
+    state = {k: v for k, v in getattr(exc, "__dict__", {}).items() if _picklable(v)}
+    base = next(k for k in cls.__mro__ if getattr(builtins, k.__name__, None) is k)
+    return ExceptionState(cls_blob, args, state, f"{cls.__module__}.{cls.__qualname__}",
+                          safe_str(exc), base.__name__)
+
+
+_STAND_INS: dict[tuple[str, str], type] = {}
+
+
+def rebuild_exception(record: ExceptionState) -> BaseException:
+    """In the caller: the exception as itself (class and state, __init__ not called),
+    or a RemoteError stand-in that keeps its type name and message."""
+    blob = record.cls
+    if blob is not None:
+        try:
+            cls = pickle.loads(blob)
+            exc = cls.__new__(cls)
+            exc.args = record.args
+            exc.__dict__.update(record.state)
+            return exc  # type: ignore[no-any-return]
+        except Exception:
+            pass
+    key = (record.type_name, record.builtin_base)
+    stand_in = _STAND_INS.get(key)
+    if stand_in is None:
+        base = getattr(builtins, record.builtin_base, Exception)
+        bases: tuple[type, ...] = (RemoteError,)
+        if not issubclass(RemoteError, base) and issubclass(base, Exception):
+            bases = (RemoteError, base)
+        try:
+            stand_in = type(f"RemoteError[{record.type_name}]", bases, {})
+        except TypeError:  # an incompatible layout (OSError...): RemoteError alone
+            stand_in = type(f"RemoteError[{record.type_name}]", (RemoteError,), {})
+        stand_in.__module__ = __name__
+        _STAND_INS[key] = stand_in
+    msg = f"{record.type_name}: {record.message} (rebuilt from its type name and message: " \
+          "the exception itself could not be sent back from the worker)"
+    return stand_in(msg, record.type_name, record.message)  # type: ignore[no-any-return]

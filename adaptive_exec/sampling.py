@@ -174,7 +174,9 @@ def sample(
         t0 = perf()
         try:
             result = func(*item) if star else func(item)
-        except Exception as exc:
+        except KeyboardInterrupt:  # Ctrl-C in the caller: not an item's outcome
+            raise
+        except BaseException as exc:  # SystemExit too: raised in its turn, as the loop
             error = attach_origin(exc, index, None)
             break
         t1 = perf()

@@ -153,10 +153,19 @@ def parse_bytes(value: object, what: str) -> int:
             amount = float(number)
         except ValueError:
             amount = -1.0
-        if amount > 0 and unit in _UNITS:
+        if amount > 0 and math.isfinite(amount * _UNITS.get(unit, 1)) and unit in _UNITS \
+                and amount * _UNITS[unit] >= 1:
             return int(amount * _UNITS[unit])
-    msg = f"{what} must be a positive number of bytes or a size like '2GB', got {value!r}"
+    msg = (f"{what} must be a positive, finite number of bytes or a size like '2GB' "
+           f"(None: no ceiling), got {value!r}")
     raise ValueError(msg)
+
+
+def env_max_memory() -> Optional[int]:
+    """The ceiling in $ADAPTIVE_EXEC_MAX_MEMORY, or None; a ValueError naming the variable
+    when it is set to something that is not a size (checked before any item runs)."""
+    text = os.environ.get(ENV_MAX_MEMORY, "").strip()
+    return parse_bytes(text, ENV_MAX_MEMORY) if text else None
 
 
 def _read_int(path: str) -> Optional[int]:
@@ -189,8 +198,8 @@ def memory_room(max_memory: Optional[int] = None) -> Optional[int]:
     cgroup = cgroup_memory_room()
     if cgroup is not None:
         room = cgroup if room is None else min(room, cgroup)
-    if max_memory is None and os.environ.get(ENV_MAX_MEMORY, "").strip():
-        max_memory = parse_bytes(os.environ[ENV_MAX_MEMORY], ENV_MAX_MEMORY)
+    if max_memory is None:
+        max_memory = env_max_memory()
     if max_memory is not None:
         ceiling = max(0, max_memory - _our_rss())
         room = ceiling if room is None else min(room, ceiling)

@@ -2,87 +2,255 @@
 
 A chunk travels as bytes we pickled ourselves, not as objects handed to loky: a
 pickling failure is then ours to see (and to answer with a serial fallback), and the
-bytes moved are counted. The function is pickled once per map and unpickled once per
-worker (``_FUNCTIONS``), not once per chunk.
+bytes moved are counted.
+
+The function travels as a ``FunctionRef`` whose key is a digest of everything the worker
+needs to rebuild it as the caller has it *now*: the cloudpickled function (by value: its
+code, what it captured and the globals it reads), or, for a function importable by name,
+its module and name plus the current values of the module globals it reads (``patch``).
+A worker keeps rebuilt functions by that key, so a function, a global it reads or an
+object it captures that changed in the caller is a new key and is sent again: a warm
+worker never runs a stale copy. Only the first chunks of a map carry the whole ref; the
+rest carry the key alone (``lean``), and a worker that does not know it answers
+``NEED_FUNCTION`` instead of running the chunk, which is then sent again whole.
+
+The caller's world travels with the ref: its working directory and ``sys.path``, which a
+worker adopts before it unpickles anything (see ``_enter_context``).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
 import importlib
 import os
 import pickle
 import sys
 import time
 import traceback
+import types
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from .errors import RemoteError, ResultPicklingError
+from .errors import attach_origin, rebuild_exception, reduce_exception
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
-_FUNCTIONS: dict[str, Callable[..., Any]] = {}  # in a worker: unpickled functions by key
+# In a worker: rebuilt functions by key, least recently used first. Bounded in count
+# and in the bytes they arrived as (a closure over a large array is as large as it):
+# a judgement, about what one worker may keep for maps to come.
+_FUNCTIONS: collections.OrderedDict[str, tuple[Any, int]] = (
+    collections.OrderedDict())
 _MAX_FUNCTIONS = 16
+_MAX_FUNCTION_BYTES = 256 << 20
+# The patch last applied to each module in this worker: two refs of one module with
+# different global values (SCALE = 3, then 5, then 3 again) re-apply theirs on each change.
+_APPLIED: dict[str, str] = {}
+
+# Chunk outcomes besides "ran" (ChunkResult.status).
+NEED_FUNCTION = "need_function"  # a lean ref whose key this worker does not know
+FALLBACK = "fallback"  # something could not cross: the caller runs what is missing
 
 
 def dumps(obj: Any) -> bytes:
     """Pickle with the standard pickler (fast, C), falling back to cloudpickle for
-    lambdas, closures and classes defined in ``__main__``."""
+    lambdas, closures and local classes, and using it for anything that names
+    ``__main__``: a class defined in the user's script pickles by reference with the
+    standard pickler, but a worker's ``__main__`` is not the user's script, so it
+    must travel by value (cloudpickle maps it back to the same class on return)."""
     try:
-        return pickle.dumps(obj, protocol=_PROTOCOL)
+        data = pickle.dumps(obj, protocol=_PROTOCOL)
     except Exception:
         import cloudpickle
 
         return cloudpickle.dumps(obj, protocol=_PROTOCOL)
+    if b"__main__" in data:  # a scan of the bytes: far cheaper than the pickling
+        import cloudpickle
+
+        return cloudpickle.dumps(obj, protocol=_PROTOCOL)
+    return data
 
 
 @dataclass(frozen=True)
 class FunctionRef:
     """A function as it travels: by reference to a module attribute, or as a blob."""
 
-    key: str  # the function's fingerprint plus a per-object tag
+    key: str  # a digest of what follows (blob, or module + qualname + patch)
     module: Optional[str] = None
     qualname: Optional[str] = None
     blob: Optional[bytes] = None
+    # By reference: the pickled {name: value} of the module globals the function (and the
+    # module's functions it calls) reads, as the caller has them now.
+    patch: Optional[bytes] = None
+    cwd: Optional[str] = None  # the caller's working directory (None: keep the worker's)
+    sys_path: tuple[str, ...] = ()  # the caller's sys.path (empty: keep the worker's)
+    lean: bool = False  # only the key: a worker that lacks it answers NEED_FUNCTION
+
+    def lean_copy(self) -> FunctionRef:
+        return dataclasses.replace(self, blob=None, patch=None, lean=True)
+
+    def without_context(self) -> FunctionRef:
+        """For workers that are not ours to move (a dask cluster's, maybe elsewhere)."""
+        return dataclasses.replace(self, cwd=None, sys_path=())
 
 
-def function_ref(func: Callable[..., Any], key: str) -> FunctionRef:
-    """Describe ``func`` so a worker can rebuild it; raises if it cannot be pickled."""
+def _importable(value: Any) -> bool:
+    """True when ``value`` is what its module and qualified name resolve to: a worker
+    that imports the module has the same object, so it need not travel."""
+    module = getattr(value, "__module__", None)
+    qualname = getattr(value, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(qualname, str) or module == "__main__":
+        return False
+    target: Any = sys.modules.get(module)
+    try:
+        for part in qualname.split("."):
+            target = getattr(target, part)
+    except AttributeError:
+        return False
+    return target is value or getattr(target, "__adaptive_exec_wrapped__", None) is value
+
+
+def _code_objects(code: types.CodeType) -> list[types.CodeType]:
+    out, stack = [], [code]
+    while stack:
+        c = stack.pop()
+        out.append(c)
+        stack.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+    return out
+
+
+def _globals_read(func: types.FunctionType) -> dict[str, Any]:
+    """The module globals ``func`` reads, and those read by the functions of the same
+    module it reads (transitively), that a worker importing the module might hold
+    differently: values the caller set or changed since import. Modules, and functions
+    and classes that are still what their names say, are left out (the worker's own
+    import has them)."""
+    module_globals = func.__globals__
+    found: dict[str, Any] = {}
+    seen: set[int] = set()
+    stack = [func]
+    while stack:
+        f = stack.pop()
+        code = getattr(f, "__code__", None)
+        if code is None or id(code) in seen:
+            continue
+        seen.add(id(code))
+        for c in _code_objects(code):
+            for name in c.co_names:
+                if name in found or name not in module_globals:
+                    continue
+                value = module_globals[name]
+                inner = getattr(value, "__adaptive_exec_wrapped__", value)
+                if isinstance(inner, types.FunctionType) and inner.__globals__ is module_globals:
+                    stack.append(inner)  # a helper of the same module: what it reads counts
+                if isinstance(value, types.ModuleType) or _importable(value):
+                    continue
+                found[name] = value
+    return found
+
+
+def _context() -> tuple[Optional[str], tuple[str, ...]]:
+    try:
+        cwd: Optional[str] = os.getcwd()
+    except OSError:  # the caller's directory was removed: the workers keep theirs
+        cwd = None
+    return cwd, tuple(p for p in sys.path if isinstance(p, str))
+
+
+def function_ref(func: Callable[..., Any]) -> FunctionRef:
+    """Describe ``func`` as the caller has it now, so a worker can rebuild it; raises if
+    it cannot be pickled. Called once per map: what changed since the last map (the
+    function, a global it reads, an object it captures) changes the key."""
+    cwd, path = _context()
     module = getattr(func, "__module__", None)
     qualname = getattr(func, "__qualname__", None)
-    if module and qualname and module != "__main__" and "<" not in qualname:
+    if isinstance(func, types.FunctionType) and module and qualname and _importable(func):
         # A function decorated with @parallelize is shadowed in its module by the
         # wrapper, so pickle-by-reference would fail and cloudpickle would copy the
-        # code by value. The worker can import the wrapper and unwrap it instead.
-        try:
-            target: Any = sys.modules[module]
-            for part in qualname.split("."):
-                target = getattr(target, part)
-            if getattr(target, "__adaptive_exec_wrapped__", None) is func or target is func:
-                return FunctionRef(key, module=module, qualname=qualname)
-        except (KeyError, AttributeError):
-            pass
+        # code by value. The worker imports the wrapper and unwraps it instead.
+        patch_values: dict[str, Any] = {}
+        for name, value in _globals_read(func).items():
+            try:
+                dumps(value)
+            except Exception:  # a lock, a connection: the worker keeps its own
+                continue
+            patch_values[name] = value
+        patch = dumps(patch_values) if patch_values else None
+        h = hashlib.sha1(f"{module}:{qualname}:".encode())
+        if patch is not None:
+            h.update(patch)
+        return FunctionRef(h.hexdigest(), module=module, qualname=qualname, patch=patch,
+                           cwd=cwd, sys_path=path)
     import cloudpickle
 
-    return FunctionRef(key, blob=cloudpickle.dumps(func, protocol=_PROTOCOL))
+    blob = cloudpickle.dumps(func, protocol=_PROTOCOL)
+    return FunctionRef(hashlib.sha1(blob).hexdigest(), blob=blob, cwd=cwd, sys_path=path)
 
 
-def _resolve(ref: FunctionRef) -> Callable[..., Any]:
-    func = _FUNCTIONS.get(ref.key)
-    if func is not None:
-        return func
-    if ref.blob is not None:
-        func = pickle.loads(ref.blob)
+def _enter_context(ref: FunctionRef) -> None:
+    """Adopt the caller's working directory and sys.path, as a loop in the caller would
+    see them; before anything is unpickled (an item's class may live on that path)."""
+    if ref.sys_path and tuple(sys.path[: len(ref.sys_path)]) != ref.sys_path:
+        theirs = set(ref.sys_path)
+        sys.path[:] = list(ref.sys_path) + [p for p in sys.path if p not in theirs]
+    if ref.cwd is not None:
+        try:
+            if os.getcwd() != ref.cwd:
+                os.chdir(ref.cwd)
+        except OSError:  # not reachable from here: the worker stays where it is
+            pass
+
+
+def _resolve(ref: FunctionRef) -> Optional[Callable[..., Any]]:
+    """The function ``ref`` names, rebuilt once per key; None for a lean ref whose key
+    this worker has not seen (the caller then sends the whole ref)."""
+    func: Any
+    entry = _FUNCTIONS.get(ref.key)
+    if entry is not None:
+        _FUNCTIONS.move_to_end(ref.key)
+        func, _ = entry
+    elif ref.lean:
+        return None
     else:
-        assert ref.module is not None and ref.qualname is not None
-        target: Any = importlib.import_module(ref.module)
-        for part in ref.qualname.split("."):
-            target = getattr(target, part)
-        func = getattr(target, "__adaptive_exec_wrapped__", target)
-    if len(_FUNCTIONS) >= _MAX_FUNCTIONS:
-        _FUNCTIONS.clear()
-    _FUNCTIONS[ref.key] = func
+        if ref.blob is not None:
+            func = pickle.loads(ref.blob)
+        else:
+            assert ref.module is not None and ref.qualname is not None
+            target: Any = importlib.import_module(ref.module)
+            for part in ref.qualname.split("."):
+                target = getattr(target, part)
+            func = getattr(target, "__adaptive_exec_wrapped__", target)
+            if ref.patch is not None:
+                # Kept with the function: re-applied whenever another key of the same
+                # module was applied in between.
+                func = _Patched(func, ref.module, ref.key, pickle.loads(ref.patch))
+        size = len(ref.blob or b"") + len(ref.patch or b"")
+        _FUNCTIONS[ref.key] = (func, size)
+        while len(_FUNCTIONS) > _MAX_FUNCTIONS or (
+                len(_FUNCTIONS) > 1 and sum(s for _, s in _FUNCTIONS.values())
+                > _MAX_FUNCTION_BYTES):
+            _FUNCTIONS.popitem(last=False)
+    if isinstance(func, _Patched):
+        return func.enter()
     return func
+
+
+class _Patched:
+    """A function importable by name, with the caller's values of the module globals
+    it reads, set in this worker's module before it runs."""
+
+    __slots__ = ("func", "module", "key", "values")
+
+    def __init__(self, func: Callable[..., Any], module: str, key: str,
+                 values: dict[str, Any]):
+        self.func, self.module, self.key, self.values = func, module, key, values
+
+    def enter(self) -> Callable[..., Any]:
+        if _APPLIED.get(self.module) != self.key:
+            namespace = sys.modules[self.module].__dict__
+            namespace.update(self.values)
+            _APPLIED[self.module] = self.key
+        return self.func
 
 
 @dataclass(frozen=True)
@@ -94,45 +262,68 @@ class ChunkResult:
     n_done: int
     compute_s: float
     pid: int
-    error: Any = None  # the exception; pickled (bytes, or None if it cannot be) from a process
+    error: Any = None  # the exception; pickled (bytes) on its way back from a process
     error_index: Optional[int] = None
     error_tb: Optional[str] = None
-    error_repr: Optional[str] = None  # when the exception itself cannot be pickled
-
-
-def _pickle_error(exc: BaseException) -> Optional[bytes]:
-    try:
-        data = dumps(exc)
-        pickle.loads(data)  # an exception whose __init__ rejects its args fails here
-        return data
-    except Exception:
-        return None
+    # "ran" | NEED_FUNCTION | FALLBACK. With FALLBACK, ``holes`` lists the offsets in the
+    # chunk whose results could not be pickled (results holds None there), or is None
+    # when nothing ran here (the function or the items could not be unpickled).
+    status: str = "ran"
+    holes: Optional[tuple[int, ...]] = None
+    reason: Optional[str] = None  # why, for the caller's one warning
 
 
 def run_chunk(ref: FunctionRef, start: int, payload: bytes, star: bool) -> ChunkResult:
     """Worker side: run the items of one chunk in order; results go back pickled."""
-    res = run_items(_resolve(ref), start, pickle.loads(payload), star)
+    pid = os.getpid()
+    _enter_context(ref)
     try:
-        data = dumps(res.results)
+        func = _resolve(ref)
     except Exception as exc:
-        msg = (
-            f"the results of items {start}..{start + res.n_done - 1} cannot be pickled to "
-            f"return from the worker ({exc}); use backend='serial' for this function"
-        )
-        raise ResultPicklingError(msg) from None
-    error = _pickle_error(res.error) if res.error is not None else None
-    return dataclasses.replace(res, results=data, error=error)
+        return ChunkResult([], 0, 0.0, pid, status=FALLBACK,
+                           reason=f"the function cannot be rebuilt in a worker ({_safe(exc)})")
+    if func is None:
+        return ChunkResult([], 0, 0.0, pid, status=NEED_FUNCTION)
+    try:
+        items = pickle.loads(payload)
+    except Exception as exc:
+        return ChunkResult([], 0, 0.0, pid, status=FALLBACK,
+                           reason=f"items from index {start} cannot be unpickled in a "
+                                  f"worker ({_safe(exc)})")
+    res = run_items(func, start, items, star)
+    error = None if res.error is None else _pickle_error(res.error)
+    try:
+        return dataclasses.replace(res, results=dumps(res.results), error=error)
+    except Exception:
+        pass
+    # Some results cannot cross: send the others, each on its own, and name the holes;
+    # the caller runs those items itself (each ran here once already).
+    parts: list[Optional[bytes]] = []
+    holes: list[int] = []
+    reason = None
+    for offset, result in enumerate(res.results):
+        try:
+            parts.append(dumps(result))
+        except Exception as exc:
+            parts.append(None)
+            holes.append(offset)
+            reason = reason or (f"the result of item {start + offset} cannot be pickled to "
+                                f"return from a worker ({_safe(exc)})")
+    return dataclasses.replace(res, results=parts, error=error, status=FALLBACK,
+                               holes=tuple(holes), reason=reason)
 
 
 def run_items(func: Callable[..., Any], start: int, items: list[Any], star: bool) -> ChunkResult:
     """Run one chunk's items in order (in a process worker or a thread); ``results`` is
-    the list itself, and the first failure stops the chunk, as in the loop."""
+    the list itself, and the first failure stops the chunk, as in the loop. Any
+    exception the function raises is the item's outcome, BaseExceptions too
+    (SystemExit, KeyboardInterrupt): it comes back in its turn, as in the loop."""
     out: list[Any] = []
     t0 = time.perf_counter()
     for offset, item in enumerate(items):
         try:
             out.append(func(*item) if star else func(item))
-        except Exception as exc:
+        except BaseException as exc:
             compute = time.perf_counter() - t0
             return ChunkResult(
                 results=out,
@@ -141,18 +332,68 @@ def run_items(func: Callable[..., Any], start: int, items: list[Any], star: bool
                 pid=os.getpid(),
                 error=exc,
                 error_index=start + offset,
+                # TracebackException survives an exception whose __str__ raises.
                 error_tb="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-                error_repr=f"{type(exc).__qualname__}: {exc}",
             )
     return ChunkResult(out, len(out), time.perf_counter() - t0, os.getpid())
 
 
+def _safe(exc: BaseException) -> str:
+    """``repr``-like text of an exception, even when its __str__ raises."""
+    try:
+        return f"{type(exc).__qualname__}: {exc}"
+    except Exception:
+        return f"{type(exc).__qualname__} (its message cannot be shown)"
+
+
+def _pickle_error(exc: BaseException) -> bytes:
+    """The exception, pickled so that the caller rebuilds it as faithfully as it can:
+    as itself when it round-trips, else its class and state without calling __init__,
+    else a RemoteError that keeps its type name and message (errors.reduce_exception)."""
+    try:
+        data = dumps(exc)
+        pickle.loads(data)  # an exception whose __init__ rejects its args fails here
+        return data
+    except Exception:
+        pass
+    return dumps(reduce_exception(exc))
+
+
 def decode(res: ChunkResult) -> tuple[list[Any], Optional[BaseException]]:
-    """Caller side of run_chunk: the chunk's results and its exception, unpickled (an
-    exception that could not be pickled comes back as a RemoteError with its text)."""
-    results = pickle.loads(res.results)
+    """Caller side of run_chunk: the chunk's results and its exception, unpickled.
+    With holes (results that could not be pickled) the list holds None there."""
+    if res.status == FALLBACK and res.holes is not None:
+        results = [None if part is None else pickle.loads(part) for part in res.results]
+    else:
+        results = pickle.loads(res.results)
     if res.error_index is None:
         return results, None
-    if res.error is not None:
-        return results, pickle.loads(res.error)
-    return results, RemoteError(f"{res.error_repr} (the exception could not be pickled)")
+    return results, _load_error(res.error)
+
+
+def _load_error(data: bytes) -> BaseException:
+    try:
+        loaded = pickle.loads(data)
+    except Exception as exc:
+        from .errors import RemoteError
+
+        return RemoteError(f"an exception that cannot be unpickled here ({_safe(exc)})")
+    if isinstance(loaded, BaseException):
+        return loaded
+    return rebuild_exception(loaded)
+
+
+def run_here(func: Callable[..., Any], items: list[Any], start: int, star: bool,
+             ) -> tuple[list[Any], Optional[BaseException]]:
+    """In the caller: run ``items`` in order; (results, the exception that stopped them,
+    index attached). A KeyboardInterrupt is the user's Ctrl-C here: it is not an item's
+    outcome, and leaves at once."""
+    out: list[Any] = []
+    try:
+        for item in items:
+            out.append(func(*item) if star else func(item))
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        return out, attach_origin(exc, start + len(out), None)
+    return out, None

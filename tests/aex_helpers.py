@@ -163,3 +163,151 @@ def outcome(run, items):
     except Exception as exc:
         return out, (type(exc), getattr(exc, "item_index", None))
     return out, None
+
+
+# --- issue 10: what a warm worker must not keep stale ------------------------------
+
+SCALE = 3
+
+
+def _offset(x):
+    return x + OFFSET
+
+
+OFFSET = 0
+
+
+def scaled(x):
+    # Reads a module global, and one through a helper of the same module.
+    spin(0.001)
+    return x * SCALE + _offset(0)
+
+
+def slow_then_fail(x, slow_at=2, fail_fast_at=8, exc="ValueError"):
+    """Item ``slow_at`` fails late; item ``fail_fast_at`` fails at once with ``exc``:
+    the loop raises the first one, whatever the order they finish in."""
+    if x == slow_at:
+        spin(0.4)
+        raise ValueError(f"slow failure at {x}")
+    if x == fail_fast_at:
+        raise {"ValueError": ValueError("fast"), "SystemExit": SystemExit(3),
+               "KeyboardInterrupt": KeyboardInterrupt(), "GeneratorExit": GeneratorExit(),
+               "BadStr": BadStr()}[exc]
+    spin(0.002)
+    return x
+
+
+class BadStr(Exception):
+    def __str__(self):
+        raise RuntimeError("this __str__ raises")
+
+
+def raise_base(x, at=5, exc="SystemExit"):
+    spin(0.002)
+    if x == at:
+        raise {"SystemExit": SystemExit(3), "KeyboardInterrupt": KeyboardInterrupt(),
+               "GeneratorExit": GeneratorExit(), "BadStr": BadStr()}[exc]
+    return x
+
+
+class NeedsArgs(ValueError):
+    """Required __init__ arguments it does not pass on: pickle cannot rebuild it."""
+
+    def __init__(self, code, detail):
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+class HoldsLock(KeyError):
+    def __init__(self, msg):
+        super().__init__(msg)
+        import threading
+
+        self.lock = threading.Lock()
+        self.note = "kept"
+
+
+def raise_rich(x, at=4, kind="needs_args"):
+    spin(0.002)
+    if x == at:
+        if kind == "needs_args":
+            raise NeedsArgs(7, "detail")
+        if kind == "lock":
+            raise HoldsLock("with a lock")
+        if kind == "unpicklable_class":
+            import threading
+
+            # A class that cannot travel at all: not importable, and its body holds a lock.
+            cls = type("Unsendable", (ValueError,), {"guard": threading.Lock()})
+            raise cls("cannot travel")
+    return x
+
+
+def lock_after(x, at=30):
+    """Results from item ``at`` on cannot be pickled (the sampled ones can)."""
+    spin(0.002)
+    if x >= at:
+        import threading
+
+        return threading.Lock()
+    return x
+
+
+class FailsInWorker:
+    """Pickles anywhere; unpickles only outside a worker."""
+
+    def __init__(self, v):
+        self.v = v
+
+    def __setstate__(self, state):
+        if in_worker():
+            raise RuntimeError("cannot be unpickled in a worker")
+        self.__dict__.update(state)
+
+
+def value_of(obj):
+    spin(0.002)
+    return obj.v * 2
+
+
+def read_relative(x, name="data.txt"):
+    spin(0.002)
+    with open(name) as f:
+        return f.read().strip() + str(x)
+
+
+def cwd_of(_x):
+    spin(0.002)
+    return os.getcwd()
+
+
+class Weak:
+    """A result that can be watched with a weak reference."""
+
+    def __init__(self, v):
+        self.v = v
+
+
+def make_weak(x):
+    return Weak(x)
+
+
+LIVE = [0, 0]  # [alive now, most alive at once] of Counted in this process
+
+
+class Counted:
+    def __init__(self, v):
+        self.v = v
+        LIVE[0] += 1
+        LIVE[1] = max(LIVE[1], LIVE[0])
+
+    def __reduce__(self):
+        return (Counted, (self.v,))
+
+    def __del__(self):
+        LIVE[0] -= 1
+
+
+def make_counted(x):
+    return Counted(b"x" * 1000)

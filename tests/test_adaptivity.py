@@ -49,12 +49,12 @@ def test_chunks_shrink_towards_the_end(tmp_path):
     sizes = []
 
     class Recording(LokyTarget):
-        def submit(self, executor, chunk, start):
+        def submit(self, executor, chunk, start, full=False):
             sizes.append(len(chunk))
-            return super().submit(executor, chunk, start)
+            return super().submit(executor, chunk, start, full)
 
     calibrate()  # a warm pool: on a cold one the caller would run these quick items itself
-    target = Recording(function_ref(h.square, "k"), star=False)
+    target = Recording(function_ref(h.square), star=False)
     run = ParallelRun(h.square, target, iter(range(4000)), 0, 2, 500, star=False,
                       ordered=True, strict=False, n_left=4000)
     out = [r for batch in run for r in batch]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures as cf
+import dataclasses
 import functools
 import importlib.util
 import logging
@@ -360,8 +361,10 @@ class DaskTarget:
         # A key of this map's own: the workers outlive this process and serve others,
         # and their function cache (worker._FUNCTIONS) must not hand this map the
         # function of another map whose fingerprint happens to match.
-        self.ref = FunctionRef(f"{ref.key}-{uuid.uuid4().hex}", ref.module, ref.qualname,
-                               ref.blob)
+        # The caller's working directory and sys.path stay here: a cluster's workers
+        # serve others and may run on other machines.
+        self.ref = dataclasses.replace(ref.without_context(),
+                                       key=f"{ref.key}-{uuid.uuid4().hex}")
         self.star = star
         self.ref_future: Any = None
         # Set on dask's callback thread when a task was dropped: the function's copies
@@ -381,7 +384,8 @@ class DaskTarget:
             old.release()
         self.ref_future = self.client.scatter(self.ref, broadcast=True, hash=False)
 
-    def submit(self, executor: Any, chunk: list[Any], start: int) -> cf.Future:
+    def submit(self, executor: Any, chunk: list[Any], start: int, full: bool = False
+               ) -> cf.Future:
         payload = dumps(chunk)  # raises when an item cannot be pickled: the caller runs it
         try:
             if self.dropped.is_set() or self.ref_future.status != "finished":

@@ -42,7 +42,9 @@ def run_chunk(
             if star:
                 return [func(*args) for args in itertools.islice(source, n)], None
             return [func(x) for x in itertools.islice(source, n)], None
-        except Exception as exc:
+        except KeyboardInterrupt:  # Ctrl-C: not an item's outcome
+            raise
+        except BaseException as exc:
             # length_hint now counts what was not read; the failing item was read last.
             failed_at = before - operator.length_hint(source) - 1
             return [], attach_origin(exc, first_index + failed_at, None)
@@ -55,6 +57,8 @@ def run_chunk(
         else:
             for item in itertools.islice(source, n):
                 append(func(item))
-    except Exception as exc:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # SystemExit too: after the results before it
         return out, attach_origin(exc, first_index + len(out), None)
     return out, None

@@ -1,0 +1,434 @@
+"""The loop's answer for every script a user writes (issue 10), on real worker processes.
+
+Each test forces the pool (``backend="loky"``) where workers are the point: a tiny
+function would otherwise run serially in the caller and prove nothing. Scripts that need
+their own ``__main__`` (classes and functions defined in the user's script) run as real
+child processes, bounded in time.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import warnings
+import weakref
+
+import aex_helpers as h
+import pytest
+
+from adaptive_exec import (
+    Plan,
+    RemoteError,
+    UnpicklableWarning,
+    calibrate,
+    parallelize,
+)
+
+
+def run_script(tmp_path, body: str, timeout: float = 60) -> str:
+    """Run ``body`` as a user's script (its own ``__main__``); its stdout."""
+    script = tmp_path / "user_script.py"
+    script.write_text(textwrap.dedent(body))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=timeout, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+# --- 1. fresh globals and definitions ------------------------------------------------
+
+def test_a_changed_module_global_is_seen_by_warm_workers():
+    calibrate()  # warm workers: the ones that could hold a stale copy
+    pf = parallelize(h.scaled, backend="loky", chunksize=4)
+    try:
+        assert pf.map(range(60)) == [x * 3 for x in range(60)]
+        h.SCALE = 5
+        assert pf.map(range(60)) == [x * 5 for x in range(60)]
+        h.OFFSET = 100  # read through a helper of the same module
+        assert pf.map(range(60)) == [x * 5 + 100 for x in range(60)]
+        h.SCALE, h.OFFSET = 3, 0  # and back: an earlier key must not bring stale values
+        assert pf.map(range(60)) == [x * 3 for x in range(60)]
+    finally:
+        h.SCALE, h.OFFSET = 3, 0
+
+
+def test_a_script_whose_globals_helpers_and_captured_objects_change(tmp_path):
+    out = run_script(tmp_path, """
+        import time
+        from adaptive_exec import parallelize, adaptive_map
+
+        SCALE = 3
+        BIG = list(range(50_000))  # pickles to more than 64 KB
+
+        def helper(x):
+            return x + 1
+
+        def spin():
+            end = time.perf_counter() + 0.002
+            while time.perf_counter() < end:
+                pass
+
+        @parallelize(backend="loky", chunksize=4)
+        def f(x):
+            spin()
+            return helper(x) * SCALE + BIG[x]
+
+        items = range(80)
+        assert f.map(items) == [(x + 1) * 3 + x for x in items]
+        SCALE = 5
+        assert f.map(items) == [(x + 1) * 5 + x for x in items], "global"
+        def helper(x):
+            return x - 1
+        assert f.map(items) == [(x - 1) * 5 + x for x in items], "helper"
+        BIG[0:80] = [1000] * 80  # mutated in place
+        assert f.map(items) == [(x - 1) * 5 + 1000 for x in items], "mutated"
+        BIG = [7] * 50_000  # replaced
+        assert f.map(items) == [(x - 1) * 5 + 7 for x in items], "replaced"
+
+        data = {"k": 1}
+        g = lambda x: (spin(), x * data["k"])[1]
+        assert adaptive_map(g, items, backend="loky") == list(items)
+        data["k"] = 2  # a closure's captured object, mutated
+        assert adaptive_map(g, items, backend="loky") == [2 * x for x in items], "closure"
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+# --- 2. the caller's world -----------------------------------------------------------
+
+def test_workers_follow_the_callers_working_directory(tmp_path, monkeypatch):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "data.txt").write_text("A")
+    (b / "data.txt").write_text("B")
+    calibrate()
+    pf = parallelize(h.read_relative, backend="loky", chunksize=2)
+    monkeypatch.chdir(a)
+    assert pf.map(range(30)) == [f"A{x}" for x in range(30)]
+    monkeypatch.chdir(b)
+    assert pf.map(range(30)) == [f"B{x}" for x in range(30)]
+    assert set(parallelize(h.cwd_of, backend="loky").map(range(20))) == {str(b)}
+
+
+def test_workers_see_the_callers_sys_path_additions(tmp_path, monkeypatch):
+    pkg = tmp_path / "extra"
+    pkg.mkdir()
+    (pkg / "aex_extra_mod.py").write_text(textwrap.dedent("""
+        import time
+
+        class Box:
+            def __init__(self, v):
+                self.v = v
+
+        def triple(box):
+            end = time.perf_counter() + 0.002
+            while time.perf_counter() < end:
+                pass
+            return Box(box.v * 3)
+    """))
+    calibrate()  # workers started before the path was added
+    monkeypatch.syspath_prepend(str(pkg))
+    import aex_extra_mod as mod
+
+    out = parallelize(mod.triple, backend="loky", chunksize=3).map(
+        [mod.Box(i) for i in range(40)])
+    assert [b.v for b in out] == [3 * i for i in range(40)]
+    assert all(type(b) is mod.Box for b in out)
+
+
+# --- 3. classes and functions defined in the user's script ---------------------------
+
+def test_script_classes_and_dataclasses_in_items_results_and_starmap(tmp_path):
+    out = run_script(tmp_path, """
+        import dataclasses
+        from adaptive_exec import adaptive_map, parallelize
+
+        class Point:
+            def __init__(self, x):
+                self.x = x
+            def __eq__(self, other):
+                return type(other) is Point and other.x == self.x
+
+        @dataclasses.dataclass(frozen=True)
+        class Pair:
+            a: int
+            b: int
+
+        def norm(p):
+            return Point(p.x * 2)
+
+        def make_pair(a, b):
+            return Pair(a, b)
+
+        items = [Point(i) for i in range(2000)]
+        res = adaptive_map(norm, items, backend="loky", chunksize=50)
+        assert res == [Point(2 * i) for i in range(2000)]
+        assert all(type(r) is Point for r in res)
+        pairs = parallelize(make_pair, backend="loky", chunksize=50).starmap(
+            [(Point(i), i) for i in range(500)])
+        assert pairs == [Pair(Point(i), i) for i in range(500)]
+        assert all(type(p) is Pair for p in pairs)
+        assert adaptive_map(lambda p: p.a, pairs, backend="loky") == [Point(i) for i in range(500)]
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+# --- 4. errors in the loop's order ---------------------------------------------------
+
+@pytest.mark.parametrize("exc", ["ValueError", "SystemExit", "KeyboardInterrupt",
+                                 "GeneratorExit", "BadStr"])
+def test_the_first_failing_item_in_input_order_is_raised(exc):
+    # Item 2 fails after 0.4 s; item 8 fails at once, in another chunk: the loop raises
+    # item 2's error, after the results of items 0 and 1.
+    calibrate()
+    pf = parallelize(functools.partial(h.slow_then_fail, slow_at=2, fail_fast_at=8, exc=exc),
+                     backend="loky", chunksize=1)
+    got = []
+    with pytest.raises(ValueError, match="slow failure at 2") as info:
+        for r in pf.imap(range(20)):
+            got.append(r)
+    assert got == [0, 1]
+    assert info.value.item_index == 2
+    with pytest.raises(ValueError, match="slow failure at 2"):
+        pf.starmap([(x,) for x in range(20)])
+
+
+@pytest.mark.parametrize("exc", ["SystemExit", "KeyboardInterrupt", "GeneratorExit", "BadStr"])
+def test_a_base_exception_from_a_worker_comes_after_the_results_before_it(exc):
+    calibrate()
+    pf = parallelize(functools.partial(h.raise_base, at=25, exc=exc), backend="loky",
+                     chunksize=2)
+    got = []
+    expected = {"SystemExit": SystemExit, "KeyboardInterrupt": KeyboardInterrupt,
+                "GeneratorExit": GeneratorExit, "BadStr": h.BadStr}[exc]
+    with pytest.raises(expected) as info:
+        for r in pf.imap(range(60)):
+            got.append(r)
+    assert got == list(range(25))
+    assert info.value.item_index == 25
+    # The pool is still usable, and was not taken for a Ctrl-C.
+    assert pf.map(range(25)) == list(range(25))
+
+
+# --- 5. exceptions come back as themselves ---------------------------------------------
+
+def test_an_exception_needing_init_arguments_comes_back_as_itself():
+    calibrate()
+    with pytest.raises(h.NeedsArgs) as info:
+        parallelize(h.raise_rich, backend="loky", chunksize=2).starmap(
+            [(x, 31, "needs_args") for x in range(60)])
+    err = info.value
+    assert type(err) is h.NeedsArgs
+    assert (err.code, err.detail, str(err)) == (7, "detail", "7: detail")
+    assert err.item_index == 31
+    assert "raise NeedsArgs" in str(err.__cause__)  # the worker's traceback
+
+
+def test_an_exception_holding_a_lock_keeps_its_class_and_other_attributes():
+    calibrate()
+    with pytest.raises(h.HoldsLock) as info:
+        parallelize(h.raise_rich, backend="loky", chunksize=2).starmap(
+            [(x, 31, "lock") for x in range(60)])
+    assert info.value.note == "kept" and info.value.item_index == 31
+    assert not hasattr(info.value, "lock")  # what cannot travel is dropped
+
+
+def test_an_exception_whose_class_cannot_travel_is_a_remote_error_stand_in():
+    calibrate()
+    with pytest.raises(RemoteError) as info:
+        parallelize(h.raise_rich, backend="loky", chunksize=2).starmap(
+            [(x, 31, "unpicklable_class") for x in range(60)])
+    err = info.value
+    assert isinstance(err, ValueError)  # the original's builtin base still catches it
+    assert err.type_name.endswith("Unsendable") and err.message == "cannot travel"
+    assert err.item_index == 31
+    assert "Unsendable" in str(err.__cause__)
+
+
+# --- 6. unpicklable results or items after the sampled ones ------------------------------
+
+def test_unpicklable_results_after_the_sample_finish_in_the_caller():
+    calibrate()
+    pf = parallelize(h.lock_after, backend="loky", chunksize=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = pf.map(range(80))
+    assert out[:30] == list(range(30))
+    lock_type = type(threading.Lock())
+    assert len(out) == 80 and all(isinstance(r, lock_type) for r in out[30:])
+    assert sum(issubclass(w.category, UnpicklableWarning) for w in caught) == 1
+    with pytest.raises(TypeError):
+        parallelize(h.lock_after, backend="loky", chunksize=4, strict=True).map(range(80))
+
+
+def test_items_that_cannot_be_unpickled_in_a_worker_run_in_the_caller():
+    calibrate()
+    items = [h.FailsInWorker(i) for i in range(60)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = parallelize(h.value_of, backend="loky", chunksize=4).map(items)
+    assert out == [2 * i for i in range(60)]
+    assert sum(issubclass(w.category, UnpicklableWarning) for w in caught) == 1
+    with pytest.raises(TypeError):
+        parallelize(h.value_of, backend="loky", chunksize=4, strict=True).map(items)
+
+
+# --- 7. the input iterator raising ----------------------------------------------------
+
+def _raising_source(n):
+    yield from range(n)
+    raise LookupError("the source broke")
+
+
+@pytest.mark.parametrize("backend", ["serial", "loky", "auto"])
+@pytest.mark.parametrize("n", [0, 3, 300])
+def test_the_input_iterators_exception_comes_after_every_result_before_it(backend, n):
+    pf = parallelize(h.square, backend=backend)
+    got = []
+    with pytest.raises(LookupError, match="the source broke"):
+        for r in pf.imap(_raising_source(n)):
+            got.append(r)
+    assert got == [x * x for x in range(n)]
+    with pytest.raises(LookupError, match="the source broke"):
+        pf.map(_raising_source(n))
+    assert pf.map(range(5)) == [0, 1, 4, 9, 16]
+
+
+def test_an_item_error_before_the_iterators_error_wins():
+    pf = parallelize(h.fail_on, backend="loky", chunksize=2)
+    items = ((x, frozenset({50})) for x in _raising_source(100))
+    with pytest.raises(ValueError, match="bad item 50"):
+        pf.starmap(items)
+
+
+# --- 8. imap frees what it yielded ---------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["serial", "loky"])
+def test_imap_keeps_no_result_alive_once_the_consumer_drops_it(backend):
+    pf = parallelize(h.make_weak, backend=backend, chunksize=50)
+    it = pf.imap(range(400))
+    refs = []
+    for _ in range(300):
+        r = next(it)
+        refs.append(weakref.ref(r))
+        del r
+    gc.collect()
+    alive = sum(ref() is not None for ref in refs)
+    assert alive == 0, f"{alive} yielded results are still held"
+    assert sum(1 for _ in it) == 100
+
+
+def test_a_slow_imap_consumer_holds_a_bounded_number_of_results():
+    h.LIVE[:] = [0, 0]
+    pf = parallelize(h.make_counted)
+    n = 0
+    for r in pf.imap(range(100_000)):
+        n += 1
+        del r
+    assert n == 100_000
+    # 1 KB results: a batch is capped at ~1 MB (about 1,000 of them), and the map holds
+    # a few batches at most: nowhere near the 100,000 a list would.
+    assert h.LIVE[1] <= 20_000, h.LIVE
+
+
+# --- 9. inputs and options at the edges ------------------------------------------------
+
+def test_plan_of_nothing_is_a_plan():
+    plan = parallelize(h.square).plan([])
+    assert isinstance(plan, Plan) and plan.mode == "serial"
+
+
+class _LenRaises:
+    def __len__(self):
+        raise RuntimeError("no length")
+
+    def __iter__(self):
+        return iter(range(10))
+
+
+def test_inputs_whose_length_fails_stream_like_generators():
+    pf = parallelize(h.square)
+    it = pf.imap(range(10**20))
+    assert [next(it) for _ in range(5)] == [0, 1, 4, 9, 16]
+    it.close()
+    assert pf.map(_LenRaises()) == [x * x for x in range(10)]
+
+
+@pytest.mark.parametrize("options", [dict(timeout=float("nan")), dict(timeout=float("inf")),
+                                     dict(max_memory="inf"), dict(max_memory="nan"),
+                                     dict(max_memory=float("inf"))])
+def test_non_finite_options_say_what_to_pass(options):
+    with pytest.raises(ValueError, match="finite"):
+        parallelize(h.square, **options)
+
+
+@pytest.mark.parametrize("backend", ["serial", "auto", "loky"])
+def test_a_bad_max_memory_variable_is_reported_before_any_item_runs(backend, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.setenv("ADAPTIVE_EXEC_MAX_MEMORY", "lots")
+    log = tmp_path / "calls"
+    pf = parallelize(h.record_call, backend=backend)
+    for _ in range(2):  # on every map, not only the first
+        with pytest.raises(ValueError, match="ADAPTIVE_EXEC_MAX_MEMORY"):
+            pf.starmap([(str(log), x) for x in range(5)])
+    assert not log.exists()
+
+
+# --- 10. one function, many threads ------------------------------------------------
+
+def test_threads_mapping_one_function_get_their_own_results_and_reports():
+    pf = parallelize(h.heavy)  # 20 ms items: some maps plan parallel
+    results, reports, errors = {}, {}, []
+    barrier = threading.Barrier(4)
+
+    def work(k):
+        try:
+            barrier.wait(timeout=10)
+            items = list(range(k * 100, k * 100 + 5 + 3 * k))
+            results[k] = pf.map(items)
+            reports[k] = pf.last_report
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    for k in range(4):
+        assert results[k] == [x * 3 for x in range(k * 100, k * 100 + 5 + 3 * k)]
+        assert reports[k].n_items == 5 + 3 * k
+
+
+class _Scorer:
+    def __init__(self, k):
+        self.k = k
+
+    @parallelize
+    def score(self, x):
+        return x * self.k
+
+
+def test_a_decorated_method_keeps_its_report_and_samples():
+    s = _Scorer(3)
+    s.score(1)  # a plain call: a sample kept for the next map of this instance
+    assert s.score._calls.durations
+    assert s.score.map(range(10)) == [3 * x for x in range(10)]
+    assert s.score.last_report is not None and s.score.last_report.n_items == 10
+    other = _Scorer(4)
+    assert other.score.map(range(3)) == [0, 4, 8]
+    assert s.score.last_report.n_items == 10  # its own
+    ref = weakref.ref(s)
+    del s
+    gc.collect()
+    assert ref() is None  # the bound copy does not keep the instance alive
+    assert os.getpid()  # keep the module-level import used
