@@ -134,6 +134,9 @@ class LokyTarget:
         self.full_left = n_workers
         return executor, loky_backend.current_probe(executor) if cold else None
 
+    def capacity(self) -> int:
+        return loky_backend.pool_size()
+
     def submit(self, executor: Any, chunk: list[Any], start: int, full: bool = False
                ) -> cf.Future:
         payload = dumps(chunk)  # raises when an item cannot be pickled
@@ -162,9 +165,14 @@ class ThreadTarget:
     def __init__(self, func: Callable[..., Any], star: bool):
         self.func = func
         self.star = star
+        self.n_workers = 0
 
     def open(self, n_workers: int) -> tuple[Any, None]:
+        self.n_workers = n_workers
         return cf.ThreadPoolExecutor(n_workers, thread_name_prefix="adaptive_exec"), None
+
+    def capacity(self) -> int:
+        return self.n_workers
 
     def submit(self, executor: Any, chunk: list[Any], start: int, full: bool = False
                ) -> cf.Future:
@@ -306,6 +314,7 @@ class ParallelRun:
 
     def _run(self) -> Iterator[list[Any]]:
         executor, probe = self.target.open(self.n_workers)
+        capacity = self.target.capacity()  # what can run at once there
         self._t0 = time.perf_counter()
         clean = interrupted = False
         if probe is not None:
@@ -340,7 +349,11 @@ class ParallelRun:
                 return target  # no queue: an item's clock starts when it is sent
             # With every worker allowed, one chunk queued per worker keeps them fed;
             # with fewer, exactly that many chunks, so only that many workers are busy.
-            return target * IN_FLIGHT_PER_WORKER if target >= self.n_workers else target
+            # A pool larger than the run's workers (max_workers=1 on a warm pool of 2)
+            # would start queued chunks at once: no queue then either.
+            if target >= self.n_workers and capacity <= self.n_workers:
+                return target * IN_FLIGHT_PER_WORKER
+            return target
 
         def run_locally(info: _Pending) -> None:
             nonlocal error_at

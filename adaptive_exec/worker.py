@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import importlib
 import os
@@ -79,15 +80,18 @@ class FunctionRef:
     module: Optional[str] = None
     qualname: Optional[str] = None
     blob: Optional[bytes] = None
-    # By reference: the pickled {name: value} of the module globals the function (and the
-    # module's functions it calls) reads, as the caller has them now.
+    # When the code that runs is a module's function taken by reference (the function
+    # itself, or inside a partial, a bound method, a callable object's __call__): the
+    # pickled {name: value} of the module globals it (and the module's functions it
+    # calls) reads, as the caller has them now, and that module's name.
     patch: Optional[bytes] = None
+    patch_module: Optional[str] = None
     cwd: Optional[str] = None  # the caller's working directory (None: keep the worker's)
     sys_path: tuple[str, ...] = ()  # the caller's sys.path (empty: keep the worker's)
     lean: bool = False  # only the key: a worker that lacks it answers NEED_FUNCTION
 
     def lean_copy(self) -> FunctionRef:
-        return dataclasses.replace(self, blob=None, patch=None, lean=True)
+        return dataclasses.replace(self, blob=None, patch=None, patch_module=None, lean=True)
 
     def without_context(self) -> FunctionRef:
         """For workers that are not ours to move (a dask cluster's, maybe elsewhere)."""
@@ -119,16 +123,27 @@ def _code_objects(code: types.CodeType) -> list[types.CodeType]:
     return out
 
 
-def _globals_read(func: types.FunctionType) -> dict[str, Any]:
-    """The module globals ``func`` reads, and those read by the functions of the same
-    module it reads (transitively), that a worker importing the module might hold
-    differently: values the caller set or changed since import. Modules, and functions
-    and classes that are still what their names say, are left out (the worker's own
-    import has them)."""
+def _methods(cls: type, module_globals: dict[str, Any]) -> list[types.FunctionType]:
+    """The functions defined in ``cls`` and its bases that share ``module_globals``."""
+    out = []
+    for klass in cls.__mro__:
+        for member in vars(klass).values():
+            member = getattr(member, "__func__", member)  # staticmethod, classmethod
+            if isinstance(member, types.FunctionType) and member.__globals__ is module_globals:
+                out.append(member)
+    return out
+
+
+def _globals_read(func: types.FunctionType, owner: Optional[type] = None) -> dict[str, Any]:
+    """The module globals ``func`` reads, and those read by the functions and classes'
+    methods of the same module it reads (transitively; ``owner``: the class of the
+    object it is bound to), that a worker importing the module might hold differently:
+    values the caller set or changed since import. Modules, and functions and classes
+    that are still what their names say, are left out (the worker's import has them)."""
     module_globals = func.__globals__
     found: dict[str, Any] = {}
     seen: set[int] = set()
-    stack = [func]
+    stack = [func] + (_methods(owner, module_globals) if owner is not None else [])
     while stack:
         f = stack.pop()
         code = getattr(f, "__code__", None)
@@ -143,6 +158,8 @@ def _globals_read(func: types.FunctionType) -> dict[str, Any]:
                 inner = getattr(value, "__adaptive_exec_wrapped__", value)
                 if isinstance(inner, types.FunctionType) and inner.__globals__ is module_globals:
                     stack.append(inner)  # a helper of the same module: what it reads counts
+                elif isinstance(inner, type) and inner.__module__ == func.__module__:
+                    stack.extend(_methods(inner, module_globals))
                 if isinstance(value, types.ModuleType) or _importable(value):
                     continue
                 found[name] = value
@@ -157,34 +174,72 @@ def _context() -> tuple[Optional[str], tuple[str, ...]]:
     return cwd, tuple(p for p in sys.path if isinstance(p, str))
 
 
+def _code_that_runs(func: Callable[..., Any]) -> tuple[Optional[types.FunctionType],
+                                                       Optional[type]]:
+    """The plain function whose code runs, through partials, bound methods and our
+    wrapper, or a callable object's ``__call__``; and the class of the object it is
+    bound to, if any (its other methods may run too)."""
+    from .fingerprint import unwrap
+
+    owner: Optional[type] = None
+    f: Any = func
+    while True:  # the object a bound method or partial of one is bound to
+        f = getattr(f, "__adaptive_exec_wrapped__", f)
+        if isinstance(f, types.MethodType):
+            owner = type(f.__self__)
+            break
+        if not isinstance(f, functools.partial):
+            break
+        f = f.func
+    core: Any = unwrap(func)
+    if not isinstance(core, types.FunctionType):
+        owner = type(core)
+        core = getattr(owner, "__call__", None)
+    return (core if isinstance(core, types.FunctionType) else None), owner
+
+
+def _patch_for(core: Optional[types.FunctionType], owner: Optional[type]) -> Optional[bytes]:
+    """The module globals ``core`` reads, pickled, when it travels by reference (a
+    function that travels by value carries the globals it reads, cloudpickle's way)."""
+    if core is None or not _importable(core):
+        return None
+    values: dict[str, Any] = {}
+    for name, value in _globals_read(core, owner).items():
+        try:
+            dumps(value)
+        except Exception:  # a lock, a connection: the worker keeps its own
+            continue
+        values[name] = value
+    return dumps(values) if values else None
+
+
 def function_ref(func: Callable[..., Any]) -> FunctionRef:
     """Describe ``func`` as the caller has it now, so a worker can rebuild it; raises if
     it cannot be pickled. Called once per map: what changed since the last map (the
     function, a global it reads, an object it captures) changes the key."""
     cwd, path = _context()
+    core, owner = _code_that_runs(func)
+    patch = _patch_for(core, owner)
+    patch_module = core.__module__ if patch is not None and core is not None else None
     module = getattr(func, "__module__", None)
     qualname = getattr(func, "__qualname__", None)
     if isinstance(func, types.FunctionType) and module and qualname and _importable(func):
         # A function decorated with @parallelize is shadowed in its module by the
         # wrapper, so pickle-by-reference would fail and cloudpickle would copy the
         # code by value. The worker imports the wrapper and unwraps it instead.
-        patch_values: dict[str, Any] = {}
-        for name, value in _globals_read(func).items():
-            try:
-                dumps(value)
-            except Exception:  # a lock, a connection: the worker keeps its own
-                continue
-            patch_values[name] = value
-        patch = dumps(patch_values) if patch_values else None
         h = hashlib.sha1(f"{module}:{qualname}:".encode())
         if patch is not None:
             h.update(patch)
         return FunctionRef(h.hexdigest(), module=module, qualname=qualname, patch=patch,
-                           cwd=cwd, sys_path=path)
+                           patch_module=patch_module, cwd=cwd, sys_path=path)
     import cloudpickle
 
     blob = cloudpickle.dumps(func, protocol=_PROTOCOL)
-    return FunctionRef(hashlib.sha1(blob).hexdigest(), blob=blob, cwd=cwd, sys_path=path)
+    h = hashlib.sha1(blob)
+    if patch is not None:
+        h.update(patch)
+    return FunctionRef(h.hexdigest(), blob=blob, patch=patch, patch_module=patch_module,
+                       cwd=cwd, sys_path=path)
 
 
 def _enter_context(ref: FunctionRef) -> None:
@@ -220,10 +275,11 @@ def _resolve(ref: FunctionRef) -> Optional[Callable[..., Any]]:
             for part in ref.qualname.split("."):
                 target = getattr(target, part)
             func = getattr(target, "__adaptive_exec_wrapped__", target)
-            if ref.patch is not None:
-                # Kept with the function: re-applied whenever another key of the same
-                # module was applied in between.
-                func = _Patched(func, ref.module, ref.key, pickle.loads(ref.patch))
+        if ref.patch is not None and ref.patch_module is not None:
+            # Kept with the function: re-applied whenever another key of the same
+            # module was applied in between.
+            importlib.import_module(ref.patch_module)
+            func = _Patched(func, ref.patch_module, ref.key, pickle.loads(ref.patch))
         size = len(ref.blob or b"") + len(ref.patch or b"")
         _FUNCTIONS[ref.key] = (func, size)
         while len(_FUNCTIONS) > _MAX_FUNCTIONS or (

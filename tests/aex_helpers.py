@@ -311,3 +311,15 @@ class Counted:
 
 def make_counted(x):
     return Counted(b"x" * 1000)
+
+
+class Scaler:
+    def __init__(self, extra):
+        self.extra = extra
+
+    def apply(self, x):
+        spin(0.001)
+        return x * SCALE + self.extra
+
+    def __call__(self, x):
+        return self.apply(x)

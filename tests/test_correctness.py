@@ -57,6 +57,20 @@ def test_a_changed_module_global_is_seen_by_warm_workers():
         h.SCALE, h.OFFSET = 3, 0
 
 
+@pytest.mark.parametrize("wrap", ["partial", "method", "callable"])
+def test_a_changed_global_is_seen_through_partials_methods_and_callables(wrap):
+    calibrate()
+    func = {"partial": functools.partial(h.Scaler.apply, h.Scaler(1)),
+            "method": h.Scaler(1).apply, "callable": h.Scaler(1)}[wrap]
+    pf = parallelize(func, backend="loky", chunksize=4)
+    try:
+        assert pf.map(range(40)) == [x * 3 + 1 for x in range(40)]
+        h.SCALE = 7
+        assert pf.map(range(40)) == [x * 7 + 1 for x in range(40)]
+    finally:
+        h.SCALE = 3
+
+
 def test_a_script_whose_globals_helpers_and_captured_objects_change(tmp_path):
     out = run_script(tmp_path, """
         import time

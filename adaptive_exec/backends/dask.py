@@ -375,6 +375,9 @@ class DaskTarget:
         self._send_function()
         return self.client, None  # a running cluster: no start-up probe
 
+    def capacity(self) -> int:
+        return n_threads(self.client)
+
     def _send_function(self) -> None:
         # Sent to every worker now, once: each chunk's task then names it, so a large
         # object the function captured crosses the network once per worker, not once
