@@ -194,7 +194,8 @@ def _code_that_runs(func: Callable[..., Any]) -> tuple[Optional[types.FunctionTy
     core: Any = unwrap(func)
     if not isinstance(core, types.FunctionType):
         owner = type(core)
-        core = getattr(owner, "__call__", None)
+        core = vars(owner).get("__call__") or next(
+            (vars(k)["__call__"] for k in owner.__mro__ if "__call__" in vars(k)), None)
     return (core if isinstance(core, types.FunctionType) else None), owner
 
 
