@@ -904,6 +904,15 @@ class _CalibrationSync:
 _calib_sync = _CalibrationSync()
 
 
+def _after_fork_in_child() -> None:
+    # The lock may have been held by a parent's thread that did not come along.
+    _calib_sync.lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _load_calibration() -> calibration.Calibration:
     with _calib_sync.lock:
         if not _calib_sync.loaded:

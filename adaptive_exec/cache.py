@@ -4,7 +4,8 @@ The rest of the library calls five functions: ``lookup`` (before a map), ``obser
 (after it), ``load_calibration``/``store_calibration`` (this machine's constants, or a
 dask cluster's under a name of its own: ``machine="dask:..."``) and ``clear``. Behind them:
 
-    thread --(one connection per thread, reopened after fork)--> <dir>/cache.sqlite3 (WAL)
+    thread --(one connection per thread, closed when the thread ends, reopened after
+              fork)--> <dir>/cache.sqlite3 (WAL)
       lookup:  one read transaction: the entry + its run history  (never waits on writers)
       hits:    counted here, written with this process's next write (or at exit)
       observe: BEGIN IMMEDIATE: pending hits, the entry, one run, eviction when it grew
@@ -25,8 +26,10 @@ input_pickle_size, peak_memory, cpu_fraction, picklable, threads_cpu and used_at
 calibration without source, and no runs table; opening it migrates it in place.
 
 The cache is advisory (STYLE 8): every public function catches its own errors and
-answers "nothing cached". Only plain columns are stored and nothing is ever unpickled,
-so a tampered file can at worst give a bad plan, never run code.
+answers "nothing cached". A file this process cannot write (its mode, another owner, a
+read-only mount) is read and never written, with one ``CacheWarning``. Only plain
+columns are stored and nothing is ever unpickled, so a tampered file can at worst give
+a bad plan, never run code.
 """
 
 from __future__ import annotations
@@ -304,7 +307,15 @@ def expire_days() -> float:
 
 
 class _Db:
-    """One thread's connection to one cache file."""
+    """One thread's connection to one cache file.
+
+    Closed when it is dropped: when its thread ends (the thread's ``_local`` slot goes
+    with it), or when the thread replaces it. Without that, a program that maps from
+    many short-lived threads kept one open connection (the file, its WAL and shared
+    memory: 3 descriptors) per ended thread until the garbage collector ran, since a
+    CPython connection is in a reference cycle with its own statement cache: measured,
+    9 descriptors grew to 39 over 200 threads.
+    """
 
     __slots__ = ("conn", "path", "pid", "generation", "read_only", "inode")
 
@@ -316,6 +327,16 @@ class _Db:
         self.generation = generation
         self.read_only = read_only
         self.inode = inode  # of the file opened: a replaced file is not moved aside twice
+
+    def __del__(self) -> None:
+        # No lock here: this may run inside the garbage collector, in any thread.
+        try:
+            if self.pid == os.getpid():
+                self.conn.close()
+            else:  # inherited through fork: see _abandoned
+                _abandoned.append(self.conn)
+        except Exception:  # at interpreter exit, module globals may be gone already
+            pass
 
 
 class _State:
@@ -329,6 +350,8 @@ class _State:
         self.generation = 0  # bumped to make every thread reopen (close(), a file moved aside)
         self.off: dict[str, str] = {}  # path -> why the cache is off there
         self.warned: set[str] = set()  # kinds of CacheWarning given ("once per process")
+        # path -> why this process cannot write it: read, never written
+        self.unwritable: dict[str, str] = {}
         # path -> fingerprint -> [hits, last hit time], not yet written
         self.pending: dict[str, dict[str, list[float]]] = {}
         self.hooks = False  # at-fork and at-exit hooks registered
@@ -338,18 +361,18 @@ _state = _State()
 _local = threading.local()
 # Connections inherited through fork(): never used nor closed in the child (SQLite
 # forbids carrying a connection across fork; closing it could touch the parent's locks).
+# Those of the parent's other threads land here too: their thread-local slots are
+# cleared in the child, and _Db.__del__ keeps what it did not open.
 _abandoned: list[sqlite3.Connection] = []
 
 
 def _after_fork_in_child() -> None:
     global _state
-    db = getattr(_local, "db", None)
-    if db is not None:
-        _abandoned.append(db.conn)
-        _local.db = None
+    _local.db = None  # _Db.__del__ moves the inherited connection to _abandoned
     old = _state
     _state = _State()  # a fresh lock: the parent's may have been held by another thread
     _state.off = dict(old.off)
+    _state.unwritable = dict(old.unwritable)
     _state.hooks = old.hooks
     _state.generation = old.generation + 1
 
@@ -373,12 +396,12 @@ def _db(create: bool = True) -> Optional[_Db]:
             and db.generation == _state.generation):
         return db
     if db is not None:
+        _local.db = None
         if db.pid == os.getpid():
             with contextlib.suppress(Exception):
                 db.conn.close()
-        else:  # forked without the hook (os.fork before the first use registers it)
-            _abandoned.append(db.conn)
-        _local.db = None
+        # else forked without the hook (os.fork before the first use registers it):
+        # _Db.__del__ keeps the connection in _abandoned.
     if p in _state.off:
         return None
     if not create and not os.path.exists(p):
@@ -410,6 +433,33 @@ def _turn_off(p: str, msg: str) -> None:
 def _is_locked(exc: BaseException) -> bool:
     text = str(exc).lower()
     return isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
+
+
+def _is_read_only(exc: BaseException) -> bool:
+    name = getattr(exc, "sqlite_errorname", None)  # Python 3.11+
+    if name is not None:
+        return name.startswith("SQLITE_READONLY")
+    return isinstance(exc, sqlite3.OperationalError) and "readonly database" in str(exc).lower()
+
+
+def _writable(p: str) -> bool:
+    """Whether this process may write the existing file ``p``. access() also answers
+    for a read-only mount and an immutable file, where root's privileges do not help."""
+    if os.access in os.supports_effective_ids:
+        return os.access(p, os.W_OK, effective_ids=True)
+    return os.access(p, os.W_OK)
+
+
+def _connect(p: str, read_only: bool = False) -> sqlite3.Connection:
+    # check_same_thread=False: a connection is still used only by the thread that opened
+    # it (through _local); this lets whichever thread drops the last reference to its
+    # _Db close it (a traceback kept alive elsewhere, the garbage collector).
+    if read_only:
+        uri = "file:" + p.replace("%", "%25").replace("?", "%3f").replace("#", "%23")
+        return sqlite3.connect(uri + "?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S,
+                               isolation_level=None, check_same_thread=False)
+    return sqlite3.connect(p, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                           check_same_thread=False)
 
 
 def _is_corrupt(exc: BaseException) -> bool:
@@ -468,13 +518,21 @@ def _open(p: str, retried: bool = False) -> Optional[_Db]:
         except OSError as exc:
             _turn_off(p, f"cannot create the cache directory {os.path.dirname(p)} ({exc})")
             return None
+        unwritable = None
         if os.path.exists(p):
             inode = _inode(p)
             with open(p, "rb") as f:
                 head = f.read(len(_MAGIC))
             if head and head != _MAGIC:
                 raise _NotOurs("not an SQLite file")
-        conn = sqlite3.connect(p, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            with _state.lock:
+                unwritable = _state.unwritable.get(p)
+            if unwritable is None and not _writable(p):
+                unwritable = "this process may not write it"
+        if unwritable is not None:
+            conn = _connect(p, read_only=True)
+            return _open_unwritable(conn, p, unwritable)
+        conn = _connect(p)
         version = _schema_version(conn)
         if version is not None and version > SCHEMA_VERSION:
             conn.close()
@@ -510,14 +568,38 @@ def _open(p: str, retried: bool = False) -> Optional[_Db]:
         raise
 
 
+def _open_unwritable(conn: sqlite3.Connection, p: str, why: str) -> Optional[_Db]:
+    """A file this process cannot write, opened read-only (``conn``): read when it has
+    our current layout, with one warning; else the cache is off (one warning too).
+    Nothing is written: an older layout is not migrated, an empty file not filled."""
+    try:
+        version = _schema_version(conn)  # a read: fails here if it cannot even be read
+    except BaseException:
+        conn.close()
+        raise
+    if version is not None and version > SCHEMA_VERSION:
+        _warn("newer", f"adaptive_exec: the cache {p} has schema version {version}, newer "
+                       f"than this version of adaptive_exec knows ({SCHEMA_VERSION}); it is "
+                       "read, never written")
+        return _remember(conn, p, True)
+    if version != SCHEMA_VERSION:
+        conn.close()
+        layout = "empty" if version is None else f"has the older schema version {version}"
+        _turn_off(p, f"the cache file {p} is read-only ({why}) and {layout}")
+        return None
+    with _state.lock:
+        _state.unwritable.setdefault(p, why)
+    _warn("read-only", f"adaptive_exec: the cache file {p} is read-only ({why}); it is "
+                       "read, never written")
+    return _remember(conn, p, True)
+
+
 def _open_read_only(p: str, version: int) -> Optional[sqlite3.Connection]:
     _warn("newer", f"adaptive_exec: the cache {p} has schema version {version}, newer than "
                    f"this version of adaptive_exec knows ({SCHEMA_VERSION}); it is read, "
                    "never written")
     try:
-        uri = "file:" + p.replace("%", "%25").replace("?", "%3f").replace("#", "%23")
-        return sqlite3.connect(uri + "?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S,
-                               isolation_level=None)
+        return _connect(p, read_only=True)
     except Exception:
         logger.debug("adaptive_exec cache: cannot open %s read-only", p, exc_info=True)
         with _state.lock:
@@ -609,6 +691,27 @@ def _failed(what: str, exc: BaseException) -> None:
             db.conn.execute("ROLLBACK")
     if _is_locked(exc):
         logger.debug("adaptive_exec cache: %s skipped: the database is locked", what)
+        return
+    if _is_read_only(exc) and db is not None and db.pid == os.getpid():
+        # Opened writable, and a write was refused: the file became read-only, or
+        # access() said yes where the file system says no. This thread reopens it
+        # read-only; other threads do when their own write fails. A file moved away
+        # under us (SQLITE_READONLY_DBMOVED: another process moved a bad one aside)
+        # is no reason to stop writing: the reopen finds the new file.
+        _local.db = None
+        with contextlib.suppress(Exception):
+            db.conn.close()
+        try:
+            moved = _inode(db.path) != db.inode
+        except OSError:
+            moved = True
+        if moved:
+            logger.debug("adaptive_exec cache: %s skipped: the file was replaced", what)
+            return
+        with _state.lock:
+            _state.unwritable.setdefault(db.path, f"writing failed: {exc}")
+        _warn("read-only", f"adaptive_exec: cannot write the cache file {db.path} ({exc}); "
+                           "it is read, never written")
         return
     if _is_corrupt(exc) and db is not None and db.pid == os.getpid():
         _local.db = None
@@ -711,6 +814,8 @@ def lookup(key: str) -> Optional[Entry]:
         if entry is None:
             logger.debug("adaptive_exec cache: entry %s is invalid: a miss", key)
             return None
+        if db.read_only:  # never written: counting would only grow memory
+            return dataclasses.replace(entry, used_at=now)
         with _state.lock:
             pending = _state.pending.setdefault(db.path, {}).setdefault(key, [0, 0.0])
             pending[0] += 1
@@ -943,6 +1048,7 @@ def close() -> None:
         _state.generation += 1
         _state.off.clear()
         _state.warned.clear()
+        _state.unwritable.clear()
         _state.pending.clear()
 
 
@@ -1003,7 +1109,10 @@ def stats() -> dict[str, Any]:
         return out
     conn = db.conn
     q = conn.execute
-    out["status"] = "read-only (newer schema)" if db.read_only else "ok"
+    if db.read_only:
+        out["status"] = f"read-only ({_state.unwritable.get(p, 'newer schema')})"
+    else:
+        out["status"] = "ok"
     out["schema_version"] = q("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
     out["size_bytes"] = sum(os.path.getsize(f) for f in (p, p + "-wal") if os.path.exists(f))
     n, mine, hits, oldest, newest = q(

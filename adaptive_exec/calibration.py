@@ -60,6 +60,18 @@ _lock = threading.Lock()  # guards _current
 _current: Optional[Calibration] = None
 
 
+def _after_fork_in_child() -> None:
+    # The parent's lock may have been held by a thread that did not come along: it
+    # would never be released here. What it guards (this machine's constants) holds
+    # for the child too, so _current is kept.
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def current() -> Calibration:
     with _lock:
         return _current if _current is not None else DEFAULTS

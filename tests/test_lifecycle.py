@@ -1,0 +1,454 @@
+"""The pool and the cache over a process's life: fork, a killed parent, idle resources,
+a cache file this process may not write. Real processes, real signals, bounded waits.
+
+Every process a test starts is ended by that test (killed in a ``finally`` when it did
+not end by itself); a forked child never returns into pytest (``os._exit``).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import pwd
+import select
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import warnings
+
+import aex_helpers as h
+import psutil
+import pytest
+
+from adaptive_exec import cache, calibration, parallelize
+from adaptive_exec.backends import loky as loky_backend
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+# Bounds for the failure cases only (a child that hangs): a passing run takes ~1 s.
+CHILD_TIMEOUT_S = 30
+
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and /proc")
+
+
+def alive(pids):
+    """Those of ``pids`` still running; a zombie (dead, not yet reaped by whichever
+    process adopted it) holds nothing and counts as gone."""
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def kill_all(pids):
+    for pid in alive(pids):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def read_line(proc, timeout):
+    """One line of ``proc``'s stdout, or fail after ``timeout`` seconds."""
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, f"no output from the child within {timeout} s"
+    return proc.stdout.readline()
+
+
+# --- 1. fork after use ------------------------------------------------------------------
+
+
+def map_here():
+    """In a forked child: a map on the pool, and what the pool was."""
+    pf = parallelize(h.heavy, backend="loky")
+    out = pf.map(range(20))
+    workers = loky_backend.worker_pids()
+    parents = []
+    for pid in workers:
+        try:
+            parents.append(psutil.Process(pid).ppid())
+        except psutil.NoSuchProcess:
+            pass
+    loky_backend.shutdown()  # this child's own pool: ended before it exits
+    return {"ok": out == [x * 3 for x in range(20)], "mode": pf.last_report.plan.mode,
+            "workers": workers, "worker_parents": parents, "pid": os.getpid(),
+            "left": alive(workers)}
+
+
+def fork_and_report(work):
+    """Run ``work`` in a child made by os.fork(); its JSON report, read with a bound.
+    The child is reaped (or killed) before this returns."""
+    r, w = os.pipe()
+    with warnings.catch_warnings():
+        # Python 3.12+ warns that forking a process with threads may deadlock the
+        # child: that is the situation under test.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: report through the pipe, never return into pytest
+        code = 3
+        try:
+            os.close(r)
+            try:
+                report = work()
+            except BaseException as exc:
+                report = {"error": repr(exc)}
+            os.write(w, json.dumps(report).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    data = b""
+    try:
+        deadline = time.monotonic() + CHILD_TIMEOUT_S
+        while True:
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([r], [], [], max(0.0, left))
+            if not ready:
+                pytest.fail(f"the forked child did not report within {CHILD_TIMEOUT_S} s")
+            chunk = os.read(r, 65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(r)
+        reap(pid)
+    return json.loads(data)
+
+
+def reap(pid, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
+def check_child_report(report, parent_workers):
+    assert "error" not in report, report["error"]
+    assert report["ok"] and report["mode"] == "parallel"
+    assert report["workers"] and not set(report["workers"]) & set(parent_workers)
+    assert set(report["worker_parents"]) == {report["pid"]}  # a pool of its own
+    assert report["left"] == []
+
+
+def check_parent_pool_untouched(parent_workers):
+    assert sorted(loky_backend.worker_pids()) == sorted(parent_workers)
+    pf = parallelize(h.heavy, backend="loky")
+    assert pf.map(range(20)) == [x * 3 for x in range(20)]
+    assert sorted(loky_backend.worker_pids()) == sorted(parent_workers)  # the same pool
+
+
+def use_the_pool():
+    assert parallelize(h.heavy, backend="loky").map(range(20)) == [x * 3 for x in range(20)]
+    workers = loky_backend.worker_pids()
+    assert workers
+    return workers
+
+
+@needs_fork
+def test_a_child_forked_after_a_map_maps_on_a_pool_of_its_own():
+    parent_workers = use_the_pool()
+    report = fork_and_report(map_here)
+    check_child_report(report, parent_workers)
+    check_parent_pool_untouched(parent_workers)
+
+
+def _mp_target(conn):
+    try:
+        conn.send(map_here())
+    except BaseException as exc:
+        conn.send({"error": repr(exc)})
+    finally:
+        conn.close()
+
+
+@needs_fork
+def test_a_multiprocessing_fork_child_maps_on_a_pool_of_its_own():
+    parent_workers = use_the_pool()
+    ctx = multiprocessing.get_context("fork")
+    ours, theirs = ctx.Pipe(duplex=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # see fork_and_report
+        proc = ctx.Process(target=_mp_target, args=(theirs,))
+        proc.start()
+    try:
+        theirs.close()
+        assert ours.poll(CHILD_TIMEOUT_S), "the child did not report"
+        report = ours.recv()
+        proc.join(CHILD_TIMEOUT_S)
+        assert proc.exitcode == 0
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(10)
+        ours.close()
+    check_child_report(report, parent_workers)
+    check_parent_pool_untouched(parent_workers)
+
+
+@needs_fork
+def test_a_child_forked_while_another_thread_held_the_locks_can_map():
+    # A lock held at fork() stays held in the child forever: the thread that would
+    # release it is not there. Held here by this thread, which is the same for the
+    # child: a plain Lock has no owner.
+    parent_workers = use_the_pool()
+    cache.lookup("anything")  # the cache's at-fork hook is registered on first use
+    locks = [loky_backend._state.lock, calibration._lock, cache._state.lock]
+    for lock in locks:
+        lock.acquire()
+    try:
+        report = fork_and_report(map_here)
+    finally:
+        for lock in locks:
+            if lock.locked():
+                lock.release()
+    check_child_report(report, parent_workers)
+    check_parent_pool_untouched(parent_workers)
+
+
+# --- 2. the parent killed ---------------------------------------------------------------
+
+OWNER = textwrap.dedent("""
+    import json, sys, time
+    sys.path.insert(0, {tests!r})
+    import aex_helpers as h
+    import psutil
+    from adaptive_exec import parallelize
+    from adaptive_exec.backends import loky as loky_backend
+
+    assert parallelize(h.heavy, backend="loky").map(range(20)) == [x * 3 for x in range(20)]
+    family = [(p.pid, " ".join(p.cmdline())) for p in psutil.Process().children(recursive=True)]
+    print(json.dumps({{"workers": loky_backend.worker_pids(), "family": family}}), flush=True)
+    time.sleep(120)  # until killed by the test
+""")
+
+# The lifecycle issue asks that workers and helpers be gone within 2 s of their parent's
+# death. Measured here: 0.06-0.23 s (workers poll every PARENT_POLL_S = 0.1 s; loky's
+# resource tracker follows at once). The extra second is a margin for a busy CI machine,
+# not a looser requirement.
+GONE_WITHIN_S = 2.0
+MARGIN_S = 1.0
+
+
+@posix_only
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_workers_and_the_resource_tracker_go_when_their_parent_is_killed(tmp_path, sig):
+    script = tmp_path / "owner.py"
+    script.write_text(OWNER.format(tests=TESTS))
+    env = {**os.environ, cache.ENV_DIR: str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            env=env)
+    family = []
+    try:
+        info = json.loads(read_line(proc, CHILD_TIMEOUT_S))
+        family = [pid for pid, _ in info["family"]]
+        commands = [cmd for _, cmd in info["family"]]
+        assert info["workers"] and set(info["workers"]) <= set(family)
+        # loky's resource tracker, the helper process the pool starts: it must go too.
+        assert any("loky.backend.resource_tracker" in cmd for cmd in commands), commands
+        assert alive(family) == family
+        killed_at = time.monotonic()
+        proc.send_signal(sig)
+        proc.wait(timeout=10)
+        assert proc.returncode == -sig
+        while alive(family) and time.monotonic() - killed_at < GONE_WITHIN_S + MARGIN_S:
+            time.sleep(0.02)
+        took = time.monotonic() - killed_at
+        left = {pid: cmd for pid, cmd in info["family"] if pid in alive(family)}
+        assert not left, f"still running {took:.2f} s after {sig.name}: {left}"
+        print(f"{sig.name}: workers and helpers gone after {took:.2f} s")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        kill_all(family)
+
+
+# --- 3. idle resources ------------------------------------------------------------------
+
+IDLE = textwrap.dedent("""
+    import json, os, sys, threading, time
+    sys.path.insert(0, {tests!r})
+    import aex_helpers as h
+    from adaptive_exec import adaptive_map, parallelize
+
+    def counts():
+        # A map's helper threads (the load monitor, a pool start ahead) end just after
+        # it returns: wait for them, bounded. One that never ends is counted: a leak.
+        deadline = time.monotonic() + 5
+        while (any(t.name.startswith("adaptive_exec") for t in threading.enumerate())
+               and time.monotonic() < deadline):
+            time.sleep(0.01)
+        return len(os.listdir("/proc/self/fd")), threading.active_count()
+
+    def one_map():
+        assert adaptive_map(h.square, [1, 2, 3]) == [1, 4, 9]
+
+    def one_pool_map():
+        pf = parallelize(h.heavy, backend="loky")
+        assert pf.map(range(4)) == [0, 3, 6, 9]
+        assert pf.last_report.plan.mode == "parallel"
+
+    def in_threads(func, n):
+        for _ in range(n):
+            t = threading.Thread(target=func)
+            t.start()
+            t.join(30)
+
+    out = {{"start": counts()}}
+    # Warm-up: the cache file open in this thread, one thread's connection opened and
+    # closed (SQLite keeps that descriptor for reuse while this process holds a lock on
+    # the file), the pool up with its two threads.
+    one_map()
+    in_threads(one_map, 1)
+    one_pool_map()
+    in_threads(one_pool_map, 1)
+    out["warm"] = counts()
+    for _ in range(1000):
+        one_map()
+    out["after 1000 maps"] = counts()
+    in_threads(one_map, 300)
+    out["after 300 threads"] = counts()
+    in_threads(one_pool_map, 30)
+    out["after 30 threads on the pool"] = counts()
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
+def test_descriptors_and_threads_stay_flat_over_many_maps_and_short_lived_threads(tmp_path):
+    script = tmp_path / "idle.py"
+    script.write_text(IDLE.format(tests=TESTS))
+    env = {**os.environ, cache.ENV_DIR: str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=env, timeout=CHILD_TIMEOUT_S * 3)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(got)
+    warm = got["warm"]
+    for phase in ("after 1000 maps", "after 300 threads", "after 30 threads on the pool"):
+        assert got[phase] == warm, got
+    # The cache: its file, WAL and shared memory, and the descriptor SQLite keeps for
+    # reuse (4); the pool: its pipes and the workers' sentinels (a handful, by loky's
+    # design). Bounds, not measurements: the point is that the counts stop growing.
+    assert warm[0] - got["start"][0] <= 30, got
+    assert warm[1] - got["start"][1] <= 3, got  # the pool's manager and feeder threads
+
+
+# --- 4. a cache file this process may not write -----------------------------------------
+
+READ_ONLY = textwrap.dedent("""
+    import json, os, sys, warnings
+    from adaptive_exec import cache, parallelize
+
+    def triple(x):
+        return x * 3
+
+    def quadruple(x):  # never cached: a run whose features cannot be stored
+        return x * 4
+
+    mode, cache_dir, scratch, nobody = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    if mode == "fill":
+        os.environ[cache.ENV_DIR] = cache_dir
+        assert parallelize(triple, max_workers=1).map(range(300)) == [x * 3 for x in range(300)]
+        sys.exit(0)
+    # A map in a scratch cache first: whatever a map imports is imported now, while the
+    # interpreter's own files are still readable (root's Python may live under /root).
+    os.environ[cache.ENV_DIR] = scratch
+    assert parallelize(triple, max_workers=1).map(range(300)) == [x * 3 for x in range(300)]
+    cache.close()
+    os.environ[cache.ENV_DIR] = cache_dir
+    if os.geteuid() == 0:  # root writes any file: be a user that may not write this one
+        try:
+            os.setgroups([])
+            os.setgid(nobody)
+            os.setuid(nobody)
+        except PermissionError as exc:
+            print(json.dumps({"skip": f"cannot drop root's privileges: {exc}"}))
+            sys.exit(0)
+    if mode == "access-lies":
+        # As access() may on a network file system: says writable, the write is refused.
+        cache._writable = lambda p: True
+    assert not os.access(cache.path(), os.W_OK)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ok, from_cache = [], []
+        for _ in range(3):
+            pf = parallelize(triple, max_workers=1)
+            ok.append(pf.map(range(300)) == [x * 3 for x in range(300)])
+            from_cache.append(pf.last_report.from_cache)
+            ok.append(parallelize(quadruple, max_workers=1).map(range(300))
+                      == [x * 4 for x in range(300)])
+            cache.load_calibration()
+            cache.store_calibration(cache.Calibration(0.2, 3e-4, 3e-9, 2, "test"))
+    ours = [str(w.message) for w in caught if issubclass(w.category, cache.CacheWarning)]
+    print(json.dumps({"ok": ok, "from_cache": from_cache, "warnings": ours,
+                      "status": cache.stats()["status"]}))
+""")
+
+
+def snapshot(db_path):
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        return (conn.execute("SELECT fingerprint, qualname, hits, used_at, updated_at "
+                             "FROM entries ORDER BY fingerprint").fetchall(),
+                conn.execute("SELECT count(*) FROM runs").fetchone()[0],
+                conn.execute("SELECT count(*) FROM calibration").fetchone()[0])
+    finally:
+        conn.close()
+
+
+@posix_only
+@pytest.mark.parametrize("mode", ["read-only", "access-lies"])
+def test_a_read_only_cache_file_is_read_never_written_with_one_warning(tmp_path, mode):
+    try:
+        nobody = pwd.getpwnam("nobody").pw_uid
+    except KeyError:
+        nobody = 65534
+    script = tmp_path / "read_only.py"
+    script.write_text(READ_ONLY)
+    # Outside tmp_path: pytest's base directory is private to the user running it, and
+    # the child may run as nobody.
+    cache_dir = tempfile.mkdtemp(prefix="aex-read-only-")
+    try:
+        def child(step):
+            proc = subprocess.run(
+                [sys.executable, str(script), step, cache_dir, str(tmp_path / "scratch"),
+                 str(nobody)], capture_output=True, text=True, timeout=CHILD_TIMEOUT_S * 2,
+                env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            return proc.stdout
+
+        child("fill")
+        db_path = os.path.join(cache_dir, cache.FILENAME)
+        before = snapshot(db_path)
+        assert [row[1] for row in before[0]] == ["triple"]
+        if os.geteuid() == 0:
+            for name in [".", *os.listdir(cache_dir)]:  # the directory stays writable
+                os.chown(os.path.join(cache_dir, name), nobody, -1)
+        os.chmod(cache_dir, 0o755)
+        os.chmod(db_path, 0o444)
+        got = json.loads(child(mode).strip().splitlines()[-1])
+        if "skip" in got:
+            pytest.skip(got["skip"])
+        assert all(got["ok"]) and len(got["ok"]) == 6  # the maps are unaffected
+        assert got["from_cache"] == [True, True, True]  # and the file is still read
+        assert len(got["warnings"]) == 1, got["warnings"]
+        assert "never written" in got["warnings"][0] and db_path in got["warnings"][0]
+        assert got["status"].startswith("read-only")
+        assert snapshot(db_path) == before  # no hit, entry, run or calibration written
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
