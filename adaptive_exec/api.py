@@ -362,8 +362,15 @@ class ParallelFunction:
         partial: bool,
         state: _MapState,
     ) -> Iterator[list[Any]]:
-        yield from self._execute_items(it, n_known, star=star, ordered=ordered,
-                                       plan_only=plan_only, partial=partial, state=state)
+        try:
+            yield from self._execute_items(it, n_known, star=star, ordered=ordered,
+                                           plan_only=plan_only, partial=partial, state=state)
+        except KeyboardInterrupt as exc:
+            # Ctrl-C while sampling, planning or starting the pool ahead: end any pool
+            # this map started (a start ahead still under way leaves none behind).
+            if getattr(exc, "item_index", None) is None:
+                loky_backend.shutdown()
+            raise
         # The input iterator's own exception, after every result before it (as the loop).
         if isinstance(it, _GuardedIterator) and it.error is not None:
             raise it.error

@@ -116,6 +116,11 @@ def _monitor(throttle: _Throttle, decide: Callable[[int], int]) -> None:
             throttle.set(new)
 
 
+class _PoolGone(Exception):
+    """The executor a chunk was sent to takes no more work: another thread replaced it
+    (a larger pool) or ended it (its time-out, Ctrl-C). Not the chunk's fault."""
+
+
 class LokyTarget:
     """Chunks go to the process pool, pickled by us (see worker.py)."""
 
@@ -143,8 +148,22 @@ class LokyTarget:
         if self.full_left > 0:
             self.full_left -= 1
             full = True
-        return executor.submit(run_chunk, self.ref if full else self.lean, start, payload,
-                               self.star)
+        try:
+            return executor.submit(run_chunk, self.ref if full else self.lean, start,
+                                   payload, self.star)
+        except Exception as exc:
+            if loky_backend.is_gone(executor):
+                raise _PoolGone() from exc
+            raise
+
+    def recover(self, executor: Any, failed: Any, n_workers: int) -> tuple[Any, bool]:
+        """After chunks died with the pool ``failed``: (the pool to use now, whether it
+        was ended on purpose, by us or another thread, rather than by a crash)."""
+        deliberate = loky_backend.ended_on_purpose(failed)
+        loky_backend.mark_broken(failed)
+        if loky_backend.is_gone(executor):
+            executor, _ = self.open(n_workers)
+        return executor, deliberate
 
     def decode(self, res: ChunkResult) -> tuple[list[Any], Optional[BaseException]]:
         return decode(res)
@@ -152,7 +171,7 @@ class LokyTarget:
     def close(self, executor: Any, clean: bool, interrupted: bool = False) -> None:
         if interrupted:
             # Ctrl-C: end the workers too, so that nothing runs on and nothing is left.
-            loky_backend.mark_broken(executor)
+            loky_backend.mark_broken(executor, on_purpose=True)
         elif clean:
             loky_backend.mark_warm(executor)
 
@@ -178,6 +197,9 @@ class ThreadTarget:
                ) -> cf.Future:
         return executor.submit(run_items, self.func, start, chunk, self.star)
 
+    def recover(self, executor: Any, failed: Any, n_workers: int) -> tuple[Any, bool]:
+        return executor, False
+
     def decode(self, res: ChunkResult) -> tuple[list[Any], Optional[BaseException]]:
         return res.results, res.error
 
@@ -191,13 +213,14 @@ class _Pending:
     """A chunk in flight. Its items are kept until it returns: a chunk whose worker dies
     is sent again (retries); ``crashes`` counts the pools it was in when one broke."""
 
-    __slots__ = ("start", "items", "submitted", "crashes")
+    __slots__ = ("start", "items", "submitted", "crashes", "executor")
 
     def __init__(self, start: int, items: list[Any], submitted: float, crashes: int = 0):
         self.start = start
         self.items = items
         self.submitted = submitted
         self.crashes = crashes
+        self.executor: Any = None  # the pool it was sent to
 
     @property
     def n(self) -> int:
@@ -363,19 +386,29 @@ class ParallelRun:
                 error_at = info.start + len(out)
 
         def send(info: _Pending, full: bool = False) -> None:
+            nonlocal executor
             if self.caller_only:
                 run_locally(info)
                 return
-            try:
-                fut = self.target.submit(executor, info.items, info.start, full)
-            except AdaptiveExecError:
-                raise  # ours (a cluster that went away...): not a pickling failure
-            except Exception as exc:
-                self._unpicklable(f"items from index {info.start} cannot be pickled to reach "
-                                  f"a worker ({exc})", exc)
-                run_locally(info)
-                return
+            for _ in range(3):
+                try:
+                    fut = self.target.submit(executor, info.items, info.start, full)
+                    break
+                except _PoolGone:
+                    # Another thread's map replaced or ended the pool: use the current one.
+                    executor, _ = self.target.open(self.n_workers)
+                except AdaptiveExecError:
+                    raise  # ours (a cluster that went away...): not a pickling failure
+                except Exception as exc:
+                    self._unpicklable(f"items from index {info.start} cannot be pickled to "
+                                      f"reach a worker ({exc})", exc)
+                    run_locally(info)
+                    return
+            else:
+                msg = "the process pool kept being replaced by other threads' maps"
+                raise WorkerCrashedError(msg, index=info.start)
             info.submitted = time.perf_counter()
+            info.executor = executor
             pending[fut] = info
 
         def fall_back(info: _Pending, res: ChunkResult) -> tuple[list[Any], Optional[
@@ -420,8 +453,10 @@ class ParallelRun:
         def crashed(info: _Pending, exc: BaseException) -> None:
             """The pool broke while ``info`` was in it: rebuild, and retry or name."""
             nonlocal executor, error_at
-            if loky_backend.mark_broken(executor):
-                executor, _ = self.target.open(self.n_workers)
+            executor, deliberate = self.target.recover(executor, info.executor, self.n_workers)
+            if deliberate:  # ended by a time-out, Ctrl-C or growth, maybe another thread's
+                retry.append(info)
+                return
             info.crashes += 1
             # dask: the task was lost with the workers that held it or its function.
             lost = isinstance(exc, ClusterError)
@@ -511,7 +546,7 @@ class ParallelRun:
             for fut, info in pending.items():
                 began = max(info.submitted, warm_at)
                 if not fut.done() and now - began > self.timeout:
-                    loky_backend.mark_broken(executor)  # its worker is replaced
+                    loky_backend.mark_broken(executor, on_purpose=True)  # its worker goes
                     msg = (f"item {info.start} ran past the timeout of {self.timeout:g} s; "
                            "its worker was ended")
                     raise attach_origin(ItemTimeoutError(msg), info.start, None)
@@ -601,6 +636,12 @@ class ParallelRun:
             # Ctrl-C (not an item's own KeyboardInterrupt, which carries its index):
             # the workers are ended with the map.
             interrupted = getattr(exc, "item_index", None) is None
+            raise
+        except GeneratorExit:
+            # Closed early with chunks still running (imap left by Ctrl-C in the
+            # consumer's own code, or by a break): nothing is to run on unwatched, so
+            # their workers are ended, as joblib does when its generator is dropped.
+            interrupted = bool(pending)
             raise
         finally:
             self.throttle.stop.set()

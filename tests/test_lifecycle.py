@@ -452,3 +452,155 @@ def test_a_read_only_cache_file_is_read_never_written_with_one_warning(tmp_path,
         assert snapshot(db_path) == before  # no hit, entry, run or calibration written
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+# --- Ctrl-C at any moment --------------------------------------------------------------
+
+CTRL_C_CHILD = """
+import json, os, signal, sys, time
+sys.path.insert(0, {tests!r})
+import psutil
+import aex_helpers as h
+from adaptive_exec import parallelize
+
+t_sig = None
+
+def on_sigint(signum, frame):
+    global t_sig
+    t_sig = time.perf_counter()
+    raise KeyboardInterrupt
+
+signal.signal(signal.SIGINT, on_sigint)
+
+def ours():
+    out = []
+    for c in psutil.Process().children(recursive=True):
+        try:
+            if "resource_tracker" not in " ".join(c.cmdline()):
+                out.append(c.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+# 20 ms items from nothing remembered: the first is sampled here, the pool is started
+# ahead while it runs, the rest go to it.
+pf = parallelize(h.heavy, cache=False)
+print("go", flush=True)
+outcome = "finished"
+try:
+    if {mode!r} == "map":
+        assert pf.map(range(150)) == [3 * x for x in range(150)]
+    else:
+        for i, r in enumerate(pf.imap(range(150))):
+            assert r == 3 * i
+            h.spin(0.01)  # the consumer's own code, between results
+except KeyboardInterrupt:
+    took = time.perf_counter() - t_sig
+    kids = ours()
+    gone, left = psutil.wait_procs([psutil.Process(p) for p in kids if psutil.pid_exists(p)],
+                                   timeout=2)
+    outcome = json.dumps({{"took": took, "left": [p.pid for p in left]}})
+print(outcome, flush=True)
+signal.signal(signal.SIGINT, signal.default_int_handler)
+# The next map works.
+assert parallelize(h.heavy, cache=False).map(range(40)) == [3 * x for x in range(40)]
+print("next ok", flush=True)
+"""
+
+# Spread over sampling (the first 20 ms item), the start ahead and the run.
+CTRL_C_INSTANTS_S = (0.0, 0.01, 0.025, 0.04, 0.06, 0.1, 0.15, 0.3, 0.6, 1.0)
+
+
+@posix_only
+@pytest.mark.parametrize("mode", ["map", "imap"])
+@pytest.mark.parametrize("delay", CTRL_C_INSTANTS_S)
+def test_ctrl_c_at_any_moment_gives_control_back_and_leaves_no_worker(tmp_path, mode, delay):
+    script = tmp_path / "child.py"
+    script.write_text(CTRL_C_CHILD.format(tests=TESTS, mode=mode))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    family = [proc.pid]
+    try:
+        assert proc.stdout.readline().strip() == "go"
+        time.sleep(delay)
+        family += [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=CHILD_TIMEOUT_S)
+        assert proc.returncode == 0, out
+        lines = out.strip().splitlines()
+        assert lines[-1] == "next ok", out
+        if lines[0] != "finished":  # the signal landed before the map ended
+            report = json.loads(lines[0])
+            # The issue's bound is 1 s; 3 s here only tells a hang from a busy machine.
+            assert report["took"] < 3, report
+            assert report["left"] == [], report
+        time.sleep(0.1)
+        deadline = time.monotonic() + 3
+        while alive(family) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert alive(family) == [], "processes left after the child ended"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        kill_all(family)
+
+
+# --- threads sharing the pool -----------------------------------------------------------
+
+def _in_threads(jobs, timeout=60):
+    """Run each ``(name, fn)`` in its own thread; {name: result or exception}."""
+    import threading
+
+    out = {}
+
+    def run(name, fn):
+        try:
+            out[name] = fn()
+        except BaseException as exc:  # reported to the test
+            out[name] = exc
+
+    threads = [threading.Thread(target=run, args=job, daemon=True) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "a thread's map hung"
+    return out
+
+
+def test_four_threads_share_the_pool_while_one_times_out():
+    from adaptive_exec import ItemTimeoutError
+
+    calibration.calibrate()
+    heavy = parallelize(h.heavy, backend="loky", strict=True, chunksize=2)
+
+    def timing_out():
+        parallelize(h.hang_on, timeout=0.5).starmap([(x, 3, 30.0) for x in range(8)])
+
+    out = _in_threads([("t", timing_out)] + [
+        (k, lambda k=k: heavy.map(range(k * 100, k * 100 + 60))) for k in range(3)])
+    assert isinstance(out["t"], ItemTimeoutError), out["t"]
+    for k in range(3):
+        assert out[k] == [3 * x for x in range(k * 100, k * 100 + 60)], out[k]
+
+
+def test_a_map_survives_another_threads_pool_growth_and_rebuild():
+    import threading
+
+    loky_backend.shutdown()
+    small = parallelize(h.heavy, backend="loky", max_workers=1, strict=True, chunksize=1)
+    big = parallelize(h.heavy, backend="loky", strict=True, chunksize=1)
+    started = threading.Event()
+
+    def first():
+        started.set()
+        return small.map(range(60))  # a pool of one worker, ~1.2 s
+
+    def second():
+        started.wait(10)
+        time.sleep(0.3)
+        return big.map(range(40))  # wants every CPU: the pool is replaced under `first`
+
+    out = _in_threads([("first", first), ("second", second)])
+    assert out["first"] == [3 * x for x in range(60)], out["first"]
+    assert out["second"] == [3 * x for x in range(40)], out["second"]

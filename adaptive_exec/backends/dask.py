@@ -378,6 +378,11 @@ class DaskTarget:
     def capacity(self) -> int:
         return n_threads(self.client)
 
+    def recover(self, executor: Any, failed: Any, n_workers: int) -> tuple[Any, bool]:
+        # The scheduler re-runs lost tasks itself; the function goes out again on the
+        # next submit when its copies were lost (``dropped``).
+        return executor, False
+
     def _send_function(self) -> None:
         # Sent to every worker now, once: each chunk's task then names it, so a large
         # object the function captured crosses the network once per worker, not once

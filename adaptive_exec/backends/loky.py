@@ -32,6 +32,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from typing import Any, Optional
 
 from ..system import ENV_IN_WORKER
@@ -61,6 +62,12 @@ class _PoolState:
         # while on a thread that shares the GIL with the caller, and the planner counts
         # the start-up from here, not from when the probe exists.
         self.starting_at: Optional[float] = None
+        # Bumped by shutdown(): a start ahead that began before it (still importing
+        # loky when Ctrl-C ended the map) must not leave a pool behind after it.
+        self.epoch = 0
+        # Pools we ended or replaced on purpose (a time-out, Ctrl-C, growth): another
+        # thread whose chunks die with them sends them again, without counting a crash.
+        self.ended: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 _state = _PoolState()
@@ -135,7 +142,7 @@ def _is_broken(executor: Any) -> bool:
                                        or getattr(flags, "shutdown", False)))
 
 
-def _get(n_workers: int) -> tuple[Any, bool, float]:
+def _get(n_workers: int, epoch: Optional[int] = None) -> tuple[Any, bool, float]:
     """(executor, cold, created_or_reused_at) with at least ``n_workers`` workers.
 
     A cold pool gets its start-up probe (pings queued ahead of any work) here, under
@@ -147,12 +154,17 @@ def _get(n_workers: int) -> tuple[Any, bool, float]:
     from ..calibration import StartupProbe
 
     with _state.lock:
+        if epoch is not None and epoch != _state.epoch:
+            return None, False, 0.0  # a start ahead overtaken by shutdown(): no pool
         now = time.perf_counter()
         old = _state.executor
         broken = old is not None and _is_broken(old)
         if old is None or broken or _state.size < n_workers:
             if old is not None and not broken:
-                old.shutdown(wait=False)  # a larger pool is wanted; the old one drains
+                # A larger pool is wanted; the old one drains what it was given, and
+                # takes nothing new (another thread's map then sends to the new one).
+                _state.ended.add(old)
+                old.shutdown(wait=False)
             size = max(n_workers, 0 if broken else _state.size)
             _state.executor = loky.ProcessPoolExecutor(
                 max_workers=size, timeout=IDLE_TIMEOUT_S, env=_worker_env(size),
@@ -201,8 +213,9 @@ def prestart(n_workers: int) -> None:
     with _state.lock:
         if _state.starting_at is None:
             _state.starting_at = time.perf_counter()
+        epoch = _state.epoch
     try:
-        _get(n_workers)
+        _get(n_workers, epoch)
     finally:
         with _state.lock:
             _state.starting_at = None
@@ -250,10 +263,13 @@ def mark_warm(executor: Any) -> None:
             _state.last_used = time.perf_counter()
 
 
-def mark_broken(executor: Any) -> bool:
-    """End a pool that lost a worker (or must lose one: a time-out, Ctrl-C) and forget it:
-    the next request builds a new one. False when it was already forgotten."""
+def mark_broken(executor: Any, on_purpose: bool = False) -> bool:
+    """End a pool that lost a worker (or must lose one: a time-out, Ctrl-C: then
+    ``on_purpose``) and forget it: the next request builds a new one. False when it was
+    already forgotten."""
     with _state.lock:
+        if on_purpose:
+            _state.ended.add(executor)
         if executor is not _state.executor:
             return False
         _state.executor = None
@@ -264,10 +280,26 @@ def mark_broken(executor: Any) -> bool:
     return True
 
 
+def ended_on_purpose(executor: Any) -> bool:
+    """Whether we ended or replaced ``executor`` ourselves (not a crash of its worker)."""
+    with _state.lock:
+        return executor in _state.ended
+
+
+def is_gone(executor: Any) -> bool:
+    """Whether ``executor`` takes no more work (shut down, broken, or replaced)."""
+    with _state.lock:
+        return executor is not _state.executor or _is_broken(executor)
+
+
 def shutdown() -> None:
-    """End the pool's workers now (tests, and interpreter exit through loky itself)."""
+    """End the pool's workers now (Ctrl-C, tests, interpreter exit); a start ahead
+    still under way when this is called leaves no pool behind."""
     with _state.lock:
         executor = _state.executor
+        _state.epoch += 1
+        if executor is not None:
+            _state.ended.add(executor)
         _state.executor = None
         _state.warm = False
         _state.size = 0
