@@ -156,6 +156,13 @@ class LokyTarget:
                 raise _PoolGone() from exc
             raise
 
+    def cancel(self, fut: cf.Future, executor: Any) -> None:
+        # A pool being ended fails its queued futures itself; one cancelled by us
+        # meanwhile made loky's manager thread print InvalidStateError (it sets an
+        # exception on every queued future, cancelled or not).
+        if not loky_backend.is_gone(executor):
+            fut.cancel()
+
     def recover(self, executor: Any, failed: Any, n_workers: int) -> tuple[Any, bool]:
         """After chunks died with the pool ``failed``: (the pool to use now, whether it
         was ended on purpose, by us or another thread, rather than by a crash)."""
@@ -199,6 +206,9 @@ class ThreadTarget:
 
     def recover(self, executor: Any, failed: Any, n_workers: int) -> tuple[Any, bool]:
         return executor, False
+
+    def cancel(self, fut: cf.Future, executor: Any) -> None:
+        fut.cancel()
 
     def decode(self, res: ChunkResult) -> tuple[list[Any], Optional[BaseException]]:
         return res.results, res.error
@@ -609,7 +619,7 @@ class ParallelRun:
                     # started; what runs finishes in its worker, unwatched.
                     for fut, info in list(pending.items()):
                         if info.start > error_at:
-                            fut.cancel()
+                            self.target.cancel(fut, info.executor)
                             del pending[fut]
                     retry = collections.deque(i for i in retry if i.start < error_at)
                 if not pending and not retry:
@@ -645,9 +655,9 @@ class ParallelRun:
             raise
         finally:
             self.throttle.stop.set()
-            for fut in pending:
-                fut.cancel()
             self.target.close(executor, clean, interrupted)
+            for fut, info in pending.items():
+                self.target.cancel(fut, info.executor)
 
 
 def _exit_code(exc: BaseException) -> Optional[int]:

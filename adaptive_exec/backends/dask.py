@@ -378,6 +378,9 @@ class DaskTarget:
     def capacity(self) -> int:
         return n_threads(self.client)
 
+    def cancel(self, fut: cf.Future, executor: Any) -> None:
+        fut.cancel()  # the bridge releases its dask future
+
     def recover(self, executor: Any, failed: Any, n_workers: int) -> tuple[Any, bool]:
         # The scheduler re-runs lost tasks itself; the function goes out again on the
         # next submit when its copies were lost (``dropped``).
