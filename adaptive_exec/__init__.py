@@ -21,16 +21,16 @@ _EXPORTS = {
     "ClusterError": "errors",
     "ItemTimeoutError": "errors",
     "MissingDependencyError": "errors",
-    "Calibration": "calibration",
+    "Calibration": "records",
     "ParallelFunction": "api",
-    "Plan": "planner",
+    "Plan": "records",
     "RemoteError": "errors",
     "ResultPicklingError": "errors",
-    "RunReport": "api",
+    "RunReport": "records",
     "UnpicklableWarning": "errors",
     "WorkerCrashedError": "errors",
     "adaptive_map": "api",
-    "calibrate": "calibration",
+    "calibrate": "api",
     "parallelize": "api",
 }
 
@@ -55,8 +55,7 @@ __all__ = [
 assert sorted(__all__) == sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from .api import ParallelFunction, RunReport, adaptive_map, parallelize
-    from .calibration import Calibration, calibrate
+    from .api import ParallelFunction, adaptive_map, calibrate, parallelize
     from .errors import (
         AdaptiveExecError,
         CacheWarning,
@@ -68,7 +67,7 @@ if TYPE_CHECKING:
         UnpicklableWarning,
         WorkerCrashedError,
     )
-    from .planner import Plan
+    from .records import Calibration, Plan, RunReport
 
 
 def __getattr__(name: str) -> Any:

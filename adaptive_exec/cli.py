@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Callable, Optional
 
-from . import calibration
+from . import api, calibration
 from .api import ParallelFunction
 from .demo_workloads import DEMOS
 
@@ -50,12 +50,12 @@ def _demo(args: argparse.Namespace) -> int:
               f"speedup {loop_s / ours_s:.2f}x ({status})\n")
         if not same:
             return 1
-    print(f"calibration: {calibration.current()}")
+    print(f"calibration: {calibration.get()}")
     return 0
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    c = calibration.calibrate(args.workers)
+    c = api.calibrate(args.workers)
     print(f"worker start-up:   {c.worker_startup_s * 1e3:.1f} ms for {c.n_workers} workers")
     print(f"per-task overhead: {c.task_overhead_s * 1e6:.1f} µs")
     print(f"per-byte cost:     {c.byte_cost_s * 1e9:.3f} ns ({1 / c.byte_cost_s / 1e9:.2f} GB/s)")

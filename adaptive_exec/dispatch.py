@@ -1,26 +1,27 @@
-"""Chunking, bounded work in flight and ordered reassembly, on a pool.
+"""Chunking, bounded work in flight and ordered reassembly, over any backend.
 
-The pool is loky's processes (LokyTarget), for functions that mostly wait threads of
-this process (ThreadTarget), or a dask cluster (backends/dask.py: DaskTarget); the loop
-below is the same for all three.
+The target is a backend of backends/ (loky's processes, threads of this process, a dask
+cluster), seen only through the protocol of backends/base.py; the loop is the same for
+all, and it imports none of them.
 
-    caller thread                                         workers
-    -------------                                         -------
-    source iterator --islice(c)--> chunk --pickle--> submit ---------> run_chunk
-          |                                   (at most `limit` in flight)   |
-          |  while the pool is cold:                                       |
-          +--> the caller runs items itself                                |
-               (its results join the buffer)                               |
-    buffer {start: (results, error)} <--unpickle-- future.result() <-------+
-          |
-          +--> yielded in index order (imap/map), or as they come (imap_unordered);
-               an item's exception is raised when its turn comes, after the
-               results before it.
+    caller thread (ParallelRun.run)                              workers
+    -------------------------------                              -------
+    source --islice(c)--> _Pending --_send--> target.submit ------> run_chunk
+       |                  (at most _limit() in flight)                  |
+       |  while the pool is cold (_share_while_cold):                   |
+       +--> the caller runs items itself                                |
+    buffer {start: (results, n, error)} <--_collect-- future.result() <-+
+       |     (a dead worker: _crashed -> retry; something that cannot
+       |      cross: _fall_back -> the caller runs it)
+       +--_ready--> yielded in index order (imap/map), or as they come
+                    (imap_unordered); an item's exception is raised in its turn,
+                    after the results before it.
 
-One thread, the caller's, does all the bookkeeping: no lock is needed for it. loky's
-own thread runs the done-callbacks, which only set ``_warm`` (an Event): on a cold pool
-one ping per worker is queued ahead of the real chunks (calibration.StartupProbe), and
-the first answer ends the caller's share of the work.
+One thread, the caller's, does all the bookkeeping: no lock is needed for it. The
+backend's own thread runs the done-callbacks, which only set the start-up probe's
+``first`` (an Event): on a cold pool one ping per worker is queued ahead of the real
+chunks, and the first answer ends the caller's share of the work. A monitor thread sets
+the number of workers to keep busy (``_Throttle``) from the machine's load and memory.
 """
 
 from __future__ import annotations
@@ -30,15 +31,12 @@ import concurrent.futures as cf
 import itertools
 import logging
 import math
-import re
-import signal
 import threading
 import time
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional
 
-from . import calibration
-from .backends import loky as loky_backend
+from .backends.base import PoolGone, StartupWatch, Target
 from .errors import (
     AdaptiveExecError,
     ClusterError,
@@ -48,20 +46,7 @@ from .errors import (
     WorkerCrashedError,
     attach_origin,
 )
-from .worker import (
-    FALLBACK,
-    NEED_FUNCTION,
-    ChunkResult,
-    FunctionRef,
-    decode,
-    dumps,
-    run_chunk,
-    run_here,
-    run_items,
-)
-
-if TYPE_CHECKING:
-    from .backends.dask import DaskTarget
+from .worker import FALLBACK, NEED_FUNCTION, ChunkResult, run_here
 
 logger = logging.getLogger("adaptive_exec")
 
@@ -74,15 +59,21 @@ IN_FLIGHT_PER_WORKER = 2
 # least long enough that the per-task overhead stays under OVERHEAD_SHARE of it.
 GUIDED_SPLIT = 2
 OVERHEAD_SHARE = 0.05
-EWMA = 0.3  # weight of the newest chunk in the observed per-item time
+# Weight of the newest chunk in the observed per-item time: a judgement between
+# following a trend within a few chunks and not chasing one noisy chunk (joblib's
+# auto-batching uses 0.2 for the newest batch; chunks here are fewer and longer).
+EWMA = 0.3
 # The monitor re-reads the machine this often during a run (a load change is followed
-# within about twice this), and the loop wakes this often to apply what it decided.
+# within about twice this: measured 0.20-0.21 s, benchmarks/reaction.py), and the loop
+# wakes this often to apply what it decided.
 MONITOR_INTERVAL_S = 0.3
 WAKE_S = 0.25
 # Ordered results waiting for an earlier, slower chunk: at most this many chunks per
 # worker are held before no new chunk is sent (a judgement: the memory a slow consumer
 # or one slow chunk can pin stays bounded, and skewed work keeps ~4 chunks of slack).
 BUFFERED_PER_WORKER = 4
+
+_END = object()
 
 
 class _Throttle:
@@ -116,119 +107,16 @@ def _monitor(throttle: _Throttle, decide: Callable[[int], int]) -> None:
             throttle.set(new)
 
 
-class _PoolGone(Exception):
-    """The executor a chunk was sent to takes no more work: another thread replaced it
-    (a larger pool) or ended it (its time-out, Ctrl-C). Not the chunk's fault."""
-
-
-class LokyTarget:
-    """Chunks go to the process pool, pickled by us (see worker.py)."""
-
-    kind = "loky"
-
-    def __init__(self, ref: FunctionRef, star: bool):
-        self.ref = ref
-        self.lean = ref.lean_copy()
-        self.star = star
-        self.full_left = 0  # chunks still to send with the whole function
-
-    def open(self, n_workers: int) -> tuple[Any, Optional[calibration.StartupProbe]]:
-        executor, cold, _ = loky_backend.get_executor(n_workers)
-        # One whole ref per worker, about: the others carry its key alone, and a worker
-        # that lacks it asks (NEED_FUNCTION) and gets the chunk again, whole.
-        self.full_left = n_workers
-        return executor, loky_backend.current_probe(executor) if cold else None
-
-    def capacity(self) -> int:
-        return loky_backend.pool_size()
-
-    def submit(self, executor: Any, chunk: list[Any], start: int, full: bool = False
-               ) -> cf.Future:
-        payload = dumps(chunk)  # raises when an item cannot be pickled
-        if self.full_left > 0:
-            self.full_left -= 1
-            full = True
-        try:
-            return executor.submit(run_chunk, self.ref if full else self.lean, start,
-                                   payload, self.star)
-        except Exception as exc:
-            if loky_backend.is_gone(executor):
-                raise _PoolGone() from exc
-            raise
-
-    def cancel(self, fut: cf.Future, executor: Any) -> None:
-        # A pool being ended fails its queued futures itself; one cancelled by us
-        # meanwhile made loky's manager thread print InvalidStateError (it sets an
-        # exception on every queued future, cancelled or not).
-        if not loky_backend.is_gone(executor):
-            fut.cancel()
-
-    def recover(self, executor: Any, failed: Any, n_workers: int) -> tuple[Any, bool]:
-        """After chunks died with the pool ``failed``: (the pool to use now, whether it
-        was ended on purpose, by us or another thread, rather than by a crash)."""
-        deliberate = loky_backend.ended_on_purpose(failed)
-        loky_backend.mark_broken(failed)
-        if loky_backend.is_gone(executor):
-            executor, _ = self.open(n_workers)
-        return executor, deliberate
-
-    def decode(self, res: ChunkResult) -> tuple[list[Any], Optional[BaseException]]:
-        return decode(res)
-
-    def close(self, executor: Any, clean: bool, interrupted: bool = False) -> None:
-        if interrupted:
-            # Ctrl-C: end the workers too, so that nothing runs on and nothing is left.
-            loky_backend.mark_broken(executor, on_purpose=True)
-        elif clean:
-            loky_backend.mark_warm(executor)
-
-
-class ThreadTarget:
-    """Chunks go to threads of this process: for functions that mostly wait."""
-
-    kind = "threads"
-
-    def __init__(self, func: Callable[..., Any], star: bool):
-        self.func = func
-        self.star = star
-        self.n_workers = 0
-
-    def open(self, n_workers: int) -> tuple[Any, None]:
-        self.n_workers = n_workers
-        return cf.ThreadPoolExecutor(n_workers, thread_name_prefix="adaptive_exec"), None
-
-    def capacity(self) -> int:
-        return self.n_workers
-
-    def submit(self, executor: Any, chunk: list[Any], start: int, full: bool = False
-               ) -> cf.Future:
-        return executor.submit(run_items, self.func, start, chunk, self.star)
-
-    def recover(self, executor: Any, failed: Any, n_workers: int) -> tuple[Any, bool]:
-        return executor, False
-
-    def cancel(self, fut: cf.Future, executor: Any) -> None:
-        fut.cancel()
-
-    def decode(self, res: ChunkResult) -> tuple[list[Any], Optional[BaseException]]:
-        return res.results, res.error
-
-    def close(self, executor: Any, clean: bool, interrupted: bool = False) -> None:
-        # Threads cannot be stopped: after an error the running ones finish first; after
-        # Ctrl-C they finish in the background and control returns at once.
-        executor.shutdown(wait=not interrupted, cancel_futures=True)
-
-
 class _Pending:
     """A chunk in flight. Its items are kept until it returns: a chunk whose worker dies
     is sent again (retries); ``crashes`` counts the pools it was in when one broke."""
 
     __slots__ = ("start", "items", "submitted", "crashes", "executor")
 
-    def __init__(self, start: int, items: list[Any], submitted: float, crashes: int = 0):
+    def __init__(self, start: int, items: list[Any], crashes: int = 0):
         self.start = start
         self.items = items
-        self.submitted = submitted
+        self.submitted = 0.0
         self.crashes = crashes
         self.executor: Any = None  # the pool it was sent to
 
@@ -238,12 +126,16 @@ class _Pending:
 
 
 class ParallelRun:
-    """One parallel map: iterate it for lists of results (in order unless ``ordered=False``)."""
+    """One parallel map: iterate it for lists of results (in order unless ``ordered=False``).
+
+    ``chunksize`` is the plan's (an upper bound unless ``fixed_chunksize``);
+    ``monitor(busy workers now)`` says how many to keep busy; ``timeout`` is per item.
+    """
 
     def __init__(
         self,
         func: Callable[..., Any],
-        target: Union[LokyTarget, ThreadTarget, DaskTarget],
+        target: Target,
         source: Iterator[Any],
         first_index: int,
         n_workers: int,
@@ -262,9 +154,8 @@ class ParallelRun:
         self.func = func
         self.target = target
         self.source = source
-        self.first_index = first_index
         self.n_workers = n_workers
-        self.chunksize = max(1, chunksize)  # the plan's: an upper bound when not fixed
+        self.chunksize = max(1, chunksize)
         self.n_left = n_left  # items still to read from source, when known
         self.fixed_chunksize = fixed_chunksize
         # imap: a chunk's results are at most about this many items (their bytes
@@ -272,7 +163,6 @@ class ParallelRun:
         self.max_chunk_items = max_chunk_items
         self.task_overhead_s = task_overhead_s
         self.per_item_s: Optional[float] = None  # observed in workers, smoothed
-        # decide(current busy workers) -> the number to keep busy now (load, memory).
         self.monitor = monitor
         self.throttle = _Throttle(n_workers)
         self.star = star
@@ -287,41 +177,133 @@ class ParallelRun:
         self.timeline: list[tuple[float, int]] = []
         self.worker_compute_s = 0.0
         self.worker_items = 0
-        self.startup_s: Optional[float] = None
-        self._t0 = 0.0
-        self._warm = threading.Event()
-        self._warned = False
+        # The loop's state (the caller's thread alone touches it):
+        self.executor: Any = None
+        self.capacity = 0  # chunks that can run at once on the executor
+        self.probe: Optional[StartupWatch] = None
+        self.warm = threading.Event()
+        self.warm_at: Optional[float] = None  # when a worker first answered
+        self.pending: dict[cf.Future, _Pending] = {}
+        # Chunks whose pool broke under them, to send again one at a time (so that the
+        # one that kills its worker is found alone) before any new chunk.
+        self.retry: collections.deque[_Pending] = collections.deque()
+        self.buffer: dict[int, tuple[list[Any], int, Optional[BaseException]]] = {}
+        self.next_out = first_index
+        self.read_pos = first_index
+        self.exhausted = False
+        self.error_at: Optional[int] = None  # the first failing item seen so far
         # Set once something could not cross to or from a worker (a result, the function
         # in a worker): the rest of the map runs here, in the caller.
         self.caller_only = False
+        self.interrupted = False  # Ctrl-C or a time-out: the executor's workers are ended
+        self._warned = False
+        self._t0 = 0.0
 
-    # --- the caller's own share -------------------------------------------------
+    def __iter__(self) -> Iterator[list[Any]]:
+        return self.run()
 
-    def _run_here(self, items: list[Any], start: int) -> tuple[list[Any], Optional[BaseException]]:
-        return run_here(self.func, items, start, self.star)
+    # --- the loop, top to bottom ------------------------------------------------------
 
-    def _unpicklable(self, what: str, cause: Optional[BaseException] = None,
-                     error: type[TypeError] = TypeError) -> None:
-        """Something cannot cross between the caller and a worker: raise with strict=True,
-        else warn once (the caller runs what is missing)."""
-        if self.strict:
-            msg = (f"{what}; pass strict=False to run such items in the caller instead "
-                   "(strict=True)")
-            raise error(msg) from cause
-        if not self._warned:
-            self._warned = True
-            warnings.warn(
-                f"adaptive_exec: {what}; running them in the caller",
-                UnpicklableWarning,
-                stacklevel=4,
-            )
+    def run(self) -> Iterator[list[Any]]:
+        self._open()
+        clean = False
+        try:
+            self._submit_more()
+            self._record(len(self.pending))
+            self._share_while_cold()
+            while True:
+                self._submit_more()
+                self._record(len(self.pending))
+                yield from self._ready()
+                if self.error_at is not None:
+                    self._drop_work_after_error()
+                if not self.pending and not self.retry:
+                    if self.exhausted or self.error_at is not None:
+                        yield from self._ready()
+                        break
+                    continue
+                done, _ = cf.wait(list(self.pending), timeout=self._next_wake(),
+                                  return_when=cf.FIRST_COMPLETED)
+                for fut in sorted(done, key=lambda f: self.pending[f].start):
+                    self._collect(fut)
+                self._check_deadlines()
+            self._record(0)
+            clean = True
+            self.target.finish(self.executor, self.probe)
+        except KeyboardInterrupt as exc:
+            # Ctrl-C (not an item's own KeyboardInterrupt, which carries its index):
+            # the workers are ended with the map.
+            self.interrupted = self.interrupted or getattr(exc, "item_index", None) is None
+            raise
+        except GeneratorExit:
+            # Closed early with chunks still running (imap left by Ctrl-C in the
+            # consumer's own code, or by a break): nothing is to run on unwatched, so
+            # their workers are ended, as joblib does when its generator is dropped.
+            self.interrupted = self.interrupted or bool(self.pending)
+            raise
+        finally:
+            self.throttle.stop.set()
+            self.target.close(self.executor, clean, self.interrupted)
+            for fut, info in self.pending.items():
+                self.target.cancel(fut, info.executor)
 
-    # --- the loop ----------------------------------------------------------------
+    def _open(self) -> None:
+        self.executor, self.probe = self.target.open(self.n_workers)
+        self.capacity = self.target.capacity()
+        self._t0 = time.perf_counter()
+        if self.probe is not None:
+            # Its pings are queued ahead of our chunks (maybe by a pool started ahead of
+            # this map): the first answer means a worker is up.
+            self.warm = self.probe.first
+        else:
+            self.warm.set()
+            self.warm_at = self._t0
+        if self.monitor is not None:
+            threading.Thread(target=_monitor, args=(self.throttle, self.monitor),
+                             name="adaptive_exec-monitor", daemon=True).start()
 
-    def _record(self, active: int) -> None:
-        active = min(active, self.n_workers, self.throttle.get())
-        if not self.timeline or self.timeline[-1][1] != active:
-            self.timeline.append((round(time.perf_counter() - self._t0, 4), active))
+    def _share_while_cold(self) -> None:
+        """Cold pool: keep the caller busy with items until a worker answers. (Not with
+        a timeout: an item running here could not be stopped.)"""
+        if self.warm.is_set() or self.timeout is not None:
+            return
+        local: list[Any] = []
+        local_start = self.read_pos
+        err: Optional[BaseException] = None
+        while not self.warm.is_set():
+            item = next(self.source, _END)
+            if item is _END:
+                self.exhausted = True
+                break
+            self.read_pos += 1
+            if self.n_left is not None:
+                self.n_left -= 1
+            out, err = run_here(self.func, [item], self.read_pos - 1, self.star)
+            local.extend(out)
+            if err is not None:
+                self.error_at = self.read_pos - 1
+                break
+        if local or err is not None:
+            self.buffer[local_start] = (local, self.read_pos - local_start, err)
+
+    # --- sending ------------------------------------------------------------------------
+
+    def _limit(self) -> int:
+        if self.retry or any(info.crashes for info in self.pending.values()):
+            return 1
+        if (self.ordered and self.pending
+                and len(self.buffer) >= BUFFERED_PER_WORKER * self.n_workers):
+            return 0  # results wait for an earlier chunk: send nothing new meanwhile
+        target = self.throttle.get()
+        if self.timeout is not None:
+            return target  # no queue: an item's clock starts when it is sent
+        # With every worker allowed, one chunk queued per worker keeps them fed; with
+        # fewer, exactly that many chunks, so only that many workers are busy. A pool
+        # larger than the run's workers (max_workers=1 on a warm pool of 2) would start
+        # queued chunks at once: no queue then either.
+        if target >= self.n_workers and self.capacity <= self.n_workers:
+            return target * IN_FLIGHT_PER_WORKER
+        return target
 
     def _next_chunksize(self) -> int:
         if self.fixed_chunksize:
@@ -336,350 +318,229 @@ class ParallelRun:
             c = max(c, min(floor, self.chunksize))
         return max(1, c)
 
+    def _submit_more(self) -> None:
+        while len(self.pending) < self._limit():
+            if self.retry:
+                # Even after an error: a chunk retried here comes before it (later ones
+                # were dropped), and its results are yielded first. Holding it back
+                # left the loop waiting on nothing, for ever.
+                self._send(self.retry.popleft())
+                continue
+            if self.exhausted or self.error_at is not None:
+                return
+            chunk = list(itertools.islice(self.source, self._next_chunksize()))
+            if not chunk:
+                self.exhausted = True
+                return
+            start, self.read_pos = self.read_pos, self.read_pos + len(chunk)
+            if self.n_left is not None:
+                self.n_left -= len(chunk)
+            self._send(_Pending(start, chunk))
+
+    def _send(self, info: _Pending, full: bool = False) -> None:
+        if self.caller_only:
+            self._run_locally(info)
+            return
+        for _ in range(3):
+            try:
+                fut = self.target.submit(self.executor, info.items, info.start, full)
+                break
+            except PoolGone:
+                # Another thread's map replaced or ended the pool: use the current one.
+                self.executor, _ = self.target.open(self.n_workers)
+            except AdaptiveExecError:
+                raise  # ours (a cluster that went away...): not a pickling failure
+            except Exception as exc:
+                self._unpicklable(f"items from index {info.start} cannot be pickled to "
+                                  f"reach a worker ({exc})", exc)
+                self._run_locally(info)
+                return
+        else:
+            msg = "the process pool kept being replaced by other threads' maps"
+            raise WorkerCrashedError(msg, index=info.start)
+        info.submitted = time.perf_counter()
+        info.executor = self.executor
+        self.pending[fut] = info
+
+    def _run_locally(self, info: _Pending) -> None:
+        out, err = run_here(self.func, info.items, info.start, self.star)
+        self._keep(info, out, err)
+
+    def _keep(self, info: _Pending, results: list[Any], err: Optional[BaseException]) -> None:
+        """A chunk's outcome, waiting for its turn."""
+        if err is not None:
+            at = getattr(err, "item_index", info.start + len(results))
+            if self.error_at is None or at < self.error_at:
+                self.error_at = at
+        self.buffer[info.start] = (results, info.n, err)
+
+    # --- receiving ----------------------------------------------------------------------
+
+    def _collect(self, fut: cf.Future) -> None:
+        info = self.pending.pop(fut)
+        try:
+            res: ChunkResult = fut.result()
+        except cf.CancelledError:
+            return
+        except WorkerCrashedError as exc:
+            # A target that gave up on the chunk itself (dask: KilledWorker, after the
+            # scheduler's own retries). Raised in its turn, after the items before it.
+            self._keep(info, [], attach_origin(exc, info.start, None))
+            return
+        except Exception as exc:
+            if self.target.is_death(exc) or isinstance(exc, ClusterError):
+                self._crashed(info, exc)
+                return
+            raise
+        if res.status == NEED_FUNCTION:  # a worker new to this function: send it whole
+            self._send(info, full=True)
+            return
+        self.worker_compute_s += res.compute_s
+        self.worker_items += res.n_done
+        self._observe(res)
+        err_index = res.error_index
+        if res.status == FALLBACK:
+            results, err, err_index = self._fall_back(info, res)
+        else:
+            try:
+                results, err = self.target.decode(res)
+            except Exception as exc:  # results this process cannot unpickle
+                self._unpicklable(f"the results of items from index {info.start} cannot "
+                                  f"be unpickled in the caller ({exc})", exc)
+                self.caller_only = True
+                results, err = run_here(self.func, info.items, info.start, self.star)
+                err_index = None
+        if err is not None and err_index is not None:
+            # From another process (loky, dask), the worker's traceback is text to
+            # chain; a thread's exception still carries its own.
+            attach_origin(err, err_index, res.error_tb if self.target.remote else None)
+        self._keep(info, results, err)
+
     def _observe(self, res: ChunkResult) -> None:
         if res.n_done:
             t = res.compute_s / res.n_done
             self.per_item_s = t if self.per_item_s is None else (
                 EWMA * t + (1 - EWMA) * self.per_item_s)
 
-    def __iter__(self) -> Iterator[list[Any]]:
-        return self._run()
+    def _fall_back(self, info: _Pending, res: ChunkResult
+                   ) -> tuple[list[Any], Optional[BaseException], Optional[int]]:
+        """A chunk that could not fully cross: the items a worker could not run, or
+        whose results could not come back, run here; so does the rest of the map."""
+        reason = res.reason or "something cannot cross between the caller and a worker"
+        self._unpicklable(reason, None, ResultPicklingError if res.holes else TypeError)
+        self.caller_only = True
+        if res.holes is None:  # nothing ran there
+            out, err = run_here(self.func, info.items, info.start, self.star)
+            return out, err, None
+        results, err = self.target.decode(res)
+        for hole in res.holes:
+            out, hole_err = run_here(self.func, [info.items[hole]], info.start + hole,
+                                     self.star)
+            if hole_err is not None:  # before the worker's own error, if any
+                return results[:hole], hole_err, None
+            results[hole] = out[0]
+        return results, err, res.error_index
 
-    def _run(self) -> Iterator[list[Any]]:
-        executor, probe = self.target.open(self.n_workers)
-        capacity = self.target.capacity()  # what can run at once there
-        self._t0 = time.perf_counter()
-        clean = interrupted = False
-        if probe is not None:
-            # Its pings are queued ahead of our chunks (maybe by a pool started ahead of
-            # this map): the first answer means a worker is up.
-            self._warm = probe.first
+    def _crashed(self, info: _Pending, exc: BaseException) -> None:
+        """The pool broke while ``info`` was in it: rebuild, and retry or name."""
+        self.executor, deliberate = self.target.recover(self.executor, info.executor,
+                                                        self.n_workers)
+        if deliberate:  # ended by a time-out, Ctrl-C or growth, maybe another thread's
+            self.retry.append(info)
+            return
+        info.crashes += 1
+        # dask: the task was lost with the workers that held it or its function.
+        lost = isinstance(exc, ClusterError)
+        code, how = (None, str(exc)) if lost else self.target.describe_death(exc)
+        if info.n == 1 and info.crashes >= 2:
+            msg = (f"item {info.start} was lost twice with the dask workers running it "
+                   f"({exc})" if lost else
+                   f"item {info.start} killed its worker process twice ({how})")
+            err = WorkerCrashedError(msg, index=info.start, exitcode=code)
+            err.__cause__ = exc
+            # Raised in its turn, after the results and errors of the items before it.
+            self._keep(info, [], attach_origin(err, info.start, None))
+            return
+        if info.crashes >= 2:
+            # The chunk broke a pool alone: narrow it down to the item, each alone.
+            for offset, item in enumerate(info.items):
+                self.retry.append(_Pending(info.start + offset, [item], crashes=1))
         else:
-            self._warm.set()
-        warm_at: Optional[float] = None if probe is not None else self._t0
+            self.retry.append(info)
+        logger.debug("a worker died (%s); items %d..%d will run again", how, info.start,
+                     info.start + info.n - 1)
 
-        if self.monitor is not None:
-            threading.Thread(target=_monitor, args=(self.throttle, self.monitor),
-                             name="adaptive_exec-monitor", daemon=True).start()
+    def _check_deadlines(self) -> None:
+        """With a timeout: an item running past it ends the map, and its pool."""
+        if self.timeout is None:
+            return
+        now = time.perf_counter()
+        if self.warm_at is None:
+            if not self.warm.is_set():
+                return  # start-up does not count against any item
+            self.warm_at = now
+        for fut, info in self.pending.items():
+            began = max(info.submitted, self.warm_at)
+            if not fut.done() and now - began > self.timeout:
+                self.interrupted = True  # its worker is ended with the pool
+                msg = (f"item {info.start} ran past the timeout of {self.timeout:g} s; "
+                       "its worker was ended")
+                raise attach_origin(ItemTimeoutError(msg), info.start, None)
 
-        pending: dict[cf.Future, _Pending] = {}
-        # Chunks whose pool broke under them, to send again one at a time (so that the
-        # one that kills its worker is found alone) before any new chunk.
-        retry: collections.deque[_Pending] = collections.deque()
-        buffer: dict[int, tuple[list[Any], int, Optional[BaseException]]] = {}
-        next_out = self.first_index
-        read_pos = self.first_index
-        exhausted = False
-        error_at: Optional[int] = None
+    def _next_wake(self) -> float:
+        if self.timeout is None or self.warm_at is None or not self.pending:
+            return WAKE_S
+        first = min(max(info.submitted, self.warm_at) for info in self.pending.values())
+        return max(0.005, min(WAKE_S, first + self.timeout - time.perf_counter()))
 
-        def limit() -> int:
-            if retry or any(info.crashes for info in pending.values()):
-                return 1
-            if self.ordered and pending and len(buffer) >= BUFFERED_PER_WORKER * self.n_workers:
-                return 0  # results wait for an earlier chunk: send nothing new meanwhile
-            target = self.throttle.get()
-            if self.timeout is not None:
-                return target  # no queue: an item's clock starts when it is sent
-            # With every worker allowed, one chunk queued per worker keeps them fed;
-            # with fewer, exactly that many chunks, so only that many workers are busy.
-            # A pool larger than the run's workers (max_workers=1 on a warm pool of 2)
-            # would start queued chunks at once: no queue then either.
-            if target >= self.n_workers and capacity <= self.n_workers:
-                return target * IN_FLIGHT_PER_WORKER
-            return target
+    # --- giving back ----------------------------------------------------------------------
 
-        def run_locally(info: _Pending) -> None:
-            nonlocal error_at
-            out, err = self._run_here(info.items, info.start)
-            buffer[info.start] = (out, info.n, err)
-            if err is not None and (error_at is None or info.start + len(out) < error_at):
-                error_at = info.start + len(out)
+    def _ready(self) -> Iterator[list[Any]]:
+        if self.ordered:
+            while self.next_out in self.buffer:
+                results, n, err = self.buffer.pop(self.next_out)
+                if results:
+                    yield results
+                if err is not None:
+                    raise err
+                self.next_out += n
+        else:
+            for start in sorted(self.buffer):
+                results, n, err = self.buffer.pop(start)
+                if results:
+                    yield results
+                if err is not None:
+                    raise err
 
-        def send(info: _Pending, full: bool = False) -> None:
-            nonlocal executor
-            if self.caller_only:
-                run_locally(info)
-                return
-            for _ in range(3):
-                try:
-                    fut = self.target.submit(executor, info.items, info.start, full)
-                    break
-                except _PoolGone:
-                    # Another thread's map replaced or ended the pool: use the current one.
-                    executor, _ = self.target.open(self.n_workers)
-                except AdaptiveExecError:
-                    raise  # ours (a cluster that went away...): not a pickling failure
-                except Exception as exc:
-                    self._unpicklable(f"items from index {info.start} cannot be pickled to "
-                                      f"reach a worker ({exc})", exc)
-                    run_locally(info)
-                    return
-            else:
-                msg = "the process pool kept being replaced by other threads' maps"
-                raise WorkerCrashedError(msg, index=info.start)
-            info.submitted = time.perf_counter()
-            info.executor = executor
-            pending[fut] = info
-
-        def fall_back(info: _Pending, res: ChunkResult) -> tuple[list[Any], Optional[
-                BaseException], Optional[int]]:
-            """A chunk that could not fully cross: the items a worker could not run, or
-            whose results could not come back, run here; so does the rest of the map."""
-            reason = res.reason or "something cannot cross between the caller and a worker"
-            self._unpicklable(reason, None, ResultPicklingError if res.holes else TypeError)
-            self.caller_only = True
-            if res.holes is None:  # nothing ran there
-                out, err = self._run_here(info.items, info.start)
-                return out, err, None
-            results, err = self.target.decode(res)
-            err_index = res.error_index
-            for hole in res.holes:
-                out, hole_err = self._run_here([info.items[hole]], info.start + hole)
-                if hole_err is not None:  # before the worker's own error, if any
-                    return results[:hole], hole_err, None
-                results[hole] = out[0]
-            return results, err, err_index
-
-        def submit_more() -> None:
-            nonlocal read_pos, exhausted
-            while len(pending) < limit():
-                if retry:
-                    # Even after an error: a chunk retried here comes before it (later
-                    # ones were dropped), and its results are yielded first. Holding it
-                    # back left the loop waiting on nothing, for ever.
-                    send(retry.popleft())
-                    continue
-                if exhausted or error_at is not None:
-                    return
-                chunk = list(itertools.islice(self.source, self._next_chunksize()))
-                if not chunk:
-                    exhausted = True
-                    return
-                start, read_pos = read_pos, read_pos + len(chunk)
-                if self.n_left is not None:
-                    self.n_left -= len(chunk)
-                send(_Pending(start, chunk, 0.0))
-
-        def crashed(info: _Pending, exc: BaseException) -> None:
-            """The pool broke while ``info`` was in it: rebuild, and retry or name."""
-            nonlocal executor, error_at
-            executor, deliberate = self.target.recover(executor, info.executor, self.n_workers)
-            if deliberate:  # ended by a time-out, Ctrl-C or growth, maybe another thread's
-                retry.append(info)
-                return
-            info.crashes += 1
-            # dask: the task was lost with the workers that held it or its function.
-            lost = isinstance(exc, ClusterError)
-            code = None if lost else _exit_code(exc)
-            if info.n == 1 and info.crashes >= 2:
-                msg = (f"item {info.start} was lost twice with the dask workers running it "
-                       f"({exc})" if lost else
-                       f"item {info.start} killed its worker process twice "
-                       f"({_describe_exit(code)})")
-                err = WorkerCrashedError(msg, index=info.start, exitcode=code)
-                err.__cause__ = exc
-                # Raised in its turn, after the results and errors of the items before it.
-                buffer[info.start] = ([], 1, attach_origin(err, info.start, None))
-                if error_at is None or info.start < error_at:
-                    error_at = info.start
-                return
-            if info.crashes >= 2:
-                # The chunk broke a pool alone: narrow it down to the item, each alone.
-                for offset, item in enumerate(info.items):
-                    retry.append(_Pending(info.start + offset, [item], 0.0, crashes=1))
-            else:
-                retry.append(info)
-            logger.debug("a worker died (%s); items %d..%d will run again",
-                         exc if lost else _describe_exit(code), info.start,
-                         info.start + info.n - 1)
-
-        def collect(fut: cf.Future) -> None:
-            nonlocal error_at, warm_at
-            info = pending.pop(fut)
-            try:
-                res: ChunkResult = fut.result()
-            except cf.CancelledError:
-                return
-            except WorkerCrashedError as exc:
-                # A target that gave up on the chunk itself (dask: KilledWorker, after the
-                # scheduler's own retries). Raised in its turn, after the items before it.
-                buffer[info.start] = ([], info.n, attach_origin(exc, info.start, None))
-                if error_at is None or info.start < error_at:
-                    error_at = info.start
-                return
-            except Exception as exc:
-                if (self.target.kind == "loky" and _is_worker_death(exc)) or isinstance(
-                        exc, ClusterError):
-                    crashed(info, exc)
-                    return
-                raise
-            status = getattr(res, "status", None)
-            if status == NEED_FUNCTION:  # a worker new to this function: send it whole
-                send(info, full=True)
-                return
-            self.worker_compute_s += res.compute_s
-            self.worker_items += res.n_done
-            self._observe(res)
-            err_index = res.error_index
-            if status == FALLBACK:
-                results, err, err_index = fall_back(info, res)
-            else:
-                try:
-                    results, err = self.target.decode(res)
-                except Exception as exc:  # results this process cannot unpickle
-                    self._unpicklable(f"the results of items from index {info.start} cannot "
-                                      f"be unpickled in the caller ({exc})", exc)
-                    self.caller_only = True
-                    results, err = self._run_here(info.items, info.start)
-                    err_index = None
-            if err is not None and err_index is not None:
-                # From another process (loky, dask), the worker's traceback is text to
-                # chain; a thread's exception still carries its own.
-                remote_tb = res.error_tb if self.target.kind != "threads" else None
-                attach_origin(err, err_index, remote_tb)
-            if err is not None:
-                at = getattr(err, "item_index", info.start + len(results))
-                if error_at is None or at < error_at:
-                    error_at = at
-            buffer[info.start] = (results, info.n, err)
-
-        def check_deadlines() -> None:
-            """With a timeout: an item running past it ends the map, and its pool."""
-            nonlocal warm_at
-            if self.timeout is None:
-                return
-            now = time.perf_counter()
-            if warm_at is None:
-                if not self._warm.is_set():
-                    return  # start-up does not count against any item
-                warm_at = now
-            for fut, info in pending.items():
-                began = max(info.submitted, warm_at)
-                if not fut.done() and now - began > self.timeout:
-                    loky_backend.mark_broken(executor, on_purpose=True)  # its worker goes
-                    msg = (f"item {info.start} ran past the timeout of {self.timeout:g} s; "
-                           "its worker was ended")
-                    raise attach_origin(ItemTimeoutError(msg), info.start, None)
-
-        def next_wake() -> float:
-            if self.timeout is None or warm_at is None or not pending:
-                return WAKE_S
-            first = min(max(info.submitted, warm_at) for info in pending.values())
-            return max(0.005, min(WAKE_S, first + self.timeout - time.perf_counter()))
-
-        def ready() -> Iterator[list[Any]]:
-            nonlocal next_out
-            if self.ordered:
-                while next_out in buffer:
-                    results, n, err = buffer.pop(next_out)
-                    if results:
-                        yield results
-                    if err is not None:
-                        raise err
-                    next_out += n
-            else:
-                for start in sorted(buffer):
-                    results, n, err = buffer.pop(start)
-                    if results:
-                        yield results
-                    if err is not None:
-                        raise err
-
-        try:
-            submit_more()
-            self._record(len(pending))
-            if not self._warm.is_set() and self.timeout is None:
-                # Cold pool: keep the caller busy with items until a worker answers.
-                # (Not with a timeout: an item running here could not be stopped.)
-                local: list[Any] = []
-                local_start = read_pos
-                local_err: Optional[BaseException] = None
-                while not self._warm.is_set():
-                    item = next(self.source, _END)
-                    if item is _END:
-                        exhausted = True
-                        break
-                    read_pos += 1
-                    if self.n_left is not None:
-                        self.n_left -= 1
-                    out, local_err = self._run_here([item], read_pos - 1)
-                    local.extend(out)
-                    if local_err is not None:
-                        error_at = read_pos - 1
-                        break
-                if local or local_err is not None:
-                    buffer[local_start] = (local, read_pos - local_start, local_err)
-
-            while True:
-                submit_more()
-                self._record(len(pending))
-                yield from ready()
-                if error_at is not None:
-                    # Work after the failing item is not needed: cancel what has not
-                    # started; what runs finishes in its worker, unwatched.
-                    for fut, info in list(pending.items()):
-                        if info.start > error_at:
-                            self.target.cancel(fut, info.executor)
-                            del pending[fut]
-                    retry = collections.deque(i for i in retry if i.start < error_at)
-                if not pending and not retry:
-                    if exhausted or error_at is not None:
-                        yield from ready()
-                        break
-                    continue
-                done, _ = cf.wait(list(pending), timeout=next_wake(),
-                                  return_when=cf.FIRST_COMPLETED)
-                for fut in sorted(done, key=lambda f: pending[f].start):
-                    collect(fut)
-                check_deadlines()
-            self._record(0)
-            clean = True
-            if probe is not None and probe.startup_s is not None:
-                self.startup_s = probe.startup_s
-                calibration.record_startup(probe.startup_s, loky_backend.pool_size())
-            if self.target.kind == "loky" and not calibration.overheads_measured():
-                # Once per process, while the pool and this thread are both idle.
-                calibration.record_overheads(
-                    *calibration.measure_overheads(executor, loky_backend.pool_size())
-                )
-        except KeyboardInterrupt as exc:
-            # Ctrl-C (not an item's own KeyboardInterrupt, which carries its index):
-            # the workers are ended with the map.
-            interrupted = getattr(exc, "item_index", None) is None
-            raise
-        except GeneratorExit:
-            # Closed early with chunks still running (imap left by Ctrl-C in the
-            # consumer's own code, or by a break): nothing is to run on unwatched, so
-            # their workers are ended, as joblib does when its generator is dropped.
-            interrupted = bool(pending)
-            raise
-        finally:
-            self.throttle.stop.set()
-            self.target.close(executor, clean, interrupted)
-            for fut, info in pending.items():
+    def _drop_work_after_error(self) -> None:
+        """Work after the failing item is not needed: cancel what has not started; what
+        runs finishes in its worker, unwatched."""
+        assert self.error_at is not None
+        for fut, info in list(self.pending.items()):
+            if info.start > self.error_at:
                 self.target.cancel(fut, info.executor)
+                del self.pending[fut]
+        self.retry = collections.deque(i for i in self.retry if i.start < self.error_at)
 
+    # --- small things -----------------------------------------------------------------------
 
-def _exit_code(exc: BaseException) -> Optional[int]:
-    """The dead worker's exit code from loky's message ("{EXIT(13)}", "{SIGKILL(-9)}")."""
-    match = re.search(r"\((-?\d+)\)", str(exc))
-    return int(match.group(1)) if match else None
+    def _record(self, active: int) -> None:
+        active = min(active, self.n_workers, self.throttle.get())
+        if not self.timeline or self.timeline[-1][1] != active:
+            self.timeline.append((round(time.perf_counter() - self._t0, 4), active))
 
-
-def _describe_exit(code: Optional[int]) -> str:
-    if code is None:
-        return "exit code unknown"
-    if code < 0:
-        try:
-            return f"signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"signal {-code}"
-    return f"exit code {code}"
-
-
-def _is_worker_death(exc: BaseException) -> bool:
-    name = type(exc).__name__
-    return name in ("TerminatedWorkerError", "BrokenProcessPool", "ShutdownExecutorError")
-
-
-_END = object()
+    def _unpicklable(self, what: str, cause: Optional[BaseException] = None,
+                     error: type[TypeError] = TypeError) -> None:
+        """Something cannot cross between the caller and a worker: raise with strict=True,
+        else warn once (the caller runs what is missing)."""
+        if self.strict:
+            msg = (f"{what}; pass strict=False to run such items in the caller instead "
+                   "(strict=True)")
+            raise error(msg) from cause
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"adaptive_exec: {what}; running them in the caller",
+                UnpicklableWarning,
+                stacklevel=5,
+            )

@@ -124,37 +124,11 @@ class ExceptionState:
     builtin_base: str  # the nearest builtin exception class in its MRO
 
 
-def _picklable(value: Any) -> bool:
-    try:
-        pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-        return True
-    except Exception:
-        return False
-
-
 def safe_str(exc: BaseException) -> str:
     try:
         return str(exc)
     except Exception:
         return "<its message cannot be shown: its __str__ raised>"
-
-
-def reduce_exception(exc: BaseException) -> ExceptionState:
-    """In the worker: the parts of ``exc`` that can travel."""
-    cls = type(exc)
-    try:
-        from .worker import dumps
-
-        data = dumps(cls)
-        pickle.loads(data)  # a class that pickles but cannot be rebuilt stays behind
-        cls_blob: Optional[bytes] = data
-    except Exception:
-        cls_blob = None
-    args = tuple(a if _picklable(a) else repr(a) for a in exc.args)
-    state = {k: v for k, v in getattr(exc, "__dict__", {}).items() if _picklable(v)}
-    base = next(k for k in cls.__mro__ if getattr(builtins, k.__name__, None) is k)
-    return ExceptionState(cls_blob, args, state, f"{cls.__module__}.{cls.__qualname__}",
-                          safe_str(exc), base.__name__)
 
 
 _STAND_INS: dict[tuple[str, str], type] = {}

@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
-from .calibration import Calibration
-from .sampling import Features
+from .records import Calibration, Cluster, Features, Plan, fmt_bytes, fmt_s
 from .system import SystemSnapshot, busy_cpus
 
 MIN_SPEEDUP = 1.2  # below this the estimate's own error can turn a gain into a loss
+# And by at least this much: a judgement, below the noise of one scheduler tick on a
+# busy machine (10 ms), a "faster" pool is a coin toss that costs a start-up.
 MIN_SAVING_S = 0.01
 # A chunk longer than this delays errors, cancellation and streamed results.
 MAX_CHUNK_S = 0.5
@@ -41,6 +42,8 @@ def worker_footprint(features: Features, system: SystemSnapshot) -> int:
     workers when they exist) plus the peak memory of one call, from sampling."""
     base = system.worker_memory if system.worker_memory else WORKER_BASE_MEMORY
     return base + (features.peak_memory or 0)
+# Memory left to the rest of the machine when sizing workers by memory: a judgement,
+# about what a desktop session or a CI runner needs not to swap.
 MEMORY_RESERVE = 256 << 20
 # Fraction of the start-up the caller spends working through items: it shares the
 # cores with booting workers, so it is not a full worker during that time.
@@ -51,65 +54,19 @@ STARTUP_OVERLAP = 0.5
 OWN_THREADS_MIN = 0.3
 # Below this CPU share the function mostly waits: threads overlap the waiting.
 WAITING_MAX_CPU = 0.5
+# Threads for a waiting function: beyond ~64 the GIL hand-offs of a thread pool cost
+# more than the overlapped waiting gains (a judgement; concurrent.futures caps its
+# default at 32 for the same reason).
 MAX_THREADS = 64
+# The coefficient of variation is capped here in the tail estimate: a sample of a few
+# items with one outlier reads as CV 5-10, which would keep chunks at one item for
+# work that is merely uneven (a judgement).
+CV_CAP = 4.0
+# A candidate plan must beat the best so far by 1% to replace it: within the model's own
+# noise, fewer workers (tried first) leave the machine freer.
+BETTER_BY = 0.99
 # Per task on a thread pool (submit, future, wake-up), measured ~30-60 µs here.
 THREAD_TASK_OVERHEAD_S = 5e-5
-
-
-@dataclass(frozen=True)
-class Plan:
-    mode: str  # "serial" | "parallel" | "threads" | "distributed"
-    n_workers: int
-    chunksize: int
-    estimated_serial_s: float
-    estimated_parallel_s: float
-    estimated_speedup: float
-    reason: str
-    from_cache: bool
-    features: dict[str, Any] = field(default_factory=dict)
-
-    def explain(self) -> str:
-        f = self.features
-        lines = [
-            f"mode:        {self.mode}",
-            f"workers:     {self.n_workers}",
-            f"chunksize:   {self.chunksize}",
-            f"serial:      {fmt_s(self.estimated_serial_s)} (estimated)",
-            f"parallel:    {fmt_s(self.estimated_parallel_s)} (estimated)",
-            f"speedup:     {self.estimated_speedup:.2f}x (estimated)",
-            f"from cache:  {self.from_cache}",
-            f"reason:      {self.reason}",
-        ]
-        if f:
-            lines.append("features:")
-            width = max(len(k) for k in f)
-            for key in sorted(f):
-                lines.append(f"  {key.ljust(width)}  {f[key]}")
-        return "\n".join(lines)
-
-
-def fmt_s(seconds: float) -> str:
-    if seconds >= 1:
-        return f"{seconds:.2f} s"
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:.1f} ms"
-    return f"{seconds * 1e6:.1f} µs"
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
-
-
-@dataclass(frozen=True)
-class Cluster:
-    """A running dask cluster to plan for: its worker threads are the workers."""
-
-    address: str
-    n_threads: int
 
 
 @dataclass(frozen=True)
@@ -188,6 +145,13 @@ def _worker_candidates(lo: int, hi: int, cluster: bool) -> list[int]:
     return out
 
 
+def blocked_by_pickling(features: Features, plan: Plan, forced_parallel: bool) -> bool:
+    """Whether ``plan`` is serial only because the sampled items or results cannot be
+    pickled (a pool was asked for, or would have won): the user is told so."""
+    return (not features.picklable and plan.mode == "serial"
+            and (forced_parallel or plan.estimated_speedup >= MIN_SPEEDUP))
+
+
 def memory_cap(features: Features, system: SystemSnapshot) -> Optional[int]:
     """Workers the available memory allows, or None when memory was not read."""
     if system.available_memory is None:
@@ -211,7 +175,6 @@ def make_plan(
     chunksize: Optional[int] = None,
     parallel_correction: float = 1.0,
     startup_left: Optional[float] = None,
-    extra: Optional[dict[str, Any]] = None,
     cluster: Optional[Cluster] = None,
 ) -> Plan:
     """Plan the remaining ``n_items - n_done`` items; ``elapsed_s`` was already spent.
@@ -234,7 +197,7 @@ def make_plan(
     others = features.threads_cpu or 0.0
     own_threads = min(1.0 + others, system.usable_cpus) if others > OWN_THREADS_MIN else 1.0
     cv = features.coefficient_of_variation if features.coefficient_of_variation is not None else 0.5
-    cv = min(cv, 4.0)
+    cv = min(cv, CV_CAP)
     bytes_per_item = float((features.pickle_size or 0) + (features.input_pickle_size or 0))
     remaining = max(0, n_items - n_done)
     serial_rest = remaining * t
@@ -250,7 +213,6 @@ def make_plan(
         "byte_cost_s": calib.byte_cost_s,
         "pool_warm": warm,
         "parallel_correction": round(parallel_correction, 3),
-        **(extra or {}),
     }
     if cluster is not None:
         info.update(cluster=cluster.address, cluster_threads=cluster.n_threads)
@@ -321,7 +283,7 @@ def make_plan(
             e = _estimate(remaining, t_worker, cv, bytes_per_item, w, c, calib, warm,
                           startup_left)
             # Prefer fewer workers when they are as fast: they leave the machine freer.
-            if best is None or e.total_s < best.total_s * 0.99:
+            if best is None or e.total_s < best.total_s * BETTER_BY:
                 best = e
     assert best is not None
     if parallel_correction != 1.0:
@@ -330,7 +292,6 @@ def make_plan(
     speedup = est_serial / est_parallel if est_parallel > 0 else 0.0
 
     if not features.picklable and (forced_parallel or speedup >= MIN_SPEEDUP):
-        info["blocked_by_pickling"] = True
         return serial(
             f"{work}; a pool would be faster ({speedup:.2f}x estimated) but the sampled "
             "items or results cannot be pickled, so they cannot reach a worker",
@@ -377,3 +338,26 @@ def make_plan(
     )
     return Plan(mode, best.n_workers, best.chunksize, est_serial, est_parallel,
                 speedup, reason, from_cache, info)
+
+
+# --- the history correction (from cache.py: the cache keeps runs, the planner reads them) --
+
+# Past runs of a function that correct its next plan: the last few, so that a change
+# (another machine load, other inputs) is followed within a few maps while one odd run
+# moves the median little. A choice, not a measurement.
+HISTORY_USED = 5
+
+
+def parallel_correction(runs: tuple[Any, ...], mode: str = "parallel") -> float:
+    """How much past runs in ``mode`` ("parallel": the local pool, "distributed": a dask
+    cluster) took over their estimate: the median of actual/estimated over the last
+    HISTORY_USED of ``runs`` (``cache.RunRecord``s, oldest first), 1.0 without any. Never
+    below 1: a lucky run must not make the next plan bolder than the model. The result
+    is ``make_plan``'s ``parallel_correction``."""
+    ratios = sorted(r.actual_s / r.estimated_s for r in runs[-HISTORY_USED:]
+                    if r.mode == mode and r.estimated_s > 0 and r.actual_s > 0)
+    if not ratios:
+        return 1.0
+    mid = len(ratios) // 2  # the median, as statistics.median takes it
+    median = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+    return max(1.0, median)

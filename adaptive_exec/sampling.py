@@ -12,10 +12,11 @@ import math
 import pickle
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
-from .errors import attach_origin
+from .records import Features
+from .worker import call_each
 
 # 20 ms of sampling: below the noise of a scheduler tick on a busy machine a single
 # timing is unreliable, above it a workload of a few hundred ms pays more than 5%.
@@ -94,29 +95,6 @@ class _PeakMemory:
         return None if now is None else max(0, now - before)
 
 
-@dataclass(frozen=True)
-class Features:
-    """What we measured about one function (the cache stores these)."""
-
-    mean_s: float  # seconds per item
-    coefficient_of_variation: Optional[float]  # None with a single sample
-    pickle_size: Optional[int]  # bytes of one pickled result (mean of the sized ones)
-    input_pickle_size: Optional[int]  # bytes of one pickled input item
-    peak_memory: Optional[int]  # bytes one call raised resident memory by, at its peak
-    function_complexity: int  # bytecode bytes, nested code included
-    n_samples: int
-    # CPU seconds of the calling thread / wall seconds while sampling: near 1 for plain
-    # computation, near 0 for a function that waits (I/O, sleeps).
-    cpu_fraction: Optional[float]
-    picklable: bool = True  # items and results pickled fine
-    # CPU seconds of the process's other threads per wall second (ours excluded): near
-    # k-1 for a function that runs k threads of its own (BLAS), else near 0.
-    threads_cpu: Optional[float] = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 @dataclass
 class Sample:
     results: list[Any]
@@ -152,69 +130,77 @@ def sample(
     ``progress[0]``, when given, counts the calls completed (read by another thread);
     ``ours_cpu()`` is CPU that other threads of ours spent meanwhile (not the function's).
     """
-    memory = _PeakMemory()
-    perf = time.perf_counter
-    cpu = time.thread_time
-    process_cpu = time.process_time
+    watch = _Watch(time_budget_s, item_budget, progress)
     results: list[Any] = []
-    durations: list[float] = []
-    in_sizes: list[int] = []
-    out_sizes: list[int] = []
-    peak = 0
-    picklable = True
-    exhausted = True
-    error: Optional[BaseException] = None
-    start = perf()
-    cpu_start = cpu()
-    process_start = process_cpu()
+    cpu_start = time.thread_time()
+    process_start = time.process_time()
     queued_start = _runqueue_wait_s()
-    for index, item in enumerate(items):
-        sized = index < N_SIZED
-        rss_before = memory.before() if sized else None
-        t0 = perf()
-        try:
-            result = func(*item) if star else func(item)
-        except KeyboardInterrupt:  # Ctrl-C in the caller: not an item's outcome
-            raise
-        except BaseException as exc:  # SystemExit too: raised in its turn, as the loop
-            error = attach_origin(exc, index, None)
-            break
-        t1 = perf()
-        durations.append(t1 - t0)
-        results.append(result)
-        if progress is not None:
-            progress[0] = len(durations)
-        if sized:
-            grown = memory.after(rss_before)
-            if grown is not None:
-                peak = max(peak, grown)
-            in_size, out_size = _pickled_size(item), _pickled_size(result)
-            if in_size is None or out_size is None:
-                picklable = False
-            else:
-                in_sizes.append(in_size)
-                out_sizes.append(out_size)
-        if len(durations) >= item_budget or t1 - start >= time_budget_s:
-            exhausted = False
-            break
-    wall = perf() - start
-    cpu_used = cpu() - cpu_start
+    error = call_each(func, items, star, 0, results, in_caller=True, measure=watch)
+    wall = time.perf_counter() - watch.start
+    cpu_used = time.thread_time() - cpu_start
     queued = _runqueue_wait_s() - queued_start
-    others = process_cpu() - process_start - cpu_used - (ours_cpu() if ours_cpu else 0.0)
+    others = (time.process_time() - process_start - cpu_used
+              - (ours_cpu() if ours_cpu else 0.0))
+    durations = watch.durations
     if not durations:
         return Sample(results, None, True, wall, 0.0, error)
-    calls = math.fsum(durations)
     return Sample(
         results=results,
         features=features_from(
-            durations, in_sizes, out_sizes, peak, complexity, cpu_used,
-            max(wall - queued, cpu_used), picklable, max(0.0, others),
+            durations, watch.in_sizes, watch.out_sizes, watch.peak, complexity, cpu_used,
+            max(wall - queued, cpu_used), watch.picklable, max(0.0, others),
         ),
-        exhausted=exhausted,
+        exhausted=not watch.stopped,
         wall_s=wall,
-        calls_s=calls,
+        calls_s=math.fsum(durations),
         error=error,
     )
+
+
+class _Watch:
+    """Each sampled call's time, and for the first ones its memory and pickled sizes;
+    says when the budget is spent (worker.Measure)."""
+
+    def __init__(self, time_budget_s: float, item_budget: int,
+                 progress: Optional[list[int]]) -> None:
+        self.time_budget_s = time_budget_s
+        self.item_budget = item_budget
+        self.progress = progress
+        self.memory = _PeakMemory()
+        self.durations: list[float] = []
+        self.in_sizes: list[int] = []
+        self.out_sizes: list[int] = []
+        self.peak = 0
+        self.picklable = True
+        self.stopped = False  # the budget ended the sample, not the items
+        self._rss: Optional[int] = None
+        self._t0 = 0.0
+        self.start = time.perf_counter()
+
+    def before(self, item: Any) -> None:
+        if len(self.durations) < N_SIZED:
+            self._rss = self.memory.before()
+        self._t0 = time.perf_counter()  # last: only the call is timed
+
+    def after(self, item: Any, result: Any) -> bool:
+        t1 = time.perf_counter()  # first
+        self.durations.append(t1 - self._t0)
+        n = len(self.durations)
+        if self.progress is not None:
+            self.progress[0] = n
+        if n <= N_SIZED:
+            grown = self.memory.after(self._rss)
+            if grown is not None:
+                self.peak = max(self.peak, grown)
+            in_size, out_size = _pickled_size(item), _pickled_size(result)
+            if in_size is None or out_size is None:
+                self.picklable = False
+            else:
+                self.in_sizes.append(in_size)
+                self.out_sizes.append(out_size)
+        if n >= self.item_budget or t1 - self.start >= self.time_budget_s:
+            self.stopped = True
+        return self.stopped
 
 
 def features_from(

@@ -120,10 +120,10 @@ def snapshot(
 ) -> SystemSnapshot:
     room: Optional[float] = None
     if with_memory:
-        room = faked("room")
+        room = _faked("room")
         if room is None:
             room = memory_room(max_memory)
-    load = faked("others")
+    load = _faked("others")
     if load is None:
         load = others_load or 0.0
     return SystemSnapshot(
@@ -322,8 +322,21 @@ class LoadProbe:
         return max(0.0, ((busy1 - busy0) - (ours1 - ours0)) / (t1 - t0))
 
 
-# A seam for tests: when set, replaces the readings of other processes' CPU load and of
-# the memory room (each test of the same behaviour also runs once on the real machine).
+def live_readings(probe: LoadProbe, max_memory: Optional[int]) -> tuple[float, Optional[float]]:
+    """(CPUs other processes keep busy since the last reading, the memory room now), for
+    the monitor of a running map."""
+    others = _faked("others")
+    if others is None:
+        others = probe.others(min_window_s=0.0) or 0.0
+    room = _faked("room")
+    if room is None:
+        room = memory_room(max_memory)
+    return others, room
+
+
+# The one test seam in production code: when set, replaces the readings of other
+# processes' CPU load and of the memory room, in ``snapshot`` and ``live_readings``
+# alone (each test of the same behaviour also runs once on the real machine).
 _fake: dict[str, Optional[float]] = {}
 
 
@@ -335,5 +348,5 @@ def fake_readings(others: Optional[float] = None, room: Optional[float] = None) 
         _fake["room"] = room
 
 
-def faked(name: str) -> Optional[float]:
+def _faked(name: str) -> Optional[float]:
     return _fake.get(name)

@@ -32,9 +32,9 @@ import time
 import traceback
 import types
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional, Protocol
 
-from .errors import attach_origin, rebuild_exception, reduce_exception
+from .errors import ExceptionState, attach_origin, rebuild_exception, safe_str
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 # In a worker: rebuilt functions by key, least recently used first. Bounded in count
@@ -370,29 +370,70 @@ def run_chunk(ref: FunctionRef, start: int, payload: bytes, star: bool) -> Chunk
                                holes=tuple(holes), reason=reason)
 
 
+class Measure(Protocol):
+    """Watches each call of a measured loop (sampling.py): ``before`` reads its clocks
+    last and ``after`` first, so that only the call itself is timed."""
+
+    def before(self, item: Any) -> None: ...
+
+    def after(self, item: Any, result: Any) -> bool:
+        """True when enough was measured: the loop stops after this item."""
+
+
+def call_each(func: Callable[..., Any], items: Iterable[Any], star: bool, start: int,
+              out: list[Any], *, in_caller: bool, measure: Optional[Measure] = None,
+              ) -> Optional[BaseException]:
+    """The loop, written once: ``func(*item)`` or ``func(item)`` for each item in order,
+    appended to ``out``; the first exception stops it and is returned with its item's
+    index attached. Any exception the function raises is the item's outcome,
+    BaseExceptions too (SystemExit, GeneratorExit), raised in its turn as in the loop;
+    except, ``in_caller``, a KeyboardInterrupt: there it is the user's Ctrl-C, and it
+    leaves at once. (backends/serial.py keeps one specialisation of it, a bare
+    comprehension, where nothing but speed matters.) With ``measure`` each call is
+    watched, and the loop stops when it says so."""
+    append = out.append
+    try:
+        if measure is not None:
+            for item in items:
+                measure.before(item)
+                result = func(*item) if star else func(item)
+                append(result)
+                if measure.after(item, result):
+                    break
+        elif star:
+            for args in items:
+                append(func(*args))
+        else:
+            for item in items:
+                append(func(item))
+    except KeyboardInterrupt as exc:
+        if in_caller:
+            raise
+        return attach_origin(exc, start + len(out), None)
+    except BaseException as exc:
+        return attach_origin(exc, start + len(out), None)
+    return None
+
+
 def run_items(func: Callable[..., Any], start: int, items: list[Any], star: bool) -> ChunkResult:
     """Run one chunk's items in order (in a process worker or a thread); ``results`` is
-    the list itself, and the first failure stops the chunk, as in the loop. Any
-    exception the function raises is the item's outcome, BaseExceptions too
-    (SystemExit, KeyboardInterrupt): it comes back in its turn, as in the loop."""
+    the list itself, and the first failure stops the chunk, as in the loop."""
     out: list[Any] = []
     t0 = time.perf_counter()
-    for offset, item in enumerate(items):
-        try:
-            out.append(func(*item) if star else func(item))
-        except BaseException as exc:
-            compute = time.perf_counter() - t0
-            return ChunkResult(
-                results=out,
-                n_done=len(out),
-                compute_s=compute,
-                pid=os.getpid(),
-                error=exc,
-                error_index=start + offset,
-                # TracebackException survives an exception whose __str__ raises.
-                error_tb="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-            )
-    return ChunkResult(out, len(out), time.perf_counter() - t0, os.getpid())
+    error = call_each(func, items, star, start, out, in_caller=False)
+    compute = time.perf_counter() - t0
+    if error is None:
+        return ChunkResult(out, len(out), compute, os.getpid())
+    return ChunkResult(
+        results=out,
+        n_done=len(out),
+        compute_s=compute,
+        pid=os.getpid(),
+        error=error,
+        error_index=start + len(out),
+        # TracebackException survives an exception whose __str__ raises.
+        error_tb="".join(traceback.format_exception(type(error), error, error.__traceback__)),
+    )
 
 
 def _safe(exc: BaseException) -> str:
@@ -443,14 +484,43 @@ def _load_error(data: bytes) -> BaseException:
 def run_here(func: Callable[..., Any], items: list[Any], start: int, star: bool,
              ) -> tuple[list[Any], Optional[BaseException]]:
     """In the caller: run ``items`` in order; (results, the exception that stopped them,
-    index attached). A KeyboardInterrupt is the user's Ctrl-C here: it is not an item's
-    outcome, and leaves at once."""
+    index attached)."""
     out: list[Any] = []
+    return out, call_each(func, items, star, start, out, in_caller=True)
+
+
+# --- tasks that measure the pool (module-level: they pickle by reference) ---------------
+
+def noop(x: int) -> int:
+    return x
+
+
+def bytes_of(n: int) -> bytes:
+    return bytes(n)
+
+
+def reduce_exception(exc: BaseException) -> ExceptionState:
+    """In the worker: the parts of ``exc`` that can travel, for an exception that does
+    not survive pickle's round trip (errors.rebuild_exception is the caller's side)."""
+    import builtins
+
+    cls = type(exc)
     try:
-        for item in items:
-            out.append(func(*item) if star else func(item))
-    except KeyboardInterrupt:
-        raise
-    except BaseException as exc:
-        return out, attach_origin(exc, start + len(out), None)
-    return out, None
+        data = dumps(cls)
+        pickle.loads(data)  # a class that pickles but cannot be rebuilt stays behind
+        cls_blob: Optional[bytes] = data
+    except Exception:
+        cls_blob = None
+    args = tuple(a if _picklable(a) else repr(a) for a in exc.args)
+    state = {k: v for k, v in getattr(exc, "__dict__", {}).items() if _picklable(v)}
+    base = next(k for k in cls.__mro__ if getattr(builtins, k.__name__, None) is k)
+    return ExceptionState(cls_blob, args, state, f"{cls.__module__}.{cls.__qualname__}",
+                          safe_str(exc), base.__name__)
+
+
+def _picklable(value: Any) -> bool:
+    try:
+        pickle.dumps(value, protocol=_PROTOCOL)
+        return True
+    except Exception:
+        return False

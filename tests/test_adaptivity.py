@@ -6,7 +6,8 @@ import aex_helpers as h
 import pytest
 
 from adaptive_exec import calibrate, parallelize
-from adaptive_exec.dispatch import LokyTarget, ParallelRun
+from adaptive_exec.backends.loky import LokyTarget
+from adaptive_exec.dispatch import ParallelRun
 from adaptive_exec.sampling import sample
 from adaptive_exec.system import usable_cpus
 from adaptive_exec.worker import function_ref

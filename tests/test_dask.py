@@ -319,7 +319,7 @@ def test_bad_dask_options_say_what_to_pass(cluster, client, monkeypatch):
 def test_pickling_a_function_drops_its_client(client):
     pf = parallelize(h.square, client=client)
     copy = pickle.loads(pickle.dumps(pf))
-    assert copy._options["client"] is None and copy(3) == 9
+    assert copy._options.client is None and copy(3) == 9
 
 
 def _run_python(code: str) -> subprocess.CompletedProcess:

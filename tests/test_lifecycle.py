@@ -569,9 +569,9 @@ def _in_threads(jobs, timeout=60):
 
 
 def test_four_threads_share_the_pool_while_one_times_out():
-    from adaptive_exec import ItemTimeoutError
+    from adaptive_exec import ItemTimeoutError, calibrate
 
-    calibration.calibrate()
+    calibrate()
     heavy = parallelize(h.heavy, backend="loky", strict=True, chunksize=2)
 
     def timing_out():

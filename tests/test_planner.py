@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from adaptive_exec.calibration import DEFAULTS
-from adaptive_exec.planner import make_plan
+from adaptive_exec.planner import blocked_by_pickling, make_plan
 from adaptive_exec.sampling import Features
 from adaptive_exec.system import SystemSnapshot
 
@@ -61,7 +61,8 @@ def test_forced_serial_and_single_cpu():
 def test_unpicklable_blocks_a_winning_pool():
     f = Features(0.02, 0.1, None, None, 0, 10, 1, 1.0, picklable=False)
     p = plan(f, 100)
-    assert p.mode == "serial" and p.features["blocked_by_pickling"]
+    assert p.mode == "serial" and blocked_by_pickling(f, p, forced_parallel=False)
+    assert "cannot be pickled" in p.reason
 
 
 def test_a_warm_pool_changes_the_decision_for_medium_work():

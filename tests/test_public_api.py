@@ -136,7 +136,7 @@ def test_plan_refuses_a_one_shot_iterator():
 def test_parallel_function_pickles():
     pf = parallelize(h.square, max_workers=2)
     clone = pickle.loads(pickle.dumps(pf))
-    assert clone(4) == 16 and clone._options["max_workers"] == 2
+    assert clone(4) == 16 and clone._options.max_workers == 2
 
 
 def test_empty_input():

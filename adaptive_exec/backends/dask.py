@@ -41,9 +41,9 @@ import uuid
 from typing import Any, Optional
 
 from .. import cache
-from ..calibration import Calibration, _bytes_of, _noop
 from ..errors import ClusterError, MissingDependencyError, WorkerCrashedError
-from ..worker import ChunkResult, FunctionRef, decode, dumps, run_chunk
+from ..records import Calibration
+from ..worker import ChunkResult, FunctionRef, bytes_of, decode, dumps, noop, run_chunk
 
 logger = logging.getLogger("adaptive_exec")
 
@@ -250,20 +250,20 @@ def measure(client: Any, threads: int) -> tuple[float, float]:
     the network and our client's share of each round trip.
     """
     try:
-        client.submit(_noop, 0, pure=False).result()  # the workers import adaptive_exec
+        client.submit(noop, 0, pure=False).result()  # the workers import adaptive_exec
     except ImportError as exc:
         msg = ("adaptive_exec is not importable on the dask cluster's workers: install it "
                f"there too (its tasks run adaptive_exec.worker): {exc}")
         raise MissingDependencyError(msg) from exc
-    latency = min(_round_trip(client, _noop, 1) for _ in range(_N_ROUND_TRIPS))
+    latency = min(_round_trip(client, noop, 1) for _ in range(_N_ROUND_TRIPS))
     n = min(_MAX_NOOPS, max(_MIN_NOOPS, 4 * threads))
     t0 = time.perf_counter()
-    client.gather(client.map(_noop, range(n), pure=False))
+    client.gather(client.map(noop, range(n), pure=False))
     overhead = (time.perf_counter() - t0) * min(threads, n) / n
     # The bytes' share is a difference of two round trips of ~10 ms each on a busy local
     # cluster (measured: 8-12 ms without bytes, 9-10 ms with 2 MiB): the fastest of a
     # few of each, so that one slow trip does not make bytes look free or dear.
-    with_bytes = min(_round_trip(client, _bytes_of, _BYTES_PROBE) for _ in range(_N_ROUND_TRIPS))
+    with_bytes = min(_round_trip(client, bytes_of, _BYTES_PROBE) for _ in range(_N_ROUND_TRIPS))
     byte_cost = max(with_bytes - latency, 0.0) / _BYTES_PROBE
     return max(overhead, 1e-6), max(byte_cost, _MIN_BYTE_COST_S)
 
@@ -354,7 +354,7 @@ def _translate(exc: BaseException, start: int, n: int) -> BaseException:
 class DaskTarget:
     """Chunks go to a dask cluster, one task each; the function goes once per map."""
 
-    kind = "dask"
+    remote = True  # a failing item's traceback is text from a worker process
 
     def __init__(self, client: Any, ref: FunctionRef, star: bool):
         self.client = client
@@ -380,6 +380,15 @@ class DaskTarget:
 
     def cancel(self, fut: cf.Future, executor: Any) -> None:
         fut.cancel()  # the bridge releases its dask future
+
+    def is_death(self, exc: BaseException) -> bool:
+        return False  # a lost task arrives as ClusterError, a given-up one as KilledWorker
+
+    def describe_death(self, exc: BaseException) -> tuple[Optional[int], str]:
+        return None, str(exc)
+
+    def finish(self, executor: Any, probe: Any) -> None:
+        pass  # the cluster's constants are measured on first use (calibration_for)
 
     def recover(self, executor: Any, failed: Any, n_workers: int) -> tuple[Any, bool]:
         # The scheduler re-runs lost tasks itself; the function goes out again on the

@@ -28,14 +28,21 @@ last writers were the parent and the workers, and exits by itself.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures as cf
 import os
+import re
+import signal
 import sys
 import threading
 import time
 import weakref
 from typing import Any, Optional
 
+from .. import calibration
+from ..records import Calibration
 from ..system import ENV_IN_WORKER
+from ..worker import ChunkResult, FunctionRef, bytes_of, decode, dumps, noop, run_chunk
+from .base import PoolGone
 
 # Workers idle this long exit; a map a few minutes later then pays start-up again.
 IDLE_TIMEOUT_S = 300
@@ -151,8 +158,6 @@ def _get(n_workers: int, epoch: Optional[int] = None) -> tuple[Any, bool, float]
     """
     import loky
 
-    from ..calibration import StartupProbe
-
     with _state.lock:
         if epoch is not None and epoch != _state.epoch:
             return None, False, 0.0  # a start ahead overtaken by shutdown(): no pool
@@ -193,10 +198,6 @@ def _register_exit() -> None:
     if not _exit_registered:
         _exit_registered = True
         atexit.register(shutdown)
-
-
-def get_executor(n_workers: int) -> tuple[Any, bool, float]:
-    return _get(n_workers)
 
 
 def fresh_executor(n_workers: int) -> tuple[Any, float]:
@@ -327,3 +328,165 @@ def worker_rss() -> Optional[int]:
 def pool_size() -> int:
     with _state.lock:
         return _state.size
+
+
+# --- the dispatcher's target (backends/base.py) -------------------------------------------
+
+
+class LokyTarget:
+    """Chunks go to the process pool, pickled by us (see worker.py)."""
+
+    remote = True
+
+    def __init__(self, ref: FunctionRef, star: bool):
+        self.ref = ref
+        self.lean = ref.lean_copy()
+        self.star = star
+        self.full_left = 0  # chunks still to send with the whole function
+
+    def open(self, n_workers: int) -> tuple[Any, Optional[StartupProbe]]:
+        executor, cold, _ = _get(n_workers)
+        # One whole ref per worker, about: the others carry its key alone, and a worker
+        # that lacks it asks (NEED_FUNCTION) and gets the chunk again, whole.
+        self.full_left = n_workers
+        return executor, current_probe(executor) if cold else None
+
+    def capacity(self) -> int:
+        return pool_size()
+
+    def submit(self, executor: Any, chunk: list[Any], start: int, full: bool = False
+               ) -> cf.Future:
+        payload = dumps(chunk)  # raises when an item cannot be pickled
+        if self.full_left > 0:
+            self.full_left -= 1
+            full = True
+        try:
+            return executor.submit(run_chunk, self.ref if full else self.lean, start,
+                                   payload, self.star)
+        except Exception as exc:
+            if is_gone(executor):
+                raise PoolGone() from exc
+            raise
+
+    def decode(self, res: ChunkResult) -> tuple[list[Any], Optional[BaseException]]:
+        return decode(res)
+
+    def is_death(self, exc: BaseException) -> bool:
+        name = type(exc).__name__
+        return name in ("TerminatedWorkerError", "BrokenProcessPool", "ShutdownExecutorError")
+
+    def describe_death(self, exc: BaseException) -> tuple[Optional[int], str]:
+        # The dead worker's exit code, from loky's message ("{EXIT(13)}", "{SIGKILL(-9)}").
+        match = re.search(r"\((-?\d+)\)", str(exc))
+        code = int(match.group(1)) if match else None
+        if code is None:
+            return None, "exit code unknown"
+        if code < 0:
+            try:
+                return code, f"signal {signal.Signals(-code).name}"
+            except ValueError:
+                return code, f"signal {-code}"
+        return code, f"exit code {code}"
+
+    def recover(self, executor: Any, failed: Any, n_workers: int) -> tuple[Any, bool]:
+        deliberate = ended_on_purpose(failed)
+        mark_broken(failed)
+        if is_gone(executor):
+            executor, _ = self.open(n_workers)
+        return executor, deliberate
+
+    def cancel(self, fut: cf.Future, executor: Any) -> None:
+        # A pool being ended fails its queued futures itself; one cancelled by us
+        # meanwhile made loky's manager thread print InvalidStateError (it sets an
+        # exception on every queued future, cancelled or not).
+        if not is_gone(executor):
+            fut.cancel()
+
+    def finish(self, executor: Any, probe: Optional[StartupProbe]) -> None:
+        if probe is not None and probe.startup_s is not None:
+            calibration.record_startup(probe.startup_s, pool_size())
+        if not calibration.overheads_measured():
+            # Once per process, while the pool and this thread are both idle.
+            calibration.record_overheads(*measure_overheads(executor, pool_size()))
+
+    def close(self, executor: Any, clean: bool, interrupted: bool = False) -> None:
+        if interrupted:
+            # Ctrl-C: end the workers too, so that nothing runs on and nothing is left.
+            mark_broken(executor, on_purpose=True)
+        elif clean:
+            mark_warm(executor)
+
+
+# --- measuring the pool (calibration.py keeps what is measured) ---------------------------
+
+_BYTES_PROBE = 2 << 20  # 2 MiB: large enough that per-task overhead is noise next to it
+_N_NOOPS = 16
+
+
+def _ping(delay: float) -> int:
+    # A short sleep keeps one worker from answering every ping, so that all workers
+    # must be up before every ping is answered.
+    time.sleep(delay)
+    return os.getpid()
+
+
+def measure_overheads(executor: Any, n_workers: int) -> tuple[float, float]:
+    """(per-task overhead, per-byte cost) on a warm, idle pool.
+
+    Run when the caller is idle too: a caller busy in Python holds the GIL that loky's
+    feeder thread needs, which would inflate every round trip measured here.
+    """
+    t0 = time.perf_counter()
+    futures = [executor.submit(noop, i) for i in range(_N_NOOPS)]
+    for f in futures:
+        f.result()
+    # The no-ops ran n_workers at a time: per task, each worker paid elapsed/_N_NOOPS*W.
+    overhead = (time.perf_counter() - t0) * n_workers / _N_NOOPS
+    t0 = time.perf_counter()
+    executor.submit(bytes_of, _BYTES_PROBE).result()
+    byte_cost = max(0.0, time.perf_counter() - t0 - overhead) / _BYTES_PROBE
+    return overhead, max(byte_cost, 1e-11)
+
+
+class StartupProbe:
+    """Pings submitted to a cold pool ahead of real work: when every ping has answered,
+    the pool is up, and the time it took is the start-up cost. Callbacks run on loky's
+    thread; ``first`` lets the caller stop working through items as soon as any worker
+    is ready."""
+
+    def __init__(self, executor: Any, n_workers: int, created_at: float):
+        self.created_at = created_at
+        self.first = threading.Event()
+        self._lock = threading.Lock()  # guards _left and startup_s
+        self._left = n_workers
+        self.startup_s: Optional[float] = None
+        for _ in range(n_workers):
+            executor.submit(_ping, 0.005).add_done_callback(self._done)
+
+    def _done(self, fut: Any) -> None:
+        now = time.perf_counter()
+        self.first.set()
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        with self._lock:
+            self._left -= 1
+            if self._left == 0:
+                self.startup_s = now - self.created_at
+
+
+def calibrate(n_workers: Optional[int] = None) -> Calibration:
+    """Start a fresh pool, measure it, keep the result for this process, and return it."""
+    from ..system import usable_cpus
+
+    w = n_workers or usable_cpus()
+    executor, created_at = fresh_executor(w)
+    probe = current_probe(executor) or StartupProbe(executor, w, created_at)
+    executor.submit(noop, 0).result()
+    deadline = time.perf_counter() + 60
+    while probe.startup_s is None and time.perf_counter() < deadline:
+        time.sleep(0.001)
+    if probe.startup_s is not None:
+        calibration.record_startup(probe.startup_s, w)
+    mark_warm(executor)
+    calibration.record_overheads(*measure_overheads(executor, w))
+    return calibration.current()

@@ -11,6 +11,7 @@ import operator
 from typing import Any, Callable, Iterator, Optional
 
 from ..errors import attach_origin
+from ..worker import call_each
 
 # Iterators whose length_hint is exact, so a failing item's index can be recovered
 # after the fact and the loop itself can be a bare comprehension.
@@ -49,16 +50,5 @@ def run_chunk(
             failed_at = before - operator.length_hint(source) - 1
             return [], attach_origin(exc, first_index + failed_at, None)
     out: list[Any] = []
-    append = out.append
-    try:
-        if star:
-            for args in itertools.islice(source, n):
-                append(func(*args))
-        else:
-            for item in itertools.islice(source, n):
-                append(func(item))
-    except KeyboardInterrupt:
-        raise
-    except BaseException as exc:  # SystemExit too: after the results before it
-        return out, attach_origin(exc, first_index + len(out), None)
-    return out, None
+    return out, call_each(func, itertools.islice(source, n), star, first_index, out,
+                          in_caller=True)

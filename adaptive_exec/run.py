@@ -1,0 +1,559 @@
+"""One map, as one object, read top to bottom:
+
+    measure   remembered features (cache), or the first items run here, timed
+    plan      features + this machine (CPUs, load, memory) + its constants -> Plan
+    execute   the loop here, re-planned between chunks (it may move to the pool), or the
+              pool / threads / a dask cluster through dispatch.ParallelRun
+    record    what the run showed goes to the cache; the RunReport to its function
+
+Iterating a ``MapRun`` yields lists of results (batches); api.py flattens or collects
+them. Everything one map decides lives on its MapRun, so that several threads may map
+one function at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+import time
+from typing import Any, Callable, Iterator, Optional
+
+from . import adapt, cache, calibration, planner, system
+from .backends import dask as dask_backend
+from .backends import loky as loky_backend
+from .backends import serial as serial_backend
+from .backends.threads import ThreadTarget
+from .dispatch import ParallelRun
+from .errors import UnpicklableWarning
+from .fingerprint import describe, function_complexity
+from .records import Cluster, Features, Options, Plan, RunReport, empty_plan, fmt_s
+from .sampling import features_from, sample
+from .worker import function_ref
+
+logger = logging.getLogger("adaptive_exec")
+
+# Unknown length (a generator): read ahead this much work before planning, so that a
+# short stream is seen to be short. Bounded in items and bytes: never materialised.
+READ_AHEAD_WORK_S = 1.0
+READ_AHEAD_ITEMS = adapt.STREAM_ITEMS
+READ_AHEAD_BYTES = 64 << 20
+# A serial run is re-planned between chunks; their duration starts here and doubles:
+# a judgement, short enough that a workload which grows heavy moves to the pool early,
+# long enough that re-planning (~0.1 ms) stays under 1% of the loop's time.
+SERIAL_FIRST_CHUNK_S = 0.02
+SERIAL_MAX_CHUNK_S = 0.5
+# Serial chunks whose per-item time grows by GROWTH_MIN or more are projected one more
+# step ahead (at most GROWTH_CAP times the last), so the re-plan does not price the
+# rest of an ascending workload at its cheaper past (the skewed benchmark workload).
+GROWTH_MIN = 1.5
+GROWTH_CAP = 4.0
+# A run whose items cost more than this factor off what was planned says nothing about
+# how well the pool delivers (the refreshed per-item time corrects that): it is not kept
+# for the parallel correction, which would count the error twice (measured: skewed went
+# serial for good when such runs were kept).
+TELLING_RATIO = 2.0
+# imap holds a batch's results until the consumer takes them: a batch is capped at about
+# this many bytes of (pickled) results, as sampled. A judgement: 1 MB of results per
+# chunk, with at most (IN_FLIGHT + BUFFERED) chunks per worker held (dispatch.py).
+IMAP_CHUNK_BYTES = 1 << 20
+# The fallback loop's chunk when the function cannot be pickled: big enough that the
+# chunking costs nothing, small enough that imap's first results come early.
+FALLBACK_CHUNK = 4096
+
+
+class MapRun:
+    """One map of ``func`` over ``it``: iterate it for batches of results."""
+
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        options: Options,
+        key: str,
+        it: Iterator[Any],
+        n_known: Optional[int],
+        *,
+        star: bool,
+        ordered: bool,
+        partial: bool,
+        plan_only: bool,
+        plain_calls: Callable[[], list[float]],
+        on_report: Callable[[RunReport], None],
+    ):
+        self.func = func
+        self.options = options
+        self.key = key  # the function's fingerprint: its cache entry
+        self.it = it
+        self.n_known = n_known
+        self.star = star
+        self.ordered = ordered
+        self.partial = partial  # imap: results before an error are yielded
+        self.plan_only = plan_only
+        self.plain_calls = plain_calls  # takes the durations of plain calls since the last
+        self.on_report = on_report
+        self.t_start = time.perf_counter()
+        # What the steps find out, in order:
+        self.forced: Optional[str] = None  # why it must run in the caller
+        self.client: Any = None  # the dask cluster it goes to
+        self.load: Optional[system.LoadProbe] = None
+        self.entry: Optional[cache.Entry] = None
+        self.features: Optional[Features] = None
+        self.n_sampled = 0
+        self.sampled_calls_s = 0.0
+        self.exhausted = False  # every item was sampled
+        self.n_items = 0
+        self.n_exact = True  # n_items is the count, not a lower bound
+        self.source: Iterator[Any] = it
+        self.plan: Optional[Plan] = None
+        self.planned_s = 0.0  # from the call to the plan
+        self.n_done = 0
+        self.timeline: list[tuple[float, int]] = []
+        self.observed_s: Optional[float] = None  # seconds per item seen while running
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        try:
+            yield from self._steps()
+        except KeyboardInterrupt as exc:
+            # Ctrl-C while sampling, planning or starting the pool ahead: end any pool
+            # this map started (a start ahead still under way leaves none behind).
+            if getattr(exc, "item_index", None) is None:
+                loky_backend.shutdown()
+            raise
+        # The input iterator's own exception, after every result before it (as the loop).
+        if isinstance(self.it, GuardedIterator) and self.it.error is not None:
+            raise self.it.error
+
+    def _steps(self) -> Iterator[list[Any]]:
+        self.prepare()
+        yield from self.measure()
+        if self.features is None:  # no items at all
+            self.plan = empty_plan()
+            self.report()
+            return
+        self.count_items()
+        self.decide()
+        if self.plan_only:
+            self.remember_sample()
+            return
+        yield from self.execute()
+        self.record()
+        self.report()
+
+    # --- the steps ----------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Where this map may run, and what is remembered of the function."""
+        self.forced = adapt.forced_serial(self.options)
+        # The dask client, when this map may go to a cluster. Known before sampling: no
+        # local pool is started ahead, nor local load measured, for a map going there.
+        self.client = adapt.dask_client(self.options) if self.forced is None else None
+        if self.forced is None and self.client is None and adapt.pool_cpus(self.options):
+            # Other processes' CPU load is measured over the time from here to the plan.
+            self.load = system.LoadProbe(loky_backend.worker_pids)
+        if self.options.cache and self.forced is None:
+            self.entry = cache.lookup(self.key)
+
+    def measure(self) -> Iterator[list[Any]]:
+        """The function's features: remembered, or measured on the first items (whose
+        results are kept and yielded first)."""
+        cached = self.entry.features if self.entry is not None else None
+        if self.forced is not None or (self.options.timeout is not None and cached is None):
+            # Nothing sampled here: a forced-serial map needs no measurement, and with a
+            # timeout every item, the first ones too, must run where it can be stopped.
+            self.features = Features(0.0, None, None, None, None,
+                                     function_complexity(self.func), 0, None)
+            return
+        if cached is not None:
+            self.features = cached  # a hit: no sampling
+            return
+        watch = adapt.SamplingWatch.start(self.options, self.n_known) \
+            if self.client is None else None
+        try:
+            s = sample(self.func, self.it, star=self.star,
+                       complexity=function_complexity(self.func),
+                       progress=watch.progress if watch else None,
+                       ours_cpu=watch.cpu_spent if watch else None)
+        finally:
+            if watch is not None:
+                watch.stop()
+        if s.error is not None:
+            if s.results:
+                yield s.results
+            raise s.error
+        self.n_sampled, self.exhausted = len(s.results), s.exhausted
+        self.sampled_calls_s = s.calls_s
+        self.features = _merge_plain_calls(s.features, self.plain_calls())
+        if s.results and not self.plan_only:
+            yield s.results  # before any read-ahead: a stream's first results come early
+
+    def count_items(self) -> None:
+        """The number of items: known, or found by reading a bounded stretch ahead."""
+        assert self.features is not None
+        if self.exhausted:
+            self.n_items = self.n_sampled
+        elif self.n_known is not None:
+            self.n_items = self.n_known
+        else:
+            buffered, ended = _read_ahead(self.it, self.features)
+            self.n_items = self.n_sampled + len(buffered)
+            self.n_exact = ended
+            if not ended:
+                self.n_items = max(self.n_items, self.n_sampled + READ_AHEAD_ITEMS)
+            if buffered:
+                self.source = itertools.chain(buffered, self.it)
+
+    def decide(self) -> None:
+        assert self.features is not None
+        plan = self._plan(self.features, self.n_items, self.n_sampled)
+        if planner.blocked_by_pickling(self.features, plan, self._forced_parallel() is not None):
+            self._unpicklable("the sampled items or results cannot be pickled")
+        self.plan = plan
+        self.planned_s = time.perf_counter() - self.t_start
+        if logger.isEnabledFor(logging.INFO):
+            logger.info("plan for %s: mode=%s workers=%d chunksize=%d from_cache=%s: %s",
+                        describe(self.func)[1], plan.mode, plan.n_workers, plan.chunksize,
+                        plan.from_cache, plan.reason)
+
+    def execute(self) -> Iterator[list[Any]]:
+        assert self.plan is not None
+        self.n_done = self.n_sampled
+        if self.plan.mode == "serial":
+            yield from self._serial()
+        else:
+            yield from self._parallel(self.plan, self.n_sampled,
+                                      self.n_items - self.n_sampled if self.n_exact else None)
+
+    def record(self) -> None:
+        """What the run showed, for the next map of this function (and other processes)."""
+        assert self.plan is not None and self.features is not None
+        if not self.options.cache or self.forced is not None:
+            return
+        plan = self.plan
+        estimate = plan.estimated_serial_s if plan.mode == "serial" else plan.estimated_parallel_s
+        planned = max(self.features.mean_s, 1e-12)
+        telling = (self.observed_s is None
+                   or 1 / TELLING_RATIO <= self.observed_s / planned <= TELLING_RATIO)
+        module, qualname = describe(self.func)
+        cache.observe(
+            self.key, module=module, qualname=qualname,
+            sampled=self.features if self.entry is None else None,
+            observed_item_s=self.observed_s,
+            run=cache.RunRecord(self.n_done, plan.mode, plan.n_workers, plan.chunksize,
+                                estimate, time.perf_counter() - self.t_start)
+            if telling else None,
+        )
+        calibration.save()
+
+    def remember_sample(self) -> None:
+        """plan(): what was sampled is kept, so the next map does not sample again."""
+        if self.options.cache and self.n_sampled and self.features is not None:
+            module, qualname = describe(self.func)
+            cache.observe(self.key, module=module, qualname=qualname, sampled=self.features,
+                          observed_item_s=None, run=None)
+
+    def report(self) -> None:
+        assert self.plan is not None
+        planned = self.planned_s
+        self.on_report(RunReport(
+            plan=self.plan,
+            wall_s=time.perf_counter() - self.t_start,
+            n_items=self.n_done,
+            n_sampled=self.n_sampled,
+            from_cache=self.entry is not None,
+            workers_timeline=self.timeline,
+            sampling_s=planned,
+            planning_overhead_s=max(0.0, planned - self.sampled_calls_s),
+            observed_item_s=self.observed_s,
+        ))
+
+    # --- planning -----------------------------------------------------------------------
+
+    def _correction(self) -> float:
+        # Past runs on the same kind of workers correct the estimate: a cluster's runs
+        # say nothing about the local pool's, nor the reverse.
+        if self.entry is None:
+            return 1.0
+        return self.entry.parallel_correction(
+            "parallel" if self.client is None else "distributed")
+
+    def _plan(self, features: Features, n_items: int, n_done: int) -> Plan:
+        opts = self.options
+        if self.client is not None and self.forced is None:
+            return self._cluster_plan(features, n_items, n_done)
+        calib = calibration.get()
+        snap = system.snapshot(opts.max_workers, with_memory=False)
+        forced_parallel = self._forced_parallel()
+        chunksize = 1 if opts.timeout is not None and self.forced is None else opts.chunksize
+        kwargs: dict[str, Any] = dict(
+            warm=loky_backend.is_warm(snap.usable_cpus), from_cache=self.entry is not None,
+            elapsed_s=time.perf_counter() - self.t_start, forced_serial=self.forced,
+            forced_parallel=forced_parallel, chunksize=chunksize,
+            parallel_correction=self._correction(),
+            startup_left=loky_backend.startup_left(calib.startup_for(snap.usable_cpus),
+                                                   snap.usable_cpus),
+        )
+        plan = planner.make_plan(features, n_items, n_done, snap, calib, **kwargs)
+        if plan.mode == "parallel":
+            # Only a parallel plan needs the machine's load and memory (and is capped by
+            # them). The load is read over the time since the map began, when that is
+            # long enough to tell; else the run's monitor corrects it within ~0.3 s.
+            others = self.load.others() if self.load is not None else None
+            snap = system.snapshot(opts.max_workers, with_memory=True,
+                                   max_memory=opts.max_memory, others_load=others,
+                                   worker_memory=loky_backend.worker_rss())
+            plan = planner.make_plan(features, n_items, n_done, snap, calib, **kwargs)
+        return plan
+
+    def _forced_parallel(self) -> Optional[str]:
+        """Why the pool must be used whatever the estimate, or None."""
+        opts = self.options
+        if opts.timeout is not None and self.forced is None:
+            return (f"timeout={opts.timeout:g} s is set: every item runs in a worker, one "
+                    "at a time, where it can be stopped")
+        if self.client is not None:
+            if opts.client is not None:
+                return "client= was given"
+            if opts.backend == "dask":
+                return "backend='dask' was requested"
+            return None
+        return "backend='loky' was requested" if opts.backend == "loky" else None
+
+    def _cluster_plan(self, features: Features, n_items: int, n_done: int) -> Plan:
+        """The plan on a dask cluster: its threads (max_workers caps them), its constants
+        (measured on first use), no start-up."""
+        opts = self.options
+        threads = dask_backend.n_threads(self.client)
+        calib = dask_backend.calibration_for(self.client, threads)
+        usable = min(threads, opts.max_workers) if opts.max_workers else threads
+        forced_parallel = self._forced_parallel()
+        return planner.make_plan(
+            features, n_items, n_done, system.snapshot(opts.max_workers, with_memory=False),
+            calib, warm=True, from_cache=self.entry is not None,
+            elapsed_s=time.perf_counter() - self.t_start, forced_parallel=forced_parallel,
+            chunksize=opts.chunksize, parallel_correction=self._correction(),
+            cluster=Cluster(dask_backend.address(self.client), usable),
+        )
+
+    # --- executing ----------------------------------------------------------------------
+
+    def _serial(self) -> Iterator[list[Any]]:
+        """The loop, in chunks of growing duration; between chunks, re-plan from the
+        chunk's own per-item time, and move the rest to the pool when that now wins."""
+        assert self.features is not None and self.plan is not None
+        features, first = self.features, self.n_done
+        replan = self.forced is None
+        chunk_s = SERIAL_FIRST_CHUNK_S
+        # The first chunk is sized on a cautious per-item time: an uneven sample (its
+        # last items far slower than the rest) must not commit a long chunk to the loop.
+        per_item = max(features.mean_s * (1 + (features.coefficient_of_variation or 0)), 1e-8)
+        previous = per_item
+        total_s = 0.0
+        # imap: a batch's results are held until the consumer takes them; bounded.
+        cap = _imap_chunk_cap(features) if self.partial else None
+        while True:
+            n = max(1, int(chunk_s / per_item)) if replan else max(1, self.n_items - self.n_done)
+            if cap is not None:
+                n = min(n, cap)
+            t0 = time.perf_counter()
+            batch, err = serial_backend.run_chunk(self.func, self.source, n, self.n_done,
+                                                  star=self.star, partial=self.partial)
+            elapsed = time.perf_counter() - t0
+            got = len(batch)  # imap empties a batch as it yields it (api._flatten)
+            if batch:
+                total_s += elapsed
+                self.n_done += got
+                previous, per_item = per_item, max(elapsed / got, 1e-8)
+                yield batch
+            if err is not None:
+                raise err
+            self.observed_s = total_s / (self.n_done - first) if self.n_done > first else None
+            if got < n:  # the items ran out
+                return
+            if not replan:
+                continue
+            chunk_s = min(chunk_s * 2, SERIAL_MAX_CHUNK_S)
+            new = self._replan(features, per_item, previous)
+            if new is not None:
+                n_here, observed_here = self.n_done - first, self.observed_s
+                yield from self._parallel(new, self.n_done, self.n_items - self.n_done
+                                          if self.n_exact else None)
+                observed_there, n_there = self.observed_s, self.n_done - first - n_here
+                self.observed_s = observed_here
+                if observed_there is not None and observed_here is not None:
+                    self.observed_s = (observed_here * n_here + observed_there * n_there) / (
+                        n_here + n_there)
+                return
+
+    def _replan(self, features: Features, per_item: float, previous: float) -> Optional[Plan]:
+        """Between serial chunks: the plan for the rest, when it is no longer serial."""
+        # Items getting steadily slower (the costly ones last, joblib issue 1220):
+        # expect one more step of that growth rather than the last chunk's cost.
+        growth = per_item / previous
+        ahead = per_item * min(growth, GROWTH_CAP) if growth >= GROWTH_MIN else per_item
+        # Growing costs are uneven costs: the planner then keeps chunks small, so that
+        # the last (costliest) chunk does not run alone at the end.
+        spread = max(features.coefficient_of_variation or 0.0, growth - 1.0)
+        recent = dataclasses.replace(features, mean_s=ahead, coefficient_of_variation=spread)
+        n_items = max(self.n_items, self.n_done + 1)
+        if self.client is None and (features.threads_cpu or 0.0) <= planner.OWN_THREADS_MIN \
+                and adapt.worth_a_pool(self.options, recent, n_items, self.n_done):
+            # Starting a pool costs this process ~70 ms (importing loky, spawning):
+            # only when a warm one would win.
+            adapt.maybe_prestart(self.options, max(0, self.n_items - self.n_done) * ahead)
+        # t_start: the estimate covers the whole map, as the run record's actual does.
+        new = self._plan(recent, n_items, self.n_done)
+        if new.mode == "serial":
+            return None
+        reason = (
+            f"switched to {new.mode} after {self.n_done:,} items ran serially, at "
+            f"{fmt_s(per_item)} per item (expecting {fmt_s(ahead)} ahead) against "
+            f"{fmt_s(features.mean_s)} sampled: {new.reason}"
+        )
+        new = dataclasses.replace(new, reason=reason)
+        self.plan = new
+        logger.info("re-plan for %s: %s", describe(self.func)[1], reason)
+        return new
+
+    def _parallel(self, plan: Plan, first: int, n_left: Optional[int]) -> Iterator[list[Any]]:
+        """The items from ``first`` on the pool, threads or cluster the plan names."""
+        target: Any
+        calib = calibration.get()
+        task_overhead_s = calib.task_overhead_s
+        if plan.mode == "threads":
+            target = ThreadTarget(self.func, self.star)
+        else:
+            try:
+                ref = function_ref(self.func)
+            except Exception as exc:
+                self._unpicklable(f"the function cannot be pickled ({exc})", exc)
+                yield from self._fallback_loop()
+                return
+            if plan.mode == "distributed":
+                target = dask_backend.DaskTarget(self.client, ref, self.star)
+                task_overhead_s = dask_backend.calibration_for(
+                    self.client, dask_backend.n_threads(self.client)).task_overhead_s
+            else:
+                target = loky_backend.LokyTarget(ref, self.star)
+        run = ParallelRun(
+            self.func, target, self.source, first, plan.n_workers, plan.chunksize,
+            star=self.star, ordered=self.ordered, strict=self.options.strict, n_left=n_left,
+            fixed_chunksize=self.options.chunksize is not None,
+            max_chunk_items=_imap_chunk_cap(self.features) if self.partial else None,
+            task_overhead_s=task_overhead_s,
+            monitor=adapt.monitor(self.options, plan) if plan.mode == "parallel" else None,
+            timeout=self.options.timeout if plan.mode == "parallel" else None,
+        )
+        for batch in run:
+            self.n_done += len(batch)
+            yield batch
+        self.timeline = run.timeline
+        self.observed_s = (run.worker_compute_s / run.worker_items
+                           if run.worker_items else None)
+
+    def _fallback_loop(self) -> Iterator[list[Any]]:
+        """The function cannot be pickled: the rest runs here, in plain chunks."""
+        while True:
+            batch, err = serial_backend.run_chunk(self.func, self.source, FALLBACK_CHUNK,
+                                                  self.n_done, star=self.star, partial=True)
+            got = len(batch)  # imap empties a batch as it yields it (api._flatten)
+            self.n_done += got
+            if batch:
+                yield batch
+            if err is not None:
+                raise err
+            if got < FALLBACK_CHUNK:
+                return
+
+    def _unpicklable(self, what: str, cause: Optional[BaseException] = None) -> None:
+        if self.options.strict:
+            msg = f"{what}, so they cannot be sent to worker processes (strict=True)"
+            raise TypeError(msg) from cause
+        import warnings
+
+        warnings.warn(f"adaptive_exec: {what}; running serially in the caller instead",
+                      UnpicklableWarning, stacklevel=6)
+
+
+# --- the input --------------------------------------------------------------------------
+
+class GuardedIterator:
+    """The input iterator, with its own exception held back: the map runs every item
+    read before it, yields their results, and raises it after them, as the loop would.
+    (A KeyboardInterrupt is Ctrl-C: it leaves at once.)"""
+
+    __slots__ = ("_it", "error")
+
+    def __init__(self, it: Iterator[Any]):
+        self._it = it
+        self.error: Optional[BaseException] = None
+
+    def __iter__(self) -> GuardedIterator:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return next(self._it)
+        except StopIteration:
+            raise
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            self.error = exc
+            self._it = iter(())
+            raise StopIteration from None
+
+
+# Iterators over builtin sequences cannot raise: they go unguarded (and keep the serial
+# loop's fast path, backends/serial.py).
+_SAFE_ITERATORS: tuple[type, ...] = (type(iter([])), type(iter(())), type(iter(range(0))),
+                                     type(iter(range(1 << 70))))
+
+
+def guard(it: Iterator[Any]) -> Iterator[Any]:
+    return it if isinstance(it, _SAFE_ITERATORS) else GuardedIterator(it)
+
+
+def known_length(items: Any) -> Optional[int]:
+    """len(items), or None (it streams, as a generator would) when there is none or it
+    fails: range(10**20) overflows, a custom __len__ may raise."""
+    if hasattr(items, "__len__"):
+        try:
+            return len(items)
+        except Exception:
+            return None
+    return None
+
+
+def _read_ahead(it: Iterator[Any], features: Features) -> tuple[list[Any], bool]:
+    """Items read from ``it`` until enough work is seen; (items, the iterator ended)."""
+    per_item = max(features.mean_s, 1e-9)
+    want = min(READ_AHEAD_ITEMS, math.ceil(READ_AHEAD_WORK_S / per_item))
+    size = (features.input_pickle_size or 64) + 64
+    want = max(1, min(want, READ_AHEAD_BYTES // size))
+    buffered = list(itertools.islice(it, want))
+    return buffered, len(buffered) < want
+
+
+def _imap_chunk_cap(features: Optional[Features]) -> int:
+    size = features.pickle_size if features is not None else None
+    return max(16, IMAP_CHUNK_BYTES // max(size or 64, 64))
+
+
+def _merge_plain_calls(features: Optional[Features], plain: list[float]) -> Optional[Features]:
+    """Fold the durations of earlier plain calls into the sampled features."""
+    if features is None or not plain:
+        return features
+    n = features.n_samples
+    durations = [features.mean_s] * n + plain  # the sample's spread is kept through its CV
+    merged = features_from(durations, [], [], features.peak_memory or 0,
+                           features.function_complexity, 0.0, 0.0, features.picklable)
+    cvs = [c for c in (features.coefficient_of_variation, merged.coefficient_of_variation)
+           if c is not None]
+    return dataclasses.replace(
+        features,
+        mean_s=merged.mean_s,
+        coefficient_of_variation=max(cvs) if cvs else None,
+        n_samples=n + len(plain),
+    )
+
