@@ -10,15 +10,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import threading
 import time
 from typing import Any, Callable, Optional
 
-from . import calibration, planner, system
+from . import cache, calibration, planner, system
 from .backends import dask as dask_backend
 from .backends import loky as loky_backend
+from .fingerprint import describe
 from .planner import OWN_THREADS_MIN, WAITING_MAX_CPU, make_plan
-from .records import Features, Options, Plan
+from .records import Cluster, Features, Options, Plan, fmt_s
+
+logger = logging.getLogger("adaptive_exec")
 
 # Start the pool ahead of a plan when the work left is at least this many start-ups:
 # the caller keeps working meanwhile, so a free core makes it nearly free. Not for a
@@ -28,6 +33,11 @@ PRESTART_FACTOR = 1.5
 # What starting a pool costs the caller's process: importing loky and spawning the
 # workers, ~70 ms of its CPU and GIL (measured: fat_return's serial run 0.38 -> 0.49 s).
 PRESTART_COST_S = 0.07
+# Serial chunks whose per-item time grows by GROWTH_MIN or more are projected one more
+# step ahead (at most GROWTH_CAP times the last), so the re-plan does not price the
+# rest of an ascending workload at its cheaper past (the skewed benchmark workload).
+GROWTH_MIN = 1.5
+GROWTH_CAP = 4.0
 # Unknown length while sampling: assume this many items are left (the read-ahead's cap,
 # run.READ_AHEAD_ITEMS), the most a stream is read ahead before planning.
 STREAM_ITEMS = 10_000
@@ -175,3 +185,119 @@ class SamplingWatch:
 
     def stop(self) -> None:
         self.done.set()
+
+
+class MapPlanner:
+    """The plans of one map: its options, where it may run, what the cache remembered
+    and the load measured since it began; ``plan`` first, ``after_serial_chunk`` while
+    its serial loop runs."""
+
+    def __init__(self, options: Options, func: Callable[..., Any], t_start: float,
+                 forced: Optional[str], client: Any, entry: Optional[cache.Entry],
+                 load: Optional[system.LoadProbe]):
+        self.options = options
+        self.func = func
+        self.t_start = t_start
+        self.forced = forced
+        self.client = client
+        self.entry = entry
+        self.load = load
+
+    # --- planning -----------------------------------------------------------------------
+
+    def _correction(self) -> float:
+        # Past runs on the same kind of workers correct the estimate: a cluster's runs
+        # say nothing about the local pool's, nor the reverse.
+        if self.entry is None:
+            return 1.0
+        mode = "parallel" if self.client is None else "distributed"
+        return planner.parallel_correction(self.entry.runs, mode)
+
+    def plan(self, features: Features, n_items: int, n_done: int) -> Plan:
+        opts = self.options
+        if self.client is not None and self.forced is None:
+            return self._cluster_plan(features, n_items, n_done)
+        calib = calibration.get()
+        snap = system.snapshot(opts.max_workers, with_memory=False)
+        forced_parallel = self.forced_parallel()
+        chunksize = 1 if opts.timeout is not None and self.forced is None else opts.chunksize
+        kwargs: dict[str, Any] = dict(
+            warm=loky_backend.is_warm(snap.usable_cpus), from_cache=self.entry is not None,
+            elapsed_s=time.perf_counter() - self.t_start, forced_serial=self.forced,
+            forced_parallel=forced_parallel, chunksize=chunksize,
+            parallel_correction=self._correction(),
+            startup_left=loky_backend.startup_left(calib.startup_for(snap.usable_cpus),
+                                                   snap.usable_cpus),
+        )
+        plan = planner.make_plan(features, n_items, n_done, snap, calib, **kwargs)
+        if plan.mode == "parallel":
+            # Only a parallel plan needs the machine's load and memory (and is capped by
+            # them). The load is read over the time since the map began, when that is
+            # long enough to tell; else the run's monitor corrects it within ~0.3 s.
+            others = self.load.others() if self.load is not None else None
+            snap = system.snapshot(opts.max_workers, with_memory=True,
+                                   max_memory=opts.max_memory, others_load=others,
+                                   worker_memory=loky_backend.worker_rss())
+            plan = planner.make_plan(features, n_items, n_done, snap, calib, **kwargs)
+        return plan
+
+    def forced_parallel(self) -> Optional[str]:
+        """Why the pool must be used whatever the estimate, or None."""
+        opts = self.options
+        if opts.timeout is not None and self.forced is None:
+            return (f"timeout={opts.timeout:g} s is set: every item runs in a worker, one "
+                    "at a time, where it can be stopped")
+        if self.client is not None:
+            if opts.client is not None:
+                return "client= was given"
+            if opts.backend == "dask":
+                return "backend='dask' was requested"
+            return None
+        return "backend='loky' was requested" if opts.backend == "loky" else None
+
+    def _cluster_plan(self, features: Features, n_items: int, n_done: int) -> Plan:
+        """The plan on a dask cluster: its threads (max_workers caps them), its constants
+        (measured on first use), no start-up."""
+        opts = self.options
+        threads = dask_backend.n_threads(self.client)
+        calib = dask_backend.calibration_for(self.client, threads)
+        usable = min(threads, opts.max_workers) if opts.max_workers else threads
+        forced_parallel = self.forced_parallel()
+        return planner.make_plan(
+            features, n_items, n_done, system.snapshot(opts.max_workers, with_memory=False),
+            calib, warm=True, from_cache=self.entry is not None,
+            elapsed_s=time.perf_counter() - self.t_start, forced_parallel=forced_parallel,
+            chunksize=opts.chunksize, parallel_correction=self._correction(),
+            cluster=Cluster(dask_backend.address(self.client), usable),
+        )
+
+    def after_serial_chunk(self, features: Features, per_item: float, previous: float,
+                           n_items: int, n_done: int) -> Optional[Plan]:
+        """Between serial chunks: the plan for the rest, when it is no longer serial."""
+        # Items getting steadily slower (the costly ones last, joblib issue 1220):
+        # expect one more step of that growth rather than the last chunk's cost.
+        growth = per_item / previous
+        ahead = per_item * min(growth, GROWTH_CAP) if growth >= GROWTH_MIN else per_item
+        # Growing costs are uneven costs: the planner then keeps chunks small, so that
+        # the last (costliest) chunk does not run alone at the end.
+        spread = max(features.coefficient_of_variation or 0.0, growth - 1.0)
+        recent = dataclasses.replace(features, mean_s=ahead, coefficient_of_variation=spread)
+        n_items_all = max(n_items, n_done + 1)
+        if self.client is None and (features.threads_cpu or 0.0) <= planner.OWN_THREADS_MIN \
+                and worth_a_pool(self.options, recent, n_items_all, n_done):
+            # Starting a pool costs this process ~70 ms (importing loky, spawning):
+            # only when a warm one would win.
+            maybe_prestart(self.options, max(0, n_items - n_done) * ahead)
+        # t_start: the estimate covers the whole map, as the run record's actual does.
+        new = self.plan(recent, n_items_all, n_done)
+        if new.mode == "serial":
+            return None
+        reason = (
+            f"switched to {new.mode} after {n_done:,} items ran serially, at "
+            f"{fmt_s(per_item)} per item (expecting {fmt_s(ahead)} ahead) against "
+            f"{fmt_s(features.mean_s)} sampled: {new.reason}"
+        )
+        new = dataclasses.replace(new, reason=reason)
+        logger.info("re-plan for %s: %s", describe(self.func)[1], reason)
+        return new
+

@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Callable, Optional
 
-from . import api, calibration
+from . import api, calibration, planner
 from .api import ParallelFunction
 from .demo_workloads import DEMOS
 
@@ -120,7 +120,7 @@ def _cache(args: argparse.Namespace) -> int:
             rows += [(name, getattr(e.features, name)) for name in store.FEATURE_COLUMNS]
             rows += [("created_at", when(e.created_at)), ("updated_at", when(e.updated_at)),
                      ("used_at", when(e.used_at)), ("hits", e.hits),
-                     ("parallel_correction", f"{e.parallel_correction():.3f}")]
+                     ("parallel_correction", f"{planner.parallel_correction(e.runs):.3f}")]
             print(f"== {e.module}:{e.qualname}")
             for name, value in rows:
                 note = " (per item: " + fmt_s(e.features.mean_s) + ")" if name == "mean_s" else ""

@@ -34,6 +34,7 @@ import math
 import threading
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 from .backends.base import PoolGone, StartupWatch, Target
@@ -125,12 +126,64 @@ class _Pending:
         return len(self.items)
 
 
-class ParallelRun:
-    """One parallel map: iterate it for lists of results (in order unless ``ordered=False``).
+@dataclass(frozen=True)
+class RunSpec:
+    """How one parallel run goes: what the plan and the options say."""
 
-    ``chunksize`` is the plan's (an upper bound unless ``fixed_chunksize``);
-    ``monitor(busy workers now)`` says how many to keep busy; ``timeout`` is per item.
-    """
+    n_workers: int
+    chunksize: int  # the plan's: an upper bound unless ``fixed_chunksize``
+    star: bool = False  # func(*item) rather than func(item)
+    ordered: bool = True  # results in input order (map, imap) or as they come
+    strict: bool = False  # raise rather than run in the caller what cannot be pickled
+    fixed_chunksize: bool = False  # the user's chunksize=
+    # imap: a chunk's results are at most about this many items (their bytes bounded),
+    # so a slow consumer pins a bounded amount of memory.
+    max_chunk_items: Optional[int] = None
+    task_overhead_s: float = 0.0  # a task's cost beyond its work (calibration)
+    # Per item, in seconds: items then go one per task, one task per worker, and an
+    # item past it ends the map (see ParallelRun._check_deadlines).
+    timeout: Optional[float] = None
+
+
+class _Chunks:
+    """Chunk sizes during a run: the plan's size, shrinking towards the end (guided
+    self-scheduling), never so small that per-task overhead dominates."""
+
+    def __init__(self, spec: RunSpec, n_left: Optional[int]):
+        self.fixed = spec.fixed_chunksize or spec.timeout is not None
+        self.size = 1 if spec.timeout is not None else max(1, spec.chunksize)
+        if spec.max_chunk_items is not None and not self.fixed:
+            self.size = min(self.size, spec.max_chunk_items)
+        self.n_workers = spec.n_workers
+        self.task_overhead_s = spec.task_overhead_s
+        self.n_left = n_left  # items still to read from the source, when known
+        self.per_item_s: Optional[float] = None  # observed in workers, smoothed
+
+    def next(self) -> int:
+        if self.fixed:
+            return self.size
+        c = self.size
+        if self.n_left is not None:
+            c = min(c, math.ceil(self.n_left / (GUIDED_SPLIT * self.n_workers)))
+        if self.per_item_s and self.task_overhead_s:
+            floor = math.ceil(self.task_overhead_s / (OVERHEAD_SHARE * self.per_item_s))
+            c = max(c, min(floor, self.size))
+        return max(1, c)
+
+    def taken(self, n: int) -> None:
+        if self.n_left is not None:
+            self.n_left -= n
+
+    def observe(self, res: ChunkResult) -> None:
+        if res.n_done:
+            t = res.compute_s / res.n_done
+            self.per_item_s = t if self.per_item_s is None else (
+                EWMA * t + (1 - EWMA) * self.per_item_s)
+
+
+class ParallelRun:
+    """One parallel map: iterate it for lists of results (in order unless not
+    ``spec.ordered``). ``monitor(busy workers now)`` says how many to keep busy."""
 
     def __init__(
         self,
@@ -138,41 +191,19 @@ class ParallelRun:
         target: Target,
         source: Iterator[Any],
         first_index: int,
-        n_workers: int,
-        chunksize: int,
-        *,
-        star: bool,
-        ordered: bool,
-        strict: bool,
+        spec: RunSpec,
         n_left: Optional[int] = None,
-        fixed_chunksize: bool = False,
-        max_chunk_items: Optional[int] = None,
-        task_overhead_s: float = 0.0,
         monitor: Optional[Callable[[int], int]] = None,
-        timeout: Optional[float] = None,
     ):
         self.func = func
         self.target = target
         self.source = source
-        self.n_workers = n_workers
-        self.chunksize = max(1, chunksize)
-        self.n_left = n_left  # items still to read from source, when known
-        self.fixed_chunksize = fixed_chunksize
-        # imap: a chunk's results are at most about this many items (their bytes
-        # bounded), so a slow consumer pins a bounded amount of memory.
-        self.max_chunk_items = max_chunk_items
-        self.task_overhead_s = task_overhead_s
-        self.per_item_s: Optional[float] = None  # observed in workers, smoothed
+        self.spec = spec
+        self.n_workers = spec.n_workers
+        self.timeout = spec.timeout
+        self.chunks = _Chunks(spec, n_left)
         self.monitor = monitor
-        self.throttle = _Throttle(n_workers)
-        self.star = star
-        self.ordered = ordered
-        self.strict = strict
-        # Per item, in seconds: items then go one per task, one task per worker, and an
-        # item past it ends the map (see _check_deadlines).
-        self.timeout = timeout
-        if timeout is not None:
-            self.chunksize, self.fixed_chunksize = 1, True
+        self.throttle = _Throttle(spec.n_workers)
         # Observations, read by the caller after the run:
         self.timeline: list[tuple[float, int]] = []
         self.worker_compute_s = 0.0
@@ -276,9 +307,8 @@ class ParallelRun:
                 self.exhausted = True
                 break
             self.read_pos += 1
-            if self.n_left is not None:
-                self.n_left -= 1
-            out, err = run_here(self.func, [item], self.read_pos - 1, self.star)
+            self.chunks.taken(1)
+            out, err = run_here(self.func, [item], self.read_pos - 1, self.spec.star)
             local.extend(out)
             if err is not None:
                 self.error_at = self.read_pos - 1
@@ -291,7 +321,7 @@ class ParallelRun:
     def _limit(self) -> int:
         if self.retry or any(info.crashes for info in self.pending.values()):
             return 1
-        if (self.ordered and self.pending
+        if (self.spec.ordered and self.pending
                 and len(self.buffer) >= BUFFERED_PER_WORKER * self.n_workers):
             return 0  # results wait for an earlier chunk: send nothing new meanwhile
         target = self.throttle.get()
@@ -305,19 +335,6 @@ class ParallelRun:
             return target * IN_FLIGHT_PER_WORKER
         return target
 
-    def _next_chunksize(self) -> int:
-        if self.fixed_chunksize:
-            return self.chunksize
-        c = self.chunksize
-        if self.max_chunk_items is not None:
-            c = min(c, self.max_chunk_items)
-        if self.n_left is not None:
-            c = min(c, math.ceil(self.n_left / (GUIDED_SPLIT * self.n_workers)))
-        if self.per_item_s and self.task_overhead_s:
-            floor = math.ceil(self.task_overhead_s / (OVERHEAD_SHARE * self.per_item_s))
-            c = max(c, min(floor, self.chunksize))
-        return max(1, c)
-
     def _submit_more(self) -> None:
         while len(self.pending) < self._limit():
             if self.retry:
@@ -328,13 +345,12 @@ class ParallelRun:
                 continue
             if self.exhausted or self.error_at is not None:
                 return
-            chunk = list(itertools.islice(self.source, self._next_chunksize()))
+            chunk = list(itertools.islice(self.source, self.chunks.next()))
             if not chunk:
                 self.exhausted = True
                 return
             start, self.read_pos = self.read_pos, self.read_pos + len(chunk)
-            if self.n_left is not None:
-                self.n_left -= len(chunk)
+            self.chunks.taken(len(chunk))
             self._send(_Pending(start, chunk))
 
     def _send(self, info: _Pending, full: bool = False) -> None:
@@ -363,7 +379,7 @@ class ParallelRun:
         self.pending[fut] = info
 
     def _run_locally(self, info: _Pending) -> None:
-        out, err = run_here(self.func, info.items, info.start, self.star)
+        out, err = run_here(self.func, info.items, info.start, self.spec.star)
         self._keep(info, out, err)
 
     def _keep(self, info: _Pending, results: list[Any], err: Optional[BaseException]) -> None:
@@ -397,7 +413,7 @@ class ParallelRun:
             return
         self.worker_compute_s += res.compute_s
         self.worker_items += res.n_done
-        self._observe(res)
+        self.chunks.observe(res)
         err_index = res.error_index
         if res.status == FALLBACK:
             results, err, err_index = self._fall_back(info, res)
@@ -408,19 +424,13 @@ class ParallelRun:
                 self._unpicklable(f"the results of items from index {info.start} cannot "
                                   f"be unpickled in the caller ({exc})", exc)
                 self.caller_only = True
-                results, err = run_here(self.func, info.items, info.start, self.star)
+                results, err = run_here(self.func, info.items, info.start, self.spec.star)
                 err_index = None
         if err is not None and err_index is not None:
             # From another process (loky, dask), the worker's traceback is text to
             # chain; a thread's exception still carries its own.
             attach_origin(err, err_index, res.error_tb if self.target.remote else None)
         self._keep(info, results, err)
-
-    def _observe(self, res: ChunkResult) -> None:
-        if res.n_done:
-            t = res.compute_s / res.n_done
-            self.per_item_s = t if self.per_item_s is None else (
-                EWMA * t + (1 - EWMA) * self.per_item_s)
 
     def _fall_back(self, info: _Pending, res: ChunkResult
                    ) -> tuple[list[Any], Optional[BaseException], Optional[int]]:
@@ -430,12 +440,12 @@ class ParallelRun:
         self._unpicklable(reason, None, ResultPicklingError if res.holes else TypeError)
         self.caller_only = True
         if res.holes is None:  # nothing ran there
-            out, err = run_here(self.func, info.items, info.start, self.star)
+            out, err = run_here(self.func, info.items, info.start, self.spec.star)
             return out, err, None
         results, err = self.target.decode(res)
         for hole in res.holes:
             out, hole_err = run_here(self.func, [info.items[hole]], info.start + hole,
-                                     self.star)
+                                     self.spec.star)
             if hole_err is not None:  # before the worker's own error, if any
                 return results[:hole], hole_err, None
             results[hole] = out[0]
@@ -496,7 +506,7 @@ class ParallelRun:
     # --- giving back ----------------------------------------------------------------------
 
     def _ready(self) -> Iterator[list[Any]]:
-        if self.ordered:
+        if self.spec.ordered:
             while self.next_out in self.buffer:
                 results, n, err = self.buffer.pop(self.next_out)
                 if results:
@@ -533,7 +543,7 @@ class ParallelRun:
                      error: type[TypeError] = TypeError) -> None:
         """Something cannot cross between the caller and a worker: raise with strict=True,
         else warn once (the caller runs what is missing)."""
-        if self.strict:
+        if self.spec.strict:
             msg = (f"{what}; pass strict=False to run such items in the caller instead "
                    "(strict=True)")
             raise error(msg) from cause

@@ -25,10 +25,10 @@ from .backends import dask as dask_backend
 from .backends import loky as loky_backend
 from .backends import serial as serial_backend
 from .backends.threads import ThreadTarget
-from .dispatch import ParallelRun
+from .dispatch import ParallelRun, RunSpec
 from .errors import UnpicklableWarning
 from .fingerprint import describe, function_complexity
-from .records import Cluster, Features, Options, Plan, RunReport, empty_plan, fmt_s
+from .records import Features, Options, Plan, RunReport, empty_plan
 from .sampling import features_from, sample
 from .worker import function_ref
 
@@ -105,6 +105,7 @@ class MapRun:
         self.n_items = 0
         self.n_exact = True  # n_items is the count, not a lower bound
         self.source: Iterator[Any] = it
+        self.planner: adapt.MapPlanner
         self.plan: Optional[Plan] = None
         self.planned_s = 0.0  # from the call to the plan
         self.n_done = 0
@@ -153,6 +154,8 @@ class MapRun:
             self.load = system.LoadProbe(loky_backend.worker_pids)
         if self.options.cache and self.forced is None:
             self.entry = cache.lookup(self.key)
+        self.planner = adapt.MapPlanner(self.options, self.func, self.t_start, self.forced,
+                                        self.client, self.entry, self.load)
 
     def measure(self) -> Iterator[list[Any]]:
         """The function's features: remembered, or measured on the first items (whose
@@ -205,8 +208,9 @@ class MapRun:
 
     def decide(self) -> None:
         assert self.features is not None
-        plan = self._plan(self.features, self.n_items, self.n_sampled)
-        if planner.blocked_by_pickling(self.features, plan, self._forced_parallel() is not None):
+        plan = self.planner.plan(self.features, self.n_items, self.n_sampled)
+        if planner.blocked_by_pickling(self.features, plan,
+                                       self.planner.forced_parallel() is not None):
             self._unpicklable("the sampled items or results cannot be pickled")
         self.plan = plan
         self.planned_s = time.perf_counter() - self.t_start
@@ -267,74 +271,6 @@ class MapRun:
             observed_item_s=self.observed_s,
         ))
 
-    # --- planning -----------------------------------------------------------------------
-
-    def _correction(self) -> float:
-        # Past runs on the same kind of workers correct the estimate: a cluster's runs
-        # say nothing about the local pool's, nor the reverse.
-        if self.entry is None:
-            return 1.0
-        return self.entry.parallel_correction(
-            "parallel" if self.client is None else "distributed")
-
-    def _plan(self, features: Features, n_items: int, n_done: int) -> Plan:
-        opts = self.options
-        if self.client is not None and self.forced is None:
-            return self._cluster_plan(features, n_items, n_done)
-        calib = calibration.get()
-        snap = system.snapshot(opts.max_workers, with_memory=False)
-        forced_parallel = self._forced_parallel()
-        chunksize = 1 if opts.timeout is not None and self.forced is None else opts.chunksize
-        kwargs: dict[str, Any] = dict(
-            warm=loky_backend.is_warm(snap.usable_cpus), from_cache=self.entry is not None,
-            elapsed_s=time.perf_counter() - self.t_start, forced_serial=self.forced,
-            forced_parallel=forced_parallel, chunksize=chunksize,
-            parallel_correction=self._correction(),
-            startup_left=loky_backend.startup_left(calib.startup_for(snap.usable_cpus),
-                                                   snap.usable_cpus),
-        )
-        plan = planner.make_plan(features, n_items, n_done, snap, calib, **kwargs)
-        if plan.mode == "parallel":
-            # Only a parallel plan needs the machine's load and memory (and is capped by
-            # them). The load is read over the time since the map began, when that is
-            # long enough to tell; else the run's monitor corrects it within ~0.3 s.
-            others = self.load.others() if self.load is not None else None
-            snap = system.snapshot(opts.max_workers, with_memory=True,
-                                   max_memory=opts.max_memory, others_load=others,
-                                   worker_memory=loky_backend.worker_rss())
-            plan = planner.make_plan(features, n_items, n_done, snap, calib, **kwargs)
-        return plan
-
-    def _forced_parallel(self) -> Optional[str]:
-        """Why the pool must be used whatever the estimate, or None."""
-        opts = self.options
-        if opts.timeout is not None and self.forced is None:
-            return (f"timeout={opts.timeout:g} s is set: every item runs in a worker, one "
-                    "at a time, where it can be stopped")
-        if self.client is not None:
-            if opts.client is not None:
-                return "client= was given"
-            if opts.backend == "dask":
-                return "backend='dask' was requested"
-            return None
-        return "backend='loky' was requested" if opts.backend == "loky" else None
-
-    def _cluster_plan(self, features: Features, n_items: int, n_done: int) -> Plan:
-        """The plan on a dask cluster: its threads (max_workers caps them), its constants
-        (measured on first use), no start-up."""
-        opts = self.options
-        threads = dask_backend.n_threads(self.client)
-        calib = dask_backend.calibration_for(self.client, threads)
-        usable = min(threads, opts.max_workers) if opts.max_workers else threads
-        forced_parallel = self._forced_parallel()
-        return planner.make_plan(
-            features, n_items, n_done, system.snapshot(opts.max_workers, with_memory=False),
-            calib, warm=True, from_cache=self.entry is not None,
-            elapsed_s=time.perf_counter() - self.t_start, forced_parallel=forced_parallel,
-            chunksize=opts.chunksize, parallel_correction=self._correction(),
-            cluster=Cluster(dask_backend.address(self.client), usable),
-        )
-
     # --- executing ----------------------------------------------------------------------
 
     def _serial(self) -> Iterator[list[Any]]:
@@ -373,8 +309,10 @@ class MapRun:
             if not replan:
                 continue
             chunk_s = min(chunk_s * 2, SERIAL_MAX_CHUNK_S)
-            new = self._replan(features, per_item, previous)
+            new = self.planner.after_serial_chunk(features, per_item, previous,
+                                                  self.n_items, self.n_done)
             if new is not None:
+                self.plan = new
                 n_here, observed_here = self.n_done - first, self.observed_s
                 yield from self._parallel(new, self.n_done, self.n_items - self.n_done
                                           if self.n_exact else None)
@@ -384,36 +322,6 @@ class MapRun:
                     self.observed_s = (observed_here * n_here + observed_there * n_there) / (
                         n_here + n_there)
                 return
-
-    def _replan(self, features: Features, per_item: float, previous: float) -> Optional[Plan]:
-        """Between serial chunks: the plan for the rest, when it is no longer serial."""
-        # Items getting steadily slower (the costly ones last, joblib issue 1220):
-        # expect one more step of that growth rather than the last chunk's cost.
-        growth = per_item / previous
-        ahead = per_item * min(growth, GROWTH_CAP) if growth >= GROWTH_MIN else per_item
-        # Growing costs are uneven costs: the planner then keeps chunks small, so that
-        # the last (costliest) chunk does not run alone at the end.
-        spread = max(features.coefficient_of_variation or 0.0, growth - 1.0)
-        recent = dataclasses.replace(features, mean_s=ahead, coefficient_of_variation=spread)
-        n_items = max(self.n_items, self.n_done + 1)
-        if self.client is None and (features.threads_cpu or 0.0) <= planner.OWN_THREADS_MIN \
-                and adapt.worth_a_pool(self.options, recent, n_items, self.n_done):
-            # Starting a pool costs this process ~70 ms (importing loky, spawning):
-            # only when a warm one would win.
-            adapt.maybe_prestart(self.options, max(0, self.n_items - self.n_done) * ahead)
-        # t_start: the estimate covers the whole map, as the run record's actual does.
-        new = self._plan(recent, n_items, self.n_done)
-        if new.mode == "serial":
-            return None
-        reason = (
-            f"switched to {new.mode} after {self.n_done:,} items ran serially, at "
-            f"{fmt_s(per_item)} per item (expecting {fmt_s(ahead)} ahead) against "
-            f"{fmt_s(features.mean_s)} sampled: {new.reason}"
-        )
-        new = dataclasses.replace(new, reason=reason)
-        self.plan = new
-        logger.info("re-plan for %s: %s", describe(self.func)[1], reason)
-        return new
 
     def _parallel(self, plan: Plan, first: int, n_left: Optional[int]) -> Iterator[list[Any]]:
         """The items from ``first`` on the pool, threads or cluster the plan names."""
@@ -435,15 +343,15 @@ class MapRun:
                     self.client, dask_backend.n_threads(self.client)).task_overhead_s
             else:
                 target = loky_backend.LokyTarget(ref, self.star)
-        run = ParallelRun(
-            self.func, target, self.source, first, plan.n_workers, plan.chunksize,
-            star=self.star, ordered=self.ordered, strict=self.options.strict, n_left=n_left,
-            fixed_chunksize=self.options.chunksize is not None,
+        spec = RunSpec(
+            plan.n_workers, plan.chunksize, star=self.star, ordered=self.ordered,
+            strict=self.options.strict, fixed_chunksize=self.options.chunksize is not None,
             max_chunk_items=_imap_chunk_cap(self.features) if self.partial else None,
             task_overhead_s=task_overhead_s,
-            monitor=adapt.monitor(self.options, plan) if plan.mode == "parallel" else None,
             timeout=self.options.timeout if plan.mode == "parallel" else None,
         )
+        run = ParallelRun(self.func, target, self.source, first, spec, n_left,
+                          adapt.monitor(self.options, plan) if plan.mode == "parallel" else None)
         for batch in run:
             self.n_done += len(batch)
             yield batch

@@ -7,7 +7,7 @@ import pytest
 
 from adaptive_exec import calibrate, parallelize
 from adaptive_exec.backends.loky import LokyTarget
-from adaptive_exec.dispatch import ParallelRun
+from adaptive_exec.dispatch import ParallelRun, RunSpec
 from adaptive_exec.sampling import sample
 from adaptive_exec.system import usable_cpus
 from adaptive_exec.worker import function_ref
@@ -56,8 +56,8 @@ def test_chunks_shrink_towards_the_end(tmp_path):
 
     calibrate()  # a warm pool: on a cold one the caller would run these quick items itself
     target = Recording(function_ref(h.square), star=False)
-    run = ParallelRun(h.square, target, iter(range(4000)), 0, 2, 500, star=False,
-                      ordered=True, strict=False, n_left=4000)
+    run = ParallelRun(h.square, target, iter(range(4000)), 0,
+                      RunSpec(n_workers=2, chunksize=500), n_left=4000)
     out = [r for batch in run for r in batch]
     assert out == [x * x for x in range(4000)]
     assert sizes[0] == 500  # the plan's chunk is the upper bound
