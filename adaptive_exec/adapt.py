@@ -97,11 +97,11 @@ def worth_a_pool(options: Options, features: Features, n_items: int, done: int) 
     return saved >= 2 * PRESTART_COST_S
 
 
-def monitor(options: Options, plan: Plan) -> Callable[[int], int]:
+def monitor(options: Options, plan: Plan, features: Features) -> Callable[[int], int]:
     """decide(busy workers now) -> how many to keep busy, re-read from the machine."""
     probe = system.LoadProbe(loky_backend.worker_pids)
-    per_worker = (plan.features.get("worker_memory") or planner.WORKER_BASE_MEMORY) + (
-        plan.features.get("peak_memory") or 0)
+    per_worker = (loky_backend.worker_rss() or planner.WORKER_BASE_MEMORY) + (
+        features.peak_memory or 0)
 
     def decide(current: int) -> int:
         others, room = system.live_readings(probe, options.max_memory)

@@ -325,6 +325,7 @@ class MapRun:
 
     def _parallel(self, plan: Plan, first: int, n_left: Optional[int]) -> Iterator[list[Any]]:
         """The items from ``first`` on the pool, threads or cluster the plan names."""
+        assert self.features is not None
         target: Any
         calib = calibration.get()
         task_overhead_s = calib.task_overhead_s
@@ -351,7 +352,8 @@ class MapRun:
             timeout=self.options.timeout if plan.mode == "parallel" else None,
         )
         run = ParallelRun(self.func, target, self.source, first, spec, n_left,
-                          adapt.monitor(self.options, plan) if plan.mode == "parallel" else None)
+                          adapt.monitor(self.options, plan, self.features)
+                          if plan.mode == "parallel" else None)
         for batch in run:
             self.n_done += len(batch)
             yield batch
