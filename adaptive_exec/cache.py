@@ -3,7 +3,9 @@ and this machine's pool constants. How the file lives is ``sqlite_file``'s busin
 
 The rest of the library calls five functions: ``lookup`` (before a map), ``observe``
 (after it), ``load_calibration``/``store_calibration`` (this machine's constants, or a
-dask cluster's under a name of its own: ``machine="dask:..."``) and ``clear``:
+dask cluster's under a name of its own: ``machine="dask:..."``) and ``clear``; the
+command line reads the whole file through ``list_entries``, ``counts`` and ``status``
+(what it prints, and finding entries by name, is ``cache_views``'s business):
 
     lookup:  one read: the entry + its run history (the planner turns the history into
              a correction: planner.parallel_correction)
@@ -46,10 +48,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, TypeVar
 
+from . import cache_schema as schema
 from . import sqlite_file
+from .cache_schema import FEATURE_COLUMNS as FEATURE_COLUMNS  # cache.FEATURE_COLUMNS
 from .errors import CacheWarning as CacheWarning  # re-exported: cache.CacheWarning
 from .records import Calibration, Features
-from .sqlite_file import Schema, SqliteFile
+from .sqlite_file import SqliteFile
 
 logger = logging.getLogger("adaptive_exec")
 _T = TypeVar("_T")
@@ -58,12 +62,11 @@ ENV_DIR = "ADAPTIVE_EXEC_CACHE_DIR"
 ENV_MAX_ENTRIES = "ADAPTIVE_EXEC_CACHE_MAX_ENTRIES"
 ENV_EXPIRE_DAYS = "ADAPTIVE_EXEC_CACHE_EXPIRE_DAYS"
 FILENAME = "cache.sqlite3"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = schema.SCHEMA_VERSION
 
 # An observed per-item time this far from the remembered one replaces it.
 REFRESH_RATIO = 2.0
-# Past runs kept per function (the planner uses the last few: planner.HISTORY_USED).
-HISTORY = 20
+HISTORY = schema.HISTORY  # past runs kept per function
 # A few KB per entry with its history: the default cap keeps the file near 20 MB.
 DEFAULT_MAX_ENTRIES = 10_000
 DEFAULT_EXPIRE_DAYS = 30.0
@@ -99,120 +102,6 @@ class Entry:
     created_at: float = 0.0  # time.time() of the first write
     updated_at: float = 0.0  # of the last write
     used_at: float = 0.0  # of the last hit or write: the LRU and expiry clock
-
-
-# --- the layout ------------------------------------------------------------------------
-
-# Features fields, stored under their own names (a test checks none is missing).
-FEATURE_COLUMNS = (
-    "mean_s", "coefficient_of_variation", "pickle_size", "input_pickle_size", "peak_memory",
-    "function_complexity", "n_samples", "cpu_fraction", "picklable", "threads_cpu",
-)
-_ENTRY_COLUMNS = ("module", "qualname", *FEATURE_COLUMNS,
-                  "created_at", "updated_at", "used_at", "hits")
-_RUN_COLUMNS = ("n_items", "mode", "n_workers", "chunksize", "estimated_s", "actual_s", "at")
-_CALIBRATION_COLUMNS = ("worker_startup_s", "task_overhead_s", "byte_cost_s", "n_workers",
-                        "source")
-
-# The runs table as version 2 made it (also what migrating from 1 creates).
-_V2_RUNS = """CREATE TABLE runs (
-        id INTEGER PRIMARY KEY,
-        fingerprint TEXT NOT NULL,
-        machine TEXT NOT NULL,
-        at REAL NOT NULL,
-        n_items INTEGER NOT NULL,
-        mode TEXT NOT NULL,
-        n_workers INTEGER NOT NULL,
-        chunksize INTEGER NOT NULL,
-        estimated_s REAL NOT NULL,
-        actual_s REAL NOT NULL)"""
-_V2_RUNS_INDEX = "CREATE INDEX runs_key ON runs (fingerprint, machine, id)"
-
-# The current layout, for a new file (meta, which holds the version, is sqlite_file's).
-_CREATE = (
-    """CREATE TABLE entries (
-        fingerprint TEXT NOT NULL,
-        machine TEXT NOT NULL,
-        module TEXT NOT NULL,
-        qualname TEXT NOT NULL,
-        mean_s REAL NOT NULL,
-        coefficient_of_variation REAL,
-        pickle_size INTEGER,
-        input_pickle_size INTEGER,
-        peak_memory INTEGER,
-        function_complexity INTEGER,
-        n_samples INTEGER NOT NULL DEFAULT 0,
-        cpu_fraction REAL,
-        picklable INTEGER NOT NULL DEFAULT 1,
-        threads_cpu REAL,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL,
-        used_at REAL NOT NULL,
-        hits INTEGER NOT NULL DEFAULT 0,
-        PRIMARY KEY (fingerprint, machine))""",
-    "CREATE INDEX entries_used_at ON entries (used_at)",
-    _V2_RUNS,
-    _V2_RUNS_INDEX,
-    """CREATE TABLE calibration (
-        machine TEXT PRIMARY KEY,
-        worker_startup_s REAL NOT NULL,
-        task_overhead_s REAL NOT NULL,
-        byte_cost_s REAL NOT NULL,
-        n_workers INTEGER NOT NULL,
-        source TEXT,
-        updated_at REAL NOT NULL)""",
-)
-
-# From version v to v+1, in one transaction. A step, once released, is never edited:
-# a later layout is a new step (and a new _CREATE).
-_MIGRATIONS: dict[int, tuple[str, ...]] = {
-    1: (
-        "ALTER TABLE entries ADD COLUMN input_pickle_size INTEGER",
-        "ALTER TABLE entries ADD COLUMN peak_memory INTEGER",
-        "ALTER TABLE entries ADD COLUMN cpu_fraction REAL",
-        "ALTER TABLE entries ADD COLUMN picklable INTEGER NOT NULL DEFAULT 1",
-        "ALTER TABLE entries ADD COLUMN threads_cpu REAL",
-        "ALTER TABLE entries ADD COLUMN used_at REAL NOT NULL DEFAULT 0",
-        "UPDATE entries SET used_at = updated_at",
-        "CREATE INDEX entries_used_at ON entries (used_at)",
-        _V2_RUNS,
-        _V2_RUNS_INDEX,
-        "ALTER TABLE calibration ADD COLUMN source TEXT",
-    ),
-}
-
-_SCHEMA = Schema(SCHEMA_VERSION, _CREATE, _MIGRATIONS)
-
-_SELECT_ENTRY = (f"SELECT {', '.join(_ENTRY_COLUMNS)} FROM entries "
-                 "WHERE fingerprint = ? AND machine = ? AND used_at >= ?")
-# Rows of a tampered file that are not plain, sane values are skipped here, in C: a
-# lookup reads up to HISTORY of them, and checking each in Python cost ~50 µs per hit.
-_VALID_RUN = (
-    "typeof(n_items) = 'integer' AND n_items >= 0 AND typeof(mode) = 'text' "
-    "AND typeof(n_workers) = 'integer' AND n_workers >= 0 "
-    "AND typeof(chunksize) = 'integer' AND chunksize >= 0 "
-    "AND typeof(estimated_s) = 'real' AND estimated_s BETWEEN 0 AND 1e12 "
-    "AND typeof(actual_s) = 'real' AND actual_s BETWEEN 0 AND 1e12 "
-    "AND typeof(at) = 'real' AND at BETWEEN 0 AND 1e11"
-)
-_SELECT_RUNS = (f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs "
-                f"WHERE fingerprint = ? AND machine = ? AND {_VALID_RUN} ORDER BY id")
-_INSERT_ENTRY = (
-    f"INSERT INTO entries (fingerprint, machine, {', '.join(_ENTRY_COLUMNS)}) "
-    f"VALUES ({', '.join('?' * (len(_ENTRY_COLUMNS) + 2))})"
-)
-_UPDATE_ENTRY = (
-    "UPDATE entries SET module = ?, qualname = ?, "
-    + ", ".join(f"{c} = ?" for c in FEATURE_COLUMNS)
-    + ", updated_at = ?, used_at = ? WHERE fingerprint = ? AND machine = ?"
-)
-_INSERT_RUN = (f"INSERT INTO runs (fingerprint, machine, {', '.join(_RUN_COLUMNS)}) "
-               f"VALUES ({', '.join('?' * (len(_RUN_COLUMNS) + 2))})")
-_TRIM_RUNS = (
-    "DELETE FROM runs WHERE fingerprint = ? AND machine = ? AND id <= ("
-    "SELECT id FROM runs WHERE fingerprint = ? AND machine = ? "
-    "ORDER BY id DESC LIMIT 1 OFFSET ?)"
-)
 
 
 # --- configuration ---------------------------------------------------------------------
@@ -318,7 +207,7 @@ def _file() -> SqliteFile:
         with _state.lock:
             f = _files.get(p)
             if f is None:
-                f = _files[p] = SqliteFile(p, _SCHEMA, busy_timeout_s=BUSY_TIMEOUT_S,
+                f = _files[p] = SqliteFile(p, schema.SCHEMA, busy_timeout_s=BUSY_TIMEOUT_S,
                                            label="cache", writable=lambda q: _writable(q))
     return f
 
@@ -397,7 +286,7 @@ def _entry(fp: str, machine: str, row: Any, runs: list[Any]) -> Optional[Entry]:
     if features is None:
         return None
     created_at, updated_at, used_at, hits = row[2 + n:]
-    records = tuple(RunRecord(*r) for r in runs)  # rows checked by _VALID_RUN
+    records = tuple(RunRecord(*r) for r in runs)  # rows checked by schema.VALID_RUN
     return Entry(features, _text(row[0]), _text(row[1]), records, _int(hits) or 0, fp, machine,
                  _num(created_at, hi=1e11) or 0.0, _num(updated_at, hi=1e11) or 0.0,
                  _num(used_at, hi=1e11) or 0.0)
@@ -421,10 +310,10 @@ def lookup(key: str) -> Optional[Entry]:
 
         def read_entry(conn: sqlite3.Connection) -> Optional[Entry]:
             # One read transaction: the entry and its history from the same snapshot.
-            row = conn.execute(_SELECT_ENTRY, (key, machine, _cutoff(now))).fetchone()
+            row = conn.execute(schema.SELECT_ENTRY, (key, machine, _cutoff(now))).fetchone()
             if row is None:
                 return None
-            runs = conn.execute(_SELECT_RUNS, (key, machine)).fetchall()
+            runs = conn.execute(schema.SELECT_RUNS, (key, machine)).fetchall()
             entry = _entry(key, machine, row, runs)
             if entry is None:
                 logger.debug("adaptive_exec cache: entry %s is invalid: a miss", key)
@@ -486,13 +375,14 @@ def _observe(
             features = dataclasses.replace(features, mean_s=observed_item_s)
     values = tuple(getattr(features, c) for c in FEATURE_COLUMNS)
     if row is None:
-        conn.execute(_INSERT_ENTRY, (key, machine, module, qualname, *values, now, now, now, 0))
+        conn.execute(schema.INSERT_ENTRY,
+                     (key, machine, module, qualname, *values, now, now, now, 0))
     else:
-        conn.execute(_UPDATE_ENTRY, (module, qualname, *values, now, now, key, machine))
+        conn.execute(schema.UPDATE_ENTRY, (module, qualname, *values, now, now, key, machine))
     if run is not None:
-        conn.execute(_INSERT_RUN, (key, machine, run.n_items, run.mode, run.n_workers,
+        conn.execute(schema.INSERT_RUN, (key, machine, run.n_items, run.mode, run.n_workers,
                                    run.chunksize, run.estimated_s, run.actual_s, now))
-        conn.execute(_TRIM_RUNS, (key, machine, key, machine, HISTORY))
+        conn.execute(schema.TRIM_RUNS, (key, machine, key, machine, HISTORY))
     if row is None:
         _prune(conn, now)
     return True
@@ -567,7 +457,8 @@ def load_calibration(machine: Optional[str] = None) -> Optional[Calibration]:
     try:
         def read_calibration(conn: sqlite3.Connection) -> Any:
             return conn.execute(
-                f"SELECT {', '.join(_CALIBRATION_COLUMNS)} FROM calibration WHERE machine = ?",
+                f"SELECT {', '.join(schema.CALIBRATION_COLUMNS)} FROM calibration "
+                "WHERE machine = ?",
                 (machine or machine_id(),)).fetchone()
 
         row = _file().read(read_calibration)
@@ -590,7 +481,8 @@ def store_calibration(calib: Calibration, machine: Optional[str] = None) -> bool
         def write_calibration(conn: sqlite3.Connection) -> bool:
             conn.execute(
                 "INSERT OR REPLACE INTO calibration (machine, "
-                f"{', '.join(_CALIBRATION_COLUMNS)}, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                f"{', '.join(schema.CALIBRATION_COLUMNS)}, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (machine or machine_id(), calib.worker_startup_s, calib.task_overhead_s,
                  calib.byte_cost_s, calib.n_workers, calib.source, time.time()))
             return True
@@ -647,7 +539,7 @@ def close() -> None:
         f.close()
 
 
-# --- inspection (python -m adaptive_exec cache ...) -----------------------------------
+# --- the whole file, for reading (cache_views prints it) ------------------------------
 
 
 def list_entries() -> list[Entry]:
@@ -655,11 +547,11 @@ def list_entries() -> list[Entry]:
 
     def read_all(conn: sqlite3.Connection) -> list[Entry]:
         rows = conn.execute(
-            f"SELECT fingerprint, machine, {', '.join(_ENTRY_COLUMNS)} FROM entries "
+            f"SELECT fingerprint, machine, {', '.join(schema.ENTRY_COLUMNS)} FROM entries "
             "WHERE used_at >= ? ORDER BY used_at DESC", (_cutoff(time.time()),)).fetchall()
         runs: dict[tuple[str, str], list[Any]] = {}
-        for r in conn.execute(f"SELECT fingerprint, machine, {', '.join(_RUN_COLUMNS)} "
-                              f"FROM runs WHERE {_VALID_RUN} ORDER BY id"):
+        for r in conn.execute(f"SELECT fingerprint, machine, {', '.join(schema.RUN_COLUMNS)} "
+                              f"FROM runs WHERE {schema.VALID_RUN} ORDER BY id"):
             runs.setdefault((r[0], r[1]), []).append(r[2:])
         entries = (_entry(_text(r[0]), _text(r[1]), r[2:], runs.get((r[0], r[1]), []))
                    for r in rows)
@@ -668,34 +560,21 @@ def list_entries() -> list[Entry]:
     return _file().read(read_all) or []
 
 
-def find(query: str) -> list[Entry]:
-    """Entries whose fingerprint starts with ``query``, or whose name is ``query``
-    (``qualname``, ``module.qualname``, ``module:qualname`` or the last name part)."""
-    q = query.strip()
-    out = []
-    for e in list_entries():
-        names = {e.qualname, f"{e.module}.{e.qualname}", f"{e.module}:{e.qualname}",
-                 e.qualname.rsplit(".", 1)[-1]}
-        if q in names or (len(q) >= 4 and e.fingerprint.startswith(q.lower())):
-            out.append(e)
-    return out
+def status() -> str:
+    """The file's state in sqlite_file's words: ok, read-only (why), off: why, ..."""
+    return _file().status()
 
 
-def stats() -> dict[str, Any]:
-    """What the cache file holds, and how it is configured."""
+def counts() -> Optional[dict[str, Any]]:
+    """What the file holds, counted in one read; None when it cannot be read."""
     f = _file()
-    p = f.path
-    out: dict[str, Any] = {
-        "path": p, "machine": machine_id(), "max_entries": max_entries(),
-        "expire_days": expire_days(), "exists": os.path.exists(p),
-    }
-    out["status"] = f.status()
+    p, machine = f.path, machine_id()
 
     def read_counts(conn: sqlite3.Connection) -> dict[str, Any]:
         q = conn.execute
         n, mine, hits, oldest, newest = q(
             "SELECT count(*), sum(machine = ?), sum(hits), min(used_at), max(used_at) "
-            "FROM entries", (machine_id(),)).fetchone()
+            "FROM entries", (machine,)).fetchone()
         return {
             "schema_version": sqlite_file.stored_version(conn),
             "size_bytes": sum(os.path.getsize(x) for x in (p, p + "-wal") if os.path.exists(x)),
@@ -706,12 +585,4 @@ def stats() -> dict[str, Any]:
             "runs": q("SELECT count(*) FROM runs").fetchone()[0],
         }
 
-    counts = f.read(read_counts)
-    if counts is None:
-        if out["status"] == "ok" or out["status"].startswith("read-only"):
-            out["status"] = "unavailable (locked or unreadable)"
-        return out
-    out.update(counts)
-    calib = load_calibration()
-    out["calibration"] = calib.to_dict() if calib is not None else None
-    return out
+    return f.read(read_counts)

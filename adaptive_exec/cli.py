@@ -1,4 +1,5 @@
-"""python -m adaptive_exec demo | calibrate | cache ..."""
+"""python -m adaptive_exec demo | calibrate | cache ...: the arguments, and the demo's and
+calibration's reports (what ``cache list|show|stats`` prints is ``cache_views``'s)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 import time
 from typing import Callable, Optional
 
-from . import api, calibration, planner
+from . import api, calibration
 from .api import ParallelFunction
 from .demo_workloads import DEMOS
 
@@ -65,10 +66,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 def _cache(args: argparse.Namespace) -> int:
     from . import cache as store
-    from .planner import fmt_s
-
-    def when(t: float) -> str:
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+    from . import cache_views as views
 
     action, target = args.action, args.target
     if action == "show" and not target:
@@ -87,53 +85,10 @@ def _cache(args: argparse.Namespace) -> int:
             print(f"cleared {n} entries from {store.path()}")
             return 0
         if action == "stats":
-            for key, value in store.stats().items():
-                if key.endswith("_at") and isinstance(value, float):
-                    value = when(value)
-                print(f"{key + ':':22} {value}")
-            return 0
-        here = store.machine_id()
+            return views.print_stats()
         if action == "list":
-            entries = store.list_entries()
-            if not entries:
-                print(f"the cache is empty ({store.path()})")
-                return 0
-            print(f"{'fingerprint':12}  {'hits':>6}  {'runs':>4}  {'per item':>9}  "
-                  f"{'last used':19}  function")
-            for e in entries:
-                other = "" if e.machine == here else f"  (machine {e.machine})"
-                print(f"{e.fingerprint[:12]:12}  {e.hits:>6}  {len(e.runs):>4}  "
-                      f"{fmt_s(e.features.mean_s):>9}  {when(e.used_at):19}  "
-                      f"{e.module}:{e.qualname}{other}")
-            print(f"{len(entries)} entries in {store.path()}")
-            return 0
-        found = store.find(target)
-        if not found:
-            print(f"no cache entry matches {target!r} (see: cache list)", file=sys.stderr)
-            return 1
-        for e in found:
-            mine = " (this machine)" if e.machine == here else " (another machine)"
-            rows: list[tuple[str, object]] = [
-                ("fingerprint", e.fingerprint), ("machine", e.machine + mine),
-                ("module", e.module), ("qualname", e.qualname),
-            ]
-            rows += [(name, getattr(e.features, name)) for name in store.FEATURE_COLUMNS]
-            rows += [("created_at", when(e.created_at)), ("updated_at", when(e.updated_at)),
-                     ("used_at", when(e.used_at)), ("hits", e.hits),
-                     ("parallel_correction", f"{planner.parallel_correction(e.runs):.3f}")]
-            print(f"== {e.module}:{e.qualname}")
-            for name, value in rows:
-                note = " (per item: " + fmt_s(e.features.mean_s) + ")" if name == "mean_s" else ""
-                print(f"  {name:26} {value}{note}")
-            print(f"  run history ({len(e.runs)}, oldest first):")
-            if e.runs:
-                print(f"    {'at':19}  {'items':>8}  {'mode':8}  {'workers':>7}  "
-                      f"{'chunksize':>9}  {'estimated_s':>11}  {'actual_s':>9}  actual/estimated")
-            for r in e.runs:
-                ratio = f"{r.actual_s / r.estimated_s:.2f}" if r.estimated_s > 0 else "-"
-                print(f"    {when(r.at):19}  {r.n_items:>8}  {r.mode:8}  {r.n_workers:>7}  "
-                      f"{r.chunksize:>9}  {r.estimated_s:>11.4g}  {r.actual_s:>9.4g}  {ratio}")
-        return 0
+            return views.print_list()
+        return views.print_show(target)
     except Exception as exc:
         print(f"cannot read the cache at {store.path()}: {exc}", file=sys.stderr)
         return 1

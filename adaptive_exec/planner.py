@@ -160,6 +160,211 @@ def memory_cap(features: Features, system: SystemSnapshot) -> Optional[int]:
     return max(1, int((system.available_memory - MEMORY_RESERVE) // per_worker))
 
 
+@dataclass(frozen=True, eq=False)
+class _Job:
+    """The items left to plan for, as every step of ``make_plan`` reads them; the plans
+    it returns share one features dict, ``info``."""
+
+    remaining: int  # items not yet run
+    t: float  # mean seconds per item, in the caller
+    cv: float  # capped at CV_CAP
+    bytes_per_item: float  # pickled input + pickled result
+    own_threads: float  # CPUs one call keeps busy with threads of its own (1: none)
+    elapsed_s: float
+    from_cache: bool
+    info: dict[str, Any]
+
+    @property
+    def serial_rest(self) -> float:
+        return self.remaining * self.t
+
+    @property
+    def est_serial(self) -> float:
+        return self.elapsed_s + self.serial_rest
+
+    @property
+    def work(self) -> str:
+        """How much work is left, the opening of every reason."""
+        return (f"{self.remaining:,} items x {fmt_s(self.t)} = {fmt_s(self.serial_rest)} "
+                "of work")
+
+    def serial(self, reason: str, est_parallel: float = math.inf) -> Plan:
+        """The serial plan; ``est_parallel`` is the best pool's estimate, when one was made."""
+        est_serial = self.est_serial
+        speedup = est_serial / est_parallel if est_parallel not in (0, math.inf) else 0.0
+        return Plan("serial", 1, max(1, self.remaining), est_serial,
+                    est_parallel if est_parallel != math.inf else est_serial,
+                    speedup, reason, self.from_cache, self.info)
+
+    def plan(self, mode: str, best: _Estimate, est: float, speedup: float, reason: str
+             ) -> Plan:
+        """A plan that runs in ``mode`` as ``best`` says, estimated at ``est`` in all."""
+        return Plan(mode, best.n_workers, best.chunksize, self.est_serial, est, speedup,
+                    reason, self.from_cache, self.info)
+
+
+def _unit(cluster: Optional[Cluster]) -> str:
+    """What the reasons call the workers."""
+    return "cluster threads" if cluster is not None else "workers"
+
+
+def _describe(
+    features: Features, n_items: int, system: SystemSnapshot, calib: Calibration,
+    warm: bool, parallel_correction: float, cluster: Optional[Cluster],
+) -> dict[str, Any]:
+    """The features dict of the plan: what was measured and the constants it was planned
+    with (the load and worker memory are added once they are read)."""
+    info = {
+        **features.to_dict(),
+        "n_items": n_items,
+        "usable_cpus": system.usable_cpus,
+        "available_memory": system.available_memory,
+        "calibration": calib.source,
+        "worker_startup_s": round(calib.worker_startup_s, 4),
+        "task_overhead_s": calib.task_overhead_s,
+        "byte_cost_s": calib.byte_cost_s,
+        "pool_warm": warm,
+        "parallel_correction": round(parallel_correction, 3),
+    }
+    if cluster is not None:
+        info.update(cluster=cluster.address, cluster_threads=cluster.n_threads)
+    return info
+
+
+def _job(
+    features: Features, n_items: int, n_done: int, system: SystemSnapshot,
+    elapsed_s: float, from_cache: bool, info: dict[str, Any],
+) -> _Job:
+    """The remaining items and what the model takes from the features about them."""
+    others = features.threads_cpu or 0.0
+    own_threads = min(1.0 + others, system.usable_cpus) if others > OWN_THREADS_MIN else 1.0
+    cv = features.coefficient_of_variation if features.coefficient_of_variation is not None else 0.5
+    bytes_per_item = float((features.pickle_size or 0) + (features.input_pickle_size or 0))
+    return _Job(max(0, n_items - n_done), features.mean_s, min(cv, CV_CAP), bytes_per_item,
+                own_threads, elapsed_s, from_cache, info)
+
+
+def _worker_cap(features: Features, system: SystemSnapshot, cluster: Optional[Cluster]
+                ) -> tuple[int, Optional[str]]:
+    """The most workers the map may use, and when that is fewer than 2, why a pool
+    cannot beat the loop (None otherwise)."""
+    if cluster is not None:
+        # The cluster's scheduler owns its machines' load and memory: all its threads.
+        w_max = max(1, cluster.n_threads)
+        if w_max >= 2:
+            return w_max, None
+        return w_max, (f"the dask cluster has {cluster.n_threads} worker thread(s), so it "
+                       "cannot beat the loop")
+    # CPUs other processes keep busy are not ours to use (a lightly loaded one still is).
+    busy = busy_cpus(system.others_load)
+    w_max = max(1, system.usable_cpus - busy)
+    mem_cap = memory_cap(features, system)
+    if mem_cap is not None:
+        w_max = min(w_max, mem_cap)
+    if w_max >= 2:
+        return w_max, None
+    if system.usable_cpus < 2:
+        why = "only one CPU is usable"
+    elif mem_cap is not None and mem_cap < 2:
+        per_worker = fmt_bytes(worker_footprint(features, system))
+        why = (f"the memory a map may use ({fmt_bytes(system.available_memory or 0)}) "
+               f"fits one worker of {per_worker}")
+    else:
+        why = (f"{busy} of {system.usable_cpus} CPUs are busy with other processes "
+               f"({system.others_load:.1f} CPUs of load)")
+    return w_max, f"{why}, so a pool cannot beat the loop"
+
+
+def _threads_option(job: _Job, features: Features, cpus: int, chunksize: Optional[int]
+                    ) -> Optional[Plan]:
+    """The thread-pool plan when the function mostly waits and threads beat the loop
+    clearly; None otherwise."""
+    cpu = features.cpu_fraction
+    if cpu is None or cpu >= WAITING_MAX_CPU or (features.threads_cpu or 0.0) > OWN_THREADS_MIN:
+        return None
+    threads = _threads_plan(job.remaining, job.t, cpu, cpus, chunksize)
+    t_speedup = job.serial_rest / threads.total_s if threads.total_s > 0 else 0.0
+    if t_speedup < MIN_SPEEDUP or job.serial_rest - threads.total_s < MIN_SAVING_S:
+        return None
+    est = job.elapsed_s + threads.total_s
+    speedup = job.est_serial / est
+    reason = (
+        f"{job.work}, of which only {cpu:.0%} is CPU: the function mostly waits, so "
+        f"{threads.n_workers} threads overlap the waiting; estimated at "
+        f"{fmt_s(threads.total_s)} ({speedup:.1f}x)"
+    )
+    return job.plan("threads", threads, est, speedup, reason)
+
+
+def _best_pool(
+    job: _Job, w_max: int, calib: Calibration, *, warm: bool, startup_left: Optional[float],
+    chunksize: Optional[int], correction: float, cluster: bool,
+) -> _Estimate:
+    """The fastest pool by the model over the candidate workers x chunk sizes (the user's
+    chunk size only, when given), scaled by the history's ``correction``."""
+    # In a worker the function gets one BLAS thread: an item costs own_threads times more.
+    t_worker = job.t * job.own_threads
+    best: Optional[_Estimate] = None
+    for w in _worker_candidates(min(2, w_max), w_max, cluster):
+        for c in [chunksize] if chunksize else _chunk_candidates(job.remaining, w, t_worker):
+            e = _estimate(job.remaining, t_worker, job.cv, job.bytes_per_item, w, c, calib,
+                          warm, startup_left)
+            # Prefer fewer workers when they are as fast: they leave the machine freer.
+            if best is None or e.total_s < best.total_s * BETTER_BY:
+                best = e
+    assert best is not None
+    if correction != 1.0:
+        best = dataclasses.replace(best, total_s=best.total_s * correction)
+    return best
+
+
+def _why_not_parallel(job: _Job, best: _Estimate, speedup: float, calib: Calibration,
+                      cluster: Optional[Cluster]) -> str:
+    """The reason for staying serial when the best pool is not worth it: what limits it."""
+    limits = []
+    if best.startup_s > 0:
+        limits.append(f"start-up {fmt_s(best.startup_s)}")
+    if best.parent_s > job.serial_rest / best.n_workers and job.bytes_per_item > 0:
+        limits.append(
+            f"{fmt_bytes(job.bytes_per_item * job.remaining)} to move through the parent "
+            f"({fmt_s(best.parent_s)})"
+        )
+    if job.own_threads > 1.0:
+        limits.append(
+            f"the function already keeps {job.own_threads:.1f} CPUs busy with threads of "
+            "its own, which a worker limits to one"
+        )
+    if not limits:
+        limits.append(f"{fmt_s(calib.task_overhead_s)} overhead per task")
+    where = "the cluster" if cluster is not None else "the best pool"
+    return (
+        f"{job.work}; {where} ({best.n_workers} {_unit(cluster)}) is estimated at "
+        f"{fmt_s(best.total_s)} ({', '.join(limits)}), a speedup of {speedup:.2f}x, "
+        f"below the {MIN_SPEEDUP}x worth the risk"
+    )
+
+
+def _parallel_reason(job: _Job, best: _Estimate, speedup: float, correction: float,
+                     forced_parallel: Optional[str], cluster: Optional[Cluster]) -> str:
+    """The reason for running ``best``: the user's request, or the estimate and what it
+    includes (start-up, the history's correction)."""
+    unit = _unit(cluster)
+    if forced_parallel:
+        return (
+            f"{forced_parallel}; {job.work}, {best.n_workers} {unit} with chunks of "
+            f"{best.chunksize} estimated at {fmt_s(best.total_s)} ({speedup:.2f}x)"
+        )
+    startup = f", {fmt_s(best.startup_s)} of pool start-up included" if best.startup_s else \
+        ", the cluster is already running" if cluster is not None else \
+        ", the pool is already warm"
+    if correction >= 1.05:
+        startup += f", x{correction:.2f} for past parallel runs that took longer"
+    return (
+        f"{job.work}; {best.n_workers} {unit} with chunks of {best.chunksize} are estimated "
+        f"at {fmt_s(best.total_s)} ({speedup:.1f}x){startup}"
+    )
+
+
 def make_plan(
     features: Features,
     n_items: int,
@@ -190,154 +395,46 @@ def make_plan(
     """
     if cluster is not None:
         warm, startup_left = True, 0.0  # the cluster is already running
-    mode = "distributed" if cluster is not None else "parallel"
-    unit = "cluster threads" if cluster is not None else "workers"
-    t = features.mean_s
-    cpu = features.cpu_fraction
-    others = features.threads_cpu or 0.0
-    own_threads = min(1.0 + others, system.usable_cpus) if others > OWN_THREADS_MIN else 1.0
-    cv = features.coefficient_of_variation if features.coefficient_of_variation is not None else 0.5
-    cv = min(cv, CV_CAP)
-    bytes_per_item = float((features.pickle_size or 0) + (features.input_pickle_size or 0))
-    remaining = max(0, n_items - n_done)
-    serial_rest = remaining * t
-    est_serial = elapsed_s + serial_rest
-    info = {
-        **features.to_dict(),
-        "n_items": n_items,
-        "usable_cpus": system.usable_cpus,
-        "available_memory": system.available_memory,
-        "calibration": calib.source,
-        "worker_startup_s": round(calib.worker_startup_s, 4),
-        "task_overhead_s": calib.task_overhead_s,
-        "byte_cost_s": calib.byte_cost_s,
-        "pool_warm": warm,
-        "parallel_correction": round(parallel_correction, 3),
-    }
-    if cluster is not None:
-        info.update(cluster=cluster.address, cluster_threads=cluster.n_threads)
-
-    def serial(reason: str, est_parallel: float = math.inf) -> Plan:
-        speedup = est_serial / est_parallel if est_parallel not in (0, math.inf) else 0.0
-        return Plan("serial", 1, max(1, remaining), est_serial,
-                    est_parallel if est_parallel != math.inf else est_serial,
-                    speedup, reason, from_cache, info)
-
-    work = f"{remaining:,} items x {fmt_s(t)} = {fmt_s(serial_rest)} of work"
+    info = _describe(features, n_items, system, calib, warm, parallel_correction, cluster)
+    job = _job(features, n_items, n_done, system, elapsed_s, from_cache, info)
     if forced_serial:
-        return serial(forced_serial)
-    if remaining == 0:
-        return serial("every item was already run while sampling")
+        return job.serial(forced_serial)
+    if job.remaining == 0:
+        return job.serial("every item was already run while sampling")
 
-    if cluster is not None:
-        # The cluster's scheduler owns its machines' load and memory: all its threads.
-        w_max = max(1, cluster.n_threads)
-        if w_max < 2 and not forced_parallel:
-            return serial(f"{work}; the dask cluster has {cluster.n_threads} worker "
-                          "thread(s), so it cannot beat the loop")
-        mem_cap = None
-        busy = 0
-    else:
-        # CPUs other processes keep busy are not ours to use (a lightly loaded one still is).
-        busy = busy_cpus(system.others_load)
-        w_max = max(1, system.usable_cpus - busy)
-        mem_cap = memory_cap(features, system)
-        if mem_cap is not None:
-            w_max = min(w_max, mem_cap)
-        info["others_load"] = round(system.others_load, 2)
-    info["worker_memory"] = system.worker_memory
-    if w_max < 2 and not forced_parallel:
-        if system.usable_cpus < 2:
-            why = "only one CPU is usable"
-        elif mem_cap is not None and mem_cap < 2:
-            per_worker = fmt_bytes(worker_footprint(features, system))
-            why = (f"the memory a map may use ({fmt_bytes(system.available_memory or 0)}) "
-                   f"fits one worker of {per_worker}")
-        else:
-            why = (f"{busy} of {system.usable_cpus} CPUs are busy with other processes "
-                   f"({system.others_load:.1f} CPUs of load)")
-        return serial(f"{work}; {why}, so a pool cannot beat the loop")
+    w_max, too_few = _worker_cap(features, system, cluster)
+    if cluster is None:
+        info.update(others_load=round(system.others_load, 2),
+                    worker_memory=system.worker_memory)
+    if too_few is not None and not forced_parallel:
+        return job.serial(f"{job.work}; {too_few}")
+    info["worker_memory"] = system.worker_memory  # a cluster's plan records it from here
 
     # A function that mostly waits gets threads here; on a cluster its threads overlap
     # the waiting as well, and the user asked for the cluster.
-    waiting = (cpu is not None and cpu < WAITING_MAX_CPU and others <= OWN_THREADS_MIN
-               and not forced_parallel and cluster is None)
-    if waiting:
-        threads = _threads_plan(remaining, t, cpu or 0.0, system.usable_cpus, chunksize)
-        t_speedup = serial_rest / threads.total_s if threads.total_s > 0 else 0.0
-        if t_speedup >= MIN_SPEEDUP and serial_rest - threads.total_s >= MIN_SAVING_S:
-            est = elapsed_s + threads.total_s
-            reason = (
-                f"{work}, of which only {cpu:.0%} is CPU: the function mostly waits, so "
-                f"{threads.n_workers} threads overlap the waiting; estimated at "
-                f"{fmt_s(threads.total_s)} ({est_serial / est:.1f}x)"
-            )
-            return Plan("threads", threads.n_workers, threads.chunksize, est_serial, est,
-                        est_serial / est, reason, from_cache, info)
+    if not forced_parallel and cluster is None:
+        threads = _threads_option(job, features, system.usable_cpus, chunksize)
+        if threads is not None:
+            return threads
 
-    # In a worker the function gets one BLAS thread: an item costs own_threads times more.
-    t_worker = t * own_threads
-    best: Optional[_Estimate] = None
-    for w in _worker_candidates(min(2, w_max), w_max, cluster is not None):
-        for c in [chunksize] if chunksize else _chunk_candidates(remaining, w, t_worker):
-            e = _estimate(remaining, t_worker, cv, bytes_per_item, w, c, calib, warm,
-                          startup_left)
-            # Prefer fewer workers when they are as fast: they leave the machine freer.
-            if best is None or e.total_s < best.total_s * BETTER_BY:
-                best = e
-    assert best is not None
-    if parallel_correction != 1.0:
-        best = dataclasses.replace(best, total_s=best.total_s * parallel_correction)
+    best = _best_pool(job, w_max, calib, warm=warm, startup_left=startup_left,
+                      chunksize=chunksize, correction=parallel_correction,
+                      cluster=cluster is not None)
     est_parallel = elapsed_s + best.total_s
-    speedup = est_serial / est_parallel if est_parallel > 0 else 0.0
-
+    speedup = job.est_serial / est_parallel if est_parallel > 0 else 0.0
     if not features.picklable and (forced_parallel or speedup >= MIN_SPEEDUP):
-        return serial(
-            f"{work}; a pool would be faster ({speedup:.2f}x estimated) but the sampled "
+        return job.serial(
+            f"{job.work}; a pool would be faster ({speedup:.2f}x estimated) but the sampled "
             "items or results cannot be pickled, so they cannot reach a worker",
             est_parallel,
         )
-    if forced_parallel:
-        reason = (
-            f"{forced_parallel}; {work}, {best.n_workers} {unit} with chunks of "
-            f"{best.chunksize} estimated at {fmt_s(best.total_s)} ({speedup:.2f}x)"
-        )
-        return Plan(mode, best.n_workers, best.chunksize, est_serial, est_parallel,
-                    speedup, reason, from_cache, info)
-    if speedup < MIN_SPEEDUP or est_serial - est_parallel < MIN_SAVING_S:
-        limits = []
-        if best.startup_s > 0:
-            limits.append(f"start-up {fmt_s(best.startup_s)}")
-        if best.parent_s > serial_rest / best.n_workers and bytes_per_item > 0:
-            limits.append(
-                f"{fmt_bytes(bytes_per_item * remaining)} to move through the parent "
-                f"({fmt_s(best.parent_s)})"
-            )
-        if own_threads > 1.0:
-            limits.append(
-                f"the function already keeps {own_threads:.1f} CPUs busy with threads of "
-                "its own, which a worker limits to one"
-            )
-        if not limits:
-            limits.append(f"{fmt_s(calib.task_overhead_s)} overhead per task")
-        where = "the cluster" if cluster is not None else "the best pool"
-        return serial(
-            f"{work}; {where} ({best.n_workers} {unit}) is estimated at "
-            f"{fmt_s(best.total_s)} ({', '.join(limits)}), a speedup of {speedup:.2f}x, "
-            f"below the {MIN_SPEEDUP}x worth the risk",
-            est_parallel,
-        )
-    startup = f", {fmt_s(best.startup_s)} of pool start-up included" if best.startup_s else \
-        ", the cluster is already running" if cluster is not None else \
-        ", the pool is already warm"
-    if parallel_correction >= 1.05:
-        startup += f", x{parallel_correction:.2f} for past parallel runs that took longer"
-    reason = (
-        f"{work}; {best.n_workers} {unit} with chunks of {best.chunksize} are estimated "
-        f"at {fmt_s(best.total_s)} ({speedup:.1f}x){startup}"
-    )
-    return Plan(mode, best.n_workers, best.chunksize, est_serial, est_parallel,
-                speedup, reason, from_cache, info)
+    if not forced_parallel and (speedup < MIN_SPEEDUP
+                                or job.est_serial - est_parallel < MIN_SAVING_S):
+        return job.serial(_why_not_parallel(job, best, speedup, calib, cluster), est_parallel)
+    mode = "distributed" if cluster is not None else "parallel"
+    reason = _parallel_reason(job, best, speedup, parallel_correction, forced_parallel, cluster)
+    return job.plan(mode, best, est_parallel, speedup, reason)
+
 
 
 # --- the history correction (from cache.py: the cache keeps runs, the planner reads them) --

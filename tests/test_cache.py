@@ -28,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adaptive_exec import cache, parallelize
+from adaptive_exec import cache, cache_views, parallelize
 from adaptive_exec.calibration import Calibration
 from adaptive_exec.fingerprint import fingerprint
 from adaptive_exec.planner import make_plan, parallel_correction
@@ -746,7 +746,7 @@ def test_nothing_in_the_cache_is_ever_unpickled(tmp_path):
         for column in ("mode", "estimated_s", "actual_s", "n_items"):
             conn.execute(f"UPDATE runs SET {column} = ?", (blob,))
     assert cache.lookup("k") is None
-    assert cache.list_entries() == [] and cache.find("k") == []
+    assert cache.list_entries() == [] and cache_views.find("k") == []
     subprocess.run([sys.executable, "-m", "adaptive_exec", "cache", "list"], timeout=60,
                    capture_output=True, check=True)
     assert not marker.exists()
