@@ -154,6 +154,12 @@ class MapRun:
             self.load = system.LoadProbe(loky_backend.worker_pids)
         if self.options.cache and self.forced is None:
             self.entry = cache.lookup(self.key)
+        if self.forced is None:
+            # This machine's constants, read here, before the first decision that uses
+            # them, and on the caller's connection to the cache: the sampling watch
+            # decides on them from its own thread, which would open a second connection
+            # while the first item runs.
+            calibration.get()
         self.planner = adapt.MapPlanner(self.options, self.func, self.t_start, self.forced,
                                         self.client, self.entry, self.load)
 
