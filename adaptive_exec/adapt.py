@@ -76,11 +76,12 @@ def dask_client(options: Options) -> Any:
     return None
 
 
-def maybe_prestart(options: Options, work_left_s: float) -> None:
-    """Start the pool ahead when the work left clearly dwarfs its start-up."""
+def maybe_prestart(options: Options, work_left_s: float, epoch: Optional[int] = None) -> None:
+    """Start the pool ahead when the work left clearly dwarfs its start-up (``epoch``:
+    unless the pool was shut down since, by Ctrl-C)."""
     cpus = pool_cpus(options)
     if cpus and work_left_s >= PRESTART_FACTOR * calibration.get().startup_for(cpus):
-        loky_backend.prestart(cpus)
+        loky_backend.prestart(cpus, epoch)
 
 
 def worth_a_pool(options: Options, features: Features, n_items: int, done: int) -> bool:
@@ -129,6 +130,9 @@ class SamplingWatch:
         self.progress = [0]
         self.t0 = time.perf_counter()
         self.cpu_s = 0.0  # this thread's own CPU: not the sampled function's
+        # A Ctrl-C that ends the map shuts the pool down: a start ahead this watch
+        # decides after that must not happen (the map is gone).
+        self.epoch = loky_backend.current_epoch()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, name="adaptive_exec-prestart",
                                        daemon=True)
@@ -177,7 +181,7 @@ class SamplingWatch:
         per_item = elapsed / (finished + 1)  # a lower bound: one call is still running
         left = (self.n_known - finished) if self.n_known is not None else STREAM_ITEMS
         if per_item * left >= PRESTART_FACTOR * calibration.get().startup_for(2):
-            maybe_prestart(self.options, per_item * left)
+            maybe_prestart(self.options, per_item * left, self.epoch)
             # Starting the pool cost this thread CPU that is not the function's.
             self.cpu_s = time.thread_time()
             return True

@@ -152,6 +152,44 @@ def _is_broken(executor: Any) -> bool:
 def _get(n_workers: int, epoch: Optional[int] = None) -> tuple[Any, bool, float]:
     """(executor, cold, created_or_reused_at) with at least ``n_workers`` workers.
 
+    Starting workers is never done on the main thread: a Ctrl-C landing while loky
+    spawns one (between its fork+exec and the data it then sends down a pipe) left a
+    process that no executor knew of, stuck on that pipe (seen in 1 of ~60 interrupts
+    with a core kept busy). On a helper thread the spawn completes; the main thread's
+    wait is what the interrupt ends, and shutdown() then finds every worker.
+    """
+    if threading.current_thread() is threading.main_thread() and not _ready(n_workers):
+        box: dict[str, Any] = {}
+        if epoch is None:  # a shutdown() before the helper takes the lock: no pool after it
+            epoch = current_epoch()
+
+        def start() -> None:
+            try:
+                box["result"] = _get_locked(n_workers, epoch)
+            except BaseException as exc:  # handed to the caller's thread
+                box["error"] = exc
+
+        thread = threading.Thread(target=start, name="adaptive_exec-start", daemon=True)
+        thread.start()
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return box["result"]  # type: ignore[no-any-return]
+    return _get_locked(n_workers, epoch)
+
+
+def _ready(n_workers: int) -> bool:
+    """A warm pool of at least ``n_workers``: using it starts no process."""
+    with _state.lock:
+        executor = _state.executor
+        return (executor is not None and not _is_broken(executor)
+                and _state.size >= n_workers and _state.warm
+                and time.perf_counter() - _state.last_used <= IDLE_TIMEOUT_S * 0.9)
+
+
+def _get_locked(n_workers: int, epoch: Optional[int] = None) -> tuple[Any, bool, float]:
+    """_get's work, under the pool's lock.
+
     A cold pool gets its start-up probe (pings queued ahead of any work) here, under
     the same lock, so that a pool started ahead by one thread and used by another is
     probed once.
@@ -207,11 +245,19 @@ def fresh_executor(n_workers: int) -> tuple[Any, float]:
     return executor, created
 
 
-def prestart(n_workers: int) -> None:
+def current_epoch() -> int:
+    """Bumped by every shutdown(): a start ahead decided before it must not happen."""
+    with _state.lock:
+        return _state.epoch
+
+
+def prestart(n_workers: int, epoch: Optional[int] = None) -> None:
     """Start the pool's workers now, ahead of a map that will probably want them: the
     caller keeps working meanwhile, so on a machine with a free core this is nearly free.
     The map that uses the pool then finds its probe (``current_probe``)."""
     with _state.lock:
+        if epoch is not None and epoch != _state.epoch:
+            return  # decided before a shutdown (Ctrl-C ended the map meanwhile)
         if _state.starting_at is None:
             _state.starting_at = time.perf_counter()
         epoch = _state.epoch
