@@ -50,8 +50,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 from . import cache_schema as schema
 from . import sqlite_file
-from .cache_schema import FEATURE_COLUMNS as FEATURE_COLUMNS  # cache.FEATURE_COLUMNS
-from .errors import CacheWarning as CacheWarning  # re-exported: cache.CacheWarning
+from .cache_schema import FEATURE_COLUMNS, HISTORY
 from .records import Calibration, Features
 from .sqlite_file import SqliteFile
 
@@ -62,11 +61,9 @@ ENV_DIR = "ADAPTIVE_EXEC_CACHE_DIR"
 ENV_MAX_ENTRIES = "ADAPTIVE_EXEC_CACHE_MAX_ENTRIES"
 ENV_EXPIRE_DAYS = "ADAPTIVE_EXEC_CACHE_EXPIRE_DAYS"
 FILENAME = "cache.sqlite3"
-SCHEMA_VERSION = schema.SCHEMA_VERSION
 
 # An observed per-item time this far from the remembered one replaces it.
 REFRESH_RATIO = 2.0
-HISTORY = schema.HISTORY  # past runs kept per function
 # A few KB per entry with its history: the default cap keeps the file near 20 MB.
 DEFAULT_MAX_ENTRIES = 10_000
 DEFAULT_EXPIRE_DAYS = 30.0

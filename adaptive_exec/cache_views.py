@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-from . import cache, planner
+from . import cache, cache_schema, planner
 from .cache import Entry
 from .planner import fmt_s
 
@@ -95,7 +95,7 @@ def print_show(query: str) -> int:
             ("fingerprint", e.fingerprint), ("machine", e.machine + mine),
             ("module", e.module), ("qualname", e.qualname),
         ]
-        rows += [(name, getattr(e.features, name)) for name in cache.FEATURE_COLUMNS]
+        rows += [(name, getattr(e.features, name)) for name in cache_schema.FEATURE_COLUMNS]
         rows += [("created_at", _when(e.created_at)), ("updated_at", _when(e.updated_at)),
                  ("used_at", _when(e.used_at)), ("hits", e.hits),
                  ("parallel_correction", f"{planner.parallel_correction(e.runs):.3f}")]

@@ -12,7 +12,7 @@ all, and it imports none of them.
        +--> the caller runs items itself                                |
     buffer {start: (results, n, error)} <--_collect-- future.result() <-+
        |     (a dead worker: _crashed -> retry; something that cannot
-       |      cross: _fall_back -> the caller runs it)
+       |      cross: _CannotCross -> the caller runs it)
        +--_ready--> yielded in index order (imap/map), or as they come
                     (imap_unordered); an item's exception is raised in its turn,
                     after the results before it.
@@ -181,6 +181,51 @@ class _Chunks:
                 EWMA * t + (1 - EWMA) * self.per_item_s)
 
 
+class _CannotCross:
+    """What could not cross between the caller and a worker (an item that does not
+    pickle, a result that does not come back, a function a worker cannot rebuild): run
+    here instead, with one UnpicklableWarning; raised instead with ``strict``."""
+
+    def __init__(self, func: Callable[..., Any], spec: RunSpec):
+        self.func = func
+        self.star = spec.star
+        self.strict = spec.strict
+        self.warned = False
+        # Set once something could not cross back, or the function could not be rebuilt
+        # in a worker: the rest of the map runs here, in the caller.
+        self.caller_only = False
+
+    def warn(self, what: str, cause: Optional[BaseException] = None,
+             error: type[TypeError] = TypeError) -> None:
+        if self.strict:
+            msg = (f"{what}; pass strict=False to run such items in the caller instead "
+                   "(strict=True)")
+            raise error(msg) from cause
+        if not self.warned:
+            self.warned = True
+            warnings.warn(f"adaptive_exec: {what}; running them in the caller",
+                          UnpicklableWarning, stacklevel=6)
+
+    def fall_back(self, info: _Pending, res: ChunkResult, target: Target
+                  ) -> tuple[list[Any], Optional[BaseException], Optional[int]]:
+        """A chunk that could not fully cross: the items a worker could not run, or
+        whose results could not come back, run here; so does the rest of the map."""
+        reason = res.reason or "something cannot cross between the caller and a worker"
+        self.warn(reason, None, ResultPicklingError if res.holes else TypeError)
+        self.caller_only = True
+        if res.holes is None:  # nothing ran there
+            out, err = run_here(self.func, info.items, info.start, self.star)
+            return out, err, None
+        results, err = target.decode(res)
+        for hole in res.holes:
+            out, hole_err = run_here(self.func, [info.items[hole]], info.start + hole,
+                                     self.star)
+            if hole_err is not None:  # before the worker's own error, if any
+                return results[:hole], hole_err, None
+            results[hole] = out[0]
+        return results, err, res.error_index
+
+
 class ParallelRun:
     """One parallel map: iterate it for lists of results (in order unless not
     ``spec.ordered``). ``monitor(busy workers now)`` says how many to keep busy."""
@@ -223,11 +268,8 @@ class ParallelRun:
         self.read_pos = first_index
         self.exhausted = False
         self.error_at: Optional[int] = None  # the first failing item seen so far
-        # Set once something could not cross to or from a worker (a result, the function
-        # in a worker): the rest of the map runs here, in the caller.
-        self.caller_only = False
+        self.cross = _CannotCross(func, spec)
         self.interrupted = False  # Ctrl-C or a time-out: the executor's workers are ended
-        self._warned = False
         self._t0 = 0.0
 
     def __iter__(self) -> Iterator[list[Any]]:
@@ -354,7 +396,7 @@ class ParallelRun:
             self._send(_Pending(start, chunk))
 
     def _send(self, info: _Pending, full: bool = False) -> None:
-        if self.caller_only:
+        if self.cross.caller_only:
             self._run_locally(info)
             return
         for _ in range(3):
@@ -367,7 +409,7 @@ class ParallelRun:
             except AdaptiveExecError:
                 raise  # ours (a cluster that went away...): not a pickling failure
             except Exception as exc:
-                self._unpicklable(f"items from index {info.start} cannot be pickled to "
+                self.cross.warn(f"items from index {info.start} cannot be pickled to "
                                   f"reach a worker ({exc})", exc)
                 self._run_locally(info)
                 return
@@ -416,14 +458,14 @@ class ParallelRun:
         self.chunks.observe(res)
         err_index = res.error_index
         if res.status == FALLBACK:
-            results, err, err_index = self._fall_back(info, res)
+            results, err, err_index = self.cross.fall_back(info, res, self.target)
         else:
             try:
                 results, err = self.target.decode(res)
             except Exception as exc:  # results this process cannot unpickle
-                self._unpicklable(f"the results of items from index {info.start} cannot "
+                self.cross.warn(f"the results of items from index {info.start} cannot "
                                   f"be unpickled in the caller ({exc})", exc)
-                self.caller_only = True
+                self.cross.caller_only = True
                 results, err = run_here(self.func, info.items, info.start, self.spec.star)
                 err_index = None
         if err is not None and err_index is not None:
@@ -431,25 +473,6 @@ class ParallelRun:
             # chain; a thread's exception still carries its own.
             attach_origin(err, err_index, res.error_tb if self.target.remote else None)
         self._keep(info, results, err)
-
-    def _fall_back(self, info: _Pending, res: ChunkResult
-                   ) -> tuple[list[Any], Optional[BaseException], Optional[int]]:
-        """A chunk that could not fully cross: the items a worker could not run, or
-        whose results could not come back, run here; so does the rest of the map."""
-        reason = res.reason or "something cannot cross between the caller and a worker"
-        self._unpicklable(reason, None, ResultPicklingError if res.holes else TypeError)
-        self.caller_only = True
-        if res.holes is None:  # nothing ran there
-            out, err = run_here(self.func, info.items, info.start, self.spec.star)
-            return out, err, None
-        results, err = self.target.decode(res)
-        for hole in res.holes:
-            out, hole_err = run_here(self.func, [info.items[hole]], info.start + hole,
-                                     self.spec.star)
-            if hole_err is not None:  # before the worker's own error, if any
-                return results[:hole], hole_err, None
-            results[hole] = out[0]
-        return results, err, res.error_index
 
     def _crashed(self, info: _Pending, exc: BaseException) -> None:
         """The pool broke while ``info`` was in it: rebuild, and retry or name."""
@@ -538,19 +561,3 @@ class ParallelRun:
         active = min(active, self.n_workers, self.throttle.get())
         if not self.timeline or self.timeline[-1][1] != active:
             self.timeline.append((round(time.perf_counter() - self._t0, 4), active))
-
-    def _unpicklable(self, what: str, cause: Optional[BaseException] = None,
-                     error: type[TypeError] = TypeError) -> None:
-        """Something cannot cross between the caller and a worker: raise with strict=True,
-        else warn once (the caller runs what is missing)."""
-        if self.spec.strict:
-            msg = (f"{what}; pass strict=False to run such items in the caller instead "
-                   "(strict=True)")
-            raise error(msg) from cause
-        if not self._warned:
-            self._warned = True
-            warnings.warn(
-                f"adaptive_exec: {what}; running them in the caller",
-                UnpicklableWarning,
-                stacklevel=5,
-            )

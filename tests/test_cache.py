@@ -28,8 +28,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adaptive_exec import cache, cache_views, parallelize
+from adaptive_exec import cache, cache_schema, cache_views, parallelize
 from adaptive_exec.calibration import Calibration
+from adaptive_exec.errors import CacheWarning
 from adaptive_exec.fingerprint import fingerprint
 from adaptive_exec.planner import make_plan, parallel_correction
 from adaptive_exec.sampling import Features
@@ -96,7 +97,7 @@ def last_json(proc):
 MAPS_AND_WARNINGS = """
     import json, sys, warnings
     warnings.simplefilter("always")
-    from adaptive_exec import cache, parallelize
+    from adaptive_exec import CacheWarning, cache, parallelize
 
     def triple(x):
         return x * 3
@@ -110,7 +111,7 @@ MAPS_AND_WARNINGS = """
             reports.append(pf.last_report.from_cache)
             cache.lookup("some-key")
             cache.load_calibration()
-    ours = [str(w.message) for w in caught if issubclass(w.category, cache.CacheWarning)]
+    ours = [str(w.message) for w in caught if issubclass(w.category, CacheWarning)]
     print(json.dumps({"warnings": ours, "from_cache": reports}))
 """
 
@@ -220,11 +221,11 @@ def test_connection_is_reopened_after_fork(tmp_path):
 
 def test_every_feature_has_a_column():
     fields = [f.name for f in dataclasses.fields(Features)]
-    assert sorted(cache.FEATURE_COLUMNS) == sorted(fields)
+    assert sorted(cache_schema.FEATURE_COLUMNS) == sorted(fields)
     put("k")
     with db() as conn:
         columns = {r[1] for r in conn.execute("PRAGMA table_info(entries)")}
-    assert set(cache.FEATURE_COLUMNS) <= columns
+    assert set(cache_schema.FEATURE_COLUMNS) <= columns
     assert {"fingerprint", "machine", "module", "qualname", "created_at", "updated_at",
             "used_at", "hits"} <= columns
 
@@ -240,7 +241,7 @@ def test_entry_row_holds_features_names_times_and_hits():
         row = conn.execute("SELECT * FROM entries").fetchone()
     assert row["fingerprint"] == "k" and row["machine"] == cache.machine_id()
     assert (row["module"], row["qualname"]) == ("pkg.mod", "Cls.method")
-    for name in cache.FEATURE_COLUMNS:
+    for name in cache_schema.FEATURE_COLUMNS:
         assert row[name] == getattr(F, name), name
     assert row["hits"] == 3
     assert t0 <= row["created_at"] <= row["updated_at"] <= time.time()
@@ -263,13 +264,13 @@ def test_entries_are_per_machine():
 
 def test_run_history_is_bounded_and_in_order():
     put("k")
-    for i in range(cache.HISTORY + 7):
+    for i in range(cache_schema.HISTORY + 7):
         assert cache.observe("k", module="m", qualname="q", sampled=None, observed_item_s=None,
                              run=cache.RunRecord(i, "serial", 1, 1, 1.0, 1.0))
     entry = cache.lookup("k")
-    assert [r.n_items for r in entry.runs] == list(range(7, cache.HISTORY + 7))
+    assert [r.n_items for r in entry.runs] == list(range(7, cache_schema.HISTORY + 7))
     with db() as conn:
-        assert conn.execute("SELECT count(*) FROM runs").fetchone()[0] == cache.HISTORY
+        assert conn.execute("SELECT count(*) FROM runs").fetchone()[0] == cache_schema.HISTORY
 
 
 def test_observe_without_measurements_stores_nothing():
@@ -348,7 +349,7 @@ runs_st = st.lists(st.builds(
     n_items=st.integers(0, 1 << 50), mode=st.sampled_from(["serial", "parallel", "threads"]),
     n_workers=st.integers(1, 4096), chunksize=st.integers(1, 1 << 40),
     estimated_s=st.floats(0, 1e9), actual_s=st.floats(0, 1e9),
-), max_size=cache.HISTORY + 5)
+), max_size=cache_schema.HISTORY + 5)
 names = st.text(min_size=1, max_size=60)
 ROUND_TRIPS = settings(max_examples=60, deadline=None,
                        suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -367,10 +368,10 @@ def test_entries_round_trip(features, runs, module, qualname, key):
     entry = cache.lookup(key)
     assert entry is not None
     assert (entry.features, entry.module, entry.qualname) == (features, module, qualname)
-    assert [dataclasses.replace(r, at=0.0) for r in entry.runs] == runs[-cache.HISTORY:]
+    assert [dataclasses.replace(r, at=0.0) for r in entry.runs] == runs[-cache_schema.HISTORY:]
     assert all(t0 <= r.at <= time.time() for r in entry.runs)
     assert parallel_correction(entry.runs) == parallel_correction(
-        tuple(runs[-cache.HISTORY:]))
+        tuple(runs[-cache_schema.HISTORY:]))
 
 
 @ROUND_TRIPS
@@ -560,7 +561,7 @@ def test_an_older_schema_is_migrated_in_place_keeping_its_data(cache_dir):
     assert os.stat(cache.path()).st_ino == inode
     with db() as conn:
         assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'"
-                            ).fetchone()[0] == str(cache.SCHEMA_VERSION)
+                            ).fetchone()[0] == str(cache_schema.SCHEMA_VERSION)
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert conn.execute("SELECT count(*) FROM entries").fetchone()[0] == 2
@@ -641,7 +642,7 @@ def test_a_corrupted_database_is_moved_aside_and_replaced(cache_dir):
         assert cache.lookup("k5") is None
         put("k5")
         assert cache.lookup("k5").features == F
-    assert [w.category for w in caught] == [cache.CacheWarning]
+    assert [w.category for w in caught] == [CacheWarning]
     assert len([q for q in cache_dir.iterdir() if ".corrupt-" in q.name and
                 not q.name.endswith("-wal")]) == 1
     with db() as conn:
@@ -664,7 +665,7 @@ def test_other_threads_follow_a_file_moved_aside(cache_dir):
     t = threading.Thread(target=other_thread)
     t.start()
     ready.wait(30)
-    with pytest.warns(cache.CacheWarning, match="moved it to"):
+    with pytest.warns(CacheWarning, match="moved it to"):
         cache._file().move_aside("test")
     moved.set()
     t.join(30)
@@ -712,7 +713,7 @@ def test_a_lock_held_past_the_timeout_means_no_cache_for_that_call(tmp_path, how
     try:
         assert holder.stdout.readline().strip() == "locked"
         with warnings.catch_warnings():
-            warnings.simplefilter("error", cache.CacheWarning)  # a lock is not worth one
+            warnings.simplefilter("error", CacheWarning)  # a lock is not worth one
             assert not cache.observe("new", module="m", qualname="q", sampled=F,
                                      observed_item_s=None, run=None)
             assert not cache.store_calibration(Calibration(1, 1, 1, 1, "x"))
@@ -741,7 +742,7 @@ def test_nothing_in_the_cache_is_ever_unpickled(tmp_path):
     blob = pickle.dumps(Payload())
     put("k", run=parallel_run(1, 2))
     with db() as conn:
-        for column in (*cache.FEATURE_COLUMNS, "module", "qualname", "hits", "used_at"):
+        for column in (*cache_schema.FEATURE_COLUMNS, "module", "qualname", "hits", "used_at"):
             conn.execute(f"UPDATE entries SET {column} = ?", (blob,))
         for column in ("mode", "estimated_s", "actual_s", "n_items"):
             conn.execute(f"UPDATE runs SET {column} = ?", (blob,))
@@ -761,12 +762,13 @@ anything = (st.none() | st.integers(-(1 << 63), (1 << 63) - 1) | st.floats()
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(entry=st.tuples(  # mean_s and used_at often valid, so that the row is often read
     anything, anything, st.floats(0, 1e6) | anything,
-    *[anything] * (len(cache.FEATURE_COLUMNS) + 1), st.just(time.time()) | anything, anything),
+    *[anything] * (len(cache_schema.FEATURE_COLUMNS) + 1), st.just(time.time()) | anything,
+    anything),
        run=st.tuples(anything, st.just("parallel") | anything, *[anything] * 5))
 def test_a_tampered_entry_never_breaks_a_map(entry, run):
     pf = parallelize(h.square, max_workers=1)
     key = fingerprint(h.square)
-    columns = ("module", "qualname", *cache.FEATURE_COLUMNS, "created_at", "updated_at",
+    columns = ("module", "qualname", *cache_schema.FEATURE_COLUMNS, "created_at", "updated_at",
                "used_at", "hits")
     run_columns = ("n_items", "mode", "n_workers", "chunksize", "estimated_s", "actual_s", "at")
     put(key)
@@ -872,7 +874,7 @@ def test_eight_processes_writing_at_once_lose_and_tear_nothing(tmp_path):
     for key, v, est, act in runs:
         assert v in all_written and est == v * 1e-6 and act == v * 2e-6
         per_key[key] = per_key.get(key, 0) + 1
-    assert max(per_key.values()) <= cache.HISTORY
+    assert max(per_key.values()) <= cache_schema.HISTORY
     assert len(rows) == 8 * 40 + 5
     skipped = sum(r["skipped"] for r in results)
     print(f"{len(all_written)} writes landed, {skipped} skipped on the lock timeout")
@@ -963,7 +965,7 @@ def test_command_line(cache_dir):
     assert "pkg.mod:Model.score" in listing and "other:tiny" in listing
     for query in ("Model.score", "pkg.mod:Model.score", "score", "0123456"):
         shown = cli("show", query).stdout
-        for name in (*cache.FEATURE_COLUMNS, "fingerprint", "module", "qualname", "hits",
+        for name in (*cache_schema.FEATURE_COLUMNS, "fingerprint", "module", "qualname", "hits",
                      "created_at", "updated_at", "used_at", "parallel_correction"):
             assert f"  {name} " in shown, (query, name)
         assert "0123456789abcdef" in shown and "tiny" not in shown
@@ -975,7 +977,7 @@ def test_command_line(cache_dir):
     assert cli("show", check=False).returncode == 2
     stats = cli("stats").stdout
     assert re.search(r"^entries: +2$", stats, re.M)
-    assert re.search(rf"^schema_version: +{cache.SCHEMA_VERSION}$", stats, re.M)
+    assert re.search(rf"^schema_version: +{cache_schema.SCHEMA_VERSION}$", stats, re.M)
     assert "cleared 2 entries" in cli("clear").stdout
     assert "empty" in cli("list").stdout
 

@@ -352,7 +352,7 @@ def test_descriptors_and_threads_stay_flat_over_many_maps_and_short_lived_thread
 
 READ_ONLY = textwrap.dedent("""
     import json, os, sys, warnings
-    from adaptive_exec import cache, cache_views, parallelize
+    from adaptive_exec import CacheWarning, cache, cache_views, parallelize
 
     def triple(x):
         return x * 3
@@ -394,7 +394,7 @@ READ_ONLY = textwrap.dedent("""
                       == [x * 4 for x in range(300)])
             cache.load_calibration()
             cache.store_calibration(cache.Calibration(0.2, 3e-4, 3e-9, 2, "test"))
-    ours = [str(w.message) for w in caught if issubclass(w.category, cache.CacheWarning)]
+    ours = [str(w.message) for w in caught if issubclass(w.category, CacheWarning)]
     print(json.dumps({"ok": ok, "from_cache": from_cache, "warnings": ours,
                       "status": cache_views.stats()["status"]}))
 """)
