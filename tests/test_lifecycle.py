@@ -485,9 +485,9 @@ def ours():
 # 20 ms items from nothing remembered: the first is sampled here, the pool is started
 # ahead while it runs, the rest go to it.
 pf = parallelize(h.heavy, cache=False)
-print("go", flush=True)
 outcome = "finished"
 try:
+    print("go", flush=True)  # inside the try: a signal sent at once lands in it
     if {mode!r} == "map":
         assert pf.map(range(150)) == [3 * x for x in range(150)]
     else:
