@@ -44,11 +44,6 @@ READ_AHEAD_BYTES = 64 << 20
 # long enough that re-planning (~0.1 ms) stays under 1% of the loop's time.
 SERIAL_FIRST_CHUNK_S = 0.02
 SERIAL_MAX_CHUNK_S = 0.5
-# Serial chunks whose per-item time grows by GROWTH_MIN or more are projected one more
-# step ahead (at most GROWTH_CAP times the last), so the re-plan does not price the
-# rest of an ascending workload at its cheaper past (the skewed benchmark workload).
-GROWTH_MIN = 1.5
-GROWTH_CAP = 4.0
 # A run whose items cost more than this factor off what was planned says nothing about
 # how well the pool delivers (the refreshed per-item time corrects that): it is not kept
 # for the parallel correction, which would count the error twice (measured: skewed went
