@@ -30,7 +30,7 @@ from .backends import dask as dask_backend
 from .backends import loky as loky_backend
 from .fingerprint import fingerprint
 from .records import BACKENDS, Calibration, Options, Plan, RunReport
-from .run import MapRun, guard, known_length
+from .run import MapKind, MapRun, guard, known_length
 
 ENV_PROGRESS = "ADAPTIVE_EXEC_PROGRESS"
 
@@ -280,10 +280,9 @@ class ParallelFunction:
             raise TypeError(msg) from None
         if self._key is None:
             self._key = fingerprint(self._func)
+        kind = MapKind(star, ordered, partial=name.startswith("imap"), plan_only=plan_only)
         return MapRun(self._func, self._options, self._key, guard(it), known_length(items),
-                      star=star, ordered=ordered, partial=name.startswith("imap"),
-                      plan_only=plan_only, plain_calls=self._calls.take,
-                      on_report=self._shared.keep)
+                      kind, plain_calls=self._calls.take, on_report=self._shared.keep)
 
     def _run(self, items: Iterable[Any], *, star: bool, ordered: bool, name: str
              ) -> Iterator[list[Any]]:

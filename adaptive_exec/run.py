@@ -18,6 +18,7 @@ import itertools
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 from . import adapt, cache, calibration, planner, system
@@ -58,6 +59,17 @@ IMAP_CHUNK_BYTES = 1 << 20
 FALLBACK_CHUNK = 4096
 
 
+@dataclass(frozen=True)
+class MapKind:
+    """Which map: ``func(*item)`` or ``func(item)``, results in order or as they come,
+    results before an error given (imap) or not (map), or only the plan."""
+
+    star: bool = False
+    ordered: bool = True
+    partial: bool = False
+    plan_only: bool = False
+
+
 class MapRun:
     """One map of ``func`` over ``it``: iterate it for batches of results."""
 
@@ -68,11 +80,7 @@ class MapRun:
         key: str,
         it: Iterator[Any],
         n_known: Optional[int],
-        *,
-        star: bool,
-        ordered: bool,
-        partial: bool,
-        plan_only: bool,
+        kind: MapKind,
         plain_calls: Callable[[], list[float]],
         on_report: Callable[[RunReport], None],
     ):
@@ -81,10 +89,10 @@ class MapRun:
         self.key = key  # the function's fingerprint: its cache entry
         self.it = it
         self.n_known = n_known
-        self.star = star
-        self.ordered = ordered
-        self.partial = partial  # imap: results before an error are yielded
-        self.plan_only = plan_only
+        self.star = kind.star
+        self.ordered = kind.ordered
+        self.partial = kind.partial  # imap: results before an error are yielded
+        self.plan_only = kind.plan_only
         self.plain_calls = plain_calls  # takes the durations of plain calls since the last
         self.on_report = on_report
         self.t_start = time.perf_counter()
