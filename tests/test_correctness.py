@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import os
 import subprocess
 import sys
 import textwrap
@@ -401,13 +400,16 @@ def test_a_bad_max_memory_variable_is_reported_before_any_item_runs(backend, tmp
 def test_threads_mapping_one_function_get_their_own_results_and_reports():
     pf = parallelize(h.heavy)  # 20 ms items: some maps plan parallel
     results, reports, errors = {}, {}, []
-    barrier = threading.Barrier(4)
+    start, finished = threading.Barrier(4), threading.Barrier(4)
 
     def work(k):
         try:
-            barrier.wait(timeout=10)
+            start.wait(timeout=10)
             items = list(range(k * 100, k * 100 + 5 + 3 * k))
             results[k] = pf.map(items)
+            # Read after every thread's map has ended: a report shared by the threads
+            # would be the last one's for all of them.
+            finished.wait(timeout=60)
             reports[k] = pf.last_report
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
@@ -445,4 +447,3 @@ def test_a_decorated_method_keeps_its_report_and_samples():
     del s
     gc.collect()
     assert ref() is None  # the bound copy does not keep the instance alive
-    assert os.getpid()  # keep the module-level import used
