@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 from . import cache, calibration, planner, system
 from .backends import dask as dask_backend
 from .backends import loky as loky_backend
+from .backends import starts
 from .fingerprint import describe
 from .planner import OWN_THREADS_MIN, WAITING_MAX_CPU, make_plan
 from .records import Cluster, Features, Options, Plan, fmt_s
@@ -76,12 +77,13 @@ def dask_client(options: Options) -> Any:
     return None
 
 
-def maybe_prestart(options: Options, work_left_s: float, epoch: Optional[int] = None) -> None:
+def maybe_prestart(options: Options, work_left_s: float, epoch: Optional[int] = None) -> Any:
     """Start the pool ahead when the work left clearly dwarfs its start-up (``epoch``:
-    unless the pool was shut down since, by Ctrl-C)."""
+    unless the pool was shut down since, by Ctrl-C); the executor, if it did."""
     cpus = pool_cpus(options)
     if cpus and work_left_s >= PRESTART_FACTOR * calibration.get().startup_for(cpus):
-        loky_backend.prestart(cpus, epoch)
+        return loky_backend.prestart(cpus, epoch)
+    return None
 
 
 def worth_a_pool(options: Options, features: Features, n_items: int, done: int) -> bool:
@@ -122,17 +124,28 @@ def monitor(options: Options, plan: Plan, features: Features) -> Callable[[int],
 class SamplingWatch:
     """While the first items are sampled, start the pool as soon as they alone show
     that one will be worth it: a 300 ms function then finds its workers up when its
-    first call returns, instead of starting them only then."""
+    first call returns, instead of starting them only then.
+
+    The watch is a thread, so that it can decide while a long first call runs. Where
+    the caller runs no other thread, the workers are forked, and a fork must come from
+    the only thread: the watch then only decides, ends, and the caller forks them
+    between two calls (``on_item``). Otherwise the watch starts them itself, on a path
+    that is safe from any thread (backends/starts.py).
+    """
 
     def __init__(self, options: Options, n_known: Optional[int]):
         self.options = options
         self.n_known = n_known
-        self.progress = [0]
+        self.finished = 0  # calls completed, written by the caller's thread
         self.t0 = time.perf_counter()
         self.cpu_s = 0.0  # this thread's own CPU: not the sampled function's
         # A Ctrl-C that ends the map shuts the pool down: a start ahead this watch
         # decides after that must not happen (the map is gone).
         self.epoch = loky_backend.current_epoch()
+        # Work left (seconds) when the watch decided on a start that the caller's
+        # thread must make itself (a fork); None until then, or once made.
+        self.fork_for: Optional[float] = None
+        self.started: Any = None  # the executor this watch started ahead, if any
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, name="adaptive_exec-prestart",
                                        daemon=True)
@@ -177,18 +190,51 @@ class SamplingWatch:
         return self.cpu_s
 
     def _check(self, elapsed: float) -> bool:
-        finished = self.progress[0]
+        finished = self.finished
         per_item = elapsed / (finished + 1)  # a lower bound: one call is still running
         left = (self.n_known - finished) if self.n_known is not None else STREAM_ITEMS
-        if per_item * left >= PRESTART_FACTOR * calibration.get().startup_for(2):
-            maybe_prestart(self.options, per_item * left, self.epoch)
+        alone = starts.forks_once_alone()
+        startup = calibration.get(starts.FORK if alone else None).startup_for(2)
+        if per_item * left >= PRESTART_FACTOR * startup:
+            if alone:
+                self.fork_for = per_item * left  # the caller forks at its next call's end
+                return True
+            self.started = maybe_prestart(self.options, per_item * left, self.epoch)
             # Starting the pool cost this thread CPU that is not the function's.
             self.cpu_s = time.thread_time()
             return True
         return False
 
+    def on_item(self, finished: int) -> float:
+        """After each sampled call, on the caller's thread: count it, and make the start
+        the watch decided on but could not make (a fork, once the watch has ended).
+        Returns the CPU seconds that start took here (not the function's)."""
+        self.finished = finished
+        if self.fork_for is None:
+            return 0.0
+        cpu0 = time.thread_time()
+        self._fork_now()
+        return time.thread_time() - cpu0
+
+    def _fork_now(self) -> None:
+        work_left, self.fork_for = self.fork_for, None
+        self.thread.join()
+        if work_left is not None:
+            self.started = maybe_prestart(self.options, work_left, self.epoch)
+
+    def abandon(self) -> None:
+        """The map was left before it used the pool this watch started: end that pool
+        (a start ahead for nobody is not to run on)."""
+        self.stop()
+        if self.started is not None:
+            loky_backend.end_unused(self.started)
+
     def stop(self) -> None:
+        """Sampling ended: the watch ends, and a start it decided on is made now."""
         self.done.set()
+        self.thread.join(timeout=1.0)
+        if self.fork_for is not None:
+            self._fork_now()
 
 
 class MapPlanner:

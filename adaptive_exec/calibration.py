@@ -9,6 +9,12 @@ the caller are idle (about 5 ms), and by ``python -m adaptive_exec calibrate``.
 
 Until then the planner uses ``DEFAULTS``: values measured on the 2-core Linux machine
 this project is developed on (loky 3.7, CPython 3.11), labelled as such in every plan.
+
+The start-up depends on how the workers would be started (backends/starts.py): forked
+by the caller, forked by the template, or by loky's fork+exec. Each path's start-up is
+kept on its own (in the cache, as a row of its own), and ``get()`` answers with the one
+of the path a pool started now would take: a threaded caller whose template is not up
+yet pays the template's own start too.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import threading
 from dataclasses import replace
 from typing import Optional
 
+from .backends import starts
 from .records import Calibration
 
 # Measured on the development machine (2 cores, python -m adaptive_exec calibrate and
@@ -30,8 +37,20 @@ DEFAULTS = Calibration(
     source="defaults (2-core development machine)",
 )
 
-_lock = threading.Lock()  # guards _current
+# Start-up to every worker's first answer, 2 workers, per start path, measured on the
+# development machine (python -m benchmarks.startup, medians): fork ~20 ms, template
+# ~30 ms once it is up, loky's fork+exec 0.11-0.16 s (0.15-0.25 s under a first map).
+STARTUP_DEFAULTS = {starts.FORK: 0.03, starts.TEMPLATE: 0.05,
+                    starts.EXEC: DEFAULTS.worker_startup_s}
+# The template's own start (an interpreter that imports loky and us), paid once by the
+# first pool of a threaded caller: about what a fork+exec worker costs.
+TEMPLATE_OWN_START_S = 0.12
+
+_lock = threading.Lock()  # guards _current and _startups
 _current: Optional[Calibration] = None
+# Start-ups measured (in this process, or earlier and read from the cache), per path:
+# (seconds, pool size). The exec path's lives in _current, as it always has.
+_startups: dict[str, tuple[float, int]] = {}
 
 
 def _after_fork_in_child() -> None:
@@ -48,6 +67,7 @@ if hasattr(os, "register_at_fork"):
 
 
 def current() -> Calibration:
+    """The constants as measured (loky's own start-up: ``get`` picks a path's)."""
     with _lock:
         return _current if _current is not None else DEFAULTS
 
@@ -58,13 +78,27 @@ def set_current(calib: Optional[Calibration]) -> None:
         _current = calib
 
 
-def record_startup(startup_s: float, n_workers: int) -> None:
-    """Keep a measured start-up; the other constants stay as they were."""
+def record_startup(startup_s: float, n_workers: int, path: str = starts.EXEC) -> None:
+    """Keep a start-up measured on ``path``; the other constants stay as they were."""
     global _current
     with _lock:
         base = _current or DEFAULTS
-        _current = replace(base, worker_startup_s=startup_s, n_workers=n_workers,
-                           source=_source(True, base.source.endswith("overheads measured")))
+        if path == starts.EXEC:
+            base = replace(base, worker_startup_s=startup_s, n_workers=n_workers)
+        else:
+            _startups[path] = (startup_s, n_workers)
+        _current = replace(base, source=_source(True, base.source.endswith("overheads measured")))
+
+
+def _for_path(calib: Calibration, path: str) -> Calibration:
+    """``calib`` with the start-up of ``path`` (caller holds _lock)."""
+    if path == starts.EXEC:
+        startup, n = calib.worker_startup_s, calib.n_workers
+    else:
+        startup, n = _startups.get(path, (STARTUP_DEFAULTS[path], 2))
+    if path == starts.TEMPLATE and starts.template_pid() is None:
+        startup += TEMPLATE_OWN_START_S
+    return replace(calib, worker_startup_s=startup, n_workers=n, start_path=path)
 
 
 def record_overheads(overhead_s: float, byte_cost_s: float) -> None:
@@ -100,14 +134,16 @@ class _Stored:
         self.lock = threading.Lock()  # guards loaded and saved
         self.loaded = False
         self.saved: Optional[Calibration] = None
+        self.saved_paths: dict[str, tuple[float, int]] = {}
 
 
 _stored = _Stored()
 
 
-def get() -> Calibration:
+def get(path: Optional[str] = None) -> Calibration:
     """This machine's constants: measured in this process, else measured earlier on this
-    machine (read from the cache on first use), else the defaults."""
+    machine (read from the cache on first use), else the defaults; with the start-up of
+    ``path`` (default: the path a pool started now, from this thread, would take)."""
     with _stored.lock:
         if not _stored.loaded:
             _stored.loaded = True
@@ -118,16 +154,38 @@ def get() -> Calibration:
                 set_current(replace(stored, source="measured earlier on this machine "
                                                    "(cache): start-up and overheads measured"))
                 _stored.saved = current()
-    return current()
+            for other in (starts.FORK, starts.TEMPLATE):
+                row = cache.load_calibration(_path_key(other))
+                if row is not None:
+                    with _lock:
+                        _startups.setdefault(other, (row.worker_startup_s, row.n_workers))
+                    _stored.saved_paths[other] = (row.worker_startup_s, row.n_workers)
+    with _lock:
+        return _for_path(_current or DEFAULTS, path or starts.choose())
+
+
+def _path_key(path: str) -> str:
+    """The cache row that holds ``path``'s start-up on this machine."""
+    from .cache import machine_id
+
+    return f"{machine_id()} start={path}"
 
 
 def save() -> None:
-    """Keep a complete measurement for other processes, once."""
+    """Keep a complete measurement for other processes, once; and each path's start-up."""
     now = current()
+    with _lock:
+        paths = dict(_startups)
     with _stored.lock:
-        if not overheads_measured() or now == _stored.saved:
-            return
-        _stored.saved = now
+        todo = {p: v for p, v in paths.items() if _stored.saved_paths.get(p) != v}
+        _stored.saved_paths.update(todo)
+        main = overheads_measured() and now != _stored.saved
+        if main:
+            _stored.saved = now
     from . import cache
 
-    cache.store_calibration(now)
+    if main:
+        cache.store_calibration(now)
+    for path, (startup, n) in todo.items():
+        cache.store_calibration(replace(now, worker_startup_s=startup, n_workers=n),
+                                _path_key(path))

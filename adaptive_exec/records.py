@@ -88,6 +88,8 @@ class Calibration:
     byte_cost_s: float  # seconds per byte pickled, sent and unpickled between processes
     n_workers: int  # the pool size the start-up was measured with
     source: str  # "defaults (2-core development machine)" or "measured in this process"
+    # How the workers whose start-up this is would be started (backends/starts.py).
+    start_path: str = "exec"
 
     @property
     def measured(self) -> bool:

@@ -184,20 +184,27 @@ class MapRun:
         try:
             s = sample(self.func, self.it, star=self.star,
                        complexity=function_complexity(self.func),
-                       progress=watch.progress if watch else None,
+                       on_item=watch.on_item if watch else None,
                        ours_cpu=watch.cpu_spent if watch else None)
         finally:
             if watch is not None:
                 watch.stop()
-        if s.error is not None:
-            if s.results:
-                yield s.results
-            raise s.error
-        self.n_sampled, self.exhausted = len(s.results), s.exhausted
-        self.sampled_calls_s = s.calls_s
-        self.features = _merge_plain_calls(s.features, self.plain_calls())
-        if s.results and not self.plan_only:
-            yield s.results  # before any read-ahead: a stream's first results come early
+        try:
+            if s.error is not None:
+                if s.results:
+                    yield s.results
+                raise s.error
+            self.n_sampled, self.exhausted = len(s.results), s.exhausted
+            self.sampled_calls_s = s.calls_s
+            self.features = _merge_plain_calls(s.features, self.plain_calls())
+            if s.results and not self.plan_only:
+                yield s.results  # before any read-ahead: a stream's first results come early
+        except GeneratorExit:
+            # Left by the consumer (a break, Ctrl-C in its own code) after the sample:
+            # a pool started ahead for this map and never used is not kept running.
+            if watch is not None:
+                watch.abandon()
+            raise
 
     def count_items(self) -> None:
         """The number of items: known, or found by reading a bounded stretch ahead."""

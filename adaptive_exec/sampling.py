@@ -120,24 +120,25 @@ def sample(
     complexity: int,
     time_budget_s: float = TIME_BUDGET_S,
     item_budget: int = ITEM_BUDGET,
-    progress: Optional[list[int]] = None,
+    on_item: Optional[Callable[[int], float]] = None,
     ours_cpu: Optional[Callable[[], float]] = None,
 ) -> Sample:
     """Run ``func`` on the first items of ``items`` (consumed) until the budget is spent.
 
     An exception from ``func`` ends the sample; it is returned (index attached) with
     the results before it, which the caller yields first, as the plain loop would.
-    ``progress[0]``, when given, counts the calls completed (read by another thread);
+    ``on_item(calls completed)``, when given, is called after each call, outside its
+    timing, and returns the CPU seconds it spent itself (not the function's);
     ``ours_cpu()`` is CPU that other threads of ours spent meanwhile (not the function's).
     """
-    watch = _Watch(time_budget_s, item_budget, progress)
+    watch = _Watch(time_budget_s, item_budget, on_item)
     results: list[Any] = []
     cpu_start = time.thread_time()
     process_start = time.process_time()
     queued_start = _runqueue_wait_s()
     error = call_each(func, items, star, 0, results, in_caller=True, measure=watch)
     wall = time.perf_counter() - watch.start
-    cpu_used = time.thread_time() - cpu_start
+    cpu_used = time.thread_time() - cpu_start - watch.hook_cpu
     queued = _runqueue_wait_s() - queued_start
     others = (time.process_time() - process_start - cpu_used
               - (ours_cpu() if ours_cpu else 0.0))
@@ -162,10 +163,11 @@ class _Watch:
     says when the budget is spent (worker.Measure)."""
 
     def __init__(self, time_budget_s: float, item_budget: int,
-                 progress: Optional[list[int]]) -> None:
+                 on_item: Optional[Callable[[int], float]]) -> None:
         self.time_budget_s = time_budget_s
         self.item_budget = item_budget
-        self.progress = progress
+        self.on_item = on_item
+        self.hook_cpu = 0.0
         self.memory = _PeakMemory()
         self.durations: list[float] = []
         self.in_sizes: list[int] = []
@@ -186,8 +188,8 @@ class _Watch:
         t1 = time.perf_counter()  # first
         self.durations.append(t1 - self._t0)
         n = len(self.durations)
-        if self.progress is not None:
-            self.progress[0] = n
+        if self.on_item is not None:
+            self.hook_cpu += self.on_item(n)
         if n <= N_SIZED:
             grown = self.memory.after(self._rss)
             if grown is not None:

@@ -7,6 +7,7 @@ import pytest
 
 from adaptive_exec import cache
 from adaptive_exec.backends import loky as loky_backend
+from adaptive_exec.backends import starts
 
 
 def _our_workers() -> list[psutil.Process]:
@@ -16,11 +17,23 @@ def _our_workers() -> list[psutil.Process]:
             cmd = " ".join(child.cmdline())
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        # loky's resource tracker lives as long as this process does, by design.
-        if "resource_tracker" in cmd:
+        # Helpers that live as long as this process does, by design: loky's and
+        # multiprocessing's resource trackers, and the template that forks workers
+        # (backends/starts.py); ended at the session's end below.
+        if "resource_tracker" in cmd or "adaptive_exec.backends.starts" in cmd:
             continue
         out.append(child)
     return out
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _end_template():
+    """The template process, if a test started one, ends with the session."""
+    yield
+    pid = starts.template_pid()
+    starts.template().stop()
+    if pid is not None:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
 
 
 @pytest.fixture(autouse=True, scope="session")

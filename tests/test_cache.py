@@ -28,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adaptive_exec import cache, cache_schema, cache_views, parallelize
+from adaptive_exec import cache, cache_schema, cache_views, calibration, parallelize
 from adaptive_exec.calibration import Calibration
 from adaptive_exec.errors import CacheWarning
 from adaptive_exec.fingerprint import fingerprint
@@ -315,17 +315,23 @@ def test_calibration_is_stored_and_a_new_process_plans_with_it(tmp_path):
     stored = Calibration(0.345, 2.5e-4, 4e-9, 2, "measured in this process: test")
     assert cache.store_calibration(stored)
     assert cache.load_calibration() == stored
-    script = write(tmp_path, "calib.py", """
-        import json
-        from adaptive_exec import parallelize
-        plan = parallelize(abs, max_workers=1).plan(range(100))
-        print(json.dumps({k: plan.features[k] for k in ("calibration", "worker_startup_s")}))
-    """)
-    got = last_json(python(script))
-    assert got["worker_startup_s"] == 0.345
-    assert got["calibration"].startswith("measured earlier on this machine")
+    # loky's own start (exec) is the main row; each other start path has a row of its own.
+    fork_row = Calibration(0.0456, 2.5e-4, 4e-9, 2, "measured in this process: test")
+    assert cache.store_calibration(fork_row, calibration._path_key("fork"))
+    for path, startup in (("exec", 0.345), ("fork", 0.0456)):
+        script = write(tmp_path, "calib.py", f"""
+            import json, os
+            os.environ["ADAPTIVE_EXEC_START"] = {path!r}
+            from adaptive_exec import parallelize
+            plan = parallelize(abs, max_workers=1).plan(range(100))
+            print(json.dumps({{k: plan.features[k]
+                              for k in ("calibration", "worker_startup_s")}}))
+        """)
+        got = last_json(python(script))
+        assert got["worker_startup_s"] == startup, path
+        assert got["calibration"].startswith("measured earlier on this machine")
     with db() as conn:
-        conn.execute("UPDATE calibration SET machine = 'elsewhere'")
+        conn.execute("UPDATE calibration SET machine = 'elsewhere' || machine")
     assert cache.load_calibration() is None
 
 

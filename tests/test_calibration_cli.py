@@ -10,7 +10,9 @@ def test_calibrate_measures_a_real_pool():
     c = calibrate(2)
     assert c.measured and c.source.endswith("overheads measured")
     assert c.worker_startup_s > 0 and c.task_overhead_s > 0 and c.byte_cost_s > 0
-    assert calibration.current() == c
+    # What the next plan reads for the path these workers took: this measurement.
+    assert calibration.get(c.start_path) == c
+    assert c.start_path in ("fork", "template", "exec")
 
 
 def test_cli_calibrate_and_demo_run():

@@ -28,6 +28,7 @@ import pytest
 
 from adaptive_exec import cache, calibration, parallelize
 from adaptive_exec.backends import loky as loky_backend
+from adaptive_exec.backends import starts
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 # Bounds for the failure cases only (a child that hangs): a passing run takes ~1 s.
@@ -79,10 +80,12 @@ def map_here():
             parents.append(psutil.Process(pid).ppid())
         except psutil.NoSuchProcess:
             pass
+    template = starts.template_pid()  # this child's own template, if its workers need one
     loky_backend.shutdown()  # this child's own pool: ended before it exits
+    starts.template().stop()
     return {"ok": out == [x * 3 for x in range(20)], "mode": pf.last_report.plan.mode,
             "workers": workers, "worker_parents": parents, "pid": os.getpid(),
-            "left": alive(workers)}
+            "template": template, "left": alive(workers)}
 
 
 def fork_and_report(work):
@@ -140,7 +143,9 @@ def check_child_report(report, parent_workers):
     assert "error" not in report, report["error"]
     assert report["ok"] and report["mode"] == "parallel"
     assert report["workers"] and not set(report["workers"]) & set(parent_workers)
-    assert set(report["worker_parents"]) == {report["pid"]}  # a pool of its own
+    # A pool of its own: forked by the child, or by the child's own template.
+    assert set(report["worker_parents"]) <= {report["pid"], report["template"]}
+    assert report["template"] != starts.template_pid() or report["template"] is None
     assert report["left"] == []
 
 
@@ -243,12 +248,19 @@ GONE_WITHIN_S = 2.0
 MARGIN_S = 1.0
 
 
+# The helper process each start path leaves beside the workers (backends/starts.py): loky's
+# resource tracker for loky's own start, the template for the template's; none for fork.
+HELPERS = {"exec": "loky.backend.resource_tracker", "template": "adaptive_exec.backends.starts",
+           "fork": None}
+
+
 @posix_only
+@pytest.mark.parametrize("path", sorted(HELPERS))
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_workers_and_the_resource_tracker_go_when_their_parent_is_killed(tmp_path, sig):
+def test_workers_and_their_helpers_go_when_their_parent_is_killed(tmp_path, sig, path):
     script = tmp_path / "owner.py"
     script.write_text(OWNER.format(tests=TESTS))
-    env = {**os.environ, cache.ENV_DIR: str(tmp_path / "cache")}
+    env = {**os.environ, cache.ENV_DIR: str(tmp_path / "cache"), starts.ENV_START: path}
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
                             env=env)
     family = []
@@ -257,8 +269,8 @@ def test_workers_and_the_resource_tracker_go_when_their_parent_is_killed(tmp_pat
         family = [pid for pid, _ in info["family"]]
         commands = [cmd for _, cmd in info["family"]]
         assert info["workers"] and set(info["workers"]) <= set(family)
-        # loky's resource tracker, the helper process the pool starts: it must go too.
-        assert any("loky.backend.resource_tracker" in cmd for cmd in commands), commands
+        if HELPERS[path] is not None:  # the helper process the pool started: it must go too
+            assert any(HELPERS[path] in cmd for cmd in commands), commands
         assert alive(family) == family
         killed_at = time.monotonic()
         proc.send_signal(sig)
@@ -269,7 +281,7 @@ def test_workers_and_the_resource_tracker_go_when_their_parent_is_killed(tmp_pat
         took = time.monotonic() - killed_at
         left = {pid: cmd for pid, cmd in info["family"] if pid in alive(family)}
         assert not left, f"still running {took:.2f} s after {sig.name}: {left}"
-        print(f"{sig.name}: workers and helpers gone after {took:.2f} s")
+        print(f"{sig.name}, {path}: workers and helpers gone after {took:.2f} s")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -476,7 +488,9 @@ def ours():
     out = []
     for c in psutil.Process().children(recursive=True):
         try:
-            if "resource_tracker" not in " ".join(c.cmdline()):
+            cmd = " ".join(c.cmdline())
+            # Helpers that live as long as this process (backends/starts.py): not workers.
+            if "resource_tracker" not in cmd and "adaptive_exec.backends.starts" not in cmd:
                 out.append(c.pid)
         except psutil.NoSuchProcess:
             pass

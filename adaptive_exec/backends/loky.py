@@ -1,12 +1,7 @@
 """The loky process pool, kept warm between maps.
 
-Start method: measured on the 2-core development machine (cold start to the first
-result, CPython 3.11, loky 3.7): "loky" (fork+exec) 0.15-0.19 s, "spawn" 0.13-0.17 s,
-"forkserver" 0.14 s, "loky_init_main" 0.17-0.19 s; "fork" is refused by loky's reusable
-executor. All are within noise of each other; forkserver and loky_init_main re-import
-the user's ``__main__`` in the workers, which breaks a script without an
-``if __name__ == "__main__"`` guard, so we keep loky's default: it never runs the user's
-script again, and cloudpickle sends functions defined there by value.
+How its workers are started (fork, a template process, or loky's own fork+exec) is
+``starts.py``'s rule; loky is the pool whichever path started them.
 
 One pool per process, shared by every thread: loky's ``get_reusable_executor`` keeps
 one executor per thread, and a pool started ahead from a helper thread (see
@@ -19,7 +14,7 @@ flight instead (see dispatch).
 Lifecycle. The pool belongs to the process that started it. A child made by ``fork()``
 inherits our state but not the executor's threads (its map would wait forever), so the
 child forgets the inherited pool (``_after_fork_in_child``) and starts its own on first
-use; the parent's is untouched. Workers watch their parent (``_watch_parent``) and exit
+use; the parent's is untouched. Workers watch their parent (``_worker_init``) and exit
 within ``PARENT_POLL_S`` when it is gone, SIGKILL and SIGTERM included, instead of
 waiting out ``IDLE_TIMEOUT_S``; loky's resource tracker then reads EOF on its pipe, whose
 last writers were the parent and the workers, and exits by itself.
@@ -42,6 +37,7 @@ from .. import calibration
 from ..records import Calibration
 from ..system import ENV_IN_WORKER
 from ..worker import ChunkResult, FunctionRef, bytes_of, decode, dumps, noop, run_chunk
+from . import starts
 from .base import PoolGone
 
 # Workers idle this long exit; a map a few minutes later then pays start-up again.
@@ -75,6 +71,8 @@ class _PoolState:
         # Pools we ended or replaced on purpose (a time-out, Ctrl-C, growth): another
         # thread whose chunks die with them sends them again, without counting a crash.
         self.ended: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.path = starts.EXEC  # how the executor's workers were started (starts.py)
+        self.path_measurable = True  # its start-up measures the path's (see _get_locked)
 
 
 _state = _PoolState()
@@ -108,28 +106,44 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _watch_parent(parent_pid: int) -> None:
-    """Worker initializer: exit as soon as the process that started the pool is gone.
+def _worker_init(parent_pid: int, env: dict[str, str]) -> None:
+    """Worker initializer: the environment a worker runs with, and a watch that ends it
+    as soon as the process that started the pool is gone.
+
+    ``env`` is set here because only loky's own start applies it before the interpreter
+    starts; a forked worker gets it now (numpy, if the caller imported it, is already
+    configured: such a caller runs BLAS threads, so its workers come from the template).
 
     Workers otherwise wait for work until IDLE_TIMEOUT_S, minutes after a parent killed
-    by SIGKILL or SIGTERM (no atexit runs then). A daemon thread polls ``os.getppid()``:
-    a worker's parent is the pool's owner (loky starts each worker from it by
-    fork+exec), and an orphan's parent becomes init or a subreaper.
+    by SIGKILL or SIGTERM (no atexit runs then). A daemon thread watches: the worker's
+    parent process (``parent_pid``: the caller, or the template that forked it) and,
+    where multiprocessing gives one, the sentinel pipe whose other end only the caller
+    holds (a template's worker has the template as parent, which outlives the caller).
 
     Not PR_SET_PDEATHSIG: Linux sends it when the *thread* that forked the worker ends,
     and ours are often started from short-lived threads (the pool started ahead on a
     helper thread, a user's thread that maps once): it would kill a healthy pool.
     A worker stuck in C code that holds the GIL notices only when that call returns.
     """
+    os.environ.update(env)
     if os.getppid() != parent_pid:  # the parent died while this worker was starting
         os._exit(ORPHAN_EXIT_CODE)
-    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,),
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    sentinel = getattr(parent, "sentinel", None) if parent is not None else None
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid, sentinel),
                      name="adaptive_exec-parent-watch", daemon=True).start()
 
 
-def _exit_when_orphaned(parent_pid: int) -> None:
+def _exit_when_orphaned(parent_pid: int, sentinel: Optional[int]) -> None:
+    from multiprocessing.connection import wait
+
     while True:
-        time.sleep(PARENT_POLL_S)
+        if sentinel is None:
+            time.sleep(PARENT_POLL_S)
+        elif wait([sentinel], PARENT_POLL_S):
+            os._exit(ORPHAN_EXIT_CODE)  # EOF: the caller is gone
         if os.getppid() != parent_pid:
             os._exit(ORPHAN_EXIT_CODE)
 
@@ -152,20 +166,28 @@ def _is_broken(executor: Any) -> bool:
 def _get(n_workers: int, epoch: Optional[int] = None) -> tuple[Any, bool, float]:
     """(executor, cold, created_or_reused_at) with at least ``n_workers`` workers.
 
-    Starting workers is never done on the main thread: a Ctrl-C landing while loky
+    Workers that must be started are started on the path ``starts.choose`` picks. A
+    fork happens on this thread, with Ctrl-C held back until loky has noted each worker.
+    Other paths never start workers on the main thread: a Ctrl-C landing while loky
     spawns one (between its fork+exec and the data it then sends down a pipe) left a
     process that no executor knew of, stuck on that pipe (seen in 1 of ~60 interrupts
     with a core kept busy). On a helper thread the spawn completes; the main thread's
     wait is what the interrupt ends, and shutdown() then finds every worker.
     """
-    if threading.current_thread() is threading.main_thread() and not _ready(n_workers):
+    if _ready(n_workers):
+        return _get_locked(n_workers, epoch)
+    path = starts.choose()
+    if path == starts.FORK:
+        with starts.sigint_deferred():
+            return _get_locked(n_workers, epoch, path)
+    if threading.current_thread() is threading.main_thread():
         box: dict[str, Any] = {}
         if epoch is None:  # a shutdown() before the helper takes the lock: no pool after it
             epoch = current_epoch()
 
         def start() -> None:
             try:
-                box["result"] = _get_locked(n_workers, epoch)
+                box["result"] = _get_locked(n_workers, epoch, path)
             except BaseException as exc:  # handed to the caller's thread
                 box["error"] = exc
 
@@ -175,7 +197,7 @@ def _get(n_workers: int, epoch: Optional[int] = None) -> tuple[Any, bool, float]
         if "error" in box:
             raise box["error"]
         return box["result"]  # type: ignore[no-any-return]
-    return _get_locked(n_workers, epoch)
+    return _get_locked(n_workers, epoch, path)
 
 
 def _ready(n_workers: int) -> bool:
@@ -187,12 +209,13 @@ def _ready(n_workers: int) -> bool:
                 and time.perf_counter() - _state.last_used <= IDLE_TIMEOUT_S * 0.9)
 
 
-def _get_locked(n_workers: int, epoch: Optional[int] = None) -> tuple[Any, bool, float]:
-    """_get's work, under the pool's lock.
+def _get_locked(n_workers: int, epoch: Optional[int] = None, path: str = starts.EXEC,
+                ) -> tuple[Any, bool, float]:
+    """_get's work, under the pool's lock; a pool it must start is started on ``path``.
 
     A cold pool gets its start-up probe (pings queued ahead of any work) here, under
     the same lock, so that a pool started ahead by one thread and used by another is
-    probed once.
+    probed once: its first ping is what starts loky's workers, on this thread.
     """
     import loky
 
@@ -202,6 +225,14 @@ def _get_locked(n_workers: int, epoch: Optional[int] = None) -> tuple[Any, bool,
         now = time.perf_counter()
         old = _state.executor
         broken = old is not None and _is_broken(old)
+        if (old is not None and not broken and _state.path == starts.FORK
+                and now - _state.last_used > IDLE_TIMEOUT_S * 0.9):
+            # Its workers may be leaving by loky's idle time-out, and loky would fork
+            # their replacements from this process, which now runs loky's threads.
+            _state.ended.add(old)
+            old.shutdown(wait=False)
+            _state.executor = old = None
+            _state.size = 0
         if old is None or broken or _state.size < n_workers:
             if old is not None and not broken:
                 # A larger pool is wanted; the old one drains what it was given, and
@@ -209,11 +240,20 @@ def _get_locked(n_workers: int, epoch: Optional[int] = None) -> tuple[Any, bool,
                 _state.ended.add(old)
                 old.shutdown(wait=False)
             size = max(n_workers, 0 if broken else _state.size)
+            if path == starts.FORK and starts.threads_now() > 1:
+                path = starts.TEMPLATE  # a thread appeared since the choice: never fork
+            # A template started now makes this start-up no measure of the path's own.
+            measurable = path != starts.TEMPLATE or starts.template_pid() is not None
+            parent = starts.template().start() if path == starts.TEMPLATE else os.getpid()
+            env = _worker_env(size)
             _state.executor = loky.ProcessPoolExecutor(
-                max_workers=size, timeout=IDLE_TIMEOUT_S, env=_worker_env(size),
-                initializer=_watch_parent, initargs=(os.getpid(),),
+                max_workers=size, timeout=IDLE_TIMEOUT_S, env=env,
+                context=starts.context(path),
+                initializer=_worker_init, initargs=(parent, env),
             )
             _state.size = size
+            _state.path = path
+            _state.path_measurable = measurable
             _state.warm = False
             _state.probe = None
             _register_exit()
@@ -221,7 +261,8 @@ def _get_locked(n_workers: int, epoch: Optional[int] = None) -> tuple[Any, bool,
         if cold:
             _state.warm = False
             if _state.probe is None:
-                _state.probe = StartupProbe(_state.executor, _state.size, now)
+                _state.probe = StartupProbe(_state.executor, _state.size, now,
+                                            _state.path if _state.path_measurable else None)
         _state.last_used = now
         return _state.executor, cold, now
 
@@ -251,18 +292,19 @@ def current_epoch() -> int:
         return _state.epoch
 
 
-def prestart(n_workers: int, epoch: Optional[int] = None) -> None:
+def prestart(n_workers: int, epoch: Optional[int] = None) -> Any:
     """Start the pool's workers now, ahead of a map that will probably want them: the
     caller keeps working meanwhile, so on a machine with a free core this is nearly free.
-    The map that uses the pool then finds its probe (``current_probe``)."""
+    The map that uses the pool then finds its probe (``current_probe``). Returns the
+    executor, or None when none was started (a shutdown overtook the decision)."""
     with _state.lock:
         if epoch is not None and epoch != _state.epoch:
-            return  # decided before a shutdown (Ctrl-C ended the map meanwhile)
+            return None  # decided before a shutdown (Ctrl-C ended the map meanwhile)
         if _state.starting_at is None:
             _state.starting_at = time.perf_counter()
         epoch = _state.epoch
     try:
-        _get(n_workers, epoch)
+        return _get(n_workers, epoch)[0]
     finally:
         with _state.lock:
             _state.starting_at = None
@@ -325,6 +367,15 @@ def mark_broken(executor: Any, on_purpose: bool = False) -> bool:
         _state.probe = None
     executor.shutdown(wait=False, kill_workers=True)
     return True
+
+
+def end_unused(executor: Any) -> None:
+    """End ``executor`` if no map has used it yet: started ahead for a map that was then
+    left (an imap closed, or left by Ctrl-C in the consumer's code, while sampling)."""
+    with _state.lock:
+        unused = executor is _state.executor and not _state.warm
+    if unused:
+        mark_broken(executor, on_purpose=True)
 
 
 def ended_on_purpose(executor: Any) -> bool:
@@ -449,8 +500,8 @@ class LokyTarget:
             fut.cancel()
 
     def finish(self, executor: Any, probe: Optional[StartupProbe]) -> None:
-        if probe is not None and probe.startup_s is not None:
-            calibration.record_startup(probe.startup_s, pool_size())
+        if probe is not None and probe.startup_s is not None and probe.path is not None:
+            calibration.record_startup(probe.startup_s, pool_size(), probe.path)
         if not calibration.overheads_measured():
             # Once per process, while the pool and this thread are both idle.
             calibration.record_overheads(*measure_overheads(executor, pool_size()))
@@ -500,8 +551,10 @@ class StartupProbe:
     thread; ``first`` lets the caller stop working through items as soon as any worker
     is ready."""
 
-    def __init__(self, executor: Any, n_workers: int, created_at: float):
+    def __init__(self, executor: Any, n_workers: int, created_at: float,
+                 path: Optional[str] = starts.EXEC):
         self.created_at = created_at
+        self.path = path  # the start path measured; None: not a measure of one
         self.first = threading.Event()
         self._lock = threading.Lock()  # guards _left and startup_s
         self._left = n_workers
@@ -526,13 +579,13 @@ def calibrate(n_workers: Optional[int] = None) -> Calibration:
 
     w = n_workers or usable_cpus()
     executor, created_at = fresh_executor(w)
-    probe = current_probe(executor) or StartupProbe(executor, w, created_at)
+    probe = current_probe(executor) or StartupProbe(executor, w, created_at, _state.path)
     executor.submit(noop, 0).result()
     deadline = time.perf_counter() + 60
     while probe.startup_s is None and time.perf_counter() < deadline:
         time.sleep(0.001)
-    if probe.startup_s is not None:
-        calibration.record_startup(probe.startup_s, w)
+    if probe.startup_s is not None and probe.path is not None:
+        calibration.record_startup(probe.startup_s, w, probe.path)
     mark_warm(executor)
     calibration.record_overheads(*measure_overheads(executor, w))
-    return calibration.current()
+    return calibration.get(_state.path)

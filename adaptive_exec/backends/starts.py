@@ -1,0 +1,325 @@
+"""How a pool's worker processes come to be: three start paths and the rule between them.
+
+Measured on the 2-core development machine (``python -m benchmarks.startup``, a fresh
+process each, medians), the time from creating a 2-worker pool to its first result:
+
+    fork      the caller forks each worker                     ~12-22 ms, ~7 ms of caller CPU
+    template  a template process forks each worker             ~25-32 ms once it is up;
+              (the template itself: ~120 ms, started ahead)    ~4 ms of caller CPU
+    exec      loky's default: fork + exec + imports per worker ~105-155 ms
+
+The rule (``choose``):
+
+- **fork** when the calling process runs no thread but the one asking. A fork copies
+  only the forking thread; a lock another thread held at that instant stays held in the
+  child, so a worker could hang on its first log line or import. With one thread there
+  is no such lock. The threads are counted by the kernel (``/proc/self/task``), so
+  native threads (BLAS pools, a GUI's, a server's) count too.
+- **template** otherwise: a small single-threaded process, started by fork + exec (safe
+  from any thread) the first time a threaded caller needs workers, that imports loky,
+  cloudpickle and adaptive_exec once and then forks each worker on request. Its server
+  loop is the standard library's forkserver's; unlike ``forkserver``, it never imports
+  the user's ``__main__`` (neither at its start nor in a worker), so a script without an
+  ``if __name__ == "__main__"`` guard is not run again. Functions defined there travel by
+  value (cloudpickle), as with loky's default start.
+- **exec** (loky's default) where fork is not available or not safe (Windows, macOS,
+  whose system libraries do not survive a fork), or when asked for.
+
+``ADAPTIVE_EXEC_START=fork|template|exec`` forces a path (the test suites run under each);
+a forced ``fork`` still falls back to ``template`` when the caller runs threads: we never
+fork a threaded process.
+
+Loky stays the pool whichever path started its workers: its crash detection, timeouts
+and reuse are the same. What differs is what a worker inherits: forked workers start
+from the caller's memory (copy-on-write; nothing is re-imported), template workers from
+a fresh interpreter that imported our modules, exec workers from a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from contextlib import contextmanager
+from multiprocessing import connection, forkserver, reduction, util
+from multiprocessing import context as mp_context
+from multiprocessing import process as mp_process
+from typing import Any, Iterator, Optional
+
+try:
+    from multiprocessing import popen_forkserver
+except ImportError:  # no file descriptors to pass (Windows): loky's own start only
+    popen_forkserver = None  # type: ignore[assignment]
+
+ENV_START = "ADAPTIVE_EXEC_START"
+FORK, TEMPLATE, EXEC = "fork", "template", "exec"
+PATHS = (FORK, TEMPLATE, EXEC)
+
+# What the template imports before it forks anything: what every worker needs.
+PRELOAD = ("loky.process_executor", "cloudpickle", "adaptive_exec.worker",
+           "adaptive_exec.backends.loky")
+
+
+def threads_now() -> int:
+    """Threads in this process, native ones included (``/proc/self/task``); elsewhere
+    only Python's own are known."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
+
+
+def forced() -> Optional[str]:
+    """The path ``ADAPTIVE_EXEC_START`` asks for, or None; raises on a value that is not
+    a path, saying which are."""
+    value = os.environ.get(ENV_START, "").strip().lower()
+    if not value:
+        return None
+    if value not in PATHS:
+        raise ValueError(f"{ENV_START}={value!r} is not a start path; use one of "
+                         f"{', '.join(PATHS)} (or leave it unset to let adaptive_exec choose)")
+    return value
+
+
+def fork_works() -> bool:
+    """Whether this platform forks safely: Linux and the like, not macOS or Windows."""
+    return (hasattr(os, "fork") and popen_forkserver is not None
+            and sys.platform != "darwin")
+
+
+def choose() -> str:
+    """The start path for workers started now, from this thread (see the module doc)."""
+    wanted = forced()
+    if wanted == EXEC or not fork_works():
+        return EXEC
+    if wanted == TEMPLATE:
+        return TEMPLATE
+    return FORK if threads_now() == 1 else TEMPLATE
+
+
+def forks_once_alone() -> bool:
+    """Called from a helper thread of ours: would the caller fork its workers, once this
+    thread (the only other one) has ended?"""
+    wanted = forced()
+    return fork_works() and wanted in (None, FORK) and threads_now() == 2
+
+
+def context(path: str) -> Any:
+    """The multiprocessing context loky is given for ``path`` (None: loky's default)."""
+    if path == FORK:
+        import multiprocessing
+
+        return multiprocessing.get_context("fork")
+    if path == TEMPLATE:
+        return TemplateContext()
+    return None
+
+
+@contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C back while workers are forked: one landing between a fork and loky's
+    note of the new worker would leave a process no pool knows of. The signal stays
+    pending and is raised as soon as the block ends; the forked workers get it unblocked
+    (``_after_fork_in_child``)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals are handled on the main thread only
+        return
+    global _blocked_here
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    _blocked_here = signal.SIGINT not in old
+    try:
+        yield
+    finally:
+        _blocked_here = False
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+_blocked_here = False
+
+
+# --- the template --------------------------------------------------------------------------
+
+
+def serve(listener_fd: int, alive_fd: int, sys_path: list[str]) -> None:
+    """The template's main: import what workers need, then fork one per request until
+    every process holding the "alive" pipe (the caller and the workers) is gone."""
+    sys.path[:] = sys_path
+    for name in PRELOAD:
+        __import__(name)
+    forkserver.main(listener_fd, alive_fd, [])
+
+
+class Template:
+    """The caller's side of the template process: start it, ask it for a worker."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # guards the fields below
+        self.pid: Optional[int] = None
+        self.address: Optional[str] = None
+        self.alive_w: Optional[int] = None
+
+    def start(self) -> int:
+        """Start the template unless it runs; its pid. Callable from any thread: it is
+        started by fork + exec, which copies no lock into a process that runs Python."""
+        from multiprocessing import spawn
+
+        with self.lock:
+            if self.pid is not None:
+                try:
+                    pid, _ = os.waitpid(self.pid, os.WNOHANG)
+                except ChildProcessError:
+                    pid = self.pid
+                if not pid:
+                    return self.pid
+                self._forget()  # it died (killed by someone): start another
+            address = connection.arbitrary_address("AF_UNIX")  # type: ignore[attr-defined]
+            with socket.socket(socket.AF_UNIX) as listener:
+                listener.bind(address)
+                os.chmod(address, 0o600)
+                listener.listen()
+                alive_r, alive_w = os.pipe()
+                try:
+                    code = (f"from adaptive_exec.backends.starts import serve; "
+                            f"serve({listener.fileno()}, {alive_r}, "
+                            f"{[p for p in sys.path if isinstance(p, str)]!r})")
+                    exe = os.fsencode(spawn.get_executable())
+                    flags = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
+                    pid = util.spawnv_passfds(exe, [exe, *flags, "-c", code],
+                                              [listener.fileno(), alive_r])
+                except BaseException:
+                    os.close(alive_w)
+                    raise
+                finally:
+                    os.close(alive_r)
+            self.pid, self.address, self.alive_w = pid, address, alive_w
+            return pid
+
+    def _forget(self) -> None:
+        if self.alive_w is not None:
+            try:
+                os.close(self.alive_w)
+            except OSError:
+                pass
+        self.pid = self.address = self.alive_w = None
+
+    def connect(self, fds: list[int]) -> tuple[int, int]:
+        """Ask for a worker: (status_r, data_w). The template forks; the child reads what
+        to run from data_w, and its pid (then its exit code) arrives on status_r."""
+        from multiprocessing import resource_tracker
+
+        self.start()
+        with self.lock:
+            address, alive_w = self.address, self.alive_w
+        assert address is not None and alive_w is not None
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(address)
+            parent_r, child_w = os.pipe()
+            child_r, parent_w = os.pipe()
+            try:
+                tracker = resource_tracker.getfd()
+                assert tracker is not None
+                reduction.sendfds(client, [child_r, child_w, alive_w, tracker, *fds])
+            except BaseException:
+                os.close(parent_r)
+                os.close(parent_w)
+                raise
+            finally:
+                os.close(child_r)
+                os.close(child_w)
+        return parent_r, parent_w
+
+    def stop(self) -> None:
+        """End the template (tests): closing our end of the alive pipe tells it to go
+        once its workers are gone too."""
+        with self.lock:
+            pid = self.pid
+            self._forget()
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGTERM)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+
+
+_template = Template()
+
+
+def template() -> Template:
+    return _template
+
+
+def template_pid() -> Optional[int]:
+    """The running template's pid, or None."""
+    with _template.lock:
+        return _template.pid
+
+
+class TemplatePopen(popen_forkserver.Popen if popen_forkserver else object):  # type: ignore[misc]
+    """The standard forkserver's Popen, asking our template, and sending the child only
+    what it needs: never the path of the user's ``__main__``, which the child would
+    import (and so run a script without a main guard once more)."""
+
+    def _launch(self, process_obj: Any) -> None:
+        preparation = {"name": process_obj.name, "sys_path": list(sys.path),
+                       "authkey": bytes(mp_process.current_process().authkey)}
+        try:
+            preparation["dir"] = os.getcwd()
+        except OSError:
+            pass
+        buf = io.BytesIO()
+        mp_context.set_spawning_popen(self)
+        try:
+            reduction.dump(preparation, buf)
+            reduction.dump(process_obj, buf)
+        finally:
+            mp_context.set_spawning_popen(None)
+        self.sentinel, data_w = _template.connect(self._fds)
+        # The child's "parent alive" sentinel: it reads EOF when this process is gone.
+        keep = os.dup(data_w)
+        self.finalizer = util.Finalize(self, _close_fds, (keep, self.sentinel))
+        with open(data_w, "wb", closefd=True) as f:
+            f.write(buf.getbuffer())
+        self.pid = forkserver.read_signed(self.sentinel)
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+class TemplateProcess(mp_context.ForkServerProcess):  # type: ignore[misc]
+    @staticmethod
+    def _Popen(process_obj: Any) -> Any:
+        return TemplatePopen(process_obj)
+
+
+class TemplateContext(mp_context.ForkServerContext):  # type: ignore[misc]
+    """A forkserver context whose processes come from our template."""
+
+    Process = TemplateProcess
+
+
+def _after_fork_in_child() -> None:
+    """A child made by fork(): a worker we forked gets Ctrl-C back; any child forgets
+    the parent's template (its lock may be held by a parent's thread) and closes its copy
+    of the alive pipe, so that the template does not wait for it."""
+    global _template, _blocked_here
+    if _blocked_here:
+        _blocked_here = False
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    old = _template
+    _template = Template()
+    if old.alive_w is not None:
+        try:
+            os.close(old.alive_w)
+        except OSError:
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
