@@ -169,3 +169,6 @@ class RunReport:
     sampling_s: float = 0.0  # wall time from the call to the plan, sampled calls included
     planning_overhead_s: float = 0.0  # that time minus the sampled calls' own time
     observed_item_s: Optional[float] = None  # mean seconds per item seen during the run
+    # Pickled bytes handed to worker processes (items, and the function once per worker
+    # that needed it); 0 when none were used.
+    bytes_sent: int = 0

@@ -29,9 +29,9 @@ from .backends.threads import ThreadTarget
 from .dispatch import ParallelRun, RunSpec
 from .errors import UnpicklableWarning
 from .fingerprint import describe, function_complexity
-from .records import Features, Options, Plan, RunReport, empty_plan
+from .records import Calibration, Features, Options, Plan, RunReport, empty_plan, fmt_bytes, fmt_s
 from .sampling import features_from, sample
-from .worker import function_ref
+from .worker import BLOB_FILE_MIN_BYTES, FunctionRef, function_ref
 
 logger = logging.getLogger("adaptive_exec")
 
@@ -114,6 +114,8 @@ class MapRun:
         self.n_done = 0
         self.timeline: list[tuple[float, int]] = []
         self.observed_s: Optional[float] = None  # seconds per item seen while running
+        self.stay_serial = False  # the pool was ruled out during the run: no re-plan
+        self.bytes_sent = 0  # pickled bytes handed to worker processes
 
     def __iter__(self) -> Iterator[list[Any]]:
         try:
@@ -285,6 +287,7 @@ class MapRun:
             sampling_s=planned,
             planning_overhead_s=max(0.0, planned - self.sampled_calls_s),
             observed_item_s=self.observed_s,
+            bytes_sent=self.bytes_sent,
         ))
 
     # --- executing ----------------------------------------------------------------------
@@ -294,7 +297,7 @@ class MapRun:
         chunk's own per-item time, and move the rest to the pool when that now wins."""
         assert self.features is not None and self.plan is not None
         features, first = self.features, self.n_done
-        replan = self.forced is None
+        replan = self.forced is None and not self.stay_serial
         chunk_s = SERIAL_FIRST_CHUNK_S
         # The first chunk is sized on a cautious per-item time: an uneven sample (its
         # last items far slower than the rest) must not commit a long chunk to the loop.
@@ -359,6 +362,14 @@ class MapRun:
                 task_overhead_s = dask_backend.calibration_for(
                     self.client, dask_backend.n_threads(self.client)).task_overhead_s
             else:
+                heavy = self._too_heavy_to_ship(plan, ref, calib)
+                if heavy is not None:
+                    self.plan = dataclasses.replace(
+                        plan, mode="serial", n_workers=1, chunksize=1,
+                        estimated_speedup=1.0, reason=heavy)
+                    self.stay_serial = True
+                    yield from self._serial()
+                    return
                 target = loky_backend.LokyTarget(ref, self.star)
         spec = RunSpec(
             plan.n_workers, plan.chunksize, star=self.star, ordered=self.ordered,
@@ -374,8 +385,27 @@ class MapRun:
             self.n_done += len(batch)
             yield batch
         self.timeline = run.timeline
+        self.bytes_sent += getattr(target, "bytes_sent", 0)
         self.observed_s = (run.worker_compute_s / run.worker_items
                            if run.worker_items else None)
+
+    def _too_heavy_to_ship(self, plan: Plan, ref: FunctionRef, calib: Calibration
+                           ) -> Optional[str]:
+        """Why the loop beats the pool once the function's own size is counted, or None.
+        A function that captures a large object (a bound method of an object holding
+        500 MB) crosses to each worker once per map: its bytes are written once, read and
+        rebuilt by every worker, each copy at about the measured per-byte cost. The plan
+        could not count it before: the function is pickled only for a pool."""
+        size = len(ref.blob or b"") + len(ref.patch or b"")
+        if size < BLOB_FILE_MIN_BYTES or self.planner.forced_parallel() is not None:
+            return None
+        shipping = size * calib.byte_cost_s * 2  # written once; read and rebuilt, at once
+        if plan.estimated_parallel_s + shipping < plan.estimated_serial_s:
+            return None
+        return (f"the function carries {fmt_bytes(size)} (what it captures): sending it to "
+                f"{plan.n_workers} workers is estimated at {fmt_s(shipping)}, which with "
+                f"the pool's {fmt_s(plan.estimated_parallel_s)} loses to the loop's "
+                f"{fmt_s(plan.estimated_serial_s)}; running serially")
 
     def _fallback_loop(self) -> Iterator[list[Any]]:
         """The function cannot be pickled: the rest runs here, in plain chunks."""

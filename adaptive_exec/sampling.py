@@ -128,7 +128,8 @@ def sample(
     An exception from ``func`` ends the sample; it is returned (index attached) with
     the results before it, which the caller yields first, as the plain loop would.
     ``on_item(calls completed)``, when given, is called after each call, outside its
-    timing, and returns the CPU seconds it spent itself (not the function's);
+    timing, and returns the CPU seconds it spent (then neither that nor its time is the
+    function's);
     ``ours_cpu()`` is CPU that other threads of ours spent meanwhile (not the function's).
     """
     watch = _Watch(time_budget_s, item_budget, on_item)
@@ -137,10 +138,10 @@ def sample(
     process_start = time.process_time()
     queued_start = _runqueue_wait_s()
     error = call_each(func, items, star, 0, results, in_caller=True, measure=watch)
-    wall = time.perf_counter() - watch.start
+    wall = time.perf_counter() - watch.start - watch.hook_wall
     cpu_used = time.thread_time() - cpu_start - watch.hook_cpu
     queued = _runqueue_wait_s() - queued_start
-    others = (time.process_time() - process_start - cpu_used
+    others = (time.process_time() - process_start - cpu_used - watch.hook_cpu
               - (ours_cpu() if ours_cpu else 0.0))
     durations = watch.durations
     if not durations:
@@ -167,7 +168,8 @@ class _Watch:
         self.time_budget_s = time_budget_s
         self.item_budget = item_budget
         self.on_item = on_item
-        self.hook_cpu = 0.0
+        self.hook_cpu = 0.0  # CPU seconds and wall seconds that on_item spent
+        self.hook_wall = 0.0
         self.memory = _PeakMemory()
         self.durations: list[float] = []
         self.in_sizes: list[int] = []
@@ -189,7 +191,12 @@ class _Watch:
         self.durations.append(t1 - self._t0)
         n = len(self.durations)
         if self.on_item is not None:
-            self.hook_cpu += self.on_item(n)
+            spent = self.on_item(n)
+            if spent:
+                # It did something (forked the pool's workers): neither its CPU nor its
+                # time is the function's. (The clock is read only then.)
+                self.hook_cpu += spent
+                self.hook_wall += time.perf_counter() - t1
         if n <= N_SIZED:
             grown = self.memory.after(self._rss)
             if grown is not None:

@@ -89,9 +89,13 @@ class FunctionRef:
     cwd: Optional[str] = None  # the caller's working directory (None: keep the worker's)
     sys_path: tuple[str, ...] = ()  # the caller's sys.path (empty: keep the worker's)
     lean: bool = False  # only the key: a worker that lacks it answers NEED_FUNCTION
+    # A large blob left in the caller's memory (``BlobFile``): (caller pid, fd, size).
+    # A worker on this machine reads it there; one that cannot answers NEED_FUNCTION.
+    blob_at: Optional[tuple[int, int, int]] = None
 
     def lean_copy(self) -> FunctionRef:
-        return dataclasses.replace(self, blob=None, patch=None, patch_module=None, lean=True)
+        return dataclasses.replace(self, blob=None, patch=None, patch_module=None,
+                                   blob_at=None, lean=True)
 
     def without_context(self) -> FunctionRef:
         """For workers that are not ours to move (a dask cluster's, maybe elsewhere)."""
@@ -268,7 +272,12 @@ def _resolve(ref: FunctionRef) -> Optional[Callable[..., Any]]:
     elif ref.lean:
         return None
     else:
-        if ref.blob is not None:
+        if ref.blob_at is not None:
+            blob = _read_blob(*ref.blob_at)
+            if blob is None:
+                return None  # the caller then sends it inside the chunk
+            func = pickle.loads(blob)
+        elif ref.blob is not None:
             func = pickle.loads(ref.blob)
         else:
             assert ref.module is not None and ref.qualname is not None
@@ -281,15 +290,78 @@ def _resolve(ref: FunctionRef) -> Optional[Callable[..., Any]]:
             # module was applied in between.
             importlib.import_module(ref.patch_module)
             func = _Patched(func, ref.patch_module, ref.key, pickle.loads(ref.patch))
-        size = len(ref.blob or b"") + len(ref.patch or b"")
+        size = len(ref.blob or b"") + len(ref.patch or b"") + (
+            ref.blob_at[2] if ref.blob_at else 0)
         _FUNCTIONS[ref.key] = (func, size)
         while len(_FUNCTIONS) > _MAX_FUNCTIONS or (
                 len(_FUNCTIONS) > 1 and sum(s for _, s in _FUNCTIONS.values())
                 > _MAX_FUNCTION_BYTES):
             _FUNCTIONS.popitem(last=False)
+        _allow_for_functions()
     if isinstance(func, _Patched):
         return func.enter()
     return func
+
+
+# Blobs at least this large are not sent down the pool's pipe with the chunks that need
+# them, one copy per worker, each pickled again by loky and read through a pipe (measured
+# here: 1.8-5.8 s per 500 MB); the caller writes them once into an anonymous memory file
+# that its workers read (~0.1 s per 500 MB each).
+BLOB_FILE_MIN_BYTES = 1 << 20
+
+
+class BlobFile:
+    """A blob in an anonymous memory file of the caller (Linux ``memfd``): its workers
+    open it through ``/proc/<pid>/fd/<fd>``; it is freed when closed here (the map's end)
+    and, by the kernel, when this process dies, whatever kills it."""
+
+    def __init__(self, blob: bytes):
+        self.fd = os.memfd_create("adaptive_exec-function", os.MFD_CLOEXEC)  # type: ignore[attr-defined]
+        view = memoryview(blob)
+        while view:
+            view = view[os.write(self.fd, view):]
+        self.at = (os.getpid(), self.fd, len(blob))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    @staticmethod
+    def available() -> bool:
+        return hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")
+
+
+def _read_blob(pid: int, fd: int, size: int) -> Optional[bytes]:
+    """The blob the caller left at ``fd``, or None when this worker cannot read it (on
+    another machine, or not allowed to)."""
+    try:
+        with open(f"/proc/{pid}/fd/{fd}", "rb") as f:
+            data = f.read(size)
+    except OSError:
+        return None
+    return data if len(data) == size else None
+
+
+_LOKY_LEAK_BASE: list[int] = []  # loky's own bound, read once
+
+
+def _allow_for_functions() -> None:
+    """In a loky worker: loky recycles a worker whose memory grew by more than a bound
+    (300 MB) since its first task, so a function that captures a large object was sent,
+    took the worker past the bound, lost with it, and sent again, for ever (measured:
+    21 s for a 0.6 s loop over a bound method of an object of 500 MB). The bound is
+    raised by what the functions kept here take: their bytes as they arrived, thrice
+    (the bytes in transit, the rebuilt object, room for allocator slack). A function
+    that leaks still gets its worker recycled."""
+    executor_module = sys.modules.get("loky.process_executor")
+    bound = getattr(executor_module, "_MAX_MEMORY_LEAK_SIZE", None)
+    if not isinstance(bound, int):
+        return
+    if not _LOKY_LEAK_BASE:
+        _LOKY_LEAK_BASE.append(bound)
+    held = sum(s for _, s in _FUNCTIONS.values())
+    executor_module._MAX_MEMORY_LEAK_SIZE = _LOKY_LEAK_BASE[0] + 3 * held  # type: ignore[union-attr]
 
 
 class _Patched:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures as cf
+import dataclasses
 import os
 import re
 import signal
@@ -36,7 +37,17 @@ from typing import Any, Optional
 from .. import calibration
 from ..records import Calibration
 from ..system import ENV_IN_WORKER
-from ..worker import ChunkResult, FunctionRef, bytes_of, decode, dumps, noop, run_chunk
+from ..worker import (
+    BLOB_FILE_MIN_BYTES,
+    BlobFile,
+    ChunkResult,
+    FunctionRef,
+    bytes_of,
+    decode,
+    dumps,
+    noop,
+    run_chunk,
+)
 from . import starts
 from .base import PoolGone
 
@@ -225,14 +236,6 @@ def _get_locked(n_workers: int, epoch: Optional[int] = None, path: str = starts.
         now = time.perf_counter()
         old = _state.executor
         broken = old is not None and _is_broken(old)
-        if (old is not None and not broken and _state.path == starts.FORK
-                and now - _state.last_used > IDLE_TIMEOUT_S * 0.9):
-            # Its workers may be leaving by loky's idle time-out, and loky would fork
-            # their replacements from this process, which now runs loky's threads.
-            _state.ended.add(old)
-            old.shutdown(wait=False)
-            _state.executor = old = None
-            _state.size = 0
         if old is None or broken or _state.size < n_workers:
             if old is not None and not broken:
                 # A larger pool is wanted; the old one drains what it was given, and
@@ -440,6 +443,18 @@ class LokyTarget:
         self.lean = ref.lean_copy()
         self.star = star
         self.full_left = 0  # chunks still to send with the whole function
+        # A large function is written once where the workers read it (worker.BlobFile),
+        # not pickled into each chunk that carries it.
+        self.blob_file: Optional[BlobFile] = None
+        self.whole = ref
+        if ref.blob is not None and len(ref.blob) >= BLOB_FILE_MIN_BYTES and BlobFile.available():
+            try:
+                self.blob_file = BlobFile(ref.blob)
+                self.whole = dataclasses.replace(ref, blob=None, blob_at=self.blob_file.at)
+            except OSError:  # no room in memory, or no memfd: in the chunks, as before
+                self.blob_file = None
+        self.bytes_sent = 0  # pickled bytes handed to the pool: chunks, and functions
+        self.pointed: set[int] = set()  # chunks (by start) sent pointing at the blob file
 
     def open(self, n_workers: int) -> tuple[Any, Optional[StartupProbe]]:
         executor, cold, _ = _get(n_workers)
@@ -457,9 +472,20 @@ class LokyTarget:
         if self.full_left > 0:
             self.full_left -= 1
             full = True
+        ref = self.lean
+        if full:
+            ref = self.whole
+            if self.blob_file is not None:
+                if start in self.pointed:
+                    # Its worker was pointed at the function and could not read it there
+                    # (not allowed, or not this machine): it comes inside the chunk.
+                    ref = self.ref
+                self.pointed.add(start)
+            self.bytes_sent += len(ref.blob or b"") + len(ref.patch or b"") + (
+                ref.blob_at[2] if ref.blob_at else 0)
+        self.bytes_sent += len(payload)
         try:
-            return executor.submit(run_chunk, self.ref if full else self.lean, start,
-                                   payload, self.star)
+            return executor.submit(run_chunk, ref, start, payload, self.star)
         except Exception as exc:
             if is_gone(executor):
                 raise PoolGone() from exc
@@ -507,6 +533,8 @@ class LokyTarget:
             calibration.record_overheads(*measure_overheads(executor, pool_size()))
 
     def close(self, executor: Any, clean: bool, interrupted: bool = False) -> None:
+        if self.blob_file is not None:
+            self.blob_file.close()
         if interrupted:
             # Ctrl-C: end the workers too, so that nothing runs on and nothing is left.
             mark_broken(executor, on_purpose=True)

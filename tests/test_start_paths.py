@@ -1,0 +1,205 @@
+"""How workers are started (adaptive_exec/backends/starts.py): the rule, each path's
+workers, the template never running the user's script again, a function crossing once per
+worker, and the fault, Ctrl-C and lifecycle suites under each forced path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import aex_helpers as h
+import psutil
+import pytest
+
+from adaptive_exec import parallelize
+from adaptive_exec.backends import loky as loky_backend
+from adaptive_exec.backends import starts
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+linux_only = pytest.mark.skipif(not starts.fork_works(), reason="fork and templates: Linux")
+
+
+def run_script(tmp_path, body: str, env: dict | None = None, timeout: float = 120) -> str:
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(body))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    return proc.stdout
+
+
+# --- the rule ---------------------------------------------------------------------------
+
+@linux_only
+def test_the_path_follows_the_threads_this_process_runs(monkeypatch):
+    monkeypatch.delenv(starts.ENV_START, raising=False)
+    baseline = starts.threads_now()
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        assert starts.threads_now() == baseline + 1  # the kernel's count, /proc/self/task
+        assert starts.choose() == starts.TEMPLATE
+    finally:
+        stop.set()
+        thread.join()
+    if starts.threads_now() == 1:
+        assert starts.choose() == starts.FORK
+
+
+def test_a_forced_path_is_taken_and_a_bad_one_is_refused(monkeypatch):
+    monkeypatch.setenv(starts.ENV_START, "exec")
+    assert starts.choose() == starts.EXEC
+    monkeypatch.setenv(starts.ENV_START, "vfork")
+    with pytest.raises(ValueError, match="fork, template, exec"):
+        starts.choose()
+
+
+@linux_only
+def test_a_forced_fork_in_a_threaded_process_comes_from_the_template(monkeypatch):
+    monkeypatch.setenv(starts.ENV_START, "fork")
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        assert starts.choose() == starts.TEMPLATE  # never a fork of a threaded process
+    finally:
+        stop.set()
+        thread.join()
+
+
+# --- each path's workers ------------------------------------------------------------------
+
+PARENTS = """
+    import json, os, sys, threading
+    sys.path.insert(0, {tests!r})
+    import psutil
+    import aex_helpers as h
+    from adaptive_exec import parallelize
+    from adaptive_exec.backends import loky as loky_backend, starts
+    if {threaded!r}:
+        threading.Thread(target=threading.Event().wait, daemon=True).start()
+    assert parallelize(h.heavy, backend="loky").map(range(20)) == [3 * x for x in range(20)]
+    print(json.dumps({{"path": loky_backend._state.path, "me": os.getpid(),
+                      "template": starts.template_pid(),
+                      "parents": [psutil.Process(p).ppid() for p in loky_backend.worker_pids()],
+                      "env": os.environ.get("ADAPTIVE_EXEC_IN_WORKER")}}))
+"""
+
+
+@linux_only
+@pytest.mark.parametrize("threaded", [False, True], ids=["one thread", "a thread of its own"])
+def test_workers_are_forked_by_the_caller_or_by_its_template(tmp_path, threaded):
+    env = {k: v for k, v in os.environ.items() if k != starts.ENV_START}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(
+        PARENTS.format(tests=TESTS, threaded=threaded))], capture_output=True, text=True,
+        timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["env"] is None  # the caller is not a worker
+    if threaded:
+        assert got["path"] == "template" and got["template"] is not None
+        assert set(got["parents"]) == {got["template"]}
+    else:
+        assert got["path"] == "fork" and got["template"] is None
+        assert set(got["parents"]) == {got["me"]}
+
+
+NO_GUARD = """
+    import os, sys
+    sys.path.insert(0, {tests!r})
+    import aex_helpers as h
+    from adaptive_exec import parallelize
+
+    print("script body ran in", os.getpid(), flush=True)
+
+    def triple(x):
+        h.spin(0.005)
+        return 3 * x
+
+    assert parallelize(triple, backend="loky").map(range(60)) == [3 * x for x in range(60)]
+    print("done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("path", starts.PATHS)
+def test_a_script_without_a_main_guard_runs_once_on_every_path(tmp_path, path):
+    out = run_script(tmp_path, NO_GUARD.format(tests=TESTS), env={starts.ENV_START: path})
+    assert out.count("script body ran in") == 1, out
+    assert out.strip().endswith("done")
+
+
+# --- the function crosses once per worker per map ------------------------------------------
+
+class Holder:
+    """An object holding a large buffer; its bound method is what is mapped."""
+
+    def __init__(self, n_bytes: int):
+        self.data = os.urandom(1 << 16) * (n_bytes >> 16)
+
+    def work(self, i: int) -> int:
+        h.spin(0.003)
+        return self.data[i] + i
+
+
+SIZE = 24 << 20
+
+
+def test_a_large_function_crosses_once_per_worker_per_map():
+    holder = Holder(SIZE)
+    pf = parallelize(holder.work, backend="loky", chunksize=1)  # 80 tasks, not 80 copies
+    for _ in range(2):  # a second map on the warm pool: the same bound again
+        assert pf.map(range(80)) == [holder.data[i] + i for i in range(80)]
+        report = pf.last_report
+        workers = max(n for _, n in report.workers_timeline)
+        assert report.plan.mode == "parallel" and workers >= 1
+        assert SIZE * 0.9 <= report.bytes_sent <= 1.3 * SIZE * workers + (1 << 20), (
+            report.bytes_sent, workers)
+
+
+def test_a_changed_large_object_is_sent_again():
+    holder = Holder(4 << 20)
+    pf = parallelize(holder.work, backend="loky", chunksize=1)
+    assert pf.map(range(40)) == [holder.data[i] + i for i in range(40)]
+    holder.data = bytes(reversed(holder.data))
+    assert pf.map(range(40)) == [holder.data[i] + i for i in range(40)]
+
+
+@pytest.mark.skipif(psutil.virtual_memory().available < 4 << 30, reason="needs 4 GB free")
+def test_a_function_too_heavy_to_ship_runs_serially_and_says_why():
+    loky_backend.shutdown()
+    holder = Holder(192 << 20)
+    pf = parallelize(holder.work, cache=False)
+    assert pf.map(range(150)) == [holder.data[i] + i for i in range(150)]
+    plan = pf.last_report.plan
+    if "carries" in plan.reason:  # the pool won on the sample: then the size ruled it out
+        assert plan.mode == "serial" and pf.last_report.workers_timeline == []
+    else:  # the sample alone said serial (a busy machine): nothing was sent either way
+        assert plan.mode == "serial", plan.reason
+    assert pf.last_report.bytes_sent == 0
+
+
+# --- the suites under each forced path --------------------------------------------------
+
+SUITES = ["tests/test_faults.py", "tests/test_lifecycle.py", "tests/test_correctness.py",
+          "tests/test_ported.py",
+          "tests/test_start_paths.py::test_a_large_function_crosses_once_per_worker_per_map"]
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("path", [starts.TEMPLATE, starts.EXEC])
+def test_the_fault_and_lifecycle_suites_pass_on_a_forced_path(path):
+    # The default run of the suite starts workers by fork (pytest runs one thread here);
+    # these runs force the other paths on every fault, time-out, Ctrl-C, lifecycle and
+    # correctness test.
+    if os.environ.get(starts.ENV_START):
+        pytest.skip("already inside a forced run")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "-x", *SUITES], cwd=ROOT, capture_output=True, text=True,
+                          timeout=880, env={**os.environ, starts.ENV_START: path})
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
