@@ -44,7 +44,6 @@ logger = logging.getLogger("adaptive_exec")
 
 _T = TypeVar("_T")
 
-_MAGIC = b"SQLite format 3\x00"
 _META = "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
 # Warnings point at the first frame outside this package: the user's code.
 _PACKAGE = __name__.partition(".")[0]
@@ -335,11 +334,18 @@ class SqliteFile:
                 return None
             unwritable = None
             if os.path.exists(p):
+                # Never opened here, not even to read its header: SQLite locks the file
+                # with POSIX advisory locks, which belong to the process, and closing
+                # *any* descriptor of the file drops all of them, those of this process's
+                # other open connections included. In WAL mode a connection holds a shared
+                # lock on the file while it is open: that is how another process, closing
+                # its last connection, sees that the WAL is still in use. Without it, that
+                # process deletes the -wal and -shm under our open connections, and each
+                # process then writes a history of its own into the file: lost writes,
+                # then "database disk image is malformed" (tests/test_cache_corruption.py).
+                # A file that is not SQLite's fails stored_version() below instead
+                # (SQLITE_NOTADB), untouched, and is moved aside.
                 inode = _inode(p)
-                with open(p, "rb") as f:
-                    head = f.read(len(_MAGIC))
-                if head and head != _MAGIC:
-                    raise _NotOurs("not an SQLite file")
                 unwritable = self._unwritable
                 if unwritable is None and not (self._may_write or writable)(p):
                     unwritable = "this process may not write it"
