@@ -22,7 +22,7 @@ from .backends import loky as loky_backend
 from .backends import starts
 from .fingerprint import describe
 from .planner import OWN_THREADS_MIN, WAITING_MAX_CPU, make_plan
-from .records import Cluster, Features, Options, Plan, fmt_s
+from .records import Calibration, Cluster, Features, Options, Plan, fmt_s
 
 logger = logging.getLogger("adaptive_exec")
 
@@ -77,11 +77,16 @@ def dask_client(options: Options) -> Any:
     return None
 
 
+def pool_calibration() -> Calibration:
+    """This machine's constants, with the start-up of the pool this map would use."""
+    return calibration.get(loky_backend.start_path())
+
+
 def maybe_prestart(options: Options, work_left_s: float, epoch: Optional[int] = None) -> Any:
     """Start the pool ahead when the work left clearly dwarfs its start-up (``epoch``:
     unless the pool was shut down since, by Ctrl-C); the executor, if it did."""
     cpus = pool_cpus(options)
-    if cpus and work_left_s >= PRESTART_FACTOR * calibration.get().startup_for(cpus):
+    if cpus and work_left_s >= PRESTART_FACTOR * pool_calibration().startup_for(cpus):
         return loky_backend.prestart(cpus, epoch)
     return None
 
@@ -90,7 +95,7 @@ def worth_a_pool(options: Options, features: Features, n_items: int, done: int) 
     """Would starting a pool now pay: a warm one beats the loop on the items left, and
     what it saves after its start-up outweighs what starting it costs here?"""
     snap = system.snapshot(options.max_workers, with_memory=False)
-    calib = calibration.get()
+    calib = pool_calibration()
     plan = make_plan(features, n_items, done, snap, calib, warm=True, from_cache=False)
     if plan.mode == "serial" or plan.estimated_speedup <= 1:
         return False
@@ -267,7 +272,7 @@ class MapPlanner:
         opts = self.options
         if self.client is not None and self.forced is None:
             return self._cluster_plan(features, n_items, n_done)
-        calib = calibration.get()
+        calib = pool_calibration()
         snap = system.snapshot(opts.max_workers, with_memory=False)
         forced_parallel = self.forced_parallel()
         chunksize = 1 if opts.timeout is not None and self.forced is None else opts.chunksize

@@ -346,7 +346,7 @@ class MapRun:
         """The items from ``first`` on the pool, threads or cluster the plan names."""
         assert self.features is not None
         target: Any
-        calib = calibration.get()
+        calib = adapt.pool_calibration()
         task_overhead_s = calib.task_overhead_s
         if plan.mode == "threads":
             target = ThreadTarget(self.func, self.star)

@@ -84,6 +84,7 @@ class _PoolState:
         self.ended: weakref.WeakSet[Any] = weakref.WeakSet()
         self.path = starts.EXEC  # how the executor's workers were started (starts.py)
         self.path_measurable = True  # its start-up measures the path's (see _get_locked)
+        self.starting_path: Optional[str] = None  # the path of a start ahead under way
 
 
 _state = _PoolState()
@@ -289,6 +290,17 @@ def fresh_executor(n_workers: int) -> tuple[Any, float]:
     return executor, created
 
 
+def start_path() -> str:
+    """The start path of the pool a map would use now: that of the pool that exists (or
+    is being started ahead), else the one a new pool would take from this thread."""
+    with _state.lock:
+        if _state.executor is not None and not _is_broken(_state.executor):
+            return _state.path
+        if _state.starting_at is not None and _state.starting_path is not None:
+            return _state.starting_path
+    return starts.choose()
+
+
 def current_epoch() -> int:
     """Bumped by every shutdown(): a start ahead decided before it must not happen."""
     with _state.lock:
@@ -305,12 +317,14 @@ def prestart(n_workers: int, epoch: Optional[int] = None) -> Any:
             return None  # decided before a shutdown (Ctrl-C ended the map meanwhile)
         if _state.starting_at is None:
             _state.starting_at = time.perf_counter()
+            _state.starting_path = starts.choose()
         epoch = _state.epoch
     try:
         return _get(n_workers, epoch)[0]
     finally:
         with _state.lock:
             _state.starting_at = None
+            _state.starting_path = None
 
 
 def current_probe(executor: Any) -> Any:
