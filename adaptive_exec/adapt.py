@@ -168,6 +168,10 @@ class SamplingWatch:
         delay = 0.005
         cpu0 = time.process_time()
         try:
+            # What starting a pool imports (loky: ~36 ms here), imported here, meanwhile,
+            # rather than on the caller's thread when the pool is started.
+            import loky.process_executor  # noqa: F401
+
             while not self.done.wait(delay):
                 elapsed = time.perf_counter() - self.t0
                 share = (time.process_time() - cpu0) / elapsed

@@ -25,6 +25,7 @@ from . import adapt, cache, calibration, planner, system
 from .backends import dask as dask_backend
 from .backends import loky as loky_backend
 from .backends import serial as serial_backend
+from .backends import starts
 from .backends.threads import ThreadTarget
 from .dispatch import ParallelRun, RunSpec
 from .errors import UnpicklableWarning
@@ -157,6 +158,8 @@ class MapRun:
         if self.forced is None and self.client is None and adapt.pool_cpus(self.options):
             # Other processes' CPU load is measured over the time from here to the plan.
             self.load = system.LoadProbe(loky_backend.worker_pids)
+            if self.n_known is None or self.n_known >= 2:
+                starts.start_template_ahead()  # a threaded caller's workers come from it
         if self.options.cache and self.forced is None:
             self.entry = cache.lookup(self.key)
         if self.forced is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -27,6 +28,10 @@ def measure(spec: Dict[str, Any]) -> Dict[str, Any]:
     task = workload.load_task()
     go, details = runners.prepare(task, items, spec)
     gc.collect()  # garbage from building the items is not the runner's to collect
+    if spec.get("threaded"):
+        # A caller that runs a thread of its own (a GUI's, a server's), parked meanwhile.
+        threading.Thread(target=threading.Event().wait, name="caller's own",
+                         daemon=True).start()
     watchdog = _Watchdog(spec["limit_s"], lambda: _write(spec["out"], {
         "status": "TIMEOUT", "seconds": None,
         "message": f"no result within {spec['limit_s']:.0f} s"}))
@@ -55,27 +60,25 @@ def measure(spec: Dict[str, Any]) -> Dict[str, Any]:
 class _Watchdog:
     """Ends the process when the timed part runs past its limit.  The limit counts from
     the start of the map, not from the process's start (imports vary by runner); the
-    harness kills this process's group afterwards, pool workers included."""
+    harness kills this process's group afterwards, pool workers included.
+
+    A SIGALRM timer, not a thread: a thread would make every measured caller a threaded
+    one, and adaptive_exec starts the workers of a threaded caller differently (see
+    adaptive_exec/backends/starts.py). The ``@threaded`` scenarios add a thread on
+    purpose (``spec["threaded"]``)."""
 
     def __init__(self, limit_s: float, on_timeout: Callable[[], None]) -> None:
-        self._lock = threading.Lock()
-        self._stopped = False
         self._on_timeout = on_timeout
-        self._timer = threading.Timer(limit_s, self._fire)
-        self._timer.daemon = True
-        self._timer.start()
+        self._old = signal.signal(signal.SIGALRM, self._fire)
+        signal.setitimer(signal.ITIMER_REAL, limit_s)
 
-    def _fire(self) -> None:
-        with self._lock:  # a map that ends right now must not also be reported late
-            if self._stopped:
-                return
-            self._on_timeout()
-            os._exit(3)
+    def _fire(self, signum: int, frame: Any) -> None:
+        self._on_timeout()
+        os._exit(3)
 
     def stop(self) -> None:
-        with self._lock:
-            self._stopped = True
-        self._timer.cancel()
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, self._old)
 
 
 def _write(path: str, outcome: Dict[str, Any]) -> None:

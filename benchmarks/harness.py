@@ -61,21 +61,26 @@ SERIAL_TIME_LIMIT = (30.0, 20.0)
 DEFAULT_REPEATS_QUICK = 2
 DEFAULT_REPEATS_FULL = 3
 
-# Scenario names: a workload's, the same with LOADED appended, and REACTION.
+# Scenario names: a workload's, the same with LOADED or THREADED appended, and REACTION.
 LOADED = "@loaded"
+# The caller runs a thread of its own during the map (a GUI's, a server's): adaptive_exec
+# then starts its workers from a template process instead of forking the caller.
+THREADED = "@threaded"
 REACTION = "reaction"
-DEFAULT_SCENARIOS = [*workloads_mod.WORKLOADS, f"heavy{LOADED}", REACTION]
+DEFAULT_SCENARIOS = [*workloads_mod.WORKLOADS, f"heavy{LOADED}", f"heavy{THREADED}",
+                     f"small{THREADED}", REACTION]
 # The reaction's runs, unless --repeats says otherwise: a median of 2 is a mean.
 DEFAULT_REACTION_REPEATS = 3
 
 
 def all_scenarios() -> List[str]:
     return [*workloads_mod.WORKLOADS, *(f"{w}{LOADED}" for w in workloads_mod.WORKLOADS),
-            REACTION]
+            *(f"{w}{THREADED}" for w in workloads_mod.WORKLOADS), REACTION]
 
 
 def split_scenario(name: str) -> Tuple[str, bool]:
-    """'heavy@loaded' -> ('heavy', True); 'heavy' -> ('heavy', False)."""
+    """'heavy@loaded' -> ('heavy', True); 'heavy' or 'heavy@threaded' -> ('heavy', False)."""
+    name = name[: -len(THREADED)] if name.endswith(THREADED) else name
     if name.endswith(LOADED):
         return name[: -len(LOADED)], True
     return name, False
@@ -281,7 +286,8 @@ def run_workload(name: str, options: Options, work_dir: Path, progress: _Progres
     n_items = workload.n_items(options.quick)
     nominal = workload.nominal_serial_s(options.quick)
     configs = [Config(spec) for spec in _specs(options, n_items, ncpu, loaded)]
-    base = {"workload": workload_name, "n_items": n_items}
+    threaded = name.endswith(THREADED)
+    base = {"workload": workload_name, "n_items": n_items, "threaded": threaded}
     warm_dir = str(work_dir / f"cache-warm-{name.replace('@', '-')}")
     os.makedirs(warm_dir, exist_ok=True)  # as the cold runs' dirs: existing and empty
 
@@ -309,7 +315,11 @@ def run_workload(name: str, options: Options, work_dir: Path, progress: _Progres
             config.runs.append(outcome)
             progress.line(name, config.spec.name, label, outcome)
 
-    return _summarize(name, workload, options.quick, configs, warmup, loaded)
+    summary = _summarize(name, workload, options.quick, configs, warmup, loaded)
+    if threaded:
+        summary["description"] += "; the caller runs a thread of its own meanwhile"
+    summary["threaded"] = threaded
+    return summary
 
 
 def _load(loaded: bool, limit: float) -> ContextManager[Any]:

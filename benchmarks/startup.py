@@ -21,7 +21,12 @@ import subprocess
 import sys
 
 PATHS = {
-    "loky": "loky's ProcessPoolExecutor, its default start (fork+exec), as adaptive_exec",
+    "adaptive_fork": "adaptive_exec's pool, workers forked by the caller (one thread)",
+    "adaptive_template": "adaptive_exec's pool, workers forked by its template process "
+                         "(a threaded caller), the template started ahead",
+    "adaptive_template_cold": "the same, the template started with the pool",
+    "adaptive_exec": "adaptive_exec's pool on loky's own start (ADAPTIVE_EXEC_START=exec)",
+    "loky": "loky's ProcessPoolExecutor, its default start (fork+exec)",
     "loky_fork": "loky's ProcessPoolExecutor with loky's fork context",
     "mp_fork_pool": "multiprocessing.get_context('fork').Pool",
     "cf_fork": "concurrent.futures.ProcessPoolExecutor, fork context",
@@ -43,8 +48,48 @@ def cpu():
 if path.startswith("loky"):
     import loky
     from loky.backend.context import get_context
+if path.startswith("adaptive"):
+    import threading
+    import psutil
+    if path.startswith("adaptive_template"):
+        os.environ["ADAPTIVE_EXEC_START"] = "template"
+    elif path == "adaptive_exec":
+        os.environ["ADAPTIVE_EXEC_START"] = "exec"
+    from adaptive_exec.backends import loky as backend, starts
+    import loky, loky.process_executor  # as a script that imported adaptive_exec has them
+    if path == "adaptive_template":
+        starts.template().start()
+        time.sleep(0.5)  # started ahead: up before the pool is asked for
 cpu0 = cpu()
 t0 = time.perf_counter()
+if path.startswith("adaptive"):
+    pool, _, _ = backend._get(n)
+    probe = backend.current_probe(pool)
+    probe.first.wait(60)
+    first = time.perf_counter() - t0
+    while probe.startup_s is None and time.perf_counter() - t0 < 60:
+        time.sleep(0.0005)
+    every = time.perf_counter() - t0
+    pids = set(backend.worker_pids())
+    backend.shutdown()  # as the other paths: the workers' CPU once they are reaped
+    cpu1 = cpu()
+    template = starts.template_pid()
+    helper_cpu = 0.0
+    workers_cpu = cpu1[1] - cpu0[1]  # forked by us: our children
+    if template:  # forked by the template: its children, reaped by it
+        proc = psutil.Process(template)
+        deadline = time.perf_counter() + 5
+        while time.perf_counter() < deadline and any(psutil.pid_exists(p) and
+                psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+            time.sleep(0.005)
+        time.sleep(0.05)  # its SIGCHLD handler reaps them
+        times = proc.cpu_times()
+        helper_cpu = times.user + times.system
+        workers_cpu = times.children_user + times.children_system
+    print(json.dumps({"first_s": first, "all_s": every, "workers_seen": len(pids),
+                      "caller_cpu_s": cpu1[0] - cpu0[0], "workers_cpu_s": workers_cpu,
+                      "template_cpu_s": helper_cpu}))
+    sys.exit(0)
 if path == "loky":
     pool = loky.ProcessPoolExecutor(n)
 elif path == "loky_fork":
@@ -74,13 +119,18 @@ else:
     pool.shutdown(wait=True)
 cpu1 = cpu()
 print(json.dumps({"first_s": first, "all_s": every, "workers_seen": len(pids),
-                  "caller_cpu_s": cpu1[0] - cpu0[0], "workers_cpu_s": cpu1[1] - cpu0[1]}))
+                  "caller_cpu_s": cpu1[0] - cpu0[0], "workers_cpu_s": cpu1[1] - cpu0[1],
+                  "template_cpu_s": 0.0}))
 """
 
 
 def measure(path: str, n: int) -> dict[str, float]:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    env.pop("ADAPTIVE_EXEC_START", None)
     out = subprocess.run([sys.executable, "-c", _CHILD, path, str(n)], capture_output=True,
-                         text=True, timeout=120, check=True).stdout
+                         text=True, timeout=120, check=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -98,15 +148,16 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or any(w < 1 for w in sizes) or args.repeats < 1:
         parser.error(f"unknown paths {unknown}" if unknown else "sizes and repeats must be >= 1")
     print(f"{os.cpu_count()} logical CPUs; medians of {args.repeats} fresh processes")
-    print(f"{'path':13} {'workers':>7} {'first ms':>9} {'all ms':>8} {'caller cpu ms':>14} "
-          f"{'workers cpu ms':>15} {'cpu ms/worker':>14}")
+    print(f"{'path':22} {'workers':>7} {'first ms':>9} {'all ms':>8} {'caller cpu ms':>14} "
+          f"{'workers cpu ms':>15} {'cpu ms/worker':>14} {'template cpu ms':>16}")
     for path in paths:
         for n in sizes:
             runs = [measure(path, n) for _ in range(args.repeats)]
             med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-            print(f"{path:13} {n:7d} {med['first_s'] * 1e3:9.1f} {med['all_s'] * 1e3:8.1f} "
+            print(f"{path:22} {n:7d} {med['first_s'] * 1e3:9.1f} {med['all_s'] * 1e3:8.1f} "
                   f"{med['caller_cpu_s'] * 1e3:14.1f} {med['workers_cpu_s'] * 1e3:15.1f} "
-                  f"{(med['caller_cpu_s'] + med['workers_cpu_s']) / n * 1e3:14.1f}")
+                  f"{(med['caller_cpu_s'] + med['workers_cpu_s']) / n * 1e3:14.1f} "
+                  f"{med['template_cpu_s'] * 1e3:16.1f}", flush=True)
     return 0
 
 

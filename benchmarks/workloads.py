@@ -93,6 +93,19 @@ def fat_return_task(i: int) -> bytes:
     return _payload(i)
 
 
+_MEDIUM_BYTES = 20_000
+
+
+def _medium(i: int) -> bytes:
+    """~20 KB that differ per item: a parsed record, a thumbnail, a small array."""
+    return i.to_bytes(8, "little") * (_MEDIUM_BYTES // 8)
+
+
+def result_20k_task(i: int) -> bytes:
+    _burn_cpu(1e-3)
+    return _medium(i)
+
+
 _MEMORY_BYTES = 200 * 2**20
 _PAGE = 4096
 
@@ -258,6 +271,10 @@ WORKLOADS: Dict[str, Workload] = {
             "fat_return", "0.1 ms of CPU per item returning 200 KB",
             f"{_THIS}:fat_return_task", 2_000, 1_000, _indices,
             lambda items: [_payload(i) for i in items], _flat(0.1e-3 + 25e-6),
+        ),
+        Workload(
+            "result_20k", "1 ms of CPU per item returning 20 KB", f"{_THIS}:result_20k_task",
+            1_500, 600, _indices, lambda items: [_medium(i) for i in items], _flat(1e-3),
         ),
         Workload(
             "few_heavy", "3 items of 300 ms of CPU", f"{_THIS}:few_heavy_task", 3, 3,

@@ -41,7 +41,10 @@ def test_chunks_grow_when_items_are_small():
     small = plan(feats(2e-4), 5000)
     heavy = plan(feats(0.02), 100)
     assert small.mode == heavy.mode == "parallel"
-    assert small.chunksize > 8 and heavy.chunksize <= 2
+    assert small.chunksize > 8
+    # A chunk of heavy items stays short (errors, Ctrl-C and load changes are seen
+    # between chunks): at most ~0.1 s of work here, 5 items of 20 ms.
+    assert heavy.chunksize * 0.02 <= 0.1
 
 
 def test_memory_caps_the_workers():
