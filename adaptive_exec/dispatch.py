@@ -69,6 +69,11 @@ EWMA = 0.3
 # wakes this often to apply what it decided.
 MONITOR_INTERVAL_S = 0.3
 WAKE_S = 0.25
+# A timed item whose start its worker never noted (it could not open the caller's clock)
+# counts from when it was sent once this much longer than the timeout has passed: the
+# most a function's transfer is given before it counts (a judgement: ~10x the worst
+# 500 MB transfer measured here).
+UNNOTED_START_S = 30.0
 # Ordered results waiting for an earlier, slower chunk: at most this many chunks per
 # worker are held before no new chunk is sent (a judgement: the memory a slow consumer
 # or one slow chunk can pin stays bounded, and skewed work keeps ~4 chunks of slack).
@@ -513,18 +518,37 @@ class ParallelRun:
                 return  # start-up does not count against any item
             self.warm_at = now
         for fut, info in self.pending.items():
-            began = max(info.submitted, self.warm_at)
-            if not fut.done() and now - began > self.timeout:
+            began = self._began(info)
+            if began is not None and not fut.done() and now - began > self.timeout:
                 self.interrupted = True  # its worker is ended with the pool
                 msg = (f"item {info.start} ran past the timeout of {self.timeout:g} s; "
                        "its worker was ended")
                 raise attach_origin(ItemTimeoutError(msg), info.start, None)
 
+    def _began(self, info: _Pending) -> Optional[float]:
+        """When a timed chunk's item began (perf_counter seconds), or None while it has
+        not: noted by its worker where the target can (worker.ItemClock), so that the
+        time its function takes to arrive is not the item's; else when it was sent (or
+        the pool came up, whichever is later)."""
+        assert self.warm_at is not None
+        sent = max(info.submitted, self.warm_at)
+        item_started = getattr(self.target, "item_started", None)
+        if item_started is None or getattr(self.target, "clock", None) is None:
+            return sent
+        at = item_started(info.start)
+        if at is not None:
+            return at + (time.perf_counter() - time.monotonic())
+        if time.perf_counter() - sent > self.timeout + UNNOTED_START_S:  # type: ignore[operator]
+            return sent  # never noted (its worker could not write it): count from sending
+        return None
+
     def _next_wake(self) -> float:
         if self.timeout is None or self.warm_at is None or not self.pending:
             return WAKE_S
-        first = min(max(info.submitted, self.warm_at) for info in self.pending.values())
-        return max(0.005, min(WAKE_S, first + self.timeout - time.perf_counter()))
+        began = [b for b in map(self._began, self.pending.values()) if b is not None]
+        if not began:
+            return WAKE_S
+        return max(0.005, min(WAKE_S, min(began) + self.timeout - time.perf_counter()))
 
     # --- giving back ----------------------------------------------------------------------
 

@@ -373,7 +373,8 @@ class MapRun:
                     self.stay_serial = True
                     yield from self._serial()
                     return
-                target = loky_backend.LokyTarget(ref, self.star)
+                target = loky_backend.LokyTarget(ref, self.star,
+                                                 timed=self.options.timeout is not None)
         spec = RunSpec(
             plan.n_workers, plan.chunksize, star=self.star, ordered=self.ordered,
             strict=self.options.strict, fixed_chunksize=self.options.chunksize is not None,

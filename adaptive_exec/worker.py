@@ -27,6 +27,7 @@ import hashlib
 import importlib
 import os
 import pickle
+import struct
 import sys
 import time
 import traceback
@@ -343,6 +344,66 @@ def _read_blob(pid: int, fd: int, size: int) -> Optional[bytes]:
     return data if len(data) == size else None
 
 
+class ItemClock:
+    """When each timed item began, written by the worker that runs it into an anonymous
+    memory file of the caller (as ``BlobFile``), so that an item's ``timeout=`` counts
+    from its start, not from when it was sent: the function it needs may still be on
+    its way (a large one takes seconds to read and rebuild). A slot per chunk in flight;
+    ``time.monotonic()`` on both sides (one clock for every process of a machine)."""
+
+    SLOTS = 4096
+
+    def __init__(self) -> None:
+        import mmap
+
+        self.fd = os.memfd_create("adaptive_exec-clock", os.MFD_CLOEXEC)  # type: ignore[attr-defined]
+        os.ftruncate(self.fd, self.SLOTS * 8)
+        self.map = mmap.mmap(self.fd, self.SLOTS * 8)
+        self.pid = os.getpid()
+        # The file's inode: a worker tells this clock from an earlier one whose
+        # descriptor number this one reuses.
+        self.ino = os.fstat(self.fd).st_ino
+        self._next = 0
+
+    def slot(self) -> tuple[int, int, int, int]:
+        """A fresh slot (cleared), as a worker addresses it: (pid, fd, inode, slot)."""
+        slot, self._next = self._next, (self._next + 1) % self.SLOTS
+        struct.pack_into("d", self.map, slot * 8, 0.0)
+        return self.pid, self.fd, self.ino, slot
+
+    def started(self, slot: int) -> Optional[float]:
+        """When the item of ``slot`` began (monotonic seconds), or None if not yet."""
+        value: float = struct.unpack_from("d", self.map, slot * 8)[0]
+        return value or None
+
+    def close(self) -> None:
+        self.map.close()
+        os.close(self.fd)
+
+
+# In a worker: the callers' clocks it has opened, the last few (one per timed map).
+_CLOCKS: collections.OrderedDict[tuple[int, int, int], Any] = collections.OrderedDict()
+
+
+def _mark_started(pid: int, fd: int, ino: int, slot: int) -> None:
+    """In a worker: note that the item of ``slot`` begins now (best effort)."""
+    import mmap
+
+    try:
+        clock = _CLOCKS.get((pid, fd, ino))
+        if clock is None:
+            with open(f"/proc/{pid}/fd/{fd}", "r+b") as f:
+                if os.fstat(f.fileno()).st_ino != ino:
+                    return  # not that clock any more (the map ended)
+                clock = mmap.mmap(f.fileno(), ItemClock.SLOTS * 8)
+            _CLOCKS[(pid, fd, ino)] = clock
+            while len(_CLOCKS) > 4:
+                _CLOCKS.popitem(last=False)[1].close()
+        struct.pack_into("d", clock, slot * 8, time.monotonic())
+    except (OSError, ValueError):  # the caller then counts from when it sent the item
+        pass
+
+
 _LOKY_LEAK_BASE: list[int] = []  # loky's own bound, read once
 
 
@@ -402,8 +463,10 @@ class ChunkResult:
     reason: Optional[str] = None  # why, for the caller's one warning
 
 
-def run_chunk(ref: FunctionRef, start: int, payload: bytes, star: bool) -> ChunkResult:
-    """Worker side: run the items of one chunk in order; results go back pickled."""
+def run_chunk(ref: FunctionRef, start: int, payload: bytes, star: bool,
+              clock: Optional[tuple[int, int, int, int]] = None) -> ChunkResult:
+    """Worker side: run the items of one chunk in order; results go back pickled.
+    ``clock``: where to note when the items begin (``ItemClock``), for a timeout."""
     pid = os.getpid()
     _enter_context(ref)
     try:
@@ -419,6 +482,8 @@ def run_chunk(ref: FunctionRef, start: int, payload: bytes, star: bool) -> Chunk
         return ChunkResult([], 0, 0.0, pid, status=FALLBACK,
                            reason=f"items from index {start} cannot be unpickled in a "
                                   f"worker ({_safe(exc)})")
+    if clock is not None:
+        _mark_started(*clock)
     res = run_items(func, start, items, star)
     error = None if res.error is None else _pickle_error(res.error)
     try:

@@ -323,3 +323,29 @@ class Scaler:
 
     def __call__(self, x):
         return self.apply(x)
+
+
+def _rebuilt_slowly(seconds):
+    time.sleep(seconds)
+    return SlowToRebuild(seconds)
+
+
+class SlowToRebuild:
+    """An object that takes ``seconds`` to unpickle: a function bound to it reaches a
+    worker that late, as one capturing a large object does."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def __reduce__(self):
+        return (_rebuilt_slowly, (self.seconds,))
+
+    def work(self, x):
+        time.sleep(0.05)
+        return x * 2
+
+
+def sleepy_or_fast(slow, x):
+    """Item 3 sleeps 30 s, the others 0.05 s; ``slow`` makes the function slow to arrive."""
+    time.sleep(30 if x == 3 else 0.05)
+    return x

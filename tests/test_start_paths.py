@@ -4,6 +4,7 @@ worker, and the fault, Ctrl-C and lifecycle suites under each forced path."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -203,3 +204,24 @@ def test_the_fault_and_lifecycle_suites_pass_on_a_forced_path(path):
                            "-x", *SUITES], cwd=ROOT, capture_output=True, text=True,
                           timeout=880, env={**os.environ, starts.ENV_START: path})
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+# --- an item's timeout counts from its start ------------------------------------------------
+
+def test_a_timeout_counts_from_the_item_start_not_from_its_function_s_arrival():
+    # The function takes 1 s to be rebuilt in each worker (as a large capture does);
+    # its items take 0.05 s, well within their 0.5 s.
+    slow = h.SlowToRebuild(1.0)
+    pf = parallelize(slow.work, timeout=0.5)
+    assert pf.map(range(12)) == [2 * x for x in range(12)]
+    assert pf.last_report.plan.mode == "parallel"
+
+
+def test_an_item_that_runs_past_its_timeout_still_fails():
+    from adaptive_exec import ItemTimeoutError
+
+    slow = h.SlowToRebuild(1.0)
+    pf = parallelize(functools.partial(h.sleepy_or_fast, slow), timeout=0.5)
+    with pytest.raises(ItemTimeoutError) as info:
+        pf.map(range(6))
+    assert info.value.item_index == 3

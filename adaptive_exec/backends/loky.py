@@ -42,6 +42,7 @@ from ..worker import (
     BlobFile,
     ChunkResult,
     FunctionRef,
+    ItemClock,
     bytes_of,
     decode,
     dumps,
@@ -452,8 +453,16 @@ class LokyTarget:
 
     remote = True
 
-    def __init__(self, ref: FunctionRef, star: bool):
+    def __init__(self, ref: FunctionRef, star: bool, timed: bool = False):
         self.ref = ref
+        # With a timeout: where workers note when each item begins (worker.ItemClock).
+        self.clock: Optional[ItemClock] = None
+        self.slots: dict[int, int] = {}  # chunk start -> its clock slot
+        if timed and BlobFile.available():
+            try:
+                self.clock = ItemClock()
+            except OSError:
+                self.clock = None
         self.lean = ref.lean_copy()
         self.star = star
         self.full_left = 0  # chunks still to send with the whole function
@@ -498,8 +507,12 @@ class LokyTarget:
             self.bytes_sent += len(ref.blob or b"") + len(ref.patch or b"") + (
                 ref.blob_at[2] if ref.blob_at else 0)
         self.bytes_sent += len(payload)
+        clock = None
+        if self.clock is not None:
+            clock = self.clock.slot()
+            self.slots[start] = clock[3]
         try:
-            return executor.submit(run_chunk, ref, start, payload, self.star)
+            return executor.submit(run_chunk, ref, start, payload, self.star, clock)
         except Exception as exc:
             if is_gone(executor):
                 raise PoolGone() from exc
@@ -546,9 +559,20 @@ class LokyTarget:
             # Once per process, while the pool and this thread are both idle.
             calibration.record_overheads(*measure_overheads(executor, pool_size()))
 
+    def item_started(self, start: int) -> Optional[float]:
+        """When the chunk at ``start`` began running in its worker (monotonic seconds);
+        None when not yet, or not known."""
+        slot = self.slots.get(start)
+        if self.clock is None or slot is None:
+            return None
+        return self.clock.started(slot)
+
     def close(self, executor: Any, clean: bool, interrupted: bool = False) -> None:
         if self.blob_file is not None:
             self.blob_file.close()
+        if self.clock is not None:
+            self.clock.close()
+            self.clock = None
         if interrupted:
             # Ctrl-C: end the workers too, so that nothing runs on and nothing is left.
             mark_broken(executor, on_purpose=True)
