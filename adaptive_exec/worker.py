@@ -461,6 +461,7 @@ class ChunkResult:
     status: str = "ran"
     holes: Optional[tuple[int, ...]] = None
     reason: Optional[str] = None  # why, for the caller's one warning
+    function_bytes: int = 0  # what this worker read of a blob file to rebuild the function
 
 
 def run_chunk(ref: FunctionRef, start: int, payload: bytes, star: bool,
@@ -469,6 +470,7 @@ def run_chunk(ref: FunctionRef, start: int, payload: bytes, star: bool,
     ``clock``: where to note when the items begin (``ItemClock``), for a timeout."""
     pid = os.getpid()
     _enter_context(ref)
+    fetched = ref.blob_at[2] if ref.blob_at is not None and ref.key not in _FUNCTIONS else 0
     try:
         func = _resolve(ref)
     except Exception as exc:
@@ -484,7 +486,7 @@ def run_chunk(ref: FunctionRef, start: int, payload: bytes, star: bool,
                                   f"worker ({_safe(exc)})")
     if clock is not None:
         _mark_started(*clock)
-    res = run_items(func, start, items, star)
+    res = dataclasses.replace(run_items(func, start, items, star), function_bytes=fetched)
     error = None if res.error is None else _pickle_error(res.error)
     try:
         return dataclasses.replace(res, results=dumps(res.results), error=error)

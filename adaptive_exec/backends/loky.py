@@ -84,6 +84,9 @@ class _PoolState:
         # thread whose chunks die with them sends them again, without counting a crash.
         self.ended: weakref.WeakSet[Any] = weakref.WeakSet()
         self.path = starts.EXEC  # how the executor's workers were started (starts.py)
+        # Keys of the functions sent whole to this executor's workers (for the maps to
+        # come: their workers have them; one that does not asks, NEED_FUNCTION).
+        self.given: set[str] = set()
         self.path_measurable = True  # its start-up measures the path's (see _get_locked)
         self.starting_path: Optional[str] = None  # the path of a start ahead under way
 
@@ -257,6 +260,7 @@ def _get_locked(n_workers: int, epoch: Optional[int] = None, path: str = starts.
                 initializer=_worker_init, initargs=(parent, env),
             )
             _state.size = size
+            _state.given = set()
             _state.path = path
             _state.path_measurable = measurable
             _state.warm = False
@@ -387,6 +391,18 @@ def mark_broken(executor: Any, on_purpose: bool = False) -> bool:
     return True
 
 
+def given_before(executor: Any, key: str) -> bool:
+    """Whether a whole function of this key went to ``executor``'s workers already."""
+    with _state.lock:
+        return executor is _state.executor and key in _state.given
+
+
+def note_given(executor: Any, key: str) -> None:
+    with _state.lock:
+        if executor is _state.executor:
+            _state.given.add(key)
+
+
 def end_unused(executor: Any) -> None:
     """End ``executor`` if no map has used it yet: started ahead for a map that was then
     left (an imap closed, or left by Ctrl-C in the consumer's code, while sampling)."""
@@ -467,24 +483,35 @@ class LokyTarget:
         self.star = star
         self.full_left = 0  # chunks still to send with the whole function
         # A large function is written once where the workers read it (worker.BlobFile),
-        # not pickled into each chunk that carries it.
+        # not pickled into each chunk that carries it; written when first needed.
         self.blob_file: Optional[BlobFile] = None
         self.whole = ref
-        if ref.blob is not None and len(ref.blob) >= BLOB_FILE_MIN_BYTES and BlobFile.available():
-            try:
-                self.blob_file = BlobFile(ref.blob)
-                self.whole = dataclasses.replace(ref, blob=None, blob_at=self.blob_file.at)
-            except OSError:  # no room in memory, or no memfd: in the chunks, as before
-                self.blob_file = None
-        self.bytes_sent = 0  # pickled bytes handed to the pool: chunks, and functions
+        self.big = (ref.blob is not None and len(ref.blob) >= BLOB_FILE_MIN_BYTES
+                    and BlobFile.available())
+        # Pickled bytes that crossed to workers: every chunk's items, the function inside
+        # the chunks that carried it, and what workers read of a blob file.
+        self.bytes_sent = 0
         self.pointed: set[int] = set()  # chunks (by start) sent pointing at the blob file
 
     def open(self, n_workers: int) -> tuple[Any, Optional[StartupProbe]]:
         executor, cold, _ = _get(n_workers)
         # One whole ref per worker, about: the others carry its key alone, and a worker
-        # that lacks it asks (NEED_FUNCTION) and gets the chunk again, whole.
-        self.full_left = n_workers
+        # that lacks it asks (NEED_FUNCTION) and gets the chunk again, whole. None when
+        # this pool was given this very function (same key) by an earlier map: its
+        # workers keep it.
+        self.full_left = 0 if given_before(executor, self.ref.key) else n_workers
         return executor, current_probe(executor) if cold else None
+
+    def _whole(self) -> FunctionRef:
+        if self.big and self.blob_file is None:
+            assert self.ref.blob is not None
+            try:
+                self.blob_file = BlobFile(self.ref.blob)
+                self.whole = dataclasses.replace(self.ref, blob=None,
+                                                 blob_at=self.blob_file.at)
+            except OSError:  # no room in memory, or no memfd: in the chunks, as before
+                self.big = False
+        return self.whole
 
     def capacity(self) -> int:
         return pool_size()
@@ -497,15 +524,15 @@ class LokyTarget:
             full = True
         ref = self.lean
         if full:
-            ref = self.whole
+            ref = self._whole()
             if self.blob_file is not None:
                 if start in self.pointed:
                     # Its worker was pointed at the function and could not read it there
                     # (not allowed, or not this machine): it comes inside the chunk.
                     ref = self.ref
                 self.pointed.add(start)
-            self.bytes_sent += len(ref.blob or b"") + len(ref.patch or b"") + (
-                ref.blob_at[2] if ref.blob_at else 0)
+            self.bytes_sent += len(ref.blob or b"") + len(ref.patch or b"")
+            note_given(executor, self.ref.key)
         self.bytes_sent += len(payload)
         clock = None
         if self.clock is not None:
@@ -519,6 +546,7 @@ class LokyTarget:
             raise
 
     def decode(self, res: ChunkResult) -> tuple[list[Any], Optional[BaseException]]:
+        self.bytes_sent += res.function_bytes  # read from the blob file by its worker
         return decode(res)
 
     def is_death(self, exc: BaseException) -> bool:
