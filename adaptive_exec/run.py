@@ -158,7 +158,8 @@ class MapRun:
         if self.forced is None and self.client is None and adapt.pool_cpus(self.options):
             # Other processes' CPU load is measured over the time from here to the plan.
             self.load = system.LoadProbe(loky_backend.worker_pids)
-            if self.n_known is None or self.n_known >= 2:
+            if ((self.n_known is None or self.n_known >= 2)
+                    and loky_backend.start_path() == starts.TEMPLATE):
                 starts.start_template_ahead()  # a threaded caller's workers come from it
         if self.options.cache and self.forced is None:
             self.entry = cache.lookup(self.key)
