@@ -228,6 +228,7 @@ class SamplingWatch:
     def _fork_now(self) -> None:
         work_left, self.fork_for = self.fork_for, None
         self.thread.join()
+        starts.wait_gone(self.thread)
         if work_left is not None:
             self.started = maybe_prestart(self.options, work_left, self.epoch)
 
@@ -242,6 +243,7 @@ class SamplingWatch:
         """Sampling ended: the watch ends, and a start it decided on is made now."""
         self.done.set()
         self.thread.join(timeout=1.0)
+        starts.wait_gone(self.thread)
         if self.fork_for is not None:
             self._fork_now()
 

@@ -172,3 +172,6 @@ class RunReport:
     # Pickled bytes handed to worker processes (items, and the function once per worker
     # that needed it); 0 when none were used.
     bytes_sent: int = 0
+    # How the pool's workers were started, when a process pool ran: "fork", "template" or
+    # "exec" (backends/starts.py); None otherwise.
+    start_path: Optional[str] = None

@@ -117,6 +117,7 @@ class MapRun:
         self.observed_s: Optional[float] = None  # seconds per item seen while running
         self.stay_serial = False  # the pool was ruled out during the run: no re-plan
         self.bytes_sent = 0  # pickled bytes handed to worker processes
+        self.start_path: Optional[str] = None  # how the process pool's workers started
 
     def __iter__(self) -> Iterator[list[Any]]:
         try:
@@ -292,6 +293,7 @@ class MapRun:
             planning_overhead_s=max(0.0, planned - self.sampled_calls_s),
             observed_item_s=self.observed_s,
             bytes_sent=self.bytes_sent,
+            start_path=self.start_path,
         ))
 
     # --- executing ----------------------------------------------------------------------
@@ -391,6 +393,8 @@ class MapRun:
             yield batch
         self.timeline = run.timeline
         self.bytes_sent += getattr(target, "bytes_sent", 0)
+        if isinstance(target, loky_backend.LokyTarget):
+            self.start_path = loky_backend.start_path()
         self.observed_s = (run.worker_compute_s / run.worker_items
                            if run.worker_items else None)
 

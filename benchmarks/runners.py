@@ -189,7 +189,7 @@ def _report_details(report: Any) -> Dict[str, Any]:
     details: Dict[str, Any] = {
         name: _jsonable(getattr(report, name, None))
         for name in ("wall_s", "n_items", "n_sampled", "from_cache", "sampling_s",
-                     "planning_overhead_s")
+                     "planning_overhead_s", "start_path", "bytes_sent")
     }
     details["plan"] = {
         name: _jsonable(getattr(plan, name, None))

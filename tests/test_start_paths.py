@@ -85,8 +85,10 @@ PARENTS = """
     from adaptive_exec.backends import loky as loky_backend, starts
     if {threaded!r}:
         threading.Thread(target=threading.Event().wait, daemon=True).start()
-    assert parallelize(h.heavy, backend="loky").map(range(20)) == [3 * x for x in range(20)]
+    pf = parallelize(h.heavy, backend="loky")
+    assert pf.map(range(20)) == [3 * x for x in range(20)]
     print(json.dumps({{"path": loky_backend._state.path, "me": os.getpid(),
+                      "reported": pf.last_report.start_path,
                       "template": starts.template_pid(),
                       "parents": [psutil.Process(p).ppid() for p in loky_backend.worker_pids()],
                       "env": os.environ.get("ADAPTIVE_EXEC_IN_WORKER")}}))
@@ -103,6 +105,7 @@ def test_workers_are_forked_by_the_caller_or_by_its_template(tmp_path, threaded)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["env"] is None  # the caller is not a worker
+    assert got["reported"] == got["path"]  # the report says how the workers started
     if threaded:
         assert got["path"] == "template" and got["template"] is not None
         assert set(got["parents"]) == {got["template"]}

@@ -49,6 +49,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from multiprocessing import connection, forkserver, reduction, util
 from multiprocessing import context as mp_context
@@ -76,6 +77,19 @@ def threads_now() -> int:
         return len(os.listdir("/proc/self/task"))
     except OSError:
         return threading.active_count()
+
+
+def wait_gone(thread: threading.Thread, timeout: float = 0.05) -> None:
+    """After ``thread.join()``: wait (at most ``timeout``) until the kernel no longer lists
+    it. join() returns when Python is done with the thread, a moment before the thread
+    itself ends; on a busy machine that moment was long enough for the caller to count
+    two threads and send its workers to the template."""
+    tid = thread.native_id
+    if tid is None:
+        return
+    deadline = time.monotonic() + timeout
+    while os.path.exists(f"/proc/self/task/{tid}") and time.monotonic() < deadline:
+        time.sleep(0.0005)
 
 
 def forced() -> Optional[str]:
