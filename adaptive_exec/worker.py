@@ -29,6 +29,7 @@ import os
 import pickle
 import struct
 import sys
+import threading
 import time
 import traceback
 import types
@@ -628,10 +629,72 @@ def run_here(func: Callable[..., Any], items: list[Any], start: int, star: bool,
     return out, call_each(func, items, star, start, out, in_caller=True)
 
 
+# --- a pool worker's start (backends/loky.py's initializer; here, so that a worker, and the
+# template that forks workers, import this module and not the caller's side) ---------------
+
+# How often a worker checks that its parent is alive: the bound on how long workers
+# outlive a killed parent (the lifecycle issue asks for 2 s). A check is one getppid()
+# call on a thread that sleeps otherwise: at 10 per second, nothing measurable.
+PARENT_POLL_S = 0.1
+# A worker's exit status when it left because its parent was gone: nobody waits for it
+# (the parent is dead); distinct from loky's own exits, for whoever traces one.
+ORPHAN_EXIT_CODE = 75
+
+
+def worker_init(parent_pid: int, env: dict[str, str]) -> None:
+    """Worker initializer: the environment a worker runs with, and a watch that ends it
+    as soon as the process that started the pool is gone.
+
+    ``env`` is set here because only loky's own start applies it before the interpreter
+    starts; a forked worker gets it now (numpy, if the caller imported it, is already
+    configured: such a caller runs BLAS threads, so its workers come from the template).
+
+    Workers otherwise wait for work until loky's idle time-out, minutes after a parent killed
+    by SIGKILL or SIGTERM (no atexit runs then). A daemon thread watches: the worker's
+    parent process (``parent_pid``: the caller, or the template that forked it) and,
+    where multiprocessing gives one, the sentinel pipe whose other end only the caller
+    holds (a template's worker has the template as parent, which outlives the caller).
+
+    Not PR_SET_PDEATHSIG: Linux sends it when the *thread* that forked the worker ends,
+    and ours are often started from short-lived threads (the pool started ahead on a
+    helper thread, a user's thread that maps once): it would kill a healthy pool.
+    A worker stuck in C code that holds the GIL notices only when that call returns.
+    """
+    os.environ.update(env)
+    if os.getppid() != parent_pid:  # the parent died while this worker was starting
+        os._exit(ORPHAN_EXIT_CODE)
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    sentinel = getattr(parent, "sentinel", None) if parent is not None else None
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid, sentinel),
+                     name="adaptive_exec-parent-watch", daemon=True).start()
+
+
+def _exit_when_orphaned(parent_pid: int, sentinel: Optional[int]) -> None:
+    from multiprocessing.connection import wait
+
+    while True:
+        if sentinel is None:
+            time.sleep(PARENT_POLL_S)
+        elif wait([sentinel], PARENT_POLL_S):
+            os._exit(ORPHAN_EXIT_CODE)  # EOF: the caller is gone
+        if os.getppid() != parent_pid:
+            os._exit(ORPHAN_EXIT_CODE)
+
+
 # --- tasks that measure the pool (module-level: they pickle by reference) ---------------
 
 def noop(x: int) -> int:
     return x
+
+
+def ping(delay: float) -> int:
+    """A start-up probe's task (backends/loky.StartupProbe). A short sleep keeps one
+    worker from answering every ping, so that all workers must be up before every ping
+    is answered."""
+    time.sleep(delay)
+    return os.getpid()
 
 
 def bytes_of(n: int) -> bytes:

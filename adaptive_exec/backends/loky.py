@@ -14,8 +14,8 @@ flight instead (see dispatch).
 Lifecycle. The pool belongs to the process that started it. A child made by ``fork()``
 inherits our state but not the executor's threads (its map would wait forever), so the
 child forgets the inherited pool (``_after_fork_in_child``) and starts its own on first
-use; the parent's is untouched. Workers watch their parent (``_worker_init``) and exit
-within ``PARENT_POLL_S`` when it is gone, SIGKILL and SIGTERM included, instead of
+use; the parent's is untouched. Workers watch their parent (``worker.worker_init``) and exit
+within ``worker.PARENT_POLL_S`` when it is gone, SIGKILL and SIGTERM included, instead of
 waiting out ``IDLE_TIMEOUT_S``; loky's resource tracker then reads EOF on its pipe, whose
 last writers were the parent and the workers, and exits by itself.
 """
@@ -47,20 +47,15 @@ from ..worker import (
     decode,
     dumps,
     noop,
+    ping,
     run_chunk,
+    worker_init,
 )
 from . import starts
 from .base import PoolGone
 
 # Workers idle this long exit; a map a few minutes later then pays start-up again.
 IDLE_TIMEOUT_S = 300
-# How often a worker checks that its parent is alive: the bound on how long workers
-# outlive a killed parent (the lifecycle issue asks for 2 s). A check is one getppid()
-# call on a thread that sleeps otherwise: at 10 per second, nothing measurable.
-PARENT_POLL_S = 0.1
-# A worker's exit status when it left because its parent was gone: nobody waits for it
-# (the parent is dead); distinct from loky's own exits, for whoever traces one.
-ORPHAN_EXIT_CODE = 75
 
 
 class _PoolState:
@@ -120,48 +115,6 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _worker_init(parent_pid: int, env: dict[str, str]) -> None:
-    """Worker initializer: the environment a worker runs with, and a watch that ends it
-    as soon as the process that started the pool is gone.
-
-    ``env`` is set here because only loky's own start applies it before the interpreter
-    starts; a forked worker gets it now (numpy, if the caller imported it, is already
-    configured: such a caller runs BLAS threads, so its workers come from the template).
-
-    Workers otherwise wait for work until IDLE_TIMEOUT_S, minutes after a parent killed
-    by SIGKILL or SIGTERM (no atexit runs then). A daemon thread watches: the worker's
-    parent process (``parent_pid``: the caller, or the template that forked it) and,
-    where multiprocessing gives one, the sentinel pipe whose other end only the caller
-    holds (a template's worker has the template as parent, which outlives the caller).
-
-    Not PR_SET_PDEATHSIG: Linux sends it when the *thread* that forked the worker ends,
-    and ours are often started from short-lived threads (the pool started ahead on a
-    helper thread, a user's thread that maps once): it would kill a healthy pool.
-    A worker stuck in C code that holds the GIL notices only when that call returns.
-    """
-    os.environ.update(env)
-    if os.getppid() != parent_pid:  # the parent died while this worker was starting
-        os._exit(ORPHAN_EXIT_CODE)
-    import multiprocessing
-
-    parent = multiprocessing.parent_process()
-    sentinel = getattr(parent, "sentinel", None) if parent is not None else None
-    threading.Thread(target=_exit_when_orphaned, args=(parent_pid, sentinel),
-                     name="adaptive_exec-parent-watch", daemon=True).start()
-
-
-def _exit_when_orphaned(parent_pid: int, sentinel: Optional[int]) -> None:
-    from multiprocessing.connection import wait
-
-    while True:
-        if sentinel is None:
-            time.sleep(PARENT_POLL_S)
-        elif wait([sentinel], PARENT_POLL_S):
-            os._exit(ORPHAN_EXIT_CODE)  # EOF: the caller is gone
-        if os.getppid() != parent_pid:
-            os._exit(ORPHAN_EXIT_CODE)
 
 
 def _worker_env(n_workers: int) -> dict[str, str]:
@@ -257,7 +210,7 @@ def _get_locked(n_workers: int, epoch: Optional[int] = None, path: str = starts.
             _state.executor = loky.ProcessPoolExecutor(
                 max_workers=size, timeout=IDLE_TIMEOUT_S, env=env,
                 context=starts.context(path),
-                initializer=_worker_init, initargs=(parent, env),
+                initializer=worker_init, initargs=(parent, env),
             )
             _state.size = size
             _state.given = set()
@@ -614,13 +567,6 @@ _BYTES_PROBE = 2 << 20  # 2 MiB: large enough that per-task overhead is noise ne
 _N_NOOPS = 16
 
 
-def _ping(delay: float) -> int:
-    # A short sleep keeps one worker from answering every ping, so that all workers
-    # must be up before every ping is answered.
-    time.sleep(delay)
-    return os.getpid()
-
-
 def measure_overheads(executor: Any, n_workers: int) -> tuple[float, float]:
     """(per-task overhead, per-byte cost) on a warm, idle pool.
 
@@ -654,7 +600,7 @@ class StartupProbe:
         self._left = n_workers
         self.startup_s: Optional[float] = None
         for _ in range(n_workers):
-            executor.submit(_ping, 0.005).add_done_callback(self._done)
+            executor.submit(ping, 0.005).add_done_callback(self._done)
 
     def _done(self, fut: Any) -> None:
         now = time.perf_counter()

@@ -66,8 +66,9 @@ FORK, TEMPLATE, EXEC = "fork", "template", "exec"
 PATHS = (FORK, TEMPLATE, EXEC)
 
 # What the template imports before it forks anything: what every worker needs.
-PRELOAD = ("loky.process_executor", "cloudpickle", "adaptive_exec.worker",
-           "adaptive_exec.backends.loky")
+# (Not the caller's side, adaptive_exec.backends.loky and what it imports: a worker does
+# not need it, and the template starts ~30 ms sooner without it.)
+PRELOAD = ("loky.process_executor", "cloudpickle", "adaptive_exec.worker")
 
 
 def threads_now() -> int:
