@@ -78,8 +78,15 @@ def dask_client(options: Options) -> Any:
 
 
 def pool_calibration() -> Calibration:
-    """This machine's constants, with the start-up of the pool this map would use."""
-    return calibration.get(loky_backend.start_path())
+    """This machine's constants, with the start-up of the pool this map would use, and
+    what a process's first pool costs besides (importing loky, measuring overheads):
+    without them, maps of ~0.1 s of 1 µs items were planned parallel and ran 1.5x the
+    loop's time."""
+    calib = calibration.get(loky_backend.start_path())
+    extra = loky_backend.first_use_s()
+    if extra:
+        calib = dataclasses.replace(calib, worker_startup_s=calib.worker_startup_s + extra)
+    return calib
 
 
 def maybe_prestart(options: Options, work_left_s: float, epoch: Optional[int] = None) -> Any:
@@ -168,10 +175,6 @@ class SamplingWatch:
         delay = 0.005
         cpu0 = time.process_time()
         try:
-            # What starting a pool imports (loky: ~36 ms here), imported here, meanwhile,
-            # rather than on the caller's thread when the pool is started.
-            import loky.process_executor  # noqa: F401
-
             while not self.done.wait(delay):
                 elapsed = time.perf_counter() - self.t0
                 share = (time.process_time() - cpu0) / elapsed
@@ -206,7 +209,12 @@ class SamplingWatch:
         startup = calibration.get(starts.FORK if alone else None).startup_for(2)
         if per_item * left >= PRESTART_FACTOR * startup:
             if alone:
-                self.fork_for = per_item * left  # the caller forks at its next call's end
+                # What starting the pool imports (loky: ~30 ms here), imported here, on
+                # this thread, once a pool is wanted (a map that stays serial never pays
+                # it): the caller then forks at its next call's end.
+                import loky.process_executor  # noqa: F401
+
+                self.fork_for = per_item * left
                 return True
             self.started = maybe_prestart(self.options, per_item * left, self.epoch)
             # Starting the pool cost this thread CPU that is not the function's.
@@ -242,10 +250,12 @@ class SamplingWatch:
     def stop(self) -> None:
         """Sampling ended: the watch ends, and a start it decided on is made now."""
         self.done.set()
-        self.thread.join(timeout=1.0)
-        starts.wait_gone(self.thread)
         if self.fork_for is not None:
             self._fork_now()
+        elif self.thread.is_alive():
+            # Still busy a moment (importing loky): not waited for here, where a small map
+            # would pay for it; a pool started next waits for it (starts.settle).
+            starts.note_helper(self.thread)
 
 
 class MapPlanner:

@@ -145,6 +145,7 @@ def _get(n_workers: int, epoch: Optional[int] = None) -> tuple[Any, bool, float]
     """
     if _ready(n_workers):
         return _get_locked(n_workers, epoch)
+    starts.settle()  # our helper threads that are ending do not make the caller threaded
     path = starts.choose()
     if path == starts.FORK:
         with starts.sigint_deferred():
@@ -246,6 +247,25 @@ def fresh_executor(n_workers: int) -> tuple[Any, float]:
     shutdown()
     executor, _, created = _get(n_workers)
     return executor, created
+
+
+# What a process's first pool costs beyond its workers' start, measured here: importing
+# loky (23-36 ms), and on the first parallel map of a process that has no measured
+# overheads yet, measuring them (~12 ms, measure_overheads).
+LOKY_IMPORT_S = 0.03
+OVERHEADS_PROBE_S = 0.012
+
+
+def first_use_s() -> float:
+    """Seconds a pool started now costs this process beyond the workers' own start:
+    nothing once a pool exists."""
+    with _state.lock:
+        if _state.executor is not None:
+            return 0.0
+    extra = 0.0 if "loky.process_executor" in sys.modules else LOKY_IMPORT_S
+    if not calibration.overheads_measured():
+        extra += OVERHEADS_PROBE_S
+    return extra
 
 
 def start_path() -> str:

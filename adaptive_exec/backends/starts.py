@@ -80,6 +80,24 @@ def threads_now() -> int:
         return threading.active_count()
 
 
+_helpers: list[threading.Thread] = []  # threads of ours that end soon (see settle)
+
+
+def note_helper(thread: threading.Thread) -> None:
+    """A thread of ours that is ending (told to stop) but may still be busy a moment
+    (importing loky): a fork waits for it (``settle``); a map that starts no pool does not."""
+    _helpers.append(thread)
+
+
+def settle(timeout: float = 1.0) -> None:
+    """Before choosing how to start workers: let our ending helper threads end, so that a
+    caller that runs no thread of its own still counts one."""
+    while _helpers:
+        thread = _helpers.pop()
+        thread.join(timeout)
+        wait_gone(thread)
+
+
 def wait_gone(thread: threading.Thread, timeout: float = 0.05) -> None:
     """After ``thread.join()``: wait (at most ``timeout``) until the kernel no longer lists
     it. join() returns when Python is done with the thread, a moment before the thread
@@ -118,7 +136,9 @@ def choose() -> str:
         return EXEC
     if wanted == TEMPLATE:
         return TEMPLATE
-    return FORK if threads_now() == 1 else TEMPLATE
+    # Our helper threads that are ending (settle waits for them before a fork) do not count.
+    ending = sum(1 for t in _helpers if t.is_alive())
+    return FORK if threads_now() - ending == 1 else TEMPLATE
 
 
 def forks_once_alone() -> bool:
@@ -374,6 +394,7 @@ def _after_fork_in_child() -> None:
     of the alive pipe, so that the template does not wait for it."""
     global _template, _blocked_here, _ahead_started
     _ahead_started = False
+    _helpers.clear()  # the parent's threads: not this process's
     if _blocked_here:
         _blocked_here = False
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
