@@ -92,8 +92,11 @@ def note_helper(thread: threading.Thread) -> None:
 def settle(timeout: float = 1.0) -> None:
     """Before choosing how to start workers: let our ending helper threads end, so that a
     caller that runs no thread of its own still counts one."""
-    while _helpers:
-        thread = _helpers.pop()
+    me = threading.current_thread()
+    for thread in list(_helpers):
+        if thread is me:
+            continue  # a helper starting a pool itself, on its way out
+        _helpers.remove(thread)
         thread.join(timeout)
         wait_gone(thread)
 
