@@ -96,7 +96,10 @@ def settle(timeout: float = 1.0) -> None:
     for thread in list(_helpers):
         if thread is me:
             continue  # a helper starting a pool itself, on its way out
-        _helpers.remove(thread)
+        try:
+            _helpers.remove(thread)
+        except ValueError:  # another thread settled it meanwhile
+            continue
         thread.join(timeout)
         wait_gone(thread)
 
