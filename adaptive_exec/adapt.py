@@ -158,6 +158,11 @@ class SamplingWatch:
         # thread must make itself (a fork); None until then, or once made.
         self.fork_for: Optional[float] = None
         self.started: Any = None  # the executor this watch started ahead, if any
+        # Set when the map is left before using that pool. With ``started``, under
+        # ``_lock``: a map left while this thread is still starting the pool (a start
+        # takes ~0.3 s on loky's path) must not leave that pool running once started.
+        self.abandoned = False
+        self._lock = threading.Lock()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, name="adaptive_exec-prestart",
                                        daemon=True)
@@ -216,7 +221,7 @@ class SamplingWatch:
 
                 self.fork_for = per_item * left
                 return True
-            self.started = maybe_prestart(self.options, per_item * left, self.epoch)
+            self._keep(maybe_prestart(self.options, per_item * left, self.epoch))
             # Starting the pool cost this thread CPU that is not the function's.
             self.cpu_s = time.thread_time()
             return True
@@ -238,14 +243,26 @@ class SamplingWatch:
         self.thread.join()
         starts.wait_gone(self.thread)
         if work_left is not None:
-            self.started = maybe_prestart(self.options, work_left, self.epoch)
+            self._keep(maybe_prestart(self.options, work_left, self.epoch))
+
+    def _keep(self, started: Any) -> None:
+        # The pool a start ahead made; ended at once when the map was left meanwhile.
+        with self._lock:
+            self.started = started
+            abandoned = self.abandoned
+        if abandoned and started is not None:
+            loky_backend.end_unused(started)
 
     def abandon(self) -> None:
         """The map was left before it used the pool this watch started: end that pool
-        (a start ahead for nobody is not to run on)."""
+        (a start ahead for nobody is not to run on), now or, when this watch's thread is
+        still starting it, as soon as it is started."""
         self.stop()
-        if self.started is not None:
-            loky_backend.end_unused(self.started)
+        with self._lock:
+            self.abandoned = True
+            started = self.started
+        if started is not None:
+            loky_backend.end_unused(started)
 
     def stop(self) -> None:
         """Sampling ended: the watch ends, and a start it decided on is made now."""

@@ -7,6 +7,7 @@ not end by itself); a forked child never returns into pytest (``os._exit``).
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import os
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import warnings
 
@@ -562,6 +564,40 @@ def test_ctrl_c_at_any_moment_gives_control_back_and_leaves_no_worker(tmp_path, 
             proc.kill()
             proc.wait(timeout=10)
         kill_all(family)
+
+
+@posix_only
+@pytest.mark.parametrize("path", [starts.EXEC, starts.TEMPLATE])
+def test_an_imap_left_while_its_pool_is_still_starting_leaves_no_worker(monkeypatch, path):
+    """The first call runs 0.15 s: the watch starts the pool ahead on its own thread,
+    which on loky's path takes longer than that. The consumer takes the first result and
+    closes the stream while the start is still under way: the pool, once started, is
+    ended, not left idling for its 300 s timeout (CI saw one left after a Ctrl-C)."""
+    monkeypatch.setenv(starts.ENV_START, path)
+    loky_backend.shutdown()
+
+    def new_workers():
+        out = []
+        for child in psutil.Process().children(recursive=True):
+            try:
+                cmd = " ".join(child.cmdline())
+            except psutil.NoSuchProcess:
+                continue
+            if child.pid not in before and "resource_tracker" not in cmd \
+                    and "adaptive_exec.backends.starts" not in cmd:
+                out.append(child)
+        return out
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    it = parallelize(functools.partial(h.faulty, cost=0.15), cache=False).imap(range(150))
+    assert next(it) == 0
+    it.close()
+    for thread in threading.enumerate():  # the start ahead, still under way
+        if thread.name.startswith("adaptive_exec"):
+            thread.join(10)
+    gone, alive_ = psutil.wait_procs(new_workers(), timeout=3)
+    left = [p.pid for p in alive_]
+    assert left == [], "workers of a pool started for a map that was left"
 
 
 # --- threads sharing the pool -----------------------------------------------------------
