@@ -1,16 +1,31 @@
-"""python -m adaptive_exec demo | calibrate | cache ...: the arguments, and the demo's and
-calibration's reports (what ``cache list|show|stats`` prints is ``cache_views``'s)."""
+"""adaptive-exec (or python -m adaptive_exec) demo | calibrate | cache ...: the arguments,
+and the demo's and calibration's reports (what ``cache list|show|stats`` prints is
+``cache_views``'s).
+
+Bad arguments are argparse's errors (the usage line, exit status 2), as in pip or any
+other argparse tool, and so is a ``cache show`` name that matches no entry or several;
+exit status 1 is kept for a run that went wrong (a cache that cannot be read)."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
-from typing import Callable, Optional
+import warnings
+from typing import Callable, Optional, TextIO
 
-from . import api, calibration
+from . import __version__, api, calibration
 from .api import ParallelFunction
 from .demo_workloads import DEMOS
+
+PROG = "adaptive-exec"  # also under ``python -m``, where argparse would say "__main__.py"
+DEMO_NAMES = [name for name, *_ in DEMOS]
+EPILOG = f"""examples:
+  {PROG} demo --only tiny heavy --scale 0.5   two workloads at half size
+  {PROG} calibrate --workers 4                measure a pool of 4 workers
+  {PROG} cache show my_function               what was measured about my_function
+"""
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -51,16 +66,20 @@ def _demo(args: argparse.Namespace) -> int:
               f"speedup {loop_s / ours_s:.2f}x ({status})\n")
         if not same:
             return 1
-    print(f"calibration: {calibration.get()}")
+    from . import cache_views as views
+
+    views.print_rows([("calibration", ""),
+                      *views.calibration_rows(calibration.get().to_dict(), indent="  ")])
     return 0
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    c = api.calibrate(args.workers)
-    print(f"worker start-up:   {c.worker_startup_s * 1e3:.1f} ms for {c.n_workers} workers")
-    print(f"per-task overhead: {c.task_overhead_s * 1e6:.1f} µs")
-    print(f"per-byte cost:     {c.byte_cost_s * 1e9:.3f} ns ({1 / c.byte_cost_s / 1e9:.2f} GB/s)")
-    print(f"source:            {c.source}")
+    from . import cache_views as views  # the rows ``cache stats`` shows a calibration in
+
+    views.print_rows(views.calibration_rows(api.calibrate(args.workers).to_dict()))
+    # api.calibrate keeps the constants for its process only (a map saves them as it
+    # ends); this process ends now, and the point of running it was the next ones.
+    calibration.save()
     return 0
 
 
@@ -68,14 +87,7 @@ def _cache(args: argparse.Namespace) -> int:
     from . import cache as store
     from . import cache_views as views
 
-    action, target = args.action, args.target
-    if action == "show" and not target:
-        print("cache show needs a function name or a fingerprint (see: cache list)",
-              file=sys.stderr)
-        return 2
-    if target and action != "show":
-        print(f"cache {action} takes no argument (got {target!r})", file=sys.stderr)
-        return 2
+    action = args.action  # argparse has checked its arguments: only show takes one
     if action == "path":
         print(store.path())
         return 0
@@ -85,29 +97,143 @@ def _cache(args: argparse.Namespace) -> int:
             print(f"cleared {n} entries from {store.path()}")
             return 0
         if action == "stats":
-            return views.print_stats()
+            return views.print_stats(as_json=args.json)
         if action == "list":
             return views.print_list()
-        return views.print_show(target)
+        return views.print_show(args.target, as_json=args.json)
     except Exception as exc:
         print(f"cannot read the cache at {store.path()}: {exc}", file=sys.stderr)
         return 1
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and examples as written; subcommands' help in one column."""
+
+    def add_argument(self, action: argparse.Action) -> None:
+        super().add_argument(action)
+        # argparse measures a subcommand's name without the indent it is printed with,
+        # so the help of a long one ("calibrate") went onto a line of its own.
+        if action.help is not argparse.SUPPRESS:
+            for subaction in self._iter_indented_subactions(action):
+                width = len(self._format_action_invocation(subaction)) + self._current_indent
+                self._action_max_length = max(self._action_max_length, width)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (got {text!r})")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0 < value < math.inf):  # nan fails this too
+        raise argparse.ArgumentTypeError(f"must be a number > 0 (got {text!r})")
+    return value
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    demo = sub.add_parser(
+        "demo", help="run built-in workloads, show the plans and speedups",
+        description="Run each built-in workload as a plain loop, then through "
+                    "adaptive_map; print the plan chosen, why, and the speedup.")
+    demo.add_argument("--only", nargs="+", choices=DEMO_NAMES, metavar="NAME",
+                      help=f"run only these workloads, of: {', '.join(DEMO_NAMES)}")
+    demo.add_argument("--scale", type=_positive_float, default=1.0, metavar="FACTOR",
+                      help="multiply each workload's number of items by FACTOR, a number "
+                           "> 0 (default: 1)")
+    demo.set_defaults(handler=_demo)
+
+
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    cal = sub.add_parser(
+        "calibrate", help="measure this machine's pool constants",
+        description="Start a fresh worker pool and measure its start-up time, the "
+                    "overhead of one task and the cost of sending a byte; they are "
+                    "kept in the cache for the plans of later processes.")
+    cal.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                     help="the pool size to measure with, a positive integer (default: "
+                          "the CPUs this process may use)")
+    cal.set_defaults(handler=_calibrate)
+
+
+def _add_cache(sub: argparse._SubParsersAction) -> None:
+    cache = sub.add_parser(
+        "cache", help="inspect or clear the persistent feature cache",
+        formatter_class=_HelpFormatter,
+        description="The cache keeps what was measured about each function, so that its\n"
+                    "next map plans without sampling. Without an action: its path.")
+    actions = cache.add_subparsers(dest="action", title="actions", metavar="ACTION")
+    cache.set_defaults(handler=_cache, action="path", target=None, json=False)
+    actions.add_parser("path", help="print the cache file's path",
+                       description="Print the cache file's path.")
+    actions.add_parser("list", help="one line per cached function, most recently used "
+                                    "first", description="List the cached functions.")
+    show = actions.add_parser(
+        "show", help="everything measured about one function",
+        description="Show everything the cache holds about one function: its features "
+                    "and its run history.")
+    show.add_argument("target", metavar="NAME",
+                      help="the function's name (qualname, module.qualname or its last "
+                           "part) or a prefix of it, or the first 4 or more characters of "
+                           "its fingerprint (see: cache list)")
+    show.add_argument("--json", action="store_true",
+                      help="print the function's entries (one per machine) as a JSON list")
+    stats = actions.add_parser("stats", help="what the cache file holds and its settings",
+                               description="Print what the cache file holds, its limits "
+                                           "and the calibration stored for this machine.")
+    stats.add_argument("--json", action="store_true", help="print the figures as JSON")
+    actions.add_parser("clear", help="delete every entry, for every machine",
+                       description="Delete every entry and calibration in the cache file.")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, epilog=EPILOG, formatter_class=_HelpFormatter,
+        description="adaptive_exec's command line: try it on built-in workloads, measure\n"
+                    "this machine, look into what it has learnt.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, title="commands",
+                                metavar="COMMAND")
+    _add_demo(sub)
+    _add_calibrate(sub)
+    _add_cache(sub)
+    _remember_parsers(parser)
+    return parser
+
+
+def _remember_parsers(parser: argparse.ArgumentParser) -> None:
+    """Each parser's defaults name it (a subcommand's override its program's), so that
+    the innermost one used is the one that says what is wrong with the arguments."""
+    parser.set_defaults(parser=parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _remember_parsers(sub)
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str,
+                  lineno: int, file: Optional[TextIO] = None, line: Optional[str] = None
+                  ) -> None:
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m adaptive_exec")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run built-in workloads, show the plans and speedups")
-    demo.add_argument("--only", nargs="*", help="names of workloads to run")
-    demo.add_argument("--scale", type=float, default=1.0, help="multiply workload sizes")
-    cal = sub.add_parser("calibrate", help="measure this machine's pool constants")
-    cal.add_argument("--workers", type=int, default=None)
-    cache = sub.add_parser("cache", help="inspect or clear the persistent feature cache")
-    cache.add_argument("action", nargs="?", default="path",
-                       choices=("path", "list", "show", "stats", "clear"))
-    cache.add_argument("target", nargs="?", help="for show: a function name or fingerprint")
-    args = parser.parse_args(argv)
-    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
-        "demo": _demo, "calibrate": _calibrate, "cache": _cache,
-    }
-    return handlers[args.command](args)
+    parser = make_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the subcommand's parser, with its usage line, not the program's
+        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    with warnings.catch_warnings():
+        # The library's warnings (a cache it cannot use) are one line for people here,
+        # not a source location in __main__.py.
+        warnings.showwarning = _show_warning
+        return handler(args)

@@ -34,6 +34,7 @@ from adaptive_exec.calibration import Calibration
 from adaptive_exec.errors import CacheWarning
 from adaptive_exec.fingerprint import fingerprint
 from adaptive_exec.planner import make_plan, parallel_correction
+from adaptive_exec.records import fmt_bytes
 from adaptive_exec.sampling import Features
 from adaptive_exec.system import SystemSnapshot
 
@@ -973,19 +974,28 @@ def test_command_line(cache_dir):
     assert "pkg.mod:Model.score" in listing and "other:tiny" in listing
     for query in ("Model.score", "pkg.mod:Model.score", "score", "0123456"):
         shown = cli("show", query).stdout
-        for name in (*cache_schema.FEATURE_COLUMNS, "fingerprint", "module", "qualname", "hits",
-                     "created_at", "updated_at", "used_at", "parallel_correction"):
-            assert f"  {name} " in shown, (query, name)
+        for label in ("fingerprint:", "module:", "function:", "time per item:",
+                      "result size, pickled:", "hits:", "first measured:", "last used:",
+                      "parallel correction:"):
+            assert f"  {label} " in shown, (query, label)
         assert "0123456789abcdef" in shown and "tiny" not in shown
         assert "run history (1" in shown and "777" in shown and "parallel" in shown
         assert "2.50" in shown  # actual/estimated
-    assert re.search(rf"^  pickle_size +{F.pickle_size}$", cli("show", "score").stdout, re.M)
+        # For scripts: every stored column, exact.
+        (entry,) = json.loads(cli("show", query, "--json").stdout)
+        assert entry["fingerprint"] == "0123456789abcdef"
+        for name in cache_schema.FEATURE_COLUMNS:
+            assert entry["features"][name] == getattr(F, name), name
+        assert [r["n_items"] for r in entry["runs"]] == [777]
+    assert re.search(rf"^  result size, pickled: +{re.escape(fmt_bytes(F.pickle_size))}$",
+                     cli("show", "score").stdout, re.M)
     missing = cli("show", "no_such_function", check=False)
-    assert missing.returncode == 1 and "no cache entry" in missing.stderr
+    assert missing.returncode == 2 and "no cache entry" in missing.stderr
     assert cli("show", check=False).returncode == 2
     stats = cli("stats").stdout
     assert re.search(r"^entries: +2$", stats, re.M)
-    assert re.search(rf"^schema_version: +{cache_schema.SCHEMA_VERSION}$", stats, re.M)
+    assert re.search(rf"^schema version: +{cache_schema.SCHEMA_VERSION}$", stats, re.M)
+    assert json.loads(cli("stats", "--json").stdout)["entries"] == 2
     assert "cleared 2 entries" in cli("clear").stdout
     assert "empty" in cli("list").stdout
 
