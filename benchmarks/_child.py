@@ -4,7 +4,8 @@ The spec names a workload and a runner; the child builds the items, imports what
 runner needs, times only the runner's map (pool start-up and teardown included), checks
 the results against the loop's, and writes one JSON object to the spec's ``out`` path.
 Anything that goes wrong is written there too; a child that dies or hangs writes nothing,
-and the harness reports FAIL or TIMEOUT.
+and the harness reports FAIL or TIMEOUT.  A peer that is not installed (its own import
+raises ModuleNotFoundError naming it) is reported as ``n/a`` with what to pip install.
 """
 
 from __future__ import annotations
@@ -25,8 +26,17 @@ def measure(spec: Dict[str, Any]) -> Dict[str, Any]:
 
     workload = workloads.get(spec["workload"])
     items = workload.make_items(spec["n_items"])
-    task = workload.load_task()
-    go, details = runners.prepare(task, items, spec)
+    try:
+        task = workload.load_task()
+        go, details = runners.prepare(task, items, spec)
+    except ModuleNotFoundError as exc:
+        # The peer (or the workload's library) itself is absent: not a failure, not a
+        # time. Anything else, a missing dependency of an installed peer included, is.
+        missing = runners.missing_from_error(
+            exc, runners.needed_modules(spec["runner"], spec["workload"]))
+        if not missing:
+            raise
+        return runners.not_installed_outcome(missing)
     gc.collect()  # garbage from building the items is not the runner's to collect
     if spec.get("threaded"):
         # A caller that runs a thread of its own (a GUI's, a server's), parked meanwhile.

@@ -27,6 +27,7 @@ import tempfile
 import time
 from typing import Any, Callable
 
+from benchmarks.runners import RUNNER_NEEDS, not_installed, pip_command
 from benchmarks.workloads import _burn_cpu, _mix
 
 
@@ -66,19 +67,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=10_000)
     args = parser.parse_args(argv)
 
+    no_dask = not_installed(["distributed"])
+    if no_dask:  # nothing here runs without a cluster: one line says how to get one
+        print(f"no dask figures: n/a ({pip_command(no_dask)})", file=sys.stderr)
+        return 0
+    # A peer that is not installed is not run: its row says what to pip install.
+    missing = {name: not_installed(RUNNER_NEEDS.get(name, ())) for name in RUNNERS}
+    runners = {name: run for name, run in RUNNERS.items() if not missing[name]}
+
     # An empty cache of its own: the first adaptive run is a first run.
     os.environ["ADAPTIVE_EXEC_CACHE_DIR"] = tempfile.mkdtemp(prefix="aex-dask-bench-")
     from distributed import Client, LocalCluster
 
     items = list(range(args.items))
     expected = [_mix(x) for x in items]
-    times: dict[str, list[float]] = {name: [] for name in RUNNERS}
+    times: dict[str, list[float]] = {name: [] for name in runners}
     first_adaptive = None
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster, Client(cluster) as client:
         client.run(ms_task, 0)  # the workers import this module before anything is timed
         for repeat in range(args.repeats):
-            for name, run in RUNNERS.items():
+            for name, run in runners.items():
                 t0 = time.perf_counter()
                 got = run(client, items)
                 elapsed = time.perf_counter() - t0
@@ -101,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, ts in times.items():
         runs = ", ".join(f"{t:.2f}" for t in ts)
         print(f"| {name} | {medians[name]:.2f} | {runs} | {medians[name] / ref:.2f}x |")
+    for name, needs in missing.items():
+        if needs:
+            print(f"| {name} | n/a ({pip_command(needs)}) | | |")
     if first_adaptive is not None:
         print(f"\nadaptive's first run (empty cache: sampling + measuring the cluster): "
               f"{first_adaptive:.2f} s")

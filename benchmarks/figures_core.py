@@ -20,6 +20,8 @@ import sys
 import tempfile
 import time
 
+from benchmarks.runners import RUNNER_NEEDS, not_installed, pip_command
+
 CHILD = r'''
 import json, sys, time
 t0 = time.perf_counter()
@@ -113,10 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-joblib", action="store_true")
     args = parser.parse_args(argv)
     results: dict[tuple[str, str], list[dict]] = {}
+    # A peer that is not installed is not run: its rows say what to pip install.
+    missing = {runner: not_installed(RUNNER_NEEDS.get(runner, ()))
+               for _, runners in PLAN for runner in runners}
     for rep in range(args.repeats):
         for name, runners in PLAN:
             for runner in runners:
-                if runner == "joblib" and args.skip_joblib:
+                if runner == "joblib" and args.skip_joblib or missing[runner]:
                     continue
                 r = _run(name, runner)
                 results.setdefault((name, runner), []).append(r)
@@ -130,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         for runner in runners:
             rs = [r for r in results.get((name, runner), []) if "s" in r]
             if not rs:
+                if missing[runner]:
+                    print(f"| {name} | {runner} | n/a ({pip_command(missing[runner])}) "
+                          "| | | |")
                 continue
             med = statistics.median(r["s"] for r in rs)
             plan = ""

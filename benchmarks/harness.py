@@ -181,7 +181,13 @@ def _tail(path: Path, n_chars: int = 600) -> str:
 
 def run_child(spec: Dict[str, Any], limit_s: float, work_dir: Path,
               cache_dir: Optional[str] = None) -> Dict[str, Any]:
-    """One measurement in a fresh process; always returns an outcome with a status."""
+    """One measurement in a fresh process; always returns an outcome with a status.
+    A runner or workload that needs a package that is not installed is not started:
+    its status is ``n/a`` (runners.NOT_INSTALLED), with what to pip install."""
+    missing = runners_mod.not_installed(
+        runners_mod.needed_modules(spec.get("runner", ""), spec.get("workload")))
+    if missing:
+        return {**runners_mod.not_installed_outcome(missing), "load1": os.getloadavg()[0]}
     fd, spec_name = tempfile.mkstemp(suffix=".json", dir=work_dir)
     os.close(fd)
     spec_path = Path(spec_name)
@@ -389,6 +395,8 @@ def _summarize(name: str, workload: workloads_mod.Workload, quick: bool,
             "ratio_oracle": ratio(c.median, oracle),
             "ratio_serial": ratio(c.median, serial),
             "message": next((r.get("message") for r in c.runs if r.get("message")), None),
+            # What to pip install, for a runner that is n/a: not installed here.
+            "missing": next((r.get("missing") for r in c.runs if r.get("missing")), None),
             "details": [r.get("details") for r in c.runs if r.get("details")],
             "load1": [r.get("load1") for r in c.runs],
         })

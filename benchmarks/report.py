@@ -6,14 +6,17 @@ rebuilt from a saved run: ``python -m benchmarks.report bench-results/results.js
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import statistics
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from benchmarks import machine
+from benchmarks.runners import NOT_INSTALLED, pip_command
 
 # The runners shown as columns, in this order (the grid is summed up by the oracle).
 SHOWN = ("serial", "adaptive_cold", "adaptive_warm", "joblib", "mp_pool", "process_pool",
@@ -55,11 +58,26 @@ def _shown(results: Dict[str, Any]) -> List[str]:
     return [name for name in SHOWN if name in present]
 
 
+def _missing(entry: Optional[Dict[str, Any]]) -> List[str]:
+    """What to pip install for a runner that was not measured because a package is not
+    installed; [] for any other entry."""
+    if entry is None or entry["status"] != NOT_INSTALLED:
+        return []
+    return list(entry.get("missing") or [])
+
+
+def _status(entry: Dict[str, Any]) -> str:
+    """A result that is not a time: 'n/a (pip install joblib)', FAIL, WRONG, TIMEOUT."""
+    if entry["status"] == NOT_INSTALLED:
+        return f"{NOT_INSTALLED} ({pip_command(_missing(entry))})"
+    return entry["status"]
+
+
 def _seconds(entry: Optional[Dict[str, Any]]) -> str:
     if entry is None:
         return "-"
     if entry["status"] != "ok":
-        return entry["status"]
+        return _status(entry)
     return f"{entry['median_s']:.3f}"
 
 
@@ -99,9 +117,13 @@ def _oracle_text(workload: Dict[str, Any]) -> str:
 
 def evaluate_goals(results: Dict[str, Any]) -> List[Dict[str, Any]]:
     """The issues' figures, each with its measured value and whether it is met today
-    ("met" is None for a figure that is only reported).  A runner that failed, was wrong
-    or timed out on a workload misses every goal there.  The workload goals are about
-    the machine as it is; the @loaded scenarios have their own."""
+    ("met" is None for a figure that is only reported, and for a goal that was not
+    measured).  A runner that failed, was wrong or timed out on a workload misses every
+    goal there.  A goal is never met without every one of its comparisons: one that
+    needs a runner or workload that was not measured (a package not installed, a peer
+    that failed) is "not measured", unless what was measured already misses it.  The
+    workload goals are about the machine as it is; the @loaded scenarios have their own.
+    Each goal's ``verdict`` is the word the reports show."""
     plain = _plain(results)
     goals = []
     cold = _per_workload(plain, "adaptive_cold", "ratio_oracle")
@@ -124,38 +146,88 @@ def evaluate_goals(results: Dict[str, Any]) -> List[Dict[str, Any]]:
     reacted = results.get("reaction")
     if reacted:
         goals.append(_reaction_goal(reacted))
+    for goal in goals:
+        goal["verdict"] = _verdict(goal)
     return goals
 
 
-def _geomean_goal(runner: str, ratios: Dict[str, Optional[float]],
-                  limit: Optional[float]) -> Dict[str, Any]:
-    failed = [name for name, v in ratios.items() if v is None]
-    gm = None if failed else geometric_mean(ratios.values())
+@dataclass
+class Compared:
+    """A goal's comparisons, one per workload: ``values`` holds the measured ones (None
+    where our runner itself failed: the goal is missed there); ``unmeasured`` says why
+    there is none on a workload, and ``needs`` what to pip install to have it."""
+
+    values: Dict[str, Optional[float]] = field(default_factory=dict)
+    unmeasured: Dict[str, str] = field(default_factory=dict)
+    needs: List[str] = field(default_factory=list)
+
+    def skip(self, workload: str, why: str, needs: Iterable[str] = ()) -> None:
+        self.unmeasured[workload] = why
+        self.needs += [p for p in needs if p not in self.needs]
+
+    def skip_entry(self, workload: str, entry: Dict[str, Any]) -> None:
+        """No comparison on ``workload`` because ``entry``, a peer or a reference, has no
+        time there (not installed, failed, timed out)."""
+        missing = _missing(entry)
+        why = f"needs {pip_command(missing)}" if missing else f"{entry['name']} {_status(entry)}"
+        self.skip(workload, why, missing)
+
+    def __bool__(self) -> bool:
+        return bool(self.values or self.unmeasured)
+
+
+def _settle(goal: Dict[str, Any], compared: Compared) -> Dict[str, Any]:
+    """A goal is met only over every comparison it needs: with a comparison missing (or
+    none at all) it is "not measured", unless what was measured already misses it."""
+    if compared.unmeasured:
+        goal["value"] += "; not measured on " + ", ".join(
+            f"{name} ({why})" for name, why in compared.unmeasured.items())
+    complete = compared.values and not compared.unmeasured
+    if not complete and goal["met"] is not None and not goal["failing"]:
+        goal.update(met=None, not_measured=True, needs=list(compared.needs))
+    return goal
+
+
+def _geomean_goal(runner: str, ratios: Compared, limit: Optional[float]) -> Dict[str, Any]:
+    values = ratios.values
+    failed = [name for name, v in values.items() if v is None]
+    gm = None if failed else geometric_mean(values.values())
     text = f"{runner} / oracle as a geometric mean over the workloads"
+    over = f" over {len(values)} of {len(values) + len(ratios.unmeasured)} workloads" \
+        if ratios.unmeasured and gm is not None else ""
+    goal: Dict[str, Any]
     if limit is None:  # reported, not a goal
-        return {"goal": text, "value": _ratio(gm), "met": None, "failing": failed}
-    return {"goal": f"{text} <= {limit}x", "value": f"geometric mean {_ratio(gm)}",
-            "met": gm is not None and gm <= limit, "failing": failed}
+        goal = {"goal": text, "value": _ratio(gm) + over, "met": None, "failing": failed}
+    else:
+        goal = {"goal": f"{text} <= {limit}x", "value": f"geometric mean {_ratio(gm)}{over}",
+                "met": gm is not None and gm <= limit, "failing": failed}
+    return _settle(goal, ratios)
 
 
 def _joblib_goals(plain: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     goals = []
-    vs_joblib: Dict[str, Optional[float]] = {}
+    vs_joblib = Compared()
     for w in plain:
         ours, joblib = _entry(w, "adaptive_cold"), _entry(w, "joblib")
         if ours is None or joblib is None:
             continue
-        if ours["median_s"] is None:
-            vs_joblib[w["name"]] = None
+        if ours["status"] == NOT_INSTALLED:
+            vs_joblib.skip_entry(w["name"], ours)
+        elif ours["median_s"] is None:
+            vs_joblib.values[w["name"]] = None
+        elif joblib["status"] == "TIMEOUT":
+            # Ours finished within the limit that joblib ran past: ours is ahead.
+            vs_joblib.values[w["name"]] = 0.0
         elif joblib["median_s"] is None:
-            vs_joblib[w["name"]] = 0.0  # joblib failed or timed out: ours is ahead
+            # Not installed, failed or wrong: no time of joblib's to compare with.
+            vs_joblib.skip_entry(w["name"], joblib)
         else:
-            vs_joblib[w["name"]] = ours["median_s"] / joblib["median_s"]
+            vs_joblib.values[w["name"]] = ours["median_s"] / joblib["median_s"]
     if vs_joblib:
         goal = _goal("adaptive_cold ahead of joblib's auto batching on every workload "
                      "(seconds / joblib's < 1)", vs_joblib, 1.0, strict=True)
-        goal["value"] = f"ahead on {len(vs_joblib) - len(goal['failing'])}/{len(vs_joblib)}; " \
-                        + goal["value"]
+        n = len(vs_joblib.values)
+        goal["value"] = f"ahead on {n - len(goal['failing'])}/{n}; {goal['value']}"
         goals.append(goal)
     return goals
 
@@ -191,12 +263,18 @@ def hit_times_ms(entry: Dict[str, Any]) -> List[float]:
 def _cache_goals(workloads: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Issue 4: a hit costs under 1 ms of lookup and planning, and the warm-cache runner
     samples nothing (every one of its runs a hit, with 0 items sampled)."""
-    warm = {w["name"]: e for w in workloads if (e := _entry(w, "adaptive_warm")) is not None}
-    if not warm:
+    entries = {w["name"]: e for w in workloads if (e := _entry(w, "adaptive_warm")) is not None}
+    if not entries:
         return []
+    compared = Compared()
+    for name, entry in entries.items():
+        if entry["status"] == NOT_INSTALLED:
+            compared.skip_entry(name, entry)
+    warm = {name: e for name, e in entries.items() if name not in compared.unmeasured}
     hits = {name: hit_times_ms(entry) for name, entry in warm.items()}
     all_hits = [ms for values in hits.values() for ms in values]
     medians = {name: statistics.median(v) for name, v in hits.items() if v}
+    compared.values = {name: medians.get(name) for name in warm}
     value = "no cache hit measured"
     if all_hits:
         slowest = max(medians, key=medians.__getitem__)
@@ -206,19 +284,22 @@ def _cache_goals(workloads: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     if again:
         value += (f"; the same plan again in the same process: median "
                   f"{statistics.median(again):.2f} ms")
-    goals = [{"goal": f"lookup and planning on a cache hit under {HIT_MAX_MS:g} ms median "
-                      "(adaptive_warm, from the call to the plan)",
-              "value": value,
-              "met": bool(all_hits) and statistics.median(all_hits) < HIT_MAX_MS,
-              "failing": [name for name in hits if medians.get(name, HIT_MAX_MS) >= HIT_MAX_MS]}]
+    goals = [_settle({
+        "goal": f"lookup and planning on a cache hit under {HIT_MAX_MS:g} ms median "
+                "(adaptive_warm, from the call to the plan)",
+        "value": value,
+        "met": bool(all_hits) and statistics.median(all_hits) < HIT_MAX_MS,
+        "failing": [name for name in hits if medians.get(name, HIT_MAX_MS) >= HIT_MAX_MS]},
+        compared)]
     clean = {name: [d.get("from_cache") is True and d.get("n_sampled") == 0
                     for d in entry["details"]] for name, entry in warm.items()}
     n_runs = sum(len(v) for v in clean.values())
-    goals.append({"goal": "adaptive_warm spends no time sampling (every run a cache hit, "
-                          "0 items sampled)",
-                  "value": f"{sum(sum(v) for v in clean.values())}/{n_runs} runs",
-                  "met": n_runs > 0 and all(all(v) for v in clean.values()),
-                  "failing": [name for name, v in clean.items() if not v or not all(v)]})
+    goals.append(_settle({
+        "goal": "adaptive_warm spends no time sampling (every run a cache hit, 0 items "
+                "sampled)",
+        "value": f"{sum(sum(v) for v in clean.values())}/{n_runs} runs",
+        "met": n_runs > 0 and all(all(v) for v in clean.values()),
+        "failing": [name for name, v in clean.items() if not v or not all(v)]}, compared))
     return goals
 
 
@@ -233,36 +314,53 @@ def _reaction_goal(reacted: Dict[str, Any]) -> Dict[str, Any]:
                                           ("rise", rise, reacted["n_rises"]))
                if v is None or v > limit or seen < n]
     return {"goal": f"the worker count reacts to a load change within {limit:g} s",
-            "value": value, "met": not failing, "failing": failing}
+            "value": value, "met": bool(n) and not failing, "failing": failing}
 
 
 def _secs(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f} s"
 
 
-def _per_workload(workloads: List[Dict[str, Any]], runner: str,
-                  key: str) -> Dict[str, Optional[float]]:
-    """{workload: ratio}, None where the runner did not produce a checked time."""
-    out: Dict[str, Optional[float]] = {}
+def _per_workload(workloads: List[Dict[str, Any]], runner: str, key: str) -> Compared:
+    """{workload: ratio}, None where the runner did not produce a checked time; no
+    comparison where the runner was not measured (not installed) or where the ratio's
+    reference (the oracle, serial) has no time."""
+    out = Compared()
     for w in workloads:
         entry = _entry(w, runner)
-        if entry is not None:
-            out[w["name"]] = entry[key] if entry["status"] == "ok" else None
+        if entry is None:
+            continue
+        if entry["status"] == NOT_INSTALLED:
+            out.skip_entry(w["name"], entry)
+        elif entry["status"] != "ok":
+            out.values[w["name"]] = None
+        elif entry[key] is not None:
+            out.values[w["name"]] = entry[key]
+        else:  # ok, but its reference has no time here
+            reference = "oracle" if key == "ratio_oracle" else "serial"
+            serial = _entry(w, "serial")
+            if reference == "serial" and serial is not None:
+                out.skip_entry(w["name"], serial)
+            else:
+                out.skip(w["name"], f"no {reference} time")
     return out
 
 
-def _goal(text: str, values: Dict[str, Optional[float]], limit: float,
-          strict: bool = False) -> Dict[str, Any]:
+def _goal(text: str, values: Compared, limit: float, strict: bool = False) -> Dict[str, Any]:
+    """A goal over every comparison: met when each is within ``limit``; over zero
+    comparisons, or with one missing, never met (see ``_settle``)."""
     def ok(v: Optional[float]) -> bool:
         return v is not None and (v < limit if strict else v <= limit)
 
-    failing = [name for name, v in values.items() if not ok(v)]
-    measured = [(v, name) for name, v in values.items() if v is not None]
-    worst = f"worst {_ratio(max(measured)[0])} on {max(measured)[1]}" if measured else "no data"
-    broken = [name for name, v in values.items() if v is None]
+    failing = [name for name, v in values.values.items() if not ok(v)]
+    measured = [(v, name) for name, v in values.values.items() if v is not None]
+    worst = f"worst {_ratio(max(measured)[0])} on {max(measured)[1]}" if measured \
+        else "no comparison"
+    broken = [name for name, v in values.values.items() if v is None]
     if broken:
         worst += f"; no checked time on {', '.join(broken)}"
-    return {"goal": text, "value": worst, "met": not failing, "failing": failing}
+    return _settle({"goal": text, "value": worst, "met": not failing, "failing": failing},
+                   values)
 
 
 # --------------------------------------------------------------------------- text
@@ -319,7 +417,7 @@ def _summary_text(results: Dict[str, Any]) -> List[str]:
         cells = []
         for name in shown:
             e = _entry(w, name)
-            cells.append("-" if e is None else e["status"] if e["status"] != "ok"
+            cells.append("-" if e is None else _status(e) if e["status"] != "ok"
                          else _ratio(e["ratio_oracle"]))
         rows.append([w["name"], *cells, _oracle_text(w)])
     lines = ["Ratio to the oracle (median seconds / oracle's; lower is better, 1.00x = as good "
@@ -336,11 +434,20 @@ def _summary_text(results: Dict[str, Any]) -> List[str]:
     lines += ["", "Goals (reported as they are today):"]
     for g in evaluate_goals(results):
         failing = f"; {_failing(g)}" if g["failing"] else ""
-        lines.append(f"  [{_verdict(g).upper()}] {g['goal']}: {g['value']}{failing}")
+        verdict = _verdict(g)
+        # "NOT MEASURED (needs: pip install joblib)": the command as it is typed.
+        head, sep, tail = verdict.partition(" (")
+        tag = head.upper() + sep + tail
+        lines.append(f"  [{tag}] {g['goal']}: {g['value']}{failing}")
     return lines
 
 
 def _verdict(goal: Dict[str, Any]) -> str:
+    """'met', 'not met', 'figure' (reported only) or 'not measured (needs: pip install
+    joblib)' (a comparison it needs is missing: never 'met')."""
+    if goal.get("not_measured"):
+        needs = goal.get("needs") or []
+        return f"not measured (needs: {pip_command(needs)})" if needs else "not measured"
     return "figure" if goal["met"] is None else "met" if goal["met"] else "not met"
 
 
@@ -360,8 +467,9 @@ def _plan_rows(results: Dict[str, Any]) -> List[List[str]]:
     for w in results["workloads"]:
         for name, acc in w.get("planning", {}).items():
             if not acc:
-                rows.append([w["name"], name, "-", "-", "-", "-", "-", "no plan", "-", "-", "-",
-                             "-"])
+                entry = _entry(w, name)
+                why = _status(entry) if entry is not None and _missing(entry) else "no plan"
+                rows.append([w["name"], name, "-", "-", "-", "-", "-", why, "-", "-", "-", "-"])
                 continue
             to_plan = _ms(acc.get("sampling_s", []))
             again = _ms(acc.get("plan_again_s", []))
@@ -445,7 +553,7 @@ def render_markdown(results: Dict[str, Any]) -> str:
         cells = []
         for name in shown:
             e = _entry(w, name)
-            cells.append("-" if e is None else e["status"] if e["status"] != "ok"
+            cells.append("-" if e is None else _status(e) if e["status"] != "ok"
                          else f"{e['median_s']:.3f} ({_ratio(e['ratio_oracle'])})")
         rows.append([w["name"], *cells, _oracle_text(w)])
     out += _md_table(["workload", *shown, "oracle"], rows)
@@ -484,46 +592,76 @@ def render_markdown(results: Dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- chart
 
 
+# Ratios the chart's y axis may be labelled with (log scale): plain "2x", never 10^0.
+CHART_TICKS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0,
+               500.0, 1000.0)
+NO_CHART = ('no chart (results.png): matplotlib is not installed; pip install matplotlib, '
+            'or every peer and the chart: pip install -e ".[bench]"')
+
+
 def write_png(results: Dict[str, Any], path: Path) -> Optional[str]:
     """A grouped bar chart of ratios to the oracle; returns why not, if it cannot."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return NO_CHART
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed (pip install adaptive_exec[plot])"
+        from matplotlib.lines import Line2D
+        from matplotlib.patches import Patch
+        from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+    except Exception as exc:  # installed, yet broken: the run's other files stand
+        return f"no chart (results.png): matplotlib failed to import: {exc}"
     shown = _shown(results)
     names = [w["name"] for w in results["workloads"]]
-    fig, ax = plt.subplots(figsize=(max(8.0, 1.3 * len(names) + 3), 5))
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.9 * len(names) + 4), 5.5))
     width = 0.8 / max(1, len(shown))
+    ratios = [e["ratio_oracle"] for w in results["workloads"] for e in w["runners"]
+              if e["name"] in shown and e["ratio_oracle"]]
+    bottom = min([0.5, *(0.8 * r for r in ratios)])
+    top = max([2.0, *(1.3 * r for r in ratios)])
+    handles: List[Any] = []
     for k, runner in enumerate(shown):
+        offset = (k - (len(shown) - 1) / 2) * width
         xs, ys = [], []
         for i, w in enumerate(results["workloads"]):
             e = _entry(w, runner)
             if e is not None and e["ratio_oracle"] is not None:
-                xs.append(i + (k - (len(shown) - 1) / 2) * width)
+                xs.append(i + offset)
                 ys.append(e["ratio_oracle"])
-        ax.bar(xs, ys, width, label=runner,
-               edgecolor="black" if runner.startswith("adaptive") else None)
+        # A fixed colour per runner, and a legend made of them: one without any bar
+        # (not installed, failed everywhere) keeps its own colour there.
+        style = {"facecolor": f"C{k % 10}",
+                 "edgecolor": "black" if runner.startswith("adaptive") else "none"}
+        ax.bar(xs, ys, width, **style)
+        handles.append(Patch(label=runner, **style))
         for i, w in enumerate(results["workloads"]):
             e = _entry(w, runner)
-            if e is not None and e["status"] != "ok":
-                ax.text(i + (k - (len(shown) - 1) / 2) * width, 1.0, e["status"],
-                        rotation=90, fontsize=6, ha="center", va="bottom")
+            if e is not None and e["status"] != "ok":  # no bar: say why, at its foot
+                ax.text(i + offset, bottom * 1.05, e["status"], rotation=90, fontsize=6,
+                        ha="center", va="bottom")
     ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.axhline(COLD_MAX_RATIO, color="red", linewidth=0.8, linestyle="--",
-               label=f"goal {COLD_MAX_RATIO}x")
+    ax.axhline(COLD_MAX_RATIO, color="red", linewidth=0.8, linestyle="--")
+    handles.append(Line2D([], [], color="red", linewidth=0.8, linestyle="--",
+                          label=f"goal {COLD_MAX_RATIO}x"))
     ax.set_yscale("log")
-    ax.set_ylim(bottom=0.5)
+    ax.set_ylim(bottom, top)
+    # Plain labels on a few round ratios; no minor labels, no offset, no 10^k.
+    ax.yaxis.set_major_locator(FixedLocator([t for t in CHART_TICKS if bottom <= t <= top]))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.yaxis.set_minor_locator(NullLocator())
     ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=20)
-    ax.set_ylabel("seconds / oracle's (log; lower is better)")
-    ax.set_title(f"adaptive_exec vs peers on {results['meta']['usable_cpus']} CPUs "
-                 "(missing bar: failed, wrong or timed out)")
-    ax.legend(fontsize=8, ncol=2)
+    ax.set_xticklabels(names, rotation=30, ha="right", rotation_mode="anchor")
+    ax.set_xlim(-0.6, len(names) - 0.4)
+    ax.set_ylabel("seconds / oracle's (log scale; lower is better)")
+    ax.set_title(f"adaptive_exec vs peers on {results['meta']['usable_cpus']} CPUs\n"
+                 "(no bar: failed, wrong, timed out, or n/a: not installed)", fontsize=10)
+    # Outside the plot area, right of it: no bar is ever under the legend.
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              borderaxespad=0.0, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return None
 
@@ -541,7 +679,7 @@ def write_all(results: Dict[str, Any], out_dir: Path) -> Dict[str, Path]:
     paths["results.txt"].write_text(render_text(results) + "\n")
     problem = write_png(results, paths["results.png"])
     if problem is not None:
-        print(f"no chart: {problem}", file=sys.stderr)
+        print(problem, file=sys.stderr)  # one line: why, and how to get it
         del paths["results.png"]
     return paths
 

@@ -16,10 +16,11 @@ may be the best one when a CPU is taken.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 # loky with one chunk size for every workload, a value a user would pick once: the
 # design notes measured ~2.5 µs per task at 100 against ~0.15 ms at 1 on 2 cores.
@@ -64,6 +65,70 @@ NAMED_BY_NAME: Dict[str, RunnerSpec] = {spec.name: spec for spec in NAMED}
 # The runners measured on every repeat even when clearly slow: the ones the goals and
 # ratios are about.  Others stop repeating once they cannot be the oracle (harness).
 ALWAYS_REPEAT = frozenset({"serial", "adaptive_cold", "adaptive_warm", "joblib"})
+
+
+# --------------------------------------------------------------------------- not installed
+
+# What a runner or a workload imports that adaptive_exec does not install itself (the
+# `bench` extra has them all: pip install -e ".[bench]"): top-level module names.
+RUNNER_NEEDS: Dict[str, Tuple[str, ...]] = {"joblib": ("joblib",)}
+WORKLOAD_NEEDS: Dict[str, Tuple[str, ...]] = {"numpy": ("numpy",)}
+# Where the module's name is not what to pip install.
+PIP_NAMES: Dict[str, str] = {"distributed": "dask[distributed]", "dask": "dask[distributed]"}
+
+# The status of a measurement that needs a package that is not installed: not a failure,
+# not a time. Reports show it as "n/a (pip install PACKAGE)".
+NOT_INSTALLED = "n/a"
+
+
+def pip_name(module: str) -> str:
+    top = module.partition(".")[0]
+    return PIP_NAMES.get(top, top)
+
+
+def pip_command(packages: Iterable[str]) -> str:
+    """'pip install joblib numpy'; a name with extras is quoted for the shell."""
+    names = [f'"{p}"' if "[" in p else p for p in packages]
+    return "pip install " + " ".join(names) if names else "pip install"
+
+
+def needed_modules(runner: str, workload: Optional[str]) -> List[str]:
+    """The optional modules that a runner on a workload imports."""
+    return [*RUNNER_NEEDS.get(runner, ()), *WORKLOAD_NEEDS.get(workload or "", ())]
+
+
+def not_installed(modules: Iterable[str]) -> List[str]:
+    """What to pip install for each of ``modules`` that cannot be found (the module is
+    looked up, not imported: a broken installation is found when it is imported, and
+    stays a failure)."""
+    missing: List[str] = []
+    for module in modules:
+        top = module.partition(".")[0]
+        try:
+            found = importlib.util.find_spec(top) is not None
+        except (ImportError, ValueError):  # ValueError: in sys.modules without a spec
+            found = True  # importable as far as we can tell: its import decides
+        if not found and pip_name(top) not in missing:
+            missing.append(pip_name(top))
+    return missing
+
+
+def missing_from_error(exc: BaseException, modules: Iterable[str]) -> List[str]:
+    """[what to pip install] when ``exc`` says that one of ``modules`` itself is absent
+    (``ModuleNotFoundError`` naming it); [] for any other error, e.g. a module that is
+    installed but fails to import, or a dependency of it that is missing: a failure."""
+    if not isinstance(exc, ModuleNotFoundError) or not exc.name:
+        return []
+    top = exc.name.partition(".")[0]
+    return [pip_name(top)] if top in {m.partition(".")[0] for m in modules} else []
+
+
+def not_installed_outcome(missing: List[str]) -> Dict[str, Any]:
+    return {"status": NOT_INSTALLED, "seconds": None, "missing": list(missing),
+            "message": f"not installed: {pip_command(missing)}"}
+
+
+# --------------------------------------------------------------------------- the grid
 
 
 def _worker_counts(ncpu: int, quick: bool) -> List[int]:

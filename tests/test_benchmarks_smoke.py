@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from benchmarks import harness, reaction, workloads
+from benchmarks import harness, reaction, report, workloads
 from benchmarks.load import BusyCore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,3 +131,85 @@ def test_reaction_delays_from_a_timeline() -> None:
     assert found["drop_s"] == pytest.approx(0.4) and found["rise_s"] == pytest.approx(0.4)
     never = reaction.delays({**details, "timeline": [[0.0, 2], [3.6, 1], [3.7, 0]]})
     assert never["drop_s"] is None and never["rise_s"] is None and never["note"]
+
+
+# --------------------------------------------------------------------------- peers not installed
+
+
+def _shadow_joblib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> None:
+    """A ``joblib`` module ahead of any installed one, in the children's PYTHONPATH (the
+    harness passes it on) and in this process's path (so that the harness's look-up
+    finds a joblib and starts the child: what the child's import does decides)."""
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "joblib.py").write_text(body)
+    monkeypatch.setenv("PYTHONPATH", str(shadow))
+    monkeypatch.syspath_prepend(str(shadow))
+
+
+def _suite_with_joblib(tmp_path: Path) -> dict:
+    options = harness.Options(quick=True, workloads=["tiny"], repeats=1,
+                              runners=["serial", "adaptive_cold", "joblib"])
+    results = harness.run_suite(options)
+    report.write_all(results, tmp_path / "bench")  # every file, the chart if it can
+    return results
+
+
+def _joblib_goal(results: dict) -> dict:
+    (goal,) = [g for g in report.evaluate_goals(results) if "joblib" in g["goal"]]
+    return goal
+
+
+@pytest.mark.timeout(300)
+def test_peer_not_installed_is_na_and_its_goal_not_measured(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What Python raises for `import joblib` when joblib is not installed.
+    _shadow_joblib(tmp_path, monkeypatch,
+                   "raise ModuleNotFoundError(\"No module named 'joblib'\", name='joblib')\n")
+    results = _suite_with_joblib(tmp_path)
+    (tiny,) = results["workloads"]
+    statuses = {e["name"]: e["status"] for e in tiny["runners"]}
+    assert statuses == {"serial": "ok", "adaptive_cold": "ok", "joblib": "n/a"}, statuses
+    text, markdown = report.render_text(results), report.render_markdown(results)
+    for shown in (text, markdown, (tmp_path / "bench" / "results.md").read_text()):
+        assert "n/a (pip install joblib)" in shown
+        assert "FAIL" not in shown
+    goal = _joblib_goal(results)
+    assert goal["verdict"] == "not measured (needs: pip install joblib)", goal
+    assert goal["met"] is None and goal["needs"] == ["joblib"]
+    assert "[NOT MEASURED (needs: pip install joblib)] adaptive_cold ahead of joblib" in text
+    assert "**not measured (needs: pip install joblib)**: adaptive_cold ahead of joblib" \
+        in markdown
+    saved = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert _joblib_goal(saved)["verdict"] == goal["verdict"]
+
+
+def test_missing_package_found_before_the_child_starts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import runners
+
+    assert runners.not_installed(["json", "aex_no_such_module"]) == ["aex_no_such_module"]
+    monkeypatch.setitem(runners.RUNNER_NEEDS, "joblib", ("aex_no_such_module",))
+    outcome = harness.run_child({"workload": "tiny", "n_items": 10, "runner": "joblib",
+                                 "name": "joblib"}, 30, tmp_path)
+    assert outcome["status"] == "n/a" and outcome["missing"] == ["aex_no_such_module"]
+    assert list(tmp_path.iterdir()) == []  # no child was started: no spec file written
+
+
+@pytest.mark.timeout(300)
+def test_goal_over_zero_comparisons_is_not_met(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # joblib is there but broken: a real failure (FAIL, not n/a), and no time to compare
+    # adaptive_cold with on any workload: the goal rests on zero comparisons.
+    _shadow_joblib(tmp_path, monkeypatch, "raise RuntimeError('this joblib is broken')\n")
+    results = _suite_with_joblib(tmp_path)
+    (tiny,) = results["workloads"]
+    joblib = next(e for e in tiny["runners"] if e["name"] == "joblib")
+    assert joblib["status"] == "FAIL" and "this joblib is broken" in joblib["message"]
+    assert "n/a" not in report.render_text(results)
+    goal = _joblib_goal(results)
+    assert goal["met"] is not True and goal["verdict"] == "not measured", goal
+    assert "ahead on 0/0" in goal["value"] and "joblib FAIL" in goal["value"]
+    # Any goal over no comparison at all.
+    empty = report._goal("a goal", report.Compared(), 1.0)
+    assert empty["met"] is None and report._verdict(empty) == "not measured"
