@@ -22,7 +22,7 @@ from .backends import loky as loky_backend
 from .backends import starts
 from .fingerprint import describe
 from .planner import OWN_THREADS_MIN, WAITING_MAX_CPU, make_plan
-from .records import Calibration, Cluster, Features, Options, Plan, fmt_s
+from .records import Calibration, Cluster, Features, Options, Plan, fmt_bytes, fmt_s
 
 logger = logging.getLogger("adaptive_exec")
 
@@ -112,23 +112,31 @@ def worth_a_pool(options: Options, features: Features, n_items: int, done: int) 
     return saved >= 2 * PRESTART_COST_S
 
 
-def monitor(options: Options, plan: Plan, features: Features) -> Callable[[int], int]:
-    """decide(busy workers now) -> how many to keep busy, re-read from the machine."""
+def monitor(options: Options, plan: Plan, features: Features
+            ) -> Callable[[int], tuple[int, str]]:
+    """decide(busy workers now) -> (how many to keep busy, why), re-read from the
+    machine; the why ("load: 1 of 2 cores busy with other processes", "memory: 200.0 MB
+    free, below the reserve") opens the line logged when the number changes."""
     probe = system.LoadProbe(loky_backend.worker_pids)
     per_worker = (loky_backend.worker_rss() or planner.WORKER_BASE_MEMORY) + (
         features.peak_memory or 0)
 
-    def decide(current: int) -> int:
+    def decide(current: int) -> tuple[int, str]:
         others, room = system.live_readings(probe, options.max_memory)
-        free = system.usable_cpus(options.max_workers) - system.busy_cpus(others)
-        target = max(1, min(plan.n_workers, free))
+        usable = system.usable_cpus(options.max_workers)
+        busy = min(system.busy_cpus(others), usable)
+        target = max(1, min(plan.n_workers, usable - busy))
+        why = f"load: {busy} of {usable} cores busy with other processes"
         if room is not None and room < planner.MEMORY_RESERVE:
             # Memory is running out: shed a worker's work each reading, before the
             # machine swaps or the OOM killer picks a process.
             target = min(target, max(1, current - 1))
+            why = f"memory: {fmt_bytes(room)} free, below the reserve"
         elif room is not None and room < planner.MEMORY_RESERVE + per_worker:
+            if target > current:
+                why = f"memory: {fmt_bytes(room)} free, no room for one more worker"
             target = min(target, current)  # no room for one more
-        return target
+        return target, why
 
     return decide
 

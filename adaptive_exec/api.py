@@ -289,7 +289,7 @@ class ParallelFunction:
         run = self._map_run(items, star=star, ordered=ordered, name=name)
         batches: Iterator[list[Any]] = iter(run)
         if self._options.progress or os.environ.get(ENV_PROGRESS, "") not in ("", "0"):
-            batches = _with_progress(batches, run.n_known, name)
+            batches = _with_progress(batches, run, name)
         return batches
 
 
@@ -330,15 +330,11 @@ def _collect(batches: Iterator[list[Any]]) -> list[Any]:
     return out if out is not None else []
 
 
-def _with_progress(
-    gen: Iterator[list[Any]], total: Optional[int], name: str
-) -> Iterator[list[Any]]:
-    from tqdm.auto import tqdm
+def _with_progress(gen: Iterator[list[Any]], run: MapRun, name: str) -> Iterator[list[Any]]:
+    """The batches on a progress bar labelled with what runs them (progress.py)."""
+    from .progress import with_progress
 
-    with tqdm(total=total, desc=name, unit="item") as bar:
-        for batch in gen:
-            bar.update(len(batch))
-            yield batch
+    return with_progress(gen, run, name)
 
 
 @overload

@@ -100,17 +100,33 @@ class _Throttle:
             self.target = value
 
 
-def _monitor(throttle: _Throttle, decide: Callable[[int], int]) -> None:
+# What the monitor calls: busy workers now -> how many to keep busy, and why (the log
+# line's opening, e.g. "load: 1 of 2 cores busy with other processes").
+Decide = Callable[[int], tuple[int, str]]
+
+
+def _monitor(throttle: _Throttle, decide: Decide,
+             on_change: Optional[Callable[[int], None]] = None) -> None:
+    """Until the run ends: re-read the machine, set the workers to keep busy; when that
+    number changes (not at every reading), one INFO line says so, and why, and
+    ``on_change`` (the progress bar) is told."""
     while not throttle.stop.wait(MONITOR_INTERVAL_S):
         try:
             current = throttle.get()
-            new = decide(current)
+            new, why = decide(current)
         except Exception as exc:  # a failed reading keeps the current target
             logger.debug("load monitor: %r", exc)
             continue
-        if new != current:
-            logger.debug("load monitor: %d -> %d busy workers", current, new)
-            throttle.set(new)
+        if new == current:
+            continue
+        throttle.set(new)
+        logger.info("%s: %d worker%s now (was %d)", why or "load monitor", new,
+                    "" if new == 1 else "s", current)
+        if on_change is not None:
+            try:
+                on_change(new)
+            except Exception as exc:  # the bar must not stop the monitor
+                logger.debug("load monitor: %r", exc)
 
 
 class _Pending:
@@ -233,7 +249,8 @@ class _CannotCross:
 
 class ParallelRun:
     """One parallel map: iterate it for lists of results (in order unless not
-    ``spec.ordered``). ``monitor(busy workers now)`` says how many to keep busy."""
+    ``spec.ordered``). ``monitor(busy workers now)`` says how many to keep busy (and
+    why); ``on_workers`` is told when that number changes."""
 
     def __init__(
         self,
@@ -243,7 +260,8 @@ class ParallelRun:
         first_index: int,
         spec: RunSpec,
         n_left: Optional[int] = None,
-        monitor: Optional[Callable[[int], int]] = None,
+        monitor: Optional[Decide] = None,
+        on_workers: Optional[Callable[[int], None]] = None,
     ):
         self.func = func
         self.target = target
@@ -253,6 +271,7 @@ class ParallelRun:
         self.timeout = spec.timeout
         self.chunks = _Chunks(spec, n_left)
         self.monitor = monitor
+        self.on_workers = on_workers  # told the monitor's new number of busy workers
         self.throttle = _Throttle(spec.n_workers)
         # Observations, read by the caller after the run:
         self.timeline: list[tuple[float, int]] = []
@@ -337,7 +356,8 @@ class ParallelRun:
             self.warm.set()
             self.warm_at = self._t0
         if self.monitor is not None:
-            threading.Thread(target=_monitor, args=(self.throttle, self.monitor),
+            threading.Thread(target=_monitor,
+                             args=(self.throttle, self.monitor, self.on_workers),
                              name="adaptive_exec-monitor", daemon=True).start()
 
     def _share_while_cold(self) -> None:

@@ -23,7 +23,16 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .records import Calibration, Cluster, Features, Plan, fmt_bytes, fmt_s
+from .records import (
+    Calibration,
+    Cluster,
+    Features,
+    Plan,
+    fmt_bytes,
+    fmt_pct,
+    fmt_s,
+    fmt_speedup,
+)
 from .system import SystemSnapshot, busy_cpus
 
 MIN_SPEEDUP = 1.2  # below this the estimate's own error can turn a gain into a loss
@@ -228,6 +237,15 @@ class _Job:
                     reason, self.from_cache, self.info)
 
 
+def _estimated(job: _Job, est: float, speedup: float) -> str:
+    """The estimate in a reason: the same numbers, formatted the same way, as the plan's
+    ``estimated_parallel_s``, ``estimated_serial_s`` and ``estimated_speedup`` in
+    explain() and str(RunReport): the whole map's, the time already spent sampling
+    included."""
+    return (f"estimated at {fmt_s(est)} in all, against {fmt_s(job.est_serial)} for the "
+            f"loop ({fmt_speedup(speedup)})")
+
+
 def _unit(cluster: Optional[Cluster]) -> str:
     """What the reasons call the workers."""
     return "cluster threads" if cluster is not None else "workers"
@@ -314,9 +332,8 @@ def _threads_option(job: _Job, features: Features, cpus: int, chunksize: Optiona
     est = job.elapsed_s + threads.total_s
     speedup = job.est_serial / est
     reason = (
-        f"{job.work}, of which only {cpu:.0%} is CPU: the function mostly waits, so "
-        f"{threads.n_workers} threads overlap the waiting; estimated at "
-        f"{fmt_s(threads.total_s)} ({speedup:.1f}x)"
+        f"{job.work}, of which only {fmt_pct(cpu)} is CPU: the function mostly waits, so "
+        f"{threads.n_workers} threads overlap the waiting; {_estimated(job, est, speedup)}"
     )
     return job.plan("threads", threads, est, speedup, reason)
 
@@ -343,8 +360,8 @@ def _best_pool(
     return best
 
 
-def _why_not_parallel(job: _Job, best: _Estimate, speedup: float, calib: Calibration,
-                      cluster: Optional[Cluster]) -> str:
+def _why_not_parallel(job: _Job, best: _Estimate, est: float, speedup: float,
+                      calib: Calibration, cluster: Optional[Cluster]) -> str:
     """The reason for staying serial when the best pool is not worth it: what limits it."""
     limits = []
     if best.startup_s > 0:
@@ -362,22 +379,30 @@ def _why_not_parallel(job: _Job, best: _Estimate, speedup: float, calib: Calibra
     if not limits:
         limits.append(f"{fmt_s(calib.task_overhead_s)} overhead per task")
     where = "the cluster" if cluster is not None else "the best pool"
+    if speedup >= MIN_SPEEDUP:  # the pool is faster, by too little time to matter
+        verdict = (f"a speedup of {fmt_speedup(speedup)} but a saving of only "
+                   f"{fmt_s(job.est_serial - est)}, below the {fmt_s(MIN_SAVING_S)} worth "
+                   "the risk")
+    else:
+        verdict = (f"a speedup of {fmt_speedup(speedup)}, below the "
+                   f"{fmt_speedup(MIN_SPEEDUP)} worth the risk")
     return (
         f"{job.work}; {where} ({best.n_workers} {_unit(cluster)}) is estimated at "
-        f"{fmt_s(best.total_s)} ({', '.join(limits)}), a speedup of {speedup:.2f}x, "
-        f"below the {MIN_SPEEDUP}x worth the risk"
+        f"{fmt_s(est)} in all, against {fmt_s(job.est_serial)} for the loop "
+        f"({', '.join(limits)}): {verdict}"
     )
 
 
-def _parallel_reason(job: _Job, best: _Estimate, speedup: float, correction: float,
-                     forced_parallel: Optional[str], cluster: Optional[Cluster]) -> str:
+def _parallel_reason(job: _Job, best: _Estimate, est: float, speedup: float,
+                     correction: float, forced_parallel: Optional[str],
+                     cluster: Optional[Cluster]) -> str:
     """The reason for running ``best``: the user's request, or the estimate and what it
     includes (start-up, the history's correction)."""
     unit = _unit(cluster)
     if forced_parallel:
         return (
             f"{forced_parallel}; {job.work}, {best.n_workers} {unit} with chunks of "
-            f"{best.chunksize} estimated at {fmt_s(best.total_s)} ({speedup:.2f}x)"
+            f"{best.chunksize} {_estimated(job, est, speedup)}"
         )
     startup = f", {fmt_s(best.startup_s)} of pool start-up included" if best.startup_s else \
         ", the cluster is already running" if cluster is not None else \
@@ -385,8 +410,8 @@ def _parallel_reason(job: _Job, best: _Estimate, speedup: float, correction: flo
     if correction >= 1.05:
         startup += f", x{correction:.2f} for past parallel runs that took longer"
     return (
-        f"{job.work}; {best.n_workers} {unit} with chunks of {best.chunksize} are estimated "
-        f"at {fmt_s(best.total_s)} ({speedup:.1f}x){startup}"
+        f"{job.work}; {best.n_workers} {unit} with chunks of {best.chunksize}: "
+        f"{_estimated(job, est, speedup)}{startup}"
     )
 
 
@@ -449,15 +474,17 @@ def make_plan(
     speedup = job.est_serial / est_parallel if est_parallel > 0 else 0.0
     if not features.picklable and (forced_parallel or speedup >= MIN_SPEEDUP):
         return job.serial(
-            f"{job.work}; a pool would be faster ({speedup:.2f}x estimated) but the sampled "
-            "items or results cannot be pickled, so they cannot reach a worker",
+            f"{job.work}; a pool would be faster ({fmt_speedup(speedup)} estimated) but the "
+            "sampled items or results cannot be pickled, so they cannot reach a worker",
             est_parallel,
         )
     if not forced_parallel and (speedup < MIN_SPEEDUP
                                 or job.est_serial - est_parallel < MIN_SAVING_S):
-        return job.serial(_why_not_parallel(job, best, speedup, calib, cluster), est_parallel)
+        return job.serial(_why_not_parallel(job, best, est_parallel, speedup, calib, cluster),
+                          est_parallel)
     mode = "distributed" if cluster is not None else "parallel"
-    reason = _parallel_reason(job, best, speedup, parallel_correction, forced_parallel, cluster)
+    reason = _parallel_reason(job, best, est_parallel, speedup, parallel_correction,
+                              forced_parallel, cluster)
     return job.plan(mode, best, est_parallel, speedup, reason)
 
 

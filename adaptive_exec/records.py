@@ -12,7 +12,7 @@ Records hold values and explain themselves; they compute nothing the planner nee
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 BACKENDS = ("auto", "loky", "serial", "dask")
 
@@ -24,7 +24,9 @@ def fmt_s(seconds: float) -> str:
         return f"{seconds:.2f} s"
     if seconds >= 1e-3:
         return f"{seconds * 1e3:.1f} ms"
-    return f"{seconds * 1e6:.1f} µs"
+    if seconds >= 1e-6 or seconds == 0:
+        return f"{seconds * 1e6:.1f} µs"
+    return f"{seconds * 1e9:.1f} ns"
 
 
 def fmt_bytes(n: float) -> str:
@@ -33,6 +35,26 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} GB"
+
+
+def fmt_speedup(ratio: float) -> str:
+    """A speedup (or slowdown) as a factor: the one form of the reasons and explain()."""
+    return f"{ratio:.2f}x"
+
+
+def fmt_pct(fraction: float) -> str:
+    return f"{fraction * 100:.1f}%" if abs(fraction) < 0.1 else f"{fraction * 100:.0f}%"
+
+
+def fmt_byte_cost(seconds_per_byte: float) -> str:
+    """Seconds per byte moved, as time per byte and the throughput it amounts to."""
+    if seconds_per_byte <= 0:
+        return "none measured"
+    return f"{fmt_s(seconds_per_byte)}/byte ({fmt_bytes(1 / seconds_per_byte)}/s)"
+
+
+def fmt_count(n: int, one: str, many: str) -> str:
+    return f"{n:,} {one if n == 1 else many}"
 
 
 # --- the user's options -----------------------------------------------------------------
@@ -132,24 +154,111 @@ class Plan:
     from_cache: bool
     features: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def estimated_s(self) -> float:
+        """The estimate of the mode chosen: the loop's when serial, else the pool's."""
+        return self.estimated_serial_s if self.mode == "serial" else self.estimated_parallel_s
+
+    def runs_on(self, busy: Optional[int] = None) -> str:
+        """What runs the items: "serial", "2 processes", "8 threads", "dask"; with
+        ``busy`` below the plan's workers, "1 of 2 processes"."""
+        if self.mode == "serial":
+            return "serial"
+        if self.mode == "distributed":
+            return "dask"
+        one, many = ("thread", "threads") if self.mode == "threads" else ("process",
+                                                                           "processes")
+        if busy is not None and busy < self.n_workers:
+            return f"{busy} of {fmt_count(self.n_workers, one, many)}"
+        return fmt_count(self.n_workers, one, many)
+
     def explain(self) -> str:
-        f = self.features
+        """The decision for people: every number in its unit, every feature named."""
+        no_pool = self.mode == "serial" and self.estimated_speedup == 0
         lines = [
             f"mode:        {self.mode}",
-            f"workers:     {self.n_workers}",
-            f"chunksize:   {self.chunksize}",
+            f"workers:     {_workers_line(self)}",
+            f"chunksize:   {fmt_count(self.chunksize, 'item', 'items')}",
             f"serial:      {fmt_s(self.estimated_serial_s)} (estimated)",
+            "parallel:    not estimated" if no_pool else
             f"parallel:    {fmt_s(self.estimated_parallel_s)} (estimated)",
-            f"speedup:     {self.estimated_speedup:.2f}x (estimated)",
-            f"from cache:  {self.from_cache}",
+            "speedup:     -" if no_pool else
+            f"speedup:     {fmt_speedup(self.estimated_speedup)} (estimated)",
+            f"from cache:  {_yes_no(self.from_cache)}",
             f"reason:      {self.reason}",
         ]
-        if f:
-            lines.append("features:")
-            width = max(len(k) for k in f)
-            for key in sorted(f):
-                lines.append(f"  {key.ljust(width)}  {f[key]}")
+        if self.features:
+            lines.append("measured, and planned with (plan.features):")
+            rows = [(_FEATURES.get(key, (key, _plain))[0],
+                     _FEATURES.get(key, (key, _plain))[1](value), key)
+                    for key, value in self.features.items()]
+            width = max(len(label) for label, _, _ in rows)
+            vwidth = min(max(len(text) for _, text, _ in rows), 24)  # long ones stick out
+            for label, text, key in rows:
+                lines.append(f"  {label.ljust(width)}  {text.ljust(vwidth)}  ({key})")
         return "\n".join(lines)
+
+
+def _yes_no(value: Any) -> str:
+    return "yes" if value else "no"
+
+
+def _workers_line(plan: Plan) -> str:
+    if plan.mode == "serial":
+        return "none: the items run in the caller"
+    if plan.mode == "distributed":
+        return f"{fmt_count(plan.n_workers, 'thread', 'threads')} of a dask cluster"
+    if plan.mode == "threads":
+        return f"{fmt_count(plan.n_workers, 'thread', 'threads')} in this process"
+    return f"{fmt_count(plan.n_workers, 'worker process', 'worker processes')}"
+
+
+def _plain(value: Any) -> str:
+    """A value no label knows: booleans as yes/no, floats rounded, the rest as is."""
+    if value is None:
+        return "unknown"
+    if isinstance(value, bool):
+        return _yes_no(value)
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _optional(fmt: Callable[[Any], str], missing: str = "not measured"
+              ) -> Callable[[Any], str]:
+    return lambda value: missing if value is None else fmt(value)
+
+
+# Each feature of a plan: its label for people, and how its value reads.
+_FEATURES: dict[str, tuple[str, Callable[[Any], str]]] = {
+    "mean_s": ("time per item", _optional(fmt_s)),
+    "coefficient_of_variation": ("spread of item times (CV)",
+                                 _optional(fmt_pct, "unknown (one sample)")),
+    "pickle_size": ("result size, pickled", _optional(fmt_bytes)),
+    "input_pickle_size": ("item size, pickled", _optional(fmt_bytes)),
+    "peak_memory": ("memory one call takes (peak)", _optional(fmt_bytes)),
+    "function_complexity": ("function's bytecode", _optional(fmt_bytes)),
+    "n_samples": ("calls measured", _optional(lambda n: f"{n:,}")),
+    "cpu_fraction": ("CPU share of a call", _optional(fmt_pct)),
+    "picklable": ("items and results pickle", _yes_no),
+    "threads_cpu": ("CPUs the function's own threads use",
+                    _optional(lambda x: f"{x:.1f}")),
+    "n_items": ("items", _optional(lambda n: f"{n:,}")),
+    "usable_cpus": ("usable CPUs", _optional(lambda n: f"{n:,}")),
+    "available_memory": ("available memory", _optional(fmt_bytes)),
+    "calibration": ("machine constants", _optional(str)),
+    "worker_startup_s": ("pool start-up", _optional(fmt_s)),
+    "task_overhead_s": ("overhead per task", _optional(fmt_s)),
+    "byte_cost_s": ("cost of moving a byte", _optional(fmt_byte_cost)),
+    "pool_warm": ("pool already running", _yes_no),
+    "parallel_correction": ("correction from past runs", _optional(lambda x: f"x{x:.2f}")),
+    "cluster": ("dask cluster", _optional(str)),
+    "cluster_threads": ("cluster threads", _optional(lambda n: f"{n:,}")),
+    "others_load": ("CPUs busy with other processes", _optional(lambda x: f"{x:.1f}")),
+    "worker_memory": ("memory of an idle worker", _optional(fmt_bytes)),
+}
 
 
 def empty_plan() -> Plan:
@@ -175,3 +284,23 @@ class RunReport:
     # How the pool's workers were started, when a process pool ran: "fork", "template" or
     # "exec" (backends/starts.py); None otherwise.
     start_path: Optional[str] = None
+
+    def __str__(self) -> str:
+        """One line for people: what ran, how long it took, what was estimated."""
+        plan = self.plan
+        if plan.mode == "serial":
+            head = "serial in the caller"
+        elif plan.mode == "distributed":
+            head = (f"dask cluster, {fmt_count(plan.n_workers, 'task', 'tasks')} in flight, "
+                    f"chunks of {plan.chunksize:,}")
+        elif plan.mode == "threads":
+            head = (f"{fmt_count(plan.n_workers, 'thread', 'threads')}, "
+                    f"chunks of {plan.chunksize:,}")
+        else:
+            head = (f"{plan.mode}, {fmt_count(plan.n_workers, 'process', 'processes')}, "
+                    f"chunks of {plan.chunksize:,}")
+        if self.n_items == 0:
+            return f"{head}, no items ({fmt_s(self.wall_s)})"
+        out = (f"{head}, {fmt_count(self.n_items, 'item', 'items')} in {fmt_s(self.wall_s)}, "
+               f"estimated {fmt_s(plan.estimated_s)}")
+        return out + ", from cache" if self.from_cache else out

@@ -118,6 +118,9 @@ class MapRun:
         self.stay_serial = False  # the pool was ruled out during the run: no re-plan
         self.bytes_sent = 0  # pickled bytes handed to worker processes
         self.start_path: Optional[str] = None  # how the process pool's workers started
+        # Told what runs the items: the plan once known, again when it changes, and the
+        # busy workers when the load monitor changes them (the progress bar, progress.py).
+        self.on_plan: Optional[Callable[[Plan, Optional[int]], None]] = None
 
     def __iter__(self) -> Iterator[list[Any]]:
         try:
@@ -237,6 +240,7 @@ class MapRun:
             self._unpicklable("the sampled items or results cannot be pickled")
         self.plan = plan
         self.planned_s = time.perf_counter() - self.t_start
+        self._announce(plan)
         if logger.isEnabledFor(logging.INFO):
             logger.info("plan for %s: mode=%s workers=%d chunksize=%d from_cache=%s: %s",
                         describe(self.func)[1], plan.mode, plan.n_workers, plan.chunksize,
@@ -338,6 +342,7 @@ class MapRun:
                                                   self.n_items, self.n_done)
             if new is not None:
                 self.plan = new
+                self._announce(new)
                 n_here, observed_here = self.n_done - first, self.observed_s
                 yield from self._parallel(new, self.n_done, self.n_items - self.n_done
                                           if self.n_exact else None)
@@ -373,6 +378,7 @@ class MapRun:
                     self.plan = dataclasses.replace(
                         plan, mode="serial", n_workers=1, chunksize=1,
                         estimated_speedup=1.0, reason=heavy)
+                    self._announce(self.plan)
                     self.stay_serial = True
                     yield from self._serial()
                     return
@@ -387,7 +393,8 @@ class MapRun:
         )
         run = ParallelRun(self.func, target, self.source, first, spec, n_left,
                           adapt.monitor(self.options, plan, self.features)
-                          if plan.mode == "parallel" else None)
+                          if plan.mode == "parallel" else None,
+                          on_workers=lambda busy: self._announce(plan, busy))
         for batch in run:
             self.n_done += len(batch)
             yield batch
@@ -415,6 +422,15 @@ class MapRun:
                 f"{plan.n_workers} workers is estimated at {fmt_s(shipping)}, which with "
                 f"the pool's {fmt_s(plan.estimated_parallel_s)} loses to the loop's "
                 f"{fmt_s(plan.estimated_serial_s)}; running serially")
+
+    def _announce(self, plan: Plan, busy: Optional[int] = None) -> None:
+        """Tell ``on_plan`` (the bar) what runs the items now; it cannot fail the map."""
+        if self.on_plan is None:
+            return
+        try:
+            self.on_plan(plan, busy)
+        except Exception as exc:
+            logger.debug("progress: %r", exc)
 
     def _fallback_loop(self) -> Iterator[list[Any]]:
         """The function cannot be pickled: the rest runs here, in plain chunks."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import subprocess
 import sys
 import threading
@@ -88,7 +90,8 @@ def _machine_is_busy() -> bool:
 
 
 @needs_two
-def test_active_workers_follow_a_busy_process_during_the_run(busy):
+def test_active_workers_follow_a_busy_process_during_the_run(busy, caplog):
+    caplog.set_level(logging.INFO, logger="adaptive_exec")
     calibrate()  # a warm pool, so the run's timeline starts with every worker busy
     if _machine_is_busy():
         # The same instants, with the load reading set through the seam: the machine's
@@ -118,6 +121,13 @@ def test_active_workers_follow_a_busy_process_during_the_run(busy):
     lowered = [i for i, a in enumerate(active) if i > first_full and 0 < a < full]
     assert lowered, f"the busy process never lowered the workers: {timeline}"
     assert full in active[lowered[0]:], f"the workers never rose again: {timeline}"
+    # One INFO line each time the monitor changes the busy workers, with the reason.
+    said = [r.getMessage() for r in caplog.records
+            if r.levelno == logging.INFO and r.getMessage().startswith("load: ")]
+    line = rf"load: \d+ of {full} cores busy with other processes: \d+ workers? now \(was "
+    assert any(re.fullmatch(line + rf"{full}\)", m) for m in said), said
+    assert any(re.fullmatch(line + r"\d+\)", m) and m.split(": ")[-1].startswith(f"{full} ")
+               for m in said), said
 
 
 def test_memory_ceiling_caps_the_workers_and_the_map_completes():

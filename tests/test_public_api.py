@@ -153,5 +153,8 @@ def test_progress_bar_and_plan_log(capsys, caplog):
     assert pf.map(range(500)) == [x * x for x in range(500)]
     err = capsys.readouterr().err
     assert "500/500" in err and "it" in err  # tqdm's count and rate
+    assert "map [serial]" in err  # the bar names what runs the items
     plans = [r for r in caplog.records if r.getMessage().startswith("plan for square")]
     assert len(plans) == 1 and "mode=serial" in plans[0].getMessage()
+    assert list(pf.imap(range(50))) == [x * x for x in range(50)]
+    assert "imap [serial]" in capsys.readouterr().err

@@ -1,0 +1,137 @@
+"""The progress bar of a map (``progress=True``, or ADAPTIVE_EXEC_PROGRESS=1).
+
+The bar counts the items as their results arrive, and names what runs them:
+``map [2 processes]``, ``map [serial]``, ``map [8 threads]``, ``map [dask]`` (the name is
+the map's kind: map, imap, starmap...). It is labelled once the plan is known, again when
+the plan changes (a serial loop moving to the pool), and when the load monitor changes
+the number of busy workers (``map [1 of 2 processes]``): the map tells it through
+``MapRun.on_plan``.
+
+While a bar is shown, the library's log records (logger "adaptive_exec") reach the
+console through ``tqdm.write``, above the bar, never onto its line: each console handler
+that would print them (the root's, after ``logging.basicConfig``, or one of ours) gets a
+filter that writes them with ``tqdm.write`` instead, in its own format and stream. Other
+loggers' records, and handlers that are not the console (log files), are left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+
+from .records import Plan
+
+if TYPE_CHECKING:
+    from .run import MapRun
+
+LOGGER = "adaptive_exec"
+
+
+def label(name: str, plan: Optional[Plan] = None, busy: Optional[int] = None) -> str:
+    """The bar's label: the map's kind, and what runs it once that is known."""
+    return name if plan is None else f"{name} [{plan.runs_on(busy)}]"
+
+
+def with_progress(batches: Iterator[list[Any]], run: MapRun, name: str
+                  ) -> Iterator[list[Any]]:
+    """``batches``, counted on a bar named ``name [what runs it]``; the library's log
+    lines go above the bar while it is shown."""
+    from tqdm.auto import tqdm
+
+    with _logs_above_bars(tqdm.write), tqdm(total=run.n_known, desc=name,
+                                            unit="item") as bar:
+        lock = threading.Lock()  # the monitor's thread relabels it too
+
+        def show(plan: Plan, busy: Optional[int] = None) -> None:
+            with lock:
+                if not bar.disable:
+                    bar.set_description_str(label(name, plan, busy), refresh=True)
+
+        run.on_plan = show
+        try:
+            for batch in batches:
+                bar.update(len(batch))
+                yield batch
+        finally:
+            run.on_plan = None
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+
+
+# --- log records above the bar ----------------------------------------------------------
+
+class _AboveTheBar(logging.Filter):
+    """On a console handler: the library's records are written through ``tqdm.write``
+    (the bars are cleared, the line written, the bars drawn again), not by the handler;
+    other records pass."""
+
+    def __init__(self, handler: logging.StreamHandler[Any], write: Callable[..., Any]):
+        super().__init__()
+        self.handler = handler
+        self.write = write
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != LOGGER and not record.name.startswith(LOGGER + "."):
+            return True
+        try:
+            self.write(self.handler.format(record), file=self.handler.stream)
+        except Exception:
+            self.handler.handleError(record)
+        return False
+
+
+def _console_handlers() -> list[logging.StreamHandler[Any]]:
+    """The handlers that would print the library's records on the console: those of its
+    logger and its ancestors (as far as records propagate), else logging's last resort."""
+    consoles = {id(s) for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+                if s is not None}
+    found: list[logging.StreamHandler[Any]] = []
+    logger: Optional[logging.Logger] = logging.getLogger(LOGGER)
+    any_handler = False
+    while logger is not None:
+        for handler in logger.handlers:
+            any_handler = True
+            if (isinstance(handler, logging.StreamHandler)
+                    and not isinstance(handler, logging.FileHandler)
+                    and id(handler.stream) in consoles and handler not in found):
+                found.append(handler)
+        if not logger.propagate:
+            break
+        logger = logger.parent
+    last = logging.lastResort
+    if not any_handler and isinstance(last, logging.StreamHandler):
+        found.append(last)
+    return found
+
+
+_lock = threading.Lock()  # guards _depth and _filters
+_depth = 0  # bars shown at once (threads' maps, nested maps)
+_filters: list[_AboveTheBar] = []
+
+
+@contextlib.contextmanager
+def _logs_above_bars(write: Callable[..., Any]) -> Iterator[None]:
+    """While the block runs, the library's console log lines go through ``write``
+    (tqdm.write). Bars shown at once share one set of filters: the first installs them,
+    the last removes them."""
+    global _depth
+    with _lock:
+        if _depth == 0:
+            for handler in _console_handlers():
+                f = _AboveTheBar(handler, write)
+                handler.addFilter(f)
+                _filters.append(f)
+        _depth += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                for f in _filters:
+                    f.handler.removeFilter(f)
+                _filters.clear()

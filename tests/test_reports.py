@@ -1,0 +1,313 @@
+"""What people read: str(RunReport), Plan.explain(), the progress bar and the log lines.
+
+Real maps throughout (real worker processes where the pool is involved); the load
+monitor's readings go through system's test seam where a test needs a given load (the
+same behaviour runs on a real busy process in test_load.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import sys
+import threading
+import time
+from typing import Iterator
+
+import aex_helpers as h
+import pytest
+
+from adaptive_exec import dispatch, parallelize, system
+from adaptive_exec.adapt import monitor
+from adaptive_exec.api import make_options
+from adaptive_exec.records import Features, Plan, RunReport, fmt_s, fmt_speedup
+from adaptive_exec.system import usable_cpus
+
+needs_two = pytest.mark.skipif(usable_cpus() < 2, reason="needs 2 usable CPUs")
+
+# A reason's estimate: the pool's, the loop's, and (for a plan that runs) the speedup.
+ESTIMATE = re.compile(r"estimated at (\S+ \S+) in all, against (\S+ \S+) for the loop "
+                      r"\((\d+\.\d\dx)?")
+# A number with its unit, as fmt_s writes one.
+SECONDS = r"\d+\.\d+ (?:s|ms|µs|ns)"
+
+
+def work(x):
+    h.spin(0.01)
+    return x
+
+
+def slowish(x):
+    h.spin(0.05)
+    return x
+
+
+def explain_value(text: str, line: str) -> str:
+    """The value of ``line:`` in an explain() text, without "(estimated)"."""
+    found = re.search(rf"^{line}:\s+(.*?)(?: \(estimated\))?$", text, re.M)
+    assert found, text
+    return found.group(1)
+
+
+# --- str(RunReport) ---------------------------------------------------------------------
+
+def test_a_pool_map_reads_as_one_short_line_and_says_from_cache():
+    pf = parallelize(work, backend="loky")  # the pool, whatever the estimate
+    assert pf.map(range(120)) == list(range(120))
+    first = pf.last_report
+    line = str(first)
+    assert "\n" not in line and len(line) < 120, line
+    assert re.fullmatch(rf"parallel, \d+ process(es)?, chunks of \d+, 120 items in {SECONDS}, "
+                        rf"estimated {SECONDS}", line), line
+    assert f"{first.plan.n_workers} process" in line
+    assert f"chunks of {first.plan.chunksize}," in line
+    assert f"estimated {fmt_s(first.plan.estimated_parallel_s)}" in line
+    pf.map(range(120))
+    again = str(pf.last_report)
+    assert again.endswith(", from cache") and again.startswith("parallel, "), again
+    # repr stays the dataclass's: every field, for debugging.
+    assert repr(pf.last_report).startswith("RunReport(plan=Plan(mode='parallel'")
+
+
+def test_serial_and_threads_maps_read_as_what_ran_them():
+    pf = parallelize(h.square)
+    pf.map(range(120))
+    line = str(pf.last_report)
+    assert re.fullmatch(rf"serial in the caller, 120 items in {SECONDS}, estimated {SECONDS}",
+                        line), line
+    assert f"estimated {fmt_s(pf.last_report.plan.estimated_serial_s)}" in line
+
+    waits = parallelize(h.sleepy)
+    assert waits.map(range(60)) == [x + 1 for x in range(60)]
+    report = waits.last_report
+    assert report.plan.mode == "threads", report.plan.reason
+    assert re.fullmatch(rf"{report.plan.n_workers} threads, chunks of \d+, 60 items in "
+                        rf"{SECONDS}, estimated {SECONDS}", str(report)), str(report)
+
+    empty = parallelize(h.square)
+    empty.map([])
+    assert str(empty.last_report).startswith("serial in the caller, no items")
+
+
+def test_a_dask_map_reads_as_the_cluster():
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        pf = parallelize(work, client=client)
+        assert pf.map(range(40)) == list(range(40))
+    line = str(pf.last_report)
+    assert re.match(r"dask cluster, \d+ tasks? in flight, chunks of \d+, 40 items in ", line), line
+
+
+# --- explain() and the reasons: people's units, one number per quantity --------------------
+
+def test_explain_reads_in_human_units():
+    pf = parallelize(work, backend="loky")
+    plan = pf.plan(range(120))
+    text = plan.explain()
+    # No raw float anywhere (3.1753815413410654e-09), no raw byte count, no True/False.
+    assert not re.search(r"\d\.\d{5,}|\de-\d|\bTrue\b|\bFalse\b|\bNone\b", text), text
+    assert "from cache:  no" in text
+    assert re.search(r"cost of moving a byte\s+\d+\.\d (ns|µs)/byte \(\d+\.\d [KMG]B/s\)",
+                     text), text
+    memory = plan.features["available_memory"]
+    if memory is not None:
+        assert re.search(r"available memory\s+\d+\.\d [KMG]B", text), text
+        assert str(memory) not in text
+    assert re.search(r"CPU share of a call\s+\d+(\.\d)?%", text), text
+    assert re.search(r"time per item\s+\d+\.\d ms", text), text
+    assert re.search(r"pool start-up\s+" + SECONDS, text), text
+    assert re.search(r"items and results pickle\s+yes", text), text
+    # Each feature has a label; its key is still named, to find it in plan.features.
+    for key in plan.features:
+        assert f"({key})" in text
+
+
+def test_the_reason_explain_and_the_report_show_the_same_estimate():
+    pf = parallelize(work, backend="loky")
+    pf.map(range(120))
+    report = pf.last_report
+    plan = report.plan
+    text = plan.explain()
+    said = ESTIMATE.search(plan.reason)
+    assert said, plan.reason
+    assert said.group(1) == explain_value(text, "parallel") == fmt_s(plan.estimated_parallel_s)
+    assert said.group(2) == explain_value(text, "serial") == fmt_s(plan.estimated_serial_s)
+    assert said.group(3) == explain_value(text, "speedup") == fmt_speedup(
+        plan.estimated_speedup)
+    assert f"estimated {said.group(1)}" in str(report)
+
+    # A serial plan names the best pool's estimate: the one explain() shows. (The load
+    # is set to none: a pool too few free CPUs rule out is not estimated at all.)
+    system.fake_readings(others=0.0)
+    try:
+        serial = parallelize(h.square).plan(range(20_000))
+    finally:
+        system.fake_readings()
+    assert serial.mode == "serial", serial.reason
+    said = ESTIMATE.search(serial.reason)
+    assert said, serial.reason
+    assert said.group(1) == explain_value(serial.explain(), "parallel")
+    assert said.group(2) == explain_value(serial.explain(), "serial")
+    assert f"a speedup of {explain_value(serial.explain(), 'speedup')}" in serial.reason
+
+
+def test_a_plan_without_a_pool_estimate_says_so():
+    plan = parallelize(h.square, backend="serial").plan(range(50))
+    text = plan.explain()
+    assert "parallel:    not estimated" in text and "workers:     none" in text
+
+
+# --- the bar and the log lines ------------------------------------------------------------
+
+@contextlib.contextmanager
+def console_log() -> Iterator[logging.Handler]:
+    """A console handler on the root logger, as logging.basicConfig(level=INFO) sets, on
+    the stderr capsys captures now (made in the test itself: each phase of a test gets a
+    capture stream of its own)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
+    root = logging.getLogger()
+    ours = logging.getLogger("adaptive_exec")
+    old_level = ours.level
+    ours.setLevel(logging.INFO)
+    root.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+        ours.setLevel(old_level)
+
+
+def segments(err: str) -> list[str]:
+    """What a terminal shows as separate writes: split at carriage returns and newlines."""
+    return re.split(r"[\r\n]", err)
+
+
+def test_the_bar_is_named_for_what_runs_and_logs_go_above_it(capsys):
+    pf = parallelize(h.square, progress=True)
+    with console_log() as handler:
+        assert pf.map(range(120)) == [x * x for x in range(120)]
+    err = capsys.readouterr().err
+    assert "map [serial]" in err and "120/120" in err
+    logged = [s for s in segments(err) if "adaptive_exec:plan for square" in s]
+    # The record is a line of its own: not written after the bar's text on its line.
+    assert logged and all(s.startswith("INFO:adaptive_exec:plan for square") for s in logged), \
+        err
+    assert re.search(r"(^|[\r\n])INFO:adaptive_exec:plan for square[^\r\n]*\n", err), err
+    # After the bar, the root's handler prints our records itself again, filter-free.
+    assert not handler.filters
+
+    pool = parallelize(work, progress=True, backend="loky")
+    pool.starmap([(x,) for x in range(40)])
+    err = capsys.readouterr().err
+    n = pool.last_report.plan.n_workers
+    assert f"starmap [{n} process{'es' if n > 1 else ''}]" in err, err
+
+    waits = parallelize(h.sleepy, progress=True)
+    waits.map(range(60))
+    err = capsys.readouterr().err
+    assert waits.last_report.plan.mode == "threads"
+    assert f"map [{waits.last_report.plan.n_workers} threads]" in err, err
+
+
+def test_other_loggers_records_are_left_alone_during_the_bar(capsys):
+    other = logging.getLogger("not_ours")
+    other.setLevel(logging.INFO)
+
+    def logs(x):
+        if x == 3:
+            other.info("from the user's code")
+        return x
+
+    with console_log():
+        parallelize(logs, progress=True, backend="serial").map(range(10))
+    err = capsys.readouterr().err
+    assert "INFO:not_ours:from the user's code" in err
+
+
+# --- the load monitor: one INFO line when the busy workers change, with the reason ----------
+
+@needs_two
+def test_the_monitor_logs_once_per_change_with_the_reason(caplog, monkeypatch):
+    monkeypatch.setattr(dispatch, "MONITOR_INTERVAL_S", 0.02)
+    caplog.set_level(logging.DEBUG, logger="adaptive_exec")  # not at every reading either
+    n = usable_cpus()
+    plan = Plan("parallel", n, 4, 1.0, 0.5, 2.0, "test", False)
+    features = Features(0.01, 0.1, 8, 8, 0, 10, 4, 1.0)
+    throttle = dispatch._Throttle(n)
+    told: list[int] = []
+    system.fake_readings(others=0.0, room=float(8 << 30))
+    thread = threading.Thread(target=dispatch._monitor,
+                              args=(throttle, monitor(make_options(), plan, features),
+                                    told.append))
+    thread.start()
+
+    def settle(expected: int) -> None:
+        end = time.monotonic() + 5
+        while throttle.get() != expected and time.monotonic() < end:
+            time.sleep(0.01)
+        time.sleep(0.2)  # ten more readings, none of which may log again
+        assert throttle.get() == expected
+
+    try:
+        settle(n)
+        system.fake_readings(others=float(n), room=float(8 << 30))
+        settle(1)
+        system.fake_readings(others=0.0, room=float(8 << 30))
+        settle(n)
+        system.fake_readings(others=0.0, room=float(1 << 20))
+        settle(1)  # one worker fewer at each reading, down to one
+    finally:
+        throttle.stop.set()
+        thread.join(5)
+        system.fake_readings()
+    lines = [r for r in caplog.records if r.name == "adaptive_exec"]
+    shed = list(range(n - 1, 0, -1))
+    assert [r.levelno for r in lines] == [logging.INFO] * (2 + len(shed)), \
+        [r.getMessage() for r in lines]
+    assert [r.getMessage() for r in lines] == [
+        f"load: {n} of {n} cores busy with other processes: 1 worker now (was {n})",
+        f"load: 0 of {n} cores busy with other processes: {n} workers now (was 1)",
+    ] + [f"memory: 1.0 MB free, below the reserve: {k} worker{'s' if k > 1 else ''} now "
+         f"(was {k + 1})" for k in shed]
+    assert told == [1, n, *shed]
+
+
+@needs_two
+def test_the_bar_follows_the_monitor_during_a_real_map(capsys, caplog):
+    caplog.set_level(logging.INFO, logger="adaptive_exec")
+    n = usable_cpus()
+    pf = parallelize(slowish, backend="loky", chunksize=1, progress=True)
+    got = []
+    system.fake_readings(others=0.0)
+    try:
+        # The load rises once results come in, and falls again ~1 s later (50 ms items,
+        # on one worker meanwhile): whatever the pool's start-up took.
+        for i, x in enumerate(pf.imap(range(60))):
+            got.append(x)
+            if i == 8:
+                system.fake_readings(others=float(n))
+            elif i == 30:
+                system.fake_readings(others=0.0)
+    finally:
+        system.fake_readings()
+    assert got == list(range(60))
+    err = capsys.readouterr().err
+    assert pf.last_report.plan.n_workers == n, pf.last_report.plan.reason
+    assert f"imap [{n} processes]" in err
+    assert f"imap [1 of {n} processes]" in err, err
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert f"load: {n} of {n} cores busy with other processes: 1 worker now (was {n})" \
+        in messages, messages
+
+
+def test_a_report_line_without_a_map():
+    plan = Plan("threads", 8, 1, 1.0, 0.1, 10.0, "r", True)
+    report = RunReport(plan, 0.12, 500, 2, True)
+    assert str(report) == "8 threads, chunks of 1, 500 items in 120.0 ms, estimated " \
+                          "100.0 ms, from cache"
+    assert Plan("distributed", 4, 2, 1.0, 0.5, 2.0, "r", False).runs_on() == "dask"
+    assert Plan("parallel", 2, 2, 1.0, 0.5, 2.0, "r", False).runs_on(1) == "1 of 2 processes"
