@@ -28,6 +28,7 @@ from typing import (
 from . import system
 from .backends import dask as dask_backend
 from .backends import loky as loky_backend
+from .errors import hide_library_frames
 from .fingerprint import fingerprint
 from .records import BACKENDS, Calibration, Options, Plan, RunReport
 from .run import MapKind, MapRun, guard, known_length
@@ -234,11 +235,19 @@ class ParallelFunction:
 
     def map(self, items: Iterable[Any]) -> list[Any]:
         """``[func(x) for x in items]``, as fast as this machine allows."""
-        return _collect(self._run(items, star=False, ordered=True, name="map"))
+        try:
+            return _collect(self._run(items, star=False, ordered=True, name="map"))
+        except BaseException as exc:
+            hide_library_frames(exc)  # the user's call, then their function's frames
+            raise
 
     def starmap(self, arg_tuples: Iterable[Iterable[Any]]) -> list[Any]:
         """``[func(*args) for args in arg_tuples]``."""
-        return _collect(self._run(arg_tuples, star=True, ordered=True, name="starmap"))
+        try:
+            return _collect(self._run(arg_tuples, star=True, ordered=True, name="starmap"))
+        except BaseException as exc:
+            hide_library_frames(exc)  # the user's call, then their function's frames
+            raise
 
     def imap(self, items: Iterable[Any]) -> Iterator[Any]:
         """Results in order, lazily, with bounded read-ahead."""
@@ -259,8 +268,12 @@ class ParallelFunction:
             )
             raise TypeError(msg)
         run = self._map_run(items, star=False, ordered=True, name="plan", plan_only=True)
-        for _ in run:
-            pass
+        try:
+            for _ in run:
+                pass
+        except BaseException as exc:
+            hide_library_frames(exc)
+            raise
         assert run.plan is not None
         return run.plan
 
@@ -304,6 +317,10 @@ def _flatten(batches: Iterator[list[Any]]) -> Generator[Any, None, None]:
             pop = batch.pop
             while batch:
                 yield pop()
+    except BaseException as exc:
+        if not isinstance(exc, GeneratorExit):
+            hide_library_frames(exc)
+        raise
     finally:
         close = getattr(batches, "close", None)
         if close is not None:

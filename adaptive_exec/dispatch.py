@@ -33,7 +33,6 @@ import logging
 import math
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
@@ -46,6 +45,7 @@ from .errors import (
     UnpicklableWarning,
     WorkerCrashedError,
     attach_origin,
+    warn_user,
 )
 from .worker import FALLBACK, NEED_FUNCTION, ChunkResult, run_here
 
@@ -224,8 +224,8 @@ class _CannotCross:
             raise error(msg) from cause
         if not self.warned:
             self.warned = True
-            warnings.warn(f"adaptive_exec: {what}; running them in the caller",
-                          UnpicklableWarning, stacklevel=6)
+            warn_user(f"adaptive_exec: {what}; running them in the caller",
+                      UnpicklableWarning)
 
     def fall_back(self, info: _Pending, res: ChunkResult, target: Target
                   ) -> tuple[list[Any], Optional[BaseException], Optional[int]]:

@@ -11,8 +11,14 @@ from __future__ import annotations
 import builtins
 import pickle
 import sys
+import types
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
+
+# Frames of this package are the library's: hidden from the tracebacks a user sees, and
+# skipped to find the user's line a warning points at.
+_PACKAGE = __name__.partition(".")[0]
 
 
 class AdaptiveExecError(Exception):
@@ -87,15 +93,30 @@ class RemoteTraceback(Exception):
         return self.tb
 
 
-def attach_origin(exc: BaseException, index: int, remote_tb: Optional[str]) -> BaseException:
-    """Mark ``exc`` as raised by item ``index``; chain the worker traceback when there is one."""
+def attach_origin(exc: BaseException, index: int, remote_tb: Optional[str],
+                  where: Optional[str] = None) -> BaseException:
+    """Mark ``exc`` as raised by item ``index`` (``where``: the worker that ran it, for
+    the note); chain the worker traceback when there is one. Frames of ours at the head
+    of its traceback (the loop that called the function) are dropped when the user's
+    own frames follow: the traceback, and a worker's text of it, start at the function."""
     note = f"adaptive_exec: raised while processing item {index}"
+    if where:
+        note = f"{note} in {where}"
     try:
         exc.item_index = index  # type: ignore[attr-defined]
     except Exception:  # exceptions with __slots__ or read-only attributes
         pass
+    user_tb = _without_our_head(exc.__traceback__)
+    if user_tb is not None:
+        exc.__traceback__ = user_tb
     if sys.version_info >= (3, 11):
-        exc.add_note(note)
+        notes = getattr(exc, "__notes__", None)
+        last = notes[-1] if isinstance(notes, list) and notes else ""
+        # From a worker, the exception already carries the note it was given there
+        # (with the worker's pid): not a second time.
+        if not (remote_tb is not None and isinstance(last, str)
+                and _same_item(last, index)):
+            exc.add_note(note)
     elif not exc.args or not isinstance(exc.args[-1], str) or note not in exc.args[-1]:
         # Below 3.11 there are no notes; the index still reaches the user via the
         # cause's text, which is printed with the traceback.
@@ -103,6 +124,68 @@ def attach_origin(exc: BaseException, index: int, remote_tb: Optional[str]) -> B
     if remote_tb:
         exc.__cause__ = RemoteTraceback(f'\n"""\n{remote_tb}"""')
     return exc
+
+
+def _same_item(note: str, index: int) -> bool:
+    prefix = f"adaptive_exec: raised while processing item {index}"
+    return note == prefix or note.startswith(prefix + " ")
+
+
+def _ours(frame: types.FrameType) -> bool:
+    name = frame.f_globals.get("__name__")
+    return isinstance(name, str) and (name == _PACKAGE or name.startswith(_PACKAGE + "."))
+
+
+def _without_our_head(tb: Optional[types.TracebackType]) -> Optional[types.TracebackType]:
+    """``tb`` from its first frame that is not ours on; None when all its frames are."""
+    while tb is not None and _ours(tb.tb_frame):
+        tb = tb.tb_next
+    return tb
+
+
+def hide_library_frames(exc: BaseException) -> BaseException:
+    """Drop our frames from the head of ``exc``'s traceback, where it leaves the package
+    for the user's code, so that their report goes from their own call (``pf.map(...)``)
+    straight to their function's frames; for an exception from a worker, which has none
+    here, to the call alone, under the worker's traceback chained as its cause.
+
+    Use in the outermost frame of ours, followed by a bare ``raise``, which (Python 3.11
+    and later) re-raises with the traceback as set here and does not add that frame
+    again::
+
+        except BaseException as exc:
+            hide_library_frames(exc)
+            raise
+
+    An exception with neither a frame of the user's nor an item (a bug of ours, an
+    argument we refused) keeps its frames: they are what there is to see."""
+    tb = exc.__traceback__
+    rest = _without_our_head(tb)
+    if rest is not tb and (rest is not None or getattr(exc, "item_index", None) is not None):
+        exc.__traceback__ = rest
+    return exc
+
+
+def warn_user(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` pointing at the user's line: the first frame up the stack that
+    is not ours (a map's warning points at the ``pf.map(...)`` that caused it, not into
+    api.py). Filters, the once-per-location registry and ``catch_warnings`` work as for
+    a ``warnings.warn`` made there."""
+    frame: Optional[types.FrameType] = sys._getframe(1)
+    while frame is not None and _ours(frame):
+        frame = frame.f_back
+    if frame is None:  # no frame but ours on this stack: point at the one warning
+        warnings.warn(message, category, stacklevel=2)
+        return
+    module_globals = frame.f_globals
+    registry = module_globals.setdefault("__warningregistry__", {})
+    # Not module_globals=: with it, warnings asks the module's loader for the source
+    # at once, which raises (ImportError) for a script this process may no longer read
+    # (a process that dropped its privileges); the line is read, if it can be, when
+    # the warning is shown.
+    warnings.warn_explicit(message, category, frame.f_code.co_filename, frame.f_lineno,
+                           module=module_globals.get("__name__", "<string>"),
+                           registry=registry)
 
 
 # --- exceptions that do not round-trip through pickle ----------------------------------

@@ -28,7 +28,7 @@ from .backends import serial as serial_backend
 from .backends import starts
 from .backends.threads import ThreadTarget
 from .dispatch import ParallelRun, RunSpec
-from .errors import UnpicklableWarning
+from .errors import UnpicklableWarning, warn_user
 from .fingerprint import describe, function_complexity
 from .records import Calibration, Features, Options, Plan, RunReport, empty_plan, fmt_bytes, fmt_s
 from .sampling import features_from, sample
@@ -450,10 +450,8 @@ class MapRun:
         if self.options.strict:
             msg = f"{what}, so they cannot be sent to worker processes (strict=True)"
             raise TypeError(msg) from cause
-        import warnings
-
-        warnings.warn(f"adaptive_exec: {what}; running serially in the caller instead",
-                      UnpicklableWarning, stacklevel=6)
+        warn_user(f"adaptive_exec: {what}; running serially in the caller instead",
+                  UnpicklableWarning)
 
 
 # --- the input --------------------------------------------------------------------------

@@ -29,24 +29,19 @@ import contextlib
 import logging
 import os
 import sqlite3
-import sys
 import threading
 import time
-import types
-import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, TypeVar
 
-from .errors import CacheWarning
+from .errors import CacheWarning, warn_user
 
 logger = logging.getLogger("adaptive_exec")
 
 _T = TypeVar("_T")
 
 _META = "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
-# Warnings point at the first frame outside this package: the user's code.
-_PACKAGE = __name__.partition(".")[0]
 
 
 @dataclass(frozen=True)
@@ -497,12 +492,7 @@ class SqliteFile:
                 logger.debug("%s", msg)
                 return
             self._warned.add(kind)
-        # Point at the caller's code, outside this package (what stacklevel is for).
-        level = 2  # the caller of _warn
-        frame: Optional[types.FrameType] = sys._getframe(1)
-        while frame is not None and frame.f_globals.get("__name__", "").startswith(_PACKAGE):
-            level, frame = level + 1, frame.f_back
-        warnings.warn(msg, CacheWarning, stacklevel=level)
+        warn_user(msg, CacheWarning)  # points at the user's line, outside this package
 
     def _warn_newer(self, version: int) -> None:
         self._warn("newer", f"adaptive_exec: the {self.label} {self.path} has schema version "

@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import hashlib
 import importlib
+import io
 import os
 import pickle
 import struct
@@ -64,14 +65,51 @@ def dumps(obj: Any) -> bytes:
     try:
         data = pickle.dumps(obj, protocol=_PROTOCOL)
     except Exception:
-        import cloudpickle
-
-        return cloudpickle.dumps(obj, protocol=_PROTOCOL)
+        return cloudpickle_dumps(obj)
     if b"__main__" in data:  # a scan of the bytes: far cheaper than the pickling
+        return cloudpickle_dumps(obj)
+    return data
+
+
+def cloudpickle_dumps(obj: Any) -> bytes:
+    """``cloudpickle.dumps``, except that the code of what travels by value keeps its
+    file name: cloudpickle writes "<dynamic-code>" in its place, and a traceback from a
+    worker then names neither the user's file nor the line's text (its line numbers and
+    line table cloudpickle keeps)."""
+    with io.BytesIO() as file:
+        _pickler()(file, protocol=_PROTOCOL).dump(obj)
+        return file.getvalue()
+
+
+_PICKLER: list[Any] = []  # cloudpickle's Pickler, with code's file names kept; made once
+
+
+def _pickler() -> Any:
+    if not _PICKLER:
         import cloudpickle
 
-        return cloudpickle.dumps(obj, protocol=_PROTOCOL)
-    return data
+        base = cloudpickle.Pickler
+        reduce_code = base.dispatch_table.get(types.CodeType)
+        if reduce_code is None:  # a cloudpickle that leaves code objects as they are
+            _PICKLER.append(base)
+        else:
+            table = collections.ChainMap(
+                {types.CodeType: functools.partial(_reduce_code, reduce_code)},
+                base.dispatch_table)
+            _PICKLER.append(type("KeepFileNames", (base,), {"dispatch_table": table}))
+    return _PICKLER[0]
+
+
+def _reduce_code(reduce_code: Callable[[types.CodeType], Any], code: types.CodeType) -> Any:
+    make, args = reduce_code(code)
+    return _code_from, (make, args, code.co_filename)
+
+
+def _code_from(make: Callable[..., types.CodeType], args: tuple[Any, ...], filename: str
+               ) -> types.CodeType:
+    """In a worker: the code object as cloudpickle rebuilds it, with its own file name."""
+    code = make(*args)
+    return code if code.co_filename == filename else code.replace(co_filename=filename)
 
 
 @dataclass(frozen=True)
@@ -239,9 +277,7 @@ def function_ref(func: Callable[..., Any]) -> FunctionRef:
             h.update(patch)
         return FunctionRef(h.hexdigest(), module=module, qualname=qualname, patch=patch,
                            patch_module=patch_module, cwd=cwd, sys_path=path)
-    import cloudpickle
-
-    blob = cloudpickle.dumps(func, protocol=_PROTOCOL)
+    blob = cloudpickle_dumps(func)
     h = hashlib.sha1(blob)
     if patch is not None:
         h.update(patch)
@@ -522,7 +558,7 @@ class Measure(Protocol):
 
 def call_each(func: Callable[..., Any], items: Iterable[Any], star: bool, start: int,
               out: list[Any], *, in_caller: bool, measure: Optional[Measure] = None,
-              ) -> Optional[BaseException]:
+              where: Optional[str] = None) -> Optional[BaseException]:
     """The loop, written once: ``func(*item)`` or ``func(item)`` for each item in order,
     appended to ``out``; the first exception stops it and is returned with its item's
     index attached. Any exception the function raises is the item's outcome,
@@ -530,7 +566,8 @@ def call_each(func: Callable[..., Any], items: Iterable[Any], star: bool, start:
     except, ``in_caller``, a KeyboardInterrupt: there it is the user's Ctrl-C, and it
     leaves at once. (backends/serial.py keeps one specialisation of it, a bare
     comprehension, where nothing but speed matters.) With ``measure`` each call is
-    watched, and the loop stops when it says so."""
+    watched, and the loop stops when it says so. ``where``: the worker it runs in, for
+    the exception's note. The exception's traceback starts at the function's frame."""
     append = out.append
     try:
         if measure is not None:
@@ -549,18 +586,19 @@ def call_each(func: Callable[..., Any], items: Iterable[Any], star: bool, start:
     except KeyboardInterrupt as exc:
         if in_caller:
             raise
-        return attach_origin(exc, start + len(out), None)
+        return attach_origin(exc, start + len(out), None, where)
     except BaseException as exc:
-        return attach_origin(exc, start + len(out), None)
+        return attach_origin(exc, start + len(out), None, where)
     return None
 
 
 def run_items(func: Callable[..., Any], start: int, items: list[Any], star: bool) -> ChunkResult:
     """Run one chunk's items in order (in a process worker or a thread); ``results`` is
-    the list itself, and the first failure stops the chunk, as in the loop."""
+    the list itself, and the first failure stops the chunk, as in the loop. A failure's
+    traceback goes back as text (``error_tb``): the function's frames, not ours."""
     out: list[Any] = []
     t0 = time.perf_counter()
-    error = call_each(func, items, star, start, out, in_caller=False)
+    error = call_each(func, items, star, start, out, in_caller=False, where=_where())
     compute = time.perf_counter() - t0
     if error is None:
         return ChunkResult(out, len(out), compute, os.getpid())
@@ -571,9 +609,34 @@ def run_items(func: Callable[..., Any], start: int, items: list[Any], star: bool
         pid=os.getpid(),
         error=error,
         error_index=start + len(out),
-        # TracebackException survives an exception whose __str__ raises.
-        error_tb="".join(traceback.format_exception(type(error), error, error.__traceback__)),
+        error_tb=_remote_text(error),
     )
+
+
+def _remote_text(error: BaseException) -> str:
+    """The worker's traceback of ``error``, as the caller chains it (its cause): the
+    function's frames, and its own cause or context; without our note of where it ran,
+    which the caller's report shows once, under the exception itself."""
+    notes = getattr(error, "__notes__", None)
+    ours = notes.pop() if isinstance(notes, list) and notes and isinstance(notes[-1], str) \
+        and notes[-1].startswith("adaptive_exec: raised while processing item") else None
+    try:
+        # TracebackException survives an exception whose __str__ raises.
+        return "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    finally:
+        if ours is not None:
+            notes.append(ours)  # type: ignore[union-attr]
+
+
+def _where() -> str:
+    """This worker, as an exception's note names it: its process (a pool's worker runs
+    items on its main thread), and its thread when that is not the main one (the
+    threads backend, in the caller's process; a dask worker)."""
+    pid = os.getpid()
+    thread = threading.current_thread()
+    if thread is threading.main_thread():
+        return f"worker process {pid}"
+    return f"thread {thread.name!r} of process {pid}"
 
 
 def _safe(exc: BaseException) -> str:

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import functools
+import inspect
+import os
+import re
+import subprocess
 import sys
+import textwrap
+import threading
+import warnings
 
 import aex_helpers as h
 import pytest
 
-from adaptive_exec import calibrate, parallelize
-from adaptive_exec.errors import RemoteTraceback
+from adaptive_exec import api, cache, calibrate, parallelize
+from adaptive_exec.errors import (
+    CacheWarning,
+    RemoteTraceback,
+    UnpicklableWarning,
+    hide_library_frames,
+)
+from adaptive_exec.worker import run_here
 
 
 @pytest.mark.parametrize("backend", ["loky", "serial", "auto"])
@@ -97,3 +110,226 @@ def test_a_dying_worker_raises_and_the_next_map_works():
     assert "killed its worker" in str(info.value) and info.value.index == 400
     assert info.value.exitcode == 3
     assert parallelize(h.square, backend="loky").map(range(300)) == [x * x for x in range(300)]
+
+
+# --- where the user's traceback points ---------------------------------------------------
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(api.__file__)) + os.sep
+FRAME = re.compile(r'^\s*File "([^"]+)", line (\d+), in (\S+)$', re.MULTILINE)
+CAUSE_SEP = "The above exception was the direct cause of the following exception:"
+
+
+def _frames(text):
+    return [(f, int(n), name) for f, n, name in FRAME.findall(text)]
+
+
+def _ours(frames):
+    return [f for f in frames if f[0].startswith(PACKAGE_DIR)]
+
+
+def _line_of(func, marker):
+    lines, first = inspect.getsourcelines(func)
+    (offset,) = [i for i, text in enumerate(lines) if marker in text]
+    return first + offset
+
+
+SCRIPT = textwrap.dedent('''\
+    import os
+    import sys
+
+    from adaptive_exec import parallelize
+
+
+    def helper(x):
+        if x == 5:
+            raise ValueError(f"bad item {x} in process {os.getpid()}")  # the raising line
+        return x
+
+
+    def work(x):
+        return helper(x) + 1  # the calling line
+
+
+    if __name__ == "__main__":
+        options = {"timeout": 60} if sys.argv[1] == "loky" else {}
+        pf = parallelize(work, backend=sys.argv[1], chunksize=2, **options)
+        pf.map(range(20))  # the call site
+''')
+
+
+def _run_script(tmp_path, backend):
+    """SCRIPT run as a program: its functions live in ``__main__``, so they travel to
+    the workers by value. (stderr, the script's path, its pid, {marker: line number})."""
+    script = tmp_path / "user_script.py"
+    script.write_text(SCRIPT)
+    lines = {m: 1 + next(i for i, t in enumerate(SCRIPT.splitlines()) if m in t)
+             for m in ("# the raising line", "# the calling line", "# the call site")}
+    # The adaptive_exec under test, wherever the script is.
+    path = os.pathsep.join([os.path.dirname(PACKAGE_DIR.rstrip(os.sep)),
+                            os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.Popen([sys.executable, str(script), backend], cwd=str(tmp_path),
+                            env={**os.environ, "PYTHONPATH": path},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 1, err
+    return err, str(script), proc.pid, lines
+
+
+def test_a_script_function_raising_in_a_worker_shows_the_scripts_file_and_lines(tmp_path):
+    """A function defined in the user's script raises in a worker process: the worker's
+    traceback (the cause) names the script and its lines, with their text, and nothing
+    of ours; the note says which item and which worker process."""
+    # With a timeout every item runs in a worker (none in the caller, none sampled).
+    err, script, pid, lines = _run_script(tmp_path, "loky")
+    assert "<dynamic-code>" not in err
+    assert CAUSE_SEP in err, err
+    remote, local = err.split(CAUSE_SEP)
+    assert _frames(remote) == [(script, lines["# the calling line"], "work"),
+                               (script, lines["# the raising line"], "helper")], remote
+    assert "return helper(x) + 1  # the calling line" in remote
+    assert 'raise ValueError(f"bad item {x} in process {os.getpid()}")' in remote
+    # The user's report starts at their call.
+    assert _frames(local)[0] == (script, lines["# the call site"], "<module>"), local
+    assert "pf.map(range(20))  # the call site" in local
+    # Where it ran: the note, once, under the exception; a worker, not the script.
+    worker = re.search(r"^ValueError: bad item 5 in process (\d+)$", local, re.MULTILINE)
+    assert worker is not None, local
+    assert int(worker.group(1)) != pid
+    assert err.count("adaptive_exec: raised while processing item") == 1, err
+    assert (f"adaptive_exec: raised while processing item 5 in worker process "
+            f"{worker.group(1)}") in local
+
+
+@pytest.mark.parametrize("backend", ["loky", "serial"])
+def test_a_script_error_shows_no_frames_of_the_library(tmp_path, backend):
+    """The user's report goes from their ``pf.map(...)`` line to their function's frames
+    (run here) or to nothing more (run in a worker: those frames are the cause's)."""
+    err, script, _, lines = _run_script(tmp_path, backend)
+    local = err.split(CAUSE_SEP)[-1]
+    frames = [(script, lines["# the call site"], "<module>")]
+    if backend == "serial":
+        assert CAUSE_SEP not in err, err
+        frames += [(script, lines["# the calling line"], "work"),
+                   (script, lines["# the raising line"], "helper")]
+    assert _frames(local) == frames, err
+    assert _ours(_frames(err)) == [], err
+
+
+def test_a_closure_raising_in_a_worker_keeps_its_file_and_line():
+    def closure(x):
+        if x == 5:
+            raise ValueError(f"bad item {x}")  # the closure's raising line
+        return x
+
+    pf = parallelize(closure, backend="loky", timeout=60, chunksize=2)
+    with pytest.raises(ValueError) as info:
+        pf.map(range(20))
+    exc = info.value
+    assert type(exc) is ValueError and exc.args == ("bad item 5",)
+    text = str(exc.__cause__)
+    line = _line_of(closure, "# the closure's raising line")
+    assert _frames(text) == [(__file__, line, "closure")], text
+    assert 'raise ValueError(f"bad item {x}")  # the closure\'s raising line' in text
+    notes = [n for n in exc.__notes__ if n.startswith("adaptive_exec:")]
+    (note,) = notes
+    where = re.fullmatch(r"adaptive_exec: raised while processing item 5 in worker "
+                         r"process (\d+)", note)
+    assert where is not None and int(where.group(1)) != os.getpid(), notes
+
+
+def test_a_lambda_raising_in_a_worker_keeps_its_file_and_line():
+    divide = lambda x: 10 // (5 - x)  # noqa: E731  (the lambda's line)
+    with pytest.raises(ZeroDivisionError) as info:
+        parallelize(divide, backend="loky", timeout=60, chunksize=2).map(range(20))
+    text = str(info.value.__cause__)
+    assert _frames(text) == [(__file__, divide.__code__.co_firstlineno, "<lambda>")], text
+    assert "(the lambda's line)" in text
+
+
+def test_an_error_run_here_starts_at_the_functions_frame():
+    """In the caller, the loop's frame is not part of the function's traceback."""
+
+    def fails(x):
+        if x == 2:
+            raise KeyError(x)  # fails here
+        return x
+
+    out, err = run_here(fails, [0, 1, 2, 3], 0, False)
+    assert out == [0, 1] and isinstance(err, KeyError) and err.item_index == 2
+    tb = err.__traceback__
+    assert (tb.tb_frame.f_code.co_filename, tb.tb_lineno) == (
+        __file__, _line_of(fails, "# fails here"))
+    assert tb.tb_next is None
+
+
+def test_hide_library_frames_leaves_the_users_frames():
+    def fails(x):
+        raise LookupError(x)
+
+    try:
+        parallelize(fails)(1)  # a plain call: api.py's frame, then the function's
+    except LookupError as caught:
+        exc = caught
+    # As where the exception leaves the package: below this test's own frame.
+    exc.__traceback__ = exc.__traceback__.tb_next
+    assert exc.__traceback__.tb_frame.f_code.co_filename.startswith(PACKAGE_DIR)
+    hide_library_frames(exc)
+    tb = exc.__traceback__
+    assert tb.tb_frame.f_code is fails.__code__ and tb.tb_next is None
+    # Ours, with no frame of the user's and no item: left as they are (a bug of ours).
+    try:
+        parallelize(h.square, backend="serial", chunksize=0)
+    except ValueError as caught:
+        exc = caught
+    exc.__traceback__ = head = exc.__traceback__.tb_next
+    hide_library_frames(exc)
+    assert exc.__traceback__ is head
+
+
+# --- where our warnings point ----------------------------------------------------------
+
+
+def _caught(category, run):
+    """The ``category`` warnings ``run()`` gives."""
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        run()
+    return [w for w in got if issubclass(w.category, category)]
+
+
+def test_an_unpicklable_function_warns_at_the_users_line():
+    lock = threading.Lock()
+
+    def locked(x):
+        with lock:
+            return x
+
+    pf = parallelize(locked, backend="loky", timeout=60, chunksize=4)
+    got = _caught(UnpicklableWarning, lambda: pf.map(range(50)))
+    line = inspect.currentframe().f_lineno - 1
+    assert got, "no UnpicklableWarning"
+    assert [(w.filename, w.lineno) for w in got] == [(__file__, line)] * len(got)
+
+
+def test_unpicklable_items_warn_at_the_users_line():
+    items = [threading.Lock() for _ in range(8)]
+    pf = parallelize(h.fail_on, backend="loky", timeout=60, chunksize=2)
+    got = _caught(UnpicklableWarning, lambda: pf.map(items))
+    line = inspect.currentframe().f_lineno - 1
+    assert got and "cannot be pickled to reach a worker" in str(got[0].message)
+    assert [(w.filename, w.lineno) for w in got] == [(__file__, line)] * len(got)
+
+
+def test_a_cache_warning_points_at_the_users_line(tmp_path, monkeypatch):
+    d = tmp_path / "cache"
+    d.mkdir()
+    (d / cache.FILENAME).write_bytes(b"a shopping list, not a database\n" * 50)
+    monkeypatch.setenv(cache.ENV_DIR, str(d))
+    cache.close()
+    try:
+        got = _caught(CacheWarning, lambda: cache.lookup("some-key"))
+        line = inspect.currentframe().f_lineno - 1
+    finally:
+        cache.close()
+    assert got, "no CacheWarning"
+    assert [(w.filename, w.lineno) for w in got] == [(__file__, line)] * len(got)
