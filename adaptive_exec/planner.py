@@ -131,11 +131,14 @@ def _estimate(
     return _Estimate(total, w, c, startup, parent)
 
 
-def _threads_plan(n: int, t: float, cpu: float, cpus: int, chunksize: Optional[int]
-                  ) -> _Estimate:
+def _threads_plan(n: int, t: float, cpu: float, cpus: int, chunksize: Optional[int],
+                  max_workers: Optional[int] = None) -> _Estimate:
     """A thread pool for a function that mostly waits: as many threads as keep the
-    CPU share of all of them within the usable CPUs (the GIL serialises that share)."""
+    CPU share of all of them within the usable CPUs (the GIL serialises that share),
+    never more than the user's ``max_workers`` (someone throttling requests)."""
     threads = int(min(MAX_THREADS, n, max(2, cpus / max(cpu, 1e-3))))
+    if max_workers is not None:
+        threads = min(threads, max_workers)
     threads = max(1, threads)
     c = chunksize or 1
     n_chunks = math.ceil(n / c)
@@ -318,14 +321,16 @@ def _worker_cap(features: Features, system: SystemSnapshot, cluster: Optional[Cl
     return w_max, f"{why}, so a pool cannot beat the loop"
 
 
-def _threads_option(job: _Job, features: Features, cpus: int, chunksize: Optional[int]
-                    ) -> Optional[Plan]:
+def _threads_option(job: _Job, features: Features, cpus: int, chunksize: Optional[int],
+                    max_workers: Optional[int] = None) -> Optional[Plan]:
     """The thread-pool plan when the function mostly waits and threads beat the loop
     clearly; None otherwise."""
     cpu = features.cpu_fraction
     if cpu is None or cpu >= WAITING_MAX_CPU or (features.threads_cpu or 0.0) > OWN_THREADS_MIN:
         return None
-    threads = _threads_plan(job.remaining, job.t, cpu, cpus, chunksize)
+    threads = _threads_plan(job.remaining, job.t, cpu, cpus, chunksize, max_workers)
+    if threads.n_workers < 2:
+        return None  # one thread overlaps nothing
     t_speedup = job.serial_rest / threads.total_s if threads.total_s > 0 else 0.0
     if t_speedup < MIN_SPEEDUP or job.serial_rest - threads.total_s < MIN_SAVING_S:
         return None
@@ -463,7 +468,8 @@ def make_plan(
     # A function that mostly waits gets threads here; on a cluster its threads overlap
     # the waiting as well, and the user asked for the cluster.
     if not forced_parallel and cluster is None:
-        threads = _threads_option(job, features, system.usable_cpus, chunksize)
+        threads = _threads_option(job, features, system.usable_cpus, chunksize,
+                                  system.max_workers)
         if threads is not None:
             return threads
 

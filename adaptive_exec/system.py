@@ -24,6 +24,9 @@ class SystemSnapshot:
     available_memory: Optional[int]  # bytes a map may use; None when not read
     others_load: float = 0.0  # CPUs kept busy by other processes
     worker_memory: Optional[int] = None  # resident bytes of one idle worker, when measured
+    # The user's ceiling on workers of any kind (max_workers=, $ADAPTIVE_EXEC_MAX_WORKERS);
+    # threads, which are not bounded by the CPUs, are bounded by it.
+    max_workers: Optional[int] = None
 
 
 def _cgroup_cpu_limit() -> Optional[float]:
@@ -72,12 +75,16 @@ def usable_cpus(max_workers: Optional[int] = None) -> int:
     quota = _cgroup_cpu_limit()
     if quota is not None:
         n = min(n, max(1, math.floor(quota)))
-    ceiling = env_max_workers()
+    ceiling = worker_ceiling(max_workers)
     if ceiling is not None:
         n = min(n, ceiling)
-    if max_workers is not None:
-        n = min(n, max_workers)
     return max(1, n)
+
+
+def worker_ceiling(max_workers: Optional[int] = None) -> Optional[int]:
+    """The most workers of any kind the user allows: the option, the env ceiling."""
+    values = [v for v in (env_max_workers(), max_workers) if v is not None]
+    return min(values) if values else None
 
 
 def _meminfo_available() -> Optional[int]:
@@ -131,6 +138,7 @@ def snapshot(
         available_memory=None if room is None else int(room),
         others_load=load,
         worker_memory=worker_memory,
+        max_workers=worker_ceiling(max_workers),
     )
 
 

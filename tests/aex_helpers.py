@@ -349,3 +349,78 @@ def sleepy_or_fast(slow, x):
     """Item 3 sleeps 30 s, the others 0.05 s; ``slow`` makes the function slow to arrive."""
     time.sleep(30 if x == 3 else 0.05)
     return x
+
+
+# --- initializer= (tests/test_initializer.py) ---------------------------------------------
+
+_INIT_STATE = None
+
+
+def init_state(path, value):
+    """An initializer: sets this process's state and notes (pid, value) in ``path``."""
+    global _INIT_STATE
+    _INIT_STATE = value
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()} {value}\n")
+
+
+def read_state(x, cost=0.0):
+    """(x, this process's initializer state, pid)."""
+    if cost:
+        spin(cost)
+    return x, _INIT_STATE, os.getpid()
+
+
+def init_fails(where="worker"):
+    """An initializer that raises: in worker processes only, or everywhere."""
+    if where == "always" or in_worker():
+        raise ValueError(f"cannot set up ({where})")
+
+
+# --- how many calls run at once (tests of max_workers) -----------------------------------
+
+_running = [0, 0]  # calls running now, the most seen at once (in this process)
+_running_lock = __import__("threading").Lock()
+
+
+def waiting_counted(x, seconds=0.01):
+    """Sleeps (a function that waits); counts how many of its calls overlap here."""
+    with _running_lock:
+        _running[0] += 1
+        _running[1] = max(_running[1], _running[0])
+    try:
+        time.sleep(seconds)
+    finally:
+        with _running_lock:
+            _running[0] -= 1
+    return x + 1
+
+
+def most_at_once(reset=False):
+    """The most overlapping calls of ``waiting_counted`` seen in this process."""
+    with _running_lock:
+        out = _running[1]
+        if reset:
+            _running[1] = 0
+        return out
+
+
+def interval_logged(x, path, seconds=0.05):
+    """Sleeps; appends 'start end' (monotonic, machine-wide on Linux) to ``path``."""
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    with open(path, "a") as f:
+        f.write(f"{t0} {time.monotonic()}\n")
+    return x
+
+
+def most_overlapping(path):
+    """The most intervals of ``path`` (interval_logged) that overlapped at one instant."""
+    with open(path) as f:
+        spans = [tuple(map(float, line.split())) for line in f]
+    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+    now = best = 0
+    for _, step in events:
+        now += step
+        best = max(best, now)
+    return best

@@ -23,6 +23,26 @@ def test_a_waiting_function_runs_on_threads():
     assert plan.features["cpu_fraction"] < 0.5
 
 
+@pytest.mark.parametrize("cap", [3, 8])
+def test_max_workers_caps_the_threads_of_a_waiting_function(cap):
+    """Someone throttling requests with max_workers=8 gets at most 8 at once, not 64."""
+    h.most_at_once(reset=True)
+    pf = parallelize(h.waiting_counted, max_workers=cap)
+    assert pf.map(range(200)) == [x + 1 for x in range(200)]
+    plan = pf.last_report.plan
+    assert plan.mode == "threads", plan.reason
+    assert plan.n_workers == cap
+    assert 2 <= h.most_at_once() <= cap
+
+
+def test_max_workers_1_keeps_a_waiting_function_in_the_caller():
+    h.most_at_once(reset=True)
+    pf = parallelize(h.waiting_counted, max_workers=1)
+    assert pf.map(range(60)) == [x + 1 for x in range(60)]
+    assert pf.last_report.plan.mode == "serial"
+    assert h.most_at_once() == 1
+
+
 @pytest.mark.skipif(usable_cpus() < 2, reason="needs 2 CPUs to see two threads at once")
 def test_a_function_with_threads_of_its_own_is_seen():
     s = sample(h.hash_in_two_threads, iter(range(5)), star=False, complexity=1)
