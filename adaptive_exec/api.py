@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import functools
 import os
+import textwrap
 import threading
 import time
 import types
 import weakref
 from typing import (
+    TYPE_CHECKING,
     Any,
     Callable,
+    Concatenate,
     Generator,
+    Generic,
     Iterable,
     Iterator,
+    NoReturn,
     Optional,
+    ParamSpec,
     TypeVar,
     Union,
     overload,
@@ -33,9 +39,17 @@ from .fingerprint import fingerprint
 from .records import BACKENDS, Calibration, Options, Plan, RunReport
 from .run import MapKind, MapRun, guard, known_length
 
+if TYPE_CHECKING:
+    from dask.distributed import Client
+
 ENV_PROGRESS = "ADAPTIVE_EXEC_PROGRESS"
 
-F = TypeVar("F", bound=Callable[..., Any])
+# The decorated function's parameters and return type: plain calls keep its signature,
+# the maps return its results' type (list[R], Iterator[R]).
+P = ParamSpec("P")
+R = TypeVar("R")
+S = TypeVar("S")  # the instance a decorated method is bound to
+P2 = ParamSpec("P2")  # a decorated method's parameters after self
 
 __all__ = ["ParallelFunction", "RunReport", "adaptive_map", "calibrate", "parallelize"]
 
@@ -50,6 +64,8 @@ def make_options(
     chunksize: Optional[int] = None,
     max_memory: Union[int, str, None] = None,
     client: Any = None,
+    initializer: Optional[Callable[..., Any]] = None,
+    initargs: Iterable[Any] = (),
 ) -> Options:
     """The options, validated once; a TypeError or ValueError that says what to pass."""
     import math
@@ -94,8 +110,34 @@ def make_options(
             raise ValueError(msg)
         if not dask_backend.installed():
             dask_backend.require()  # raises, naming the extra
+    if initializer is not None and not callable(initializer):
+        msg = (f"initializer must be a callable run once in each worker before its first "
+               f"item (or None), got {initializer!r}")
+        raise TypeError(msg)
+    if isinstance(initargs, (str, bytes)) or not isinstance(initargs, Iterable):
+        msg = (f"initargs must be a tuple of arguments for the initializer, got "
+               f"{initargs!r}; for one argument write (value,)")
+        raise TypeError(msg)
     return Options(max_workers, bool(cache), bool(progress), backend, timeout, bool(strict),
-                   chunksize, memory, client)
+                   chunksize, memory, client, initializer, tuple(initargs))
+
+
+OPTION_NAMES = tuple(Options.__dataclass_fields__)
+
+
+def reject_unknown(where: str, func: Any, unknown: dict[str, Any]) -> None:
+    """A keyword that is not an option: a TypeError saying which are, and how to give
+    the function its own arguments (the likely intent)."""
+    if not unknown:
+        return
+    names = ", ".join(repr(k) for k in unknown)
+    fname = getattr(func, "__name__", "func")
+    example = ", ".join(f"{k}=..." for k in unknown)
+    msg = (f"{where}() got unexpected keyword argument(s) {names}: not an option. Its "
+           f"options are {', '.join(OPTION_NAMES)}. To pass arguments to the function "
+           f"itself, bind them with functools.partial({fname}, {example}), or give each "
+           f"item its arguments as a tuple and use .starmap()")
+    raise TypeError(msg)
 
 
 class _CallStats:
@@ -140,15 +182,16 @@ class _Shared:
         self.latest_report = report
 
 
-class ParallelFunction:
+class ParallelFunction(Generic[P, R]):
     """A function with ``map``, ``imap``, ``imap_unordered``, ``starmap`` and ``plan``.
 
-    Calling it plainly runs it here, unchanged; the call is timed as a sample.
+    Calling it plainly runs it here, unchanged; the call is timed as a sample. Made by
+    ``parallelize(func, **options)``; the options follow.
     """
 
     def __init__(
         self,
-        func: Callable[..., Any],
+        func: Callable[P, R],
         *,
         max_workers: Optional[int] = None,
         cache: bool = True,
@@ -158,8 +201,11 @@ class ParallelFunction:
         strict: bool = False,
         chunksize: Optional[int] = None,
         max_memory: Union[int, str, None] = None,
-        client: Any = None,
+        client: Optional[Client] = None,
+        initializer: Optional[Callable[..., Any]] = None,
+        initargs: Iterable[Any] = (),
         _shared: Optional[_Shared] = None,
+        **unknown: NoReturn,
     ):
         if not callable(func):
             msg = (
@@ -167,8 +213,9 @@ class ParallelFunction:
                 f"got {func!r}"
             )
             raise TypeError(msg)
+        reject_unknown("parallelize", func, unknown)
         self._options = make_options(max_workers, cache, progress, backend, timeout, strict,
-                                     chunksize, max_memory, client)
+                                     chunksize, max_memory, client, initializer, initargs)
         functools.update_wrapper(self, func)
         self.__adaptive_exec_wrapped__ = func
         self._func = func
@@ -188,11 +235,17 @@ class ParallelFunction:
 
     # --- plain calls, and use as a method -----------------------------------------
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         t0 = time.perf_counter()
         result = self._func(*args, **kwargs)
         self._calls.add(time.perf_counter() - t0)
         return result
+
+    @overload
+    def __get__(self, obj: None, objtype: Any = None) -> ParallelFunction[P, R]: ...
+    @overload
+    def __get__(self: ParallelFunction[Concatenate[S, P2], R], obj: S, objtype: Any = None
+                ) -> ParallelFunction[P2, R]: ...
 
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
         if obj is None:
@@ -233,7 +286,7 @@ class ParallelFunction:
 
     # --- the maps -----------------------------------------------------------------
 
-    def map(self, items: Iterable[Any]) -> list[Any]:
+    def map(self, items: Iterable[Any]) -> list[R]:
         """``[func(x) for x in items]``, as fast as this machine allows."""
         try:
             return _collect(self._run(items, star=False, ordered=True, name="map"))
@@ -241,7 +294,7 @@ class ParallelFunction:
             hide_library_frames(exc)  # the user's call, then their function's frames
             raise
 
-    def starmap(self, arg_tuples: Iterable[Iterable[Any]]) -> list[Any]:
+    def starmap(self, arg_tuples: Iterable[Iterable[Any]]) -> list[R]:
         """``[func(*args) for args in arg_tuples]``."""
         try:
             return _collect(self._run(arg_tuples, star=True, ordered=True, name="starmap"))
@@ -249,11 +302,11 @@ class ParallelFunction:
             hide_library_frames(exc)  # the user's call, then their function's frames
             raise
 
-    def imap(self, items: Iterable[Any]) -> Iterator[Any]:
+    def imap(self, items: Iterable[Any]) -> Iterator[R]:
         """Results in order, lazily, with bounded read-ahead."""
         return _flatten(self._run(items, star=False, ordered=True, name="imap"))
 
-    def imap_unordered(self, items: Iterable[Any]) -> Iterator[Any]:
+    def imap_unordered(self, items: Iterable[Any]) -> Iterator[R]:
         """Results as they complete."""
         return _flatten(self._run(items, star=False, ordered=False, name="imap_unordered"))
 
@@ -355,18 +408,19 @@ def _with_progress(gen: Iterator[list[Any]], run: MapRun, name: str) -> Iterator
 
 
 @overload
-def parallelize(func: F) -> ParallelFunction: ...
+def parallelize(func: Callable[P, R]) -> ParallelFunction[P, R]: ...
 @overload
 def parallelize(
     func: None = None, *, max_workers: Optional[int] = None, cache: bool = True,
     progress: bool = False, backend: str = "auto", timeout: Optional[float] = None,
     strict: bool = False, chunksize: Optional[int] = None,
-    max_memory: Union[int, str, None] = None, client: Any = None,
-) -> Callable[[F], ParallelFunction]: ...
+    max_memory: Union[int, str, None] = None, client: Optional[Client] = None,
+    initializer: Optional[Callable[..., Any]] = None, initargs: Iterable[Any] = (),
+) -> Callable[[Callable[P, R]], ParallelFunction[P, R]]: ...
 
 
 def parallelize(
-    func: Optional[Callable[..., Any]] = None,
+    func: Optional[Callable[P, R]] = None,
     *,
     max_workers: Optional[int] = None,
     cache: bool = True,
@@ -376,41 +430,106 @@ def parallelize(
     strict: bool = False,
     chunksize: Optional[int] = None,
     max_memory: Union[int, str, None] = None,
-    client: Any = None,
-) -> Union[ParallelFunction, Callable[[Callable[..., Any]], ParallelFunction]]:
-    """Decorate a function with ``map``/``imap``/``starmap``/``plan``; bare or with options.
+    client: Optional[Client] = None,
+    initializer: Optional[Callable[..., Any]] = None,
+    initargs: Iterable[Any] = (),
+    **unknown: NoReturn,
+) -> Union[ParallelFunction[P, R], Callable[[Callable[P, R]], ParallelFunction[P, R]]]:
+    """Give a function ``map``, ``starmap``, ``imap``, ``imap_unordered`` and ``plan``;
+    use it bare (``@parallelize``) or with options (``@parallelize(max_workers=4)``).
 
-    max_workers: a ceiling on worker processes (None: what the machine allows).
-    cache: remember what was measured about the function, to plan the next map at once.
-    progress: show a tqdm progress bar (also ADAPTIVE_EXEC_PROGRESS=1).
-    backend: "auto" decides (on the dask cluster of the active client, if there is one);
-        "loky" always uses the process pool; "serial" never does; "dask" runs on a dask
-        cluster: ``client``, else the current client, else $ADAPTIVE_EXEC_DASK_ADDRESS.
-    strict: raise instead of warning and running serially when pickling fails.
-    chunksize: items per task sent to a worker (None: chosen from measurements).
-    max_memory: a ceiling on the memory the map's processes may hold, in bytes or as
-        "2GB" (also ADAPTIVE_EXEC_MAX_MEMORY); workers are capped to fit under it.
-    client: a dask.distributed Client: run on its cluster (needs the ``dask`` extra).
+    ``f.map(items)`` returns ``[f(x) for x in items]``, run in the caller, a process pool,
+    threads or a dask cluster, whichever the measurements of f's first calls say is
+    fastest. Calling ``f(x)`` plainly runs it here, unchanged.
+
+    Arguments of the function itself are not options: bind them with
+    ``functools.partial``, or map tuples with ``starmap``. The options follow.
     """
+    reject_unknown("parallelize", func, unknown)
     options = make_options(max_workers, cache, progress, backend, timeout, strict,
-                           chunksize, max_memory, client).as_kwargs()
+                           chunksize, max_memory, client, initializer, initargs).as_kwargs()
     if func is None:
-        return lambda f: ParallelFunction(f, **options)
+        def decorate(f: Callable[P, R]) -> ParallelFunction[P, R]:
+            return ParallelFunction(f, **options)
+
+        return decorate
     return ParallelFunction(func, **options)
 
 
-def adaptive_map(func: Callable[..., Any], items: Iterable[Any], /, **options: Any) -> list[Any]:
-    """``[func(x) for x in items]`` for any callable (lambdas and closures too), in parallel
-    when that is faster. Options as for ``parallelize``."""
+def adaptive_map(
+    func: Callable[..., R],
+    items: Iterable[Any],
+    /,
+    *,
+    max_workers: Optional[int] = None,
+    cache: bool = True,
+    progress: bool = False,
+    backend: str = "auto",
+    timeout: Optional[float] = None,
+    strict: bool = False,
+    chunksize: Optional[int] = None,
+    max_memory: Union[int, str, None] = None,
+    client: Optional[Client] = None,
+    initializer: Optional[Callable[..., Any]] = None,
+    initargs: Iterable[Any] = (),
+    **unknown: NoReturn,
+) -> list[R]:
+    """``[func(x) for x in items]`` for any callable (lambdas and closures too), in
+    parallel when that is faster. The options, below, are ``parallelize``'s. With a
+    function made by ``parallelize``, options left at their defaults keep its own. To
+    give ``func`` arguments of its own, use ``functools.partial`` or ``starmap``."""
+    reject_unknown("adaptive_map", func, unknown)
+    given = make_options(max_workers, cache, progress, backend, timeout, strict, chunksize,
+                         max_memory, client, initializer, initargs)
     if isinstance(func, ParallelFunction):
-        pf = func if not options else ParallelFunction(
-            func._func, **{**func._options.as_kwargs(), **options})
-    else:
-        pf = ParallelFunction(func, **options)
-    return pf.map(items)
+        default = Options()
+        changed = {k: v for k, v in given.as_kwargs().items() if v != getattr(default, k)}
+        if not changed:
+            return func.map(items)
+        merged = {**func._options.as_kwargs(), **changed}
+        return ParallelFunction(func._func, **merged).map(items)
+    return ParallelFunction(func, **given.as_kwargs()).map(items)
+
+
+# One text for the options, in the help of every public name that takes them.
+OPTIONS_DOC = """
+
+Options (all keyword-only):
+
+max_workers: a ceiling on workers of every kind: processes, threads, and tasks in
+    flight on a dask cluster (None: what the machine allows; also
+    $ADAPTIVE_EXEC_MAX_WORKERS).
+cache: remember what was measured about the function (a SQLite file, see
+    ``python -m adaptive_exec cache path``), to plan its next map at once.
+progress: show a tqdm progress bar (also ADAPTIVE_EXEC_PROGRESS=1).
+backend: "auto" decides (on the dask cluster of the active client, if there is one);
+    "loky" always uses the process pool; "serial" never leaves the caller; "dask"
+    runs on a dask cluster: ``client``, else the current client, else
+    $ADAPTIVE_EXEC_DASK_ADDRESS.
+timeout: seconds one item may run in a worker process before the map raises
+    ItemTimeoutError and that worker is ended (None: no limit). Every item then runs
+    in a worker, none in the caller.
+strict: raise instead of warning and running serially when pickling fails.
+chunksize: items per task sent to a worker (None: chosen from measurements).
+max_memory: a ceiling on the memory the map's processes may hold, in bytes or as
+    "2GB" (also ADAPTIVE_EXEC_MAX_MEMORY); workers are capped to fit under it.
+client: a dask.distributed Client: run on its cluster (needs the ``dask`` extra).
+initializer, initargs: ``initializer(*initargs)`` runs once in each process before
+    it runs items: in each worker, and in the caller before it runs any itself (as
+    ``initializer=`` of concurrent.futures' executors). If it raises, the map
+    raises InitializerError naming it, with its exception as the cause.
+"""
+
+for _documented in (parallelize, adaptive_map, ParallelFunction):
+    _documented.__doc__ = (_documented.__doc__ or "").rstrip() + textwrap.indent(
+        OPTIONS_DOC, "    ")
 
 
 def calibrate(n_workers: Optional[int] = None) -> Calibration:
     """Start a fresh pool, measure this machine's constants on it (start-up, per-task
-    overhead, per-byte cost), keep them for this process, and return them."""
+    overhead, per-byte cost), keep them for this process and in the cache, and return
+    them.
+
+    n_workers: the pool size to measure with (None: the usable CPUs).
+    """
     return loky_backend.calibrate(n_workers)

@@ -69,6 +69,11 @@ class ClusterError(AdaptiveExecError, RuntimeError):
     scheduler went away), so its items have no result."""
 
 
+class InitializerError(AdaptiveExecError, RuntimeError):
+    """The ``initializer=`` of a map raised: in a worker (no item ran there after it)
+    or in the caller. Its own exception is the ``__cause__``."""
+
+
 class UnpicklableWarning(UserWarning):
     """The function, an item or a result cannot be pickled: the map ran serially instead."""
 

@@ -72,6 +72,9 @@ class Options:
     chunksize: Optional[int] = None
     max_memory: Optional[int] = None  # bytes (the user may give "2GB")
     client: Any = None
+    # Run once in each process before it runs items: each worker, and the caller.
+    initializer: Optional[Callable[..., Any]] = None
+    initargs: tuple[Any, ...] = ()
 
     def as_kwargs(self) -> dict[str, Any]:
         """The options as keyword arguments, to rebuild or extend them."""

@@ -14,14 +14,16 @@ one function at once.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import logging
 import math
+import pickle
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
-from . import adapt, cache, calibration, planner, system
+from . import adapt, cache, calibration, planner, system, worker
 from .backends import dask as dask_backend
 from .backends import loky as loky_backend
 from .backends import serial as serial_backend
@@ -165,6 +167,11 @@ class MapRun:
             if ((self.n_known is None or self.n_known >= 2)
                     and loky_backend.start_path() == starts.TEMPLATE):
                 starts.start_template_ahead()  # a threaded caller's workers come from it
+        if self.options.initializer is not None and self.options.timeout is None:
+            # Before any item runs here (sampled, serial, or while workers start); with
+            # a timeout every item runs in a worker, none here.
+            worker.initialize_here(self.options.initializer, self.options.initargs,
+                                   self._init_key())
         if self.options.cache and self.forced is None:
             self.entry = cache.lookup(self.key)
         if self.forced is None:
@@ -366,6 +373,15 @@ class MapRun:
                 ref = function_ref(self.func)
             except Exception as exc:
                 self._unpicklable(f"the function cannot be pickled ({exc})", exc)
+                self._announce(dataclasses.replace(plan, mode="serial", n_workers=1))
+                yield from self._fallback_loop()
+                return
+            try:
+                ref = worker.with_initializer(ref, self.options.initializer,
+                                              self.options.initargs)
+            except Exception as exc:
+                self._unpicklable(f"the initializer or its initargs cannot be pickled "
+                                  f"({exc})", exc)
                 yield from self._fallback_loop()
                 return
             if plan.mode == "distributed":
@@ -404,6 +420,16 @@ class MapRun:
             self.start_path = loky_backend.start_path()
         self.observed_s = (run.worker_compute_s / run.worker_items
                            if run.worker_items else None)
+
+    def _init_key(self) -> str:
+        """The initializer's identity in this process: the same one with equal initargs
+        runs once here, whichever map asks."""
+        opts = self.options
+        try:
+            return "here:" + hashlib.sha1(pickle.dumps((opts.initializer, opts.initargs))
+                                          ).hexdigest()
+        except Exception:  # not picklable by reference: this very object and its args
+            return f"here:{id(opts.initializer)}:{id(opts.initargs)}"
 
     def _too_heavy_to_ship(self, plan: Plan, ref: FunctionRef, calib: Calibration
                            ) -> Optional[str]:

@@ -37,7 +37,13 @@ import types
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Protocol
 
-from .errors import ExceptionState, attach_origin, rebuild_exception, safe_str
+from .errors import (
+    ExceptionState,
+    InitializerError,
+    attach_origin,
+    rebuild_exception,
+    safe_str,
+)
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 # In a worker: rebuilt functions by key, least recently used first. Bounded in count
@@ -129,13 +135,17 @@ class FunctionRef:
     cwd: Optional[str] = None  # the caller's working directory (None: keep the worker's)
     sys_path: tuple[str, ...] = ()  # the caller's sys.path (empty: keep the worker's)
     lean: bool = False  # only the key: a worker that lacks it answers NEED_FUNCTION
+    # The map's initializer and its initargs, pickled (None in a lean ref), and their
+    # digest, which ``key`` includes: see ``with_initializer``.
+    init: Optional[bytes] = None
+    init_key: Optional[str] = None
     # A large blob left in the caller's memory (``BlobFile``): (caller pid, fd, size).
     # A worker on this machine reads it there; one that cannot answers NEED_FUNCTION.
     blob_at: Optional[tuple[int, int, int]] = None
 
     def lean_copy(self) -> FunctionRef:
         return dataclasses.replace(self, blob=None, patch=None, patch_module=None,
-                                   blob_at=None, lean=True)
+                                   blob_at=None, init=None, lean=True)
 
     def without_context(self) -> FunctionRef:
         """For workers that are not ours to move (a dask cluster's, maybe elsewhere)."""
@@ -501,6 +511,67 @@ class ChunkResult:
     function_bytes: int = 0  # what this worker read of a blob file to rebuild the function
 
 
+# --- the initializer ---------------------------------------------------------------------
+
+# initializer key -> the process id it last ran in. A forked worker inherits its parent's
+# table: the pid tells that it has not run here yet.
+_INITIALIZED: dict[str, int] = {}
+# initializer key -> (initializer, initargs), unpickled once per worker.
+_INITIALIZERS: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]] = {}
+_INIT_LOCK = threading.RLock()  # re-entrant: an initializer may itself map
+
+
+def with_initializer(ref: FunctionRef, initializer: Optional[Callable[..., Any]],
+                     initargs: tuple[Any, ...]) -> FunctionRef:
+    """``ref`` carrying the map's initializer (raises when it cannot be pickled). Its
+    key includes the initializer's: a worker that knows the function but has not run
+    this initializer gets the whole ref (NEED_FUNCTION)."""
+    if initializer is None:
+        return ref
+    blob = cloudpickle_dumps((initializer, initargs))
+    init_key = hashlib.sha1(blob).hexdigest()
+    return dataclasses.replace(ref, key=f"{ref.key}+{init_key}", init=blob,
+                               init_key=init_key)
+
+
+def initialize_here(initializer: Optional[Callable[..., Any]], initargs: tuple[Any, ...],
+                    key: str, where: str = "the caller") -> None:
+    """Run ``initializer(*initargs)`` in this process unless it already ran here under
+    ``key``; raises InitializerError (its exception as the cause) when it raises."""
+    if initializer is None or _INITIALIZED.get(key) == os.getpid():
+        return
+    with _INIT_LOCK:  # threads of one process (a dask worker's, the caller's) run it once
+        if _INITIALIZED.get(key) == os.getpid():
+            return
+        try:
+            initializer(*initargs)
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            name = getattr(initializer, "__qualname__", None) or repr(initializer)
+            msg = (f"initializer {name}() raised {type(exc).__name__}: {safe_str(exc)} in "
+                   f"{where}; no item ran there")
+            raise InitializerError(msg) from exc
+        _INITIALIZED[key] = os.getpid()
+
+
+def _initialize_worker(ref: FunctionRef) -> Optional[bool]:
+    """In a worker, before a chunk: True when the map's initializer has run here (or
+    there is none), None when this lean ref lacks it (the caller sends it whole); raises
+    InitializerError."""
+    key = ref.init_key
+    if key is None or _INITIALIZED.get(key) == os.getpid():
+        return True
+    found = _INITIALIZERS.get(key)
+    if found is None:
+        if ref.init is None:
+            return None
+        found = pickle.loads(ref.init)
+        _INITIALIZERS[key] = found
+    initialize_here(found[0], found[1], key, f"worker process {os.getpid()}")
+    return True
+
+
 def run_chunk(ref: FunctionRef, start: int, payload: bytes, star: bool,
               clock: Optional[tuple[int, int, int, int]] = None) -> ChunkResult:
     """Worker side: run the items of one chunk in order; results go back pickled.
@@ -515,6 +586,17 @@ def run_chunk(ref: FunctionRef, start: int, payload: bytes, star: bool,
                            reason=f"the function cannot be rebuilt in a worker ({_safe(exc)})")
     if func is None:
         return ChunkResult([], 0, 0.0, pid, status=NEED_FUNCTION)
+    try:
+        if _initialize_worker(ref) is None:
+            return ChunkResult([], 0, 0.0, pid, status=NEED_FUNCTION)
+    except InitializerError as exc:
+        # Not the items' failure: the map stops here, at this chunk's first item.
+        return ChunkResult(dumps([]), 0, 0.0, pid, error=_pickle_error(exc),
+                           error_index=start)
+    except Exception as exc:  # its pickle could not be loaded here
+        return ChunkResult([], 0, 0.0, pid, status=FALLBACK,
+                           reason=f"the initializer cannot be rebuilt in a worker "
+                                  f"({_safe(exc)})")
     try:
         items = pickle.loads(payload)
     except Exception as exc:

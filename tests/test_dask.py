@@ -360,3 +360,31 @@ def test_auto_never_imports_distributed():
     """
     proc = _run_python(code)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+# --- options that hold on a cluster too -------------------------------------------------
+
+
+def test_max_workers_caps_the_tasks_running_at_once_on_the_cluster(client, tmp_path):
+    log = tmp_path / "spans"
+    func = functools.partial(h.interval_logged, path=str(log), seconds=0.05)
+    pf = parallelize(func, backend="dask", client=client, max_workers=1, chunksize=1)
+    assert pf.map(range(12)) == list(range(12))
+    assert h.most_overlapping(log) == 1
+    log.unlink()
+    pf = parallelize(func, backend="dask", client=client, chunksize=1)
+    assert pf.map(range(12)) == list(range(12))
+    assert h.most_overlapping(log) == 2  # without the cap, both workers at once
+
+
+def test_the_initializer_runs_once_in_each_cluster_worker(client, cluster, tmp_path):
+    log = tmp_path / "runs"
+    pf = parallelize(functools.partial(h.read_state, cost=0.01), backend="dask",
+                     client=client, chunksize=1, initializer=h.init_state,
+                     initargs=(str(log), "d"))
+    out = pf.map(range(40))
+    assert {state for _, state, _ in out} == {"d"}
+    with open(log) as f:
+        pids = [int(line.split()[0]) for line in f]
+    assert len(pids) == len(set(pids))
+    assert {pid for _, _, pid in out} - {os.getpid()} <= cluster.worker_pids() & set(pids)

@@ -15,8 +15,8 @@ from adaptive_exec import Plan, RunReport, adaptive_map, parallelize
 def test_public_names():
     assert sorted(adaptive_exec.__all__) == sorted([
         "AdaptiveExecError", "CacheWarning", "Calibration", "ClusterError",
-        "ItemTimeoutError", "MissingDependencyError", "ParallelFunction", "Plan",
-        "RemoteError", "ResultPicklingError", "RunReport", "UnpicklableWarning",
+        "InitializerError", "ItemTimeoutError", "MissingDependencyError", "ParallelFunction",
+        "Plan", "RemoteError", "ResultPicklingError", "RunReport", "UnpicklableWarning",
         "WorkerCrashedError", "adaptive_map", "calibrate", "parallelize",
     ])
     for name in adaptive_exec.__all__:
@@ -117,6 +117,34 @@ def test_bad_options_say_what_to_pass(kwargs, error, words):
         parallelize(h.square, **kwargs)
     with pytest.raises(error, match=words):
         adaptive_map(h.square, [1], **kwargs)
+
+
+def test_a_keyword_that_is_not_an_option_says_how_to_pass_arguments():
+    """adaptive_map(power, items, p=3): the user meant an argument of power. The error
+    lists the options and shows functools.partial and starmap, naming no internal class."""
+    calls = [
+        lambda: adaptive_map(h.add, range(5), b=3),
+        lambda: parallelize(h.add, b=3),
+        lambda: parallelize(b=3),
+        lambda: parallelize(max_workers=2, b=3)(h.add),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError) as info:
+            call()
+        text = str(info.value)
+        assert "'b'" in text and "not an option" in text, text
+        assert "max_workers" in text and "initializer" in text, text
+        assert "functools.partial" in text and "starmap" in text, text
+        assert "ParallelFunction" not in text and "__init__" not in text, text
+    assert "functools.partial(add, b=...)" in str(
+        pytest.raises(TypeError, adaptive_map, h.add, [1], b=3).value)
+
+
+def test_adaptive_map_keeps_a_decorated_functions_options_unless_given():
+    pf = parallelize(h.square, backend="serial")
+    assert adaptive_map(pf, range(5)) == [x * x for x in range(5)]
+    assert pf.last_report.plan.mode == "serial"
+    assert adaptive_map(pf, range(5), max_workers=2) == [x * x for x in range(5)]
 
 
 def test_bad_function_and_items():
