@@ -10,7 +10,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 ENV_MAX_WORKERS = "ADAPTIVE_EXEC_MAX_WORKERS"
 ENV_DISABLE = "ADAPTIVE_EXEC_DISABLE"
@@ -289,6 +289,10 @@ def _process_cpu_s(pid: int) -> float:
 
 
 MIN_LOAD_WINDOW_S = 0.1
+# Under that window, runnable threads are read at the start and at this many instants
+# this far apart at the plan (~4 ms, paid only by a map that may use a pool).
+INSTANT_READINGS = 4
+INSTANT_SPACING_S = 0.001
 # CPUs with at least this much load from others count as taken: a busy process sharing
 # two cores with our two workers gets ~0.67 of one; tick noise over 0.3 s is ~0.03.
 BUSY_CPU = 0.5
@@ -298,17 +302,59 @@ def busy_cpus(others_load: float) -> int:
     return math.floor(others_load + 1 - BUSY_CPU)
 
 
+def _runnable_now() -> Optional[int]:
+    """Threads on a CPU or waiting for one at this instant, machine-wide (Linux
+    /proc/stat's procs_running; None elsewhere)."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if line.startswith(b"procs_running "):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _runnable_threads(pid: Union[int, str]) -> int:
+    """Threads of process ``pid`` ("self": this one) that are runnable now (state R)."""
+    count = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] == b"R":
+                    count += 1
+        except (OSError, IndexError):
+            pass
+    return count
+
+
 class LoadProbe:
     """How many CPUs other processes keep busy, between two readings.
 
     Everything is load but this process and the worker processes we started: a busy
     process the user launched counts, our own pool does not. ``pids`` gives our
     workers' process ids at each reading.
+
+    Over a window too short for the kernel's CPU counters (a map whose sampling took a
+    few ms), what runs at the window's two ends tells instead: a process that keeps a
+    CPU busy is runnable at both instants, a passing one seldom is.
     """
 
     def __init__(self, pids: Optional[Callable[[], Iterable[int]]] = None):
         self.pids = pids or (lambda: ())
         self._last = self._read()
+        self._runnable_at_start = self._others_runnable()
+
+    def _others_runnable(self) -> Optional[int]:
+        total = _runnable_now()
+        if total is None:
+            return None
+        ours = _runnable_threads("self") + sum(_runnable_threads(p) for p in self.pids())
+        return max(0, total - ours)
 
     def _ours_s(self) -> float:
         t = os.times()
@@ -318,16 +364,33 @@ class LoadProbe:
         return time.perf_counter(), _system_busy_s(), self._ours_s()
 
     def others(self, min_window_s: float = MIN_LOAD_WINDOW_S) -> Optional[float]:
-        """CPUs busy with other processes since the last reading (None: unknown, or
-        too short a window to tell: the kernel counts in ticks of 10 ms, so over 20 ms
-        one tick is half a CPU; the window then keeps growing until the next call)."""
+        """CPUs busy with other processes since the last reading (None: unknown).
+        Under ``min_window_s`` the CPU counters cannot tell (the kernel counts in ticks
+        of 10 ms, so over 20 ms one tick is half a CPU): the other processes' threads
+        runnable at both ends of the window are the reading then, and the window keeps
+        growing until the next call."""
         now = self._read()
         (t0, busy0, ours0), (t1, busy1, ours1) = self._last, now
         if busy0 is None or busy1 is None or t1 - t0 < min_window_s:
-            return None
+            return self._instant()
         self._last = now
         # A worker that exited between readings takes its CPU with it: never below 0.
         return max(0.0, ((busy1 - busy0) - (ours1 - ours0)) / (t1 - t0))
+
+    def _instant(self) -> Optional[float]:
+        """Other processes' runnable threads at the start and at a few instants now,
+        the fewest (None where it cannot be read): what keeps CPUs busy throughout, not
+        what passed by (measured here on a quiet machine: one reading now besides the
+        start's saw a CPU busy in ~1 plan of 3; a busy process is seen at every one)."""
+        fewest = self._runnable_at_start
+        for i in range(INSTANT_READINGS):
+            if fewest is None or fewest == 0:
+                break
+            if i:
+                time.sleep(INSTANT_SPACING_S)
+            now = self._others_runnable()
+            fewest = None if now is None else min(fewest, now)
+        return None if fewest is None or self._last[1] is None else float(fewest)
 
 
 def live_readings(probe: LoadProbe, max_memory: Optional[int]) -> tuple[float, Optional[float]]:

@@ -64,6 +64,22 @@ def test_a_busy_process_lowers_the_planned_workers(busy):
         assert "busy with other processes" in plan.reason
 
 
+def short(x):
+    h.spin(0.002)
+    return x
+
+
+@needs_two
+def test_a_busy_process_is_seen_when_sampling_is_too_short_for_cpu_counters(busy):
+    """20 ms of sampling is two of the kernel's CPU ticks: too few to measure a load.
+    A process that keeps a CPU busy is runnable whenever one looks: the plan sees it."""
+    busy.start()
+    time.sleep(0.3)
+    plan = parallelize(short).plan(range(3000))  # ~6 s of work, sampled for ~20 ms
+    assert plan.features["others_load"] >= 1, plan.features
+    assert plan.mode == "serial" or plan.n_workers < usable_cpus(), plan.reason
+
+
 @needs_two
 def test_the_same_plan_under_a_faked_load_and_none():
     # The seam, both ways, so the real-machine test above has its counterpart.
