@@ -212,6 +212,7 @@ class _CannotCross:
         self.star = spec.star
         self.strict = spec.strict
         self.warned = False
+        self.reason: Optional[str] = None  # the first thing that could not cross
         # Set once something could not cross back, or the function could not be rebuilt
         # in a worker: the rest of the map runs here, in the caller.
         self.caller_only = False
@@ -222,6 +223,7 @@ class _CannotCross:
             msg = (f"{what}; pass strict=False to run such items in the caller instead "
                    "(strict=True)")
             raise error(msg) from cause
+        self.reason = self.reason or what
         if not self.warned:
             self.warned = True
             warn_user(f"adaptive_exec: {what}; running them in the caller",
@@ -293,6 +295,7 @@ class ParallelRun:
         self.exhausted = False
         self.error_at: Optional[int] = None  # the first failing item seen so far
         self.cross = _CannotCross(func, spec)
+        self.local_items = 0  # items run here instead: they could not cross
         self.interrupted = False  # Ctrl-C or a time-out: the executor's workers are ended
         self._t0 = 0.0
 
@@ -446,6 +449,7 @@ class ParallelRun:
         self.pending[fut] = info
 
     def _run_locally(self, info: _Pending) -> None:
+        self.local_items += len(info.items)
         out, err = run_here(self.func, info.items, info.start, self.spec.star)
         self._keep(info, out, err)
 
@@ -483,6 +487,7 @@ class ParallelRun:
         self.chunks.observe(res)
         err_index = res.error_index
         if res.status == FALLBACK:
+            self.local_items += info.n if res.holes is None else len(res.holes)
             results, err, err_index = self.cross.fall_back(info, res, self.target)
         else:
             try:
@@ -491,6 +496,7 @@ class ParallelRun:
                 self.cross.warn(f"the results of items from index {info.start} cannot "
                                   f"be unpickled in the caller ({exc})", exc)
                 self.cross.caller_only = True
+                self.local_items += len(info.items)
                 results, err = run_here(self.func, info.items, info.start, self.spec.star)
                 err_index = None
         if err is not None and err_index is not None:

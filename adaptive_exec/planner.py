@@ -400,7 +400,8 @@ def _why_not_parallel(job: _Job, best: _Estimate, est: float, speedup: float,
 
 def _parallel_reason(job: _Job, best: _Estimate, est: float, speedup: float,
                      correction: float, forced_parallel: Optional[str],
-                     cluster: Optional[Cluster]) -> str:
+                     cluster: Optional[Cluster], warm: bool = False,
+                     started_ahead: bool = False) -> str:
     """The reason for running ``best``: the user's request, or the estimate and what it
     includes (start-up, the history's correction)."""
     unit = _unit(cluster)
@@ -409,9 +410,16 @@ def _parallel_reason(job: _Job, best: _Estimate, est: float, speedup: float,
             f"{forced_parallel}; {job.work}, {best.n_workers} {unit} with chunks of "
             f"{best.chunksize} {_estimated(job, est, speedup)}"
         )
-    startup = f", {fmt_s(best.startup_s)} of pool start-up included" if best.startup_s else \
-        ", the cluster is already running" if cluster is not None else \
-        ", the pool is already warm"
+    # What the start-up term is, as the features say it (pool_warm, startup_left_s).
+    if best.startup_s:
+        startup = (f", {fmt_s(best.startup_s)} of pool start-up "
+                   f"{'left (started ahead of this map)' if started_ahead else 'included'}")
+    elif cluster is not None:
+        startup = ", the cluster is already running"
+    elif warm:
+        startup = ", the pool is already warm"
+    else:
+        startup = ", the pool started ahead of this map is up"
     if correction >= 1.05:
         startup += f", x{correction:.2f} for past parallel runs that took longer"
     return (
@@ -451,6 +459,8 @@ def make_plan(
     if cluster is not None:
         warm, startup_left = True, 0.0  # the cluster is already running
     info = _describe(features, n_items, system, calib, warm, parallel_correction, cluster)
+    if startup_left is not None and cluster is None and not warm:
+        info["startup_left_s"] = round(startup_left, 4)  # a pool started ahead
     job = _job(features, n_items, n_done, system, elapsed_s, from_cache, info)
     if forced_serial:
         return job.serial(forced_serial)
@@ -490,7 +500,8 @@ def make_plan(
                           est_parallel)
     mode = "distributed" if cluster is not None else "parallel"
     reason = _parallel_reason(job, best, est_parallel, speedup, parallel_correction,
-                              forced_parallel, cluster)
+                              forced_parallel, cluster, warm,
+                              startup_left is not None and not warm)
     return job.plan(mode, best, est_parallel, speedup, reason)
 
 

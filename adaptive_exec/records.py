@@ -256,6 +256,7 @@ _FEATURES: dict[str, tuple[str, Callable[[Any], str]]] = {
     "task_overhead_s": ("overhead per task", _optional(fmt_s)),
     "byte_cost_s": ("cost of moving a byte", _optional(fmt_byte_cost)),
     "pool_warm": ("pool already running", _yes_no),
+    "startup_left_s": ("start-up left of a pool started ahead", _optional(fmt_s)),
     "parallel_correction": ("correction from past runs", _optional(lambda x: f"x{x:.2f}")),
     "cluster": ("dask cluster", _optional(str)),
     "cluster_threads": ("cluster threads", _optional(lambda n: f"{n:,}")),
@@ -287,6 +288,9 @@ class RunReport:
     # How the pool's workers were started, when a process pool ran: "fork", "template" or
     # "exec" (backends/starts.py); None otherwise.
     start_path: Optional[str] = None
+    # What ran where it differs from the plan ("14 of the items ran in the caller: their
+    # results cannot be pickled ..."); None when the run followed its plan.
+    ran: Optional[str] = None
 
     def __str__(self) -> str:
         """One line for people: what ran, how long it took, what was estimated."""
@@ -306,4 +310,6 @@ class RunReport:
             return f"{head}, no items ({fmt_s(self.wall_s)})"
         out = (f"{head}, {fmt_count(self.n_items, 'item', 'items')} in {fmt_s(self.wall_s)}, "
                f"estimated {fmt_s(plan.estimated_s)}")
-        return out + ", from cache" if self.from_cache else out
+        if self.from_cache:
+            out += ", from cache"
+        return f"{out}; {self.ran}" if self.ran else out

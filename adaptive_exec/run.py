@@ -120,6 +120,7 @@ class MapRun:
         self.stay_serial = False  # the pool was ruled out during the run: no re-plan
         self.bytes_sent = 0  # pickled bytes handed to worker processes
         self.start_path: Optional[str] = None  # how the process pool's workers started
+        self.ran: Optional[str] = None  # what ran, where it differs from the plan
         # Told what runs the items: the plan once known, again when it changes, and the
         # busy workers when the load monitor changes them (the progress bar, progress.py).
         self.on_plan: Optional[Callable[[Plan, Optional[int]], None]] = None
@@ -305,6 +306,7 @@ class MapRun:
             observed_item_s=self.observed_s,
             bytes_sent=self.bytes_sent,
             start_path=self.start_path,
+            ran=self.ran,
         ))
 
     # --- executing ----------------------------------------------------------------------
@@ -370,18 +372,15 @@ class MapRun:
             target = ThreadTarget(self.func, self.star)
         else:
             try:
-                ref = function_ref(self.func)
-            except Exception as exc:
-                self._unpicklable(f"the function cannot be pickled ({exc})", exc)
-                self._announce(dataclasses.replace(plan, mode="serial", n_workers=1))
-                yield from self._fallback_loop()
-                return
-            try:
-                ref = worker.with_initializer(ref, self.options.initializer,
+                ref = worker.with_initializer(function_ref(self.func),
+                                              self.options.initializer,
                                               self.options.initargs)
             except Exception as exc:
-                self._unpicklable(f"the initializer or its initargs cannot be pickled "
-                                  f"({exc})", exc)
+                what = (f"the function cannot be pickled ({exc})"
+                        if not _picklable_function(self.func) else
+                        f"the initializer or its initargs cannot be pickled ({exc})")
+                self._unpicklable(what, exc)
+                self._ran_serially(plan, what)
                 yield from self._fallback_loop()
                 return
             if plan.mode == "distributed":
@@ -415,11 +414,24 @@ class MapRun:
             self.n_done += len(batch)
             yield batch
         self.timeline = run.timeline
+        if run.local_items:
+            self.ran = (f"{run.local_items:,} of the items ran in the caller: "
+                        f"{run.cross.reason}")
         self.bytes_sent += getattr(target, "bytes_sent", 0)
         if isinstance(target, loky_backend.LokyTarget):
             self.start_path = loky_backend.start_path()
         self.observed_s = (run.worker_compute_s / run.worker_items
                            if run.worker_items else None)
+
+    def _ran_serially(self, plan: Plan, why: str) -> None:
+        """The plan said a pool; the rest runs here: the report says so, in its plan and
+        in ``ran``, as the warning did."""
+        self.plan = dataclasses.replace(
+            plan, mode="serial", n_workers=1, chunksize=FALLBACK_CHUNK,
+            reason=f"{plan.reason}; but {why}, so it ran serially in the caller")
+        self.ran = f"serially in the caller, not {plan.runs_on()} as planned: {why}"
+        self.stay_serial = True
+        self._announce(self.plan)
 
     def _init_key(self) -> str:
         """The initializer's identity in this process: the same one with equal initargs
@@ -478,6 +490,14 @@ class MapRun:
             raise TypeError(msg) from cause
         warn_user(f"adaptive_exec: {what}; running serially in the caller instead",
                   UnpicklableWarning)
+
+
+def _picklable_function(func: Callable[..., Any]) -> bool:
+    try:
+        function_ref(func)
+    except Exception:
+        return False
+    return True
 
 
 # --- the input --------------------------------------------------------------------------

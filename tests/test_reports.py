@@ -311,3 +311,82 @@ def test_a_report_line_without_a_map():
                           "100.0 ms, from cache"
     assert Plan("distributed", 4, 2, 1.0, 0.5, 2.0, "r", False).runs_on() == "dask"
     assert Plan("parallel", 2, 2, 1.0, 0.5, 2.0, "r", False).runs_on(1) == "1 of 2 processes"
+
+
+# --- one truth: the plan, the warning, the reason and the report agree with what ran ------
+
+def _locked(lock, x):
+    with lock:
+        h.spin(0.005)
+        return x
+
+
+def test_a_function_that_cannot_be_pickled_runs_here_and_the_report_says_so():
+    import functools
+    import warnings
+
+    from adaptive_exec import UnpicklableWarning
+
+    func = functools.partial(_locked, threading.Lock())  # a lock does not pickle
+    pf = parallelize(func, backend="loky")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert pf.map(range(200)) == list(range(200))  # 1 s: more than sampling takes
+    (warning,) = [w for w in caught if issubclass(w.category, UnpicklableWarning)]
+    assert "running serially in the caller" in str(warning.message)
+    report = pf.last_report
+    assert report.plan.mode == "serial", report.plan  # as the warning says
+    assert report.ran is not None and report.ran.startswith("serially in the caller, not ")
+    assert "cannot be pickled" in report.ran and "as planned" in report.ran
+    assert "so it ran serially in the caller" in report.plan.reason
+    assert str(report).startswith("serial in the caller") and report.ran in str(report)
+    assert "mode:        serial" in report.plan.explain()
+
+
+def _returns_a_lock(x):
+    h.spin(0.005)
+    if h.in_worker():
+        return threading.Lock()  # cannot travel back from a worker
+    return x
+
+
+def test_items_run_in_the_caller_are_counted_in_the_report():
+    import warnings
+
+    pf = parallelize(_returns_a_lock, backend="loky", chunksize=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = pf.map(range(200))
+    assert out == list(range(200))  # each came back from the caller's own run
+    report = pf.last_report
+    assert report.plan.mode == "parallel"
+    assert report.ran is not None, str(report)
+    n = int(re.match(r"([\d,]+) of the items ran in the caller: ", report.ran).group(1))
+    assert 0 < n <= 200 - report.n_sampled, report.ran
+    assert "cannot be pickled" in report.ran
+    assert report.ran in str(report)
+    plain = parallelize(h.square, backend="loky")
+    plain.map(range(40))
+    assert plain.last_report.ran is None and ";" not in str(plain.last_report)
+
+
+def test_the_reason_names_the_start_up_as_the_features_do():
+    from adaptive_exec.calibration import DEFAULTS
+    from adaptive_exec.planner import make_plan
+    from adaptive_exec.system import SystemSnapshot
+
+    features = Features(0.01, 0.1, 8, 8, 0, 10, 4, 1.0)
+    two = SystemSnapshot(usable_cpus=2, available_memory=8 << 30)
+    warm = make_plan(features, 400, 0, two, DEFAULTS, warm=True, from_cache=False)
+    ahead_up = make_plan(features, 400, 0, two, DEFAULTS, warm=False, from_cache=False,
+                         startup_left=0.0)
+    ahead_half = make_plan(features, 400, 0, two, DEFAULTS, warm=False, from_cache=False,
+                           startup_left=0.03)
+    cold = make_plan(features, 400, 0, two, DEFAULTS, warm=False, from_cache=False)
+    assert all(p.mode == "parallel" for p in (warm, ahead_up, ahead_half, cold))
+    assert warm.features["pool_warm"] and "already warm" in warm.reason
+    assert not ahead_up.features["pool_warm"] and "already warm" not in ahead_up.reason
+    assert "started ahead of this map is up" in ahead_up.reason
+    assert ahead_up.features["startup_left_s"] == 0.0
+    assert f"{fmt_s(0.03)} of pool start-up left (started ahead" in ahead_half.reason
+    assert "start-up included" in cold.reason and "startup_left_s" not in cold.features

@@ -313,9 +313,10 @@ def current_probe(executor: Any) -> Any:
         return None
 
 
-def startup_left(full_startup_s: float, n_workers: int) -> float:
+def startup_left(full_startup_s: float, n_workers: int) -> Optional[float]:
     """Seconds until a pool of ``n_workers`` can take work: 0 when warm, the rest of the
-    start-up when one was started ahead, else all of it."""
+    start-up when one was started ahead, else None (no pool: all of a start-up, which
+    the planner sizes for the workers it picks)."""
     if is_warm(n_workers):
         return 0.0
     with _state.lock:
@@ -326,7 +327,7 @@ def startup_left(full_startup_s: float, n_workers: int) -> float:
             return max(0.0, full_startup_s - (time.perf_counter() - probe.created_at))
         if _state.starting_at is not None:
             return max(0.0, full_startup_s - (time.perf_counter() - _state.starting_at))
-    return full_startup_s
+    return None
 
 
 def is_warm(n_workers: int) -> bool:
