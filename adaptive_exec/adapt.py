@@ -322,6 +322,7 @@ class MapPlanner:
             elapsed_s=time.perf_counter() - self.t_start, forced_serial=self.forced,
             forced_parallel=forced_parallel, chunksize=chunksize,
             parallel_correction=self._correction(),
+            threads_lost=self.entry is not None and planner.threads_lost(self.entry.runs),
             startup_left=loky_backend.startup_left(calib.startup_for(snap.usable_cpus),
                                                    snap.usable_cpus),
         )

@@ -347,6 +347,11 @@ class ParallelRun:
             for fut, info in self.pending.items():
                 self.target.cancel(fut, info.executor)
 
+    def drain(self) -> None:
+        """Send nothing more: the chunks in flight finish and their results come, then
+        the run ends; the rest of the input stays unread, for the caller to run."""
+        self.exhausted = True
+
     def _open(self) -> None:
         self.executor, self.probe = self.target.open(self.n_workers)
         self.capacity = self.target.capacity()

@@ -442,6 +442,7 @@ def make_plan(
     forced_parallel: Optional[str] = None,
     chunksize: Optional[int] = None,
     parallel_correction: float = 1.0,
+    threads_lost: bool = False,
     startup_left: Optional[float] = None,
     cluster: Optional[Cluster] = None,
 ) -> Plan:
@@ -477,11 +478,13 @@ def make_plan(
 
     # A function that mostly waits gets threads here; on a cluster its threads overlap
     # the waiting as well, and the user asked for the cluster.
-    if not forced_parallel and cluster is None:
+    if not forced_parallel and cluster is None and not threads_lost:
         threads = _threads_option(job, features, system.usable_cpus, chunksize,
                                   system.max_workers)
         if threads is not None:
             return threads
+    if threads_lost:
+        info["threads_lost"] = True  # a past run's threads did not beat the loop
 
     best = _best_pool(job, w_max, calib, warm=warm, startup_left=startup_left,
                       chunksize=chunksize, correction=parallel_correction,
@@ -512,6 +515,19 @@ def make_plan(
 # (another machine load, other inputs) is followed within a few maps while one odd run
 # moves the median little. A choice, not a measurement.
 HISTORY_USED = 5
+# A threads run is a trial: if, once THREADS_TRIAL_S of it has run, its items come at
+# less than THREADS_MIN_GAIN times the loop's rate, the rest runs in the caller and the
+# run is remembered (mode THREADS_TRIAL) so the next maps of the function get no threads
+# while it is among the last HISTORY_USED runs. A choice: 0.2 s is tens of chunks for the
+# functions that get threads, and a thread pool that is not 10% faster is not worth it.
+THREADS_TRIAL_S = 0.2
+THREADS_MIN_GAIN = 1.1
+THREADS_TRIAL = "threads-lost"
+
+
+def threads_lost(runs: tuple[Any, ...]) -> bool:
+    """Whether one of the last HISTORY_USED ``runs`` found threads slower than the loop."""
+    return any(r.mode == THREADS_TRIAL for r in runs[-HISTORY_USED:])
 
 
 def parallel_correction(runs: tuple[Any, ...], mode: str = "parallel") -> float:

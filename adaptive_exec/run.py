@@ -121,6 +121,8 @@ class MapRun:
         self.bytes_sent = 0  # pickled bytes handed to worker processes
         self.start_path: Optional[str] = None  # how the process pool's workers started
         self.ran: Optional[str] = None  # what ran, where it differs from the plan
+        # A threads run that lost its trial: (items, seconds) it ran on threads.
+        self.threads_trial: Optional[tuple[int, float]] = None
         # Told what runs the items: the plan once known, again when it changes, and the
         # busy workers when the load monitor changes them (the progress bar, progress.py).
         self.on_plan: Optional[Callable[[Plan, Optional[int]], None]] = None
@@ -274,13 +276,18 @@ class MapRun:
         telling = (self.observed_s is None
                    or 1 / TELLING_RATIO <= self.observed_s / planned <= TELLING_RATIO)
         module, qualname = describe(self.func)
+        run = cache.RunRecord(self.n_done, plan.mode, plan.n_workers, plan.chunksize,
+                              estimate, time.perf_counter() - self.t_start)
+        if self.threads_trial is not None:
+            # Remembered: threads lost here (the loop's time for their items, theirs).
+            done, seconds = self.threads_trial
+            run = cache.RunRecord(done, planner.THREADS_TRIAL, 1, plan.chunksize,
+                                  done * self.features.mean_s, seconds)
         cache.observe(
             self.key, module=module, qualname=qualname,
             sampled=self.features if self.entry is None else None,
             observed_item_s=self.observed_s,
-            run=cache.RunRecord(self.n_done, plan.mode, plan.n_workers, plan.chunksize,
-                                estimate, time.perf_counter() - self.t_start)
-            if telling else None,
+            run=run if telling or self.threads_trial is not None else None,
         )
         calibration.save()
 
@@ -410,9 +417,16 @@ class MapRun:
                           adapt.monitor(self.options, plan, self.features)
                           if plan.mode == "parallel" else None,
                           on_workers=lambda busy: self._announce(plan, busy))
+        t_run, trial = time.perf_counter(), plan.mode == "threads"
         for batch in run:
             self.n_done += len(batch)
             yield batch
+            # Judged once every thread has finished a chunk, after THREADS_TRIAL_S.
+            if (trial and run.worker_items >= plan.n_workers * plan.chunksize
+                    and time.perf_counter() - t_run >= planner.THREADS_TRIAL_S):
+                trial = False
+                if self._threads_lose(run.worker_items, time.perf_counter() - t_run):
+                    run.drain()
         self.timeline = run.timeline
         if run.local_items:
             self.ran = (f"{run.local_items:,} of the items ran in the caller: "
@@ -422,6 +436,32 @@ class MapRun:
             self.start_path = loky_backend.start_path()
         self.observed_s = (run.worker_compute_s / run.worker_items
                            if run.worker_items else None)
+        if self.threads_trial is not None:
+            yield from self._serial()
+
+    def _threads_lose(self, done: int, seconds: float) -> bool:
+        """The threads' trial: do their items (``done`` finished in their first
+        ``seconds``) come faster than the loop's, by THREADS_MIN_GAIN? Items that wait
+        for each other (a lock they share, the GIL) do not. If not, the rest runs here,
+        and the report says so."""
+        assert self.features is not None and self.plan is not None
+        loop_rate = 1 / max(self.features.mean_s, 1e-12)
+        rate = done / seconds if seconds > 0 else math.inf
+        if rate >= planner.THREADS_MIN_GAIN * loop_rate:
+            return False
+        plan = self.plan
+        why = (f"threads did not beat the loop: {rate:,.0f} items/s on "
+               f"{plan.runs_on()} against {loop_rate:,.0f} for the loop")
+        self.threads_trial = (done, seconds)
+        self.plan = dataclasses.replace(
+            plan, mode="serial", n_workers=1, chunksize=max(1, plan.chunksize),
+            reason=f"{plan.reason}; but {why}, so the rest ran serially in the caller")
+        self.ran = (f"{plan.runs_on()} for the first {done:,} items, then serially in the "
+                    f"caller: {why}")
+        self.stay_serial = True
+        self._announce(self.plan)
+        logger.info("%s: %s; the rest runs in the caller", describe(self.func)[1], why)
+        return True
 
     def _ran_serially(self, plan: Plan, why: str) -> None:
         """The plan said a pool; the rest runs here: the report says so, in its plan and

@@ -424,3 +424,14 @@ def most_overlapping(path):
         now += step
         best = max(best, now)
     return best
+
+
+_ONE_AT_A_TIME = __import__("threading").Lock()
+
+
+def one_at_a_time(x, seconds=0.002):
+    """Waits (sleeps) while holding a lock every call shares: it looks like waiting,
+    yet threads cannot overlap it."""
+    with _ONE_AT_A_TIME:
+        time.sleep(seconds)
+    return x

@@ -23,6 +23,21 @@ def test_a_waiting_function_runs_on_threads():
     assert plan.features["cpu_fraction"] < 0.5
 
 
+def test_threads_that_do_not_beat_the_loop_give_way_to_it_and_are_not_planned_again():
+    """A function that waits while holding a lock every call shares looks like waiting
+    (its CPU share is ~0), yet threads cannot overlap it: their trial loses, the rest
+    runs in the caller, the report says so, and the next map gets no threads."""
+    pf = parallelize(h.one_at_a_time)
+    assert pf.map(range(400)) == list(range(400))
+    report = pf.last_report
+    assert report.plan.mode == "serial", report.plan.reason
+    assert report.ran is not None and "threads for the first" in report.ran, report.ran
+    assert "threads did not beat the loop" in report.ran
+    again = pf.plan(range(400))
+    assert again.mode != "threads", again.reason
+    assert again.features.get("threads_lost") is True
+
+
 @pytest.mark.parametrize("cap", [3, 8])
 def test_max_workers_caps_the_threads_of_a_waiting_function(cap):
     """Someone throttling requests with max_workers=8 gets at most 8 at once, not 64."""
