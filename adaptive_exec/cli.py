@@ -129,13 +129,28 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _worker_count(text: str) -> int:
+    from .system import usable_cpus
+
+    value, most = _positive_int(text), usable_cpus()
+    if value > most:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {most}, the CPUs this process may use (got {text!r})")
+    return value
+
+
+# The demo's workloads at 100x take minutes and a few GB; more is a typo, not a demo.
+MAX_SCALE = 100.0
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (0 < value < math.inf):  # nan fails this too
-        raise argparse.ArgumentTypeError(f"must be a number > 0 (got {text!r})")
+    if not (0 < value <= MAX_SCALE):  # nan fails this too
+        raise argparse.ArgumentTypeError(
+            f"must be a number > 0 and at most {MAX_SCALE:g} (got {text!r})")
     return value
 
 
@@ -148,7 +163,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                       help=f"run only these workloads, of: {', '.join(DEMO_NAMES)}")
     demo.add_argument("--scale", type=_positive_float, default=1.0, metavar="FACTOR",
                       help="multiply each workload's number of items by FACTOR, a number "
-                           "> 0 (default: 1)")
+                           f"> 0 and at most {MAX_SCALE:g} (default: 1)")
     demo.set_defaults(handler=_demo)
 
 
@@ -158,9 +173,9 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
         description="Start a fresh worker pool and measure its start-up time, the "
                     "overhead of one task and the cost of sending a byte; they are "
                     "kept in the cache for the plans of later processes.")
-    cal.add_argument("--workers", type=_positive_int, default=None, metavar="N",
-                     help="the pool size to measure with, a positive integer (default: "
-                          "the CPUs this process may use)")
+    cal.add_argument("--workers", type=_worker_count, default=None, metavar="N",
+                     help="the pool size to measure with, from 1 to the CPUs this "
+                          "process may use (default: all of them)")
     cal.set_defaults(handler=_calibrate)
 
 

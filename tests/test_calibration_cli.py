@@ -15,6 +15,16 @@ def test_calibrate_measures_a_real_pool():
     assert c.start_path in ("fork", "template", "exec")
 
 
+def test_calibrate_refuses_a_pool_larger_than_the_usable_cpus():
+    import pytest
+
+    from adaptive_exec.system import usable_cpus
+
+    for bad in (0, usable_cpus() + 1, 100_000, 1.5, True):
+        with pytest.raises(ValueError, match="n_workers must be an integer from 1 to"):
+            calibrate(bad)
+
+
 def test_cli_calibrate_and_demo_run():
     out = subprocess.run([sys.executable, "-m", "adaptive_exec", "calibrate"],
                          capture_output=True, text=True, timeout=120, check=True).stdout

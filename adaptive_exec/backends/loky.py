@@ -638,7 +638,15 @@ def calibrate(n_workers: Optional[int] = None) -> Calibration:
     """Start a fresh pool, measure it, keep the result for this process, and return it."""
     from ..system import usable_cpus
 
-    w = n_workers or usable_cpus()
+    most = usable_cpus()
+    if n_workers is not None and (isinstance(n_workers, bool) or not isinstance(n_workers, int)
+                                  or not 1 <= n_workers <= most):
+        # A pool larger than any map may use measures nothing a plan reads, and
+        # calibrate(100000) forked workers until the machine stalled.
+        msg = (f"n_workers must be an integer from 1 to {most} (the CPUs this process may "
+               f"use), or None for all of them; got {n_workers!r}")
+        raise ValueError(msg)
+    w = n_workers or most
     executor, created_at = fresh_executor(w)
     probe = current_probe(executor) or StartupProbe(executor, w, created_at, _state.path)
     executor.submit(noop, 0).result()
