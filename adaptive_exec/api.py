@@ -408,7 +408,13 @@ def _with_progress(gen: Iterator[list[Any]], run: MapRun, name: str) -> Iterator
 
 
 @overload
-def parallelize(func: Callable[P, R]) -> ParallelFunction[P, R]: ...
+def parallelize(
+    func: Callable[P, R], *, max_workers: Optional[int] = None, cache: bool = True,
+    progress: bool = False, backend: str = "auto", timeout: Optional[float] = None,
+    strict: bool = False, chunksize: Optional[int] = None,
+    max_memory: Union[int, str, None] = None, client: Optional[Client] = None,
+    initializer: Optional[Callable[..., Any]] = None, initargs: Iterable[Any] = (),
+) -> ParallelFunction[P, R]: ...
 @overload
 def parallelize(
     func: None = None, *, max_workers: Optional[int] = None, cache: bool = True,
@@ -484,11 +490,15 @@ def adaptive_map(
     if isinstance(func, ParallelFunction):
         default = Options()
         changed = {k: v for k, v in given.as_kwargs().items() if v != getattr(default, k)}
-        if not changed:
-            return func.map(items)
-        merged = {**func._options.as_kwargs(), **changed}
-        return ParallelFunction(func._func, **merged).map(items)
-    return ParallelFunction(func, **given.as_kwargs()).map(items)
+        pf = func if not changed else ParallelFunction(
+            func._func, **{**func._options.as_kwargs(), **changed})
+    else:
+        pf = ParallelFunction(func, **given.as_kwargs())
+    try:
+        return pf.map(items)
+    except BaseException as exc:
+        hide_library_frames(exc)  # this frame too: the user's call, then their function
+        raise
 
 
 # One text for the options, in the help of every public name that takes them.

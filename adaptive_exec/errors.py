@@ -104,6 +104,12 @@ def attach_origin(exc: BaseException, index: int, remote_tb: Optional[str],
     the note); chain the worker traceback when there is one. Frames of ours at the head
     of its traceback (the loop that called the function) are dropped when the user's
     own frames follow: the traceback, and a worker's text of it, start at the function."""
+    if isinstance(exc, InitializerError):
+        # Before any item: its message says where; the initializer's own traceback (from
+        # a worker) is the cause.
+        if remote_tb:
+            exc.__cause__ = RemoteTraceback(f'\n"""\n{remote_tb}"""')
+        return exc
     note = f"adaptive_exec: raised while processing item {index}"
     if where:
         note = f"{note} in {where}"
@@ -119,8 +125,7 @@ def attach_origin(exc: BaseException, index: int, remote_tb: Optional[str],
         last = notes[-1] if isinstance(notes, list) and notes else ""
         # From a worker, the exception already carries the note it was given there
         # (with the worker's pid): not a second time.
-        if not (remote_tb is not None and isinstance(last, str)
-                and _same_item(last, index)):
+        if not (isinstance(last, str) and _same_item(last, index)):
             exc.add_note(note)
     elif not exc.args or not isinstance(exc.args[-1], str) or note not in exc.args[-1]:
         # Below 3.11 there are no notes; the index still reaches the user via the

@@ -379,8 +379,7 @@ class MapRun:
             target = ThreadTarget(self.func, self.star)
         else:
             try:
-                ref = worker.with_initializer(function_ref(self.func),
-                                              self.options.initializer,
+                ref = worker.with_initializer(self.func, self.options.initializer,
                                               self.options.initargs)
             except Exception as exc:
                 what = (f"the function cannot be pickled ({exc})"

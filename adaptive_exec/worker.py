@@ -139,6 +139,9 @@ class FunctionRef:
     # digest, which ``key`` includes: see ``with_initializer``.
     init: Optional[bytes] = None
     init_key: Optional[str] = None
+    # The blob holds (function, initializer, initargs), pickled together: see
+    # ``with_initializer``.
+    bundled: bool = False
     # A large blob left in the caller's memory (``BlobFile``): (caller pid, fd, size).
     # A worker on this machine reads it there; one that cannot answers NEED_FUNCTION.
     blob_at: Optional[tuple[int, int, int]] = None
@@ -253,13 +256,17 @@ def _code_that_runs(func: Callable[..., Any]) -> tuple[Optional[types.FunctionTy
     return (core if isinstance(core, types.FunctionType) else None), owner
 
 
-def _patch_for(core: Optional[types.FunctionType], owner: Optional[type]) -> Optional[bytes]:
+def _patch_for(core: Optional[types.FunctionType], owner: Optional[type],
+               per_process: frozenset[str] = frozenset()) -> Optional[bytes]:
     """The module globals ``core`` reads, pickled, when it travels by reference (a
-    function that travels by value carries the globals it reads, cloudpickle's way)."""
+    function that travels by value carries the globals it reads, cloudpickle's way);
+    not those in ``per_process``, which each worker's initializer sets."""
     if core is None or not _importable(core):
         return None
     values: dict[str, Any] = {}
     for name, value in _globals_read(core, owner).items():
+        if name in per_process:
+            continue
         try:
             dumps(value)
         except Exception:  # a lock, a connection: the worker keeps its own
@@ -268,13 +275,17 @@ def _patch_for(core: Optional[types.FunctionType], owner: Optional[type]) -> Opt
     return dumps(values) if values else None
 
 
-def function_ref(func: Callable[..., Any]) -> FunctionRef:
+def function_ref(func: Callable[..., Any], per_process: frozenset[str] = frozenset(),
+                 init: Optional[tuple[Callable[..., Any], tuple[Any, ...]]] = None,
+                 ) -> FunctionRef:
     """Describe ``func`` as the caller has it now, so a worker can rebuild it; raises if
     it cannot be pickled. Called once per map: what changed since the last map (the
-    function, a global it reads, an object it captures) changes the key."""
+    function, a global it reads, an object it captures) changes the key.
+    ``per_process``: globals each process sets for itself (``init``'s, an initializer
+    and its args), never sent (``with_initializer``)."""
     cwd, path = _context()
     core, owner = _code_that_runs(func)
-    patch = _patch_for(core, owner)
+    patch = _patch_for(core, owner, per_process)
     patch_module = core.__module__ if patch is not None and core is not None else None
     module = getattr(func, "__module__", None)
     qualname = getattr(func, "__qualname__", None)
@@ -287,12 +298,20 @@ def function_ref(func: Callable[..., Any]) -> FunctionRef:
             h.update(patch)
         return FunctionRef(h.hexdigest(), module=module, qualname=qualname, patch=patch,
                            patch_module=patch_module, cwd=cwd, sys_path=path)
-    blob = cloudpickle_dumps(func)
+    bundled = init is not None and bool(per_process)
+    if init is not None and bundled:
+        # By value, with an initializer that sets globals: rebuilt in the worker from one
+        # pickle, over one namespace that lacks the per-process names, so the function
+        # reads what the initializer set there.
+        func, initializer = _without_globals((func, init[0]), per_process)
+        blob = cloudpickle_dumps((func, initializer, init[1]))
+    else:
+        blob = cloudpickle_dumps(func)
     h = hashlib.sha1(blob)
     if patch is not None:
         h.update(patch)
     return FunctionRef(h.hexdigest(), blob=blob, patch=patch, patch_module=patch_module,
-                       cwd=cwd, sys_path=path)
+                       cwd=cwd, sys_path=path, bundled=bundled)
 
 
 def _enter_context(ref: FunctionRef) -> None:
@@ -333,6 +352,10 @@ def _resolve(ref: FunctionRef) -> Optional[Callable[..., Any]]:
             for part in ref.qualname.split("."):
                 target = getattr(target, part)
             func = getattr(target, "__adaptive_exec_wrapped__", target)
+        if ref.bundled:
+            func, initializer, initargs = func
+            if ref.init_key is not None:  # runs with the function's own namespace
+                _INITIALIZERS[ref.init_key] = (initializer, initargs)
         if ref.patch is not None and ref.patch_module is not None:
             # Kept with the function: re-applied whenever another key of the same
             # module was applied in between.
@@ -521,17 +544,60 @@ _INITIALIZERS: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]] = {}
 _INIT_LOCK = threading.RLock()  # re-entrant: an initializer may itself map
 
 
-def with_initializer(ref: FunctionRef, initializer: Optional[Callable[..., Any]],
+def with_initializer(func: Callable[..., Any], initializer: Optional[Callable[..., Any]],
                      initargs: tuple[Any, ...]) -> FunctionRef:
-    """``ref`` carrying the map's initializer (raises when it cannot be pickled). Its
-    key includes the initializer's: a worker that knows the function but has not run
-    this initializer gets the whole ref (NEED_FUNCTION)."""
+    """``func``'s ref carrying the map's initializer (raises when either cannot be
+    pickled). The globals the initializer assigns (``global conn; conn = ...``) are each
+    process's own, as with concurrent.futures: the caller's values never travel, and a
+    function sent by value shares its globals with the initializer in the worker, so it
+    reads what the initializer set there. The key includes the initializer's: a worker
+    that knows the function but has not run this initializer gets the whole ref."""
     if initializer is None:
-        return ref
-    blob = cloudpickle_dumps((initializer, initargs))
-    init_key = hashlib.sha1(blob).hexdigest()
-    return dataclasses.replace(ref, key=f"{ref.key}+{init_key}", init=blob,
+        return function_ref(func)
+    per_process = _globals_written(initializer)
+    ref = function_ref(func, per_process, (initializer, initargs))
+    if ref.bundled:  # the initializer is in the function's blob, and in its key
+        return dataclasses.replace(ref, key=f"{ref.key}+init", init_key=ref.key)
+    (initializer,) = _without_globals((initializer,), per_process)
+    init = cloudpickle_dumps((initializer, initargs))
+    init_key = hashlib.sha1(init).hexdigest()
+    return dataclasses.replace(ref, key=f"{ref.key}+{init_key}", init=init,
                                init_key=init_key)
+
+
+def _globals_written(initializer: Callable[..., Any]) -> frozenset[str]:
+    """Names ``initializer`` assigns or deletes as globals (its nested code included)."""
+    import dis
+
+    core, _ = _code_that_runs(initializer)
+    if core is None:
+        return frozenset()
+    return frozenset(ins.argval for c in _code_objects(core.__code__)
+                     for ins in dis.get_instructions(c)
+                     if ins.opname in ("STORE_GLOBAL", "DELETE_GLOBAL"))
+
+
+def _without_globals(funcs: tuple[Any, ...], names: frozenset[str]) -> tuple[Any, ...]:
+    """Copies of the functions among ``funcs`` that travel by value, whose globals are
+    one namespace, that namespace less ``names``; anything else as it is (a function a
+    worker imports runs in its module, where its initializer sets those names)."""
+    shared: dict[int, dict[str, Any]] = {}
+    out = []
+    for f in funcs:
+        if not isinstance(f, types.FunctionType) or _importable(f):
+            out.append(f)
+            continue
+        g = shared.get(id(f.__globals__))
+        if g is None:
+            g = {k: v for k, v in f.__globals__.items() if k not in names}
+            shared[id(f.__globals__)] = g
+        copy = types.FunctionType(f.__code__, g, f.__name__, f.__defaults__, f.__closure__)
+        copy.__kwdefaults__ = f.__kwdefaults__
+        copy.__qualname__ = f.__qualname__
+        copy.__module__ = f.__module__
+        copy.__dict__.update(f.__dict__)
+        out.append(copy)
+    return tuple(out)
 
 
 def initialize_here(initializer: Optional[Callable[..., Any]], initargs: tuple[Any, ...],
@@ -590,9 +656,12 @@ def run_chunk(ref: FunctionRef, start: int, payload: bytes, star: bool,
         if _initialize_worker(ref) is None:
             return ChunkResult([], 0, 0.0, pid, status=NEED_FUNCTION)
     except InitializerError as exc:
-        # Not the items' failure: the map stops here, at this chunk's first item.
+        # Not the items' failure: the map stops here, at this chunk's first item; the
+        # initializer's traceback goes back as the cause.
+        cause = exc.__cause__
         return ChunkResult(dumps([]), 0, 0.0, pid, error=_pickle_error(exc),
-                           error_index=start)
+                           error_index=start,
+                           error_tb=_remote_text(cause) if cause is not None else None)
     except Exception as exc:  # its pickle could not be loaded here
         return ChunkResult([], 0, 0.0, pid, status=FALLBACK,
                            reason=f"the initializer cannot be rebuilt in a worker "

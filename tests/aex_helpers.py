@@ -435,3 +435,9 @@ def one_at_a_time(x, seconds=0.002):
     with _ONE_AT_A_TIME:
         time.sleep(seconds)
     return x
+
+
+def init_pid_state():
+    """An initializer whose state is the process's own: its pid."""
+    global _INIT_STATE
+    _INIT_STATE = os.getpid()

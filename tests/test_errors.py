@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import warnings
 
 import aex_helpers as h
@@ -333,3 +334,35 @@ def test_a_cache_warning_points_at_the_users_line(tmp_path, monkeypatch):
         cache.close()
     assert got, "no CacheWarning"
     assert [(w.filename, w.lineno) for w in got] == [(__file__, line)] * len(got)
+
+
+def test_adaptive_map_shows_no_frames_of_the_library():
+    import traceback
+
+    from adaptive_exec import adaptive_map
+
+    def bad(x):
+        if x == 3:
+            raise ValueError("bad item")
+        return x
+
+    with pytest.raises(ValueError) as info:
+        adaptive_map(bad, range(10), backend="serial")
+    files = [f.filename for f in traceback.extract_tb(info.value.__traceback__)]
+    assert not any(os.sep + "adaptive_exec" + os.sep in f for f in files), files
+
+
+def _waits_then_fails(x):
+    time.sleep(0.005)
+    if x == 37:
+        raise ValueError("bad 37")
+    return x
+
+
+def test_an_error_in_a_thread_is_named_once():
+    pf = parallelize(_waits_then_fails)
+    assert pf.plan(range(120)).mode == "threads"  # where the item will fail
+    with pytest.raises(ValueError) as info:
+        pf.map(range(120))
+    notes = [n for n in getattr(info.value, "__notes__", []) if n.startswith("adaptive_exec:")]
+    assert len(notes) == 1, notes

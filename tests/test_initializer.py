@@ -100,8 +100,12 @@ def test_an_initializer_that_raises_in_the_workers_names_itself_and_does_not_han
     pf = parallelize(functools.partial(h.read_state, cost=0.01), backend="loky",
                      chunksize=1, initializer=h.init_fails, initargs=("worker",))
     with pytest.raises(InitializerError, match=r"init_fails\(\) raised ValueError: cannot "
-                                               r"set up \(worker\) in worker process"):
+                                               r"set up \(worker\) in worker process") as info:
         pf.map(range(50))
+    exc = info.value
+    # The initializer's own traceback is the cause; no item is named (none ran there).
+    assert "init_fails" in str(exc.__cause__) and "cannot set up (worker)" in str(exc.__cause__)
+    assert not any("raised while processing item" in n for n in getattr(exc, "__notes__", []))
     # The pool is fine for the next map.
     assert parallelize(h.square, backend="loky").map(range(10)) == [x * x for x in range(10)]
 
@@ -141,3 +145,61 @@ def test_a_serial_map_runs_it_once_here(tmp_path):
 def test_bad_initializer_options_say_what_to_pass(kwargs, error, words):
     with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")):
         parallelize(h.square, **kwargs)
+
+
+def test_the_state_an_initializer_sets_is_each_processs_own():
+    """The global an importable initializer sets is read by the function in the same
+    process: the caller's value of it never travels to a worker."""
+    pf = parallelize(functools.partial(h.read_state, cost=0.005), backend="loky",
+                     chunksize=2, initializer=h.init_pid_state)
+    out = pf.map(range(120))
+    assert all(state == pid for _, state, pid in out), [o for o in out if o[1] != o[2]][:5]
+    assert len({pid for _, _, pid in out}) > 1  # workers ran some
+
+
+SCRIPT_STATE = """
+import json, os, sqlite3, sys, warnings
+from adaptive_exec import parallelize
+
+STATE = None
+conn = None
+
+
+def init(tag):
+    global STATE, conn
+    STATE = (tag, os.getpid())
+    conn = sqlite3.connect(":memory:")  # a connection: each process opens its own
+
+
+def work(x):
+    import time
+    t = time.perf_counter()
+    while time.perf_counter() - t < 0.005:  # enough that workers take some items
+        pass
+    return STATE, os.getpid(), conn.execute("select ? * 2", (x,)).fetchone()[0]
+
+
+if __name__ == "__main__":
+    warnings.simplefilter("error")  # an UnpicklableWarning fails the script
+    for options in ({{"backend": "loky", "chunksize": 3}}, {{"timeout": 30}}):
+        out = parallelize(work, initializer=init, initargs=("t",), **options).map(range(60))
+        assert [r[2] for r in out] == [2 * x for x in range(60)]
+        print(json.dumps({{"me": os.getpid(), "rows": [[s[0], s[1], pid] for s, pid, _ in out]}}))
+"""
+
+
+def test_a_script_initializer_sets_globals_its_function_reads_in_each_worker(tmp_path):
+    """concurrent.futures' own pattern, in a script (functions sent by value): the
+    initializer opens a connection into a global, the function uses it. Each worker
+    reads what its own initializer set; nothing runs serially for want of pickling."""
+    script = tmp_path / "state.py"
+    script.write_text(SCRIPT_STATE.format())
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    lines = [json.loads(line) for line in run.stdout.strip().splitlines()]
+    assert len(lines) == 2
+    for got in lines:
+        rows = got["rows"]
+        assert all(tag == "t" and state_pid == pid for tag, state_pid, pid in rows), rows[:5]
+        assert {pid for _, _, pid in rows} - {got["me"]}, "no item ran in a worker"

@@ -29,6 +29,10 @@ USER_SCRIPT = textwrap.dedent('''
         return float(x ** p)
 
 
+    def plain(x: int) -> bytes:
+        return bytes(x)
+
+
     class Model:
         @parallelize
         def score(self, x: int) -> str:
@@ -45,6 +49,9 @@ USER_SCRIPT = textwrap.dedent('''
     reveal_type(Model().score(1))  # R:str
     reveal_type(Model().score.map([1]))  # R:list[str]
     it: Iterator[int] = square.imap([1])
+    reveal_type(parallelize(plain, max_workers=2).map([1]))  # R:list[bytes]
+    p2 = parallelize(plain, initializer=print, initargs=(1,))
+    reveal_type(p2(1))  # R:bytes
 
     a: list[str] = square.map([1, 2])  # E
     b: int = power(2)  # E
@@ -52,6 +59,8 @@ USER_SCRIPT = textwrap.dedent('''
     adaptive_map(power, range(5), p=3)  # E
     Model().score("x")  # E
     parallelize(max_workers="2")  # E
+    parallelize(plain, max_workers=2)("x")  # E
+    parallelize(plain, p=3)  # E
 ''')
 
 
