@@ -130,11 +130,15 @@ def reject_unknown(where: str, func: Any, unknown: dict[str, Any]) -> None:
     the function its own arguments (the likely intent)."""
     if not unknown:
         return
+    import difflib
+
     names = ", ".join(repr(k) for k in unknown)
     fname = getattr(func, "__name__", "func")
     example = ", ".join(f"{k}=..." for k in unknown)
-    msg = (f"{where}() got unexpected keyword argument(s) {names}: not an option. Its "
-           f"options are {', '.join(OPTION_NAMES)}. To pass arguments to the function "
+    close = [m for k in unknown for m in difflib.get_close_matches(k, OPTION_NAMES, 1)]
+    typo = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    msg = (f"{where}() got unexpected keyword argument(s) {names}: not an option.{typo} "
+           f"Its options are {', '.join(OPTION_NAMES)}. To pass arguments to the function "
            f"itself, bind them with functools.partial({fname}, {example}), or give each "
            f"item its arguments as a tuple and use .starmap()")
     raise TypeError(msg)

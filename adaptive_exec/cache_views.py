@@ -69,6 +69,17 @@ def stats() -> dict[str, Any]:
     out.update(counts)
     calib = cache.load_calibration()
     out["calibration"] = calib.to_dict() if calib is not None else None
+    # Each start path's measured start-up, kept beside it (calibration.save).
+    from . import calibration
+    from .backends import starts
+
+    startups = {}
+    for path in (starts.FORK, starts.TEMPLATE):
+        row = cache.load_calibration(calibration._path_key(path))
+        if row is not None:
+            startups[path] = {"worker_startup_s": row.worker_startup_s,
+                              "n_workers": row.n_workers}
+    out["startup_by_path"] = startups
     return out
 
 
@@ -131,6 +142,10 @@ def _stats_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
         calib = s["calibration"]
         rows.append(("calibration", "stored" if calib else "none stored for this machine"))
         rows += calibration_rows(calib, indent="  ") if calib else []
+        for path, row in (s.get("startup_by_path") or {}).items():
+            rows.append((f"  start-up ({path} path)",
+                         f"{fmt_s(row['worker_startup_s'])} for {row['n_workers']} workers, "
+                         "measured"))
     return rows
 
 

@@ -87,18 +87,31 @@ def record_startup(startup_s: float, n_workers: int, path: str = starts.EXEC) ->
             base = replace(base, worker_startup_s=startup_s, n_workers=n_workers)
         else:
             _startups[path] = (startup_s, n_workers)
-        _current = replace(base, source=_source(True, base.source.endswith("overheads measured")))
+        # ``source`` speaks of the record's own start-up, loky's (exec): another path's
+        # start-up is kept beside it, and does not make that one measured.
+        _current = replace(base, source=_source(path == starts.EXEC or base.measured,
+                                                base.source.endswith("overheads measured")))
 
 
 def _for_path(calib: Calibration, path: str) -> Calibration:
     """``calib`` with the start-up of ``path`` (caller holds _lock)."""
+    source = calib.source
     if path == starts.EXEC:
         startup, n = calib.worker_startup_s, calib.n_workers
     else:
         startup, n = _startups.get(path, (STARTUP_DEFAULTS[path], 2))
+        # What ``source`` says of the start-up is said of this path's.
+        overheads = source.endswith("overheads measured")
+        if path in _startups and overheads:
+            where = ("measured earlier on this machine (cache)"
+                     if source.startswith("measured earlier") else "measured in this process")
+            source = f"{where}: start-up and overheads measured"
+        elif path not in _startups:
+            source = _source(False, overheads)
     if path == starts.TEMPLATE and starts.template_pid() is None:
         startup += TEMPLATE_OWN_START_S
-    return replace(calib, worker_startup_s=startup, n_workers=n, start_path=path)
+    return replace(calib, worker_startup_s=startup, n_workers=n, start_path=path,
+                   source=source)
 
 
 def record_overheads(overhead_s: float, byte_cost_s: float) -> None:
@@ -119,7 +132,9 @@ def _source(startup: bool, overheads: bool) -> str:
         return "measured in this process: start-up and overheads measured"
     if startup:
         return "measured in this process: start-up only, overheads from defaults"
-    return "defaults for start-up, overheads measured"
+    if overheads:
+        return "defaults for start-up, overheads measured"
+    return DEFAULTS.source
 
 
 
@@ -151,8 +166,12 @@ def get(path: Optional[str] = None) -> Calibration:
 
             stored = cache.load_calibration()
             if stored is not None and not current().measured:
+                # Said as it was stored: loky's start-up may be the default there, when
+                # only another path's was measured.
+                what = ("start-up and overheads measured" if stored.measured
+                        else "defaults for start-up, overheads measured")
                 set_current(replace(stored, source="measured earlier on this machine "
-                                                   "(cache): start-up and overheads measured"))
+                                                   f"(cache): {what}"))
                 _stored.saved = current()
             for other in (starts.FORK, starts.TEMPLATE):
                 row = cache.load_calibration(_path_key(other))

@@ -7,11 +7,13 @@ the plan changes (a serial loop moving to the pool), and when the load monitor c
 the number of busy workers (``map [1 of 2 processes]``): the map tells it through
 ``MapRun.on_plan``.
 
-While a bar is shown, the library's log records (logger "adaptive_exec") reach the
-console through ``tqdm.write``, above the bar, never onto its line: each console handler
-that would print them (the root's, after ``logging.basicConfig``, or one of ours) gets a
-filter that writes them with ``tqdm.write`` instead, in its own format and stream. Other
-loggers' records, and handlers that are not the console (log files), are left alone.
+While a bar is shown, log records reach the console through ``tqdm.write``, above the
+bar, never onto its line: each console handler that would print the library's records
+(the root's, after ``logging.basicConfig``, or one of ours) gets a filter that writes
+every record it handles with ``tqdm.write`` instead, in its own format and stream: ours,
+and the user's own (an item run in the caller may log). Handlers that are not the
+console (log files) are left alone. Warnings shown meanwhile (ours, or the function's)
+go the same way, unless the program replaced ``warnings.showwarning`` itself.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import contextlib
 import logging
 import sys
 import threading
+import warnings
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from .records import Plan
@@ -65,9 +68,8 @@ def with_progress(batches: Iterator[list[Any]], run: MapRun, name: str
 # --- log records above the bar ----------------------------------------------------------
 
 class _AboveTheBar(logging.Filter):
-    """On a console handler: the library's records are written through ``tqdm.write``
-    (the bars are cleared, the line written, the bars drawn again), not by the handler;
-    other records pass."""
+    """On a console handler: its records are written through ``tqdm.write`` (the bars
+    are cleared, the line written, the bars drawn again), not by the handler."""
 
     def __init__(self, handler: logging.StreamHandler[Any], write: Callable[..., Any]):
         super().__init__()
@@ -75,8 +77,6 @@ class _AboveTheBar(logging.Filter):
         self.write = write
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name != LOGGER and not record.name.startswith(LOGGER + "."):
-            return True
         try:
             self.write(self.handler.format(record), file=self.handler.stream)
         except Exception:
@@ -108,9 +108,19 @@ def _console_handlers() -> list[logging.StreamHandler[Any]]:
     return found
 
 
-_lock = threading.Lock()  # guards _depth and _filters
+_lock = threading.Lock()  # guards _depth, _filters and _shown
 _depth = 0  # bars shown at once (threads' maps, nested maps)
 _filters: list[_AboveTheBar] = []
+_shown: list[Callable[..., Any]] = []  # warnings.showwarning replaced, to restore
+
+
+def _warnings_above(write: Callable[..., Any]) -> Callable[..., Any]:
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+             line: Optional[str] = None) -> None:
+        text = warnings.formatwarning(message, category, filename, lineno, line)
+        write(text.rstrip("\n"), file=file if file is not None else sys.stderr)
+
+    return show
 
 
 @contextlib.contextmanager
@@ -125,6 +135,9 @@ def _logs_above_bars(write: Callable[..., Any]) -> Iterator[None]:
                 f = _AboveTheBar(handler, write)
                 handler.addFilter(f)
                 _filters.append(f)
+            if warnings.showwarning is getattr(warnings, "_showwarning_orig", None):
+                _shown.append(warnings.showwarning)
+                warnings.showwarning = _warnings_above(write)
         _depth += 1
     try:
         yield
@@ -135,3 +148,5 @@ def _logs_above_bars(write: Callable[..., Any]) -> Iterator[None]:
                 for f in _filters:
                     f.handler.removeFilter(f)
                 _filters.clear()
+                if _shown:
+                    warnings.showwarning = _shown.pop()

@@ -119,7 +119,8 @@ class Calibration:
     @property
     def measured(self) -> bool:
         """The start-up was measured on this machine (the other constants may not be)."""
-        return self.source.startswith("measured")
+        return (self.source.startswith("measured")
+                and "defaults for start-up" not in self.source)
 
     def startup_for(self, n_workers: int) -> float:
         # Workers start in parallel, but each costs a fork+exec and imports: on the

@@ -136,6 +136,8 @@ def test_a_keyword_that_is_not_an_option_says_how_to_pass_arguments():
         assert "max_workers" in text and "initializer" in text, text
         assert "functools.partial" in text and "starmap" in text, text
         assert "ParallelFunction" not in text and "__init__" not in text, text
+    typo = str(pytest.raises(TypeError, adaptive_map, h.add, [1], max_worker=3).value)
+    assert "Did you mean 'max_workers'?" in typo, typo
     assert "functools.partial(add, b=...)" in str(
         pytest.raises(TypeError, adaptive_map, h.add, [1], b=3).value)
 

@@ -213,19 +213,33 @@ def test_the_bar_is_named_for_what_runs_and_logs_go_above_it(capsys):
     assert f"map [{waits.last_report.plan.n_workers} threads]" in err, err
 
 
-def test_other_loggers_records_are_left_alone_during_the_bar(capsys):
+def test_the_users_log_lines_and_warnings_go_above_the_bar_too(capsys):
+    """An item run in the caller logs, or warns, while the bar is shown: each is a line
+    of its own, not written onto the bar's line; afterwards logging and warnings are as
+    they were."""
+    import warnings
+
     other = logging.getLogger("not_ours")
     other.setLevel(logging.INFO)
+    shown_before = warnings.showwarning
 
     def logs(x):
-        if x == 3:
+        if x == 300:
             other.info("from the user's code")
+        if x == 301:
+            warnings.warn("a warning of the user's", UserWarning, stacklevel=1)
         return x
 
-    with console_log():
-        parallelize(logs, progress=True, backend="serial").map(range(10))
+    with console_log() as handler, warnings.catch_warnings():
+        warnings.simplefilter("always")
+        parallelize(logs, progress=True, backend="serial").map(range(1000))
+        assert not handler.filters
     err = capsys.readouterr().err
-    assert "INFO:not_ours:from the user's code" in err
+    parts = segments(err)
+    assert any(p == "INFO:not_ours:from the user's code" for p in parts), err
+    assert re.search(r"(^|[\r\n])INFO:not_ours:from the user's code\n", err), err
+    assert re.search(r"(^|[\r\n])\S+\.py:\d+: UserWarning: a warning of the user's\n", err), err
+    assert warnings.showwarning is shown_before
 
 
 # --- the load monitor: one INFO line when the busy workers change, with the reason ----------

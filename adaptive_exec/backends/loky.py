@@ -657,4 +657,5 @@ def calibrate(n_workers: Optional[int] = None) -> Calibration:
         calibration.record_startup(probe.startup_s, w, probe.path)
     mark_warm(executor)
     calibration.record_overheads(*measure_overheads(executor, w))
+    calibration.save()  # for this machine's later processes
     return calibration.get(_state.path)
