@@ -460,6 +460,8 @@ def make_plan(
     if cluster is not None:
         warm, startup_left = True, 0.0  # the cluster is already running
     info = _describe(features, n_items, system, calib, warm, parallel_correction, cluster)
+    if threads_lost:
+        info["threads_lost"] = True  # a past run's threads did not beat the loop
     if startup_left is not None and cluster is None and not warm:
         info["startup_left_s"] = round(startup_left, 4)  # a pool started ahead
     job = _job(features, n_items, n_done, system, elapsed_s, from_cache, info)
@@ -483,8 +485,6 @@ def make_plan(
                                   system.max_workers)
         if threads is not None:
             return threads
-    if threads_lost:
-        info["threads_lost"] = True  # a past run's threads did not beat the loop
 
     best = _best_pool(job, w_max, calib, warm=warm, startup_left=startup_left,
                       chunksize=chunksize, correction=parallel_correction,

@@ -160,7 +160,9 @@ def test_a_large_function_crosses_once_per_worker_per_map():
     pf = parallelize(holder.work, backend="loky", chunksize=1)  # 80 tasks, not 80 copies
     assert pf.map(range(80)) == [holder.data[i] + i for i in range(80)]
     report = pf.last_report
-    workers = max(n for _, n in report.workers_timeline)
+    # Each worker of the pool that ran a chunk got it once: on a busy machine the plan
+    # keeps fewer busy than the pool holds, and loky hands chunks to any idle one.
+    workers = max(max(n for _, n in report.workers_timeline), loky_backend.pool_size())
     assert report.plan.mode == "parallel" and workers >= 1
     assert SIZE * 0.9 <= report.bytes_sent <= 1.3 * SIZE * workers + (1 << 20), (
         report.bytes_sent, workers)
