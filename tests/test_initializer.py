@@ -88,7 +88,11 @@ def test_a_warm_pool_does_not_rerun_it_but_new_initargs_do(tmp_path):
     again = parallelize(work, backend="loky", chunksize=2,
                         initializer=h.init_state, initargs=(str(log), "a"))
     again.map(range(60))
-    assert len(_runs(log)) == n_first  # the same set-up, in the same processes
+    # The same set-up is not run again in a process that ran it (a busy machine may hand
+    # the second map's chunks to a worker the first did not use: that one runs it once).
+    a_runs = [pid for pid, value in _runs(log) if value == "a"]
+    assert len(a_runs) == len(set(a_runs)), _runs(log)
+    n_first = len(_runs(log))
     other = parallelize(work, backend="loky", chunksize=2,
                         initializer=h.init_state, initargs=(str(log), "b"))
     out = other.map(range(60))

@@ -297,7 +297,7 @@ IDLE = textwrap.dedent("""
     import json, os, sys, threading, time
     sys.path.insert(0, {tests!r})
     import aex_helpers as h
-    from adaptive_exec import adaptive_map, parallelize
+    from adaptive_exec import adaptive_map, calibrate, parallelize
 
     def counts():
         # A map's helper threads (the load monitor, a pool start ahead) end just after
@@ -325,9 +325,12 @@ IDLE = textwrap.dedent("""
     out = {{"start": counts()}}
     # Warm-up: the cache file open in this thread, one thread's connection opened and
     # closed (SQLite keeps that descriptor for reuse while this process holds a lock on
-    # the file), the pool up with its two threads.
+    # the file), the pool up with its two threads, at its full size (a map planned for
+    # fewer workers, a busy core seen at its plan, reuses it; one planned for more
+    # would replace a smaller pool, with more descriptors: not a leak).
     one_map()
     in_threads(one_map, 1)
+    calibrate()
     one_pool_map()
     in_threads(one_pool_map, 1)
     out["warm"] = counts()
