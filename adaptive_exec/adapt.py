@@ -298,6 +298,7 @@ class MapPlanner:
         self.client = client
         self.entry = entry
         self.load = load
+        self.started_ahead: Any = None  # a pool the serial loop started ahead, if any
 
     # --- planning -----------------------------------------------------------------------
 
@@ -384,7 +385,8 @@ class MapPlanner:
                 and worth_a_pool(self.options, recent, n_items_all, n_done):
             # Starting a pool costs this process ~70 ms (importing loky, spawning):
             # only when a warm one would win.
-            maybe_prestart(self.options, max(0, n_items - n_done) * ahead)
+            started = maybe_prestart(self.options, max(0, n_items - n_done) * ahead)
+            self.started_ahead = started or self.started_ahead
         # t_start: the estimate covers the whole map, as the run record's actual does.
         new = self.plan(recent, n_items_all, n_done)
         if new.mode == "serial":

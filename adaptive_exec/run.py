@@ -136,6 +136,13 @@ class MapRun:
             if getattr(exc, "item_index", None) is None:
                 loky_backend.shutdown()
             raise
+        except GeneratorExit:
+            # Left by the consumer (a break, Ctrl-C in its own code) during the serial
+            # loop: a pool it started ahead and never used is not kept running.
+            started = getattr(getattr(self, "planner", None), "started_ahead", None)
+            if started is not None:
+                loky_backend.end_unused(started)
+            raise
         # The input iterator's own exception, after every result before it (as the loop).
         if isinstance(self.it, GuardedIterator) and self.it.error is not None:
             raise self.it.error

@@ -540,15 +540,23 @@ CTRL_C_INSTANTS_S = (0.0, 0.01, 0.025, 0.04, 0.06, 0.1, 0.15, 0.3, 0.6, 1.0)
 def test_ctrl_c_at_any_moment_gives_control_back_and_leaves_no_worker(tmp_path, mode, delay):
     script = tmp_path / "child.py"
     script.write_text(CTRL_C_CHILD.format(tests=TESTS, mode=mode))
+    # PYTHONFAULTHANDLER: a child that hangs is sent SIGABRT and prints every thread's
+    # stack, so that the failure says where it hung.
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     family = [proc.pid]
     try:
         assert proc.stdout.readline().strip() == "go"
         time.sleep(delay)
         family += [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=CHILD_TIMEOUT_S)
+        try:
+            out, err = proc.communicate(timeout=CHILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            out, err = proc.communicate(timeout=10)
+            pytest.fail(f"the child hung after Ctrl-C at {delay} s:\n{err[-8000:]}")
         assert proc.returncode == 0, out + err[-3000:]
         lines = out.strip().splitlines()
         assert lines[-1] == "next ok", out + err[-3000:]

@@ -239,7 +239,25 @@ def _register_exit() -> None:
     global _exit_registered
     if not _exit_registered:
         _exit_registered = True
-        atexit.register(shutdown)
+        atexit.register(_end_at_exit)
+
+
+def _end_at_exit() -> None:
+    """At interpreter exit: end the pool, and any worker of a pool ended earlier that is
+    still alive. A pool ended by Ctrl-C is ended by loky's thread, asynchronously: one of
+    its workers still alive at exit made multiprocessing's own exit hook wait for it
+    forever (join), while the worker waited for its parent to go (seen under load)."""
+    import multiprocessing
+
+    shutdown()
+    for proc in multiprocessing.active_children():
+        kind = type(proc).__module__  # a worker of ours: loky's process, or a forked one
+        if kind.startswith("loky.") or kind == starts.__name__:
+            try:
+                proc.kill()
+                proc.join(1)
+            except Exception:  # gone meanwhile, or not ours to signal: exit goes on
+                pass
 
 
 def fresh_executor(n_workers: int) -> tuple[Any, float]:

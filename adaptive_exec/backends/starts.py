@@ -175,11 +175,26 @@ def sigint_deferred() -> Iterator[None]:
     global _blocked_here
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     _blocked_here = signal.SIGINT not in old
+    # A Ctrl-C that arrived just before the block has already been noted by Python,
+    # whose handler would raise it inside the block (the mask cannot hold it back: seen
+    # under load, a worker forked meanwhile was left running): noted here instead, and
+    # raised once the block ends, by the handler it was meant for.
+    held: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    except (ValueError, TypeError):  # no Python handler can be set here
+        previous = None
     try:
         yield
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
         _blocked_here = False
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        if held and callable(previous):
+            previous(signal.SIGINT, None)  # Python's default raises KeyboardInterrupt
+        elif held and previous == signal.SIG_DFL:
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 _blocked_here = False
