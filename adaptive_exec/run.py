@@ -137,11 +137,11 @@ class MapRun:
                 loky_backend.shutdown()
             raise
         except GeneratorExit:
-            # Left by the consumer (a break, Ctrl-C in its own code) during the serial
-            # loop: a pool it started ahead and never used is not kept running.
+            # Left by the consumer (a break, Ctrl-C in its own code) before any map used
+            # the pool this one started (ahead, from the serial loop, or cold for its run):
+            # it is not kept running. A warm pool stays, for the next map.
             started = getattr(getattr(self, "planner", None), "started_ahead", None)
-            if started is not None:
-                loky_backend.end_unused(started)
+            loky_backend.end_unused(started or loky_backend.current_executor())
             raise
         # The input iterator's own exception, after every result before it (as the loop).
         if isinstance(self.it, GuardedIterator) and self.it.error is not None:

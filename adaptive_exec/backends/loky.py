@@ -380,7 +380,20 @@ def mark_broken(executor: Any, on_purpose: bool = False) -> bool:
         _state.size = 0
         _state.probe = None
     executor.shutdown(wait=False, kill_workers=True)
+    if on_purpose:
+        _kill_workers_now(executor)
     return True
+
+
+def _kill_workers_now(executor: Any) -> None:
+    """Kill ``executor``'s live workers here, now: loky's own kill runs later on its
+    manager thread, and under load a map left by Ctrl-C returned with them alive."""
+    for proc in list((getattr(executor, "_processes", None) or {}).values()):
+        try:
+            if proc.is_alive():
+                proc.kill()
+        except Exception:  # gone meanwhile
+            pass
 
 
 def given_before(executor: Any, key: str) -> bool:
@@ -395,9 +408,17 @@ def note_given(executor: Any, key: str) -> None:
             _state.given.add(key)
 
 
+def current_executor() -> Any:
+    """The pool a map would use now (None: none)."""
+    with _state.lock:
+        return _state.executor
+
+
 def end_unused(executor: Any) -> None:
     """End ``executor`` if no map has used it yet: started ahead for a map that was then
     left (an imap closed, or left by Ctrl-C in the consumer's code, while sampling)."""
+    if executor is None:
+        return
     with _state.lock:
         unused = executor is _state.executor and not _state.warm
     if unused:
