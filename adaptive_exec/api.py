@@ -125,6 +125,19 @@ def make_options(
 OPTION_NAMES = tuple(Options.__dataclass_fields__)
 
 
+def _no_options(method: str, unknown: dict[str, Any]) -> None:
+    """A keyword given to a map method: options belong to parallelize()."""
+    if not unknown:
+        return
+    names = ", ".join(f"{k}=..." for k in unknown)
+    msg = (f"{method}() takes only the items; {names} "
+           f"{'is an option' if all(k in OPTION_NAMES for k in unknown) else 'is not an option'}"
+           f": options go to parallelize(func, {names}) or adaptive_map(func, items, "
+           f"{names}); the options are {', '.join(OPTION_NAMES)}. To give the function "
+           f"arguments of its own, use functools.partial or starmap")
+    raise TypeError(msg)
+
+
 def reject_unknown(where: str, func: Any, unknown: dict[str, Any]) -> None:
     """A keyword that is not an option: a TypeError saying which are, and how to give
     the function its own arguments (the likely intent)."""
@@ -290,28 +303,32 @@ class ParallelFunction(Generic[P, R]):
 
     # --- the maps -----------------------------------------------------------------
 
-    def map(self, items: Iterable[Any]) -> list[R]:
+    def map(self, items: Iterable[Any], **unknown: NoReturn) -> list[R]:
         """``[func(x) for x in items]``, as fast as this machine allows."""
+        _no_options("map", unknown)
         try:
             return _collect(self._run(items, star=False, ordered=True, name="map"))
         except BaseException as exc:
             hide_library_frames(exc)  # the user's call, then their function's frames
             raise
 
-    def starmap(self, arg_tuples: Iterable[Iterable[Any]]) -> list[R]:
+    def starmap(self, arg_tuples: Iterable[Iterable[Any]], **unknown: NoReturn) -> list[R]:
         """``[func(*args) for args in arg_tuples]``."""
+        _no_options("starmap", unknown)
         try:
             return _collect(self._run(arg_tuples, star=True, ordered=True, name="starmap"))
         except BaseException as exc:
             hide_library_frames(exc)  # the user's call, then their function's frames
             raise
 
-    def imap(self, items: Iterable[Any]) -> Iterator[R]:
+    def imap(self, items: Iterable[Any], **unknown: NoReturn) -> Iterator[R]:
         """Results in order, lazily, with bounded read-ahead."""
+        _no_options("imap", unknown)
         return _flatten(self._run(items, star=False, ordered=True, name="imap"))
 
-    def imap_unordered(self, items: Iterable[Any]) -> Iterator[R]:
+    def imap_unordered(self, items: Iterable[Any], **unknown: NoReturn) -> Iterator[R]:
         """Results as they complete."""
+        _no_options("imap_unordered", unknown)
         return _flatten(self._run(items, star=False, ordered=False, name="imap_unordered"))
 
     def plan(self, items: Iterable[Any]) -> Plan:

@@ -142,6 +142,21 @@ def test_a_keyword_that_is_not_an_option_says_how_to_pass_arguments():
         pytest.raises(TypeError, adaptive_map, h.add, [1], b=3).value)
 
 
+def test_a_keyword_given_to_a_map_method_says_where_options_go():
+    """f.map(items, chunksize=3), the Pool.map habit: the error says the option belongs to
+    parallelize(), and lists the options."""
+    pf = parallelize(h.square)
+    for call in (lambda: pf.map(range(5), chunksize=3),
+                 lambda: list(pf.imap(range(5), chunksize=3)),
+                 lambda: list(pf.imap_unordered(range(5), chunksize=3)),
+                 lambda: pf.starmap([(1,)], chunksize=3)):
+        with pytest.raises(TypeError) as info:
+            call()
+        text = str(info.value)
+        assert "chunksize=... is an option" in text, text
+        assert "parallelize(func, chunksize=...)" in text and "max_workers" in text, text
+
+
 def test_adaptive_map_keeps_a_decorated_functions_options_unless_given():
     pf = parallelize(h.square, backend="serial")
     assert adaptive_map(pf, range(5)) == [x * x for x in range(5)]
