@@ -127,15 +127,24 @@ CTRL_C_CHILD = textwrap.dedent("""
 def test_ctrl_c_ends_the_workers_and_gives_control_back(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CTRL_C_CHILD.format(tests=os.path.dirname(__file__)))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    # PYTHONFAULTHANDLER: a child that hangs is sent SIGABRT and prints every thread's
+    # stack, so that the failure says where it hung.
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     try:
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(1.5)  # the pool is up and busy
         family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         assert len(family) >= 3, family  # the script and at least two workers
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=20)  # control comes back (else TimeoutExpired)
-        assert "interrupted" in out
+        try:
+            out, err = proc.communicate(timeout=20)  # control comes back
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            out, err = proc.communicate(timeout=10)
+            pytest.fail(f"the child hung after Ctrl-C:\n{err[-8000:]}")
+        assert "interrupted" in out, out + err[-3000:]
         _, alive = psutil.wait_procs([psutil.Process(p) for p in family if psutil.pid_exists(p)],
                                      timeout=10)
         assert not alive, f"processes left behind: {[p.pid for p in alive]}"
