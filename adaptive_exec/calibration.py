@@ -78,11 +78,40 @@ def set_current(calib: Optional[Calibration]) -> None:
         _current = calib
 
 
-def record_startup(startup_s: float, n_workers: int, path: str = starts.EXEC) -> None:
-    """Keep a start-up measured on ``path``; the other constants stay as they were."""
+# A start-up measured during a map follows the earlier one by this share of the
+# difference: a slow start (a busy moment: 465 ms once, where calibrate measures
+# 101-136 ms) raises it a quarter of the way, a cheaper one (a quieter machine, a warm
+# template) lowers it half the way. A choice: a few starts converge, one does not rule.
+RISE_SHARE = 0.25
+FALL_SHARE = 0.5
+
+
+def _follow(previous: Optional[tuple[float, int]], startup_s: float, n_workers: int
+            ) -> float:
+    """``startup_s`` for ``n_workers``, smoothed against ``previous`` (seconds, pool
+    size) measured before, taken as it is when there is none."""
+    if previous is None:
+        return startup_s
+    before = Calibration(previous[0], 0.0, 0.0, previous[1], "").startup_for(n_workers)
+    share = RISE_SHARE if startup_s > before else FALL_SHARE
+    return before + share * (startup_s - before)
+
+
+def record_startup(startup_s: float, n_workers: int, path: str = starts.EXEC,
+                   smooth: bool = True) -> None:
+    """Keep a start-up measured on ``path``; the other constants stay as they were.
+    ``smooth``: a start seen during a map follows the ones measured before
+    (``_follow``); calibrate's own measurement replaces them."""
     global _current
     with _lock:
         base = _current or DEFAULTS
+        if smooth:
+            if path == starts.EXEC:
+                previous = ((base.worker_startup_s, base.n_workers) if base.measured
+                            else None)
+            else:
+                previous = _startups.get(path)
+            startup_s = _follow(previous, startup_s, n_workers)
         if path == starts.EXEC:
             base = replace(base, worker_startup_s=startup_s, n_workers=n_workers)
         else:

@@ -515,6 +515,16 @@ def make_plan(
 # (another machine load, other inputs) is followed within a few maps while one odd run
 # moves the median little. A choice, not a measurement.
 HISTORY_USED = 5
+# One run's actual/estimated is bounded to this: a run 20x off (a suspended laptop, a
+# swap storm) is one vote for "much slower", not a new scale. A choice.
+RATIO_BOUNDS = (0.25, 4.0)
+# The weight of the model's own estimate (a ratio of 1), in runs: one slow run moves the
+# plan half way, three that agree three quarters of the way. A choice.
+PRIOR_RUNS = 1.0
+# What a correction keeps of its excess over 1 after each run in another mode since the
+# last run it came from (to the power 1/n for n runs agreeing): the pool is re-tried
+# after one serial run when one run said it was slow, after more when more agreed.
+SERIAL_DECAY = 0.5
 # A threads run is a trial: if, once THREADS_TRIAL_S of it has run, its items come at
 # less than THREADS_MIN_GAIN times the loop's rate, the rest runs in the caller and the
 # run is remembered (mode THREADS_TRIAL) so the next maps of the function get no threads
@@ -531,15 +541,32 @@ def threads_lost(runs: tuple[Any, ...]) -> bool:
 
 
 def parallel_correction(runs: tuple[Any, ...], mode: str = "parallel") -> float:
-    """How much past runs in ``mode`` ("parallel": the local pool, "distributed": a dask
-    cluster) took over their estimate: the median of actual/estimated over the last
-    HISTORY_USED of ``runs`` (``cache.RunRecord``s, oldest first), 1.0 without any. Never
-    below 1: a lucky run must not make the next plan bolder than the model. The result
-    is ``make_plan``'s ``parallel_correction``."""
-    ratios = sorted(r.actual_s / r.estimated_s for r in runs[-HISTORY_USED:]
-                    if r.mode == mode and r.estimated_s > 0 and r.actual_s > 0)
-    if not ratios:
+    """How much longer than estimated the next run in ``mode`` ("parallel": the local
+    pool, "distributed": a dask cluster) is expected to take, from ``runs``
+    (``cache.RunRecord``s, oldest first); 1.0 without any. ``make_plan``'s
+    ``parallel_correction``.
+
+    It follows the evidence, with bounds:
+    - the median of actual/estimated over the last HISTORY_USED runs in ``mode``, each
+      ratio bounded to RATIO_BOUNDS (one wild run is one vote, not a new scale);
+    - shrunk towards 1 as n / (n + PRIOR_RUNS) for n such runs: one slow run (noise, a
+      busy moment) moves the plan part of the way, runs that agree most of the way;
+    - forgotten as the runs in other modes since the last one in ``mode`` pile up, by
+      SERIAL_DECAY ** (1 / n) each: a function the correction moved to serial is given
+      the pool again, after one serial run when one run said so, later as more agreed;
+    - never below 1: a lucky run must not make the next plan bolder than the model.
+    """
+    low, high = RATIO_BOUNDS
+    recent = [r for r in runs if r.mode == mode and r.estimated_s > 0 and r.actual_s > 0]
+    recent = recent[-HISTORY_USED:]
+    if not recent:
         return 1.0
-    mid = len(ratios) // 2  # the median, as statistics.median takes it
-    median = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
-    return max(1.0, median)
+    ratios = sorted(min(high, max(low, r.actual_s / r.estimated_s)) for r in recent)
+    n = len(ratios)
+    median = ratios[n // 2] if n % 2 else (ratios[n // 2 - 1] + ratios[n // 2]) / 2
+    excess = max(0.0, median - 1.0) * n / (n + PRIOR_RUNS)
+    # Runs since the last one in ``mode`` (not a threads trial: threads say nothing of
+    # the pool, and their loss is remembered apart).
+    last = max(i for i, r in enumerate(runs) if r is recent[-1])
+    since = sum(1 for r in runs[last + 1:] if r.mode not in (mode, THREADS_TRIAL))
+    return 1.0 + excess * SERIAL_DECAY ** (since / n)

@@ -291,7 +291,8 @@ def test_underdelivering_parallel_runs_make_the_next_plan_more_cautious():
         assert cache.observe(key, module="m", qualname="q", sampled=None,
                              observed_item_s=None, run=parallel_run(1.0, actual))
     after = pf.plan(range(1000))
-    assert after.features["parallel_correction"] == 3.0
+    # Three agreeing runs move it three quarters of the way (planner.PRIOR_RUNS).
+    assert after.features["parallel_correction"] == 2.5
     assert after.estimated_parallel_s > 2 * before.estimated_parallel_s
     # With room to choose (8 CPUs, no request for the pool), the plan says why.
     entry = cache.lookup(key)
@@ -300,6 +301,57 @@ def test_underdelivering_parallel_runs_make_the_next_plan_more_cautious():
         parallel_correction=parallel_correction(entry.runs))
     assert plan.mode == "parallel"
     assert "for past parallel runs that took longer" in plan.reason
+
+
+def serial_run(estimated_s=1.0, actual_s=1.0):
+    return cache.RunRecord(100, "serial", 1, 100, estimated_s, actual_s)
+
+
+def _plan_from_cache(key):
+    """The plan the cache's entry gets on a fixed 2-CPU machine with a cold pool."""
+    entry = cache.lookup(key)
+    return make_plan(entry.features, 60, 0, SystemSnapshot(2, 16 << 30), Calibration(
+        0.1, 3e-4, 3e-9, 2, "test"), warm=False, from_cache=True,
+        parallel_correction=parallel_correction(entry.runs))
+
+
+def test_one_slow_parallel_run_does_not_move_a_function_to_serial_for_good():
+    # Issue 14: one parallel run that took 2.5x its estimate (a busy moment) kept a
+    # function serial for five runs in a row. Now the pool is tried again after one.
+    key = "slow-once"
+    put(key, features=Features(0.02, 0.1, 30, 30, 0, 40, 5, 1.0))  # 60 x 20 ms
+    assert _plan_from_cache(key).mode == "parallel"
+    assert cache.observe(key, module="m", qualname="q", sampled=None, observed_item_s=None,
+                         run=parallel_run(0.7, 1.75))
+    slow = _plan_from_cache(key)
+    assert 1.0 < slow.features["parallel_correction"] < 2.5  # moved part of the way
+    assert slow.mode == "serial"  # a 2-CPU pool cannot win by 1.2x at x1.75
+    assert cache.observe(key, module="m", qualname="q", sampled=None, observed_item_s=None,
+                         run=serial_run())
+    again = _plan_from_cache(key)
+    assert again.mode == "parallel", again.reason
+    assert again.features["parallel_correction"] < slow.features["parallel_correction"]
+
+
+def test_a_correction_many_runs_agree_on_is_kept_longer_and_bounded():
+    key = "slow-always"
+    put(key, features=Features(0.02, 0.1, 30, 30, 0, 40, 5, 1.0))
+    for _ in range(5):
+        assert cache.observe(key, module="m", qualname="q", sampled=None,
+                             observed_item_s=None, run=parallel_run(0.7, 1.75))
+    assert cache.observe(key, module="m", qualname="q", sampled=None, observed_item_s=None,
+                         run=serial_run())
+    # Five agreeing runs, then one serial one: still serial (the evidence holds)...
+    assert _plan_from_cache(key).mode == "serial"
+    runs = cache.lookup(key).runs
+    one_serial = parallel_correction(runs)
+    # ... but each further serial run lets it fade, so the pool is tried again in time.
+    more = runs + (serial_run(),) * 4
+    assert 1.0 < parallel_correction(more) < one_serial
+    # One run 100x off is a bounded vote, not a new scale.
+    assert parallel_correction((parallel_run(1.0, 100.0),)) == 1 + (4.0 - 1) / 2
+    # Lucky runs never make a plan bolder than the model.
+    assert parallel_correction((parallel_run(1.0, 0.1),) * 3) == 1.0
 
 
 def test_a_real_parallel_map_records_its_run():

@@ -4,6 +4,8 @@ import subprocess
 import sys
 
 from adaptive_exec import calibrate, calibration
+from adaptive_exec.backends import starts
+from adaptive_exec.records import Calibration
 
 
 def test_calibrate_measures_a_real_pool():
@@ -59,3 +61,30 @@ def test_the_stored_calibration_says_which_start_up_was_measured(tmp_path):
     assert main["start_path"] == "exec"
     assert main["source"] == "defaults for start-up, overheads measured", main
     assert main["task_overhead_s"] == measured["task_overhead_s"]
+
+
+def test_one_slow_start_moves_the_start_up_part_of_the_way(monkeypatch):
+    # Issue 14: one pool started at a busy moment (465 ms, where calibrate measured
+    # 101-136 ms) set the start-up every later plan used, and kept maps serial.
+    monkeypatch.setattr(calibration, "_startups", dict(calibration._startups))
+    monkeypatch.setattr(calibration, "_current", calibration._current)
+    c = calibrate(2)  # a real pool, measured as calibrate measures it: taken as it is
+    path, measured = c.start_path, c.worker_startup_s
+    calibration.record_startup(measured * 10, 2, path)  # a start during a busy moment
+    after_slow = calibration.get(path).worker_startup_s
+    assert after_slow < measured * 10
+    assert abs(after_slow - (measured + calibration.RISE_SHARE * measured * 9)) < 1e-9
+    calibration.record_startup(measured, 2, path)  # a quieter start: believed faster
+    after_quiet = calibration.get(path).worker_startup_s
+    assert abs(after_quiet - (after_slow + calibration.FALL_SHARE * (measured - after_slow))
+               ) < 1e-9
+    # A start of a larger pool is compared with what the smaller one predicts for it.
+    # (The raw figure: a template not yet up adds its own start on top of get()'s.)
+    small = calibration.get(path)
+    raw = Calibration(small.worker_startup_s - (calibration.TEMPLATE_OWN_START_S if (
+        path == "template" and starts.template_pid() is None) else 0.0), 0, 0,
+        small.n_workers, "")
+    calibration.record_startup(raw.startup_for(8), 8, path)
+    big = calibration.get(path)
+    assert big.n_workers == 8
+    assert abs(big.worker_startup_s - small.startup_for(8)) < 1e-9 or path == "template"

@@ -693,7 +693,7 @@ def calibrate(n_workers: Optional[int] = None) -> Calibration:
     while probe.startup_s is None and time.perf_counter() < deadline:
         time.sleep(0.001)
     if probe.startup_s is not None and probe.path is not None:
-        calibration.record_startup(probe.startup_s, w, probe.path)
+        calibration.record_startup(probe.startup_s, w, probe.path, smooth=False)
     mark_warm(executor)
     calibration.record_overheads(*measure_overheads(executor, w))
     calibration.save()  # for this machine's later processes
