@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 
 import psutil
 import pytest
@@ -46,6 +48,34 @@ def _private_cache_dir(tmp_path_factory):
         os.environ.pop(cache.ENV_DIR, None)
     else:
         os.environ[cache.ENV_DIR] = old
+
+
+@pytest.fixture(autouse=True)
+def _signals_as_found():
+    """Each test leaves Ctrl-C as it found it: delivered (not blocked in the main
+    thread's mask, which every process started later inherits, exec or not) and handled
+    by the same handler. A child started with SIGINT blocked never sees Ctrl-C."""
+    main = threading.current_thread() is threading.main_thread()
+    before = (signal.pthread_sigmask(signal.SIG_BLOCK, []) if main else None,
+              signal.getsignal(signal.SIGINT), _sigint_ignored())
+    yield
+    after = (signal.pthread_sigmask(signal.SIG_BLOCK, []) if main else None,
+             signal.getsignal(signal.SIGINT), _sigint_ignored())
+    assert after == before, ("the test changed SIGINT's mask, handler or disposition: "
+                             f"{before} -> {after}")
+
+
+def _sigint_ignored() -> bool:
+    """SIGINT ignored by the process at the OS level (SIG_IGN set by C code, which Python's
+    getsignal does not see); inherited by every process started later."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("SigIgn:"):
+                    return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+    except OSError:
+        pass
+    return False
 
 
 @pytest.fixture(autouse=True)
