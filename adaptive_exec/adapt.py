@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import threading
 import time
 from typing import Any, Callable, Optional
 
-from . import cache, calibration, planner, system
+from . import ahead, cache, calibration, planner, system, worker
 from .backends import dask as dask_backend
 from .backends import loky as loky_backend
 from .backends import starts
@@ -39,6 +40,13 @@ PRESTART_COST_S = 0.07
 # rest of an ascending workload at its cheaper past (the skewed benchmark workload).
 GROWTH_MIN = 1.5
 GROWTH_CAP = 4.0
+# A sampled call that has run this long while items wait behind it: the watch sends the
+# next items to the pool meanwhile (ahead.py). Twice a forked pool's start-up or more,
+# and about what a template's costs: a call this long is worth a worker's start to run
+# beside (a judgement; a 20 ms function never waits for it).
+SEND_AHEAD_AFTER_S = 0.1
+# The GIL's switch interval while the watch works beside the caller's call (see _run).
+SWITCH_INTERVAL_S = 0.0005
 # Unknown length while sampling: assume this many items are left (the read-ahead's cap,
 # run.READ_AHEAD_ITEMS), the most a stream is read ahead before planning.
 STREAM_ITEMS = 10_000
@@ -153,11 +161,19 @@ class SamplingWatch:
     that is safe from any thread (backends/starts.py).
     """
 
-    def __init__(self, options: Options, n_known: Optional[int]):
+    def __init__(self, options: Options, n_known: Optional[int],
+                 source: Optional[ahead.SharedSource] = None,
+                 func: Optional[Callable[..., Any]] = None, star: bool = False):
         self.options = options
         self.n_known = n_known
+        # The input, when the watch may send items to the pool while a long call runs
+        # here (a list, tuple or range of known length; see ahead.py).
+        self.source = source
+        self.func = func
+        self.star = star
         self.finished = 0  # calls completed, written by the caller's thread
         self.t0 = time.perf_counter()
+        self.call_began = self.t0  # when the caller's current call began
         self.cpu_s = 0.0  # this thread's own CPU: not the sampled function's
         # A Ctrl-C that ends the map shuts the pool down: a start ahead this watch
         # decides after that must not happen (the map is gone).
@@ -166,6 +182,8 @@ class SamplingWatch:
         # thread must make itself (a fork); None until then, or once made.
         self.fork_for: Optional[float] = None
         self.started: Any = None  # the executor this watch started ahead, if any
+        self.ahead: Optional[ahead.SentAhead] = None  # items it sent to that pool
+        self.sending = False  # it sends items ahead: the map waits for it to hand them over
         # Set when the map is left before using that pool. With ``started``, under
         # ``_lock``: a map left while this thread is still starting the pool (a start
         # takes ~0.3 s on loky's path) must not leave that pool running once started.
@@ -177,29 +195,45 @@ class SamplingWatch:
         self.thread.start()
 
     @classmethod
-    def start(cls, options: Options, n_known: Optional[int]) -> Optional[SamplingWatch]:
+    def start(cls, options: Options, n_known: Optional[int],
+              source: Optional[ahead.SharedSource] = None,
+              func: Optional[Callable[..., Any]] = None, star: bool = False
+              ) -> Optional[SamplingWatch]:
         """A watch, or None when no pool could be started ahead for this map."""
         cpus = pool_cpus(options)
-        if not cpus or loky_backend.is_warm(cpus) or (n_known is not None and n_known < 2):
+        if not cpus or (n_known is not None and n_known < 2):
             return None
-        return cls(options, n_known)
+        if loky_backend.is_warm(cpus) and source is None:
+            return None  # no pool to start, no item to send ahead
+        return cls(options, n_known, source, func, star)
 
     def _run(self) -> None:
         delay = 0.005
         cpu0 = time.process_time()
+        decided = False
+        switch = sys.getswitchinterval()
         try:
             while not self.done.wait(delay):
+                delay = min(delay * 2, 0.05)
                 elapsed = time.perf_counter() - self.t0
                 share = (time.process_time() - cpu0) / elapsed
                 if share < WAITING_MAX_CPU or share > 1 + OWN_THREADS_MIN:
                     # It waits (threads will serve it) or runs threads of its own
                     # (BLAS): no process pool for it. Look again later.
-                    delay = min(delay * 2, 0.05)
                     continue
-                if self._check(elapsed):
+                if not decided:
+                    # This thread now imports loky and may start the pool while the
+                    # caller's call holds the GIL: at the default 5 ms switch interval
+                    # each of the many hand-offs that takes waits that long (importing
+                    # loky took ~0.5 s beside a busy pure-Python call, ~30 ms alone).
+                    sys.setswitchinterval(min(switch, SWITCH_INTERVAL_S))
+                    decided = self._check(elapsed)
+                    if decided and not self._may_send_ahead():
+                        return
+                if decided and self._long_call() and self._send_ahead():
                     return
-                delay = min(delay * 2, 0.05)
         finally:
+            sys.setswitchinterval(switch)
             self.cpu_s = time.thread_time()
 
     def cpu_spent(self) -> float:
@@ -214,10 +248,16 @@ class SamplingWatch:
                 pass
         return self.cpu_s
 
+    def _left(self) -> int:
+        """Items not finished by the caller (its current call's included)."""
+        return (self.n_known - self.finished) if self.n_known is not None else STREAM_ITEMS
+
     def _check(self, elapsed: float) -> bool:
+        """Is a pool worth starting now? If so it is started (here, or by the caller's
+        thread at its next call's end: ``fork_for``)."""
         finished = self.finished
         per_item = elapsed / (finished + 1)  # a lower bound: one call is still running
-        left = (self.n_known - finished) if self.n_known is not None else STREAM_ITEMS
+        left = self._left()
         alone = starts.forks_once_alone()
         startup = calibration.get(starts.FORK if alone else None).startup_for(2)
         if per_item * left >= PRESTART_FACTOR * startup:
@@ -227,7 +267,8 @@ class SamplingWatch:
                 # it): the caller then forks at its next call's end.
                 import loky.process_executor  # noqa: F401
 
-                self.fork_for = per_item * left
+                with self._lock:
+                    self.fork_for = per_item * left
                 return True
             self._keep(maybe_prestart(self.options, per_item * left, self.epoch))
             # Starting the pool cost this thread CPU that is not the function's.
@@ -235,11 +276,63 @@ class SamplingWatch:
             return True
         return False
 
+    def _may_send_ahead(self) -> bool:
+        """Could items still be sent ahead, should the caller's call run long?"""
+        return self.source is not None and self._left() >= 2
+
+    def _long_call(self) -> bool:
+        return time.perf_counter() - self.call_began >= SEND_AHEAD_AFTER_S
+
+    def _send_ahead(self) -> bool:
+        """The caller's call runs long: the items behind it go to the pool meanwhile, one
+        per worker, topped up as they finish, until sampling ends (ahead.py). Where the
+        caller would have forked the pool at its call's end, this thread starts it now,
+        from the template (a fork from here would not be safe). False while a pool
+        started from here is not worth it yet (the call has not run long enough)."""
+        assert self.source is not None
+        cpus = pool_cpus(self.options)
+        work = (time.perf_counter() - self.t0) / (self.finished + 1) * self._left()
+        if not cpus:
+            return True
+        if self.started is None and not loky_backend.is_warm(cpus) and (
+                work < PRESTART_FACTOR * pool_calibration().startup_for(cpus)):
+            return False
+        with self._lock:
+            if self.abandoned or self.done.is_set():
+                return True
+            self.fork_for = None
+            self.sending = True
+        if self.started is None:
+            self._keep(maybe_prestart(self.options, work, self.epoch))
+        executor = self.started
+        if executor is None or self.func is None:
+            return True
+        try:
+            ref = worker.with_initializer(self.func, self.options.initializer,
+                                          self.options.initargs)
+        except Exception:  # cannot be pickled: the map finds out and says so itself
+            return True
+        if ref.blob is not None and len(ref.blob) >= worker.BLOB_FILE_MIN_BYTES:
+            return True  # a large function: the map's plan decides if it is worth shipping
+        target = loky_backend.LokyTarget(ref, self.star)
+        executor, _ = target.open(cpus)
+        # The caller keeps one more item when there are more than the workers take: its
+        # sample then shows a second call (a one-time cost is told from the next ones').
+        reserve = 1 if self._left() - 1 > cpus else 0
+        if not self.source.hand_over(reserve):
+            return True
+        sent = ahead.SentAhead(self.source, target, executor, cpus)
+        self.ahead = sent
+        while sent.feed() and not self.done.wait(0.005):
+            pass
+        return True
+
     def on_item(self, finished: int) -> float:
         """After each sampled call, on the caller's thread: count it, and make the start
         the watch decided on but could not make (a fork, once the watch has ended).
         Returns the CPU seconds that start took here (not the function's)."""
         self.finished = finished
+        self.call_began = time.perf_counter()
         if self.fork_for is None:
             return 0.0
         cpu0 = time.thread_time()
@@ -247,11 +340,14 @@ class SamplingWatch:
         return time.thread_time() - cpu0
 
     def _fork_now(self) -> None:
-        work_left, self.fork_for = self.fork_for, None
+        with self._lock:
+            work_left, self.fork_for = self.fork_for, None
+        if work_left is None:
+            return  # the watch took it over: it starts the pool itself (_send_ahead)
+        self.done.set()  # the watch ends: the caller forks alone
         self.thread.join()
         starts.wait_gone(self.thread)
-        if work_left is not None:
-            self._keep(maybe_prestart(self.options, work_left, self.epoch))
+        self._keep(maybe_prestart(self.options, work_left, self.epoch))
 
     def _keep(self, started: Any) -> None:
         # The pool a start ahead made; ended at once when the map was left meanwhile.
@@ -269,18 +365,43 @@ class SamplingWatch:
         with self._lock:
             self.abandoned = True
             started = self.started
+        if self.ahead is not None:
+            self.ahead.cancel()
         if started is not None:
             loky_backend.end_unused(started)
 
     def stop(self) -> None:
-        """Sampling ended: the watch ends, and a start it decided on is made now."""
+        """Sampling ended: the watch ends, and a start it decided on is made now; items
+        it was sending ahead are handed over (``ahead``) once it has ended."""
         self.done.set()
+        if self.source is not None:
+            self.source.close()
         if self.fork_for is not None:
             self._fork_now()
+        elif self.sending:
+            self.thread.join()
         elif self.thread.is_alive():
             # Still busy a moment (importing loky): not waited for here, where a small map
             # would pay for it; a pool started next waits for it (starts.settle).
             starts.note_helper(self.thread)
+
+
+# Functions (fingerprints) this process has run in the caller: their one-time set-up
+# (Features.setup_s) is paid here already. Grows by one key per function mapped.
+_ran_here: set[str] = set()
+
+
+def note_ran_here(key: str) -> None:
+    _ran_here.add(key)
+
+
+def _pool_key(key: str) -> str:
+    """What the pool notes (loky_backend.note_given) once a map of ``key`` ran on it."""
+    return "map:" + key
+
+
+def note_ran_on_pool(executor: Any, key: str) -> None:
+    loky_backend.note_given(executor, _pool_key(key))
 
 
 class MapPlanner:
@@ -290,15 +411,17 @@ class MapPlanner:
 
     def __init__(self, options: Options, func: Callable[..., Any], t_start: float,
                  forced: Optional[str], client: Any, entry: Optional[cache.Entry],
-                 load: Optional[system.LoadProbe]):
+                 load: Optional[system.LoadProbe], key: str = ""):
         self.options = options
         self.func = func
+        self.key = key  # the function's fingerprint
         self.t_start = t_start
         self.forced = forced
         self.client = client
         self.entry = entry
         self.load = load
         self.started_ahead: Any = None  # a pool the serial loop started ahead, if any
+        self.sent_at: Optional[float] = None  # when sampling first sent items ahead
 
     # --- planning -----------------------------------------------------------------------
 
@@ -326,6 +449,10 @@ class MapPlanner:
             threads_lost=self.entry is not None and planner.threads_lost(self.entry.runs),
             startup_left=loky_backend.startup_left(calib.startup_for(snap.usable_cpus),
                                                    snap.usable_cpus),
+            # Who still pays the function's one-time set-up: this process, unless it ran
+            # the function already; the pool's workers, unless a map of it ran there.
+            setup_here=self.key not in _ran_here,
+            setup_pool=self._setup_share(features),
         )
         plan = planner.make_plan(features, n_items, n_done, snap, calib, **kwargs)
         if plan.mode == "parallel":
@@ -338,6 +465,16 @@ class MapPlanner:
                                    worker_memory=loky_backend.worker_rss())
             plan = planner.make_plan(features, n_items, n_done, snap, calib, **kwargs)
         return plan
+
+    def _setup_share(self, features: Features) -> float:
+        """The share of the function's one-time set-up the pool's workers still pay:
+        none after a map of it ran there; less when items sent ahead (``sent_at``) have
+        been running in them meanwhile."""
+        if loky_backend.given_before(loky_backend.current_executor(), _pool_key(self.key)):
+            return 0.0
+        if self.sent_at is None or not features.setup_s:
+            return 1.0
+        return max(0.0, 1.0 - (time.perf_counter() - self.sent_at) / features.setup_s)
 
     def forced_parallel(self) -> Optional[str]:
         """Why the pool must be used whatever the estimate, or None."""

@@ -62,8 +62,14 @@ ENV_MAX_ENTRIES = "ADAPTIVE_EXEC_CACHE_MAX_ENTRIES"
 ENV_EXPIRE_DAYS = "ADAPTIVE_EXEC_CACHE_EXPIRE_DAYS"
 FILENAME = "cache.sqlite3"
 
-# An observed per-item time this far from the remembered one replaces it.
+# An observed per-item time more than REFRESH_RATIO off the remembered one replaces it
+# (the work changed); one more than REFRESH_MIN off moves it REFRESH_WEIGHT of the way
+# (in log terms): warm estimates converge on what runs show (issue 14: within 10% warm)
+# without one odd run (a busy moment: up to ~2x on a shared 2-core machine) taking over.
+# Was: replaced beyond 2x, else kept, so a 1.3x error stayed for ever. Judgements.
 REFRESH_RATIO = 2.0
+REFRESH_MIN = 0.05
+REFRESH_WEIGHT = 0.5
 # A few KB per entry with its history: the default cap keeps the file near 20 MB.
 DEFAULT_MAX_ENTRIES = 10_000
 DEFAULT_EXPIRE_DAYS = 30.0
@@ -259,7 +265,7 @@ def _features(row: Any) -> Optional[Features]:
     """Features from the FEATURE_COLUMNS of a row; None when the required ones are bad.
     Optional features that are missing (an entry from schema 1) or invalid are None."""
     (mean_s, cv, pickle_size, input_pickle_size, peak_memory, complexity, n_samples,
-     cpu_fraction, picklable, threads_cpu) = row
+     cpu_fraction, picklable, threads_cpu, setup_s) = row
     mean = _num(mean_s, hi=1e6)  # over 11 days per item is not a measurement
     if mean is None:
         return None
@@ -274,6 +280,7 @@ def _features(row: Any) -> Optional[Features]:
         cpu_fraction=_num(cpu_fraction, hi=1.0),
         picklable=picklable != 0,
         threads_cpu=_num(threads_cpu, hi=1e6),
+        setup_s=_num(setup_s, hi=1e6),
     )
 
 
@@ -340,13 +347,16 @@ def observe(
     sampled: Optional[Features],
     observed_item_s: Optional[float],
     run: Optional[RunRecord],
+    observed_setup_s: Optional[float] = None,
 ) -> bool:
     """After a run (or a plan): keep what sampling measured, correct the per-item time
-    when the run saw something else (beyond REFRESH_RATIO), and add the run's record.
-    True when it was written (False: nothing to write, or the cache was unavailable)."""
+    when the run saw something else (beyond REFRESH_MIN), keep a one-time set-up the
+    workers showed (``observed_setup_s``), and add the run's record. True when it was
+    written (False: nothing to write, or the cache was unavailable)."""
     try:
         wrote = _write_with_hits(lambda conn: _observe(conn, key, module, qualname, sampled,
-                                                       observed_item_s, run))
+                                                       observed_item_s, run,
+                                                       observed_setup_s))
         return bool(wrote)
     except Exception as exc:
         _failed("observe", exc)
@@ -356,6 +366,7 @@ def observe(
 def _observe(
     conn: sqlite3.Connection, key: str, module: str, qualname: str,
     sampled: Optional[Features], observed_item_s: Optional[float], run: Optional[RunRecord],
+    observed_setup_s: Optional[float] = None,
 ) -> bool:
     """Inside a write transaction."""
     machine = machine_id()
@@ -369,7 +380,16 @@ def _observe(
     if observed_item_s is not None and observed_item_s > 0 and features.mean_s > 0:
         ratio = observed_item_s / features.mean_s
         if ratio > REFRESH_RATIO or ratio < 1 / REFRESH_RATIO:
+            # The work changed (other inputs): what the run saw replaces it.
             features = dataclasses.replace(features, mean_s=observed_item_s)
+        elif ratio > 1 + REFRESH_MIN or ratio < 1 / (1 + REFRESH_MIN):
+            # Half way, in ratio, towards what the run saw: a few runs that agree
+            # converge (1.33x off: 1.15x, 1.07x, 1.04x), one odd run (a busy moment)
+            # moves it only part of the way.
+            features = dataclasses.replace(
+                features, mean_s=features.mean_s * ratio ** REFRESH_WEIGHT)
+    if observed_setup_s is not None and observed_setup_s > 0:
+        features = dataclasses.replace(features, setup_s=observed_setup_s)
     values = tuple(getattr(features, c) for c in FEATURE_COLUMNS)
     if row is None:
         conn.execute(schema.INSERT_ENTRY,

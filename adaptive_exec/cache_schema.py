@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .sqlite_file import Schema
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Past runs kept per function (the planner uses the last few: planner.HISTORY_USED).
 HISTORY = 20
 
@@ -17,6 +17,7 @@ HISTORY = 20
 FEATURE_COLUMNS = (
     "mean_s", "coefficient_of_variation", "pickle_size", "input_pickle_size", "peak_memory",
     "function_complexity", "n_samples", "cpu_fraction", "picklable", "threads_cpu",
+    "setup_s",
 )
 ENTRY_COLUMNS = ("module", "qualname", *FEATURE_COLUMNS,
                   "created_at", "updated_at", "used_at", "hits")
@@ -55,6 +56,7 @@ CREATE = (
         cpu_fraction REAL,
         picklable INTEGER NOT NULL DEFAULT 1,
         threads_cpu REAL,
+        setup_s REAL,
         created_at REAL NOT NULL,
         updated_at REAL NOT NULL,
         used_at REAL NOT NULL,
@@ -89,6 +91,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         V2_RUNS_INDEX,
         "ALTER TABLE calibration ADD COLUMN source TEXT",
     ),
+    2: ("ALTER TABLE entries ADD COLUMN setup_s REAL",),
 }
 
 SCHEMA = Schema(SCHEMA_VERSION, CREATE, MIGRATIONS)

@@ -6,7 +6,7 @@ all, and it imports none of them.
 
     caller thread (ParallelRun.run)                              workers
     -------------------------------                              -------
-    source --islice(c)--> _Pending --_send--> target.submit ------> run_chunk
+    source --islice(c)--> Pending --_send--> target.submit ------> run_chunk
        |                  (at most _limit() in flight)                  |
        |  while the pool is cold (_share_while_cold):                   |
        +--> the caller runs items itself                                |
@@ -47,6 +47,7 @@ from .errors import (
     attach_origin,
     warn_user,
 )
+from .sampling import SETUP_MIN_S, SETUP_RATIO
 from .worker import FALLBACK, NEED_FUNCTION, ChunkResult, run_here
 
 logger = logging.getLogger("adaptive_exec")
@@ -129,7 +130,7 @@ def _monitor(throttle: _Throttle, decide: Decide,
                 logger.debug("load monitor: %r", exc)
 
 
-class _Pending:
+class Pending:
     """A chunk in flight. Its items are kept until it returns: a chunk whose worker dies
     is sent again (retries); ``crashes`` counts the pools it was in when one broke."""
 
@@ -161,6 +162,7 @@ class RunSpec:
     # so a slow consumer pins a bounded amount of memory.
     max_chunk_items: Optional[int] = None
     task_overhead_s: float = 0.0  # a task's cost beyond its work (calibration)
+    item_s: float = 0.0  # an item's cost as planned (the caller's measure of it)
     # Per item, in seconds: items then go one per task, one task per worker, and an
     # item past it ends the map (see ParallelRun._check_deadlines).
     timeout: Optional[float] = None
@@ -195,9 +197,9 @@ class _Chunks:
         if self.n_left is not None:
             self.n_left -= n
 
-    def observe(self, res: ChunkResult) -> None:
-        if res.n_done:
-            t = res.compute_s / res.n_done
+    def observe(self, compute_s: float, n_done: int) -> None:
+        if n_done:
+            t = compute_s / n_done
             self.per_item_s = t if self.per_item_s is None else (
                 EWMA * t + (1 - EWMA) * self.per_item_s)
 
@@ -229,7 +231,7 @@ class _CannotCross:
             warn_user(f"adaptive_exec: {what}; running them in the caller",
                       UnpicklableWarning)
 
-    def fall_back(self, info: _Pending, res: ChunkResult, target: Target
+    def fall_back(self, info: Pending, res: ChunkResult, target: Target
                   ) -> tuple[list[Any], Optional[BaseException], Optional[int]]:
         """A chunk that could not fully cross: the items a worker could not run, or
         whose results could not come back, run here; so does the rest of the map."""
@@ -264,7 +266,12 @@ class ParallelRun:
         n_left: Optional[int] = None,
         monitor: Optional[Decide] = None,
         on_workers: Optional[Callable[[int], None]] = None,
+        in_flight: Optional[dict[cf.Future, Pending]] = None,
+        unsent: tuple[Pending, ...] = (),
     ):
+        """``in_flight``, ``unsent``: items from ``first_index`` on that were sent to the
+        pool before this run (ahead.py), and ones taken for it that could not be sent:
+        ``source`` goes on after them."""
         self.func = func
         self.target = target
         self.source = source
@@ -277,21 +284,22 @@ class ParallelRun:
         self.throttle = _Throttle(spec.n_workers)
         # Observations, read by the caller after the run:
         self.timeline: list[tuple[float, int]] = []
-        self.worker_compute_s = 0.0
+        self.worker_compute_s = 0.0  # the items' compute, one-time set-ups left out
         self.worker_items = 0
+        self.setups: list[float] = []  # one-time set-ups seen in workers' first calls
         # The loop's state (the caller's thread alone touches it):
         self.executor: Any = None
         self.capacity = 0  # chunks that can run at once on the executor
         self.probe: Optional[StartupWatch] = None
         self.warm = threading.Event()
         self.warm_at: Optional[float] = None  # when a worker first answered
-        self.pending: dict[cf.Future, _Pending] = {}
+        self.pending: dict[cf.Future, Pending] = dict(in_flight or {})
         # Chunks whose pool broke under them, to send again one at a time (so that the
         # one that kills its worker is found alone) before any new chunk.
-        self.retry: collections.deque[_Pending] = collections.deque()
+        self.retry: collections.deque[Pending] = collections.deque(unsent)
         self.buffer: dict[int, tuple[list[Any], int, Optional[BaseException]]] = {}
         self.next_out = first_index
-        self.read_pos = first_index
+        self.read_pos = first_index + sum(i.n for i in (*self.pending.values(), *unsent))
         self.exhausted = False
         self.error_at: Optional[int] = None  # the first failing item seen so far
         self.cross = _CannotCross(func, spec)
@@ -426,9 +434,9 @@ class ParallelRun:
                 return
             start, self.read_pos = self.read_pos, self.read_pos + len(chunk)
             self.chunks.taken(len(chunk))
-            self._send(_Pending(start, chunk))
+            self._send(Pending(start, chunk))
 
-    def _send(self, info: _Pending, full: bool = False) -> None:
+    def _send(self, info: Pending, full: bool = False) -> None:
         if self.cross.caller_only:
             self._run_locally(info)
             return
@@ -453,12 +461,12 @@ class ParallelRun:
         info.executor = self.executor
         self.pending[fut] = info
 
-    def _run_locally(self, info: _Pending) -> None:
+    def _run_locally(self, info: Pending) -> None:
         self.local_items += len(info.items)
         out, err = run_here(self.func, info.items, info.start, self.spec.star)
         self._keep(info, out, err)
 
-    def _keep(self, info: _Pending, results: list[Any], err: Optional[BaseException]) -> None:
+    def _keep(self, info: Pending, results: list[Any], err: Optional[BaseException]) -> None:
         """A chunk's outcome, waiting for its turn."""
         if err is not None:
             at = getattr(err, "item_index", info.start + len(results))
@@ -487,9 +495,10 @@ class ParallelRun:
         if res.status == NEED_FUNCTION:  # a worker new to this function: send it whole
             self._send(info, full=True)
             return
-        self.worker_compute_s += res.compute_s
+        compute_s = res.compute_s - self._setup_in(res)
+        self.worker_compute_s += compute_s
         self.worker_items += res.n_done
-        self.chunks.observe(res)
+        self.chunks.observe(compute_s, res.n_done)
         err_index = res.error_index
         if res.status == FALLBACK:
             self.local_items += info.n if res.holes is None else len(res.holes)
@@ -510,7 +519,24 @@ class ParallelRun:
             attach_origin(err, err_index, res.error_tb if self.target.remote else None)
         self._keep(info, results, err)
 
-    def _crashed(self, info: _Pending, exc: BaseException) -> None:
+    def _setup_in(self, res: ChunkResult) -> float:
+        """The one-time set-up in a worker's first call of the function, when it stands
+        out from the per-item time (as sampling.SETUP_RATIO tells it in the caller):
+        noted (``setups``) and not counted as the items' work, which chunk sizes and
+        the remembered per-item time follow."""
+        first = res.first_call_s
+        typical = self.chunks.per_item_s or self.spec.item_s
+        if first is None or not typical:
+            return 0.0
+        if res.n_done > 1:  # the chunk's other calls say what an item costs here
+            typical = max(0.0, res.compute_s - first) / (res.n_done - 1)
+        excess = first - typical
+        if first > SETUP_RATIO * typical and excess >= SETUP_MIN_S:
+            self.setups.append(excess)
+            return excess
+        return 0.0
+
+    def _crashed(self, info: Pending, exc: BaseException) -> None:
         """The pool broke while ``info`` was in it: rebuild, and retry or name."""
         self.executor, deliberate = self.target.recover(self.executor, info.executor,
                                                         self.n_workers)
@@ -533,7 +559,7 @@ class ParallelRun:
         if info.crashes >= 2:
             # The chunk broke a pool alone: narrow it down to the item, each alone.
             for offset, item in enumerate(info.items):
-                self.retry.append(_Pending(info.start + offset, [item], crashes=1))
+                self.retry.append(Pending(info.start + offset, [item], crashes=1))
         else:
             self.retry.append(info)
         logger.debug("a worker died (%s); items %d..%d will run again", how, info.start,
@@ -556,7 +582,7 @@ class ParallelRun:
                        "its worker was ended")
                 raise attach_origin(ItemTimeoutError(msg), info.start, None)
 
-    def _began(self, info: _Pending) -> Optional[float]:
+    def _began(self, info: Pending) -> Optional[float]:
         """When a timed chunk's item began (perf_counter seconds), or None while it has
         not: noted by its worker where the target can (worker.ItemClock), so that the
         time its function takes to arrive is not the item's; else when it was sent (or

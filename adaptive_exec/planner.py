@@ -210,6 +210,11 @@ class _Job:
     elapsed_s: float
     from_cache: bool
     info: dict[str, Any]
+    # The function's one-time set-up (Features.setup_s) still to be paid by the caller
+    # (a process that has not run it yet) and by the pool's workers (each once, at the
+    # same time: once in wall time).
+    setup_here_s: float = 0.0
+    setup_pool_s: float = 0.0
 
     @property
     def serial_rest(self) -> float:
@@ -217,7 +222,7 @@ class _Job:
 
     @property
     def est_serial(self) -> float:
-        return self.elapsed_s + self.serial_rest
+        return self.elapsed_s + self.setup_here_s + self.serial_rest
 
     @property
     def work(self) -> str:
@@ -280,14 +285,17 @@ def _describe(
 def _job(
     features: Features, n_items: int, n_done: int, system: SystemSnapshot,
     elapsed_s: float, from_cache: bool, info: dict[str, Any],
+    setup_here: bool = False, setup_pool: float = 1.0,
 ) -> _Job:
     """The remaining items and what the model takes from the features about them."""
     others = features.threads_cpu or 0.0
     own_threads = min(1.0 + others, system.usable_cpus) if others > OWN_THREADS_MIN else 1.0
     cv = features.coefficient_of_variation if features.coefficient_of_variation is not None else 0.5
     bytes_per_item = float((features.pickle_size or 0) + (features.input_pickle_size or 0))
+    setup = features.setup_s or 0.0
     return _Job(max(0, n_items - n_done), features.mean_s, min(cv, CV_CAP), bytes_per_item,
-                own_threads, elapsed_s, from_cache, info)
+                own_threads, elapsed_s, from_cache, info,
+                setup if setup_here else 0.0, setup * max(0.0, min(1.0, setup_pool)))
 
 
 def _worker_cap(features: Features, system: SystemSnapshot, cluster: Optional[Cluster]
@@ -360,6 +368,9 @@ def _best_pool(
             if best is None or e.total_s < best.total_s * BETTER_BY:
                 best = e
     assert best is not None
+    if job.setup_pool_s:
+        # Each worker's first call pays the set-up, all at once: one set-up in wall time.
+        best = dataclasses.replace(best, total_s=best.total_s + job.setup_pool_s)
     if correction != 1.0:
         best = dataclasses.replace(best, total_s=best.total_s * correction)
     return best
@@ -381,6 +392,9 @@ def _why_not_parallel(job: _Job, best: _Estimate, est: float, speedup: float,
             f"the function already keeps {job.own_threads:.1f} CPUs busy with threads of "
             "its own, which a worker limits to one"
         )
+    if job.setup_pool_s:
+        limits.append(f"a one-time set-up of {fmt_s(job.setup_pool_s)} that each worker "
+                      "would pay again")
     if not limits:
         limits.append(f"{fmt_s(calib.task_overhead_s)} overhead per task")
     where = "the cluster" if cluster is not None else "the best pool"
@@ -420,6 +434,9 @@ def _parallel_reason(job: _Job, best: _Estimate, est: float, speedup: float,
         startup = ", the pool is already warm"
     else:
         startup = ", the pool started ahead of this map is up"
+    if job.setup_pool_s:
+        startup += (f", {fmt_s(job.setup_pool_s)} of one-time set-up in each worker "
+                    "(the first call's, not counted per item)")
     if correction >= 1.05:
         startup += f", x{correction:.2f} for past parallel runs that took longer"
     return (
@@ -445,6 +462,8 @@ def make_plan(
     threads_lost: bool = False,
     startup_left: Optional[float] = None,
     cluster: Optional[Cluster] = None,
+    setup_here: bool = False,
+    setup_pool: float = 1.0,
 ) -> Plan:
     """Plan the remaining ``n_items - n_done`` items; ``elapsed_s`` was already spent.
 
@@ -456,6 +475,11 @@ def make_plan(
 
     ``cluster``: plan for that dask cluster (mode "distributed") instead of this
     machine's pool: ``system`` (this machine's CPUs, load and memory) is then not used.
+
+    ``setup_here``: whether the caller (a process that has not run the function yet)
+    still pays its one-time set-up, ``features.setup_s``; ``setup_pool``: the share of it
+    the pool's workers still pay (1: all, workers new to it; 0: none, a map of it ran
+    there; between: workers already running items sent ahead).
     """
     if cluster is not None:
         warm, startup_left = True, 0.0  # the cluster is already running
@@ -464,7 +488,8 @@ def make_plan(
         info["threads_lost"] = True  # a past run's threads did not beat the loop
     if startup_left is not None and cluster is None and not warm:
         info["startup_left_s"] = round(startup_left, 4)  # a pool started ahead
-    job = _job(features, n_items, n_done, system, elapsed_s, from_cache, info)
+    job = _job(features, n_items, n_done, system, elapsed_s, from_cache, info,
+               setup_here, setup_pool)
     if forced_serial:
         return job.serial(forced_serial)
     if job.remaining == 0:

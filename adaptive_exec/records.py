@@ -101,6 +101,10 @@ class Features:
     # CPU seconds of the process's other threads per wall second (ours excluded): near
     # k-1 for a function that runs k threads of its own (BLAS), else near 0.
     threads_cpu: Optional[float] = None
+    # Seconds the first call took beyond the next ones' (an import, a lazily built table,
+    # a connection): paid once per process, the caller's and each worker's, not per
+    # item; None when no first call stood out (or one call was measured).
+    setup_s: Optional[float] = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -249,6 +253,7 @@ _FEATURES: dict[str, tuple[str, Callable[[Any], str]]] = {
     "picklable": ("items and results pickle", _yes_no),
     "threads_cpu": ("CPUs the function's own threads use",
                     _optional(lambda x: f"{x:.1f}")),
+    "setup_s": ("one-time set-up (first call in a process)", _optional(fmt_s, "none seen")),
     "n_items": ("items", _optional(lambda n: f"{n:,}")),
     "usable_cpus": ("usable CPUs", _optional(lambda n: f"{n:,}")),
     "available_memory": ("available memory", _optional(fmt_bytes)),
@@ -293,6 +298,9 @@ class RunReport:
     # What ran where it differs from the plan ("14 of the items ran in the caller: their
     # results cannot be pickled ..."); None when the run followed its plan.
     ran: Optional[str] = None
+    # The one-time set-up the pool's workers showed in their first calls (the median
+    # over workers; not counted in observed_item_s); None when none stood out.
+    worker_setup_s: Optional[float] = None
 
     def __str__(self) -> str:
         """One line for people: what ran, how long it took, what was estimated."""

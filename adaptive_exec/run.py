@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 from . import adapt, cache, calibration, planner, system, worker
+from .ahead import SentAhead, SharedSource
 from .backends import dask as dask_backend
 from .backends import loky as loky_backend
 from .backends import serial as serial_backend
@@ -106,6 +107,7 @@ class MapRun:
         self.entry: Optional[cache.Entry] = None
         self.features: Optional[Features] = None
         self.n_sampled = 0
+        self.ahead: Optional[SentAhead] = None  # items sent to the pool while sampling
         self.sampled_calls_s = 0.0
         self.exhausted = False  # every item was sampled
         self.n_items = 0
@@ -121,6 +123,7 @@ class MapRun:
         self.bytes_sent = 0  # pickled bytes handed to worker processes
         self.start_path: Optional[str] = None  # how the process pool's workers started
         self.ran: Optional[str] = None  # what ran, where it differs from the plan
+        self.setups: list[float] = []  # one-time set-ups seen in workers' first calls
         # A threads run that lost its trial: (items, seconds) it ran on threads.
         self.threads_trial: Optional[tuple[int, float]] = None
         # Told what runs the items: the plan once known, again when it changes, and the
@@ -191,7 +194,7 @@ class MapRun:
             # while the first item runs.
             calibration.get()
         self.planner = adapt.MapPlanner(self.options, self.func, self.t_start, self.forced,
-                                        self.client, self.entry, self.load)
+                                        self.client, self.entry, self.load, self.key)
 
     def measure(self) -> Iterator[list[Any]]:
         """The function's features: remembered, or measured on the first items (whose
@@ -206,22 +209,42 @@ class MapRun:
         if cached is not None:
             self.features = cached  # a hit: no sampling
             return
-        watch = adapt.SamplingWatch.start(self.options, self.n_known) \
-            if self.client is None else None
+        # Items of a list, tuple or range may go to the pool while a long first call
+        # runs here (ahead.py); a generator is advanced by this thread alone.
+        source = (SharedSource(self.it) if self.n_known is not None and self.client is None
+                  and not self.plan_only and isinstance(self.it, _SAFE_ITERATORS) else None)
+        watch = adapt.SamplingWatch.start(self.options, self.n_known, source, self.func,
+                                          self.star) if self.client is None else None
         try:
-            s = sample(self.func, self.it, star=self.star,
+            s = sample(self.func, source if source is not None else self.it, star=self.star,
                        complexity=function_complexity(self.func),
                        on_item=watch.on_item if watch else None,
-                       ours_cpu=watch.cpu_spent if watch else None)
+                       ours_cpu=watch.cpu_spent if watch else None,
+                       keep_going=source.wants_more if source is not None else None)
+        except BaseException:
+            if watch is not None:
+                watch.abandon()  # Ctrl-C: nothing sent ahead runs on
+            raise
         finally:
             if watch is not None:
                 watch.stop()
+        sent = watch.ahead if watch is not None else None
+        if source is not None:
+            self.it = source.rest()
         try:
             if s.error is not None:
+                if sent is not None and watch is not None:
+                    watch.abandon()  # items after the failing one are not to run
                 if s.results:
                     yield s.results
                 raise s.error
-            self.n_sampled, self.exhausted = len(s.results), s.exhausted
+            self.n_sampled = len(s.results)
+            if self.n_sampled:
+                adapt.note_ran_here(self.key)  # its one-time set-up is paid here
+            self.exhausted = s.exhausted and not (source is not None and source.cut)
+            if sent is not None and (sent.pending or sent.unsent):
+                self.ahead = sent
+                self.planner.sent_at = sent.first_sent
             self.sampled_calls_s = s.calls_s
             self.features = _merge_plain_calls(s.features, self.plain_calls())
             if s.results and not self.plan_only:
@@ -251,7 +274,17 @@ class MapRun:
 
     def decide(self) -> None:
         assert self.features is not None
-        plan = self.planner.plan(self.features, self.n_items, self.n_sampled)
+        plan = self.planner.plan(self.features, self.n_items, self.n_sampled + self._n_ahead())
+        if self.ahead is not None:
+            sent = (f"{_span(self.n_sampled, self._n_ahead())} went to the pool while the "
+                    f"first call{'s' if self.n_sampled > 1 else ''} ran here")
+            if self.n_exact and self.n_items == self.n_sampled + self._n_ahead():
+                # Nothing left to plan: what ran is the pool, as sent.
+                plan = dataclasses.replace(
+                    plan, mode="parallel", n_workers=self.ahead.n_workers, chunksize=1,
+                    reason=f"{sent} ({fmt_s(self.features.mean_s)} a call): that was all")
+            else:
+                plan = dataclasses.replace(plan, reason=f"{sent}; the rest: {plan.reason}")
         if planner.blocked_by_pickling(self.features, plan,
                                        self.planner.forced_parallel() is not None):
             self._unpicklable("the sampled items or results cannot be pickled")
@@ -263,9 +296,15 @@ class MapRun:
                         describe(self.func)[1], plan.mode, plan.n_workers, plan.chunksize,
                         plan.from_cache, plan.reason)
 
+    def _n_ahead(self) -> int:
+        return self.ahead.n_items if self.ahead is not None else 0
+
     def execute(self) -> Iterator[list[Any]]:
         assert self.plan is not None
         self.n_done = self.n_sampled
+        if self.ahead is not None:
+            yield from self._after_ahead(self.ahead, self.plan)
+            return
         if self.plan.mode == "serial":
             yield from self._serial()
         else:
@@ -295,6 +334,7 @@ class MapRun:
             sampled=self.features if self.entry is None else None,
             observed_item_s=self.observed_s,
             run=run if telling or self.threads_trial is not None else None,
+            observed_setup_s=self._worker_setup(),
         )
         calibration.save()
 
@@ -321,7 +361,15 @@ class MapRun:
             bytes_sent=self.bytes_sent,
             start_path=self.start_path,
             ran=self.ran,
+            worker_setup_s=self._worker_setup(),
         ))
+
+    def _worker_setup(self) -> Optional[float]:
+        """The median one-time set-up seen in workers' first calls, if any stood out."""
+        if not self.setups:
+            return None
+        ordered = sorted(self.setups)
+        return ordered[len(ordered) // 2]
 
     # --- executing ----------------------------------------------------------------------
 
@@ -352,6 +400,7 @@ class MapRun:
                 total_s += elapsed
                 self.n_done += got
                 previous, per_item = per_item, max(elapsed / got, 1e-8)
+                adapt.note_ran_here(self.key)
                 yield batch
             if err is not None:
                 raise err
@@ -376,13 +425,38 @@ class MapRun:
                         n_here + n_there)
                 return
 
-    def _parallel(self, plan: Plan, first: int, n_left: Optional[int]) -> Iterator[list[Any]]:
-        """The items from ``first`` on the pool, threads or cluster the plan names."""
+    def _after_ahead(self, sent: SentAhead, plan: Plan) -> Iterator[list[Any]]:
+        """Sampling sent items to the pool: the run takes them over, in flight. A
+        parallel plan sends the rest after them; otherwise their results are collected
+        first, and the rest runs as planned."""
+        n_left = self.n_items - self.n_sampled - sent.n_items if self.n_exact else None
+        if plan.mode == "parallel":
+            yield from self._parallel(plan, self.n_sampled, n_left, sent)
+            return
+        collect = dataclasses.replace(plan, mode="parallel", n_workers=sent.n_workers,
+                                      chunksize=1)
+        rest, self.source = self.source, iter(())
+        yield from self._parallel(collect, self.n_sampled, 0, sent)
+        self.source = rest
+        self.ran = (f"{_span(self.n_sampled, sent.n_items)} ran on the pool, sent there while "
+                    f"the first call ran here; the rest "
+                    f"{'in the caller' if plan.mode == 'serial' else 'on ' + plan.runs_on()}")
+        if plan.mode == "serial":
+            yield from self._serial()
+        else:
+            yield from self._parallel(plan, self.n_done, n_left)
+
+    def _parallel(self, plan: Plan, first: int, n_left: Optional[int],
+                  sent: Optional[SentAhead] = None) -> Iterator[list[Any]]:
+        """The items from ``first`` on the pool, threads or cluster the plan names
+        (after the items ``sent`` to the pool ahead, still in flight)."""
         assert self.features is not None
         target: Any
         calib = adapt.pool_calibration()
         task_overhead_s = calib.task_overhead_s
-        if plan.mode == "threads":
+        if sent is not None:
+            target = sent.target  # the function is in the pool's workers already
+        elif plan.mode == "threads":
             target = ThreadTarget(self.func, self.star)
         else:
             try:
@@ -416,13 +490,15 @@ class MapRun:
             plan.n_workers, plan.chunksize, star=self.star, ordered=self.ordered,
             strict=self.options.strict, fixed_chunksize=self.options.chunksize is not None,
             max_chunk_items=_imap_chunk_cap(self.features) if self.partial else None,
-            task_overhead_s=task_overhead_s,
+            task_overhead_s=task_overhead_s, item_s=self.features.mean_s,
             timeout=self.options.timeout if plan.mode == "parallel" else None,
         )
         run = ParallelRun(self.func, target, self.source, first, spec, n_left,
                           adapt.monitor(self.options, plan, self.features)
                           if plan.mode == "parallel" else None,
-                          on_workers=lambda busy: self._announce(plan, busy))
+                          on_workers=lambda busy: self._announce(plan, busy),
+                          in_flight=sent.pending if sent is not None else None,
+                          unsent=tuple(sent.unsent) if sent is not None else ())
         t_run, trial = time.perf_counter(), plan.mode == "threads"
         for batch in run:
             self.n_done += len(batch)
@@ -434,12 +510,15 @@ class MapRun:
                 if self._threads_lose(run.worker_items, time.perf_counter() - t_run):
                     run.drain()
         self.timeline = run.timeline
+        self.setups += run.setups
         if run.local_items:
             self.ran = (f"{run.local_items:,} of the items ran in the caller: "
                         f"{run.cross.reason}")
         self.bytes_sent += getattr(target, "bytes_sent", 0)
         if isinstance(target, loky_backend.LokyTarget):
             self.start_path = loky_backend.start_path()
+            if run.worker_items:
+                adapt.note_ran_on_pool(run.executor, self.key)
         self.observed_s = (run.worker_compute_s / run.worker_items
                            if run.worker_items else None)
         if self.threads_trial is not None:
@@ -548,6 +627,11 @@ def _picklable_function(func: Callable[..., Any]) -> bool:
 
 # --- the input --------------------------------------------------------------------------
 
+def _span(first: int, n: int) -> str:
+    """"item 3" or "items 3-7"."""
+    return f"item {first:,}" if n == 1 else f"items {first:,}-{first + n - 1:,}"
+
+
 class GuardedIterator:
     """The input iterator, with its own exception held back: the map runs every item
     read before it, yields their results, and raises it after them, as the loop would.
@@ -618,7 +702,8 @@ def _merge_plain_calls(features: Optional[Features], plain: list[float]) -> Opti
     n = features.n_samples
     durations = [features.mean_s] * n + plain  # the sample's spread is kept through its CV
     merged = features_from(durations, [], [], features.peak_memory or 0,
-                           features.function_complexity, 0.0, 0.0, features.picklable)
+                           features.function_complexity, 0.0, 0.0, features.picklable,
+                           split_setup=False)
     cvs = [c for c in (features.coefficient_of_variation, merged.coefficient_of_variation)
            if c is not None]
     return dataclasses.replace(

@@ -26,6 +26,7 @@ import functools
 import hashlib
 import importlib
 import io
+import itertools
 import os
 import pickle
 import struct
@@ -532,6 +533,9 @@ class ChunkResult:
     holes: Optional[tuple[int, ...]] = None
     reason: Optional[str] = None  # why, for the caller's one warning
     function_bytes: int = 0  # what this worker read of a blob file to rebuild the function
+    # The seconds of this process's first call of the function, when the chunk holds it
+    # (its one-time set-up, if any, is in it: the caller tells it from the next calls).
+    first_call_s: Optional[float] = None
 
 
 # --- the initializer ---------------------------------------------------------------------
@@ -638,6 +642,11 @@ def _initialize_worker(ref: FunctionRef) -> Optional[bool]:
     return True
 
 
+# function key -> the process id that last called it here: a forked worker inherits the
+# table, and the pid tells that this process has not called it yet.
+_CALLED: dict[str, int] = {}
+
+
 def run_chunk(ref: FunctionRef, start: int, payload: bytes, star: bool,
               clock: Optional[tuple[int, int, int, int]] = None) -> ChunkResult:
     """Worker side: run the items of one chunk in order; results go back pickled.
@@ -674,7 +683,10 @@ def run_chunk(ref: FunctionRef, start: int, payload: bytes, star: bool,
                                   f"worker ({_safe(exc)})")
     if clock is not None:
         _mark_started(*clock)
-    res = dataclasses.replace(run_items(func, start, items, star), function_bytes=fetched)
+    first = _CALLED.get(ref.key) != pid
+    _CALLED[ref.key] = pid
+    res = dataclasses.replace(run_items(func, start, items, star, time_first=first),
+                              function_bytes=fetched)
     error = None if res.error is None else _pickle_error(res.error)
     try:
         return dataclasses.replace(res, results=dumps(res.results), error=error)
@@ -743,16 +755,28 @@ def call_each(func: Callable[..., Any], items: Iterable[Any], star: bool, start:
     return None
 
 
-def run_items(func: Callable[..., Any], start: int, items: list[Any], star: bool) -> ChunkResult:
+def run_items(func: Callable[..., Any], start: int, items: list[Any], star: bool,
+              time_first: bool = False) -> ChunkResult:
     """Run one chunk's items in order (in a process worker or a thread); ``results`` is
     the list itself, and the first failure stops the chunk, as in the loop. A failure's
-    traceback goes back as text (``error_tb``): the function's frames, not ours."""
+    traceback goes back as text (``error_tb``): the function's frames, not ours.
+    ``time_first``: the first call is timed apart (``first_call_s``)."""
     out: list[Any] = []
+    where = _where()
+    first: Optional[float] = None
     t0 = time.perf_counter()
-    error = call_each(func, items, star, start, out, in_caller=False, where=_where())
+    if time_first and items:
+        error = call_each(func, items[:1], star, start, out, in_caller=False, where=where)
+        first = time.perf_counter() - t0
+        if error is None and len(items) > 1:
+            # (call_each numbers an error by start + results so far: the same start.)
+            error = call_each(func, itertools.islice(items, 1, None), star, start, out,
+                              in_caller=False, where=where)
+    else:
+        error = call_each(func, items, star, start, out, in_caller=False, where=where)
     compute = time.perf_counter() - t0
     if error is None:
-        return ChunkResult(out, len(out), compute, os.getpid())
+        return ChunkResult(out, len(out), compute, os.getpid(), first_call_s=first)
     return ChunkResult(
         results=out,
         n_done=len(out),
@@ -761,6 +785,7 @@ def run_items(func: Callable[..., Any], start: int, items: list[Any], star: bool
         error=error,
         error_index=start + len(out),
         error_tb=_remote_text(error),
+        first_call_s=first,
     )
 
 

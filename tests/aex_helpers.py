@@ -441,3 +441,73 @@ def init_pid_state():
     """An initializer whose state is the process's own: its pid."""
     global _INIT_STATE
     _INIT_STATE = os.getpid()
+
+
+def spin_logged(x, path, seconds=0.5):
+    """Keeps a CPU busy ``seconds``; appends 'x pid start end' (monotonic, machine-wide on
+    Linux) to ``path``; returns 2x."""
+    t0 = time.monotonic()
+    spin(seconds)
+    with open(path, "a") as f:
+        f.write(f"{x} {os.getpid()} {t0} {time.monotonic()}\n")
+    return 2 * x
+
+
+def read_spin_log(path):
+    """{item: (pid, start, end)} from spin_logged's file."""
+    out = {}
+    with open(path) as f:
+        for line in f:
+            x, pid, a, b = line.split()
+            out[int(x)] = (int(pid), float(a), float(b))
+    return out
+
+
+_TABLE: dict = {}
+
+
+def lazy_table(x, setup=0.3, cost=0.005):
+    """Builds a table on its first call in each process (``setup`` seconds of CPU, as an
+    import or a model load would), then costs ``cost`` per item."""
+    if "built" not in _TABLE:
+        spin(setup)
+        _TABLE["built"] = os.getpid()
+    spin(cost)
+    return x + 1
+
+
+def forget_table():
+    _TABLE.clear()
+
+
+def worker_children():
+    """This process's children that are workers (psutil.Process list): not the helpers
+    that live as long as it does (resource trackers, the template of backends/starts.py)."""
+    import psutil
+
+    out = []
+    for c in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(c.cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        if "resource_tracker" not in cmd and "adaptive_exec.backends.starts" not in cmd:
+            out.append(c)
+    return out
+
+
+def communicate_or_dump(proc, timeout, what="the child"):
+    """proc.communicate(timeout): (out, err). A child that hangs is sent SIGABRT first,
+    so that (run with PYTHONFAULTHANDLER=1) it prints every thread's stack, and the test
+    fails with it."""
+    import signal
+    import subprocess
+
+    import pytest
+
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        out, err = proc.communicate(timeout=10)
+        pytest.fail(f"{what} hung:\n{err[-8000:]}")

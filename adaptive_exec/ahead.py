@@ -1,0 +1,158 @@
+"""Items sent to the pool while the caller still runs its first ones.
+
+A map measures its function on its first items, in the caller. When one of those calls
+runs long (a 500 ms function), deciding only once it returns is the stall of a
+sample-then-decide design: two such items ran one after the other. So the sampling
+watch (adapt.SamplingWatch), once it has started the pool, also hands it the next items,
+one per worker, while the caller's call goes on; the map's parallel run
+(dispatch.ParallelRun) takes them over, still in flight, when sampling ends.
+
+    caller: item 0 (long) .......... [item 1, reserved] -> its sample ends
+    watch:      pool up -> items 2, 3 to the workers, topped up as they finish
+    ParallelRun: items 2, 3 in flight, then the rest, in index order
+
+Only a list's, tuple's or range's items are read from the watch's thread: a generator
+is only ever advanced by the caller's own (a sqlite cursor, thread-local state).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import threading
+import time
+from typing import Any, Iterator, Optional
+
+from .dispatch import Pending
+from .worker import NEED_FUNCTION
+
+
+class SharedSource:
+    """The input, read one item at a time by the caller's sampling loop and by the
+    watch, in order. Once the watch has taken over (``hand_over``), the caller gets the
+    items reserved for it and then its loop ends: the caller's items stay the first ones,
+    the pool's follow them."""
+
+    def __init__(self, it: Iterator[Any]):
+        self._it = it
+        self._lock = threading.Lock()
+        self.taken = 0  # items read so far, by either side
+        self.reserved: collections.deque[Any] = collections.deque()  # for the caller
+        self.handed = False  # the watch took over
+        self.cut = False  # the caller's loop was ended by the hand-over (not by the input)
+        self.closed = False  # sampling ended: the watch reads nothing more
+
+    def __iter__(self) -> SharedSource:
+        return self
+
+    def __next__(self) -> Any:  # the caller's sampling loop
+        with self._lock:
+            if self.reserved:
+                return self.reserved.popleft()
+            if self.handed:
+                self.cut = True
+                raise StopIteration
+            item = next(self._it)
+            self.taken += 1
+            return item
+
+    def hand_over(self, reserve: int) -> bool:
+        """The watch takes over: ``reserve`` more items are kept for the caller (its
+        sample then shows a second call: a first call's one-time cost is told from the
+        next ones'). False when sampling already ended."""
+        with self._lock:
+            if self.closed:
+                return False
+            self.handed = True
+            for _ in range(reserve):
+                item = next(self._it, _END)
+                if item is _END:
+                    break
+                self.reserved.append(item)
+                self.taken += 1
+            return True
+
+    def take(self) -> Optional[tuple[int, Any]]:
+        """The next item for the pool, with its index; None once sampling ended or the
+        input ran out."""
+        with self._lock:
+            if self.closed:
+                return None
+            item = next(self._it, _END)
+            if item is _END:
+                return None
+            self.taken += 1
+            return self.taken - 1, item
+
+    def close(self) -> None:
+        """Sampling ended: the watch takes nothing more."""
+        with self._lock:
+            self.closed = True
+
+    def wants_more(self) -> bool:
+        """Items are still reserved for the caller's sample."""
+        return bool(self.reserved)
+
+    def rest(self) -> Iterator[Any]:
+        """What is left of the input, for the map to run (after ``close``)."""
+        return self._it
+
+
+_END = object()
+
+
+class SentAhead:
+    """The items the watch sent to the pool, one per task, topped up to one per worker
+    as they finish, until sampling ends; then handed to the map's parallel run."""
+
+    def __init__(self, source: SharedSource, target: Any, executor: Any, n_workers: int):
+        self.source = source
+        self.target = target  # a backends.loky.LokyTarget
+        self.executor = executor
+        self.n_workers = n_workers
+        self.pending: dict[cf.Future, Pending] = {}
+        self.unsent: list[Pending] = []  # taken from the input, not in the pool
+        self.first_sent: Optional[float] = None  # perf_counter() of the first send
+
+    def feed(self) -> bool:
+        """Top the pool up to one item per worker; resend, whole, an item whose worker
+        lacked the function. False once nothing more is to be sent."""
+        for fut in [f for f in self.pending if f.done()]:
+            try:
+                res = fut.result()
+            except BaseException:  # a dead worker, a cancel: the parallel run deals with it
+                continue
+            if res.status == NEED_FUNCTION and not self._send(self.pending.pop(fut), True):
+                return False
+        while sum(1 for f in self.pending if not f.done()) < self.n_workers:
+            got = self.source.take()
+            if got is None:
+                return False
+            index, item = got
+            if not self._send(Pending(index, [item])):
+                return False
+        return True
+
+    def _send(self, info: Pending, full: bool = False) -> bool:
+        """Submit ``info``; one that could not be (the pool went, an item that cannot be
+        pickled) is kept for the parallel run to send again (or run in the caller)."""
+        try:
+            fut = self.target.submit(self.executor, info.items, info.start, full)
+        except Exception:
+            self.unsent.append(info)
+            return False
+        info.submitted = time.perf_counter()
+        if self.first_sent is None:
+            self.first_sent = info.submitted
+        info.executor = self.executor
+        self.pending[fut] = info
+        return True
+
+    @property
+    def n_items(self) -> int:
+        """Items taken from the input for the pool."""
+        return sum(info.n for info in self.pending.values()) + sum(i.n for i in self.unsent)
+
+    def cancel(self) -> None:
+        for fut, info in self.pending.items():
+            self.target.cancel(fut, info.executor)

@@ -1,0 +1,145 @@
+"""Items sent to the pool while the caller's first, long call runs (adaptive_exec/ahead.py).
+
+Issue 14: "two items of 500 ms ran one after the other (the caller samples the first,
+then decides)". Here the items behind a long first call reach workers while it runs;
+order, errors, crashes, Ctrl-C and generators behave as the loop's.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import aex_helpers as h
+import psutil
+import pytest
+
+from adaptive_exec import WorkerCrashedError, parallelize
+
+TESTS = os.path.dirname(__file__)
+
+
+def _spinning(tmp_path, seconds):
+    path = str(tmp_path / "calls")
+    return path, parallelize(functools.partial(h.spin_logged, path=path, seconds=seconds),
+                             cache=False)
+
+
+def test_the_items_behind_a_long_first_call_run_in_workers_meanwhile(tmp_path):
+    path, pf = _spinning(tmp_path, 0.8)
+    assert pf.map(range(3)) == [0, 2, 4]
+    log = h.read_spin_log(path)
+    me = os.getpid()
+    pid0, _, end0 = log[0]
+    assert pid0 == me  # the first item is measured here
+    behind = [log[1], log[2]]
+    assert all(pid != me for pid, _, _ in behind), log  # the others went to workers...
+    assert any(start < end0 for _, start, _ in behind), log  # ...while the first ran
+    report = pf.last_report
+    assert "went to the pool while the first call ran here" in report.plan.reason
+    assert report.plan.mode == "parallel" and report.ran is None
+
+
+def test_with_more_items_than_workers_the_caller_measures_a_second_call(tmp_path):
+    # Its second call tells a first call's one-time cost from the next ones'.
+    path, pf = _spinning(tmp_path, 0.3)
+    n = 2 + 2 * psutil.cpu_count() + 2
+    assert pf.map(range(n)) == [2 * x for x in range(n)]
+    log = h.read_spin_log(path)
+    here = sorted(x for x, (pid, _, _) in log.items() if pid == os.getpid())
+    assert here[:2] == [0, 1], log
+    assert pf.last_report.n_sampled == 2
+
+
+def test_a_generator_is_only_advanced_by_the_callers_thread(tmp_path):
+    seen = []
+
+    def items():
+        for i in range(3):
+            seen.append(threading.get_ident())
+            yield i
+
+    _, pf = _spinning(tmp_path, 0.4)
+    assert pf.map(items()) == [0, 2, 4]
+    assert set(seen) == {threading.get_ident()}
+    assert "went to the pool" not in pf.last_report.plan.reason
+
+
+def test_a_long_first_call_that_raises_is_raised_with_nothing_after_it(tmp_path):
+    pf = parallelize(functools.partial(h.faulty, raise_on=frozenset({0}), cost=0.5),
+                     cache=False)
+    with pytest.raises(ValueError, match="raised on 0") as info:
+        pf.map(range(4))
+    assert info.value.item_index == 0
+    got, error = h.outcome(pf.imap, range(4))
+    assert got == [] and error == (ValueError, 0)
+    # The pool is usable afterwards.
+    assert parallelize(h.heavy, backend="loky").map(range(8)) == [3 * x for x in range(8)]
+
+
+def test_an_item_sent_ahead_that_raises_or_kills_its_worker_comes_in_its_turn():
+    raising = parallelize(functools.partial(h.faulty, raise_on=frozenset({2}), cost=0.4),
+                          cache=False)
+    assert h.outcome(raising.imap, range(4)) == ([0, 10], (ValueError, 2))
+    # (Items 0 and 1 run here, 2 and 3 are sent ahead: see the test above.)
+    crashing = parallelize(functools.partial(h.faulty, crash=frozenset({3}), cost=0.4),
+                           cache=False)
+    got, error = h.outcome(crashing.imap, range(4))
+    assert got == [0, 10, 20] and error == (WorkerCrashedError, 3)
+
+
+CTRL_C_CHILD = textwrap.dedent("""
+    import json, os, sys, time
+    import signal
+    # Ctrl-C raises KeyboardInterrupt, as in a terminal: a test run started in the
+    # background (cmd &) hands its children SIGINT ignored, and Python then installs no
+    # handler (seen: this test hung in such runs).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.path.insert(0, {tests!r})
+    import psutil
+    import aex_helpers as h
+    from adaptive_exec import parallelize
+
+    slow = parallelize(lambda x: h.faulty(x, cost=1.5), cache=False)
+    try:
+        print("go", flush=True)
+        slow.map(range(4))
+        print("finished", flush=True)
+    except KeyboardInterrupt:
+        gone, left = psutil.wait_procs(h.worker_children(), timeout=3)
+        print(json.dumps({{"left": [p.pid for p in left]}}), flush=True)
+""")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_ctrl_c_while_items_run_ahead_leaves_no_worker(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(CTRL_C_CHILD.format(tests=TESTS))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+    family = [proc.pid]
+    try:
+        assert proc.stdout.readline().strip() == "go"
+        # The first call runs 1.5 s: at 1.0 s the items behind it are in workers.
+        time.sleep(1.0)
+        family += [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        proc.send_signal(signal.SIGINT)
+        out, err = h.communicate_or_dump(proc, 30, "the child, after Ctrl-C,")
+        last = out.strip().splitlines()[-1]
+        assert last == '{"left": []}', out + err[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        for pid in family:
+            try:
+                psutil.Process(pid).kill()
+            except psutil.NoSuchProcess:
+                pass

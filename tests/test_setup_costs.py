@@ -1,0 +1,52 @@
+"""One-time costs told from per-item costs (issue 14: a function whose first call pays a
+set-up was planned from that one call, 1.8 s of work estimated at 171 s in chunks of 1)."""
+
+from __future__ import annotations
+
+import functools
+
+import aex_helpers as h
+import pytest
+
+from adaptive_exec import cache, parallelize
+from adaptive_exec.fingerprint import fingerprint
+from adaptive_exec.sampling import features_from
+
+
+def _features(durations):
+    return features_from(durations, [10], [10], 0, 100, sum(durations), sum(durations), True)
+
+
+def test_a_first_call_far_slower_than_the_next_is_a_set_up_not_the_mean():
+    f = _features([1.0, 0.010, 0.011, 0.009])
+    assert f.setup_s == pytest.approx(0.99)
+    assert f.mean_s == pytest.approx(0.010)
+    assert f.n_samples == 4
+    # A first call only somewhat slower (a cold cache), or one call alone: no set-up.
+    assert _features([0.003, 0.002, 0.002]).setup_s is None
+    assert _features([0.5]).setup_s is None and _features([0.5]).mean_s == 0.5
+    # Microseconds are not a set-up worth planning on.
+    assert _features([0.0005, 1e-6, 1e-6]).setup_s is None
+
+
+def test_a_function_that_builds_a_table_on_its_first_call_is_planned_per_item():
+    h.forget_table()
+    func = functools.partial(h.lazy_table, setup=0.5, cost=0.005)
+    pf = parallelize(func)
+    n = 300
+    assert pf.map(range(n)) == [x + 1 for x in range(n)]
+    report = pf.last_report
+    plan = report.plan
+    # Measured here on two calls: the first's set-up is set apart, the mean is the rest.
+    assert plan.features["setup_s"] == pytest.approx(0.5, rel=0.5)
+    assert plan.features["mean_s"] < 0.05
+    assert "one-time set-up (first call in a process)" in plan.explain()
+    # Workers built their own table: each paid it once, not per item.
+    assert report.worker_setup_s is not None and report.worker_setup_s > 0.2
+    assert report.observed_item_s < 0.05
+    # Remembered apart: the next map plans per item, and its workers have the table.
+    entry = cache.lookup(fingerprint(func))
+    assert entry.features.setup_s is not None and entry.features.mean_s < 0.05
+    again = parallelize(func).plan(range(n))
+    assert again.from_cache and "set-up in each worker" not in again.reason
+    assert again.estimated_parallel_s < 5 * again.features["mean_s"] * n
