@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import threading
@@ -96,3 +97,15 @@ def _end_pool():
     for p in alive:
         p.kill()
     assert not alive, f"worker processes survived the module: {[p.pid for p in alive]}"
+
+
+# After the last test, the process must exit: one that waits on more than this (an exit
+# hook joining a thread or a child that never ends: seen once in ~10 runs of
+# test_faults.py, with no stack to tell which) prints every thread's stack and exits 1,
+# rather than holding CI until its own limit.
+EXIT_DEADLINE_S = 60
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    faulthandler.dump_traceback_later(EXIT_DEADLINE_S, exit=True)
