@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 import threading
 import time
@@ -149,6 +150,40 @@ def monitor(options: Options, plan: Plan, features: Features
     return decide
 
 
+_switch_lock = threading.Lock()
+_switch_users = 0
+_switch_before = 0.0
+
+
+def _fast_switching(on: bool) -> None:
+    """The GIL's switch interval at SWITCH_INTERVAL_S while any watch works, restored
+    when the last one is done (watches of maps in several threads overlap)."""
+    global _switch_users, _switch_before
+    with _switch_lock:
+        if on:
+            if _switch_users == 0:
+                _switch_before = sys.getswitchinterval()
+                sys.setswitchinterval(min(_switch_before, SWITCH_INTERVAL_S))
+            _switch_users += 1
+        else:
+            _switch_users -= 1
+            if _switch_users == 0:
+                sys.setswitchinterval(_switch_before)
+
+
+def _after_fork_in_child() -> None:
+    # No watch came along with the fork; the lock may have been held by one.
+    global _switch_lock, _switch_users
+    _switch_lock = threading.Lock()
+    if _switch_users:
+        sys.setswitchinterval(_switch_before)
+    _switch_users = 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class SamplingWatch:
     """While the first items are sampled, start the pool as soon as they alone show
     that one will be worth it: a 300 ms function then finds its workers up when its
@@ -184,6 +219,7 @@ class SamplingWatch:
         self.started: Any = None  # the executor this watch started ahead, if any
         self.ahead: Optional[ahead.SentAhead] = None  # items it sent to that pool
         self.sending = False  # it sends items ahead: the map waits for it to hand them over
+        self.switching = False  # it holds the GIL's switch interval low (_fast_switching)
         # Set when the map is left before using that pool. With ``started``, under
         # ``_lock``: a map left while this thread is still starting the pool (a start
         # takes ~0.3 s on loky's path) must not leave that pool running once started.
@@ -211,7 +247,6 @@ class SamplingWatch:
         delay = 0.005
         cpu0 = time.process_time()
         decided = False
-        switch = sys.getswitchinterval()
         try:
             while not self.done.wait(delay):
                 delay = min(delay * 2, 0.05)
@@ -226,14 +261,18 @@ class SamplingWatch:
                     # caller's call holds the GIL: at the default 5 ms switch interval
                     # each of the many hand-offs that takes waits that long (importing
                     # loky took ~0.5 s beside a busy pure-Python call, ~30 ms alone).
-                    sys.setswitchinterval(min(switch, SWITCH_INTERVAL_S))
+                    _fast_switching(True)
+                    self.switching = True
                     decided = self._check(elapsed)
                     if decided and not self._may_send_ahead():
                         return
                 if decided and self._long_call() and self._send_ahead():
                     return
+        except Exception as exc:  # a start ahead is a bonus: the map runs without it
+            logger.debug("start ahead: %r", exc)
         finally:
-            sys.setswitchinterval(switch)
+            if self.switching:
+                _fast_switching(False)
             self.cpu_s = time.thread_time()
 
     def cpu_spent(self) -> float:

@@ -47,6 +47,7 @@ from .errors import (
     attach_origin,
     warn_user,
 )
+from .planner import MAX_CHUNK_S
 from .sampling import SETUP_MIN_S, SETUP_RATIO
 from .worker import FALLBACK, NEED_FUNCTION, ChunkResult, run_here
 
@@ -79,6 +80,10 @@ UNNOTED_START_S = 30.0
 # worker are held before no new chunk is sent (a judgement: the memory a slow consumer
 # or one slow chunk can pin stays bounded, and skewed work keeps ~4 chunks of slack).
 BUFFERED_PER_WORKER = 4
+# Items costing this many times more or less in the workers than planned are "far off":
+# chunks are resized to keep their planned duration (_Chunks._sized). A judgement: within
+# 2x the plan's chunks stay as good as any (their cost is flat near the optimum).
+RESIZE_AT = 2.0
 
 _END = object()
 
@@ -169,28 +174,50 @@ class RunSpec:
 
 
 class _Chunks:
-    """Chunk sizes during a run: the plan's size, shrinking towards the end (guided
-    self-scheduling), never so small that per-task overhead dominates."""
+    """Chunk sizes during a run: the plan's size, resized when the workers show items
+    costing far from what was planned (the chunk's planned duration is kept), shrinking
+    towards the end (guided self-scheduling), never so small that per-task overhead
+    dominates."""
 
     def __init__(self, spec: RunSpec, n_left: Optional[int]):
         self.fixed = spec.fixed_chunksize or spec.timeout is not None
         self.size = 1 if spec.timeout is not None else max(1, spec.chunksize)
-        if spec.max_chunk_items is not None and not self.fixed:
-            self.size = min(self.size, spec.max_chunk_items)
+        self.cap = spec.max_chunk_items if not self.fixed else None
+        if self.cap is not None:
+            self.size = min(self.size, self.cap)
         self.n_workers = spec.n_workers
         self.task_overhead_s = spec.task_overhead_s
+        self.item_s = spec.item_s  # what the plan expected an item to cost
         self.n_left = n_left  # items still to read from the source, when known
         self.per_item_s: Optional[float] = None  # observed in workers, smoothed
+        self.resized: Optional[int] = None  # the size the workers' times led to, if any
+
+    def _sized(self) -> int:
+        """The plan's size; once the workers' items cost RESIZE_AT times more or less than
+        planned, the size that gives a chunk its planned duration (at most MAX_CHUNK_S):
+        a plan made on a wrong time (a set-up taken for the mean, a busy moment) does not
+        keep chunks of 1 for 10 ms items, nor 200 items for 20 ms ones."""
+        if not self.per_item_s or not self.item_s:
+            return self.size
+        if 1 / RESIZE_AT < self.item_s / self.per_item_s < RESIZE_AT:
+            return self.size
+        target_s = min(self.size * self.item_s, MAX_CHUNK_S)
+        c = max(1, int(target_s / self.per_item_s))
+        if self.cap is not None:
+            c = min(c, self.cap)
+        if c != self.size:
+            self.resized = c
+        return c
 
     def next(self) -> int:
         if self.fixed:
             return self.size
-        c = self.size
+        sized = c = self._sized()
         if self.n_left is not None:
             c = min(c, math.ceil(self.n_left / (GUIDED_SPLIT * self.n_workers)))
         if self.per_item_s and self.task_overhead_s:
             floor = math.ceil(self.task_overhead_s / (OVERHEAD_SHARE * self.per_item_s))
-            c = max(c, min(floor, self.size))
+            c = max(c, min(floor, sized))
         return max(1, c)
 
     def taken(self, n: int) -> None:

@@ -301,6 +301,9 @@ class RunReport:
     # The one-time set-up the pool's workers showed in their first calls (the median
     # over workers; not counted in observed_item_s); None when none stood out.
     worker_setup_s: Optional[float] = None
+    # How the run corrected a plan that was far off ("items took 10.0 ms in the workers,
+    # not the 2.00 s planned: chunks of 1 became 9"); None when it followed the plan.
+    adjusted: Optional[str] = None
 
     def __str__(self) -> str:
         """One line for people: what ran, how long it took, what was estimated."""
@@ -322,4 +325,4 @@ class RunReport:
                f"estimated {fmt_s(plan.estimated_s)}")
         if self.from_cache:
             out += ", from cache"
-        return f"{out}; {self.ran}" if self.ran else out
+        return "; ".join(part for part in (out, self.ran, self.adjusted) if part)

@@ -124,6 +124,7 @@ class MapRun:
         self.start_path: Optional[str] = None  # how the process pool's workers started
         self.ran: Optional[str] = None  # what ran, where it differs from the plan
         self.setups: list[float] = []  # one-time set-ups seen in workers' first calls
+        self.adjusted: Optional[str] = None  # how the run corrected a far-off plan
         # A threads run that lost its trial: (items, seconds) it ran on threads.
         self.threads_trial: Optional[tuple[int, float]] = None
         # Told what runs the items: the plan once known, again when it changes, and the
@@ -362,6 +363,7 @@ class MapRun:
             start_path=self.start_path,
             ran=self.ran,
             worker_setup_s=self._worker_setup(),
+            adjusted=self.adjusted,
         ))
 
     def _worker_setup(self) -> Optional[float]:
@@ -511,6 +513,11 @@ class MapRun:
                     run.drain()
         self.timeline = run.timeline
         self.setups += run.setups
+        resized, seen = run.chunks.resized, run.chunks.per_item_s
+        if resized is not None and seen is not None:
+            self.adjusted = (f"items took {fmt_s(seen)} in the workers, not the "
+                             f"{fmt_s(self.features.mean_s)} planned: chunks of "
+                             f"{plan.chunksize:,} became {resized:,}")
         if run.local_items:
             self.ran = (f"{run.local_items:,} of the items ran in the caller: "
                         f"{run.cross.reason}")

@@ -101,3 +101,28 @@ def test_chunks_shrink_towards_the_end(tmp_path):
     assert sizes[0] == 500  # the plan's chunk is the upper bound
     assert sizes[-1] < sizes[0] / 4  # the last chunks are small: workers end together
     assert sizes == sorted(sizes, reverse=True)
+
+
+def test_chunks_follow_what_items_cost_in_the_workers_and_the_report_says_so():
+    # Issue 14, item 6: a plan made on a far-off time per item (here a remembered 200 ms
+    # for items of 2 ms: chunks of 1) is corrected during the run.
+    import functools
+
+    from adaptive_exec import cache
+    from adaptive_exec.fingerprint import fingerprint
+    from adaptive_exec.records import Features
+
+    func = functools.partial(h.faulty, cost=0.002)
+    assert cache.observe(fingerprint(func), module="m", qualname="q",
+                         sampled=Features(0.2, 0.0, 30, 30, 0, 40, 5, 1.0),
+                         observed_item_s=None, run=None)
+    pf = parallelize(func, backend="loky")
+    assert pf.map(range(600)) == [10 * x for x in range(600)]
+    report = pf.last_report
+    assert report.plan.chunksize == 1 and report.plan.from_cache
+    assert report.adjusted is not None and "not the 200.0 ms planned" in report.adjusted
+    became = int(report.adjusted.rsplit(" ", 1)[1].replace(",", ""))
+    assert became >= 10, report.adjusted
+    assert report.adjusted in str(report)
+    # The next plan starts from what the workers saw.
+    assert cache.lookup(fingerprint(func)).features.mean_s < 0.02
