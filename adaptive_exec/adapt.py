@@ -355,13 +355,15 @@ class SamplingWatch:
             return True  # a large function: the map's plan decides if it is worth shipping
         target = loky_backend.LokyTarget(ref, self.star)
         executor, _ = target.open(cpus)
+        # Made before the hand-over: the map then finds every item the watch read from
+        # the input here, or in the source's leftover (ahead.SharedSource.close).
+        sent = ahead.SentAhead(self.source, target, executor, cpus)
+        self.ahead = sent
         # The caller keeps one more item when there are more than the workers take: its
         # sample then shows a second call (a one-time cost is told from the next ones').
         reserve = 1 if self._left() - 1 > cpus else 0
         if not self.source.hand_over(reserve):
             return True
-        sent = ahead.SentAhead(self.source, target, executor, cpus)
-        self.ahead = sent
         while sent.feed() and not self.done.wait(0.005):
             pass
         return True

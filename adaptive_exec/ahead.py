@@ -37,7 +37,10 @@ class SharedSource:
         self._it = it
         self._lock = threading.Lock()
         self.taken = 0  # items read so far, by either side
-        self.reserved: collections.deque[Any] = collections.deque()  # for the caller
+        # (index, item) read for the caller, not yet given to it; what is left of them
+        # when sampling ends (the caller's loop had ended first) is ``leftover``.
+        self.reserved: collections.deque[tuple[int, Any]] = collections.deque()
+        self.leftover: list[tuple[int, Any]] = []
         self.handed = False  # the watch took over
         self.cut = False  # the caller's loop was ended by the hand-over (not by the input)
         self.closed = False  # sampling ended: the watch reads nothing more
@@ -48,7 +51,7 @@ class SharedSource:
     def __next__(self) -> Any:  # the caller's sampling loop
         with self._lock:
             if self.reserved:
-                return self.reserved.popleft()
+                return self.reserved.popleft()[1]
             if self.handed:
                 self.cut = True
                 raise StopIteration
@@ -68,7 +71,7 @@ class SharedSource:
                 item = next(self._it, _END)
                 if item is _END:
                     break
-                self.reserved.append(item)
+                self.reserved.append((self.taken, item))
                 self.taken += 1
             return True
 
@@ -85,9 +88,13 @@ class SharedSource:
             return self.taken - 1, item
 
     def close(self) -> None:
-        """Sampling ended: the watch takes nothing more."""
+        """Sampling ended: the watch takes nothing more. Items reserved for the caller
+        that it did not take (its loop had ended just before the hand-over) are kept in
+        ``leftover``, for the map to run in their turn: never dropped."""
         with self._lock:
             self.closed = True
+            self.leftover = list(self.reserved)
+            self.reserved.clear()
 
     def wants_more(self) -> bool:
         """Items are still reserved for the caller's sample."""

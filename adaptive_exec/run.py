@@ -30,7 +30,7 @@ from .backends import loky as loky_backend
 from .backends import serial as serial_backend
 from .backends import starts
 from .backends.threads import ThreadTarget
-from .dispatch import ParallelRun, RunSpec
+from .dispatch import ParallelRun, Pending, RunSpec
 from .errors import UnpicklableWarning, warn_user
 from .fingerprint import describe, function_complexity
 from .records import Calibration, Features, Options, Plan, RunReport, empty_plan, fmt_bytes, fmt_s
@@ -232,6 +232,11 @@ class MapRun:
         sent = watch.ahead if watch is not None else None
         if source is not None:
             self.it = source.rest()
+            if source.leftover:
+                # Read for the caller after its loop had ended: run in their turn, before
+                # the items sent ahead (their indices come first).
+                assert sent is not None, "items were handed over without a SentAhead"
+                sent.unsent[:0] = [Pending(i, [item]) for i, item in source.leftover]
         try:
             if s.error is not None:
                 if sent is not None and watch is not None:

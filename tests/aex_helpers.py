@@ -511,3 +511,20 @@ def communicate_or_dump(proc, timeout, what="the child"):
         proc.send_signal(signal.SIGABRT)
         out, err = proc.communicate(timeout=10)
         pytest.fail(f"{what} hung:\n{err[-8000:]}")
+
+
+_FIRST_SLOW: dict = {}
+
+
+def slow_first_call(x, first=0.15, cost=0.001):
+    """The first call in each process spins ``first`` seconds, the others ``cost``."""
+    if "done" not in _FIRST_SLOW:
+        _FIRST_SLOW["done"] = True
+        spin(first)
+    else:
+        spin(cost)
+    return 3 * x
+
+
+def forget_first_call():
+    _FIRST_SLOW.clear()

@@ -143,3 +143,26 @@ def test_ctrl_c_while_items_run_ahead_leaves_no_worker(tmp_path):
                 psutil.Process(pid).kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+def test_an_item_read_for_the_caller_after_its_sample_ended_is_not_lost(monkeypatch):
+    # A benchmark run lost 3 of 200 items (numpy, whose first call is long): the watch
+    # handed over, reserving an item for the caller's sample, just after that sample's
+    # loop had ended; nobody ran the item. The window is widened here: the sample
+    # returns, then waits while the watch starts the pool and hands over.
+    import time as clock
+
+    from adaptive_exec import run as run_module
+
+    real_sample = run_module.sample
+
+    def sample_then_linger(*args, **kwargs):
+        out = real_sample(*args, **kwargs)
+        clock.sleep(0.8)
+        return out
+
+    monkeypatch.setattr(run_module, "sample", sample_then_linger)
+    h.forget_first_call()
+    pf = parallelize(h.slow_first_call, cache=False)
+    assert pf.map(list(range(60))) == [3 * x for x in range(60)]
+    assert "went to the pool" in pf.last_report.plan.reason  # the race was reached
