@@ -221,7 +221,8 @@ class MapRun:
                        complexity=function_complexity(self.func),
                        on_item=watch.on_item if watch else None,
                        ours_cpu=watch.cpu_spent if watch else None,
-                       keep_going=source.wants_more if source is not None else None)
+                       keep_going=(lambda n: source.wants_more() or watch.wants_second(n))
+                       if source is not None and watch is not None else None)
         except BaseException:
             if watch is not None:
                 watch.abandon()  # Ctrl-C: nothing sent ahead runs on

@@ -122,7 +122,7 @@ def sample(
     item_budget: int = ITEM_BUDGET,
     on_item: Optional[Callable[[int], float]] = None,
     ours_cpu: Optional[Callable[[], float]] = None,
-    keep_going: Optional[Callable[[], bool]] = None,
+    keep_going: Optional[Callable[[int], bool]] = None,
 ) -> Sample:
     """Run ``func`` on the first items of ``items`` (consumed) until the budget is spent.
 
@@ -132,8 +132,8 @@ def sample(
     timing, and returns the CPU seconds it spent (then neither that nor its time is the
     function's);
     ``ours_cpu()`` is CPU that other threads of ours spent meanwhile (not the function's);
-    ``keep_going()``, when given, says the sample must go on past its budgets (items
-    were kept for it: ahead.SharedSource).
+    ``keep_going(calls completed)``, when given, says the sample must go on past its
+    budgets (items were kept for it, or are about to be: ahead.SharedSource).
     """
     watch = _Watch(time_budget_s, item_budget, on_item, keep_going)
     results: list[Any] = []
@@ -168,7 +168,7 @@ class _Watch:
 
     def __init__(self, time_budget_s: float, item_budget: int,
                  on_item: Optional[Callable[[int], float]],
-                 keep_going: Optional[Callable[[], bool]] = None) -> None:
+                 keep_going: Optional[Callable[[int], bool]] = None) -> None:
         self.time_budget_s = time_budget_s
         self.item_budget = item_budget
         self.on_item = on_item
@@ -213,7 +213,7 @@ class _Watch:
                 self.in_sizes.append(in_size)
                 self.out_sizes.append(out_size)
         if n >= self.item_budget or t1 - self.start >= self.time_budget_s:
-            self.stopped = self.keep_going is None or not self.keep_going()
+            self.stopped = self.keep_going is None or not self.keep_going(n)
         return self.stopped
 
 
