@@ -129,7 +129,7 @@ def monitor(options: Options, plan: Plan, features: Features
     """decide(busy workers now) -> (how many to keep busy, why), re-read from the
     machine; the why ("load: 1 of 2 cores busy with other processes", "memory: 200.0 MB
     free, below the reserve") opens the line logged when the number changes."""
-    probe = system.LoadProbe(loky_backend.worker_pids)
+    probe = system.LoadProbe(loky_backend.our_pids)
     per_worker = (loky_backend.worker_rss() or planner.WORKER_BASE_MEMORY) + (
         features.peak_memory or 0)
 
@@ -224,6 +224,11 @@ class SamplingWatch:
         self.sending = False  # it sends items ahead: the map waits for it to hand them over
         self.switching = False  # it holds the GIL's switch interval low (_fast_switching)
         self.template_asked = False  # it had the template started early (_template_early)
+        # What items sent ahead may take (_ahead_width): the caller's memory now, to see
+        # how much its long call has grown it; other processes' load, read from the
+        # watch's first decision on (not the map's probe: its plan-time window).
+        self.rss0 = system.process_rss(os.getpid()) if source is not None else None
+        self.probe: Optional[system.LoadProbe] = None
         # Set when the map is left before using that pool. With ``started``, under
         # ``_lock``: a map left while this thread is still starting the pool (a start
         # takes ~0.3 s on loky's path) must not leave that pool running once started.
@@ -267,8 +272,11 @@ class SamplingWatch:
                     # caller's call holds the GIL: at the default 5 ms switch interval
                     # each of the many hand-offs that takes waits that long (importing
                     # loky took ~0.5 s beside a busy pure-Python call, ~30 ms alone).
-                    _fast_switching(True)
-                    self.switching = True
+                    if not self.switching:
+                        _fast_switching(True)
+                        self.switching = True
+                    if self.probe is None and self.source is not None:
+                        self.probe = system.LoadProbe(loky_backend.our_pids)
                     decided = self._check(elapsed)
                     if decided and not self._may_send_ahead():
                         return
@@ -375,9 +383,12 @@ class SamplingWatch:
             return True  # a large function: the map's plan decides if it is worth shipping
         target = loky_backend.LokyTarget(ref, self.star)
         executor, _ = target.open(cpus)
+        width = self._ahead_width(cpus)
+        if width < 2:
+            return True  # load or memory leave room for one worker: the plan decides
         # Made before the hand-over: the map then finds every item the watch read from
         # the input here, or in the source's leftover (ahead.SharedSource.close).
-        sent = ahead.SentAhead(self.source, target, executor, cpus)
+        sent = ahead.SentAhead(self.source, target, executor, width)
         self.ahead = sent
         # The caller keeps one more item when there are more than the workers take: its
         # sample then shows a second call (a one-time cost is told from the next ones').
@@ -387,6 +398,20 @@ class SamplingWatch:
         while sent.feed() and not self.done.wait(0.005):
             pass
         return True
+
+    def _ahead_width(self, cpus: int) -> int:
+        """Workers items may go ahead to, as the plan would size a pool now: the pool's,
+        less the CPUs other processes keep busy, and no more than the memory room (and
+        max_memory) holds for calls as large as the current one has grown so far."""
+        others = self.probe.others() if self.probe is not None else None
+        snap = system.snapshot(self.options.max_workers, with_memory=True,
+                               max_memory=self.options.max_memory, others_load=others,
+                               worker_memory=loky_backend.worker_rss())
+        width = min(cpus, snap.usable_cpus - system.busy_cpus(snap.others_load))
+        now = system.process_rss(os.getpid())
+        grown = max(0, now - self.rss0) if now is not None and self.rss0 is not None else 0
+        cap = planner.memory_cap(Features(0.0, None, None, None, grown, 0, 0, None), snap)
+        return min(width, cap) if cap is not None else width
 
     def wants_second(self, finished: int) -> bool:
         """Should the caller's sample go on to a second call? Yes while this watch is

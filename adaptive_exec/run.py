@@ -177,7 +177,7 @@ class MapRun:
         self.client = adapt.dask_client(self.options) if self.forced is None else None
         if self.forced is None and self.client is None and adapt.pool_cpus(self.options):
             # Other processes' CPU load is measured over the time from here to the plan.
-            self.load = system.LoadProbe(loky_backend.worker_pids)
+            self.load = system.LoadProbe(loky_backend.our_pids)
             if ((self.n_known is None or self.n_known >= 2)
                     and loky_backend.start_path() == starts.TEMPLATE):
                 starts.start_template_ahead()  # a threaded caller's workers come from it

@@ -20,9 +20,22 @@ import aex_helpers as h
 import psutil
 import pytest
 
-from adaptive_exec import WorkerCrashedError, parallelize
+from adaptive_exec import WorkerCrashedError, parallelize, system
 
 TESTS = os.path.dirname(__file__)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_machine(request):
+    """The mechanics of sending ahead, on a machine read as quiet (the system seam): on
+    2 cores another busy process leaves room for one worker, and nothing is sent ahead,
+    which the real-load test below checks with a real busy process."""
+    if "real_load" in request.node.name:
+        yield
+        return
+    system.fake_readings(others=0.0)
+    yield
+    system.fake_readings()
 
 
 def _spinning(tmp_path, seconds):
@@ -166,3 +179,17 @@ def test_an_item_read_for_the_caller_after_its_sample_ended_is_not_lost(monkeypa
     pf = parallelize(h.slow_first_call, cache=False)
     assert pf.map(list(range(60))) == [3 * x for x in range(60)]
     assert "went to the pool" in pf.last_report.plan.reason  # the race was reached
+
+
+@pytest.mark.skipif(psutil.cpu_count() != 2, reason="one busy CPU of two leaves one")
+def test_nothing_goes_ahead_under_real_load_that_leaves_room_for_one_worker(tmp_path):
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        path, pf = _spinning(tmp_path, 0.6)
+        assert pf.map(range(3)) == [0, 2, 4]
+        assert "went to the pool" not in pf.last_report.plan.reason
+    finally:
+        busy.kill()
+        busy.wait(timeout=10)
+
