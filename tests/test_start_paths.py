@@ -196,7 +196,7 @@ def test_a_function_too_heavy_to_ship_runs_serially_and_says_why():
 # --- the suites under each forced path --------------------------------------------------
 
 SUITES = ["tests/test_faults.py", "tests/test_lifecycle.py", "tests/test_correctness.py",
-          "tests/test_ported.py",
+          "tests/test_ported.py", "tests/test_ahead.py",
           "tests/test_start_paths.py::test_a_large_function_crosses_once_per_worker_per_map"]
 
 
