@@ -940,6 +940,13 @@ def bytes_of(n: int) -> bytes:
     return bytes(n)
 
 
+def stamped_bytes(n: int) -> tuple[float, bytes]:
+    """``n`` bytes and when they existed (monotonic: one clock for every process on
+    Linux), for the time of their way back to the caller (loky.OverheadProbe)."""
+    payload = bytes(n)
+    return time.monotonic(), payload
+
+
 def reduce_exception(exc: BaseException) -> ExceptionState:
     """In the worker: the parts of ``exc`` that can travel, for an exception that does
     not survive pickle's round trip (errors.rebuild_exception is the caller's side)."""

@@ -88,3 +88,57 @@ def test_one_slow_start_moves_the_start_up_part_of_the_way(monkeypatch):
     big = calibration.get(path)
     assert big.n_workers == 8
     assert abs(big.worker_startup_s - small.startup_for(8)) < 1e-9 or path == "template"
+
+
+def _measured_within(seconds: float) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not calibration.overheads_measured():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _unmeasured(monkeypatch) -> None:
+    """This process as one that has measured nothing, with nothing stored to read."""
+    stored = calibration._Stored()
+    stored.loaded = True
+    monkeypatch.setattr(calibration, "_stored", stored)
+    monkeypatch.setattr(calibration, "_current", None)
+    assert not calibration.overheads_measured()
+
+
+def test_a_map_measures_the_pools_overheads_without_holding_its_results(monkeypatch):
+    # The measurement is queued after the map's last chunk and timed by callbacks (it
+    # held every first map of a process ~13 ms): the map returns, the figures follow.
+    import aex_helpers as h
+
+    from adaptive_exec import parallelize
+    from adaptive_exec.backends import loky as loky_backend
+
+    _unmeasured(monkeypatch)
+    assert parallelize(h.heavy, backend="loky").map(range(20)) == [3 * x for x in range(20)]
+    assert _measured_within(30), "the overheads were never measured"
+    c = calibration.get()
+    assert c.task_overhead_s > 0 and 0 < c.byte_cost_s < 1e-6
+    assert loky_backend._state.overhead_probe is None  # done, and not started again
+
+
+def test_an_overhead_probe_that_saw_a_map_is_discarded(monkeypatch):
+    import aex_helpers as h
+
+    from adaptive_exec import parallelize
+    from adaptive_exec.backends import loky as loky_backend
+
+    pf = parallelize(h.heavy, backend="loky")
+    pf.map(range(10))  # a warm pool
+    _unmeasured(monkeypatch)
+    executor = loky_backend.current_executor()
+    loky_backend.OverheadProbe.start(executor, loky_backend.pool_size())
+    # A map submitting at once: its chunks share the pool with the probe's tasks.
+    monkeypatch.setattr(loky_backend.LokyTarget, "finish", lambda *a: None)
+    assert pf.map(range(20)) == [3 * x for x in range(20)]
+    assert not _measured_within(1.0)
+    assert loky_backend._state.overhead_probe is None  # ended: the next map may try again

@@ -46,3 +46,24 @@ def test_unpicklable_results_are_noticed():
 
     s = sample(lambda x: threading.Lock(), iter(range(5)), star=False, complexity=1)
     assert s.features.picklable is False
+
+
+def test_what_the_hook_spends_between_calls_is_not_the_samples_time():
+    # A fork of the pool's workers made between two sampled calls (SamplingWatch.on_item)
+    # took ~25 ms: counted in the 20 ms budget, it ended the sample at a handful of calls.
+    import time
+
+    def hook(n):
+        if n == 2:
+            time.sleep(0.05)  # the wall time a fork takes here
+            return 0.001  # it did something: its time is not the function's
+        return 0.0
+
+    def one_ms(x):
+        h.spin(0.001)
+        return x
+
+    s = sample(one_ms, iter(range(200)), star=False, complexity=1, on_item=hook)
+    assert s.features.n_samples >= 10
+    assert s.calls_s < 0.05  # the hook's sleep is in neither figure
+    assert s.wall_s < s.calls_s + 0.05

@@ -114,6 +114,41 @@ def test_workers_are_forked_by_the_caller_or_by_its_template(tmp_path, threaded)
         assert set(got["parents"]) == {got["me"]}
 
 
+EARLY_FORK = """
+    import json, sys
+    sys.path.insert(0, {tests!r})
+    import aex_helpers as h
+    from adaptive_exec import parallelize
+
+    def small(x):
+        h.spin(0.0003)
+        return x + 1
+
+    pf = parallelize(small, cache=False)
+    assert pf.map(range(3000)) == [x + 1 for x in range(3000)]
+    plan = pf.last_report.plan
+    print(json.dumps({{"mode": plan.mode, "reason": plan.reason,
+                      "sampled": plan.features["n_samples"]}}))
+"""
+
+
+@linux_only
+def test_a_one_thread_caller_forks_its_pool_while_it_samples(tmp_path):
+    # 0.3 ms items: the watch's thread used to see that a pool was worth it only after
+    # sampling had ended (its wakes wait on the GIL), so the workers were forked after the
+    # plan; the caller now looks itself, between two calls, and forks them while sampling
+    # goes on. The fork's time is not the sample's: it used to end the sample at 8 calls.
+    env = {k: v for k, v in os.environ.items() if k != starts.ENV_START}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(
+        EARLY_FORK.format(tests=TESTS))], capture_output=True, text=True, timeout=120,
+        env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["mode"] == "parallel", got
+    assert "started ahead of this map" in got["reason"], got
+    assert got["sampled"] >= 20, got
+
+
 NO_GUARD = """
     import os, sys
     sys.path.insert(0, {tests!r})

@@ -49,6 +49,7 @@ from ..worker import (
     noop,
     ping,
     run_chunk,
+    stamped_bytes,
     worker_init,
 )
 from . import starts
@@ -84,6 +85,11 @@ class _PoolState:
         self.given: set[str] = set()
         self.path_measurable = True  # its start-up measures the path's (see _get_locked)
         self.starting_path: Optional[str] = None  # the path of a start ahead under way
+        # Chunks submitted by maps so far: an overhead probe that saw this move was not
+        # measuring an idle pool (OverheadProbe). Counted without the lock: any change
+        # is enough, and two maps submitting at once change it either way.
+        self.submits = 0
+        self.overhead_probe: Any = None  # the OverheadProbe under way, if any
 
 
 _state = _PoolState()
@@ -219,6 +225,7 @@ def _get_locked(n_workers: int, epoch: Optional[int] = None, path: str = starts.
             _state.path_measurable = measurable
             _state.warm = False
             _state.probe = None
+            _state.overhead_probe = None  # one on the old pool may never end
             _register_exit()
         cold = not _state.warm or now - _state.last_used > IDLE_TIMEOUT_S * 0.9
         if cold:
@@ -268,10 +275,9 @@ def fresh_executor(n_workers: int) -> tuple[Any, float]:
 
 
 # What a process's first pool costs beyond its workers' start, measured here: importing
-# loky (23-36 ms), and on the first parallel map of a process that has no measured
-# overheads yet, measuring them (~12 ms, measure_overheads).
+# loky (23-36 ms). (Measuring the pool's overheads, once, no longer holds a map up:
+# OverheadProbe.)
 LOKY_IMPORT_S = 0.03
-OVERHEADS_PROBE_S = 0.012
 
 
 def first_use_s() -> float:
@@ -280,10 +286,7 @@ def first_use_s() -> float:
     with _state.lock:
         if _state.executor is not None:
             return 0.0
-    extra = 0.0 if "loky.process_executor" in sys.modules else LOKY_IMPORT_S
-    if not calibration.overheads_measured():
-        extra += OVERHEADS_PROBE_S
-    return extra
+    return 0.0 if "loky.process_executor" in sys.modules else LOKY_IMPORT_S
 
 
 def start_path() -> str:
@@ -449,8 +452,25 @@ def shutdown() -> None:
         _state.warm = False
         _state.size = 0
         _state.probe = None
+        _state.overhead_probe = None  # its tasks die with the pool: the next one measures
     if executor is not None:
+        # Its threads, read before loky forgets them: they end a moment after its
+        # shutdown returns (loky does not join the call queue's feeder), and a pool
+        # started then would count them: a caller that runs no thread of its own would
+        # be sent to the template (calibrate() measured the template's start, not the
+        # fork's, in 1 run of 3).
+        call_queue = getattr(executor, "_call_queue", None)
+        threads = (getattr(executor, "_executor_manager_thread", None),
+                   getattr(call_queue, "_thread", None))
         executor.shutdown(wait=True, kill_workers=True)
+        for thread in threads:
+            if isinstance(thread, threading.Thread) and thread is not threading.current_thread():
+                thread.join(_THREADS_END_S)
+                starts.wait_gone(thread)
+
+
+# How long shutdown() waits for the ended pool's threads (they end within milliseconds).
+_THREADS_END_S = 0.2
 
 
 def worker_pids() -> list[int]:
@@ -559,6 +579,7 @@ class LokyTarget:
         if self.clock is not None:
             clock = self.clock.slot()
             self.slots[start] = clock[3]
+        _state.submits += 1
         try:
             return executor.submit(run_chunk, ref, start, payload, self.star, clock)
         except Exception as exc:
@@ -605,8 +626,8 @@ class LokyTarget:
         if probe is not None and probe.startup_s is not None and probe.path is not None:
             calibration.record_startup(probe.startup_s, pool_size(), probe.path)
         if not calibration.overheads_measured():
-            # Once per process, while the pool and this thread are both idle.
-            calibration.record_overheads(*measure_overheads(executor, pool_size()))
+            # Once per process, in the background: the map's results are not held back.
+            OverheadProbe.start(executor, pool_size())
 
     def item_started(self, start: int) -> Optional[float]:
         """When the chunk at ``start`` began running in its worker (monotonic seconds);
@@ -651,6 +672,78 @@ def measure_overheads(executor: Any, n_workers: int) -> tuple[float, float]:
     executor.submit(bytes_of, _BYTES_PROBE).result()
     byte_cost = max(0.0, time.perf_counter() - t0 - overhead) / _BYTES_PROBE
     return overhead, max(byte_cost, 1e-11)
+
+
+class OverheadProbe:
+    """``measure_overheads`` without anyone waiting: after a map's last result, the probe's
+    tasks are queued and their callbacks (on loky's thread) time them; the caller returns
+    its results at once (the wait was ~13 ms of every map that measured, the first of a
+    process on a machine whose cache holds no calibration). A map that submits anything
+    before the probe ends makes it measure a busy pool: it is then discarded, and the
+    next map's end tries again."""
+
+    def __init__(self, executor: Any, n_workers: int):
+        self.n_workers = n_workers
+        self.submits = _state.submits
+        self._lock = threading.Lock()  # guards the fields below
+        self._noops_left = _N_NOOPS
+        self._left = _N_NOOPS + 1  # every task, the bytes' included
+        self.overhead_s: Optional[float] = None
+        self.byte_cost_s: Optional[float] = None
+        self.t0 = time.perf_counter()
+        futures = [executor.submit(noop, i) for i in range(_N_NOOPS)]
+        # Queued behind the no-ops: it starts as they end. Its worker stamps when the
+        # bytes exist; their way back to here (pickled, piped, read) is the byte cost.
+        last = executor.submit(stamped_bytes, _BYTES_PROBE)
+        for f in futures:
+            f.add_done_callback(self._noop_done)
+        last.add_done_callback(self._bytes_done)
+
+    @classmethod
+    def start(cls, executor: Any, n_workers: int) -> None:
+        with _state.lock:
+            if _state.overhead_probe is not None:
+                return  # one at a time
+            _state.overhead_probe = True  # reserved; the probe itself below
+        try:
+            probe: Optional[OverheadProbe] = cls(executor, n_workers)
+        except Exception:  # the pool went away meanwhile: a later map measures
+            probe = None
+        with _state.lock:
+            _state.overhead_probe = probe
+
+    def _noop_done(self, fut: Any) -> None:
+        now = time.perf_counter()
+        ok = not fut.cancelled() and fut.exception() is None
+        with self._lock:
+            self._noops_left -= 1
+            if self._noops_left == 0 and ok:
+                # The no-ops ran n_workers at a time: per task, each worker paid
+                # elapsed / _N_NOOPS * n_workers.
+                self.overhead_s = (now - self.t0) * self.n_workers / _N_NOOPS
+        self._one_done()
+
+    def _bytes_done(self, fut: Any) -> None:
+        arrived = time.monotonic()
+        if not fut.cancelled() and fut.exception() is None:
+            stamp, _ = fut.result()
+            with self._lock:
+                self.byte_cost_s = max(max(arrived - stamp, 0.0) / _BYTES_PROBE, 1e-11)
+        self._one_done()
+
+    def _one_done(self) -> None:
+        """Callbacks come in the order tasks end, not the order they were sent: the
+        figures are kept once every task has ended (a failed one leaves them None)."""
+        with self._lock:
+            self._left -= 1
+            if self._left:
+                return
+            overhead, byte_cost = self.overhead_s, self.byte_cost_s
+        if overhead is not None and byte_cost is not None and _state.submits == self.submits:
+            calibration.record_overheads(overhead, byte_cost)
+        with _state.lock:
+            if _state.overhead_probe is self:
+                _state.overhead_probe = None
 
 
 class StartupProbe:
