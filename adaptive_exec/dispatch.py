@@ -343,6 +343,11 @@ class ParallelRun:
         self._open()
         clean = False
         try:
+            if self.probe is not None and not self.probe.sent.is_set():
+                # Its workers are still being spawned (by another thread: a template's
+                # wait for the template's start): a chunk submitted now would wait
+                # with them; the caller runs items meanwhile.
+                self._share_while_cold(self.probe.sent)
             self._submit_more()
             self._record(len(self.pending))
             self._share_while_cold()
@@ -403,15 +408,16 @@ class ParallelRun:
                              args=(self.throttle, self.monitor, self.on_workers),
                              name="adaptive_exec-monitor", daemon=True).start()
 
-    def _share_while_cold(self) -> None:
-        """Cold pool: keep the caller busy with items until a worker answers. (Not with
-        a timeout: an item running here could not be stopped.)"""
-        if self.warm.is_set() or self.timeout is not None:
+    def _share_while_cold(self, until: Optional[threading.Event] = None) -> None:
+        """Cold pool: keep the caller busy with items until a worker answers (or
+        ``until`` is set). (Not with a timeout: an item running here could not be
+        stopped.)"""
+        if self.warm.is_set() or self.timeout is not None or self.error_at is not None:
             return
         local: list[Any] = []
         local_start = self.read_pos
         err: Optional[BaseException] = None
-        while not self.warm.is_set():
+        while not self.warm.is_set() and not (until is not None and until.is_set()):
             item = next(self.source, _END)
             if item is _END:
                 self.exhausted = True

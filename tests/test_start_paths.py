@@ -149,6 +149,53 @@ def test_a_one_thread_caller_forks_its_pool_while_it_samples(tmp_path):
     assert got["sampled"] >= 20, got
 
 
+WHILE_SPAWNED = """
+    import json, os, sys, threading, time
+    sys.path.insert(0, {tests!r})
+    import aex_helpers as h
+    from adaptive_exec import parallelize
+
+    threading.Thread(target=threading.Event().wait, daemon=True).start()  # threaded
+    MAIN = os.getpid()
+    log = []
+
+    def step(x):
+        t0 = time.monotonic()
+        h.spin(0.004)
+        if os.getpid() == MAIN:
+            log.append((x, t0))
+        else:
+            with open({path!r}, "a") as f:
+                f.write(f"{{x}} {{t0}}\\n")
+        return x
+
+    pf = parallelize(step, cache=False)
+    assert pf.map(range(300)) == list(range(300))
+    print(json.dumps({{"sampled": pf.last_report.plan.features["n_samples"],
+                      "here": log, "path": pf.last_report.start_path}}))
+"""
+
+
+@linux_only
+def test_a_threaded_caller_runs_items_while_its_template_spawns_the_workers(tmp_path):
+    # The template's own start takes ~0.1 s; the pool's workers wait for it, and so did
+    # the caller (blocked on the spawn, its cores idle). It now runs items meanwhile.
+    env = {k: v for k, v in os.environ.items() if k != starts.ENV_START}
+    path = str(tmp_path / "worker_log")
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(
+        WHILE_SPAWNED.format(tests=TESTS, path=path))], capture_output=True, text=True,
+        timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["path"] == "template", got["path"]
+    with open(path) as f:
+        first_in_a_worker = min(float(line.split()[1]) for line in f)
+    after_sampling = [t for x, t in got["here"]
+                      if x >= got["sampled"] and t < first_in_a_worker]
+    # Before: the caller ran at most the items of the ping's few ms after the spawn.
+    assert len(after_sampling) >= 8, (len(after_sampling), got["sampled"])
+
+
 NO_GUARD = """
     import os, sys
     sys.path.insert(0, {tests!r})

@@ -21,6 +21,8 @@ class StartupWatch(Protocol):
 
     first: Any  # threading.Event
     startup_s: Optional[float]
+    # threading.Event: the workers are spawned; until then a submit waits for them.
+    sent: Any
 
 
 class Target(Protocol):

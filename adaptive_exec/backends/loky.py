@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .. import calibration
 from ..records import Calibration
@@ -161,17 +161,29 @@ def _get(n_workers: int, epoch: Optional[int] = None) -> tuple[Any, bool, float]
         if epoch is None:  # a shutdown() before the helper takes the lock: no pool after it
             epoch = current_epoch()
 
+        made = threading.Event()
+
+        def keep(result: tuple[Any, bool, float]) -> None:
+            box["result"] = result
+            made.set()
+
         def start() -> None:
             try:
-                box["result"] = _get_locked(n_workers, epoch, path)
-            except BaseException as exc:  # handed to the caller's thread
+                box.setdefault("result", _get_locked(n_workers, epoch, path, on_made=keep))
+            except BaseException as exc:  # handed to the caller's thread, if still there
                 box["error"] = exc
+            finally:
+                made.set()
 
         thread = threading.Thread(target=start, name="adaptive_exec-start", daemon=True)
         thread.start()
-        thread.join()
-        if "error" in box:
+        # Back as soon as the pool exists: its workers are spawned by the helper while
+        # the caller runs items (the probe's ``sent`` says when submitting is free).
+        made.wait()
+        starts.note_helper(thread)
+        if "result" not in box:
             raise box["error"]
+        # (A spawn that fails after this breaks the pool: the run's first chunk says so.)
         return box["result"]  # type: ignore[no-any-return]
     return _get_locked(n_workers, epoch, path)
 
@@ -186,8 +198,10 @@ def _ready(n_workers: int) -> bool:
 
 
 def _get_locked(n_workers: int, epoch: Optional[int] = None, path: str = starts.EXEC,
+                on_made: Optional[Callable[[tuple[Any, bool, float]], None]] = None,
                 ) -> tuple[Any, bool, float]:
-    """_get's work, under the pool's lock; a pool it must start is started on ``path``.
+    """_get's work, under the pool's lock; a pool it must start is started on ``path``
+    (``on_made``: told the result once the pool exists, before its workers are spawned).
 
     A cold pool gets its start-up probe (pings queued ahead of any work) here, under
     the same lock, so that a pool started ahead by one thread and used by another is
@@ -195,6 +209,7 @@ def _get_locked(n_workers: int, epoch: Optional[int] = None, path: str = starts.
     """
     import loky
 
+    unsent = None
     with _state.lock:
         if epoch is not None and epoch != _state.epoch:
             return None, False, 0.0  # a start ahead overtaken by shutdown(): no pool
@@ -231,10 +246,19 @@ def _get_locked(n_workers: int, epoch: Optional[int] = None, path: str = starts.
         if cold:
             _state.warm = False
             if _state.probe is None:
-                _state.probe = StartupProbe(_state.executor, _state.size, now,
-                                            _state.path if _state.path_measurable else None)
+                _state.probe = unsent = StartupProbe(
+                    _state.executor, _state.size, now,
+                    _state.path if _state.path_measurable else None)
         _state.last_used = now
-        return _state.executor, cold, now
+        executor = _state.executor
+    if on_made is not None:
+        on_made((executor, cold, now))
+    if unsent is not None:
+        # Outside the lock: spawning a template's workers waits for the template's own
+        # start, and another thread's map must meanwhile find the pool (and its probe)
+        # to run items in its caller until they are spawned.
+        unsent.send(executor)
+    return executor, cold, now
 
 
 _exit_registered = False
@@ -760,8 +784,20 @@ class StartupProbe:
         self._lock = threading.Lock()  # guards _left and startup_s
         self._left = n_workers
         self.startup_s: Optional[float] = None
-        for _ in range(n_workers):
-            executor.submit(ping, 0.005).add_done_callback(self._done)
+        self.n_workers = n_workers
+        # Set once its pings are queued: loky spawns every worker on the first submit,
+        # and any other submit waits for that meanwhile (a template's workers wait for
+        # the template's own start, ~0.1 s). The dispatcher runs items in the caller
+        # until then (dispatch.ParallelRun.run) rather than wait.
+        self.sent = threading.Event()
+
+    def send(self, executor: Any) -> None:
+        """Queue the pings, which makes loky spawn the workers (on this thread)."""
+        try:
+            for _ in range(self.n_workers):
+                executor.submit(ping, 0.005).add_done_callback(self._done)
+        finally:
+            self.sent.set()
 
     def _done(self, fut: Any) -> None:
         now = time.perf_counter()
@@ -788,7 +824,10 @@ def calibrate(n_workers: Optional[int] = None) -> Calibration:
         raise ValueError(msg)
     w = n_workers or most
     executor, created_at = fresh_executor(w)
-    probe = current_probe(executor) or StartupProbe(executor, w, created_at, _state.path)
+    probe = current_probe(executor)
+    if probe is None:
+        probe = StartupProbe(executor, w, created_at, _state.path)
+        probe.send(executor)
     executor.submit(noop, 0).result()
     deadline = time.perf_counter() + 60
     while probe.startup_s is None and time.perf_counter() < deadline:

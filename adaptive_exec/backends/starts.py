@@ -93,6 +93,12 @@ def settle(timeout: float = 1.0) -> None:
     """Before choosing how to start workers: let our ending helper threads end, so that a
     caller that runs no thread of its own still counts one."""
     me = threading.current_thread()
+    alive = [t for t in _helpers if t is not me and t.is_alive()]
+    if threads_now() - len(alive) > 1:
+        # Threads not ours run too: the workers come from the template whatever our
+        # helpers do, and one of them may be spawning this very pool's workers (a
+        # template's take ~0.1 s): not waited for.
+        return
     for thread in list(_helpers):
         if thread is me:
             continue  # a helper starting a pool itself, on its way out
