@@ -588,6 +588,10 @@ class MapPlanner:
             # Only a parallel plan needs the machine's load and memory (and is capped by
             # them). The load is read over the time since the map began, when that is
             # long enough to tell; else the run's monitor corrects it within ~0.3 s.
+            if self.load is None and self.client is None and self.forced is None:
+                # A cache hit: no sampling window to measure the load over; what runs
+                # now is read instead (LoadProbe.others reads its instants).
+                self.load = system.LoadProbe(loky_backend.our_pids)
             others = self.load.others() if self.load is not None else None
             snap = system.snapshot(opts.max_workers, with_memory=True,
                                    max_memory=opts.max_memory, others_load=others,

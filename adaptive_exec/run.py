@@ -48,6 +48,9 @@ READ_AHEAD_BYTES = 64 << 20
 # a judgement, short enough that a workload which grows heavy moves to the pool early,
 # long enough that re-planning (~0.1 ms) stays under 1% of the loop's time.
 SERIAL_FIRST_CHUNK_S = 0.02
+# A map of a remembered function that took less has its observation written later
+# (cache.observe(defer=True)): the write was 3-4% of a 12 ms map. A judgement.
+DEFER_UNDER_S = 0.05
 SERIAL_MAX_CHUNK_S = 0.5
 # A run whose items cost more than this factor off what was planned says nothing about
 # how well the pool delivers (the refreshed per-item time corrects that): it is not kept
@@ -175,9 +178,15 @@ class MapRun:
         # The dask client, when this map may go to a cluster. Known before sampling: no
         # local pool is started ahead, nor local load measured, for a map going there.
         self.client = adapt.dask_client(self.options) if self.forced is None else None
+        if self.options.cache and self.forced is None:
+            self.entry = cache.lookup(self.key)
         if self.forced is None and self.client is None and adapt.pool_cpus(self.options):
-            # Other processes' CPU load is measured over the time from here to the plan.
-            self.load = system.LoadProbe(loky_backend.our_pids)
+            if self.entry is None:
+                # Other processes' CPU load is measured over the sampling, from here to
+                # the plan. (A cache hit has no such window: its plan reads the load
+                # itself, and only if it may use a pool. Read here, it cost every map
+                # ~0.2 ms, 1.4% of a 15 ms serial one.)
+                self.load = system.LoadProbe(loky_backend.our_pids)
             if ((self.n_known is None or self.n_known >= 2)
                     and loky_backend.start_path() == starts.TEMPLATE):
                 starts.start_template_ahead()  # a threaded caller's workers come from it
@@ -186,8 +195,6 @@ class MapRun:
             # a timeout every item runs in a worker, none here.
             worker.initialize_here(self.options.initializer, self.options.initargs,
                                    self._init_key())
-        if self.options.cache and self.forced is None:
-            self.entry = cache.lookup(self.key)
         if self.forced is None:
             # This machine's constants, read here, before the first decision that uses
             # them, and on the caller's connection to the cache: the sampling watch
@@ -329,8 +336,9 @@ class MapRun:
         telling = (self.observed_s is None
                    or 1 / TELLING_RATIO <= self.observed_s / planned <= TELLING_RATIO)
         module, qualname = describe(self.func)
+        wall = time.perf_counter() - self.t_start
         run = cache.RunRecord(self.n_done, plan.mode, plan.n_workers, plan.chunksize,
-                              estimate, time.perf_counter() - self.t_start)
+                              estimate, wall)
         if self.threads_trial is not None:
             # Remembered: threads lost here (the loop's time for their items, theirs).
             done, seconds = self.threads_trial
@@ -342,6 +350,9 @@ class MapRun:
             observed_item_s=self.observed_s,
             run=run if telling or self.threads_trial is not None else None,
             observed_setup_s=self._worker_setup(),
+            # A quick map of a remembered function (one repeated in a loop): written
+            # with the next write, at exit, or within a second (cache.DEFER_FLUSH_S).
+            defer=self.entry is not None and wall < DEFER_UNDER_S,
         )
         calibration.save()
 
@@ -397,8 +408,20 @@ class MapRun:
         cap = _imap_chunk_cap(features) if self.partial else None
         while True:
             n = max(1, int(chunk_s / per_item)) if replan else max(1, self.n_items - self.n_done)
-            if cap is not None:
-                n = min(n, cap)
+            left = self.n_items - self.n_done
+            expected = features.mean_s if self.n_done == first else per_item
+            # A remembered function (its per-item time the mean of whole runs, not of a
+            # sample's first items, behind which rising costs could hide), whose rest is
+            # at most two chunks at the cautious cost or at the expected one: one chunk,
+            # and no re-plan. A pool cannot win on what would be left after it, and
+            # re-planning (~0.6 ms) and joining two batches cost a 15-25 ms map of
+            # 0.03-0.09 µs calls 10-15%.
+            whole = (replan and self.n_exact and self.entry is not None
+                     and (left <= 2 * n or left * expected <= 2 * chunk_s))
+            if whole:
+                n = max(1, left)
+            if cap is not None and n > cap:
+                n, whole = cap, False  # imap's bound: the rest is not one chunk then
             t0 = time.perf_counter()
             batch, err = serial_backend.run_chunk(self.func, self.source, n, self.n_done,
                                                   star=self.star, partial=self.partial)
@@ -413,7 +436,7 @@ class MapRun:
             if err is not None:
                 raise err
             self.observed_s = total_s / (self.n_done - first) if self.n_done > first else None
-            if got < n:  # the items ran out
+            if got < n or (whole and got == n):  # the items ran out
                 return
             if not replan:
                 continue

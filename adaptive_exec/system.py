@@ -29,7 +29,24 @@ class SystemSnapshot:
     max_workers: Optional[int] = None
 
 
+# The cgroup quota, read at most this often: it is a few files to open (~30 µs), read
+# by every plan and re-plan, and a container's quota does not change map by map.
+CGROUP_TTL_S = 1.0
+_cgroup_read: tuple[float, Optional[float]] = (-math.inf, None)  # (when, quota)
+
+
 def _cgroup_cpu_limit() -> Optional[float]:
+    """CPUs allowed by a cgroup quota, read again after CGROUP_TTL_S."""
+    global _cgroup_read
+    when, quota = _cgroup_read
+    now = time.monotonic()
+    if now - when >= CGROUP_TTL_S:
+        quota = _read_cgroup_cpu_limit()
+        _cgroup_read = (now, quota)
+    return quota
+
+
+def _read_cgroup_cpu_limit() -> Optional[float]:
     """CPUs allowed by a cgroup quota (v2 ``cpu.max``, else v1 cfs), or None when unlimited."""
     try:
         with open("/sys/fs/cgroup/cpu.max") as f:

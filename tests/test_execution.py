@@ -60,6 +60,33 @@ def test_tiny_function_over_30k_items_plans_serial():
     assert "speedup" in report.plan.reason
 
 
+
+def test_a_remembered_quick_map_runs_as_one_loop_and_imap_keeps_its_bound(monkeypatch):
+    # 300k calls of ~1 µs a few times in a row (issue 14's fixed cost of a map): the
+    # second map is a cache hit whose rest fits two chunks: one chunk, no re-plan (two
+    # chunks and a re-plan were 10-15% of a 15 ms map). imap keeps its bounded batches.
+    from adaptive_exec.backends import serial as serial_backend
+
+    pf = parallelize(h.tiny)
+    items = list(range(30_000))
+    expected = [h.tiny(x) for x in items]
+    assert pf.map(items) == expected
+    calls = []
+    real = serial_backend.run_chunk
+
+    def counted(func, source, n, *args, **kwargs):
+        calls.append(n)
+        return real(func, source, n, *args, **kwargs)
+
+    monkeypatch.setattr(serial_backend, "run_chunk", counted)
+    assert pf.map(items) == expected
+    assert pf.last_report.from_cache and pf.last_report.plan.mode == "serial"
+    assert calls == [len(items)], calls
+    calls.clear()
+    assert list(pf.imap(items)) == expected  # nothing lost to a cut chunk
+    assert len(calls) > 1 and max(calls) < len(items)
+
+
 @pytest.fixture
 def quiet_machine():
     """Other processes' CPU load read as none: for tests of planning that are not about

@@ -37,12 +37,15 @@ def run_chunk(
     """
     if not partial and isinstance(source, _EXACT):
         before = operator.length_hint(source)
+        # The whole rest: the iterator itself, as the user's loop would (an islice costs
+        # ~4 ns an item, 13% of a 0.03 µs call).
+        items = source if n >= before else itertools.islice(source, n)
         try:
             # A comprehension, not list(map(...)): CPython 3.11 specialises its calls,
             # map's are generic (measured: 0.040 s against 0.044 s for 300k tiny calls).
             if star:
-                return [func(*args) for args in itertools.islice(source, n)], None
-            return [func(x) for x in itertools.islice(source, n)], None
+                return [func(*args) for args in items], None
+            return [func(x) for x in items], None
         except KeyboardInterrupt:  # Ctrl-C: not an item's outcome
             raise
         except BaseException as exc:
