@@ -356,11 +356,14 @@ def observe(
     run: Optional[RunRecord],
     observed_setup_s: Optional[float] = None,
     defer: bool = False,
+    observed_cv: Optional[float] = None,
 ) -> bool:
     """After a run (or a plan): keep what sampling measured, correct the per-item time
     when the run saw something else (beyond REFRESH_MIN), keep a one-time set-up the
-    workers showed (``observed_setup_s``), and add the run's record. True when it was
-    written (False: nothing to write, the cache was unavailable, or ``defer``red).
+    workers showed (``observed_setup_s``) and the spread of item costs they showed when
+    sampling could not tell it (``observed_cv``: one sampled call, whose spread the plan
+    would otherwise guess), and add the run's record. True when it was written (False:
+    nothing to write, the cache was unavailable, or ``defer``red).
 
     ``defer`` (a quick map of a remembered function, ``sampled`` None): kept in memory
     and written with this process's next write, at exit, or once DEFER_FLUSH_S have
@@ -372,13 +375,14 @@ def observe(
             now = time.monotonic()
             with _state.lock:
                 since, kept = _state.deferred.setdefault(f.path, (now, []))
-                kept.append((key, module, qualname, observed_item_s, run, observed_setup_s))
+                kept.append((key, module, qualname, observed_item_s, run, observed_setup_s,
+                             observed_cv))
             if now - since < DEFER_FLUSH_S:
                 return False
             return bool(_write_with_hits(lambda conn: True))
         wrote = _write_with_hits(lambda conn: _observe(conn, key, module, qualname, sampled,
                                                        observed_item_s, run,
-                                                       observed_setup_s))
+                                                       observed_setup_s, observed_cv))
         return bool(wrote)
     except Exception as exc:
         _failed("observe", exc)
@@ -388,7 +392,7 @@ def observe(
 def _observe(
     conn: sqlite3.Connection, key: str, module: str, qualname: str,
     sampled: Optional[Features], observed_item_s: Optional[float], run: Optional[RunRecord],
-    observed_setup_s: Optional[float] = None,
+    observed_setup_s: Optional[float] = None, observed_cv: Optional[float] = None,
 ) -> bool:
     """Inside a write transaction."""
     machine = machine_id()
@@ -412,6 +416,8 @@ def _observe(
                 features, mean_s=features.mean_s * ratio ** REFRESH_WEIGHT)
     if observed_setup_s is not None and observed_setup_s > 0:
         features = dataclasses.replace(features, setup_s=observed_setup_s)
+    if observed_cv is not None and features.coefficient_of_variation is None:
+        features = dataclasses.replace(features, coefficient_of_variation=observed_cv)
     values = tuple(getattr(features, c) for c in FEATURE_COLUMNS)
     if row is None:
         conn.execute(schema.INSERT_ENTRY,
@@ -441,9 +447,8 @@ def _write_with_hits(fn: Callable[[sqlite3.Connection], _T], create: bool = True
             "UPDATE entries SET hits = hits + ?, used_at = max(used_at, ?) "
             "WHERE fingerprint = ? AND machine = ?",
             [(int(h), used, key, machine_id()) for key, (h, used) in pending.items()])
-        for key, module, qualname, observed_item_s, run, observed_setup_s in deferred:
-            _observe(conn, key, module, qualname, None, observed_item_s, run,
-                     observed_setup_s)
+        for key, module, qualname, observed_item_s, run, setup_s, cv in deferred:
+            _observe(conn, key, module, qualname, None, observed_item_s, run, setup_s, cv)
         return fn(conn)
 
     wrote = None

@@ -88,6 +88,10 @@ RESIZE_AT = 2.0
 _END = object()
 
 
+# Chunks whose per-item time is kept for the spread of item costs (observed_cv).
+SPREAD_CHUNKS = 64
+
+
 class _Throttle:
     """How many workers the run may keep busy now: the monitor thread sets it from the
     machine's load and memory, the dispatch loop reads it."""
@@ -278,6 +282,21 @@ class _CannotCross:
         return results, err, res.error_index
 
 
+def observed_cv(chunk_item_s: list[tuple[int, float]]) -> Optional[float]:
+    """The items' coefficient of variation from chunks' per-item times: a chunk of c
+    items averages c of them, its spread shrinks by sqrt(c), so it is scaled back up.
+    None under 2 chunks."""
+    if len(chunk_item_s) < 2:
+        return None
+    times = [t for _, t in chunk_item_s]
+    mean = math.fsum(times) / len(times)
+    if mean <= 0:
+        return None
+    var = math.fsum((t - mean) ** 2 for t in times) / (len(times) - 1)
+    size = math.fsum(n for n, _ in chunk_item_s) / len(chunk_item_s)
+    return math.sqrt(var) / mean * math.sqrt(size)
+
+
 class ParallelRun:
     """One parallel map: iterate it for lists of results (in order unless not
     ``spec.ordered``). ``monitor(busy workers now)`` says how many to keep busy (and
@@ -313,6 +332,9 @@ class ParallelRun:
         self.timeline: list[tuple[float, int]] = []
         self.worker_compute_s = 0.0  # the items' compute, one-time set-ups left out
         self.worker_items = 0
+        # Per-item times of the first chunks (their compute over their items), for the
+        # spread of item costs when sampling could not tell it (one sampled call).
+        self.chunk_item_s: list[tuple[int, float]] = []
         self.setups: list[float] = []  # one-time set-ups seen in workers' first calls
         # The loop's state (the caller's thread alone touches it):
         self.executor: Any = None
@@ -532,6 +554,8 @@ class ParallelRun:
         self.worker_compute_s += compute_s
         self.worker_items += res.n_done
         self.chunks.observe(compute_s, res.n_done)
+        if res.n_done and len(self.chunk_item_s) < SPREAD_CHUNKS:
+            self.chunk_item_s.append((res.n_done, compute_s / res.n_done))
         err_index = res.error_index
         if res.status == FALLBACK:
             self.local_items += info.n if res.holes is None else len(res.holes)

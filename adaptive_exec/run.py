@@ -30,7 +30,7 @@ from .backends import loky as loky_backend
 from .backends import serial as serial_backend
 from .backends import starts
 from .backends.threads import ThreadTarget
-from .dispatch import ParallelRun, Pending, RunSpec
+from .dispatch import ParallelRun, Pending, RunSpec, observed_cv
 from .errors import UnpicklableWarning, warn_user
 from .fingerprint import describe, function_complexity
 from .records import Calibration, Features, Options, Plan, RunReport, empty_plan, fmt_bytes, fmt_s
@@ -122,6 +122,7 @@ class MapRun:
         self.n_done = 0
         self.timeline: list[tuple[float, int]] = []
         self.observed_s: Optional[float] = None  # seconds per item seen while running
+        self.observed_cv: Optional[float] = None  # their spread, seen in the workers
         self.stay_serial = False  # the pool was ruled out during the run: no re-plan
         self.bytes_sent = 0  # pickled bytes handed to worker processes
         self.start_path: Optional[str] = None  # how the process pool's workers started
@@ -292,13 +293,21 @@ class MapRun:
         if self.ahead is not None:
             sent = (f"{_span(self.n_sampled, self._n_ahead())} went to the pool while the "
                     f"first call{'s' if self.n_sampled > 1 else ''} ran here")
+            # The items in flight end about a start-up and their rounds after the first
+            # was sent: the estimate (what the cache's correction learns from) covers
+            # them. It did not: two_heavy's and few_heavy's cold runs were estimated at
+            # one call's time (0.41 s for 0.70 s), and their warm runs then went serial.
+            left = self._ahead_left_s()
             if self.n_exact and self.n_items == self.n_sampled + self._n_ahead():
                 # Nothing left to plan: what ran is the pool, as sent.
                 plan = dataclasses.replace(
                     plan, mode="parallel", n_workers=self.ahead.n_workers, chunksize=1,
+                    estimated_parallel_s=time.perf_counter() - self.t_start + left,
                     reason=f"{sent} ({fmt_s(self.features.mean_s)} a call): that was all")
             else:
-                plan = dataclasses.replace(plan, reason=f"{sent}; the rest: {plan.reason}")
+                plan = dataclasses.replace(
+                    plan, reason=f"{sent}; the rest: {plan.reason}",
+                    estimated_parallel_s=plan.estimated_parallel_s + left)
         if planner.blocked_by_pickling(self.features, plan,
                                        self.planner.forced_parallel() is not None):
             self._unpicklable("the sampled items or results cannot be pickled")
@@ -312,6 +321,17 @@ class MapRun:
 
     def _n_ahead(self) -> int:
         return self.ahead.n_items if self.ahead is not None else 0
+
+    def _ahead_left_s(self) -> float:
+        """Seconds from now until the items sent ahead are done, about: from the first
+        send, the pool's start-up, then their rounds over the workers they went to."""
+        sent, features = self.ahead, self.features
+        if sent is None or sent.first_sent is None or features is None:
+            return 0.0
+        rounds = math.ceil(self._n_ahead() / max(1, sent.n_workers))
+        startup = adapt.pool_calibration().startup_for(sent.n_workers)
+        end = sent.first_sent + startup + rounds * features.mean_s
+        return max(0.0, end - time.perf_counter())
 
     def execute(self) -> Iterator[list[Any]]:
         assert self.plan is not None
@@ -350,6 +370,7 @@ class MapRun:
             observed_item_s=self.observed_s,
             run=run if telling or self.threads_trial is not None else None,
             observed_setup_s=self._worker_setup(),
+            observed_cv=self.observed_cv,
             # A quick map of a remembered function (one repeated in a loop): written
             # with the next write, at exit, or within a second (cache.DEFER_FLUSH_S).
             defer=self.entry is not None and wall < DEFER_UNDER_S,
@@ -557,6 +578,7 @@ class MapRun:
                 adapt.note_ran_on_pool(run.executor, self.key)
         self.observed_s = (run.worker_compute_s / run.worker_items
                            if run.worker_items else None)
+        self.observed_cv = observed_cv(run.chunk_item_s)
         if self.threads_trial is not None:
             yield from self._serial()
 

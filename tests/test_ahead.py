@@ -57,6 +57,16 @@ def test_the_items_behind_a_long_first_call_run_in_workers_meanwhile(tmp_path):
     report = pf.last_report
     assert "went to the pool while the first call ran here" in report.plan.reason
     assert report.plan.mode == "parallel" and report.ran is None
+    # The estimate covers the items still running in the workers, not the first call
+    # alone (it was 0.41 s for a 0.70 s map; the cache learnt "parallel takes 1.35x
+    # longer than planned" from it, and the next run of few_heavy went serial).
+    # Items go ahead once the first call has run SEND_AHEAD_AFTER_S, and take a call's
+    # time: the estimate is at least that (the old one was the first call's time).
+    from adaptive_exec.adapt import SEND_AHEAD_AFTER_S
+
+    mean = report.plan.features["mean_s"]
+    assert report.plan.estimated_parallel_s >= SEND_AHEAD_AFTER_S + mean, (
+        report.plan.estimated_parallel_s, mean, report.wall_s)
 
 
 def test_with_more_items_than_workers_the_caller_measures_a_second_call(tmp_path):

@@ -612,6 +612,29 @@ def test_kept_observations_are_written_after_a_while_or_at_exit(tmp_path):
     assert _runs_of("tiny") == 8
 
 
+
+def test_the_spread_the_workers_saw_is_kept_when_sampling_could_not_tell_it():
+    # One sampled call has no spread: the plan guessed 0.5, and three items of 300 ms
+    # on 2 workers were estimated 1.07 s (for 0.65 s) and run serially when warm.
+    one_call = dataclasses.replace(F, coefficient_of_variation=None, n_samples=1)
+    assert cache.observe("k", module="m", qualname="q", sampled=one_call,
+                         observed_item_s=None, run=None, observed_cv=0.02)
+    assert cache.lookup("k").features.coefficient_of_variation == 0.02
+    assert cache.observe("k", module="m", qualname="q", sampled=None, observed_item_s=None,
+                         run=None, observed_cv=0.9)  # sampled or kept: not replaced
+    assert cache.lookup("k").features.coefficient_of_variation == 0.02
+
+
+def test_the_spread_of_item_costs_is_read_from_chunks_of_any_size():
+    # A chunk of c items averages them: its spread is the items' over sqrt(c).
+    from adaptive_exec.dispatch import observed_cv
+
+    assert observed_cv([(1, 0.30)]) is None
+    cv = observed_cv([(1, 0.30), (1, 0.301), (1, 0.299)])
+    assert cv is not None and cv < 0.01
+    assert abs(observed_cv([(4, 0.1), (4, 0.3)]) - 0.7071 * 2) < 0.01  # x sqrt(4)
+
+
 # --- 5. schema versions -----------------------------------------------------------------
 
 V1_LAYOUT = """
