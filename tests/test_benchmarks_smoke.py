@@ -213,3 +213,14 @@ def test_goal_over_zero_comparisons_is_not_met(
     # Any goal over no comparison at all.
     empty = report._goal("a goal", report.Compared(), 1.0)
     assert empty["met"] is None and report._verdict(empty) == "not measured"
+
+
+@pytest.mark.timeout(180)
+def test_the_fixed_cost_figure_runs_and_checks_its_results() -> None:
+    # benchmarks.fixed_cost compares each map's results with the loop's (WRONG exits 1).
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.fixed_cost", "--pairs", "2", "--fresh", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=170,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    assert "identity" in proc.stdout and "a cache hit planned:" in proc.stdout
