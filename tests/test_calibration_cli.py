@@ -102,7 +102,20 @@ def _measured_within(seconds: float) -> bool:
 
 
 def _unmeasured(monkeypatch) -> None:
-    """This process as one that has measured nothing, with nothing stored to read."""
+    """This process as one that has measured nothing, with nothing stored to read, on a
+    machine read as quiet (the system seam: beside a busy core the maps below would
+    rightly run serially, and never reach the pool these tests are about)."""
+    import time
+
+    from adaptive_exec import system
+    from adaptive_exec.backends import loky as loky_backend
+
+    # A probe an earlier map started may still be under way (on a busy machine): it would
+    # record its figures after the reset below.
+    deadline = time.monotonic() + 30
+    while loky_backend._state.overhead_probe is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    monkeypatch.setattr(system, "_fake", {"others": 0.0})  # restored after the test
     stored = calibration._Stored()
     stored.loaded = True
     monkeypatch.setattr(calibration, "_stored", stored)
@@ -136,9 +149,17 @@ def test_an_overhead_probe_that_saw_a_map_is_discarded(monkeypatch):
     pf.map(range(10))  # a warm pool
     _unmeasured(monkeypatch)
     executor = loky_backend.current_executor()
+    import time
+
+    # The workers busy a moment first: the probe's tasks wait behind them, so the map
+    # below submits before the probe can end (else the probe may end first, and rightly
+    # measure an idle pool).
+    busy = [executor.submit(time.sleep, 0.3) for _ in range(loky_backend.pool_size())]
     loky_backend.OverheadProbe.start(executor, loky_backend.pool_size())
     # A map submitting at once: its chunks share the pool with the probe's tasks.
     monkeypatch.setattr(loky_backend.LokyTarget, "finish", lambda *a: None)
     assert pf.map(range(20)) == [3 * x for x in range(20)]
+    for f in busy:
+        f.result()
     assert not _measured_within(1.0)
     assert loky_backend._state.overhead_probe is None  # ended: the next map may try again

@@ -118,7 +118,11 @@ EARLY_FORK = """
     import json, sys
     sys.path.insert(0, {tests!r})
     import aex_helpers as h
-    from adaptive_exec import parallelize
+    from adaptive_exec import parallelize, system
+
+    # Read as a quiet machine (the system seam): beside a busy core the plan is rightly
+    # serial, and when the pool is forked is what this is about.
+    system.fake_readings(others=0.0)
 
     def small(x):
         h.spin(0.0003)
@@ -153,8 +157,9 @@ WHILE_SPAWNED = """
     import json, os, sys, threading, time
     sys.path.insert(0, {tests!r})
     import aex_helpers as h
-    from adaptive_exec import parallelize
+    from adaptive_exec import parallelize, system
 
+    system.fake_readings(others=0.0)  # as a quiet machine: see EARLY_FORK
     threading.Thread(target=threading.Event().wait, daemon=True).start()  # threaded
     MAIN = os.getpid()
     log = []
