@@ -163,3 +163,29 @@ def test_an_overhead_probe_that_saw_a_map_is_discarded(monkeypatch):
         f.result()
     assert not _measured_within(1.0)
     assert loky_backend._state.overhead_probe is None  # ended: the next map may try again
+
+
+def test_a_probe_that_ends_before_it_is_noted_does_not_block_later_ones(monkeypatch):
+    # Its callbacks run on loky's thread: one that ended before start() noted it as under
+    # way stayed noted for ever, and no probe ran again in the process.
+    import time
+
+    import aex_helpers as h
+
+    from adaptive_exec import parallelize
+    from adaptive_exec.backends import loky as loky_backend
+
+    parallelize(h.heavy, backend="loky").map(range(10))  # a warm pool
+    _unmeasured(monkeypatch)
+    real_init = loky_backend.OverheadProbe.__init__
+
+    def slow_to_return(self, executor, n_workers):
+        real_init(self, executor, n_workers)
+        deadline = time.monotonic() + 30
+        while self._left and time.monotonic() < deadline:
+            time.sleep(0.005)  # every task ends before start() goes on
+
+    monkeypatch.setattr(loky_backend.OverheadProbe, "__init__", slow_to_return)
+    loky_backend.OverheadProbe.start(loky_backend.current_executor(), loky_backend.pool_size())
+    assert calibration.overheads_measured()
+    assert loky_backend._state.overhead_probe is None

@@ -714,6 +714,7 @@ class OverheadProbe:
         self._left = _N_NOOPS + 1  # every task, the bytes' included
         self.overhead_s: Optional[float] = None
         self.byte_cost_s: Optional[float] = None
+        self.ended = False  # every task has ended (set under _state.lock)
         self.t0 = time.perf_counter()
         futures = [executor.submit(noop, i) for i in range(_N_NOOPS)]
         # Queued behind the no-ops: it starts as they end. Its worker stamps when the
@@ -734,7 +735,9 @@ class OverheadProbe:
         except Exception:  # the pool went away meanwhile: a later map measures
             probe = None
         with _state.lock:
-            _state.overhead_probe = probe
+            # A probe that ended before this line (its callbacks run on loky's thread)
+            # must not stay noted as under way: no other would ever start.
+            _state.overhead_probe = probe if probe is not None and not probe.ended else None
 
     def _noop_done(self, fut: Any) -> None:
         now = time.perf_counter()
@@ -766,6 +769,7 @@ class OverheadProbe:
         if overhead is not None and byte_cost is not None and _state.submits == self.submits:
             calibration.record_overheads(overhead, byte_cost)
         with _state.lock:
+            self.ended = True
             if _state.overhead_probe is self:
                 _state.overhead_probe = None
 
