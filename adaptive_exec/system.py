@@ -367,11 +367,18 @@ class LoadProbe:
         self._runnable_at_start = self._others_runnable()
 
     def _others_runnable(self) -> Optional[int]:
+        # The machine-wide count is one instant and ours another: a worker that became
+        # runnable just after the count, subtracted from it, hid a busy process (a
+        # template's workers starting: 4 runnable counted, 2 + 2 of ours read just
+        # after). Ours are counted on both sides of it and the fewer subtracted.
+        before = self._ours_runnable()
         total = _runnable_now()
         if total is None:
             return None
-        ours = _runnable_threads("self") + sum(_runnable_threads(p) for p in self.pids())
-        return max(0, total - ours)
+        return max(0, total - min(before, self._ours_runnable()))
+
+    def _ours_runnable(self) -> int:
+        return _runnable_threads("self") + sum(_runnable_threads(p) for p in self.pids())
 
     def _ours_s(self) -> float:
         t = os.times()
