@@ -485,13 +485,17 @@ def worker_children():
     that live as long as it does (resource trackers, the template of backends/starts.py)."""
     import psutil
 
+    from adaptive_exec.backends import starts
+
+    template = starts.template_pid()  # spawned (its command names starts.py) or forked
     out = []
     for c in psutil.Process().children(recursive=True):
         try:
             cmd = " ".join(c.cmdline())
         except psutil.NoSuchProcess:
             continue
-        if "resource_tracker" not in cmd and "adaptive_exec.backends.starts" not in cmd:
+        if c.pid != template and "resource_tracker" not in cmd \
+                and "adaptive_exec.backends.starts" not in cmd:
             out.append(c)
     return out
 

@@ -204,6 +204,85 @@ def test_a_threaded_caller_runs_items_while_its_template_spawns_the_workers(tmp_
     assert len(after_sampling) >= 8, (len(after_sampling), got["sampled"])
 
 
+FEW_LONG = """
+    import functools, json, os, sys
+    sys.path.insert(0, {tests!r})
+    import psutil
+    import aex_helpers as h
+    from adaptive_exec import adapt, parallelize, system
+    from adaptive_exec.backends import loky as loky_backend, starts
+
+    system.fake_readings(others=0.0)  # as a quiet machine: see EARLY_FORK
+    if {max_rss} is not None:
+        starts.FORKED_TEMPLATE_MAX_RSS = {max_rss}
+    forked = []
+    fork_here = starts.Template.fork_here
+
+    def noting(self):
+        made = fork_here(self)
+        if made:
+            forked.append(self.pid)
+        return made
+
+    starts.Template.fork_here = noting
+    me = os.getpid()
+    # Three quick items: the template forked for them ends with their map.
+    assert parallelize(h.square, cache=False).map(range(3)) == [0, 1, 4]
+    quick = {{"forked": list(forked), "left": starts.template_pid()}}
+    forked.clear()
+    pf = parallelize(functools.partial(h.spin_logged, path={path!r}, seconds={seconds}),
+                     cache=False)
+    assert pf.map(range(2)) == [0, 2]
+    worker_pid = h.read_spin_log({path!r})[1][0]
+    parent = psutil.Process(worker_pid).ppid() if psutil.pid_exists(worker_pid) else None
+    template = starts.template_pid()
+    same = (psutil.Process(template).cmdline() == psutil.Process(me).cmdline()
+            if template is not None else None)
+    loky_backend.shutdown()
+    print(json.dumps({{"quick": quick, "forked": forked, "me": me, "template": template,
+                      "worker_parent": parent, "cmdline_same": same,
+                      "after_shutdown": starts.template_pid(),
+                      "gone": [p for p in quick["forked"] + forked if not psutil.pid_exists(p)
+                               or psutil.Process(p).status() == "zombie"],
+                      "reason": pf.last_report.plan.reason}}))
+"""
+
+
+@linux_only
+def test_a_few_long_items_go_to_workers_of_a_template_forked_at_the_maps_start(tmp_path):
+    # Two items of 0.6 s: the caller's thread, busy in the first, cannot fork; a template
+    # spawned then is up ~0.12 s later (item 1 reached a worker at ~0.3 s). A template
+    # forked before the first call (one thread then, so safe) forks the worker instead.
+    env = {k: v for k, v in os.environ.items() if k != starts.ENV_START}
+    path = str(tmp_path / "log")
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(FEW_LONG.format(
+        tests=TESTS, path=path, seconds=0.6, max_rss=None))], capture_output=True,
+        text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(got["quick"]["forked"]) == 1 and got["quick"]["left"] is None, got
+    assert "went to the pool while the first call ran here" in got["reason"], got
+    assert got["forked"] == [got["template"]], got  # this map's workers' template...
+    assert got["worker_parent"] == got["template"], got  # ...forked the worker...
+    assert got["cmdline_same"] is True, got  # ...and is a copy of the caller, not spawned
+    assert got["after_shutdown"] is None, got
+    assert sorted(got["gone"]) == sorted(got["quick"]["forked"] + got["forked"]), got
+    log = h.read_spin_log(path)
+    assert log[1][0] != got["me"] and log[1][1] < log[0][2], log  # beside the first call
+
+
+@linux_only
+def test_a_large_caller_spawns_its_template_instead_of_forking_one(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != starts.ENV_START}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(FEW_LONG.format(
+        tests=TESTS, path=str(tmp_path / "log"), seconds=0.4, max_rss=1 << 20))],
+        capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["quick"]["forked"] == [] and got["forked"] == [], got
+    assert got["cmdline_same"] is False, got  # the spawned template runs starts.serve
+
+
 NO_GUARD = """
     import os, sys
     sys.path.insert(0, {tests!r})

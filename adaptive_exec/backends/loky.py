@@ -409,6 +409,7 @@ def mark_broken(executor: Any, on_purpose: bool = False) -> bool:
     executor.shutdown(wait=False, kill_workers=True)
     if on_purpose:
         _kill_workers_now(executor)
+    starts.template().retire_forked()  # a template forked for a map ends with its pool
     return True
 
 
@@ -491,6 +492,7 @@ def shutdown() -> None:
             if isinstance(thread, threading.Thread) and thread is not threading.current_thread():
                 thread.join(_THREADS_END_S)
                 starts.wait_gone(thread)
+    starts.template().retire_forked()  # a template forked for a map ends with its pool
 
 
 # How long shutdown() waits for the ended pool's threads (they end within milliseconds).
