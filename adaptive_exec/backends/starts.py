@@ -31,9 +31,10 @@ The rule (``choose``):
   instead, from its caller's only thread, before its first call (~0.7 ms): should that
   call run long, the items behind it go to workers the template forks meanwhile, ~0.1 s
   sooner than from a spawned one (benchmark two_heavy, two items of 0.5 s: 0.85 s ->
-  0.72 s, where a fork pool takes 0.52 s; few_heavy 1.09x -> 1.00x a fork pool's). It ends with the map when unused, else with its pool: it is a
-  copy of the caller, which pays for each page it writes while the copy lives (why not
-  for many items), and a caller over 512 MB spawns its template as before.
+  0.72 s, where a fork pool takes 0.52 s; few_heavy 1.09x -> 1.00x a fork pool's). It
+  ends with the map when unused, else with its pool: it is a copy of the caller, which
+  pays for each page it writes while the copy lives (why not for many items), and a
+  caller over 512 MB spawns its template as before.
 - **exec** (loky's default) where fork is not available or not safe (Windows, macOS,
   whose system libraries do not survive a fork), or when asked for.
 
