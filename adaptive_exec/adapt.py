@@ -23,7 +23,7 @@ from .backends import dask as dask_backend
 from .backends import loky as loky_backend
 from .backends import starts
 from .fingerprint import describe
-from .planner import OWN_THREADS_MIN, WAITING_MAX_CPU, make_plan
+from .planner import OWN_THREADS_MIN, WAITING_MAX_CPU, WAITING_MIN_SHARE, make_plan
 from .records import Calibration, Cluster, Features, Options, Plan, fmt_bytes, fmt_s
 
 logger = logging.getLogger("adaptive_exec")
@@ -54,6 +54,9 @@ FORKED_TEMPLATE_ITEMS = 4
 # A sampled call that has run this long, with items behind it and a pool worth it,
 # has the template started (_template_early): half SEND_AHEAD_AFTER_S, a judgement.
 TEMPLATE_AFTER_S = 0.05
+# How often the watch looks at what the caller's call waits on (system.ThreadWaits): a
+# look costs ~20 µs, and one that must take the GIL from a computing call waits for it.
+WAITS_LOOK_S = 0.002
 # The GIL's switch interval while the watch works beside the caller's call (see _run).
 SWITCH_INTERVAL_S = 0.0005
 # The caller's own first look at its sampled calls (SamplingWatch._quick_look), then at
@@ -222,6 +225,8 @@ class SamplingWatch:
         self.call_began = self.t0  # when the caller's current call began
         self.cpu0 = time.process_time()
         self.next_look = self.t0 + QUICK_LOOK_S  # the caller's next _quick_look
+        # What the caller's calls wait on, looked at every WAITS_LOOK_S by this watch.
+        self.waits = system.ThreadWaits(threading.get_native_id(), threading.get_ident())
         self.decided = False  # a pool was found worth starting (by either thread)
         self.cpu_s = 0.0  # this thread's own CPU: not the sampled function's
         # A Ctrl-C that ends the map shuts the pool down: a start ahead this watch
@@ -276,13 +281,18 @@ class SamplingWatch:
 
     def _run(self) -> None:
         delay = 0.005
+        due = self.t0 + delay
         cpu0 = time.process_time()
         try:
-            while not self.done.wait(delay):
+            while not self.done.wait(WAITS_LOOK_S):
+                self.waits.look()
+                if time.perf_counter() < due:
+                    continue
                 delay = min(delay * 2, 0.05)
+                due = time.perf_counter() + delay
                 elapsed = time.perf_counter() - self.t0
                 share = (time.process_time() - cpu0) / elapsed
-                if share < WAITING_MAX_CPU or share > 1 + OWN_THREADS_MIN:
+                if self._waits(share) or share > 1 + OWN_THREADS_MIN:
                     # It waits (threads will serve it) or runs threads of its own
                     # (BLAS): no process pool for it. Look again later.
                     continue
@@ -302,6 +312,7 @@ class SamplingWatch:
                         return
                 if self.decided:
                     delay = min(delay, 0.01)  # a long call is seen within 10 ms
+                    due = min(due, time.perf_counter() + delay)
                 if self.decided and self._long_call() and self._send_ahead():
                     return
         except Exception as exc:  # a start ahead is a bonus: the map runs without it
@@ -310,6 +321,14 @@ class SamplingWatch:
             if self.switching:
                 _fast_switching(False)
             self.cpu_s = time.thread_time()
+
+    def _waits(self, cpu_share: float) -> bool:
+        """Does the function mostly wait (threads will serve it, not a pool)? By what
+        the looks at the caller found it doing, else by its CPU share."""
+        waited = self.waits.share()
+        if waited is not None:
+            return waited >= WAITING_MIN_SHARE
+        return cpu_share < WAITING_MAX_CPU
 
     def cpu_spent(self) -> float:
         """This thread's CPU so far, read live where the platform allows: a pool start
@@ -472,7 +491,7 @@ class SamplingWatch:
         elapsed = now - self.t0
         self.next_look = now + elapsed  # looks at 2, 4, 8 ms...: a few in all
         share = (time.process_time() - self.cpu0) / elapsed
-        if share < WAITING_MAX_CPU or share > 1 + OWN_THREADS_MIN:
+        if self._waits(share) or share > 1 + OWN_THREADS_MIN:
             return  # it waits, or runs threads of its own: as the watch (_run)
         if not (starts.fork_works() and starts.forced() in (None, starts.FORK)
                 and starts.threads_now() == (2 if self.thread.is_alive() else 1)):

@@ -12,7 +12,7 @@ command line reads the whole file through ``list_entries``, ``counts`` and ``sta
     hits:    counted here, written with this process's next write (or at exit)
     observe: one write: pending hits, the entry, one run, eviction when it grew
 
-Tables (schema version 2; ``meta`` with the version is sqlite_file's):
+Tables (schema version 4; ``meta`` with the version is sqlite_file's):
 
     entries(fingerprint, machine) PRIMARY KEY            one row per function and machine:
         module, qualname, the Features columns (named as its fields), created_at,
@@ -272,7 +272,7 @@ def _features(row: Any) -> Optional[Features]:
     """Features from the FEATURE_COLUMNS of a row; None when the required ones are bad.
     Optional features that are missing (an entry from schema 1) or invalid are None."""
     (mean_s, cv, pickle_size, input_pickle_size, peak_memory, complexity, n_samples,
-     cpu_fraction, picklable, threads_cpu, setup_s) = row
+     cpu_fraction, picklable, threads_cpu, setup_s, wait_share, waits_on) = row
     mean = _num(mean_s, hi=1e6)  # over 11 days per item is not a measurement
     if mean is None:
         return None
@@ -288,6 +288,8 @@ def _features(row: Any) -> Optional[Features]:
         picklable=picklable != 0,
         threads_cpu=_num(threads_cpu, hi=1e6),
         setup_s=_num(setup_s, hi=1e6),
+        wait_share=_num(wait_share, hi=1.0),
+        waits_on=waits_on if type(waits_on) is str and waits_on else None,
     )
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .sqlite_file import Schema
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Past runs kept per function (the planner uses the last few: planner.HISTORY_USED).
 HISTORY = 20
 
@@ -17,7 +17,7 @@ HISTORY = 20
 FEATURE_COLUMNS = (
     "mean_s", "coefficient_of_variation", "pickle_size", "input_pickle_size", "peak_memory",
     "function_complexity", "n_samples", "cpu_fraction", "picklable", "threads_cpu",
-    "setup_s",
+    "setup_s", "wait_share", "waits_on",
 )
 ENTRY_COLUMNS = ("module", "qualname", *FEATURE_COLUMNS,
                   "created_at", "updated_at", "used_at", "hits")
@@ -57,6 +57,8 @@ CREATE = (
         picklable INTEGER NOT NULL DEFAULT 1,
         threads_cpu REAL,
         setup_s REAL,
+        wait_share REAL,
+        waits_on TEXT,
         created_at REAL NOT NULL,
         updated_at REAL NOT NULL,
         used_at REAL NOT NULL,
@@ -92,6 +94,8 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE calibration ADD COLUMN source TEXT",
     ),
     2: ("ALTER TABLE entries ADD COLUMN setup_s REAL",),
+    3: ("ALTER TABLE entries ADD COLUMN wait_share REAL",
+        "ALTER TABLE entries ADD COLUMN waits_on TEXT"),
 }
 
 SCHEMA = Schema(SCHEMA_VERSION, CREATE, MIGRATIONS)

@@ -64,8 +64,11 @@ STARTUP_OVERLAP = 0.5
 # runs threads of its own (BLAS): our workers run it with one thread each (see
 # backends/loky.py), so each item takes about 1 + that many times longer there.
 OWN_THREADS_MIN = 0.3
-# Below this CPU share the function mostly waits: threads overlap the waiting.
+# Below this CPU share the function mostly waits: threads overlap the waiting. Used
+# only where nobody could look at what the calls wait on (system.ThreadWaits): then at
+# least this share of the looks must have found it waiting in the kernel.
 WAITING_MAX_CPU = 0.5
+WAITING_MIN_SHARE = 0.5
 # Threads for a waiting function: beyond ~64 the GIL hand-offs of a thread pool cost
 # more than the overlapped waiting gains (a judgement; concurrent.futures caps its
 # default at 32 for the same reason).
@@ -329,12 +332,28 @@ def _worker_cap(features: Features, system: SystemSnapshot, cluster: Optional[Cl
     return w_max, f"{why}, so a pool cannot beat the loop"
 
 
+def _waiting_on(features: Features) -> str:
+    if features.wait_share is None or features.waits_on is None:
+        return ""
+    return f" (on {features.waits_on}: {fmt_pct(features.wait_share)} of the looks at it waiting)"
+
+
 def _threads_option(job: _Job, features: Features, cpus: int, chunksize: Optional[int],
                     max_workers: Optional[int] = None) -> Optional[Plan]:
     """The thread-pool plan when the function mostly waits and threads beat the loop
     clearly; None otherwise."""
     cpu = features.cpu_fraction
-    if cpu is None or cpu >= WAITING_MAX_CPU or (features.threads_cpu or 0.0) > OWN_THREADS_MIN:
+    waited = features.wait_share
+    if (features.threads_cpu or 0.0) > OWN_THREADS_MIN:
+        return None
+    if waited is not None:
+        # What it was seen doing decides: a call kept off the GIL by another thread, or
+        # off a CPU by a busy machine, has a low CPU share and waits on nothing threads
+        # overlap.
+        if waited < WAITING_MIN_SHARE:
+            return None
+        cpu = cpu if cpu is not None else 1.0 - waited
+    elif cpu is None or cpu >= WAITING_MAX_CPU:
         return None
     threads = _threads_plan(job.remaining, job.t, cpu, cpus, chunksize, max_workers)
     if threads.n_workers < 2:
@@ -345,8 +364,9 @@ def _threads_option(job: _Job, features: Features, cpus: int, chunksize: Optiona
     est = job.elapsed_s + threads.total_s
     speedup = job.est_serial / est
     reason = (
-        f"{job.work}, of which only {fmt_pct(cpu)} is CPU: the function mostly waits, so "
-        f"{threads.n_workers} threads overlap the waiting; {_estimated(job, est, speedup)}"
+        f"{job.work}, of which only {fmt_pct(cpu)} is CPU: the function mostly waits"
+        f"{_waiting_on(features)}, so {threads.n_workers} threads overlap the waiting; "
+        f"{_estimated(job, est, speedup)}"
     )
     return job.plan("threads", threads, est, speedup, reason)
 

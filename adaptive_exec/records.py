@@ -105,6 +105,11 @@ class Features:
     # a connection): paid once per process, the caller's and each worker's, not per
     # item; None when no first call stood out (or one call was measured).
     setup_s: Optional[float] = None
+    # The share of looks at the calling thread, while sampled, that found it waiting in
+    # the kernel (asleep, on sockets or pipes, child processes, the disk, a lock), and
+    # on what most (system.ThreadWaits); None where nobody looked (or could).
+    wait_share: Optional[float] = None
+    waits_on: Optional[str] = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -254,6 +259,8 @@ _FEATURES: dict[str, tuple[str, Callable[[Any], str]]] = {
     "threads_cpu": ("CPUs the function's own threads use",
                     _optional(lambda x: f"{x:.1f}")),
     "setup_s": ("one-time set-up (first call in a process)", _optional(fmt_s, "none seen")),
+    "wait_share": ("seen waiting in the kernel", _optional(fmt_pct, "not looked at")),
+    "waits_on": ("waiting mostly on", _optional(str, "nothing")),
     "n_items": ("items", _optional(lambda n: f"{n:,}")),
     "usable_cpus": ("usable CPUs", _optional(lambda n: f"{n:,}")),
     "available_memory": ("available memory", _optional(fmt_bytes)),

@@ -230,7 +230,8 @@ class MapRun:
                        on_item=watch.on_item if watch else None,
                        ours_cpu=watch.cpu_spent if watch else None,
                        keep_going=(lambda n: source.wants_more() or watch.wants_second(n))
-                       if source is not None and watch is not None else None)
+                       if source is not None and watch is not None else None,
+                       waits=watch.waits if watch is not None else None)
         except BaseException:
             if watch is not None:
                 watch.abandon()  # Ctrl-C: nothing sent ahead runs on

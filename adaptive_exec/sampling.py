@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 from .records import Features
+from .system import ThreadWaits
 from .worker import call_each
 
 # 20 ms of sampling: below the noise of a scheduler tick on a busy machine a single
@@ -123,6 +124,7 @@ def sample(
     on_item: Optional[Callable[[int], float]] = None,
     ours_cpu: Optional[Callable[[], float]] = None,
     keep_going: Optional[Callable[[int], bool]] = None,
+    waits: Optional[ThreadWaits] = None,
 ) -> Sample:
     """Run ``func`` on the first items of ``items`` (consumed) until the budget is spent.
 
@@ -133,7 +135,8 @@ def sample(
     function's);
     ``ours_cpu()`` is CPU that other threads of ours spent meanwhile (not the function's);
     ``keep_going(calls completed)``, when given, says the sample must go on past its
-    budgets (items were kept for it, or are about to be: ahead.SharedSource).
+    budgets (items were kept for it, or are about to be: ahead.SharedSource);
+    ``waits``, looked at by another thread meanwhile, says what the calls waited on.
     """
     watch = _Watch(time_budget_s, item_budget, on_item, keep_going)
     results: list[Any] = []
@@ -154,6 +157,7 @@ def sample(
         features=features_from(
             durations, watch.in_sizes, watch.out_sizes, watch.peak, complexity, cpu_used,
             max(wall - queued, cpu_used), watch.picklable, max(0.0, others),
+            waits=waits,
         ),
         exhausted=not watch.stopped,
         wall_s=wall,
@@ -253,6 +257,7 @@ def features_from(
     picklable: bool,
     others_cpu_s: float = 0.0,
     split_setup: bool = True,
+    waits: Optional[ThreadWaits] = None,
 ) -> Features:
     durations, setup = _split_setup(durations) if split_setup else (durations, None)
     n = len(durations)
@@ -273,4 +278,6 @@ def features_from(
         picklable=picklable,
         threads_cpu=others_cpu_s / wall_s if wall_s > 0 else None,
         setup_s=setup,
+        wait_share=waits.share() if waits is not None else None,
+        waits_on=waits.mostly() if waits is not None else None,
     )

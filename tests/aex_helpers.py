@@ -532,3 +532,39 @@ def slow_first_call(x, first=0.15, cost=0.001):
 
 def forget_first_call():
     _FIRST_SLOW.clear()
+
+
+def wait_in_select(x):
+    """Waits as a function blocked on a socket does (select, no descriptor ready)."""
+    import select
+
+    select.select([], [], [], 0.01)
+    return x + 1
+
+
+def wait_for_a_child(x):
+    """Waits for a child process to end (wait4)."""
+    import subprocess
+
+    subprocess.run(["sleep", "0.02"], check=True)
+    return x + 1
+
+
+def wait_on_a_queue(x):
+    """Waits on a lock (a queue nobody fills; its get times out)."""
+    import queue
+
+    try:
+        queue.Queue().get(timeout=0.01)
+    except queue.Empty:
+        pass
+    return x + 1
+
+
+def crunch(x, seconds=0.1):
+    """Pure-Python computation for about ``seconds`` of this thread's CPU."""
+    end = time.thread_time() + seconds
+    n = 0
+    while time.thread_time() < end:
+        n += sum(i * i for i in range(100))
+    return x + 1

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+import threading
+
 import aex_helpers as h
 import pytest
 
@@ -126,3 +130,80 @@ def test_chunks_follow_what_items_cost_in_the_workers_and_the_report_says_so():
     assert report.adjusted in str(report)
     # The next plan starts from what the workers saw.
     assert cache.lookup(fingerprint(func)).features.mean_s < 0.02
+
+
+# --- waiting told from computing by what the calls do (system.ThreadWaits) -------------
+
+linux_looks = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                 reason="the looks read /proc/self/task/<tid>/syscall")
+
+
+@linux_looks
+@pytest.mark.parametrize("func, on", [
+    (h.sleepy, "sleeping"),
+    (h.wait_in_select, "sockets or pipes (poll)"),
+    (h.wait_for_a_child, "child processes"),
+    (h.wait_on_a_queue, "locks"),
+])
+def test_what_a_waiting_function_waits_on_is_seen_and_said(func, on):
+    pf = parallelize(func, cache=False)
+    assert pf.map(range(40)) == [x + 1 for x in range(40)]
+    plan = pf.last_report.plan
+    assert plan.features["waits_on"] == on, plan.features
+    assert plan.features["wait_share"] >= 0.5, plan.features
+    assert plan.mode == "threads", plan.reason
+    assert f"on {on}" in plan.reason, plan.reason
+    assert on in plan.explain()
+
+
+@linux_looks
+def test_a_computing_call_kept_off_the_gil_by_a_thread_of_ours_is_not_taken_for_waiting():
+    # A thread of ours (as the sampling watch importing loky beside a first call) holds
+    # the GIL about half the time: the call computes throughout, yet waits for the GIL so
+    # long that its CPU share falls under a half, and that thread's CPU, being ours, is
+    # not the function's own threads. By its CPU share it got a thread pool, where the
+    # GIL runs one call at a time. Looked at, it waits on nothing threads overlap.
+    import time
+
+    from adaptive_exec.calibration import DEFAULTS
+    from adaptive_exec.planner import make_plan
+    from adaptive_exec.system import SystemSnapshot, ThreadWaits
+
+    stop = threading.Event()
+    waits = ThreadWaits(threading.get_native_id(), threading.get_ident())
+    hog = threading.Thread(target=_spin_until, args=(stop,))
+    looker = threading.Thread(target=_look_until, args=(stop, waits))
+    hog.start()
+    looker.start()
+
+    def ours():
+        return sum(time.clock_gettime(time.pthread_getcpuclockid(t.ident))
+                   for t in (hog, looker))
+
+    try:
+        s = sample(h.crunch, iter(range(2)), star=False, complexity=1, ours_cpu=ours,
+                   waits=waits)
+    finally:
+        stop.set()
+        hog.join()
+        looker.join()
+    f = s.features
+    assert f.cpu_fraction < 0.5 and f.threads_cpu < 0.3, f  # the confusion is there
+    assert f.wait_share is not None and f.wait_share < 0.5, (f, waits.waits)
+    two = SystemSnapshot(usable_cpus=2, available_memory=8 << 30)
+    plan = make_plan(f, 200, 0, two, DEFAULTS, warm=True, from_cache=False)
+    assert plan.mode != "threads", plan.reason
+    # The same measurements without the looks: the CPU share alone chose threads.
+    blind = make_plan(dataclasses.replace(f, wait_share=None, waits_on=None), 200, 0, two,
+                      DEFAULTS, warm=True, from_cache=False)
+    assert blind.mode == "threads", blind.reason
+
+
+def _look_until(stop, waits):
+    while not stop.wait(0.002):
+        waits.look()
+
+
+def _spin_until(stop):
+    while not stop.is_set():
+        sum(i for i in range(1000))
