@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import random
 import sys
 import threading
 import time
@@ -284,7 +285,10 @@ class SamplingWatch:
         due = self.t0 + delay
         cpu0 = time.process_time()
         try:
-            while not self.done.wait(WAITS_LOOK_S):
+            while not self.done.wait(WAITS_LOOK_S * random.uniform(0.5, 1.5)):
+                # At irregular times: looks every 2 ms at calls that sleep 2 ms each fell
+                # in step with them (beside a busy core the caller, just woken, waited for
+                # the core this thread was looking from: 0 looks of 3 found it asleep).
                 self.waits.look()
                 if time.perf_counter() < due:
                     continue
@@ -323,12 +327,11 @@ class SamplingWatch:
             self.cpu_s = time.thread_time()
 
     def _waits(self, cpu_share: float) -> bool:
-        """Does the function mostly wait (threads will serve it, not a pool)? By what
-        the looks at the caller found it doing, else by its CPU share."""
+        """Does the function mostly wait (threads will serve it, not a pool)? As the
+        planner judges it: a low CPU share, and looks at the caller (where there were
+        enough) that found it waiting on something threads overlap."""
         waited = self.waits.share()
-        if waited is not None:
-            return waited >= WAITING_MIN_SHARE
-        return cpu_share < WAITING_MAX_CPU
+        return cpu_share < WAITING_MAX_CPU and (waited is None or waited >= WAITING_MIN_SHARE)
 
     def cpu_spent(self) -> float:
         """This thread's CPU so far, read live where the platform allows: a pool start

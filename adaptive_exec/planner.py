@@ -64,11 +64,13 @@ STARTUP_OVERLAP = 0.5
 # runs threads of its own (BLAS): our workers run it with one thread each (see
 # backends/loky.py), so each item takes about 1 + that many times longer there.
 OWN_THREADS_MIN = 0.3
-# Below this CPU share the function mostly waits: threads overlap the waiting. Used
-# only where nobody could look at what the calls wait on (system.ThreadWaits): then at
-# least this share of the looks must have found it waiting in the kernel.
+# Below this CPU share the function mostly waits: threads overlap the waiting, if at
+# least WAITING_MIN_SHARE of the looks at the calls (system.ThreadWaits), where someone
+# could look, found them waiting on something threads overlap, not the GIL or a CPU. A
+# low bar: a sampled call of 2 ms sleep was looked at 3-9 times, and the looks that land
+# on our bookkeeping between calls find it computing (1 of 3 waiting, seen).
 WAITING_MAX_CPU = 0.5
-WAITING_MIN_SHARE = 0.5
+WAITING_MIN_SHARE = 0.25
 # Threads for a waiting function: beyond ~64 the GIL hand-offs of a thread pool cost
 # more than the overlapped waiting gains (a judgement; concurrent.futures caps its
 # default at 32 for the same reason).
@@ -346,14 +348,11 @@ def _threads_option(job: _Job, features: Features, cpus: int, chunksize: Optiona
     waited = features.wait_share
     if (features.threads_cpu or 0.0) > OWN_THREADS_MIN:
         return None
-    if waited is not None:
-        # What it was seen doing decides: a call kept off the GIL by another thread, or
-        # off a CPU by a busy machine, has a low CPU share and waits on nothing threads
-        # overlap.
-        if waited < WAITING_MIN_SHARE:
-            return None
-        cpu = cpu if cpu is not None else 1.0 - waited
-    elif cpu is None or cpu >= WAITING_MAX_CPU:
+    if cpu is None or cpu >= WAITING_MAX_CPU:
+        return None
+    if waited is not None and waited < WAITING_MIN_SHARE:
+        # Seen waiting on nothing threads overlap: a call kept off the GIL by another
+        # thread, or off a CPU by a busy machine, has a low CPU share too.
         return None
     threads = _threads_plan(job.remaining, job.t, cpu, cpus, chunksize, max_workers)
     if threads.n_workers < 2:

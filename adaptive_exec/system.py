@@ -477,7 +477,7 @@ class ThreadWaits:
     be read, ``share()`` is None and the plan goes by the CPU share.
     """
 
-    MIN_LOOKS = 3  # fewer looks tell nothing
+    MIN_LOOKS = 5  # fewer looks tell nothing (3 sleeping calls were seen 0 of 3 asleep)
 
     def __init__(self, tid: Optional[int], ident: Optional[int] = None):
         self.tid = tid if _SYSCALLS is not None else None

@@ -158,8 +158,8 @@ def test_what_a_waiting_function_waits_on_is_seen_and_said(func, on):
 
 @linux_looks
 def test_a_computing_call_kept_off_the_gil_by_a_thread_of_ours_is_not_taken_for_waiting():
-    # A thread of ours (as the sampling watch importing loky beside a first call) holds
-    # the GIL about half the time: the call computes throughout, yet waits for the GIL so
+    # Threads of ours (as the sampling watch importing loky beside a first call) hold
+    # the GIL most of the time: the call computes throughout, yet waits for the GIL so
     # long that its CPU share falls under a half, and that thread's CPU, being ours, is
     # not the function's own threads. By its CPU share it got a thread pool, where the
     # GIL runs one call at a time. Looked at, it waits on nothing threads overlap.
@@ -171,25 +171,26 @@ def test_a_computing_call_kept_off_the_gil_by_a_thread_of_ours_is_not_taken_for_
 
     stop = threading.Event()
     waits = ThreadWaits(threading.get_native_id(), threading.get_ident())
-    hog = threading.Thread(target=_spin_until, args=(stop,))
+    # Two of them: one alone left the call a CPU share of 0.54 beside a busy core.
+    hogs = [threading.Thread(target=_spin_until, args=(stop,)) for _ in range(2)]
     looker = threading.Thread(target=_look_until, args=(stop, waits))
-    hog.start()
-    looker.start()
+    for t in (*hogs, looker):
+        t.start()
 
     def ours():
         return sum(time.clock_gettime(time.pthread_getcpuclockid(t.ident))
-                   for t in (hog, looker))
+                   for t in (*hogs, looker))
 
     try:
         s = sample(h.crunch, iter(range(2)), star=False, complexity=1, ours_cpu=ours,
                    waits=waits)
     finally:
         stop.set()
-        hog.join()
-        looker.join()
+        for t in (*hogs, looker):
+            t.join()
     f = s.features
     assert f.cpu_fraction < 0.5 and f.threads_cpu < 0.3, f  # the confusion is there
-    assert f.wait_share is not None and f.wait_share < 0.5, (f, waits.waits)
+    assert f.wait_share is not None and f.wait_share < 0.25, (f, waits.waits)
     two = SystemSnapshot(usable_cpus=2, available_memory=8 << 30)
     plan = make_plan(f, 200, 0, two, DEFAULTS, warm=True, from_cache=False)
     assert plan.mode != "threads", plan.reason
