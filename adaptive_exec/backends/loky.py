@@ -484,12 +484,10 @@ def shutdown() -> None:
         # started then would count them: a caller that runs no thread of its own would
         # be sent to the template (calibrate() measured the template's start, not the
         # fork's, in 1 run of 3).
-        call_queue = getattr(executor, "_call_queue", None)
-        threads = (getattr(executor, "_executor_manager_thread", None),
-                   getattr(call_queue, "_thread", None))
+        threads = _threads_of(executor)
         executor.shutdown(wait=True, kill_workers=True)
         for thread in threads:
-            if isinstance(thread, threading.Thread) and thread is not threading.current_thread():
+            if thread is not threading.current_thread():
                 thread.join(_THREADS_END_S)
                 starts.wait_gone(thread)
     starts.template().retire_forked()  # a template forked for a map ends with its pool
@@ -497,6 +495,22 @@ def shutdown() -> None:
 
 # How long shutdown() waits for the ended pool's threads (they end within milliseconds).
 _THREADS_END_S = 0.2
+
+
+def pool_threads() -> list[threading.Thread]:
+    """The threads the current pool runs in this process (loky's manager and queue
+    feeder), alive ones only: their CPU is ours, not the mapped function's."""
+    with _state.lock:
+        executor = _state.executor
+    return [t for t in _threads_of(executor) if t.is_alive()]
+
+
+def _threads_of(executor: Any) -> list[threading.Thread]:
+    """``executor``'s threads in this process: loky's manager and its call queue's feeder."""
+    call_queue = getattr(executor, "_call_queue", None)
+    threads = (getattr(executor, "_executor_manager_thread", None),
+               getattr(call_queue, "_thread", None))
+    return [t for t in threads if isinstance(t, threading.Thread)]
 
 
 def worker_pids() -> list[int]:
