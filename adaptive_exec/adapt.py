@@ -213,7 +213,8 @@ class SamplingWatch:
 
     def __init__(self, options: Options, n_known: Optional[int],
                  source: Optional[ahead.SharedSource] = None,
-                 func: Optional[Callable[..., Any]] = None, star: bool = False):
+                 func: Optional[Callable[..., Any]] = None, star: bool = False,
+                 forked_template: bool = False):
         self.options = options
         self.n_known = n_known
         # The input, when the watch may send items to the pool while a long call runs
@@ -252,7 +253,7 @@ class SamplingWatch:
         # ``_lock``: a map left while this thread is still starting the pool (a start
         # takes ~0.3 s on loky's path) must not leave that pool running once started.
         self.abandoned = False
-        self.forked_template = False  # the template was forked for this map (start)
+        self.forked_template = forked_template  # forked for this map (start)
         self._lock = threading.Lock()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, name="adaptive_exec-prestart",
@@ -278,9 +279,8 @@ class SamplingWatch:
         # µs, not 1.0-1.6, and ran 1.2x longer).
         forked = (source is not None and not warm and n_known is not None
                   and n_known <= FORKED_TEMPLATE_ITEMS * cpus and starts.fork_template_early())
-        watch = cls(options, n_known, source, func, star)
-        watch.forked_template = forked
-        return watch
+        # Given to the watch before its thread starts, which reads it (_long_call).
+        return cls(options, n_known, source, func, star, forked_template=forked)
 
     def _run(self) -> None:
         delay = 0.005
