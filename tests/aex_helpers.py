@@ -20,6 +20,15 @@ def add(a, b):
     return a + b
 
 
+def frozen_here(_: object) -> tuple[int, int]:
+    """This process's pid and how many objects its garbage collector leaves out (frozen
+    before the fork that made it: starts.gc_frozen)."""
+    import gc
+
+    spin(0.02)  # worth a pool
+    return os.getpid(), gc.get_freeze_count()
+
+
 def heavy(x):
     spin(0.02)
     return x * 3

@@ -87,7 +87,11 @@ PARENTS = """
         threading.Thread(target=threading.Event().wait, daemon=True).start()
     pf = parallelize(h.heavy, backend="loky")
     assert pf.map(range(20)) == [3 * x for x in range(20)]
+    import gc
+    frozen = dict(parallelize(h.frozen_here, backend="loky", cache=False).map(range(20)))
     print(json.dumps({{"path": loky_backend._state.path, "me": os.getpid(),
+                      "frozen": {{str(pid): n for pid, n in frozen.items()}},
+                      "frozen_here": gc.get_freeze_count(),
                       "reported": pf.last_report.start_path,
                       "template": starts.template_pid(),
                       "parents": [psutil.Process(p).ppid() for p in loky_backend.worker_pids()],
@@ -112,6 +116,25 @@ def test_workers_are_forked_by_the_caller_or_by_its_template(tmp_path, threaded)
     else:
         assert got["path"] == "fork" and got["template"] is None
         assert set(got["parents"]) == {got["me"]}
+    # What the workers inherited stays out of their garbage collections (a forked
+    # worker's first one walked all of it: 8 ms of CPU), and the caller's collector
+    # has all of its objects back.
+    workers = {pid: n for pid, n in got["frozen"].items() if int(pid) != got["me"]}
+    assert workers and all(n > 1000 for n in workers.values()), got["frozen"]
+    assert got["frozen_here"] == 0
+
+
+def test_objects_the_caller_froze_itself_stay_frozen():
+    import gc
+
+    gc.freeze()
+    try:
+        mine = gc.get_freeze_count()
+        with starts.gc_frozen():
+            pass
+        assert gc.get_freeze_count() == mine  # ours would have unfrozen them all
+    finally:
+        gc.unfreeze()
 
 
 EARLY_FORK = """
