@@ -642,6 +642,8 @@ class MapPlanner:
             # the function already; the pool's workers, unless a map of it ran there.
             setup_here=self.key not in _ran_here,
             setup_pool=self._setup_share(features),
+            # An item in the caller cannot be stopped at its timeout.
+            caller_helps=opts.timeout is None,
         )
         plan = planner.make_plan(features, n_items, n_done, snap, calib, **kwargs)
         if plan.mode == "parallel":

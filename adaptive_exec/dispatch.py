@@ -175,6 +175,9 @@ class RunSpec:
     # Per item, in seconds: items then go one per task, one task per worker, and an
     # item past it ends the map (see ParallelRun._check_deadlines).
     timeout: Optional[float] = None
+    # The last items, which the caller runs itself once the rest are handed out
+    # (planner.caller_items: few long items, beside the workers).
+    caller_items: int = 0
 
 
 class _Chunks:
@@ -350,6 +353,11 @@ class ParallelRun:
         self.next_out = first_index
         self.read_pos = first_index + sum(i.n for i in (*self.pending.values(), *unsent))
         self.exhausted = False
+        # Where the items the caller keeps for itself begin (spec.caller_items): the
+        # input's end less them, when the input's length is known.
+        self.held_from = (first_index + n_left - spec.caller_items
+                          if spec.caller_items and n_left is not None and spec.timeout is None
+                          else None)
         self.error_at: Optional[int] = None  # the first failing item seen so far
         self.cross = _CannotCross(func, spec)
         self.local_items = 0  # items run here instead: they could not cross
@@ -365,7 +373,8 @@ class ParallelRun:
         self._open()
         clean = False
         try:
-            if self.probe is not None and not self.probe.sent.is_set():
+            if (self.probe is not None and not self.probe.sent.is_set()
+                    and self.held_from is None):
                 # Its workers are still being spawned (by another thread: a template's
                 # wait for the template's start): a chunk submitted now would wait
                 # with them; the caller runs items meanwhile.
@@ -454,6 +463,21 @@ class ParallelRun:
         if local or err is not None:
             self.buffer[local_start] = (local, self.read_pos - local_start, err)
 
+    def _run_held(self) -> None:
+        """The items the caller keeps for itself (spec.caller_items), run here while the
+        workers run theirs, once every other item is handed out: the input's last ones.
+        The input ends with them."""
+        start = self.read_pos
+        out, err = run_here(self.func, list(self.source), start, self.spec.star)
+        n = len(out) + (err is not None)
+        self.read_pos += n
+        self.chunks.taken(n)
+        self.exhausted = True
+        if err is not None:
+            self.error_at = start + len(out)
+        if n:
+            self.buffer[start] = (out, n, err)
+
     # --- sending ------------------------------------------------------------------------
 
     def _limit(self) -> int:
@@ -483,7 +507,13 @@ class ParallelRun:
                 continue
             if self.exhausted or self.error_at is not None:
                 return
-            chunk = list(itertools.islice(self.source, self.chunks.next()))
+            size = self.chunks.next()
+            if self.held_from is not None:
+                size = min(size, self.held_from - self.read_pos)
+                if size <= 0:
+                    self._run_held()  # every other item is handed out
+                    return
+            chunk = list(itertools.islice(self.source, size))
             if not chunk:
                 self.exhausted = True
                 return

@@ -60,6 +60,10 @@ MEMORY_RESERVE = 256 << 20
 # Fraction of the start-up the caller spends working through items: it shares the
 # cores with booting workers, so it is not a full worker during that time.
 STARTUP_OVERLAP = 0.5
+# Items at least this long may be run by the caller beside the workers (caller_items):
+# a chunk's round trip is then noise, and the caller, busy with its item, hands out
+# nothing meanwhile. A judgement.
+CALLER_ITEM_MIN_S = 0.05
 # A function whose other threads use more than this many CPU seconds per wall second
 # runs threads of its own (BLAS): our workers run it with one thread each (see
 # backends/loky.py), so each item takes about 1 + that many times longer there.
@@ -95,10 +99,24 @@ class _Estimate:
     parent_s: float
 
 
+def caller_items(n: int, w: int, c: int, t: float) -> int:
+    """How many of ``n`` items of ``t`` seconds the caller runs itself, beside ``w``
+    workers taking chunks of ``c``: the ones a last round would leave to some workers
+    alone, when all the rest can be handed out at once (n < 3w: at most two chunks per
+    worker, what they hold in flight). Three items on two workers then run at once, the
+    three processes sharing the two cores: 1.5 items' time, not 2 (a warm plan of
+    few_heavy took 0.65-0.67 s, where the cold run, whose caller runs its first item,
+    took 0.61). Only for items of CALLER_ITEM_MIN_S or more: while its item runs, the
+    caller hands out nothing."""
+    if c != 1 or w < 2 or n >= 3 * w or t < CALLER_ITEM_MIN_S:
+        return 0
+    return n % w
+
+
 def _estimate(
     n: int, t: float, cv: float, bytes_per_item: float, w: int, c: int,
     calib: Calibration, warm: bool, startup_left: Optional[float] = None,
-    shares_cores: bool = False,
+    shares_cores: bool = False, caller_helps: bool = False,
 ) -> _Estimate:
     per_chunk = c * t + calib.task_overhead_s + c * bytes_per_item * calib.byte_cost_s
     n_chunks = math.ceil(n / c)
@@ -108,7 +126,11 @@ def _estimate(
     # for independent items). Costs that drift along the list (the skewed workload) are
     # what this tail guards against: it makes long chunks expensive.
     spread = cv / math.sqrt(c)
-    if n_chunks <= w:
+    if caller_helps and caller_items(n, w, c, t):
+        # The caller runs the last round's odd items beside the workers: the cores
+        # share all of them at once.
+        makespan = n * per_chunk / w * (1 + 0.5 * spread)
+    elif n_chunks <= w:
         # One round, every chunk at once: the slowest of them, not a tail.
         makespan = per_chunk * (1 + 0.5 * spread)
     else:
@@ -372,7 +394,7 @@ def _threads_option(job: _Job, features: Features, cpus: int, chunksize: Optiona
 
 def _best_pool(
     job: _Job, w_max: int, calib: Calibration, *, warm: bool, startup_left: Optional[float],
-    chunksize: Optional[int], correction: float, cluster: bool,
+    chunksize: Optional[int], correction: float, cluster: bool, caller_helps: bool = False,
 ) -> _Estimate:
     """The fastest pool by the model over the candidate workers x chunk sizes (the user's
     chunk size only, when given), scaled by the history's ``correction``."""
@@ -382,7 +404,8 @@ def _best_pool(
     for w in _worker_candidates(min(2, w_max), w_max, cluster):
         for c in [chunksize] if chunksize else _chunk_candidates(job.remaining, w, t_worker):
             e = _estimate(job.remaining, t_worker, job.cv, job.bytes_per_item, w, c, calib,
-                          warm, startup_left, shares_cores=not cluster and w >= w_max)
+                          warm, startup_left, shares_cores=not cluster and w >= w_max,
+                          caller_helps=caller_helps and not cluster)
             # Prefer fewer workers when they are as fast: they leave the machine freer.
             if best is None or e.total_s < best.total_s * BETTER_BY:
                 best = e
@@ -434,14 +457,15 @@ def _why_not_parallel(job: _Job, best: _Estimate, est: float, speedup: float,
 def _parallel_reason(job: _Job, best: _Estimate, est: float, speedup: float,
                      correction: float, forced_parallel: Optional[str],
                      cluster: Optional[Cluster], warm: bool = False,
-                     started_ahead: bool = False) -> str:
+                     started_ahead: bool = False, mine: int = 0) -> str:
     """The reason for running ``best``: the user's request, or the estimate and what it
     includes (start-up, the history's correction)."""
     unit = _unit(cluster)
+    beside = f", {mine} of the items run in the caller beside them" if mine else ""
     if forced_parallel:
         return (
             f"{forced_parallel}; {job.work}, {best.n_workers} {unit} with chunks of "
-            f"{best.chunksize} {_estimated(job, est, speedup)}"
+            f"{best.chunksize} {_estimated(job, est, speedup)}{beside}"
         )
     # What the start-up term is, as the features say it (pool_warm, startup_left_s).
     if best.startup_s:
@@ -458,6 +482,7 @@ def _parallel_reason(job: _Job, best: _Estimate, est: float, speedup: float,
                     "(the first call's, not counted per item)")
     if correction >= 1.05:
         startup += f", x{correction:.2f} for past parallel runs that took longer"
+    startup += beside
     return (
         f"{job.work}; {best.n_workers} {unit} with chunks of {best.chunksize}: "
         f"{_estimated(job, est, speedup)}{startup}"
@@ -483,6 +508,7 @@ def make_plan(
     cluster: Optional[Cluster] = None,
     setup_here: bool = False,
     setup_pool: float = 1.0,
+    caller_helps: bool = True,
 ) -> Plan:
     """Plan the remaining ``n_items - n_done`` items; ``elapsed_s`` was already spent.
 
@@ -499,6 +525,9 @@ def make_plan(
     still pays its one-time set-up, ``features.setup_s``; ``setup_pool``: the share of it
     the pool's workers still pay (1: all, workers new to it; 0: none, a map of it ran
     there; between: workers already running items sent ahead).
+
+    ``caller_helps``: whether the caller may run a few long items beside the pool
+    (``caller_items``); not where each item must be stoppable (a timeout).
     """
     if cluster is not None:
         warm, startup_left = True, 0.0  # the cluster is already running
@@ -530,9 +559,12 @@ def make_plan(
         if threads is not None:
             return threads
 
+    # Not a function that runs threads of its own: beside its workers it would take
+    # more than a core.
+    helps = caller_helps and cluster is None and job.own_threads == 1.0
     best = _best_pool(job, w_max, calib, warm=warm, startup_left=startup_left,
                       chunksize=chunksize, correction=parallel_correction,
-                      cluster=cluster is not None)
+                      cluster=cluster is not None, caller_helps=helps)
     est_parallel = elapsed_s + best.total_s
     speedup = job.est_serial / est_parallel if est_parallel > 0 else 0.0
     if not features.picklable and (forced_parallel or speedup >= MIN_SPEEDUP):
@@ -546,9 +578,12 @@ def make_plan(
         return job.serial(_why_not_parallel(job, best, est_parallel, speedup, calib, cluster),
                           est_parallel)
     mode = "distributed" if cluster is not None else "parallel"
+    mine = caller_items(job.remaining, best.n_workers, best.chunksize, job.t) if helps else 0
+    if mine:
+        info["caller_items"] = mine  # what the run gives the caller (dispatch.RunSpec)
     reason = _parallel_reason(job, best, est_parallel, speedup, parallel_correction,
                               forced_parallel, cluster, warm,
-                              startup_left is not None and not warm)
+                              startup_left is not None and not warm, mine)
     return job.plan(mode, best, est_parallel, speedup, reason)
 
 

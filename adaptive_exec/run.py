@@ -231,7 +231,8 @@ class MapRun:
                        ours_cpu=watch.cpu_spent if watch else None,
                        keep_going=(lambda n: source.wants_more() or watch.wants_second(n))
                        if source is not None and watch is not None else None,
-                       waits=watch.waits if watch is not None else None)
+                       waits=watch.waits if watch is not None else None,
+                       crowded=(lambda: watch.ahead is not None) if watch is not None else None)
         except BaseException:
             if watch is not None:
                 watch.abandon()  # Ctrl-C: nothing sent ahead runs on
@@ -545,6 +546,7 @@ class MapRun:
             max_chunk_items=_imap_chunk_cap(self.features) if self.partial else None,
             task_overhead_s=task_overhead_s, item_s=self.features.mean_s,
             timeout=self.options.timeout if plan.mode == "parallel" else None,
+            caller_items=plan.features.get("caller_items", 0) if plan.mode == "parallel" else 0,
         )
         run = ParallelRun(self.func, target, self.source, first, spec, n_left,
                           adapt.monitor(self.options, plan, self.features)

@@ -462,6 +462,18 @@ def spin_logged(x, path, seconds=0.5):
     return 2 * x
 
 
+def burn_logged(x, path, seconds=0.5):
+    """spin_logged, but ``seconds`` of this thread's CPU: beside other busy processes on
+    too few cores the call takes longer, as real work does."""
+    t0 = time.monotonic()
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+    with open(path, "a") as f:
+        f.write(f"{x} {os.getpid()} {t0} {time.monotonic()}\n")
+    return 2 * x
+
+
 def read_spin_log(path):
     """{item: (pid, start, end)} from spin_logged's file."""
     out = {}

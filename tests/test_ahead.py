@@ -203,3 +203,28 @@ def test_nothing_goes_ahead_under_real_load_that_leaves_room_for_one_worker(tmp_
         busy.kill()
         busy.wait(timeout=10)
 
+
+
+def test_a_remembered_few_item_map_runs_its_odd_item_in_the_caller_beside_the_workers(
+        tmp_path):
+    # Three items of 0.25 s on two workers: the caller runs the third beside them (all
+    # three at once on two cores), not a second round after them. And what the cache
+    # keeps of the item's cost is its cost, not its time beside our other processes:
+    # the first call ran beside the two sent ahead, the workers' items beside the
+    # caller's, and on 2 cores each took ~1.5x its CPU (the cache kept 0.48 s for 0.3).
+    path = str(tmp_path / "calls")
+    pf = parallelize(functools.partial(h.burn_logged, path=path, seconds=0.25),
+                     max_workers=2)
+    assert pf.map(range(3)) == [0, 2, 4]
+    assert pf.last_report.plan.features["mean_s"] < 0.25 * 1.2
+    os.unlink(path)
+    assert pf.map(range(3)) == [0, 2, 4]
+    report = pf.last_report
+    assert report.from_cache and report.plan.mode == "parallel"
+    assert report.plan.features["caller_items"] == 1
+    assert "1 of the items run in the caller beside them" in report.plan.reason
+    log = h.read_spin_log(path)
+    me = os.getpid()
+    assert log[2][0] == me and {log[0][0], log[1][0]}.isdisjoint({me}), log
+    assert log[2][1] < min(log[0][2], log[1][2]), log  # beside them, not after
+    assert pf.plan(range(3)).features["mean_s"] < 0.25 * 1.2

@@ -72,3 +72,27 @@ def test_a_warm_pool_changes_the_decision_for_medium_work():
     f = feats(1e-4)
     cold, warm = plan(f, 2000), plan(f, 2000, warm=True)
     assert cold.estimated_parallel_s > warm.estimated_parallel_s
+
+
+def test_the_caller_runs_the_odd_items_of_a_last_round_beside_the_workers():
+    # Three items of 0.3 s on two workers: all three at once, the three processes sharing
+    # the two cores (1.5 items' time), rather than two rounds (2 items' time).
+    p = plan(feats(0.3), 3, warm=True)
+    assert p.mode == "parallel" and p.n_workers == 2 and p.chunksize == 1
+    assert p.features["caller_items"] == 1
+    assert "1 of the items run in the caller beside them" in p.reason
+    assert abs(p.estimated_parallel_s - 3 * 0.3 / 2) < 0.05
+    # Even rounds, many items, short items, a timeout: the workers take all.
+    for shown in (plan(feats(0.3), 4, warm=True), plan(feats(0.3), 7, warm=True),
+                  plan(feats(0.01), 3, warm=True),
+                  plan(feats(0.3), 3, warm=True, caller_helps=False)):
+        assert "caller_items" not in shown.features
+        assert "in the caller beside" not in shown.reason
+    # Five on two: two rounds of two for the workers, one for the caller.
+    assert plan(feats(0.3), 5, warm=True).features["caller_items"] == 1
+
+
+def test_a_function_running_threads_of_its_own_keeps_the_caller_out():
+    blas = Features(0.3, 0.1, 8, 8, 0, 10, 16, 1.0, threads_cpu=1.0)
+    p = plan(blas, 3, system=EIGHT, warm=True)
+    assert "caller_items" not in p.features
