@@ -67,3 +67,40 @@ def test_what_the_hook_spends_between_calls_is_not_the_samples_time():
     assert s.features.n_samples >= 10
     assert s.calls_s < 0.05  # the hook's sleep is in neither figure
     assert s.wall_s < s.calls_s + 0.05
+
+
+def test_a_first_call_that_paid_a_set_up_does_not_spend_the_samples_budget():
+    # Issue 14: one call after a 0.3 s set-up was the per-item cost (0.8 ms for 1.8):
+    # once a second call shows the first one paid a set-up, the budget is the next
+    # calls' time, and they are sampled on.
+    calls = []
+
+    def lazily_built(x):
+        h.spin(0.08 if not calls else 0.002)
+        calls.append(x)
+        return x
+
+    s = sample(lazily_built, iter(range(100)), star=False, complexity=0,
+               keep_going=lambda n: n < 2)  # a second call, as the watch asks for one
+    f = s.features
+    assert f.setup_s is not None and 0.06 < f.setup_s < 0.2
+    assert f.n_samples >= 6, f  # ~20 ms of 2 ms calls after the set-up
+    assert 0.0015 < f.mean_s < 0.004
+
+
+def test_workers_forked_after_a_first_call_here_have_its_set_up():
+    from adaptive_exec import adapt
+    from adaptive_exec.backends import loky as loky_backend
+    from adaptive_exec.backends import starts
+
+    loky_backend.shutdown()
+    assert loky_backend.prestart(2) is not None
+    adapt.note_ran_here("after-the-pool")  # ran here after these workers were made
+    assert not adapt.workers_inherit_setup("after-the-pool")
+    assert not adapt.workers_inherit_setup("never-ran-here")
+    loky_backend.shutdown()
+    adapt.note_ran_here("before-the-pool")
+    assert loky_backend.prestart(2) is not None
+    # Copies of this process, made after its first call, if they were forked from it.
+    forked = loky_backend._state.path == starts.FORK
+    assert adapt.workers_inherit_setup("before-the-pool") == forked

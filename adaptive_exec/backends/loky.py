@@ -80,6 +80,7 @@ class _PoolState:
         # thread whose chunks die with them sends them again, without counting a crash.
         self.ended: weakref.WeakSet[Any] = weakref.WeakSet()
         self.path = starts.EXEC  # how the executor's workers were started (starts.py)
+        self.made_at = 0.0  # perf_counter() when the executor was made (its workers forked)
         # Keys of the functions sent whole to this executor's workers (for the maps to
         # come: their workers have them; one that does not asks, NEED_FUNCTION).
         self.given: set[str] = set()
@@ -237,6 +238,7 @@ def _get_locked(n_workers: int, epoch: Optional[int] = None, path: str = starts.
             _state.size = size
             _state.given = set()
             _state.path = path
+            _state.made_at = time.perf_counter()
             _state.path_measurable = measurable
             _state.warm = False
             _state.probe = None
@@ -434,6 +436,17 @@ def note_given(executor: Any, key: str) -> None:
     with _state.lock:
         if executor is _state.executor:
             _state.given.add(key)
+
+
+def copies_this_process_since(since: float) -> bool:
+    """Would the pool's workers be copies of this process as it was at ``since`` or
+    later: forked by it (the current pool's after ``since``, or a pool started now)? A
+    function's one-time set-up paid here before then is theirs too (a table built on
+    its first call, an import)."""
+    with _state.lock:
+        if _state.executor is not None:
+            return _state.path == starts.FORK and _state.made_at >= since
+    return starts.choose() == starts.FORK
 
 
 def current_executor() -> Any:
