@@ -254,6 +254,8 @@ class SamplingWatch:
         # takes ~0.3 s on loky's path) must not leave that pool running once started.
         self.abandoned = False
         self.forked_template = forked_template  # forked for this map (start)
+        # Pickled input + result bytes of the sampled calls, as sampling measures them.
+        self.sizes: list[int] = []
         self._lock = threading.Lock()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, name="adaptive_exec-prestart",
@@ -365,7 +367,7 @@ class SamplingWatch:
         left = self._left()
         alone = starts.forks_once_alone()
         startup = calibration.get(starts.FORK if alone else None).startup_for(2)
-        if per_item * left >= PRESTART_FACTOR * startup:
+        if per_item * left >= PRESTART_FACTOR * startup and not self._too_fat(per_item):
             if alone:
                 # What starting the pool imports (loky: ~30 ms here), imported here, on
                 # this thread, once a pool is wanted (a map that stays serial never pays
@@ -383,6 +385,17 @@ class SamplingWatch:
             self.cpu_s = time.thread_time()
             return True
         return False
+
+    def _too_fat(self, per_item: float) -> bool:
+        """Do the sampled items' inputs and results cost more to move through the caller
+        than a pool could save (the planner's test: the caller's share alone over the
+        loop's time / MIN_SPEEDUP)? Then the plan will stay serial and a pool started now
+        is waste (fat_return, 200 KB results of 0.24 ms calls: a pool forked while
+        sampling, loky imported for it, cost the serial map ~13%)."""
+        if not self.sizes or per_item <= 0:
+            return False
+        moved = sum(self.sizes) / len(self.sizes) * calibration.get().byte_cost_s
+        return moved * planner.MIN_SPEEDUP >= per_item
 
     def _may_send_ahead(self) -> bool:
         """Could items still be sent ahead, should the caller's call run long?"""
@@ -506,7 +519,8 @@ class SamplingWatch:
                 and starts.threads_now() == (2 if self.thread.is_alive() else 1)):
             return
         work = elapsed / self.finished * self._left()
-        if work < PRESTART_FACTOR * calibration.get(starts.FORK).startup_for(2):
+        if (work < PRESTART_FACTOR * calibration.get(starts.FORK).startup_for(2)
+                or self._too_fat(elapsed / self.finished)):
             return
         with self._lock:
             if not self.decided and not self.sending:

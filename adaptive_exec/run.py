@@ -232,7 +232,8 @@ class MapRun:
                        keep_going=(lambda n: source.wants_more() or watch.wants_second(n))
                        if source is not None and watch is not None else None,
                        waits=watch.waits if watch is not None else None,
-                       crowded=(lambda: watch.ahead is not None) if watch is not None else None)
+                       crowded=(lambda: watch.ahead is not None) if watch is not None else None,
+                       sizes_to=watch.sizes if watch is not None else None)
         except BaseException:
             if watch is not None:
                 watch.abandon()  # Ctrl-C: nothing sent ahead runs on

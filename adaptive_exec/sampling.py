@@ -117,6 +117,7 @@ def sample(
     keep_going: Optional[Callable[[int], bool]] = None,
     waits: Optional[ThreadWaits] = None,
     crowded: Optional[Callable[[], bool]] = None,
+    sizes_to: Optional[list[int]] = None,
 ) -> Sample:
     """Run ``func`` on the first items of ``items`` (consumed) until the budget is spent.
 
@@ -130,9 +131,11 @@ def sample(
     budgets (items were kept for it, or are about to be: ahead.SharedSource);
     ``waits``, looked at by another thread meanwhile, says what the calls waited on;
     ``crowded()`` says whether items of this map run in our workers beside the calls
-    (sent ahead): a call's time waiting for a CPU they hold is then not its cost.
+    (sent ahead): a call's time waiting for a CPU they hold is then not its cost;
+    ``sizes_to`` gets each sized call's pickled input plus result bytes, as measured.
     """
     watch = _Watch(time_budget_s, item_budget, on_item, keep_going, crowded)
+    watch.sizes_to = sizes_to
     results: list[Any] = []
     cpu_start = time.thread_time()
     process_start = time.process_time()
@@ -171,6 +174,7 @@ class _Watch:
                  crowded: Optional[Callable[[], bool]] = None) -> None:
         self.time_budget_s = time_budget_s
         self.crowded = crowded
+        self.sizes_to: Optional[list[int]] = None
         self._queued0: Optional[float] = None
         self.item_budget = item_budget
         self.on_item = on_item
@@ -210,14 +214,8 @@ class _Watch:
             took = max(0.0, took - (runqueue_wait_s() - self._queued0))
         self.durations.append(took)
         n = len(self.durations)
-        hooks_before = self.hook_wall
-        if self.on_item is not None:
-            spent = self.on_item(n)
-            if spent:
-                # It did something (forked the pool's workers): neither its CPU nor its
-                # time is the function's. (The clock is read only then.)
-                self.hook_cpu += spent
-                self.hook_wall += time.perf_counter() - t1
+        # Sized before on_item: a pool it would start early is no use for results
+        # that cost more to move than to compute (adapt.SamplingWatch reads sizes_to).
         if n <= N_SIZED:
             grown = self.memory.after(self._rss)
             if grown is not None:
@@ -228,6 +226,16 @@ class _Watch:
             else:
                 self.in_sizes.append(in_size)
                 self.out_sizes.append(out_size)
+                if self.sizes_to is not None:
+                    self.sizes_to.append(in_size + out_size)
+        hooks_before = self.hook_wall
+        if self.on_item is not None:
+            spent = self.on_item(n)
+            if spent:
+                # It did something (forked the pool's workers): neither its CPU nor its
+                # time is the function's. (The clock is read only then.)
+                self.hook_cpu += spent
+                self.hook_wall += time.perf_counter() - t1
         if n == 1:
             self.first_end = t1
         elif n == 2:

@@ -462,6 +462,15 @@ def spin_logged(x, path, seconds=0.5):
     return 2 * x
 
 
+_FAT = b"x" * 200_000
+
+
+def fat_result(_x):
+    """0.1 ms of work and a 200 KB result (the same object: no memory grows)."""
+    spin(0.0001)
+    return _FAT
+
+
 def burn_logged(x, path, seconds=0.5):
     """spin_logged, but ``seconds`` of this thread's CPU: beside other busy processes on
     too few cores the call takes longer, as real work does."""

@@ -208,3 +208,16 @@ def _look_until(stop, waits):
 def _spin_until(stop):
     while not stop.is_set():
         sum(i for i in range(1000))
+
+
+def test_results_that_cost_more_to_move_than_to_make_start_no_pool():
+    # 200 KB results of 0.1 ms calls: the plan stays serial (the caller alone would
+    # unpickle them slower than the loop makes them), and no pool is started while
+    # sampling for nothing (one forked then cost the serial map ~13%).
+    from adaptive_exec.backends import loky as loky_backend
+
+    loky_backend.shutdown()
+    pf = parallelize(h.fat_result, cache=False)
+    assert len(pf.map(range(3000))) == 3000
+    assert pf.last_report.plan.mode == "serial"
+    assert loky_backend.current_executor() is None
