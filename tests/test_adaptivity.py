@@ -216,6 +216,11 @@ def test_results_that_cost_more_to_move_than_to_make_start_no_pool():
     # sampling for nothing (one forked then cost the serial map ~13%).
     from adaptive_exec.backends import loky as loky_backend
 
+    # An earlier test's sampling watch may still be starting a pool ahead: let it end
+    # first, so that a pool found afterwards is this map's.
+    for thread in threading.enumerate():
+        if thread.name.startswith("adaptive_exec-prestart"):
+            thread.join(30)
     loky_backend.shutdown()
     pf = parallelize(h.fat_result, cache=False)
     assert len(pf.map(range(3000))) == 3000
