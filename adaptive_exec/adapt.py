@@ -34,8 +34,9 @@ logger = logging.getLogger("adaptive_exec")
 # function that keeps more than one CPU busy itself (BLAS): its workers would compete
 # with it (measured: the numpy workload's serial run 1.56x slower with a pool booting).
 PRESTART_FACTOR = 1.5
-# What starting a pool costs the caller's process: importing loky and spawning the
-# workers, ~70 ms of its CPU and GIL (measured: fat_return's serial run 0.38 -> 0.49 s).
+# What starting a pool costs the caller's process: spawning the workers and their
+# threads here, CPU and GIL (measured when it imported loky too, ~70 ms: fat_return's
+# serial run 0.38 -> 0.49 s).
 PRESTART_COST_S = 0.07
 # Serial chunks whose per-item time grows by GROWTH_MIN or more are projected one more
 # step ahead (at most GROWTH_CAP times the last), so the re-plan does not price the
@@ -102,15 +103,9 @@ def dask_client(options: Options) -> Any:
 
 
 def pool_calibration() -> Calibration:
-    """This machine's constants, with the start-up of the pool this map would use, and
-    what a process's first pool costs besides (importing loky, measuring overheads):
-    without them, maps of ~0.1 s of 1 µs items were planned parallel and ran 1.5x the
-    loop's time."""
-    calib = calibration.get(loky_backend.start_path())
-    extra = loky_backend.first_use_s()
-    if extra:
-        calib = dataclasses.replace(calib, worker_startup_s=calib.worker_startup_s + extra)
-    return calib
+    """This machine's constants, with the start-up of the pool this map would use (its
+    start path's: a fork's ~20 ms, loky's own ~0.15 s)."""
+    return calibration.get(loky_backend.start_path())
 
 
 def maybe_prestart(options: Options, work_left_s: float, epoch: Optional[int] = None) -> Any:
@@ -307,10 +302,10 @@ class SamplingWatch:
                 if self._may_send_ahead():
                     self._template_early()
                 if not self.decided:
-                    # This thread now imports loky and may start the pool while the
-                    # caller's call holds the GIL: at the default 5 ms switch interval
-                    # each of the many hand-offs that takes waits that long (importing
-                    # loky took ~0.5 s beside a busy pure-Python call, ~30 ms alone).
+                    # This thread may now start the pool while the caller's call holds
+                    # the GIL: at the default 5 ms switch interval each of the many
+                    # hand-offs that takes waits that long (importing loky here took
+                    # ~0.5 s beside a busy pure-Python call, ~30 ms alone).
                     if not self.switching:
                         _fast_switching(True)
                         self.switching = True
@@ -339,7 +334,7 @@ class SamplingWatch:
 
     def cpu_spent(self) -> float:
         """This thread's CPU so far, read live where the platform allows: a pool start
-        still importing loky when sampling ends must not count as the function's CPU
+        still under way when sampling ends must not count as the function's CPU
         (it made heavy_task look like a BLAS function under load). With it, what the
         pool's own threads in this process (loky's manager and queue feeder) spent since
         the watch began: a pool forked while sampling goes on (_quick_look) feeds its
@@ -369,11 +364,7 @@ class SamplingWatch:
         startup = calibration.get(starts.FORK if alone else None).startup_for(2)
         if per_item * left >= PRESTART_FACTOR * startup and not self._too_fat(per_item):
             if alone:
-                # What starting the pool imports (loky: ~30 ms here), imported here, on
-                # this thread, once a pool is wanted (a map that stays serial never pays
-                # it): the caller then forks at its next call's end.
-                import loky.process_executor  # noqa: F401
-
+                # The caller forks at its next call's end.
                 with self._lock:
                     if not self.decided:
                         self.decided = True
@@ -405,8 +396,7 @@ class SamplingWatch:
         """A call that has run TEMPLATE_AFTER_S with items behind it may soon have them
         sent ahead, on a pool from the template (ahead.py): the template starts now, on
         another core, so that the pool is up ~0.1 s sooner (a fork from it takes ~30 ms,
-        the template's own start ~0.15 s). Once per process; it serves later pools too.
-        (Before the watch has decided on a pool: deciding imports loky here first.)"""
+        the template's own start ~0.15 s). Once per process; it serves later pools too."""
         if (not self.template_asked and self.started is None
                 and time.perf_counter() - self.call_began >= TEMPLATE_AFTER_S
                 and not loky_backend.is_warm(pool_cpus(self.options))):
@@ -504,10 +494,10 @@ class SamplingWatch:
     def _quick_look(self, now: float) -> None:
         """On the caller's thread, between two sampled calls: is a forked pool worth
         starting now? The watch's thread asks the same, but later: each of its wakes
-        waits for the caller's call to yield the GIL, and it then imports loky beside
-        that call (measured, 0.2 ms items: the watch decided at 11 ms and had imported
-        loky at 37 ms, after sampling had ended, so the pool was forked after the plan;
-        looked at here, it is forked at ~2 ms, and runs while sampling goes on).
+        waits for the caller's call to yield the GIL (measured, 0.2 ms items, when it
+        still imported loky too: the watch decided at 11 ms and was ready at 37 ms,
+        after sampling had ended, so the pool was forked after the plan; looked at
+        here, it is forked at ~2 ms, and runs while sampling goes on).
         Only where the caller forks (one thread once the watch ends): otherwise the
         watch's thread starts the pool itself, from the template."""
         elapsed = now - self.t0
@@ -569,7 +559,7 @@ class SamplingWatch:
         elif self.sending:
             self.thread.join()
         elif self.thread.is_alive():
-            # Still busy a moment (importing loky): not waited for here, where a small map
+            # Still busy a moment (starting a pool): not waited for here, where a small map
             # would pay for it; a pool started next waits for it (starts.settle).
             starts.note_helper(self.thread)
         if self.forked_template:
@@ -742,7 +732,7 @@ class MapPlanner:
         n_items_all = max(n_items, n_done + 1)
         if self.client is None and (features.threads_cpu or 0.0) <= planner.OWN_THREADS_MIN \
                 and worth_a_pool(self.options, recent, n_items_all, n_done):
-            # Starting a pool costs this process ~70 ms (importing loky, spawning):
+            # Starting a pool costs this process CPU and GIL (spawning, feeding):
             # only when a warm one would win.
             started = maybe_prestart(self.options, max(0, n_items - n_done) * ahead)
             self.started_ahead = started or self.started_ahead

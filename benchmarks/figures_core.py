@@ -26,6 +26,7 @@ CHILD = r'''
 import json, sys, time
 t0 = time.perf_counter()
 import adaptive_exec
+adaptive_exec.parallelize  # the package loads its API (and loky with it) on first use
 import_s = time.perf_counter() - t0
 from benchmarks.figures_core import WORKLOADS
 name, runner = sys.argv[1], sys.argv[2]

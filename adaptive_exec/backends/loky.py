@@ -34,6 +34,15 @@ import time
 import weakref
 from typing import Any, Callable, Optional
 
+# Imported with us, not at a map's first pool: importing loky takes ~20 ms of the
+# caller's CPU, and under a long first call the sampling watch's thread imported it
+# beside that call, each of its GIL hand-offs waiting on the call (~70 ms, the call
+# slowed with it). Measured, cold maps, 3 runs x 3: two_heavy 0.69-0.72 s -> 0.64 s,
+# small 0.61-0.64 s -> 0.57-0.59 s. ``import adaptive_exec.api`` costs that ~20 ms
+# instead, as ``import joblib`` imports loky too.
+import loky
+import loky.process_executor  # noqa: F401
+
 from .. import calibration
 from ..records import Calibration
 from ..system import ENV_IN_WORKER
@@ -208,8 +217,6 @@ def _get_locked(n_workers: int, epoch: Optional[int] = None, path: str = starts.
     the same lock, so that a pool started ahead by one thread and used by another is
     probed once: its first ping is what starts loky's workers, on this thread.
     """
-    import loky
-
     unsent = None
     with _state.lock:
         if epoch is not None and epoch != _state.epoch:
@@ -298,21 +305,6 @@ def fresh_executor(n_workers: int) -> tuple[Any, float]:
     shutdown()
     executor, _, created = _get(n_workers)
     return executor, created
-
-
-# What a process's first pool costs beyond its workers' start, measured here: importing
-# loky (23-36 ms). (Measuring the pool's overheads, once, no longer holds a map up:
-# OverheadProbe.)
-LOKY_IMPORT_S = 0.03
-
-
-def first_use_s() -> float:
-    """Seconds a pool started now costs this process beyond the workers' own start:
-    nothing once a pool exists."""
-    with _state.lock:
-        if _state.executor is not None:
-            return 0.0
-    return 0.0 if "loky.process_executor" in sys.modules else LOKY_IMPORT_S
 
 
 def start_path() -> str:

@@ -94,7 +94,7 @@ _helpers: list[threading.Thread] = []  # threads of ours that end soon (see sett
 
 def note_helper(thread: threading.Thread) -> None:
     """A thread of ours that is ending (told to stop) but may still be busy a moment
-    (importing loky): a fork waits for it (``settle``); a map that starts no pool does not."""
+    (starting a pool): a fork waits for it (``settle``); a map that starts no pool does not."""
     _helpers.append(thread)
 
 
