@@ -53,6 +53,11 @@ SEND_AHEAD_AFTER_S = 0.1
 SEND_AHEAD_FORKED_S = 0.04
 # Maps of at most this many items per worker fork the template at their start.
 FORKED_TEMPLATE_ITEMS = 4
+# A sampled call that has run this long, where the template was forked at the map's
+# start and a pool was found worth it: the watch starts the pool from the template now
+# (~35 ms to its first worker), so that it is up when the call reaches
+# SEND_AHEAD_FORKED_S; a call that ends sooner has the caller fork it (``fork_for``).
+PRESTART_FORKED_S = 0.02
 # A sampled call that has run this long, with items behind it and a pool worth it,
 # has the template started (_template_early): half SEND_AHEAD_AFTER_S, a judgement.
 TEMPLATE_AFTER_S = 0.05
@@ -283,6 +288,11 @@ class SamplingWatch:
         delay = 0.005
         due = self.t0 + delay
         cpu0 = time.process_time()
+        # Every wake of this thread, and each file it reads to look at the caller, waits
+        # for the caller's call to yield the GIL: at the default 5 ms switch interval its
+        # first decision came ~30-45 ms into a long call (two_heavy), at 0.5 ms ~5 ms.
+        _fast_switching(True)
+        self.switching = True
         try:
             while not self.done.wait(WAITS_LOOK_S * random.uniform(0.5, 1.5)):
                 # At irregular times: looks every 2 ms at calls that sleep 2 ms each fell
@@ -302,13 +312,6 @@ class SamplingWatch:
                 if self._may_send_ahead():
                     self._template_early()
                 if not self.decided:
-                    # This thread may now start the pool while the caller's call holds
-                    # the GIL: at the default 5 ms switch interval each of the many
-                    # hand-offs that takes waits that long (importing loky here took
-                    # ~0.5 s beside a busy pure-Python call, ~30 ms alone).
-                    if not self.switching:
-                        _fast_switching(True)
-                        self.switching = True
                     if self.probe is None and self.source is not None:
                         self.probe = system.LoadProbe(loky_backend.our_pids)
                     if self._check(elapsed) and not self._may_send_ahead():
@@ -316,6 +319,7 @@ class SamplingWatch:
                 if self.decided:
                     delay = min(delay, 0.01)  # a long call is seen within 10 ms
                     due = min(due, time.perf_counter() + delay)
+                    self._start_from_forked_template()
                 if self.decided and self._long_call() and self._send_ahead():
                     return
         except Exception as exc:  # a start ahead is a bonus: the map runs without it
@@ -402,6 +406,23 @@ class SamplingWatch:
                 and not loky_backend.is_warm(pool_cpus(self.options))):
             self.template_asked = True
             starts.start_template_ahead()
+
+    def _start_from_forked_template(self) -> None:
+        """The template was forked at the map's start and the current call has run
+        PRESTART_FORKED_S: start the pool from it now, from this thread, instead of
+        having the caller fork it when its call ends (measured, two items of 500 ms:
+        the second reached a worker 88-106 ms into the first call, the pool started
+        only once the call ran SEND_AHEAD_FORKED_S)."""
+        if (not self.forked_template or self.started is not None
+                or time.perf_counter() - self.call_began < PRESTART_FORKED_S):
+            return
+        with self._lock:
+            if self.fork_for is None or self.abandoned or self.done.is_set():
+                return
+            self.fork_for = None
+        # Found worth it already (_check, priced at a fork's start-up, what a forked
+        # template's costs): started without maybe_prestart's second look.
+        self._keep(loky_backend.prestart(pool_cpus(self.options), self.epoch))
 
     def _long_call(self) -> bool:
         after = SEND_AHEAD_FORKED_S if self.forked_template else SEND_AHEAD_AFTER_S

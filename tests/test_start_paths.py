@@ -294,6 +294,47 @@ def test_a_few_long_items_go_to_workers_of_a_template_forked_at_the_maps_start(t
     assert log[1][0] != got["me"] and log[1][1] < log[0][2], log  # beside the first call
 
 
+EARLY_POOL = """
+    import functools, json, os, sys
+    sys.path.insert(0, {tests!r})
+    import aex_helpers as h
+    from adaptive_exec import adapt, parallelize, system
+    from adaptive_exec.backends import loky as loky_backend
+
+    system.fake_readings(others=0.0)  # as a quiet machine: see EARLY_FORK
+    # Nothing is sent ahead: a pool made before the first call returns is the one the
+    # watch starts from the template forked at the map's start.
+    adapt.SEND_AHEAD_FORKED_S = adapt.SEND_AHEAD_AFTER_S = 60.0
+    pf = parallelize(functools.partial(h.spin_logged, path={path!r}, seconds=0.5),
+                     cache=False)
+    assert pf.map(range(2)) == [0, 2]
+    first = h.read_spin_log({path!r})[0]
+    made_at, path = loky_backend._state.made_at, pf.last_report.start_path
+    loky_backend.shutdown()
+    print(json.dumps({{"made_at": made_at, "first": first, "me": os.getpid(),
+                      "path": path}}))
+"""
+
+
+@linux_only
+def test_a_forked_template_gives_a_long_first_call_its_pool_before_it_returns(tmp_path):
+    # Where the template was forked at the map's start, a first call that has run
+    # PRESTART_FORKED_S has its pool started from it then, by the watch; it was forked
+    # by the caller at the call's end, or started when items went ahead (40 ms in: the
+    # second of two 500 ms items reached a worker 88-106 ms after the first began).
+    # (time.monotonic and perf_counter are one clock on Linux.)
+    env = {k: v for k, v in os.environ.items() if k != starts.ENV_START}
+    path = str(tmp_path / "log")
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(EARLY_POOL.format(
+        tests=TESTS, path=path))], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    pid, start, end = got["first"]
+    assert pid == got["me"], got
+    assert start < got["made_at"] < end, got
+    assert got["path"] == starts.TEMPLATE, got
+
+
 @linux_only
 def test_a_large_caller_spawns_its_template_instead_of_forking_one(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != starts.ENV_START}
