@@ -101,8 +101,10 @@ def _end_pool():
 
 # After the last test, the process must exit: one that waits on more than this (an exit
 # hook joining a thread or a child that never ends: seen once in ~10 runs of
-# test_faults.py, with no stack to tell which) prints every thread's stack and exits 1,
-# rather than holding CI until its own limit.
+# test_faults.py; one cause found since, loky's manager thread reading for ever the
+# rest of a result whose worker we killed, test_lifecycle.py::
+# test_ctrl_c_while_workers_send_large_results_leaves_no_thread_and_the_process_exits)
+# prints every thread's stack and exits 1, rather than holding CI until its own limit.
 EXIT_DEADLINE_S = 60
 
 

@@ -400,21 +400,35 @@ def mark_broken(executor: Any, on_purpose: bool = False) -> bool:
         _state.warm = False
         _state.size = 0
         _state.probe = None
+    _kill_workers_now(executor)  # first: loky's shutdown forgets its result queue
     executor.shutdown(wait=False, kill_workers=True)
-    if on_purpose:
-        _kill_workers_now(executor)
     starts.template().retire_forked()  # a template forked for a map ends with its pool
     return True
 
 
 def _kill_workers_now(executor: Any) -> None:
     """Kill ``executor``'s live workers here, now: loky's own kill runs later on its
-    manager thread, and under load a map left by Ctrl-C returned with them alive."""
+    manager thread, and under load a map left by Ctrl-C returned with them alive.
+
+    Then close this process's end of the pipe the workers write results into. A worker
+    killed halfway through writing a result (a 4 MB one is written in many pieces) left
+    loky's manager thread reading the rest for ever: this process holds a write end too
+    (loky never writes through it), so no end of file came. The thread outlived the
+    pool, and the interpreter's exit, which joins it, hung (every Ctrl-C during maps of
+    large results left one). With the workers gone and our end closed, the read ends
+    (an error) and loky ends that pool as broken."""
     for proc in list((getattr(executor, "_processes", None) or {}).values()):
         try:
             if proc.is_alive():
                 proc.kill()
         except Exception:  # gone meanwhile
+            pass
+    results = getattr(executor, "_result_queue", None)
+    writer = getattr(results, "_writer", None)
+    if writer is not None:
+        try:
+            writer.close()
+        except OSError:  # closed already
             pass
 
 
@@ -490,6 +504,7 @@ def shutdown() -> None:
         # be sent to the template (calibrate() measured the template's start, not the
         # fork's, in 1 run of 3).
         threads = _threads_of(executor)
+        _kill_workers_now(executor)  # first: its manager thread may be stuck reading
         executor.shutdown(wait=True, kill_workers=True)
         for thread in threads:
             if thread is not threading.current_thread():
