@@ -397,6 +397,8 @@ class ParallelRun:
                                   return_when=cf.FIRST_COMPLETED)
                 for fut in sorted(done, key=lambda f: self.pending[f].start):
                     self._collect(fut)
+                if not done:
+                    self.target.check(self.executor)
                 self._check_deadlines()
             self._record(0)
             clean = True

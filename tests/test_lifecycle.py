@@ -580,24 +580,27 @@ def test_ctrl_c_at_any_moment_gives_control_back_and_leaves_no_worker(tmp_path, 
 
 
 BIG_RESULTS_CHILD = """
-import signal, threading, time
+import os, signal, threading, time
 from adaptive_exec import parallelize
+from adaptive_exec.backends import loky as loky_backend
 
 def big(i):
     return bytes(4 << 20)  # written into the result pipe in many pieces
 
-def interrupt(signum, frame):
-    raise KeyboardInterrupt  # Ctrl-C, at a moment of the timer's choosing
-
-signal.signal(signal.SIGALRM, interrupt)  # a timer thread would make the caller threaded
 pf = parallelize(big, backend="loky", chunksize=1)
-for k in range(8):
-    signal.setitimer(signal.ITIMER_REAL, 0.05 + 0.02 * k)
+for k in range(15):
+    # Ctrl-C, from a timer thread (as a terminal's arrives: SIGINT, any moment).
+    timer = threading.Timer(0.05 + 0.1 * (k % 7) / 7, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
     try:
         pf.map(range(400))
+        timer.cancel()
+        timer.join()
     except KeyboardInterrupt:
         pass
-    signal.setitimer(signal.ITIMER_REAL, 0)
+# The pool this process may still hold is ended as at exit; those of the interrupted
+# maps were ended by them.
+loky_backend.shutdown()
 loky_threads = ("ExecutorManagerThread", "QueueFeederThread")
 deadline = time.monotonic() + 10
 while (time.monotonic() < deadline
@@ -608,15 +611,14 @@ print(sorted(t.name for t in threading.enumerate() if t.name in loky_threads), f
 
 
 @posix_only
-@pytest.mark.parametrize("path", [starts.FORK, starts.TEMPLATE])
+@pytest.mark.parametrize("path", [starts.TEMPLATE, starts.EXEC])
 def test_ctrl_c_while_workers_send_large_results_leaves_no_thread_and_the_process_exits(
         tmp_path, path):
     # A worker killed halfway through writing a 4 MB result left loky's manager thread
     # reading the rest for ever (this process holds a write end of that pipe too): one
     # such thread per interrupted map, and the interpreter's exit, which joins them,
-    # hung (CI: the forced-path suites once ended so, 191 tests passed).
-    if path == starts.FORK and not starts.fork_works():
-        pytest.skip("fork: Linux")
+    # hung (CI: the forced-path suites once ended so, 191 tests passed). (The timer
+    # is a thread: the caller is a threaded one, so there is no fork path here.)
     script = tmp_path / "child.py"
     script.write_text(BIG_RESULTS_CHILD)
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
@@ -634,6 +636,83 @@ def test_ctrl_c_while_workers_send_large_results_leaves_no_thread_and_the_proces
             pytest.fail(f"the child did not exit:\n{out}\n{err[-8000:]}")
         assert proc.returncode == 0, out + err[-3000:]
         assert out.strip().splitlines()[-1] == "[]", out + err[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        kill_all(family)
+
+
+KILLED_MID_RESULT_CHILD = """
+import functools, os, signal, sys, threading
+sys.path.insert(0, {tests!r})
+import aex_helpers as h
+from adaptive_exec import parallelize
+
+marker = {marker!r}
+killed = []
+
+def kill_while_the_result_is_read(signum, frame):
+    # SIGKILL, as the OOM killer sends it, to the worker sending the 64 MB result,
+    # once loky's manager thread here is reading its body (more than 1 MB asked).
+    # From a timer's signal, every 0.5 ms: a thread would make the caller a threaded
+    # one, and its workers would not be forked.
+    if killed:
+        return
+    killed.append(False)  # a signal during this call (nested) does nothing
+    try:
+        pid = open(marker).read() if os.path.exists(marker) else ""
+        frames = sys._current_frames()
+        for t in threading.enumerate():
+            f = frames.get(t.ident) if t.name == "ExecutorManagerThread" else None
+            while pid and f is not None:
+                if f.f_code.co_name == "_recv" and f.f_locals.get("size", 0) > 1 << 20:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    killed[0] = True
+                    os.kill(int(pid), signal.SIGKILL)
+                    print("killed", flush=True)
+                    return
+                f = f.f_back
+    finally:
+        if not killed[0]:
+            killed.clear()
+
+signal.signal(signal.SIGALRM, kill_while_the_result_is_read)
+signal.setitimer(signal.ITIMER_REAL, 0.0005, 0.0005)
+pf = parallelize(functools.partial(h.large_once, marker=marker), backend="loky",
+                 chunksize=1)
+print(pf.map(range(600)) == list(range(600)), flush=True)
+"""
+
+
+@posix_only
+@pytest.mark.parametrize("path", [starts.FORK, starts.TEMPLATE, starts.EXEC])
+def test_a_worker_killed_halfway_through_sending_a_result_is_a_crash_not_a_hang(
+        tmp_path, path):
+    # The OOM killer ends a worker at any moment. One killed while its 64 MB result was
+    # being read left loky's manager thread reading the rest for ever (forked workers
+    # each hold a write end of that pipe): the pool was never found broken, and the map
+    # waited for ever.
+    if path == starts.FORK and not starts.fork_works():
+        pytest.skip("fork: Linux")
+    marker = tmp_path / "pid"
+    script = tmp_path / "child.py"
+    script.write_text(KILLED_MID_RESULT_CHILD.format(tests=TESTS, marker=str(marker)))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1",
+                                 starts.ENV_START: path})
+    family = [proc.pid]
+    try:
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            family += [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+            proc.send_signal(signal.SIGABRT)
+            out, err = proc.communicate(timeout=10)
+            pytest.fail(f"the map hung:\n{out}\n{err[-8000:]}")
+        assert proc.returncode == 0, out + err[-3000:]
+        assert out.split() == ["killed", "True"], out + err[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()

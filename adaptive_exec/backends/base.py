@@ -58,6 +58,11 @@ class Target(Protocol):
     def cancel(self, fut: cf.Future, executor: Any) -> None:
         """Cancel a chunk that is no longer wanted."""
 
+    def check(self, executor: Any) -> None:
+        """Called while the run waits on its chunks (every WAKE_S at most): a pool whose
+        workers died without its own watch noticing is ended here, so that the chunks
+        in flight fail as deaths and are sent again, instead of waiting for ever."""
+
     def finish(self, executor: Any, probe: Optional[StartupWatch]) -> None:
         """After a clean run: what the run taught about the backend (calibration)."""
 

@@ -426,6 +426,9 @@ class DaskTarget:
     def decode(self, res: ChunkResult) -> tuple[list[Any], Optional[BaseException]]:
         return decode(res)
 
+    def check(self, executor: Any) -> None:
+        pass  # the scheduler reports a lost worker's tasks itself
+
     def close(self, executor: Any, clean: bool, interrupted: bool = False) -> None:
         # Chunks still in flight were cancelled by the loop (their futures released);
         # the function's copies on the workers go with its future.

@@ -294,7 +294,7 @@ def _end_at_exit() -> None:
         kind = type(proc).__module__  # a worker of ours: loky's process, or a forked one
         if kind.startswith("loky.") or kind == starts.__name__:
             try:
-                proc.kill()
+                _kill(proc)
                 proc.join(1)
             except Exception:  # gone meanwhile, or not ours to signal: exit goes on
                 pass
@@ -406,6 +406,17 @@ def mark_broken(executor: Any, on_purpose: bool = False) -> bool:
     return True
 
 
+def _kill(proc: Any) -> None:
+    """SIGKILL a worker process, by pid where the platform has it: loky's own Popen (its
+    exec start) has no kill(), and ``proc.kill()`` raised AttributeError there, so those
+    workers were never killed here (nor at exit, where one left alive made
+    multiprocessing's exit hook wait for it for ever)."""
+    if hasattr(signal, "SIGKILL"):
+        os.kill(proc.pid, signal.SIGKILL)
+    else:
+        proc.kill()
+
+
 def _kill_workers_now(executor: Any) -> None:
     """Kill ``executor``'s live workers here, now: loky's own kill runs later on its
     manager thread, and under load a map left by Ctrl-C returned with them alive.
@@ -420,7 +431,7 @@ def _kill_workers_now(executor: Any) -> None:
     for proc in list((getattr(executor, "_processes", None) or {}).values()):
         try:
             if proc.is_alive():
-                proc.kill()
+                _kill(proc)
         except Exception:  # gone meanwhile
             pass
     results = getattr(executor, "_result_queue", None)
@@ -430,6 +441,39 @@ def _kill_workers_now(executor: Any) -> None:
             writer.close()
         except OSError:  # closed already
             pass
+
+
+# A worker found dead this long while loky still runs its pool as healthy: loky's
+# manager thread, which ends a pool within milliseconds of a worker's death, is stuck.
+# (Seen: a worker killed from outside, as the OOM killer does, halfway through writing
+# a large result; the thread then waited for the rest and the map for ever.)
+STUCK_AFTER_S = 1.0
+_dead_since: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+
+def end_if_stuck(executor: Any) -> bool:
+    """End ``executor`` when one of its workers has been dead STUCK_AFTER_S and loky has
+    not ended the pool: killing the others and closing our write end of the result pipe
+    (_kill_workers_now) ends its manager thread's read, and loky then fails the pool's
+    futures as a broken pool, which the run sends again. True when it did."""
+    flags = getattr(executor, "_flags", None)
+    if flags is None or flags.broken or flags.shutdown:
+        return False
+    try:
+        dead = any(p.exitcode is not None
+                   for p in list((getattr(executor, "_processes", None) or {}).values()))
+    except Exception:  # a process being replaced meanwhile: look again next time
+        return False
+    if not dead:
+        _dead_since.pop(executor, None)
+        return False
+    now = time.perf_counter()
+    if now - _dead_since.setdefault(executor, now) < STUCK_AFTER_S:
+        return False
+    if not mark_broken(executor):  # forgotten already: ended here all the same
+        _kill_workers_now(executor)
+        executor.shutdown(wait=False, kill_workers=True)
+    return True
 
 
 def given_before(executor: Any, key: str) -> bool:
@@ -696,6 +740,9 @@ class LokyTarget:
         if self.clock is None or slot is None:
             return None
         return self.clock.started(slot)
+
+    def check(self, executor: Any) -> None:
+        end_if_stuck(executor)
 
     def close(self, executor: Any, clean: bool, interrupted: bool = False) -> None:
         if self.blob_file is not None:

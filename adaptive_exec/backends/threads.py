@@ -47,6 +47,9 @@ class ThreadTarget:
     def finish(self, executor: Any, probe: Any) -> None:
         pass
 
+    def check(self, executor: Any) -> None:
+        pass  # threads do not die unseen
+
     def close(self, executor: Any, clean: bool, interrupted: bool = False) -> None:
         # Threads cannot be stopped: after an error the running ones finish first; after
         # Ctrl-C they finish in the background and control returns at once.
