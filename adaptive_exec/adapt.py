@@ -573,6 +573,10 @@ class SamplingWatch:
         """Sampling ended: the watch ends, and a start it decided on is made now; items
         it was sending ahead are handed over (``ahead``) once it has ended."""
         self.done.set()
+        # A watch still busy a moment after its map (see below) must not keep the
+        # function alive: a bound method's instance was then not collected when the
+        # map returned (seen under load on loky's exec path).
+        self.func = None
         if self.source is not None:
             self.source.close()
         if self.fork_for is not None:

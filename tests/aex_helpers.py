@@ -601,14 +601,13 @@ def crunch(x, seconds=0.1):
 
 
 def large_once(x, marker, size=64 << 20):
-    """Returns x after 2 ms, except the first time an item from 500 on (past what the
-    caller runs while a pool starts) runs in a worker: that worker writes its pid into
-    ``marker`` and returns ``size`` bytes (a 64 MB result is written into the pipe in
-    one call that lasts while the parent reads it)."""
+    """Returns x after 2 ms, except the first time an item from 10 on runs in a worker:
+    that worker writes its pid into ``marker`` and returns ``size`` bytes (a 64 MB
+    result is written into the pipe in one call that lasts while the parent reads it)."""
     from adaptive_exec.system import in_worker
 
     spin(0.002)
-    if x < 500 or not in_worker():
+    if x < 10 or not in_worker():
         return x
     try:
         with open(marker, "x") as f:  # one worker alone, even where two race for it

@@ -579,6 +579,32 @@ def test_ctrl_c_at_any_moment_gives_control_back_and_leaves_no_worker(tmp_path, 
         kill_all(family)
 
 
+def _run_to_its_end(script, path, timeout):
+    """Run ``script`` on start path ``path``; its output, once it exited 0 by itself
+    within ``timeout``. One that hangs is sent SIGABRT (PYTHONFAULTHANDLER: every
+    thread's stack is printed) and the test fails with it; its processes are ended."""
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1",
+                                 starts.ENV_START: path})
+    family = [proc.pid]
+    try:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            family += [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+            proc.send_signal(signal.SIGABRT)
+            out, err = proc.communicate(timeout=10)
+            pytest.fail(f"the child did not exit:\n{out}\n{err[-8000:]}")
+        assert proc.returncode == 0, out + err[-3000:]
+        return out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        kill_all(family)
+
+
 BIG_RESULTS_CHILD = """
 import os, signal, threading, time
 from adaptive_exec import parallelize
@@ -621,26 +647,8 @@ def test_ctrl_c_while_workers_send_large_results_leaves_no_thread_and_the_proces
     # is a thread: the caller is a threaded one, so there is no fork path here.)
     script = tmp_path / "child.py"
     script.write_text(BIG_RESULTS_CHILD)
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONFAULTHANDLER": "1",
-                                 starts.ENV_START: path})
-    family = [proc.pid]
-    try:
-        try:
-            out, err = proc.communicate(timeout=90)
-        except subprocess.TimeoutExpired:
-            family += [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
-            proc.send_signal(signal.SIGABRT)
-            out, err = proc.communicate(timeout=10)
-            pytest.fail(f"the child did not exit:\n{out}\n{err[-8000:]}")
-        assert proc.returncode == 0, out + err[-3000:]
-        assert out.strip().splitlines()[-1] == "[]", out + err[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        kill_all(family)
+    out = _run_to_its_end(script, path, timeout=90)
+    assert out.strip().splitlines()[-1] == "[]", out
 
 
 KILLED_MID_RESULT_CHILD = """
@@ -679,9 +687,12 @@ def kill_while_the_result_is_read(signum, frame):
 
 signal.signal(signal.SIGALRM, kill_while_the_result_is_read)
 signal.setitimer(signal.ITIMER_REAL, 0.0005, 0.0005)
+# timeout=: every item runs in a worker (none in the caller while the pool starts).
 pf = parallelize(functools.partial(h.large_once, marker=marker), backend="loky",
-                 chunksize=1)
-print(pf.map(range(600)) == list(range(600)), flush=True)
+                 timeout=60)
+out = pf.map(range(60))
+signal.setitimer(signal.ITIMER_REAL, 0)
+print(out == list(range(60)), flush=True)
 """
 
 
@@ -698,26 +709,7 @@ def test_a_worker_killed_halfway_through_sending_a_result_is_a_crash_not_a_hang(
     marker = tmp_path / "pid"
     script = tmp_path / "child.py"
     script.write_text(KILLED_MID_RESULT_CHILD.format(tests=TESTS, marker=str(marker)))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONFAULTHANDLER": "1",
-                                 starts.ENV_START: path})
-    family = [proc.pid]
-    try:
-        try:
-            out, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            family += [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
-            proc.send_signal(signal.SIGABRT)
-            out, err = proc.communicate(timeout=10)
-            pytest.fail(f"the map hung:\n{out}\n{err[-8000:]}")
-        assert proc.returncode == 0, out + err[-3000:]
-        assert out.split() == ["killed", "True"], out + err[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        kill_all(family)
+    assert _run_to_its_end(script, path, timeout=60).split() == ["killed", "True"]
 
 
 @posix_only

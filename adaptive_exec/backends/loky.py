@@ -400,8 +400,7 @@ def mark_broken(executor: Any, on_purpose: bool = False) -> bool:
         _state.warm = False
         _state.size = 0
         _state.probe = None
-    _kill_workers_now(executor)  # first: loky's shutdown forgets its result queue
-    executor.shutdown(wait=False, kill_workers=True)
+    _end_now(executor)
     starts.template().retire_forked()  # a template forked for a map ends with its pool
     return True
 
@@ -417,7 +416,15 @@ def _kill(proc: Any) -> None:
         proc.kill()
 
 
-def _kill_workers_now(executor: Any) -> None:
+def _end_now(executor: Any) -> None:
+    """Shut ``executor`` down (it spawns and takes nothing more), then kill its workers
+    and close our end of its result pipe now (_kill_workers_now)."""
+    results = getattr(executor, "_result_queue", None)  # shutdown() forgets it
+    executor.shutdown(wait=False, kill_workers=True)
+    _kill_workers_now(executor, results)
+
+
+def _kill_workers_now(executor: Any, results: Any = None) -> None:
     """Kill ``executor``'s live workers here, now: loky's own kill runs later on its
     manager thread, and under load a map left by Ctrl-C returned with them alive.
 
@@ -434,7 +441,8 @@ def _kill_workers_now(executor: Any) -> None:
                 _kill(proc)
         except Exception:  # gone meanwhile
             pass
-    results = getattr(executor, "_result_queue", None)
+    if results is None:
+        results = getattr(executor, "_result_queue", None)
     writer = getattr(results, "_writer", None)
     if writer is not None:
         try:
@@ -471,8 +479,7 @@ def end_if_stuck(executor: Any) -> bool:
     if now - _dead_since.setdefault(executor, now) < STUCK_AFTER_S:
         return False
     if not mark_broken(executor):  # forgotten already: ended here all the same
-        _kill_workers_now(executor)
-        executor.shutdown(wait=False, kill_workers=True)
+        _end_now(executor)
     return True
 
 
@@ -548,8 +555,10 @@ def shutdown() -> None:
         # be sent to the template (calibrate() measured the template's start, not the
         # fork's, in 1 run of 3).
         threads = _threads_of(executor)
-        _kill_workers_now(executor)  # first: its manager thread may be stuck reading
-        executor.shutdown(wait=True, kill_workers=True)
+        manager = getattr(executor, "_executor_manager_thread", None)
+        _end_now(executor)  # its manager thread may be stuck reading: unstuck so
+        if manager is not None and manager is not threading.current_thread():
+            manager.join(_MANAGER_END_S)  # as loky's shutdown(wait=True), bounded
         for thread in threads:
             if thread is not threading.current_thread():
                 thread.join(_THREADS_END_S)
@@ -557,8 +566,10 @@ def shutdown() -> None:
     starts.template().retire_forked()  # a template forked for a map ends with its pool
 
 
-# How long shutdown() waits for the ended pool's threads (they end within milliseconds).
+# How long shutdown() waits for the ended pool's threads (they end within milliseconds),
+# and for its manager thread, which first ends the workers.
 _THREADS_END_S = 0.2
+_MANAGER_END_S = 10.0
 
 
 def pool_threads() -> list[threading.Thread]:

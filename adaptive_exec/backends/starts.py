@@ -318,21 +318,27 @@ class Template:
             address, alive_w = self.address, self.alive_w
             self.used = True
         assert address is not None and alive_w is not None
-        with socket.socket(socket.AF_UNIX) as client:
-            client.connect(address)
-            parent_r, child_w = os.pipe()
-            child_r, parent_w = os.pipe()
-            try:
-                tracker = resource_tracker.getfd()
-                assert tracker is not None
+        # Everything that can fail, before connecting: the template's server loop (the
+        # standard library's forkserver's) ends on a client that connects and sends no
+        # descriptors, and every later worker was then refused (a descriptor of a pool
+        # being ended, closed meanwhile, failed sendfds so).
+        tracker = resource_tracker.getfd()
+        assert tracker is not None
+        for fd in fds:
+            os.fstat(fd)  # OSError (EBADF) here, not halfway through the request
+        parent_r, child_w = os.pipe()
+        child_r, parent_w = os.pipe()
+        try:
+            with socket.socket(socket.AF_UNIX) as client:
+                client.connect(address)
                 reduction.sendfds(client, [child_r, child_w, alive_w, tracker, *fds])
-            except BaseException:
-                os.close(parent_r)
-                os.close(parent_w)
-                raise
-            finally:
-                os.close(child_r)
-                os.close(child_w)
+        except BaseException:
+            os.close(parent_r)
+            os.close(parent_w)
+            raise
+        finally:
+            os.close(child_r)
+            os.close(child_w)
         return parent_r, parent_w
 
     def stop(self) -> None:
