@@ -712,6 +712,54 @@ def test_a_worker_killed_halfway_through_sending_a_result_is_a_crash_not_a_hang(
     assert _run_to_its_end(script, path, timeout=60).split() == ["killed", "True"]
 
 
+STUCK_MANAGER_CHILD = """
+import os, signal, struct, sys, threading, time
+sys.path.insert(0, {tests!r})
+import aex_helpers as h
+from adaptive_exec import parallelize
+from adaptive_exec.backends import loky as loky_backend
+
+pf = parallelize(h.heavy, backend="loky", chunksize=1)
+assert pf.map(range(20)) == [3 * x for x in range(20)]  # a warm pool
+executor = loky_backend.current_executor()
+# What a worker killed halfway through writing a result leaves: a message whose header
+# promises more than ever comes. loky's manager thread reads it for ever, and sees no
+# worker's death meanwhile; then a worker dies (the OOM killer).
+executor._result_queue._writer._send(struct.pack("!i", 2**31 - 1) + b"half")
+manager = executor._executor_manager_thread
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline:
+    f = sys._current_frames().get(manager.ident)
+    names = []
+    while f is not None:
+        names.append(f.f_code.co_name)
+        f = f.f_back
+    if "_recv" in names:
+        break
+    time.sleep(0.01)
+else:
+    raise SystemExit("loky's manager thread never read the half message")
+victim = next(iter(executor._processes.values())).pid
+os.kill(victim, signal.SIGKILL)
+print(pf.map(range(40)) == [3 * x for x in range(40)], flush=True)
+"""
+
+
+@posix_only
+@pytest.mark.parametrize("path", [starts.FORK, starts.TEMPLATE, starts.EXEC])
+def test_a_pool_whose_manager_thread_is_stuck_on_a_half_result_is_replaced(tmp_path, path):
+    # The state a worker killed halfway through sending a result leaves, made directly:
+    # loky's manager thread blocked reading a message that never completes, and a worker
+    # dead beside it. The old code's map waited on that pool for ever; now the run sees
+    # a worker dead 1 s that loky still runs as healthy, ends the pool, and sends its
+    # chunks again.
+    if path == starts.FORK and not starts.fork_works():
+        pytest.skip("fork: Linux")
+    script = tmp_path / "child.py"
+    script.write_text(STUCK_MANAGER_CHILD.format(tests=TESTS))
+    assert _run_to_its_end(script, path, timeout=60).split() == ["True"]
+
+
 @posix_only
 @pytest.mark.parametrize("path", [starts.EXEC, starts.TEMPLATE])
 def test_an_imap_left_while_its_pool_is_still_starting_leaves_no_worker(monkeypatch, path):
