@@ -165,15 +165,20 @@ def test_a_computing_call_kept_off_the_gil_by_a_thread_of_ours_is_not_taken_for_
     # GIL runs one call at a time. Looked at, it waits on nothing threads overlap.
     import time
 
+    from adaptive_exec.adapt import _fast_switching
     from adaptive_exec.calibration import DEFAULTS
     from adaptive_exec.planner import make_plan
     from adaptive_exec.system import SystemSnapshot, ThreadWaits
 
     stop = threading.Event()
     waits = ThreadWaits(threading.get_native_id(), threading.get_ident())
-    # Two of them: one alone left the call a CPU share of 0.54 beside a busy core.
-    hogs = [threading.Thread(target=_spin_until, args=(stop,)) for _ in range(2)]
+    # Three of them: one alone left the call a CPU share of 0.54 beside a busy core.
+    hogs = [threading.Thread(target=_spin_until, args=(stop,)) for _ in range(3)]
     looker = threading.Thread(target=_look_until, args=(stop, waits))
+    # The GIL handed on as often as the sampling watch has it while it looks: at the
+    # default 5 ms the looker itself, queued for the GIL behind three others, made 3-9
+    # looks in 0.4 s (CI: under 5, no share at all).
+    _fast_switching(True)
     for t in (*hogs, looker):
         t.start()
 
@@ -188,6 +193,7 @@ def test_a_computing_call_kept_off_the_gil_by_a_thread_of_ours_is_not_taken_for_
         stop.set()
         for t in (*hogs, looker):
             t.join()
+        _fast_switching(False)
     f = s.features
     assert f.cpu_fraction < 0.5 and f.threads_cpu < 0.3, f  # the confusion is there
     assert f.wait_share is not None and f.wait_share < 0.25, (f, waits.waits)
