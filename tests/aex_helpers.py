@@ -462,6 +462,11 @@ def spin_logged(x, path, seconds=0.5):
     return 2 * x
 
 
+def spin_costed(x, path, costs):
+    """spin_logged for ``costs[x]`` seconds: item costs of any shape."""
+    return spin_logged(x, path, costs[x])
+
+
 _FAT = b"x" * 200_000
 
 

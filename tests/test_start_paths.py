@@ -335,6 +335,52 @@ def test_a_forked_template_gives_a_long_first_call_its_pool_before_it_returns(tm
     assert got["path"] == starts.TEMPLATE, got
 
 
+FORKED_THEN_LONG = """
+    import functools, json, os, sys
+    sys.path.insert(0, {tests!r})
+    import aex_helpers as h
+    from adaptive_exec import parallelize, system
+    from adaptive_exec.backends import loky as loky_backend
+
+    system.fake_readings(others=0.0)  # as a quiet machine: see EARLY_FORK
+    costs = {costs!r}
+    pf = parallelize(functools.partial(h.spin_costed, path={path!r}, costs=costs),
+                     cache=False)
+    assert pf.map(range(len(costs))) == [2 * x for x in range(len(costs))]
+    report, made_at = pf.last_report, loky_backend._state.made_at
+    loky_backend.shutdown()
+    print(json.dumps({{"me": os.getpid(), "path": report.start_path, "made_at": made_at,
+                      "sampled": report.n_sampled, "reason": report.plan.reason}}))
+"""
+
+
+@linux_only
+def test_a_long_call_after_the_caller_forked_its_pool_has_the_items_behind_it_sent(tmp_path):
+    # Short calls have the caller fork the pool between two of them; then one runs long
+    # (parse_stdlib's 6th file takes 19 times the mean). The items behind it go to the
+    # forked pool while it runs: the watch had ended for the fork, and the pool waited
+    # idle until the call returned and sampling ended.
+    env = {k: v for k, v in os.environ.items() if k != starts.ENV_START}
+    path = str(tmp_path / "log")
+    # Three calls of 2 ms, well under the sample's 20 ms budget even beside a busy core,
+    # each showing work enough for a fork (~70 ms left) from the first on.
+    costs = (0.002,) * 3 + (0.6,) + (0.02,) * 30
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(FORKED_THEN_LONG.format(
+        tests=TESTS, path=path, costs=costs))], capture_output=True, text=True,
+        timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["path"] == starts.FORK, got
+    log = h.read_spin_log(path)
+    pid, long_start, long_end = log[3]
+    assert pid == got["me"], log  # the long call was sampled here...
+    assert got["made_at"] < long_start, (got, log)  # ...after the caller forked the pool
+    behind = [log[x] for x in range(4, len(costs))]
+    # Beside it, with time to spare (items go at SEND_AHEAD_FORKED_S into the call).
+    assert any(p != got["me"] and start < long_end - 0.3 for p, start, _ in behind), log
+    assert "went to the pool while the first calls ran here" in got["reason"], got
+
+
 @linux_only
 def test_a_large_caller_spawns_its_template_instead_of_forking_one(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != starts.ENV_START}
