@@ -155,6 +155,10 @@ class SentAhead:
         self.pending[fut] = info
         return True
 
+    def running(self) -> bool:
+        """Some of the items sent are still running (or queued) in the pool."""
+        return any(not fut.done() for fut in self.pending)
+
     @property
     def n_items(self) -> int:
         """Items taken from the input for the pool."""

@@ -515,6 +515,21 @@ def forget_table():
     _TABLE.clear()
 
 
+def lazy_logged(x, path, setup=0.4, cost=0.0005, raise_on=frozenset()):
+    """lazy_table's shape (its own table), logged as spin_logged's; raises on the items
+    in ``raise_on``."""
+    t0 = time.monotonic()
+    if "logged" not in _TABLE:
+        spin(setup)
+        _TABLE["logged"] = os.getpid()
+    spin(cost)
+    with open(path, "a") as f:
+        f.write(f"{x} {os.getpid()} {t0} {time.monotonic()}\n")
+    if x in raise_on:
+        raise ValueError(f"raised on {x}")
+    return x + 1
+
+
 def worker_children():
     """This process's children that are workers (psutil.Process list): not the helpers
     that live as long as it does (resource trackers, the template of backends/starts.py)."""

@@ -117,6 +117,53 @@ def test_an_item_sent_ahead_that_raises_or_kills_its_worker_comes_in_its_turn():
     assert got == [0, 10, 20] and error == (WorkerCrashedError, 3)
 
 
+def _table_sent_ahead(tmp_path, raise_on=frozenset()):
+    """A first call that builds a table (0.4 s) has the items behind it sent to the
+    workers, which build their own; the rest, 100 items of 0.5 ms, is planned serial."""
+    from adaptive_exec.backends import loky as loky_backend
+
+    loky_backend.shutdown()  # workers of earlier tests may have built the table
+    h.forget_table()
+    path = str(tmp_path / "calls")
+    return path, parallelize(functools.partial(h.lazy_logged, path=path, raise_on=raise_on),
+                             cache=False)
+
+
+def test_a_serial_plan_runs_the_rest_here_while_the_items_sent_ahead_finish(tmp_path):
+    # The caller, its table built, ran nothing while the workers built theirs for the
+    # items sent ahead: first_call_setup's caller idled ~0.25 s so (its cold maps took
+    # 0.82-1.17 s, 0.71-0.94 s since).
+    path, pf = _table_sent_ahead(tmp_path)
+    n = 100
+    assert pf.map(range(n)) == [x + 1 for x in range(n)]
+    report = pf.last_report
+    assert report.plan.mode == "serial", report.plan.reason
+    assert report.ran is not None and "ran on the pool, sent there" in report.ran, report.ran
+    log = h.read_spin_log(path)
+    me = os.getpid()
+    sent = [x for x, (pid, _, _) in log.items() if pid != me]
+    assert sent and max(sent) < 10, log
+    rest = [x for x in log if x > max(sent)]
+    assert all(log[x][0] == me for x in rest), log
+    # The rest began here before the workers were done with their set-ups (by ~0.1 s
+    # where the items went to a pool from the template, ~0.25 s where it was forked).
+    sent_end = max(log[x][2] for x in sent)
+    assert min(log[x][1] for x in rest) < sent_end - 0.05, (sent_end, log)
+
+
+def test_errors_beside_the_items_sent_ahead_come_in_their_turn(tmp_path):
+    # An item of the rest that raises, while the items sent ahead still run: their
+    # results first, then the results before it, then its error.
+    path, pf = _table_sent_ahead(tmp_path, raise_on=frozenset({40}))
+    assert h.outcome(pf.imap, range(100)) == ([x + 1 for x in range(40)], (ValueError, 40))
+    # An item sent ahead that raises: nothing the caller ran after it is given.
+    sent = [x for x, (pid, _, _) in h.read_spin_log(path).items() if pid != os.getpid()]
+    assert sent, h.read_spin_log(path)
+    path, pf = _table_sent_ahead(tmp_path, raise_on=frozenset({sent[0]}))
+    got, error = h.outcome(pf.imap, range(100))
+    assert error == (ValueError, sent[0]) and got == [x + 1 for x in range(sent[0])]
+
+
 CTRL_C_CHILD = textwrap.dedent("""
     import json, os, sys, time
     import signal
