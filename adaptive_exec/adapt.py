@@ -651,6 +651,11 @@ def note_ran_here(key: str, at: Optional[float] = None) -> None:
     _ran_here.setdefault(key, time.perf_counter() if at is None else at)
 
 
+def ran_here(key: str) -> bool:
+    """This process has run the function (its one-time set-up is paid here)."""
+    return key in _ran_here
+
+
 def workers_inherit_setup(key: str) -> bool:
     """Do the pool's workers (the current pool's, or one started now) inherit the
     function's one-time set-up from this process, forked after it ran here? Then they do
@@ -717,7 +722,7 @@ class MapPlanner:
                                                    snap.usable_cpus),
             # Who still pays the function's one-time set-up: this process, unless it ran
             # the function already; the pool's workers, unless a map of it ran there.
-            setup_here=self.key not in _ran_here,
+            setup_here=not ran_here(self.key),
             setup_pool=self._setup_share(features),
             # An item in the caller cannot be stopped at its timeout.
             caller_helps=opts.timeout is None,

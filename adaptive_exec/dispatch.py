@@ -178,6 +178,9 @@ class RunSpec:
     # The last items, which the caller runs itself once the rest are handed out
     # (planner.caller_items: few long items, beside the workers).
     caller_items: int = 0
+    # The caller runs items while the pool is cold (_share_while_cold); not where its
+    # first would pay the function's one-time set-up.
+    helps_cold: bool = True
 
 
 class _Chunks:
@@ -445,7 +448,8 @@ class ParallelRun:
         """Cold pool: keep the caller busy with items until a worker answers (or
         ``until`` is set). (Not with a timeout: an item running here could not be
         stopped.)"""
-        if self.warm.is_set() or self.timeout is not None or self.error_at is not None:
+        if (self.warm.is_set() or self.timeout is not None or self.error_at is not None
+                or not self.spec.helps_cold):
             return
         local: list[Any] = []
         local_start = self.read_pos

@@ -590,6 +590,11 @@ class MapRun:
             task_overhead_s=task_overhead_s, item_s=self.features.mean_s,
             timeout=self.options.timeout if plan.mode == "parallel" else None,
             caller_items=plan.features.get("caller_items", 0) if plan.mode == "parallel" else 0,
+            # Not while the caller has a one-time set-up to pay: its first item would
+            # build it on a core the workers need (first_call_setup warm: the caller
+            # built a 0.2 s table while both workers built theirs, all three ~1.5x
+            # slower, for the one item it then ran).
+            helps_cold=not (self.features.setup_s and not adapt.ran_here(self.key)),
         )
         run = ParallelRun(self.func, target, self.source, first, spec, n_left,
                           adapt.monitor(self.options, plan, self.features)

@@ -4,6 +4,11 @@ set-up was planned from that one call, 1.8 s of work estimated at 171 s in chunk
 from __future__ import annotations
 
 import functools
+import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import aex_helpers as h
 import pytest
@@ -11,6 +16,8 @@ import pytest
 from adaptive_exec import cache, parallelize, system
 from adaptive_exec.fingerprint import fingerprint
 from adaptive_exec.sampling import features_from
+
+TESTS = os.path.dirname(__file__)
 
 
 def _features(durations):
@@ -60,3 +67,38 @@ def _table_map():
     again = parallelize(func).plan(range(n))
     assert again.from_cache and "set-up in each worker" not in again.reason
     assert again.estimated_parallel_s < 5 * again.features["mean_s"] * n
+
+
+WARM_TABLE = """
+    import functools, json, os, sys
+    sys.path.insert(0, {tests!r})
+    import aex_helpers as h
+    from adaptive_exec import parallelize, system
+
+    system.fake_readings(others=0.0)  # a quiet machine: the plan is the cache's
+    pf = parallelize(functools.partial(h.lazy_logged, path={path!r}, setup=0.3, cost=0.003))
+    assert pf.map(range(300)) == [x + 1 for x in range(300)]
+    r = pf.last_report
+    print(json.dumps({{"me": os.getpid(), "from_cache": r.from_cache, "mode": r.plan.mode}}))
+"""
+
+
+def test_a_warm_map_leaves_a_one_time_set_up_to_the_workers(tmp_path):
+    # Planned from the cache in a fresh process, whose first call would build the
+    # function's table: the caller runs no item while the pool starts. The one item it
+    # ran cost it the whole set-up on a core the workers needed for theirs
+    # (first_call_setup warm: a 0.2 s table built three times at once on 2 cores).
+    env = {**os.environ, "ADAPTIVE_EXEC_CACHE_DIR": str(tmp_path / "cache")}
+    runs = []
+    path = str(tmp_path / "calls")  # one function: the same arguments in both runs
+    for _ in ("cold", "warm"):
+        if os.path.exists(path):
+            os.remove(path)
+        proc = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(WARM_TABLE.format(tests=TESTS, path=path))],
+            capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append((json.loads(proc.stdout.strip().splitlines()[-1]), h.read_spin_log(path)))
+    got, log = runs[1]
+    assert got["from_cache"] and got["mode"] == "parallel", got
+    assert all(pid != got["me"] for pid, _, _ in log.values()), log
