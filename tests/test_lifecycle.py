@@ -61,6 +61,27 @@ def kill_all(pids):
             pass
 
 
+def abort_and_read(proc, family):
+    """A child that hangs: SIGABRT (PYTHONFAULTHANDLER prints every thread's stack), then
+    its output, and which of its processes outlived it. Those are ended first: they hold
+    its stdout and stderr too, and the read waited for them (a hang's stacks were lost
+    so, the read timing out in turn)."""
+    try:
+        family += [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        pass
+    proc.send_signal(signal.SIGABRT)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+    left = alive(family[1:])
+    kill_all(family)
+    out, err = proc.communicate(timeout=10)
+    return out, err, left
+
+
 def read_line(proc, timeout):
     """One line of ``proc``'s stdout, or fail after ``timeout`` seconds."""
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
@@ -556,9 +577,9 @@ def test_ctrl_c_at_any_moment_gives_control_back_and_leaves_no_worker(tmp_path, 
         try:
             out, err = proc.communicate(timeout=CHILD_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGABRT)
-            out, err = proc.communicate(timeout=10)
-            pytest.fail(f"the child hung after Ctrl-C at {delay} s:\n{err[-8000:]}")
+            out, err, left = abort_and_read(proc, family)
+            pytest.fail(f"the child hung after Ctrl-C at {delay} s (its processes running "
+                        f"after it: {left}):\n{out}\n{err[-8000:]}")
         assert proc.returncode == 0, out + err[-3000:]
         lines = out.strip().splitlines()
         assert lines[-1] == "next ok", out + err[-3000:]
@@ -592,10 +613,9 @@ def _run_to_its_end(script, path, timeout):
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            family += [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
-            proc.send_signal(signal.SIGABRT)
-            out, err = proc.communicate(timeout=10)
-            pytest.fail(f"the child did not exit:\n{out}\n{err[-8000:]}")
+            out, err, left = abort_and_read(proc, family)
+            pytest.fail(f"the child did not exit (its processes running after it: "
+                        f"{left}):\n{out}\n{err[-8000:]}")
         assert proc.returncode == 0, out + err[-3000:]
         return out
     finally:
