@@ -82,6 +82,16 @@ def abort_and_read(proc, family):
     return out, err, left
 
 
+def communicate_or_abort(proc, family, timeout, what):
+    """``proc``'s (stdout, stderr) once it exits within ``timeout``; else the test fails
+    with ``what``, the thread stacks abort_and_read gets and the processes left."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        out, err, left = abort_and_read(proc, family)
+    pytest.fail(f"{what} (its processes running after it: {left}):\n{out}\n{err[-8000:]}")
+
+
 def read_line(proc, timeout):
     """One line of ``proc``'s stdout, or fail after ``timeout`` seconds."""
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
@@ -574,12 +584,8 @@ def test_ctrl_c_at_any_moment_gives_control_back_and_leaves_no_worker(tmp_path, 
         time.sleep(delay)
         family += [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         proc.send_signal(signal.SIGINT)
-        try:
-            out, err = proc.communicate(timeout=CHILD_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            out, err, left = abort_and_read(proc, family)
-            pytest.fail(f"the child hung after Ctrl-C at {delay} s (its processes running "
-                        f"after it: {left}):\n{out}\n{err[-8000:]}")
+        out, err = communicate_or_abort(proc, family, CHILD_TIMEOUT_S,
+                                        f"the child hung after Ctrl-C at {delay} s")
         assert proc.returncode == 0, out + err[-3000:]
         lines = out.strip().splitlines()
         assert lines[-1] == "next ok", out + err[-3000:]
@@ -610,12 +616,7 @@ def _run_to_its_end(script, path, timeout):
                                  starts.ENV_START: path})
     family = [proc.pid]
     try:
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            out, err, left = abort_and_read(proc, family)
-            pytest.fail(f"the child did not exit (its processes running after it: "
-                        f"{left}):\n{out}\n{err[-8000:]}")
+        out, err = communicate_or_abort(proc, family, timeout, "the child did not exit")
         assert proc.returncode == 0, out + err[-3000:]
         return out
     finally:
