@@ -56,6 +56,9 @@ logger = logging.getLogger("adaptive_exec")
 # Chunks in flight per worker: one running and one queued, so a worker never waits for
 # the parent to notice it finished before it gets its next chunk.
 IN_FLIGHT_PER_WORKER = 2
+# While the pool is cold, the caller runs items of at most this many start-ups each
+# (RunSpec.startup_s): a longer one ends after the workers are up, and holds them back.
+SHARE_MAX = 1.0
 # Chunk sizing during a run (guided self-scheduling): a chunk is at most the items left
 # divided by GUIDED_SPLIT x workers, so chunks shrink towards the end and the workers
 # finish together, even when the costliest items come last (joblib issue 1220); and at
@@ -176,11 +179,14 @@ class RunSpec:
     # item past it ends the map (see ParallelRun._check_deadlines).
     timeout: Optional[float] = None
     # The last items, which the caller runs itself once the rest are handed out
-    # (planner.caller_items: few long items, beside the workers).
+    # (planner.caller_items: the odd long item of a last round, beside the workers).
     caller_items: int = 0
     # The caller runs items while the pool is cold (_share_while_cold); not where its
     # first would pay the function's one-time set-up.
     helps_cold: bool = True
+    # Seconds a cold pool takes to answer, as calibrated (None: not known). The caller
+    # runs no item while it is cold that would hold it past that by much (SHARE_MAX).
+    startup_s: Optional[float] = None
 
 
 class _Chunks:
@@ -449,7 +455,7 @@ class ParallelRun:
         ``until`` is set). (Not with a timeout: an item running here could not be
         stopped.)"""
         if (self.warm.is_set() or self.timeout is not None or self.error_at is not None
-                or not self.spec.helps_cold):
+                or not self.spec.helps_cold or self._too_long_to_share()):
             return
         local: list[Any] = []
         local_start = self.read_pos
@@ -468,6 +474,15 @@ class ParallelRun:
                 break
         if local or err is not None:
             self.buffer[local_start] = (local, self.read_pos - local_start, err)
+
+    def _too_long_to_share(self) -> bool:
+        """Would an item run here hold the caller well past the pool's start-up? The
+        workers then wait for it: their chunks go out through threads of this process,
+        which a call holding the GIL keeps from running (memory_heavy: a 0.14 s call
+        zero-filling 200 MB in C, run here while the pool started, kept both workers,
+        up after ~25 ms, idle until it returned)."""
+        startup = self.spec.startup_s
+        return startup is not None and self.spec.item_s > SHARE_MAX * startup
 
     def _run_held(self) -> None:
         """The items the caller keeps for itself (spec.caller_items), run here while the

@@ -101,16 +101,18 @@ class _Estimate:
 
 def caller_items(n: int, w: int, c: int, t: float) -> int:
     """How many of ``n`` items of ``t`` seconds the caller runs itself, beside ``w``
-    workers taking chunks of ``c``: the ones a last round would leave to some workers
-    alone, when all the rest can be handed out at once (n < 3w: at most two chunks per
-    worker, what they hold in flight). Three items on two workers then run at once, the
-    three processes sharing the two cores: 1.5 items' time, not 2 (a warm plan of
-    few_heavy took 0.65-0.67 s, where the cold run, whose caller runs its first item,
-    took 0.61). Only for items of CALLER_ITEM_MIN_S or more: while its item runs, the
-    caller hands out nothing."""
-    if c != 1 or w < 2 or n >= 3 * w or t < CALLER_ITEM_MIN_S:
+    workers taking chunks of ``c``: the one item a last round would leave to one worker
+    alone while the others idle. The caller runs it beside the workers' last rounds, the
+    processes then sharing the cores: three items on two workers take 1.5 items' time,
+    not 2 (a warm plan of few_heavy took 0.65-0.67 s, where the cold run, whose caller
+    runs its first item, took 0.61). One item at most: the caller runs what it keeps one
+    after the other, so two or more would outlast the round they were taken from (it
+    took every odd item: 7 items on 4 workers kept 3, three items' time for the caller
+    where two rounds take two). Only for items of CALLER_ITEM_MIN_S or more: while its
+    item runs, the caller hands out nothing."""
+    if c != 1 or w < 2 or n <= w or t < CALLER_ITEM_MIN_S:
         return 0
-    return n % w
+    return 1 if n % w == 1 else 0
 
 
 def _estimate(

@@ -595,6 +595,7 @@ class MapRun:
             # built a 0.2 s table while both workers built theirs, all three ~1.5x
             # slower, for the one item it then ran).
             helps_cold=not (self.features.setup_s and not adapt.ran_here(self.key)),
+            startup_s=calib.startup_for(plan.n_workers) if plan.mode == "parallel" else None,
         )
         run = ParallelRun(self.func, target, self.source, first, spec, n_left,
                           adapt.monitor(self.options, plan, self.features)

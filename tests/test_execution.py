@@ -125,6 +125,26 @@ def test_items_that_get_slower_move_to_the_pool(quiet_machine):
     assert "switched to parallel" in pf.last_report.plan.reason
 
 
+@pytest.mark.skipif(usable_cpus() < 2, reason="needs at least 2 usable CPUs")
+def test_the_caller_runs_no_long_item_while_the_pool_starts(tmp_path, quiet_machine):
+    # Items of 0.2 s planned from the cache, on a cold pool: an item run here while the
+    # workers start (~25 ms) would end long after they are up, and they would wait for
+    # it: their chunks go out through threads of this process, which a call holding the
+    # GIL keeps from running (memory_heavy: both workers idle ~0.15 s after they were
+    # up). Eight items: no odd one for the caller's last round (planner.caller_items).
+    path = str(tmp_path / "calls")
+    pf = parallelize(functools.partial(h.burn_logged, path=path, seconds=0.2))
+    assert pf.map(range(8)) == [2 * x for x in range(8)]
+    loky_backend.shutdown()
+    os.unlink(path)
+    assert pf.map(range(8)) == [2 * x for x in range(8)]
+    report = pf.last_report
+    assert report.from_cache and report.plan.mode == "parallel", report.plan.reason
+    assert "caller_items" not in report.plan.features
+    log = h.read_spin_log(path)
+    assert len(log) == 8 and all(pid != os.getpid() for pid, _, _ in log.values()), log
+
+
 def test_env_disable_forces_serial(monkeypatch):
     monkeypatch.setenv("ADAPTIVE_EXEC_DISABLE", "1")
     pf = parallelize(h.heavy)
