@@ -363,8 +363,10 @@ class ParallelRun:
         self.read_pos = first_index + sum(i.n for i in (*self.pending.values(), *unsent))
         self.exhausted = False
         # Where the items the caller keeps for itself begin (spec.caller_items): the
-        # input's end less them, when the input's length is known.
-        self.held_from = (first_index + n_left - spec.caller_items
+        # input's end less them, when the input's length is known. The end is after the
+        # items in flight: counted from first_index, items sent ahead while sampling
+        # moved it that many items too soon, and the caller ran them all (7 of 16).
+        self.held_from = (self.read_pos + n_left - spec.caller_items
                           if spec.caller_items and n_left is not None and spec.timeout is None
                           else None)
         self.error_at: Optional[int] = None  # the first failing item seen so far
