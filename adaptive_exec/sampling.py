@@ -136,6 +136,7 @@ def sample(
     """
     watch = _Watch(time_budget_s, item_budget, on_item, keep_going, crowded)
     watch.sizes_to = sizes_to
+    watch.waits = waits
     results: list[Any] = []
     cpu_start = time.thread_time()
     process_start = time.process_time()
@@ -149,12 +150,17 @@ def sample(
     durations = watch.durations
     if not durations:
         return Sample(results, None, True, wall, 0.0, error)
+    first = None
+    if watch.first is not None:
+        t1, cpu1, queued1, mark = watch.first
+        cpu_first = cpu1 - cpu_start
+        first = (cpu_first, max(t1 - watch.start - (queued1 - queued_start), cpu_first), mark)
     return Sample(
         results=results,
         features=features_from(
             durations, watch.in_sizes, watch.out_sizes, watch.peak, complexity, cpu_used,
             max(wall - queued, cpu_used), watch.picklable, max(0.0, others),
-            waits=waits,
+            waits=waits, first_call=first,
         ),
         exhausted=not watch.stopped,
         wall_s=wall,
@@ -190,6 +196,11 @@ class _Watch:
         self.stopped = False  # the budget ended the sample, not the items
         self.setup_first = False  # the first call stood out from the second: a set-up
         self.first_end: Optional[float] = None  # perf_counter() when the first call ended
+        self.waits: Optional[ThreadWaits] = None  # looked at by another thread (sample)
+        # At the first call's end: (perf_counter, thread CPU, run-queue wait, the waits'
+        # mark), so that what the next calls alone showed can be told should the first
+        # have paid a one-time cost (features_from).
+        self.first: Optional[tuple[float, float, float, Any]] = None
         self._rss: Optional[int] = None
         self._t0 = 0.0
         self.start = time.perf_counter()
@@ -238,6 +249,8 @@ class _Watch:
                 self.hook_wall += time.perf_counter() - t1
         if n == 1:
             self.first_end = t1
+            self.first = (t1, time.thread_time() - self.hook_cpu, runqueue_wait_s(),
+                          self.waits.mark() if self.waits is not None else None)
         elif n == 2:
             d0, d1 = self.durations
             self.setup_first = d0 > SETUP_RATIO * d1 and d0 - d1 >= SETUP_MIN_S
@@ -286,8 +299,17 @@ def features_from(
     others_cpu_s: float = 0.0,
     split_setup: bool = True,
     waits: Optional[ThreadWaits] = None,
+    first_call: Optional[tuple[float, float, Any]] = None,
 ) -> Features:
+    """``first_call``: (CPU seconds, wall seconds, the waits' mark) at the first call's
+    end: where that call paid a one-time cost, the CPU share and what the calls waited
+    on are the next calls' (a first call that read a library from the disk is no sign
+    that the function waits)."""
     durations, setup = _split_setup(durations) if split_setup else (durations, None)
+    mark = None
+    if setup is not None and first_call is not None:
+        cpu_first, wall_first, mark = first_call
+        cpu_s, wall_s = max(0.0, cpu_s - cpu_first), max(0.0, wall_s - wall_first)
     n = len(durations)
     mean = math.fsum(durations) / n
     cv: Optional[float] = None
@@ -306,6 +328,6 @@ def features_from(
         picklable=picklable,
         threads_cpu=others_cpu_s / wall_s if wall_s > 0 else None,
         setup_s=setup,
-        wait_share=waits.share() if waits is not None else None,
-        waits_on=waits.mostly() if waits is not None else None,
+        wait_share=waits.share(mark) if waits is not None else None,
+        waits_on=waits.mostly(mark) if waits is not None else None,
     )

@@ -452,6 +452,7 @@ def _faked(name: str) -> Optional[float]:
 # Linux system calls in which a thread waits for something outside the CPU, by what they
 # wait for. futex is not among them: it is the GIL as often as a lock (see ThreadWaits).
 _SLEEP, _NET, _CHILDREN, _IO = "sleeping", "sockets or pipes (poll)", "child processes", "io"
+DISK = "the disk"  # uninterruptible sleep: a read, a page fault served from the disk
 _SYSCALLS = {
     "x86_64": {0: _IO, 1: _IO, 17: _IO, 19: _IO, 20: _IO, 35: _SLEEP, 230: _SLEEP,
                7: _NET, 23: _NET, 232: _NET, 270: _NET, 271: _NET, 281: _NET, 441: _NET,
@@ -497,15 +498,30 @@ class ThreadWaits:
         if what:
             self.waits[what] = self.waits.get(what, 0) + 1
 
-    def share(self) -> Optional[float]:
-        """The share of looks that found it waiting; None with too few looks."""
-        if self.looks < self.MIN_LOOKS:
-            return None
-        return sum(self.waits.values()) / self.looks
+    def mark(self) -> tuple[int, dict[str, int]]:
+        """What was seen so far, for share() and mostly() to leave out (``since``)."""
+        return self.looks, dict(self.waits)
 
-    def mostly(self) -> Optional[str]:
-        """What it waited on most, or None."""
-        return max(self.waits, key=lambda k: self.waits[k]) if self.waits else None
+    def share(self, since: Optional[tuple[int, dict[str, int]]] = None) -> Optional[float]:
+        """The share of looks that found it waiting (after the mark ``since``); None
+        with too few looks."""
+        looks, waits = self._after(since)
+        if looks < self.MIN_LOOKS:
+            return None
+        return sum(waits.values()) / looks
+
+    def mostly(self, since: Optional[tuple[int, dict[str, int]]] = None) -> Optional[str]:
+        """What it waited on most (after the mark ``since``), or None."""
+        _, waits = self._after(since)
+        waits = {k: n for k, n in waits.items() if n > 0}
+        return max(waits, key=lambda k: waits[k]) if waits else None
+
+    def _after(self, since: Optional[tuple[int, dict[str, int]]]
+               ) -> tuple[int, dict[str, int]]:
+        if since is None:
+            return self.looks, self.waits
+        looks, waits = since
+        return self.looks - looks, {k: n - waits.get(k, 0) for k, n in self.waits.items()}
 
     def _now(self) -> Optional[str]:
         """"" when it computes (or waits for the GIL), what it waits on, None: unreadable."""
@@ -516,7 +532,7 @@ class ThreadWaits:
             if state == b"R":
                 return ""  # on a CPU, or waiting for one: computing
             if state == b"D":
-                return "the disk"  # uninterruptible: I/O (a read, a page fault)
+                return DISK
             with open(base + "syscall", "rb") as f:
                 fields = f.read().split()
         except (OSError, IndexError):

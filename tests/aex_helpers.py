@@ -493,6 +493,33 @@ def burn_costed(x, path, costs):
     return burn_logged(x, path, costs[x])
 
 
+_READ_ONCE: dict = {}
+
+
+def drop_from_page_cache(path):
+    """Clean pages of ``path`` leave the page cache: the next read waits on the disk
+    (where the file system has one: a tmpfs keeps them)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def reads_once_then_burns(x, path, seconds=0.02):
+    """The first call in a process reads ``path`` through (a library's pages, a file read
+    once); every call then burns ``seconds`` of CPU. Returns x + 1."""
+    if path not in _READ_ONCE:
+        with open(path, "rb", buffering=0) as f:
+            while f.read(1 << 20):
+                pass
+        _READ_ONCE[path] = True
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+    return x + 1
+
+
 def read_spin_log(path):
     """{item: (pid, start, end)} from spin_logged's file."""
     out = {}

@@ -1,8 +1,14 @@
 from __future__ import annotations
 
-import aex_helpers as h
+import functools
+import os
+import sys
 
-from adaptive_exec.sampling import ITEM_BUDGET, sample
+import aex_helpers as h
+import pytest
+
+from adaptive_exec import parallelize, system
+from adaptive_exec.sampling import ITEM_BUDGET, features_from, sample
 
 
 def test_a_fast_function_stops_at_the_item_budget():
@@ -104,3 +110,59 @@ def test_workers_forked_after_a_first_call_here_have_its_set_up():
     # Copies of this process, made after its first call, if they were forked from it.
     forked = loky_backend._state.path == starts.FORK
     assert adapt.workers_inherit_setup("before-the-pool") == forked
+
+
+class _Looks:
+    """ThreadWaits' record, as a watch thread would leave it: 10 looks at the disk in the
+    first call, then 10 that found the calls computing."""
+
+    def __init__(self):
+        self.tw = system.ThreadWaits(None)
+        self.tw.looks, self.tw.waits = 10, {"the disk": 9}
+
+
+def test_what_a_first_call_that_paid_a_one_time_cost_waited_on_is_left_out():
+    looks = _Looks().tw
+    mark = looks.mark()  # the first call's end
+    looks.looks += 10  # the next calls: computing
+    # 0.4 s first call, 10 ms of CPU in it; then four calls of 20 ms of CPU each.
+    durations = [0.4, 0.02, 0.02, 0.02, 0.02]
+    f = features_from(durations, [], [], 0, 1, cpu_s=0.09, wall_s=0.48, picklable=True,
+                      waits=looks, first_call=(0.01, 0.4, mark))
+    assert f.setup_s is not None and f.mean_s == 0.02
+    assert f.cpu_fraction == 1.0 and f.wait_share == 0.0 and f.waits_on is None
+    # No set-up told apart (calls alike): all the calls' waits and CPU count.
+    g = features_from([0.1, 0.1], [], [], 0, 1, cpu_s=0.02, wall_s=0.2, picklable=True,
+                      waits=looks, first_call=(0.01, 0.1, mark))
+    assert g.setup_s is None and g.waits_on == "the disk"
+    assert g.cpu_fraction == pytest.approx(0.1)
+    assert g.wait_share == 9 / 20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and fadvise")
+def test_a_first_call_that_waited_on_the_disk_does_not_make_a_waiting_function(tmp_path):
+    # The numpy workload's first call read its libraries from the disk (0.47 s, 84% of
+    # the looks waiting there); sampled on that one call, 200 items of 12 ms of BLAS were
+    # planned on 30 threads, 1.3-1.5x slower than the loop, and the cache kept it. A first
+    # call that waited on the disk is now followed by a second, which tells the one-time
+    # read from the per-item cost.
+    path = str(tmp_path / "library")
+    with open(path, "wb") as f:
+        for _ in range(96):
+            f.write(os.urandom(1 << 20))
+        f.flush()
+        os.fsync(f.fileno())
+    h.drop_from_page_cache(path)
+    system.fake_readings(others=0.0)
+    try:
+        pf = parallelize(functools.partial(h.reads_once_then_burns, path=path), cache=False)
+        assert pf.map(range(40)) == [x + 1 for x in range(40)]
+    finally:
+        system.fake_readings()
+    report = pf.last_report
+    features = report.plan.features
+    if report.n_sampled == 1 and report.plan.mode != "threads":
+        pytest.skip("the first call's read did not wait on a disk here (a tmpfs?)")
+    assert report.plan.mode != "threads", report.plan.reason
+    assert report.n_sampled >= 2 and features["setup_s"] is not None, report.plan.reason
+    assert features["waits_on"] != "the disk", features
