@@ -525,7 +525,13 @@ class MapRun:
                 held.append(next(serial))
         except StopIteration:
             finished = True
-        except Exception as exc:  # an item's error: raised in its turn, after theirs
+        except BaseException as exc:
+            # An item's error, a BaseException of its own too (SystemExit, the user's):
+            # raised in its turn, after theirs. (Only Exception was held: the others went
+            # out at once, and the results before them were lost.) Not Ctrl-C, which
+            # carries no item's index: the map ends now.
+            if isinstance(exc, KeyboardInterrupt) and getattr(exc, "item_index", None) is None:
+                raise
             error, finished = exc, True
         # The loop's own state, which collecting them would overwrite (it writes what
         # ran and the per-item time the cache learns, from two items' worth).

@@ -163,13 +163,13 @@ def thread_caps(_x):
              "ADAPTIVE_EXEC_IN_WORKER")}, os.getpid()
 
 
-def outcome(run, items):
+def outcome(run, items, catch=Exception):
     """What iterating ``run(items)`` gives: (results before any error, (type, item_index))."""
     out = []
     try:
         for r in run(items):
             out.append(r)
-    except Exception as exc:
+    except catch as exc:
         return out, (type(exc), getattr(exc, "item_index", None))
     return out, None
 
@@ -547,9 +547,13 @@ def forget_table():
     _TABLE.clear()
 
 
-def lazy_logged(x, path, setup=0.4, cost=0.0005, raise_on=frozenset()):
-    """lazy_table's shape (its own table), logged as spin_logged's; raises on the items
-    in ``raise_on``."""
+class Halt(BaseException):
+    """A user's BaseException: an item's outcome like any error (worker.call_each)."""
+
+
+def lazy_logged(x, path, setup=0.4, cost=0.0005, raise_on=frozenset(), halt_on=frozenset()):
+    """lazy_table's shape (its own table), logged as spin_logged's; raises ValueError on
+    the items in ``raise_on``, Halt on those in ``halt_on``."""
     t0 = time.monotonic()
     if "logged" not in _TABLE:
         spin(setup)
@@ -559,6 +563,8 @@ def lazy_logged(x, path, setup=0.4, cost=0.0005, raise_on=frozenset()):
         f.write(f"{x} {os.getpid()} {t0} {time.monotonic()}\n")
     if x in raise_on:
         raise ValueError(f"raised on {x}")
+    if x in halt_on:
+        raise Halt(f"halted on {x}")
     return x + 1
 
 

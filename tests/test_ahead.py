@@ -117,7 +117,7 @@ def test_an_item_sent_ahead_that_raises_or_kills_its_worker_comes_in_its_turn():
     assert got == [0, 10, 20] and error == (WorkerCrashedError, 3)
 
 
-def _table_sent_ahead(tmp_path, raise_on=frozenset()):
+def _table_sent_ahead(tmp_path, raise_on=frozenset(), halt_on=frozenset()):
     """A first call that builds a table (0.4 s) has the items behind it sent to the
     workers, which build their own; the rest, 100 items of 0.5 ms, is planned serial."""
     from adaptive_exec.backends import loky as loky_backend
@@ -125,8 +125,8 @@ def _table_sent_ahead(tmp_path, raise_on=frozenset()):
     loky_backend.shutdown()  # workers of earlier tests may have built the table
     h.forget_table()
     path = str(tmp_path / "calls")
-    return path, parallelize(functools.partial(h.lazy_logged, path=path, raise_on=raise_on),
-                             cache=False)
+    return path, parallelize(functools.partial(h.lazy_logged, path=path, raise_on=raise_on,
+                                               halt_on=halt_on), cache=False)
 
 
 def test_a_serial_plan_runs_the_rest_here_while_the_items_sent_ahead_finish(tmp_path):
@@ -161,6 +161,23 @@ def test_errors_beside_the_items_sent_ahead_come_in_their_turn(tmp_path):
     assert sent, h.read_spin_log(path)
     path, pf = _table_sent_ahead(tmp_path, raise_on=frozenset({sent[0]}))
     got, error = h.outcome(pf.imap, range(100))
+    assert error == (ValueError, sent[0]) and got == [x + 1 for x in range(sent[0])]
+
+
+def test_a_base_exception_beside_the_items_sent_ahead_comes_in_its_turn(tmp_path):
+    # A BaseException of the function's (SystemExit, one of the user's) is the item's
+    # outcome, as any error: the results before it first. Raised in the rest run here
+    # beside the items sent ahead, it went out at once: [1, 2], then the error at 40,
+    # 38 results lost, and the items sent ahead were never collected.
+    path, pf = _table_sent_ahead(tmp_path, halt_on=frozenset({40}))
+    got, error = h.outcome(pf.imap, range(100), catch=BaseException)
+    assert error == (h.Halt, 40) and got == [x + 1 for x in range(40)], (got[:5], error)
+    sent = [x for x, (pid, _, _) in h.read_spin_log(path).items() if pid != os.getpid()]
+    assert sent, h.read_spin_log(path)
+    # An item sent ahead raises first: its error comes, not the later BaseException.
+    path, pf = _table_sent_ahead(tmp_path, raise_on=frozenset({sent[0]}),
+                                 halt_on=frozenset({40}))
+    got, error = h.outcome(pf.imap, range(100), catch=BaseException)
     assert error == (ValueError, sent[0]) and got == [x + 1 for x in range(sent[0])]
 
 
