@@ -229,8 +229,9 @@ class MapRun:
                        complexity=function_complexity(self.func),
                        on_item=watch.on_item if watch else None,
                        ours_cpu=watch.cpu_spent if watch else None,
-                       keep_going=(lambda n: source.wants_more() or watch.wants_second(n))
-                       if source is not None and watch is not None else None,
+                       keep_going=(lambda n: (source is not None and source.wants_more())
+                                   or watch.wants_second(n))
+                       if watch is not None else None,
                        waits=watch.waits if watch is not None else None,
                        crowded=(lambda: watch.ahead is not None) if watch is not None else None,
                        sizes_to=watch.sizes if watch is not None else None)

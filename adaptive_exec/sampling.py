@@ -306,10 +306,16 @@ def features_from(
     on are the next calls' (a first call that read a library from the disk is no sign
     that the function waits)."""
     durations, setup = _split_setup(durations) if split_setup else (durations, None)
-    mark = None
+    wait_share = waits.share() if waits is not None else None
+    waits_on = waits.mostly() if waits is not None else None
     if setup is not None and first_call is not None:
         cpu_first, wall_first, mark = first_call
         cpu_s, wall_s = max(0.0, cpu_s - cpu_first), max(0.0, wall_s - wall_first)
+        if waits is not None and waits.share(mark) is not None:
+            # Where the later calls were looked at enough to tell (a call or two of a
+            # millisecond are not: their CPU share beside busy workers read 35%, and
+            # with no looks of their own that alone planned threads).
+            wait_share, waits_on = waits.share(mark), waits.mostly(mark)
     n = len(durations)
     mean = math.fsum(durations) / n
     cv: Optional[float] = None
@@ -328,6 +334,6 @@ def features_from(
         picklable=picklable,
         threads_cpu=others_cpu_s / wall_s if wall_s > 0 else None,
         setup_s=setup,
-        wait_share=waits.share(mark) if waits is not None else None,
-        waits_on=waits.mostly(mark) if waits is not None else None,
+        wait_share=wait_share,
+        waits_on=waits_on,
     )
