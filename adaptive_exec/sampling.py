@@ -308,6 +308,10 @@ def features_from(
     durations, setup = _split_setup(durations) if split_setup else (durations, None)
     wait_share = waits.share() if waits is not None else None
     waits_on = waits.mostly() if waits is not None else None
+    # Other threads' CPU (BLAS's) is the whole sample's: over its whole time. (Over the
+    # later calls' alone, a watch's and a pool's start read as 2 CPUs of the function's
+    # own threads, and a remembered map went serial.)
+    threads_cpu = others_cpu_s / wall_s if wall_s > 0 else None
     if setup is not None and first_call is not None:
         cpu_first, wall_first, mark = first_call
         cpu_s, wall_s = max(0.0, cpu_s - cpu_first), max(0.0, wall_s - wall_first)
@@ -332,7 +336,7 @@ def features_from(
         n_samples=n + (setup is not None),
         cpu_fraction=min(1.0, cpu_s / wall_s) if wall_s > 0 else None,
         picklable=picklable,
-        threads_cpu=others_cpu_s / wall_s if wall_s > 0 else None,
+        threads_cpu=threads_cpu,
         setup_s=setup,
         wait_share=wait_share,
         waits_on=waits_on,

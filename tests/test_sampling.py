@@ -129,8 +129,11 @@ def test_what_a_first_call_that_paid_a_one_time_cost_waited_on_is_left_out():
     # 0.4 s first call, 10 ms of CPU in it; then four calls of 20 ms of CPU each.
     durations = [0.4, 0.02, 0.02, 0.02, 0.02]
     f = features_from(durations, [], [], 0, 1, cpu_s=0.09, wall_s=0.48, picklable=True,
-                      waits=looks, first_call=(0.01, 0.4, mark))
+                      others_cpu_s=0.048, waits=looks, first_call=(0.01, 0.4, mark))
     assert f.setup_s is not None and f.mean_s == 0.02
+    # Other threads' CPU over the whole sample's time: 0.1 CPU, not 0.6 over the later
+    # calls' (a watch's and a pool's start read as 2 CPUs of the function's own threads).
+    assert f.threads_cpu == pytest.approx(0.1)
     assert f.cpu_fraction == 1.0 and f.wait_share == 0.0 and f.waits_on is None
     # No set-up told apart (calls alike): all the calls' waits and CPU count.
     g = features_from([0.1, 0.1], [], [], 0, 1, cpu_s=0.02, wall_s=0.2, picklable=True,
