@@ -127,6 +127,8 @@ class MapRun:
         self.bytes_sent = 0  # pickled bytes handed to worker processes
         self.start_path: Optional[str] = None  # how the process pool's workers started
         self.ran: Optional[str] = None  # what ran, where it differs from the plan
+        # Where the loop handed the rest to a pool (_serial's re-plan), when it did.
+        self.moved_at: Optional[int] = None
         self.setups: list[float] = []  # one-time set-ups seen in workers' first calls
         self.adjusted: Optional[str] = None  # how the run corrected a far-off plan
         # A threads run that lost its trial: (items, seconds) it ran on threads.
@@ -476,6 +478,7 @@ class MapRun:
                                                   self.n_items, self.n_done)
             if new is not None:
                 self.plan = new
+                self.moved_at = self.n_done
                 self._announce(new)
                 n_here, observed_here = self.n_done - first, self.observed_s
                 yield from self._parallel(new, self.n_done, self.n_items - self.n_done
@@ -502,6 +505,14 @@ class MapRun:
                f"{'in the caller' if plan.mode == 'serial' else 'on ' + plan.runs_on()}")
         if plan.mode == "serial":
             yield from self._serial_beside(sent, collect, ran)
+            if self.moved_at is not None and self.ran == ran and self.plan is not None:
+                # The loop found the pool worth it part way: the report says where.
+                here = self.n_sampled + sent.n_items
+                loop = (f"{_span(here, self.moved_at - here)} in the caller, "
+                        if self.moved_at > here else "")
+                self.ran = (f"{_span(self.n_sampled, sent.n_items)} ran on the pool, sent "
+                            f"there while the first call ran here; {loop}the rest on "
+                            f"{self.plan.runs_on()}")
             return
         rest, self.source = self.source, iter(())
         yield from self._parallel(collect, self.n_sampled, 0, sent)

@@ -551,14 +551,16 @@ class Halt(BaseException):
     """A user's BaseException: an item's outcome like any error (worker.call_each)."""
 
 
-def lazy_logged(x, path, setup=0.4, cost=0.0005, raise_on=frozenset(), halt_on=frozenset()):
+def lazy_logged(x, path, setup=0.4, cost=0.0005, raise_on=frozenset(), halt_on=frozenset(),
+                dear_from=None, dear_cost=0.0):
     """lazy_table's shape (its own table), logged as spin_logged's; raises ValueError on
-    the items in ``raise_on``, Halt on those in ``halt_on``."""
+    the items in ``raise_on``, Halt on those in ``halt_on``; from item ``dear_from`` on,
+    an item costs ``dear_cost``."""
     t0 = time.monotonic()
     if "logged" not in _TABLE:
         spin(setup)
         _TABLE["logged"] = os.getpid()
-    spin(cost)
+    spin(dear_cost if dear_from is not None and x >= dear_from else cost)
     with open(path, "a") as f:
         f.write(f"{x} {os.getpid()} {t0} {time.monotonic()}\n")
     if x in raise_on:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -117,7 +118,7 @@ def test_an_item_sent_ahead_that_raises_or_kills_its_worker_comes_in_its_turn():
     assert got == [0, 10, 20] and error == (WorkerCrashedError, 3)
 
 
-def _table_sent_ahead(tmp_path, raise_on=frozenset(), halt_on=frozenset()):
+def _table_sent_ahead(tmp_path, raise_on=frozenset(), halt_on=frozenset(), **costs):
     """A first call that builds a table (0.4 s) has the items behind it sent to the
     workers, which build their own; the rest, 100 items of 0.5 ms, is planned serial."""
     from adaptive_exec.backends import loky as loky_backend
@@ -126,7 +127,7 @@ def _table_sent_ahead(tmp_path, raise_on=frozenset(), halt_on=frozenset()):
     h.forget_table()
     path = str(tmp_path / "calls")
     return path, parallelize(functools.partial(h.lazy_logged, path=path, raise_on=raise_on,
-                                               halt_on=halt_on), cache=False)
+                                               halt_on=halt_on, **costs), cache=False)
 
 
 def test_a_serial_plan_runs_the_rest_here_while_the_items_sent_ahead_finish(tmp_path):
@@ -149,6 +150,32 @@ def test_a_serial_plan_runs_the_rest_here_while_the_items_sent_ahead_finish(tmp_
     # where the items went to a pool from the template, ~0.25 s where it was forked).
     sent_end = max(log[x][2] for x in sent)
     assert min(log[x][1] for x in rest) < sent_end - 0.05, (sent_end, log)
+
+
+def test_a_serial_rest_that_moves_to_the_pool_is_reported_so(tmp_path):
+    # Planned serial beside the items sent ahead (cheap items after the set-up), the
+    # loop finds later items dear and hands the rest to the pool: the report said "the
+    # rest in the caller" while plan.reason said it switched to parallel.
+    path, pf = _table_sent_ahead(tmp_path, dear_from=40, dear_cost=0.02)
+    n = 160
+    assert pf.map(range(n)) == [x + 1 for x in range(n)]
+    report = pf.last_report
+    log = h.read_spin_log(path)
+    me = os.getpid()
+    late = [x for x, (pid, _, _) in log.items() if pid != me and x >= 40]
+    assert late, ("the rest never moved to the pool", report.plan.reason, report.ran)
+    assert report.plan.mode == "parallel" and "switched to parallel" in report.plan.reason, (
+        report.plan.reason)
+    assert report.ran is not None and "ran on the pool, sent there" in report.ran, report.ran
+    assert "the rest in the caller" not in report.ran, report.ran
+    assert f"the rest on {report.plan.runs_on()}" in report.ran, report.ran
+    # The items it names as the caller's ran here, and the first after them did not.
+    found = re.search(r"items? ([\d,]+)(?:-([\d,]+))? in the caller", report.ran)
+    assert found, report.ran
+    lo = int(found.group(1).replace(",", ""))
+    hi = int((found.group(2) or found.group(1)).replace(",", ""))
+    assert all(log[x][0] == me for x in range(lo, hi + 1)), (report.ran, log)
+    assert lo > 0 and log[lo - 1][0] != me, (report.ran, log)
 
 
 def test_errors_beside_the_items_sent_ahead_come_in_their_turn(tmp_path):
