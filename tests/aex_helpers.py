@@ -675,3 +675,10 @@ def large_once(x, marker, size=64 << 20):
     except FileExistsError:
         return x
     return bytes(size)
+
+
+def costed_pid(x, costs):
+    """``costs[x]`` seconds of spinning, unlogged (cheap items stay cheap); returns
+    (2x, the pid that ran it)."""
+    spin(costs[x])
+    return 2 * x, os.getpid()

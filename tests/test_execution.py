@@ -126,6 +126,24 @@ def test_items_that_get_slower_move_to_the_pool(quiet_machine):
 
 
 @pytest.mark.skipif(usable_cpus() < 2, reason="needs at least 2 usable CPUs")
+def test_a_chunk_of_the_loop_ends_early_when_its_items_turn_dear(quiet_machine):
+    # 500 items of 30 us (planned serial), then 100 of 20 ms: the loop's chunk, sized
+    # on the cheap ones, took all 100 dear ones too (2 s, where the pool does them in
+    # ~1 s). It now ends at DEADLINE_FACTOR times its planned time, and the rest is
+    # re-planned from what it saw.
+    costs = [0.00003] * 500 + [0.02] * 100
+    loky_backend.shutdown()
+    pf = parallelize(functools.partial(h.costed_pid, costs=costs), cache=False)
+    out = pf.map(range(600))
+    assert [r for r, _ in out] == [2 * x for x in range(600)]
+    report = pf.last_report
+    assert report.plan.mode == "parallel", report.plan.reason
+    assert "switched to parallel" in report.plan.reason, report.plan.reason
+    dear_here = sum(1 for _, pid in out[500:] if pid == os.getpid())
+    assert dear_here <= 30, (dear_here, report.plan.reason)
+
+
+@pytest.mark.skipif(usable_cpus() < 2, reason="needs at least 2 usable CPUs")
 def test_the_caller_runs_no_long_item_while_the_pool_starts(tmp_path, quiet_machine):
     # Items of 0.2 s planned from the cache, on a cold pool: an item run here while the
     # workers start (~25 ms) would end long after they are up, and they would wait for

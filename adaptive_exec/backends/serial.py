@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import time
 from typing import Any, Callable, Iterator, Optional
 
 from ..errors import attach_origin
@@ -18,6 +19,26 @@ from ..worker import call_each
 _EXACT: tuple[type, ...] = (type(iter([])), type(iter(())), type(iter(range(0))))
 
 
+class Deadline:
+    """Ends a chunk of the loop once its time is up, after the item running then: a
+    chunk sized on cheap items does not run on for seconds when the later ones are dear
+    (cheap items, then 40x dearer ones from item 40: the loop ran 38 of them, 0.76 s,
+    before the pool got the rest). ``hit`` tells that it ended the chunk."""
+
+    __slots__ = ("at", "hit")
+
+    def __init__(self, at: float):
+        self.at = at  # time.perf_counter()'s reading
+        self.hit = False
+
+    def before(self, item: Any) -> None:
+        pass
+
+    def after(self, item: Any, result: Any) -> bool:
+        self.hit = time.perf_counter() >= self.at
+        return self.hit
+
+
 def run_chunk(
     func: Callable[..., Any],
     source: Iterator[Any],
@@ -26,15 +47,21 @@ def run_chunk(
     *,
     star: bool,
     partial: bool = True,
+    deadline: Optional[Deadline] = None,
 ) -> tuple[list[Any], Optional[BaseException]]:
     """Up to ``n`` results of ``func`` over the next items of ``source``, and the
-    exception that stopped them, if any (index attached).
+    exception that stopped them, if any (index attached); fewer when ``deadline``
+    passes (it says so).
 
     With ``partial`` the results before a failure are returned too, for imap to yield
     as the loop would have. Without it (map and starmap, which return nothing when an
-    item raises) the loop is a plain comprehension, as fast as the user's own loop,
-    whose partial results are lost on an exception.
+    item raises) and without a deadline, the loop is a plain comprehension, as fast as
+    the user's own loop, whose partial results are lost on an exception.
     """
+    if deadline is not None:
+        out: list[Any] = []
+        return out, call_each(func, itertools.islice(source, n), star, first_index, out,
+                              in_caller=True, measure=deadline)
     if not partial and isinstance(source, _EXACT):
         before = operator.length_hint(source)
         # The whole rest: the iterator itself, as the user's loop would (an islice costs
@@ -52,6 +79,6 @@ def run_chunk(
             # length_hint now counts what was not read; the failing item was read last.
             failed_at = before - operator.length_hint(source) - 1
             return [], attach_origin(exc, first_index + failed_at, None)
-    out: list[Any] = []
-    return out, call_each(func, itertools.islice(source, n), star, first_index, out,
-                          in_caller=True)
+    rest: list[Any] = []
+    return rest, call_each(func, itertools.islice(source, n), star, first_index, rest,
+                           in_caller=True)
