@@ -13,6 +13,8 @@ one function at once.
 
 from __future__ import annotations
 
+import array
+import collections
 import dataclasses
 import hashlib
 import itertools
@@ -807,15 +809,32 @@ def guard(it: Iterator[Any]) -> Iterator[Any]:
     return it if isinstance(it, _SAFE_ITERATORS) else GuardedIterator(it)
 
 
+# Collections whose len() is the number of items iterating them yields. Any other
+# __len__ is not trusted: a pandas DataFrame's counts its rows while iterating it yields
+# its column names, and a map that took len() for the count returned 5 results where the
+# loop gave 40.
+_EXACT_LENGTH: tuple[type, ...] = (list, tuple, range, str, bytes, bytearray, dict, set,
+                                   frozenset, collections.deque, array.array,
+                                   type({}.keys()), type({}.values()), type({}.items()))
+
+
 def known_length(items: Any) -> Optional[int]:
-    """len(items), or None (it streams, as a generator would) when there is none or it
-    fails: range(10**20) overflows, a custom __len__ may raise."""
-    if hasattr(items, "__len__"):
-        try:
-            return len(items)
-        except Exception:
+    """The number of items, where len() says it for sure (_EXACT_LENGTH, subclasses that
+    keep its __len__ and __iter__, numpy arrays); else None, and the input streams as a
+    generator's would (its end is found by reading it). None too where len() fails:
+    range(10**20) overflows."""
+    kind = type(items)
+    base = next((b for b in _EXACT_LENGTH if isinstance(items, b)), None)
+    if base is not None:
+        if (getattr(kind, "__iter__", None) is not getattr(base, "__iter__", None)
+                or getattr(kind, "__len__", None) is not getattr(base, "__len__", None)):
             return None
-    return None
+    elif not (kind.__name__ == "ndarray" and kind.__module__ == "numpy"):
+        return None
+    try:
+        return len(items)
+    except Exception:
+        return None
 
 
 def _read_ahead(it: Iterator[Any], features: Features) -> tuple[list[Any], bool]:

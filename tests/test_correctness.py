@@ -375,6 +375,41 @@ def test_inputs_whose_length_fails_stream_like_generators():
     assert pf.map(_LenRaises()) == [x * x for x in range(10)]
 
 
+class _RowsAndColumns:
+    """len() counts rows, iterating yields the column names: a pandas DataFrame's way."""
+
+    def __init__(self, n_columns, n_rows):
+        self.columns, self.n_rows = [f"col{i}" for i in range(n_columns)], n_rows
+
+    def __len__(self):
+        return self.n_rows
+
+    def __iter__(self):
+        return iter(self.columns)
+
+
+class _ListOfOne(list):
+    def __iter__(self):
+        return iter(self[:1])
+
+
+@pytest.mark.parametrize("backend", ["auto", "loky"])
+@pytest.mark.parametrize("n_rows", [0, 5, 100])
+def test_a_length_that_is_not_the_item_count_does_not_cut_or_pad_the_results(backend, n_rows):
+    # The map took len() for the number of items: 5 results where the loop gave 40
+    # (cold cache: 40, sampling happened to run them all; warm: 5 every time), and one
+    # for a len() of 0.
+    pf = parallelize(str.upper, backend=backend)
+    table = _RowsAndColumns(40, n_rows)
+    loop = [c.upper() for c in table]
+    for _ in range(2):  # cold cache, then warm
+        assert pf.map(table) == loop
+        assert list(pf.imap(table)) == loop
+        assert sorted(pf.imap_unordered(table)) == sorted(loop)
+    odd = _ListOfOne(["a", "b", "c"])
+    assert pf.map(odd) == [x.upper() for x in odd] == ["A"]
+
+
 @pytest.mark.parametrize("options", [dict(timeout=float("nan")), dict(timeout=float("inf")),
                                      dict(max_memory="inf"), dict(max_memory="nan"),
                                      dict(max_memory=float("inf"))])
