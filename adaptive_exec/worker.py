@@ -540,9 +540,14 @@ class ChunkResult:
 
 # --- the initializer ---------------------------------------------------------------------
 
-# initializer key -> the process id it last ran in. A forked worker inherits its parent's
-# table: the pid tells that it has not run here yet.
-_INITIALIZED: dict[str, int] = {}
+# initializer (module and name) -> (the key it last ran under, the process id it ran
+# in). One entry per initializer, not per key: the same initializer with initargs A,
+# then B, then A again runs again for the third map (a table per key skipped it, and
+# the map read B's state). A forked worker inherits its parent's table: the pid tells
+# that it has not run here yet.
+_CURRENT: dict[str, tuple[str, int]] = {}
+# initializer key -> its initializer's entry in _CURRENT.
+_IDENTITY: dict[str, str] = {}
 # initializer key -> (initializer, initargs), unpickled once per worker.
 _INITIALIZERS: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]] = {}
 _INIT_LOCK = threading.RLock()  # re-entrant: an initializer may itself map
@@ -604,15 +609,26 @@ def _without_globals(funcs: tuple[Any, ...], names: frozenset[str]) -> tuple[Any
     return tuple(out)
 
 
+def _ran_last(key: str) -> bool:
+    """Did this process run ``key``'s initializer last under ``key`` (its initargs)?"""
+    identity = _IDENTITY.get(key)
+    return identity is not None and _CURRENT.get(identity) == (key, os.getpid())
+
+
 def initialize_here(initializer: Optional[Callable[..., Any]], initargs: tuple[Any, ...],
                     key: str, where: str = "the caller") -> None:
-    """Run ``initializer(*initargs)`` in this process unless it already ran here under
-    ``key``; raises InitializerError (its exception as the cause) when it raises."""
-    if initializer is None or _INITIALIZED.get(key) == os.getpid():
+    """Run ``initializer(*initargs)`` in this process unless the last time it ran here
+    was under ``key``; raises InitializerError (its exception as the cause) when it
+    raises."""
+    if initializer is None or _ran_last(key):
         return
     with _INIT_LOCK:  # threads of one process (a dask worker's, the caller's) run it once
-        if _INITIALIZED.get(key) == os.getpid():
+        if _ran_last(key):
             return
+        core, _ = _code_that_runs(initializer)
+        named = core if core is not None else initializer
+        identity = (f"{getattr(named, '__module__', None)}."
+                    f"{getattr(named, '__qualname__', type(named).__qualname__)}")
         try:
             initializer(*initargs)
         except BaseException as exc:
@@ -622,7 +638,8 @@ def initialize_here(initializer: Optional[Callable[..., Any]], initargs: tuple[A
             msg = (f"initializer {name}() raised {type(exc).__name__}: {safe_str(exc)} in "
                    f"{where}; no item ran there")
             raise InitializerError(msg) from exc
-        _INITIALIZED[key] = os.getpid()
+        _IDENTITY[key] = identity
+        _CURRENT[identity] = (key, os.getpid())
 
 
 def _initialize_worker(ref: FunctionRef) -> Optional[bool]:
@@ -630,7 +647,7 @@ def _initialize_worker(ref: FunctionRef) -> Optional[bool]:
     there is none), None when this lean ref lacks it (the caller sends it whole); raises
     InitializerError."""
     key = ref.init_key
-    if key is None or _INITIALIZED.get(key) == os.getpid():
+    if key is None or _ran_last(key):
         return True
     found = _INITIALIZERS.get(key)
     if found is None:

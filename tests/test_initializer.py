@@ -100,6 +100,22 @@ def test_a_warm_pool_does_not_rerun_it_but_new_initargs_do(tmp_path):
     assert any(value == "b" for _, value in _runs(log)[n_first:])
 
 
+@pytest.mark.parametrize("backend", ["serial", "loky"])
+def test_initargs_a_then_b_then_a_again_run_it_again(tmp_path, backend):
+    # Each map's items see its own initargs' state. The third map (initargs "a", which
+    # had run in these processes before "b") was skipped: every item read "b".
+    log = tmp_path / "runs"
+    work = functools.partial(h.read_state, cost=0.005 if backend == "loky" else 0.0)
+    for value in ("a", "b", "a", "a"):
+        pf = parallelize(work, backend=backend, chunksize=2,
+                         initializer=h.init_state, initargs=(str(log), value))
+        assert {state for _, state, _ in pf.map(range(40))} == {value}, (value, _runs(log))
+    # The fourth map, the same initargs as the third's, ran it nowhere again: "a" ran
+    # at most twice in a process (before "b", and after it).
+    a_runs = [pid for pid, value in _runs(log) if value == "a"]
+    assert max(a_runs.count(pid) for pid in a_runs) <= 2, _runs(log)
+
+
 def test_an_initializer_that_raises_in_the_workers_names_itself_and_does_not_hang():
     pf = parallelize(functools.partial(h.read_state, cost=0.01), backend="loky",
                      chunksize=1, initializer=h.init_fails, initargs=("worker",))
