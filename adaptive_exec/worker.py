@@ -299,11 +299,14 @@ def function_ref(func: Callable[..., Any], per_process: frozenset[str] = frozens
             h.update(patch)
         return FunctionRef(h.hexdigest(), module=module, qualname=qualname, patch=patch,
                            patch_module=patch_module, cwd=cwd, sys_path=path)
-    bundled = init is not None and bool(per_process)
+    # By value, with an initializer that sets globals or travels by value too (it may
+    # fill a global dict of the script's, STATE["conn"] = ..., which the function reads):
+    # rebuilt in the worker from one pickle, over one namespace that lacks the
+    # per-process names, so the function reads what the initializer set there. Pickled
+    # apart, each had a namespace of its own: every item read the caller's empty dict.
+    bundled = init is not None and (bool(per_process) or not _importable(
+        _code_that_runs(init[0])[0] or init[0]))
     if init is not None and bundled:
-        # By value, with an initializer that sets globals: rebuilt in the worker from one
-        # pickle, over one namespace that lacks the per-process names, so the function
-        # reads what the initializer set there.
         func, initializer = _without_globals((func, init[0]), per_process)
         blob = cloudpickle_dumps((func, initializer, init[1]))
     else:

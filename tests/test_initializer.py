@@ -223,3 +223,48 @@ def test_a_script_initializer_sets_globals_its_function_reads_in_each_worker(tmp
         rows = got["rows"]
         assert all(tag == "t" and state_pid == pid for tag, state_pid, pid in rows), rows[:5]
         assert {pid for _, _, pid in rows} - {got["me"]}, "no item ran in a worker"
+
+
+SCRIPT_DICT_STATE = """
+import json, os, sys
+from adaptive_exec import parallelize
+
+STATE = {}
+
+
+def init(tag):
+    STATE["tag"] = tag           # fills a global dict: no global statement
+    STATE["pid"] = os.getpid()
+
+
+def work(x):
+    import time
+    t = time.perf_counter()
+    while time.perf_counter() - t < 0.005:  # enough that workers take some items
+        pass
+    return STATE.get("tag"), STATE.get("pid"), os.getpid()
+
+
+if __name__ == "__main__":
+    for options in ({"backend": "loky", "chunksize": 3}, {"timeout": 30}):
+        out = parallelize(work, initializer=init, initargs=("t",), **options).map(range(60))
+        print(json.dumps({"me": os.getpid(), "rows": out}))
+"""
+
+
+def test_a_script_initializer_that_fills_a_global_dict_is_seen_by_its_function(tmp_path):
+    # The function and the initializer travel by value; pickled apart, each rebuilt a
+    # namespace of its own in the worker: with a timeout every item read the caller's
+    # empty dict, without one the caller's copy of it (3 of 60 items saw their own
+    # process's state).
+    script = tmp_path / "dict_state.py"
+    script.write_text(SCRIPT_DICT_STATE)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    lines = [json.loads(line) for line in run.stdout.strip().splitlines()]
+    assert len(lines) == 2
+    for got in lines:
+        rows = got["rows"]
+        assert all(tag == "t" and state_pid == pid for tag, state_pid, pid in rows), rows[:5]
+        assert {pid for _, _, pid in rows} - {got["me"]}, "no item ran in a worker"
