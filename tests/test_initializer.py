@@ -212,8 +212,15 @@ def test_a_script_initializer_sets_globals_its_function_reads_in_each_worker(tmp
     """concurrent.futures' own pattern, in a script (functions sent by value): the
     initializer opens a connection into a global, the function uses it. Each worker
     reads what its own initializer set; nothing runs serially for want of pickling."""
+    _each_worker_saw_its_own_state(tmp_path, SCRIPT_STATE.format())
+
+
+def _each_worker_saw_its_own_state(tmp_path, text):
+    """Run the script ``text``; each of its two maps' rows (tag, the pid its state
+    names, the pid that ran it) shows the state its own process's initializer set, and
+    workers ran some."""
     script = tmp_path / "state.py"
-    script.write_text(SCRIPT_STATE.format())
+    script.write_text(text)
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                          timeout=120, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
@@ -257,14 +264,4 @@ def test_a_script_initializer_that_fills_a_global_dict_is_seen_by_its_function(t
     # namespace of its own in the worker: with a timeout every item read the caller's
     # empty dict, without one the caller's copy of it (3 of 60 items saw their own
     # process's state).
-    script = tmp_path / "dict_state.py"
-    script.write_text(SCRIPT_DICT_STATE)
-    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         timeout=120, cwd=tmp_path)
-    assert run.returncode == 0, run.stderr
-    lines = [json.loads(line) for line in run.stdout.strip().splitlines()]
-    assert len(lines) == 2
-    for got in lines:
-        rows = got["rows"]
-        assert all(tag == "t" and state_pid == pid for tag, state_pid, pid in rows), rows[:5]
-        assert {pid for _, _, pid in rows} - {got["me"]}, "no item ran in a worker"
+    _each_worker_saw_its_own_state(tmp_path, SCRIPT_DICT_STATE)
