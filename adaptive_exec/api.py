@@ -418,6 +418,15 @@ def _collect(batches: Iterator[list[Any]]) -> list[Any]:
         if getattr(exc, "item_index", None) is None:
             loky_backend.shutdown()
         raise
+    except RuntimeError as exc:
+        # An item's StopIteration, raised inside our generators, became the RuntimeError
+        # of PEP 479 on its way out; the loop (a list comprehension) raises it as it is.
+        # (imap keeps the RuntimeError: a generator expression, and CPython's
+        # Executor.map, give that too.)
+        cause = exc.__cause__
+        if isinstance(cause, StopIteration) and getattr(cause, "item_index", None) is not None:
+            raise cause from cause.__cause__
+        raise
     return out if out is not None else []
 
 

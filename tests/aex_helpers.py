@@ -682,3 +682,8 @@ def costed_pid(x, costs):
     (2x, the pid that ran it)."""
     spin(costs[x])
     return 2 * x, os.getpid()
+
+
+def first_even(xs):
+    """next() over the evens of ``xs``: StopIteration where there is none."""
+    return next(x for x in xs if x % 2 == 0)

@@ -375,6 +375,28 @@ def test_inputs_whose_length_fails_stream_like_generators():
     assert pf.map(_LenRaises()) == [x * x for x in range(10)]
 
 
+@pytest.mark.parametrize("backend", ["serial", "loky"])
+def test_an_items_stop_iteration_comes_out_of_map_as_itself(backend):
+    # The loop, a list comprehension, raises the item's StopIteration; map raised
+    # RuntimeError("generator raised StopIteration") (PEP 479, inside our generators),
+    # which `except StopIteration` around it does not catch.
+    items = [[1, 2], [4], [1, 3], [6]]
+    with pytest.raises(StopIteration) as loop:
+        [h.first_even(x) for x in items]
+    pf = parallelize(h.first_even, backend=backend)
+    for _ in range(2):  # cold cache, then warm
+        with pytest.raises(StopIteration) as got:
+            pf.map(items)
+        assert type(got.value) is type(loop.value) and got.value.item_index == 2
+    with pytest.raises(StopIteration):
+        parallelize(lambda *xs: h.first_even(xs), backend=backend).starmap(items)
+    # imap gives what a generator expression and CPython's Executor.map give.
+    with pytest.raises(RuntimeError, match="StopIteration"):
+        list(pf.imap(items))
+    with pytest.raises(RuntimeError, match="StopIteration"):
+        list(h.first_even(x) for x in items)
+
+
 class _RowsAndColumns:
     """len() counts rows, iterating yields the column names: a pandas DataFrame's way."""
 
