@@ -86,6 +86,9 @@ def forced_serial(options: Options) -> Optional[str]:
         return "already inside a dask task: nested maps run serially"
     if options.backend == "serial":
         return "backend='serial' was requested"
+    if system.shutting_down():
+        return ("the interpreter is shutting down (the main thread has returned): no "
+                "pool can start now")
     return None
 
 

@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
+from . import system
 from .backends.base import PoolGone, StartupWatch, Target
 from .errors import (
     AdaptiveExecError,
@@ -553,11 +554,17 @@ class ParallelRun:
                 fut = self.target.submit(self.executor, info.items, info.start, full)
                 break
             except PoolGone:
+                if system.shutting_down():
+                    self._run_rest_here(info)
+                    return
                 # Another thread's map replaced or ended the pool: use the current one.
                 self.executor, _ = self.target.open(self.n_workers)
             except AdaptiveExecError:
                 raise  # ours (a cluster that went away...): not a pickling failure
             except Exception as exc:
+                if system.shutting_down():
+                    self._run_rest_here(info)
+                    return
                 self.cross.warn(f"items from index {info.start} cannot be pickled to "
                                   f"reach a worker ({exc})", exc)
                 self._run_locally(info)
@@ -568,6 +575,15 @@ class ParallelRun:
         info.submitted = time.perf_counter()
         info.executor = self.executor
         self.pending[fut] = info
+
+    def _run_rest_here(self, info: Pending) -> None:
+        """The main thread returned during the map (a thread that outlived it): the pool
+        takes no more work ("cannot schedule new futures after interpreter shutdown")
+        and none can start. Not a pickling failure: the rest runs here, no warning."""
+        self.cross.caller_only = True
+        self.cross.reason = self.cross.reason or (
+            "the interpreter began shutting down during the map")
+        self._run_locally(info)
 
     def _run_locally(self, info: Pending) -> None:
         self.local_items += len(info.items)

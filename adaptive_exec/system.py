@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Union
@@ -133,6 +135,20 @@ def disabled() -> bool:
 
 def in_worker() -> bool:
     return os.environ.get(ENV_IN_WORKER) == "1"
+
+
+def shutting_down() -> bool:
+    """Is the interpreter ending: its main thread has returned (an atexit handler runs,
+    or a thread that outlived it), or finalization began? No pool can start then: loky
+    takes no work once the main thread has ended, and a pool started from an atexit
+    handler was never ended (its workers waited for the caller, the caller for them).
+    (CPython sets threading._SHUTTING_DOWN, and loky its _global_shutdown, before the
+    main thread is marked stopped.)"""
+    if (sys.is_finalizing() or getattr(threading, "_SHUTTING_DOWN", False)
+            or not threading.main_thread().is_alive()):
+        return True
+    loky = sys.modules.get("loky.process_executor")
+    return bool(getattr(loky, "_global_shutdown", False))
 
 
 def snapshot(

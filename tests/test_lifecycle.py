@@ -606,11 +606,12 @@ def test_ctrl_c_at_any_moment_gives_control_back_and_leaves_no_worker(tmp_path, 
         kill_all(family)
 
 
-def _run_to_its_end(script, path, timeout):
-    """Run ``script`` on start path ``path``; its output, once it exited 0 by itself
-    within ``timeout``. One that hangs is sent SIGABRT (PYTHONFAULTHANDLER: every
-    thread's stack is printed) and the test fails with it; its processes are ended."""
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+def _run_to_its_end(script, path, timeout, *args, quiet=False):
+    """Run ``script`` (with ``args``) on start path ``path``; its output, once it exited
+    0 by itself within ``timeout`` (``quiet``: with no warning or error on stderr). One
+    that hangs is sent SIGABRT (PYTHONFAULTHANDLER: every thread's stack is printed) and
+    the test fails with it; its processes are ended."""
+    proc = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONFAULTHANDLER": "1",
                                  starts.ENV_START: path})
@@ -618,12 +619,58 @@ def _run_to_its_end(script, path, timeout):
     try:
         out, err = communicate_or_abort(proc, family, timeout, "the child did not exit")
         assert proc.returncode == 0, out + err[-3000:]
+        if quiet:
+            assert "Warning" not in err and "Error" not in err, out + err[-3000:]
         return out
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
         kill_all(family)
+
+
+AT_EXIT_CHILD = """
+import atexit, sys, threading, time
+from adaptive_exec import parallelize
+
+def busy(x):
+    t = time.process_time()
+    while time.process_time() - t < 0.003:
+        pass
+    return 2 * x
+
+pf = parallelize(busy, backend="loky")
+
+def at_exit():
+    print("at exit", pf.map(range(200)) == [2 * x for x in range(200)], flush=True)
+
+def later():  # a non-daemon thread that outlives the main one, its map under way then
+    time.sleep(0.3)
+    print("thread", pf.map(range(400)) == [2 * x for x in range(400)], flush=True)
+
+atexit.register(at_exit)
+if sys.argv[1] == "pool first":
+    print("main", pf.map(range(50)) == [2 * x for x in range(50)], flush=True)
+    threading.Thread(target=later).start()
+"""
+
+
+@pytest.mark.parametrize("first", ["no pool first", "pool first"])
+@pytest.mark.parametrize("path", [starts.FORK, starts.TEMPLATE, starts.EXEC])
+def test_a_map_once_the_main_thread_has_returned_gives_the_loops_results_and_exits(
+        tmp_path, path, first):
+    # A map from an atexit handler, in a process without a pool, hung for good (its
+    # workers, started while the interpreter ended, were never ended; on the fork path
+    # loky first failed to register its own exit handler); after a pool, it raised
+    # "cannot schedule new futures after interpreter shutdown", or warned that the
+    # items could not be pickled. A non-daemon thread's map under way when the main
+    # thread returned raised the same. The rest now runs in the caller.
+    script = tmp_path / "at_exit.py"
+    script.write_text(AT_EXIT_CHILD)
+    out = _run_to_its_end(script, path, 60, first, quiet=True)
+    want = ["main True", "thread True", "at exit True"] if first == "pool first" else [
+        "at exit True"]
+    assert out.split("\n")[:-1] == want, out
 
 
 BIG_RESULTS_CHILD = """
