@@ -260,7 +260,7 @@ def test_a_child_forked_while_another_thread_held_the_locks_can_map():
 # --- 2. the parent killed ---------------------------------------------------------------
 
 OWNER = textwrap.dedent("""
-    import json, sys, time
+    import json, os, sys, time
     sys.path.insert(0, {tests!r})
     import aex_helpers as h
     import psutil
@@ -269,7 +269,14 @@ OWNER = textwrap.dedent("""
 
     assert parallelize(h.heavy, backend="loky").map(range(20)) == [x * 3 for x in range(20)]
     family = [(p.pid, " ".join(p.cmdline())) for p in psutil.Process().children(recursive=True)]
-    print(json.dumps({{"workers": loky_backend.worker_pids(), "family": family}}), flush=True)
+    child = None
+    if {fork_child}:  # a long-lived child of the program's own, which never maps
+        child = os.fork()
+        if child == 0:
+            time.sleep(60)
+            os._exit(0)
+    print(json.dumps({{"workers": loky_backend.worker_pids(), "family": family,
+                      "child": child}}), flush=True)
     time.sleep(120)  # until killed by the test
 """)
 
@@ -291,8 +298,20 @@ HELPERS = {"exec": "loky.backend.resource_tracker", "template": "adaptive_exec.b
 @pytest.mark.parametrize("path", sorted(HELPERS))
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_workers_and_their_helpers_go_when_their_parent_is_killed(tmp_path, sig, path):
+    _killed_owner_leaves_nothing(tmp_path, sig, path, fork_child=False)
+
+
+@posix_only
+@pytest.mark.parametrize("path", sorted(HELPERS))
+def test_they_go_too_when_the_parent_had_forked_a_child_that_lives_on(tmp_path, path):
+    # The child inherited the write end of each template worker's "parent alive" pipe:
+    # the template and its workers ran on for as long as the child lived.
+    _killed_owner_leaves_nothing(tmp_path, signal.SIGKILL, path, fork_child=True)
+
+
+def _killed_owner_leaves_nothing(tmp_path, sig, path, fork_child):
     script = tmp_path / "owner.py"
-    script.write_text(OWNER.format(tests=TESTS))
+    script.write_text(OWNER.format(tests=TESTS, fork_child=fork_child))
     env = {**os.environ, cache.ENV_DIR: str(tmp_path / "cache"), starts.ENV_START: path}
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
                             env=env)
@@ -300,6 +319,11 @@ def test_workers_and_their_helpers_go_when_their_parent_is_killed(tmp_path, sig,
     try:
         info = json.loads(read_line(proc, CHILD_TIMEOUT_S))
         family = [pid for pid, _ in info["family"]]
+        own_child = [info["child"]] if info["child"] else []
+        # A resource tracker (multiprocessing's, loky's) ends when the last process
+        # holding its pipe does, the program's own child too: the standard library's
+        # way, and it runs no item. Not waited for then; ended by the test.
+        trackers = [pid for pid, cmd in info["family"] if own_child and "resource_tracker" in cmd]
         commands = [cmd for _, cmd in info["family"]]
         assert info["workers"] and set(info["workers"]) <= set(family)
         if HELPERS[path] is not None:  # the helper process the pool started: it must go too
@@ -309,17 +333,19 @@ def test_workers_and_their_helpers_go_when_their_parent_is_killed(tmp_path, sig,
         proc.send_signal(sig)
         proc.wait(timeout=10)
         assert proc.returncode == -sig
-        while alive(family) and time.monotonic() - killed_at < GONE_WITHIN_S + MARGIN_S:
+        watched = [pid for pid in family if pid not in trackers]
+        while alive(watched) and time.monotonic() - killed_at < GONE_WITHIN_S + MARGIN_S:
             time.sleep(0.02)
         took = time.monotonic() - killed_at
-        left = {pid: cmd for pid, cmd in info["family"] if pid in alive(family)}
+        left = {pid: cmd for pid, cmd in info["family"] if pid in alive(watched)}
         assert not left, f"still running {took:.2f} s after {sig.name}: {left}"
         print(f"{sig.name}, {path}: workers and helpers gone after {took:.2f} s")
+        assert alive(own_child) == own_child  # the program's own child lives on
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
-        kill_all(family)
+        kill_all(family + own_child)
 
 
 # --- 3. idle resources ------------------------------------------------------------------
@@ -627,6 +653,37 @@ def _run_to_its_end(script, path, timeout, *args, quiet=False):
             proc.kill()
             proc.wait(timeout=10)
         kill_all(family)
+
+
+EXITING_CHILD = """
+import os, sys, time
+sys.path.insert(0, {tests!r})
+import aex_helpers as h
+from adaptive_exec import parallelize
+from adaptive_exec.backends import loky as loky_backend
+
+pf = parallelize(h.heavy, backend="loky")
+assert pf.map(range(20)) == [x * 3 for x in range(20)]
+workers = loky_backend.worker_pids()
+pid = os.fork()
+if pid == 0:
+    sys.exit(0)  # a normal exit: the atexit hooks run, ours and multiprocessing's
+os.waitpid(pid, 0)
+print(pf.map(range(20)) == [x * 3 for x in range(20)],
+      sorted(loky_backend.worker_pids()) == sorted(workers), flush=True)
+"""
+
+
+@needs_fork
+@pytest.mark.parametrize("path", [starts.FORK, starts.TEMPLATE, starts.EXEC])
+def test_a_forked_child_that_exits_normally_leaves_the_parents_pool_alone(tmp_path, path):
+    # The child inherited multiprocessing's table of the parent's workers, and our exit
+    # hook killed them there (SIGKILL; poll() cannot tell another's child is alive):
+    # the parent's next map ran on a new pool, or its map under way failed with
+    # "killed its worker process twice". The child's exit also failed to join them.
+    script = tmp_path / "exiting_child.py"
+    script.write_text(EXITING_CHILD.format(tests=TESTS))
+    assert _run_to_its_end(script, path, 60, quiet=True).split() == ["True", "True"]
 
 
 AT_EXIT_CHILD = """

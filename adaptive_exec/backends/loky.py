@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 import weakref
+from multiprocessing import process as mp_process
 from typing import Any, Callable, Optional
 
 # Imported with us, not at a map's first pool: importing loky takes ~20 ms of the
@@ -127,6 +128,22 @@ def _after_fork_in_child() -> None:
         lock = getattr(process_executor, "_global_shutdown_lock", None)
         if lock is not None and hasattr(lock, "_at_fork_reinit"):
             lock._at_fork_reinit()  # held by a parent's thread at fork: never released here
+    # The parent's workers are not this process's children: multiprocessing's table of
+    # them came along with the fork, and a child that exited normally killed them
+    # (_end_at_exit: they looked alive, poll() cannot tell for another's child), and
+    # failed to join them. Forgotten here, as multiprocessing forgets its own children
+    # in a child it starts.
+    children = getattr(mp_process, "_children", None)
+    if children is not None:
+        for proc in list(children):
+            if _ours(proc) and getattr(proc, "_parent_pid", None) != os.getpid():
+                children.discard(proc)
+
+
+def _ours(proc: Any) -> bool:
+    """A worker of ours: loky's process, or one our start paths made."""
+    kind = type(proc).__module__
+    return kind.startswith("loky.") or kind == starts.__name__
 
 
 if hasattr(os, "register_at_fork"):
@@ -291,8 +308,7 @@ def _end_at_exit() -> None:
 
     shutdown()
     for proc in multiprocessing.active_children():
-        kind = type(proc).__module__  # a worker of ours: loky's process, or a forked one
-        if kind.startswith("loky.") or kind == starts.__name__:
+        if _ours(proc) and getattr(proc, "_parent_pid", None) == os.getpid():
             try:
                 _kill(proc)
                 proc.join(1)

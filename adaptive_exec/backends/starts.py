@@ -485,7 +485,9 @@ class TemplatePopen(popen_forkserver.Popen if popen_forkserver else object):  # 
         self.sentinel, data_w = _template.connect(self._fds)
         # The child's "parent alive" sentinel: it reads EOF when this process is gone.
         keep = os.dup(data_w)
-        self.finalizer = util.Finalize(self, _close_fds, (keep, self.sentinel))
+        _alive_ends.add(keep)
+        self.finalizer = util.Finalize(self, _close_own_fds,
+                                       (os.getpid(), keep, self.sentinel))
         with open(data_w, "wb", closefd=True) as f:
             f.write(buf.getbuffer())
         self.pid = forkserver.read_signed(self.sentinel)
@@ -494,6 +496,22 @@ class TemplatePopen(popen_forkserver.Popen if popen_forkserver else object):  # 
 def _close_fds(*fds: int) -> None:
     for fd in fds:
         os.close(fd)
+
+
+# The write ends of template workers' "parent alive" pipes this process holds. A child
+# forked from it closes its copies (_after_fork_in_child): one that kept them (a
+# long-lived child of the user's) kept the workers, and so the template, running for as
+# long as it lived after the parent was killed.
+_alive_ends: set[int] = set()
+
+
+def _close_own_fds(pid: int, keep: int, sentinel: int) -> None:
+    """A template worker's descriptors, closed by the process that opened them (a forked
+    child closes its copy of ``keep`` at the fork, and may reuse the numbers since)."""
+    if os.getpid() != pid:
+        return
+    _alive_ends.discard(keep)
+    _close_fds(keep, sentinel)
 
 
 class TemplateProcess(mp_context.ForkServerProcess):  # type: ignore[misc]
@@ -562,11 +580,12 @@ def _after_fork_in_child() -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     old = _template
     _template = Template()
-    if old.alive_w is not None:
+    for fd in ([old.alive_w] if old.alive_w is not None else []) + list(_alive_ends):
         try:
-            os.close(old.alive_w)
+            os.close(fd)
         except OSError:
             pass
+    _alive_ends.clear()
 
 
 if hasattr(os, "register_at_fork"):
