@@ -146,10 +146,14 @@ class FunctionRef:
     # A large blob left in the caller's memory (``BlobFile``): (caller pid, fd, size).
     # A worker on this machine reads it there; one that cannot answers NEED_FUNCTION.
     blob_at: Optional[tuple[int, int, int]] = None
+    # The pickled {(module, class qualname or "", name): value} of attributes of the
+    # user's other modules and classes the code reads (``_attributes_read``), set in the
+    # worker's copies of them before it runs; ``key`` includes them.
+    attrs: Optional[bytes] = None
 
     def lean_copy(self) -> FunctionRef:
         return dataclasses.replace(self, blob=None, patch=None, patch_module=None,
-                                   blob_at=None, init=None, lean=True)
+                                   blob_at=None, init=None, attrs=None, lean=True)
 
     def without_context(self) -> FunctionRef:
         """For workers that are not ours to move (a dask cluster's, maybe elsewhere)."""
@@ -224,6 +228,123 @@ def _globals_read(func: types.FunctionType, owner: Optional[type] = None) -> dic
     return found
 
 
+_ATTRIBUTE_OPS = ("LOAD_ATTR", "LOAD_METHOD")
+
+
+def _users_module(module: Any) -> bool:
+    """A module of the user's own: not the standard library's, not an installed
+    package's (site-packages), not the script (which travels by value), not ours. The
+    state of those is not carried: setting it in a worker could break the library."""
+    name = getattr(module, "__name__", None)
+    path = getattr(module, "__file__", None)
+    if not isinstance(name, str) or not isinstance(path, str) or name == "__main__":
+        return False
+    top = name.partition(".")[0]
+    if top in getattr(sys, "stdlib_module_names", ()) or top == __name__.partition(".")[0]:
+        return False
+    parts = os.path.normpath(path).split(os.sep)
+    return "site-packages" not in parts and "dist-packages" not in parts
+
+
+def _plain_value(value: Any) -> bool:
+    """State, not code: what a worker's import does not already have as the caller does."""
+    return not (isinstance(value, (types.ModuleType, type, types.FunctionType,
+                                   types.BuiltinFunctionType, types.MethodType,
+                                   functools.partial)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _name_chains(code: types.CodeType) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Each global ``code`` (its nested code too) loads, with the attributes read on it
+    right after (``settings.Config.factor``: ("settings", ("Config", "factor"))). The
+    code's own: kept per code object (the scan is ~0.1 ms, each map asks)."""
+    import dis
+
+    out: list[tuple[str, tuple[str, ...]]] = []
+    for c in _code_objects(code):
+        name: Optional[str] = None
+        attrs: list[str] = []
+        for ins in dis.get_instructions(c):
+            if ins.opname in _ATTRIBUTE_OPS and name is not None:
+                attrs.append(ins.argval)
+                continue
+            if name is not None:
+                out.append((name, tuple(attrs)))
+            name, attrs = (ins.argval, []) if ins.opname == "LOAD_GLOBAL" else (None, [])
+        if name is not None:
+            out.append((name, tuple(attrs)))
+    return tuple(out)
+
+
+def _attributes_read(func: types.FunctionType, owner: Optional[type] = None,
+                     depth: int = 2) -> dict[tuple[str, str, str], Any]:
+    """Attributes of the user's other modules, and of classes importable from them,
+    that ``func`` (and the functions of its module it calls) reads by name:
+    ``settings.SCALE``, ``Config.factor``, ``pkg.sub.LIMIT``; and, ``depth`` calls
+    deep, the globals read by such a module's functions it calls (``cfg.helper()``
+    reading its own module's ``SCALE``). A worker's copy of the module holds the value
+    at its import (exec, template) or at its fork: without these, a map after
+    ``settings.SCALE = 10`` ran its workers' items with SCALE = 1 (the loop: 10).
+    {(module, class qualname or "", name): value}."""
+    module_globals = func.__globals__
+    found: dict[tuple[str, str, str], Any] = {}
+    seen: set[int] = set()
+    stack = [func] + (_methods(owner, module_globals) if owner is not None else [])
+    while stack:
+        f = stack.pop()
+        code = getattr(f, "__code__", None)
+        if code is None or id(code) in seen:
+            continue
+        seen.add(id(code))
+        for name, attrs in _name_chains(code):
+            holder = module_globals.get(name)
+            inner = getattr(holder, "__adaptive_exec_wrapped__", holder)
+            if isinstance(inner, types.FunctionType) and inner.__globals__ is module_globals:
+                stack.append(inner)  # a helper of the same module: what it reads counts
+            for attr in attrs:
+                if not isinstance(holder, (types.ModuleType, type)):
+                    break
+                module = (holder if isinstance(holder, types.ModuleType)
+                          else sys.modules.get(getattr(holder, "__module__", "")))
+                if not _users_module(module) or (isinstance(holder, type)
+                                                 and not _importable(holder)):
+                    break
+                try:
+                    value = getattr(holder, attr)
+                except Exception:  # a property that raises, a lazy module attribute
+                    break
+                if isinstance(value, (types.ModuleType, type)):
+                    holder = value  # pkg.sub.NAME, Config.Inner.NAME: read on
+                    continue
+                if isinstance(value, types.FunctionType) and depth > 0 and _importable(value):
+                    for k, v in _attributes_read(value, None, depth - 1).items():
+                        found.setdefault(k, v)
+                    if _users_module(sys.modules.get(value.__module__)):
+                        for global_name, v in _globals_read(value).items():
+                            if _plain_value(v):
+                                found.setdefault((value.__module__, "", global_name), v)
+                elif _plain_value(value):
+                    cls = holder.__qualname__ if isinstance(holder, type) else ""
+                    found[(module.__name__, cls, attr)] = value  # type: ignore[union-attr]
+                break
+    return found
+
+
+def _attributes_patch(core: Optional[types.FunctionType], owner: Optional[type]
+                      ) -> Optional[bytes]:
+    """``_attributes_read``, pickled; what cannot be pickled stays the worker's own."""
+    if core is None:
+        return None
+    values: dict[tuple[str, str, str], Any] = {}
+    for where, value in _attributes_read(core, owner).items():
+        try:
+            dumps(value)
+        except Exception:
+            continue
+        values[where] = value
+    return dumps(values) if values else None
+
+
 def _context() -> tuple[Optional[str], tuple[str, ...]]:
     try:
         cwd: Optional[str] = os.getcwd()
@@ -288,6 +409,7 @@ def function_ref(func: Callable[..., Any], per_process: frozenset[str] = frozens
     core, owner = _code_that_runs(func)
     patch = _patch_for(core, owner, per_process)
     patch_module = core.__module__ if patch is not None and core is not None else None
+    attrs = _attributes_patch(core, owner)
     module = getattr(func, "__module__", None)
     qualname = getattr(func, "__qualname__", None)
     if isinstance(func, types.FunctionType) and module and qualname and _importable(func):
@@ -297,8 +419,10 @@ def function_ref(func: Callable[..., Any], per_process: frozenset[str] = frozens
         h = hashlib.sha1(f"{module}:{qualname}:".encode())
         if patch is not None:
             h.update(patch)
+        if attrs is not None:
+            h.update(b"attrs:" + attrs)
         return FunctionRef(h.hexdigest(), module=module, qualname=qualname, patch=patch,
-                           patch_module=patch_module, cwd=cwd, sys_path=path)
+                           patch_module=patch_module, cwd=cwd, sys_path=path, attrs=attrs)
     # By value, with an initializer that sets globals or travels by value too (it may
     # fill a global dict of the script's, STATE["conn"] = ..., which the function reads):
     # rebuilt in the worker from one pickle, over one namespace that lacks the
@@ -314,8 +438,10 @@ def function_ref(func: Callable[..., Any], per_process: frozenset[str] = frozens
     h = hashlib.sha1(blob)
     if patch is not None:
         h.update(patch)
+    if attrs is not None:
+        h.update(b"attrs:" + attrs)
     return FunctionRef(h.hexdigest(), blob=blob, patch=patch, patch_module=patch_module,
-                       cwd=cwd, sys_path=path, bundled=bundled)
+                       cwd=cwd, sys_path=path, bundled=bundled, attrs=attrs)
 
 
 def _enter_context(ref: FunctionRef) -> None:
@@ -365,7 +491,9 @@ def _resolve(ref: FunctionRef) -> Optional[Callable[..., Any]]:
             # module was applied in between.
             importlib.import_module(ref.patch_module)
             func = _Patched(func, ref.patch_module, ref.key, pickle.loads(ref.patch))
-        size = len(ref.blob or b"") + len(ref.patch or b"") + (
+        if ref.attrs is not None:
+            func = _WithAttributes(func, ref.key, pickle.loads(ref.attrs))
+        size = len(ref.blob or b"") + len(ref.patch or b"") + len(ref.attrs or b"") + (
             ref.blob_at[2] if ref.blob_at else 0)
         _FUNCTIONS[ref.key] = (func, size)
         while len(_FUNCTIONS) > _MAX_FUNCTIONS or (
@@ -373,7 +501,7 @@ def _resolve(ref: FunctionRef) -> Optional[Callable[..., Any]]:
                 > _MAX_FUNCTION_BYTES):
             _FUNCTIONS.popitem(last=False)
         _allow_for_functions()
-    if isinstance(func, _Patched):
+    if isinstance(func, (_Patched, _WithAttributes)):
         return func.enter()
     return func
 
@@ -515,6 +643,30 @@ class _Patched:
             namespace.update(self.values)
             _APPLIED[self.module] = self.key
         return self.func
+
+
+class _WithAttributes:
+    """A function with the caller's values of the attributes of other modules and
+    classes it reads (``FunctionRef.attrs``), set in this worker before it runs: each
+    module's or class's once per key, again after another key's were set there."""
+
+    __slots__ = ("func", "key", "values")
+
+    def __init__(self, func: Any, key: str, values: dict[tuple[str, str, str], Any]):
+        self.func, self.key, self.values = func, key, values
+
+    def enter(self) -> Callable[..., Any]:
+        for (module, cls, name), value in self.values.items():
+            where = f"{module}:{cls}"
+            if _APPLIED.get(f"{where}.{name}") == self.key:
+                continue
+            target: Any = importlib.import_module(module)
+            for part in cls.split(".") if cls else ():
+                target = getattr(target, part)
+            setattr(target, name, value)
+            _APPLIED[f"{where}.{name}"] = self.key
+        func = self.func
+        return func.enter() if isinstance(func, _Patched) else func
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import os
 import subprocess
 import sys
 import textwrap
@@ -27,14 +28,16 @@ from adaptive_exec import (
     calibrate,
     parallelize,
 )
+from adaptive_exec.backends import starts
 
 
-def run_script(tmp_path, body: str, timeout: float = 60) -> str:
-    """Run ``body`` as a user's script (its own ``__main__``); its stdout."""
+def run_script(tmp_path, body: str, timeout: float = 60, env=None) -> str:
+    """Run ``body`` as a user's script (its own ``__main__``; ``env``: variables added
+    to this process's); its stdout."""
     script = tmp_path / "user_script.py"
     script.write_text(textwrap.dedent(body))
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=timeout, cwd=tmp_path)
+                          timeout=timeout, cwd=tmp_path, env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -110,6 +113,74 @@ def test_a_script_whose_globals_helpers_and_captured_objects_change(tmp_path):
         assert adaptive_map(g, items, backend="loky") == [2 * x for x in items], "closure"
         print("ok")
     """)
+    assert out.strip() == "ok"
+
+
+USERS_MODULES = {
+    "settings.py": """
+        SCALE = 1
+        TABLE = {"k": 1}
+
+        class Config:
+            factor = 1
+
+        def scaled(x):  # reads its own module's global
+            return x * SCALE
+    """,
+    "pkg/__init__.py": "",
+    "pkg/sub.py": "LIMIT = 1\n",
+    "work.py": """
+        import time
+        import settings
+
+        def by_name(x):  # a function workers import by name
+            end = time.perf_counter() + 0.002
+            while time.perf_counter() < end:
+                pass
+            return x * settings.SCALE + settings.Config.factor
+    """,
+}
+
+
+@pytest.mark.parametrize("path", ["fork", "template", "exec"])
+def test_attributes_of_the_users_modules_and_classes_are_the_callers(tmp_path, path):
+    # Only the module's own globals travelled: a worker's copy of another module held
+    # its value at import (exec, template: settings.SCALE = 1 in the first map already)
+    # or at its fork, and the map returned x * 1 where the loop gave x * 10.
+    for name, text in USERS_MODULES.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(textwrap.dedent(text))
+    out = run_script(tmp_path, """
+        import os, sys, time
+        sys.path.insert(0, os.getcwd())
+        import pkg.sub
+        import settings
+        import work
+        from adaptive_exec import parallelize
+
+        def spin():
+            end = time.perf_counter() + 0.002
+            while time.perf_counter() < end:
+                pass
+
+        def f(x):
+            spin()
+            return (x * settings.SCALE + settings.Config.factor + settings.TABLE["k"]
+                    + settings.scaled(x) + pkg.sub.LIMIT)
+
+        for func in (f, work.by_name):
+            pf = parallelize(func, backend="loky", chunksize=4)
+            for value in (10, 100, 10):
+                settings.SCALE = value
+                settings.Config.factor = value + 1
+                settings.TABLE["k"] = value + 2  # mutated in place
+                pkg.sub.LIMIT = value + 3
+                items = range(60)
+                got, loop = pf.map(items), [func(x) for x in items]
+                assert got == loop, (func.__name__, value, got[-3:], loop[-3:])
+                assert pf.last_report.plan.mode == "parallel", (func.__name__, value)
+        print("ok")
+    """, env={starts.ENV_START: path})
     assert out.strip() == "ok"
 
 
