@@ -196,14 +196,13 @@ def _methods(cls: type, module_globals: dict[str, Any]) -> list[types.FunctionTy
     return out
 
 
-def _globals_read(func: types.FunctionType, owner: Optional[type] = None) -> dict[str, Any]:
-    """The module globals ``func`` reads, and those read by the functions and classes'
-    methods of the same module it reads (transitively; ``owner``: the class of the
-    object it is bound to), that a worker importing the module might hold differently:
-    values the caller set or changed since import. Modules, and functions and classes
-    that are still what their names say, are left out (the worker's import has them)."""
+def _reached(func: types.FunctionType, owner: Optional[type] = None
+             ) -> list[types.FunctionType]:
+    """``func``, the methods of ``owner`` (the class of the object it is bound to), and
+    the functions and classes' methods of the same module they load, transitively: the
+    code of that module that may run."""
     module_globals = func.__globals__
-    found: dict[str, Any] = {}
+    out: list[types.FunctionType] = []
     seen: set[int] = set()
     stack = [func] + (_methods(owner, module_globals) if owner is not None else [])
     while stack:
@@ -212,16 +211,32 @@ def _globals_read(func: types.FunctionType, owner: Optional[type] = None) -> dic
         if code is None or id(code) in seen:
             continue
         seen.add(id(code))
+        out.append(f)
         for c in _code_objects(code):
             for name in c.co_names:
-                if name in found or name not in module_globals:
-                    continue
-                value = module_globals[name]
-                inner = getattr(value, "__adaptive_exec_wrapped__", value)
+                inner = module_globals.get(name)
+                inner = getattr(inner, "__adaptive_exec_wrapped__", inner)
                 if isinstance(inner, types.FunctionType) and inner.__globals__ is module_globals:
                     stack.append(inner)  # a helper of the same module: what it reads counts
                 elif isinstance(inner, type) and inner.__module__ == func.__module__:
                     stack.extend(_methods(inner, module_globals))
+    return out
+
+
+def _globals_read(func: types.FunctionType, owner: Optional[type] = None) -> dict[str, Any]:
+    """The module globals ``func`` reads, and those read by the functions and classes'
+    methods of the same module it reads (transitively; ``owner``: the class of the
+    object it is bound to), that a worker importing the module might hold differently:
+    values the caller set or changed since import. Modules, and functions and classes
+    that are still what their names say, are left out (the worker's import has them)."""
+    module_globals = func.__globals__
+    found: dict[str, Any] = {}
+    for f in _reached(func, owner):
+        for c in _code_objects(f.__code__):
+            for name in c.co_names:
+                if name in found or name not in module_globals:
+                    continue
+                value = module_globals[name]
                 if isinstance(value, types.ModuleType) or _importable(value):
                     continue
                 found[name] = value
@@ -288,19 +303,9 @@ def _attributes_read(func: types.FunctionType, owner: Optional[type] = None,
     {(module, class qualname or "", name): value}."""
     module_globals = func.__globals__
     found: dict[tuple[str, str, str], Any] = {}
-    seen: set[int] = set()
-    stack = [func] + (_methods(owner, module_globals) if owner is not None else [])
-    while stack:
-        f = stack.pop()
-        code = getattr(f, "__code__", None)
-        if code is None or id(code) in seen:
-            continue
-        seen.add(id(code))
-        for name, attrs in _name_chains(code):
+    for f in _reached(func, owner):
+        for name, attrs in _name_chains(f.__code__):
             holder = module_globals.get(name)
-            inner = getattr(holder, "__adaptive_exec_wrapped__", holder)
-            if isinstance(inner, types.FunctionType) and inner.__globals__ is module_globals:
-                stack.append(inner)  # a helper of the same module: what it reads counts
             for attr in attrs:
                 if not isinstance(holder, (types.ModuleType, type)):
                     break
