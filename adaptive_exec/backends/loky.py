@@ -434,13 +434,18 @@ def _kill(proc: Any) -> None:
 
 def _end_now(executor: Any) -> None:
     """Shut ``executor`` down (it spawns and takes nothing more), then kill its workers
-    and close our end of its result pipe now (_kill_workers_now)."""
+    and close our end of its result pipe now (_kill_workers_now); not the pipe of a
+    pool loky found broken itself: its manager thread is past the read that could hang,
+    and closes the pipe as it ends the pool. Closed from here as well, the two threads
+    raced, and loky's died on EBADF (a traceback on stderr, its clean-up cut short)."""
+    flags = getattr(executor, "_flags", None)
+    broken = bool(getattr(flags, "broken", None))
     results = getattr(executor, "_result_queue", None)  # shutdown() forgets it
     executor.shutdown(wait=False, kill_workers=True)
-    _kill_workers_now(executor, results)
+    _kill_workers_now(executor, results, close_pipe=not broken)
 
 
-def _kill_workers_now(executor: Any, results: Any = None) -> None:
+def _kill_workers_now(executor: Any, results: Any = None, close_pipe: bool = True) -> None:
     """Kill ``executor``'s live workers here, now: loky's own kill runs later on its
     manager thread, and under load a map left by Ctrl-C returned with them alive.
 
@@ -457,6 +462,8 @@ def _kill_workers_now(executor: Any, results: Any = None) -> None:
                 _kill(proc)
         except Exception:  # gone meanwhile
             pass
+    if not close_pipe:
+        return
     if results is None:
         results = getattr(executor, "_result_queue", None)
     writer = getattr(results, "_writer", None)
