@@ -84,6 +84,10 @@ UNNOTED_START_S = 30.0
 # worker are held before no new chunk is sent (a judgement: the memory a slow consumer
 # or one slow chunk can pin stays bounded, and skewed work keeps ~4 chunks of slack).
 BUFFERED_PER_WORKER = 4
+# A chunk that ran in a live worker when its pool broke is sent again without counting
+# a crash against it (ParallelRun._crashed), this many times at most: a bound, should
+# the verdict keep sparing it, not a measurement.
+SPARED_MAX = 20
 # Items costing this many times more or less in the workers than planned are "far off":
 # chunks are resized to keep their planned duration (_Chunks._sized). A judgement: within
 # 2x the plan's chunks stay as good as any (their cost is flat near the optimum).
@@ -147,13 +151,14 @@ class Pending:
     """A chunk in flight. Its items are kept until it returns: a chunk whose worker dies
     is sent again (retries); ``crashes`` counts the pools it was in when one broke."""
 
-    __slots__ = ("start", "items", "submitted", "crashes", "executor")
+    __slots__ = ("start", "items", "submitted", "crashes", "spared", "executor")
 
     def __init__(self, start: int, items: list[Any], crashes: int = 0):
         self.start = start
         self.items = items
         self.submitted = 0.0
         self.crashes = crashes
+        self.spared = 0  # breaks it was in, running in a worker that did not die
         self.executor: Any = None  # the pool it was sent to
 
     @property
@@ -667,6 +672,15 @@ class ParallelRun:
         self.executor, deliberate = self.target.recover(self.executor, info.executor,
                                                         self.n_workers)
         if deliberate:  # ended by a time-out, Ctrl-C or growth, maybe another thread's
+            self.retry.append(info)
+            return
+        where = getattr(self.target, "ran_where_it_broke", None)
+        if (where is not None and where(info.start, info.executor) is False
+                and info.spared < SPARED_MAX):
+            # It ran in a worker loky killed only as it ended the pool: another chunk's
+            # worker died first (another thread's map's, maybe). Counted, it was named
+            # the culprit once that chunk had broken two pools under it.
+            info.spared += 1
             self.retry.append(info)
             return
         info.crashes += 1

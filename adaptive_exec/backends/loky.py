@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import concurrent.futures as cf
 import dataclasses
+import functools
 import os
 import re
 import signal
@@ -118,6 +119,15 @@ def _after_fork_in_child() -> None:
     if _state.executor is not None:
         _abandoned.append(_state.executor)
     _state = _PoolState()
+    global _clock_lock
+    _clock_lock = threading.Lock()  # a parent's thread may have held it at the fork
+    for clock in _clocks:  # the parent's: its workers write there
+        if clock is not None:
+            try:
+                clock.close()
+            except (OSError, ValueError):
+                pass
+    _clocks.clear()
     process_executor = sys.modules.get("loky.process_executor")
     if process_executor is not None:
         # What loky does itself for a multiprocessing child (util.register_after_fork),
@@ -138,6 +148,50 @@ def _after_fork_in_child() -> None:
         for proc in list(children):
             if _ours(proc) and getattr(proc, "_parent_pid", None) != os.getpid():
                 children.discard(proc)
+
+
+# This process's clock (worker.ItemClock), shared by its maps: a worker opens it once.
+_clocks: list[Optional[ItemClock]] = []
+_clock_lock = threading.Lock()
+
+
+def _clock() -> Optional[ItemClock]:
+    with _clock_lock:
+        if not _clocks:
+            made = None
+            if BlobFile.available():
+                try:
+                    made = ItemClock()
+                except OSError:
+                    made = None
+            _clocks.append(made)
+        return _clocks[0]
+
+
+# A pool that broke -> {pid: exit code} of its workers dead at that moment, read as loky
+# fails its futures, before it kills the others (_note_break).
+_dead_at_break: weakref.WeakKeyDictionary[Any, dict[int, int]] = weakref.WeakKeyDictionary()
+
+
+def _note_break(executor: Any, fut: cf.Future) -> None:
+    """A future's done callback (in loky's thread): when it failed as its pool broke,
+    note which workers were dead then, once per pool. Loky fails the futures first and
+    kills the workers still alive after: a chunk that ran in one of those was not the
+    cause."""
+    try:
+        if fut.cancelled() or executor in _dead_at_break:
+            return
+        exc = fut.exception()
+        if type(exc).__name__ not in ("TerminatedWorkerError", "BrokenProcessPool"):
+            return
+        dead = {}
+        for pid, proc in list((getattr(executor, "_processes", None) or {}).items()):
+            code = proc.exitcode
+            if code is not None:
+                dead[pid] = code
+        _dead_at_break[executor] = dead
+    except Exception:  # a callback must not raise into loky's thread
+        pass
 
 
 def _ours(proc: Any) -> bool:
@@ -650,14 +704,10 @@ class LokyTarget:
 
     def __init__(self, ref: FunctionRef, star: bool, timed: bool = False):
         self.ref = ref
-        # With a timeout: where workers note when each item begins (worker.ItemClock).
-        self.clock: Optional[ItemClock] = None
+        # Where workers note when each chunk begins, and which worker runs it
+        # (worker.ItemClock): for a timeout, and to tell which chunk a dead worker ran.
+        self.clock = _clock()
         self.slots: dict[int, int] = {}  # chunk start -> its clock slot
-        if timed and BlobFile.available():
-            try:
-                self.clock = ItemClock()
-            except OSError:
-                self.clock = None
         self.lean = ref.lean_copy()
         self.star = star
         self.full_left = 0  # chunks still to send with the whole function
@@ -719,11 +769,13 @@ class LokyTarget:
             self.slots[start] = clock[3]
         _state.submits += 1
         try:
-            return executor.submit(run_chunk, ref, start, payload, self.star, clock)
+            fut = executor.submit(run_chunk, ref, start, payload, self.star, clock)
         except Exception as exc:
             if is_gone(executor):
                 raise PoolGone() from exc
             raise
+        fut.add_done_callback(functools.partial(_note_break, executor))
+        return fut
 
     def decode(self, res: ChunkResult) -> tuple[list[Any], Optional[BaseException]]:
         self.bytes_sent += res.function_bytes  # read from the blob file by its worker
@@ -767,6 +819,18 @@ class LokyTarget:
             # Once per process, in the background: the map's results are not held back.
             OverheadProbe.start(executor, pool_size())
 
+    def ran_where_it_broke(self, start: int, executor: Any) -> Optional[bool]:
+        """Was the chunk at ``start`` running in a worker that had died when ``executor``
+        broke? False: it ran in a live one, killed only as loky ended the pool (a crash
+        of another chunk, another thread's maybe); None when not known (not begun, no
+        clock, no worker dead)."""
+        slot = self.slots.get(start)
+        dead = _dead_at_break.get(executor)
+        if self.clock is None or slot is None or not dead:
+            return None
+        pid = self.clock.ran_by(slot)
+        return None if pid is None else pid in dead
+
     def item_started(self, start: int) -> Optional[float]:
         """When the chunk at ``start`` began running in its worker (monotonic seconds);
         None when not yet, or not known."""
@@ -781,9 +845,6 @@ class LokyTarget:
     def close(self, executor: Any, clean: bool, interrupted: bool = False) -> None:
         if self.blob_file is not None:
             self.blob_file.close()
-        if self.clock is not None:
-            self.clock.close()
-            self.clock = None
         if interrupted:
             # Ctrl-C: end the workers too, so that nothing runs on and nothing is left.
             mark_broken(executor, on_purpose=True)
