@@ -549,9 +549,12 @@ def store_calibration(calib: Calibration, machine: Optional[str] = None) -> bool
         return False
 
 
-def clear() -> int:
+def clear() -> Optional[int]:
     """Remove every entry, run and calibration from the current cache file (all
-    machines). Returns the number of entries removed; creates no file."""
+    machines). Returns the number of entries removed (0 where there is no file; it
+    creates none), or None when the file is there but could not be cleared: locked by
+    another process past the busy timeout, read-only, unusable. (It returned 0 then,
+    and ``cache clear`` said "cleared 0 entries" with the entries still there.)"""
     try:
         f = _file()
         with _state.lock:
@@ -563,10 +566,13 @@ def clear() -> int:
                 conn.execute(f"DELETE FROM {table}")
             return n
 
-        return f.write(delete_all, create=False) or 0
+        n = f.write(delete_all, create=False)
+        if n is None and os.path.exists(f.path):
+            return None
+        return n or 0
     except Exception as exc:
         _failed("clear", exc)
-        return 0
+        return None
 
 
 def prune() -> int:

@@ -94,6 +94,11 @@ def _cache(args: argparse.Namespace) -> int:
     try:
         if action == "clear":
             n = store.clear()
+            if n is None:
+                print(f"cannot clear the cache at {store.path()}: it is locked by another "
+                      f"process, or cannot be written here ({store.status()}); nothing "
+                      "was removed", file=sys.stderr)
+                return 1
             print(f"cleared {n} entries from {store.path()}")
             return 0
         if action == "stats":

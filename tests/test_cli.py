@@ -253,3 +253,25 @@ def test_cache_show_for_people_and_for_scripts(filled):
         est, act = (re.escape(fmt_s(run[k])) for k in ("estimated_s", "actual_s"))
         assert re.search(rf"^    {DATE} +{run['n_items']} +{run['mode']} .* {est} +{act} ",
                          people.stdout, re.M), people.stdout
+
+
+def test_cache_clear_that_cannot_clear_says_so_and_fails(filled, tmp_path):
+    # Another process held the write lock past the busy timeout: "cleared 0 entries",
+    # exit 0, and both entries still there.
+    import shutil
+    import sqlite3
+
+    copy = tmp_path / "cache"
+    shutil.copytree(filled, copy)
+    holder = sqlite3.connect(str(copy / cache.FILENAME), isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # the write lock, held
+        blocked = aex("cache", "clear", cache_dir=copy)
+        assert blocked.returncode == 1, blocked.stdout + blocked.stderr
+        assert "cannot clear the cache" in blocked.stderr and "cleared" not in blocked.stdout
+        holder.execute("ROLLBACK")
+    finally:
+        holder.close()
+    assert json.loads(aex("cache", "stats", "--json", cache_dir=copy).stdout)["entries"] == 2
+    done = aex("cache", "clear", cache_dir=copy)
+    assert done.returncode == 0 and "cleared 2 entries" in done.stdout, done.stderr
