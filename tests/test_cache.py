@@ -728,7 +728,8 @@ def test_a_newer_schema_is_left_untouched_with_one_warning(tmp_path, cache_dir):
     lines = [json.loads(x) for x in proc.stdout.strip().splitlines()]
     assert len(lines[0]["warnings"]) == 1 and "newer" in lines[0]["warnings"][0]
     assert lines[0]["from_cache"] == [False, False, False]  # nothing written, so no hit
-    assert lines[1] == {"read": True, "wrote": False, "cleared": 0}  # read-only
+    # Read-only: nothing written, and clear() says it could not clear (None).
+    assert lines[1] == {"read": True, "wrote": False, "cleared": None}
     assert digest(db_file) == before
     with db() as conn:
         assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'"
