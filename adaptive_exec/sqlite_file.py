@@ -65,8 +65,15 @@ class _NotOurs(Exception):
 
 
 def writable(p: str) -> bool:
-    """Whether this process may write the existing file ``p``. access() also answers
-    for a read-only mount and an immutable file, where root's privileges do not help."""
+    """Whether this process may write the existing file ``p``, and create files beside
+    it: in WAL mode a writer creates the -wal and -shm files there (a writable file in a
+    read-only directory was opened for writing, failed, and turned the cache off).
+    access() also answers for a read-only mount and an immutable file, where root's
+    privileges do not help."""
+    return _access_w(p) and _access_w(os.path.dirname(p) or ".")
+
+
+def _access_w(p: str) -> bool:
     if os.access in os.supports_effective_ids:
         return os.access(p, os.W_OK, effective_ids=True)
     return os.access(p, os.W_OK)
@@ -311,7 +318,12 @@ class SqliteFile:
         p, timeout = self.path, self._busy_timeout_s
         if read_only:
             uri = "file:" + p.replace("%", "%25").replace("?", "%3f").replace("#", "%23")
-            return sqlite3.connect(uri + "?mode=ro", uri=True, timeout=timeout,
+            # In a directory it cannot write, SQLite cannot create the -shm file a WAL
+            # reader needs (SQLITE_READONLY_DIRECTORY): the file is read as immutable
+            # there, as nothing can write it beside us (no -wal can be made either).
+            flags = "?mode=ro" + ("" if _access_w(os.path.dirname(p) or ".")
+                                  else "&immutable=1")
+            return sqlite3.connect(uri + flags, uri=True, timeout=timeout,
                                    isolation_level=None, check_same_thread=False)
         return sqlite3.connect(p, timeout=timeout, isolation_level=None,
                                check_same_thread=False)
@@ -343,7 +355,7 @@ class SqliteFile:
                 inode = _inode(p)
                 unwritable = self._unwritable
                 if unwritable is None and not (self._may_write or writable)(p):
-                    unwritable = "this process may not write it"
+                    unwritable = "this process may not write it, or create files beside it"
             if unwritable is not None:
                 conn = self._connect(read_only=True)
                 return self._open_unwritable(conn, unwritable)

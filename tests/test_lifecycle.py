@@ -456,7 +456,10 @@ READ_ONLY = textwrap.dedent("""
     if mode == "access-lies":
         # As access() may on a network file system: says writable, the write is refused.
         cache._writable = lambda p: True
-    assert not os.access(cache.path(), os.W_OK)
+    if mode.endswith("directory"):
+        assert not os.access(cache_dir, os.W_OK)
+    else:
+        assert not os.access(cache.path(), os.W_OK)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ok, from_cache = [], []
@@ -486,8 +489,13 @@ def snapshot(db_path):
 
 
 @posix_only
-@pytest.mark.parametrize("mode", ["read-only", "access-lies"])
+@pytest.mark.parametrize("mode", ["read-only", "access-lies", "writable file, read-only directory",
+                                  "read-only file and directory"])
 def test_a_read_only_cache_file_is_read_never_written_with_one_warning(tmp_path, mode):
+    # In a directory it may not write (a read-only mount, a cache baked into an image),
+    # the file, writable or not, turned the cache off ("attempt to write a readonly
+    # database"; "cache list" said it was empty): SQLite's WAL needs its -wal and -shm
+    # files beside it.
     try:
         nobody = pwd.getpwnam("nobody").pw_uid
     except KeyError:
@@ -513,8 +521,11 @@ def test_a_read_only_cache_file_is_read_never_written_with_one_warning(tmp_path,
         if os.geteuid() == 0:
             for name in [".", *os.listdir(cache_dir)]:  # the directory stays writable
                 os.chown(os.path.join(cache_dir, name), nobody, -1)
-        os.chmod(cache_dir, 0o755)
-        os.chmod(db_path, 0o444)
+        for name in os.listdir(cache_dir):  # a reader in a read-only directory finds none
+            if name.endswith(("-wal", "-shm")):
+                os.remove(os.path.join(cache_dir, name))
+        os.chmod(db_path, 0o644 if mode.startswith("writable file") else 0o444)
+        os.chmod(cache_dir, 0o555 if mode.endswith("directory") else 0o755)
         got = json.loads(child(mode).strip().splitlines()[-1])
         if "skip" in got:
             pytest.skip(got["skip"])
@@ -525,6 +536,7 @@ def test_a_read_only_cache_file_is_read_never_written_with_one_warning(tmp_path,
         assert got["status"].startswith("read-only")
         assert snapshot(db_path) == before  # no hit, entry, run or calibration written
     finally:
+        os.chmod(cache_dir, 0o755)
         shutil.rmtree(cache_dir, ignore_errors=True)
 
 
