@@ -292,62 +292,91 @@ def _name_chains(code: types.CodeType) -> tuple[tuple[str, tuple[str, ...]], ...
 
 
 def _attributes_read(func: types.FunctionType, owner: Optional[type] = None,
-                     depth: int = 2) -> dict[tuple[str, str, str], Any]:
-    """Attributes of the user's other modules, and of classes importable from them,
-    that ``func`` (and the functions of its module it calls) reads by name:
-    ``settings.SCALE``, ``Config.factor``, ``pkg.sub.LIMIT``; and, ``depth`` calls
-    deep, the globals read by such a module's functions it calls (``cfg.helper()``
-    reading its own module's ``SCALE``). A worker's copy of the module holds the value
-    at its import (exec, template) or at its fork: without these, a map after
-    ``settings.SCALE = 10`` ran its workers' items with SCALE = 1 (the loop: 10).
-    {(module, class qualname or "", name): value}."""
+                     depth: int = 2) -> dict[tuple[str, str], Any]:
+    """Attributes of the user's other modules that ``func`` (and the functions of its
+    module it calls) reads by name: ``settings.SCALE``, ``pkg.sub.LIMIT``; and,
+    ``depth`` calls deep, the globals read by such a module's functions it calls
+    (``cfg.helper()`` reading its own module's ``SCALE``). A worker's copy of the
+    module holds the value at its import (exec, template) or at its fork: without these,
+    a map after ``settings.SCALE = 10`` ran its workers' items with SCALE = 1 (the loop:
+    10). Only modules that their import gives back (``sys.modules``), and not classes'
+    attributes: a descriptor, an Enum's members, what a subclass inherits cannot be
+    set back as plain values. {(module, name): value}."""
     module_globals = func.__globals__
-    found: dict[tuple[str, str, str], Any] = {}
+    found: dict[tuple[str, str], Any] = {}
     for f in _reached(func, owner):
         for name, attrs in _name_chains(f.__code__):
             holder = module_globals.get(name)
             for attr in attrs:
-                if not isinstance(holder, (types.ModuleType, type)):
-                    break
-                module = (holder if isinstance(holder, types.ModuleType)
-                          else sys.modules.get(getattr(holder, "__module__", "")))
-                if not _users_module(module) or (isinstance(holder, type)
-                                                 and not _importable(holder)):
+                if not (isinstance(holder, types.ModuleType) and _users_module(holder)
+                        and sys.modules.get(holder.__name__) is holder):
                     break
                 try:
                     value = getattr(holder, attr)
-                except Exception:  # a property that raises, a lazy module attribute
+                except Exception:  # a lazy module attribute that raises
                     break
-                if isinstance(value, (types.ModuleType, type)):
-                    holder = value  # pkg.sub.NAME, Config.Inner.NAME: read on
+                if isinstance(value, types.ModuleType):
+                    holder = value  # pkg.sub.NAME: read on
                     continue
                 if isinstance(value, types.FunctionType) and depth > 0 and _importable(value):
                     for k, v in _attributes_read(value, None, depth - 1).items():
                         found.setdefault(k, v)
-                    if _users_module(sys.modules.get(value.__module__)):
+                    home = sys.modules.get(value.__module__)
+                    if _users_module(home):
                         for global_name, v in _globals_read(value).items():
                             if _plain_value(v):
-                                found.setdefault((value.__module__, "", global_name), v)
+                                found.setdefault((value.__module__, global_name), v)
                 elif _plain_value(value):
-                    cls = holder.__qualname__ if isinstance(holder, type) else ""
-                    found[(module.__name__, cls, attr)] = value  # type: ignore[union-attr]
+                    found[(holder.__name__, attr)] = value
                 break
     return found
 
 
-def _attributes_patch(core: Optional[types.FunctionType], owner: Optional[type]
-                      ) -> Optional[bytes]:
-    """``_attributes_read``, pickled; what cannot be pickled stays the worker's own."""
+# A module attribute whose pickle is larger stays the worker's own (built at import in
+# each process, as a large table usually is): pickled, hashed and sent with every map,
+# a 200 MB one made the map 3x slower than the loop. A judgement.
+ATTRIBUTE_MAX_BYTES = 1 << 20
+
+
+def _attributes_patch(core: Optional[types.FunctionType], owner: Optional[type],
+                      kept: frozenset[tuple[str, str]] = frozenset()) -> Optional[bytes]:
+    """``_attributes_read``, each value pickled once; not those in ``kept`` (what an
+    initializer sets in each process), nor what cannot be pickled or is larger than
+    ATTRIBUTE_MAX_BYTES: the worker keeps its own."""
     if core is None:
         return None
-    values: dict[tuple[str, str, str], Any] = {}
+    values: dict[tuple[str, str], bytes] = {}
     for where, value in _attributes_read(core, owner).items():
+        if where in kept or ("*", where[1]) in kept:
+            continue
         try:
-            dumps(value)
+            if sys.getsizeof(value) > ATTRIBUTE_MAX_BYTES:
+                continue  # not even pickled: a 200 MB table doubled the caller's memory
+            data = dumps(value)
         except Exception:
             continue
-        values[where] = value
+        if len(data) <= ATTRIBUTE_MAX_BYTES:
+            values[where] = data
     return dumps(values) if values else None
+
+
+def _set_per_process(initializer: Callable[..., Any],
+                     per_process: frozenset[str]) -> frozenset[tuple[str, str]]:
+    """(module, name) of what ``initializer`` sets for its process: the globals it
+    assigns in its own module, and any attribute it stores on an object ("*": any
+    module's ``name``). Never sent with the function (``_attributes_patch``): the
+    caller's value would overwrite the worker's own."""
+    import dis
+
+    core, _ = _code_that_runs(initializer)
+    if core is None:
+        return frozenset()
+    home = core.__module__
+    out = {(home, name) for name in per_process}
+    for c in _code_objects(core.__code__):
+        out.update(("*", ins.argval) for ins in dis.get_instructions(c)
+                   if ins.opname == "STORE_ATTR")
+    return frozenset(out)
 
 
 def _context() -> tuple[Optional[str], tuple[str, ...]]:
@@ -414,7 +443,8 @@ def function_ref(func: Callable[..., Any], per_process: frozenset[str] = frozens
     core, owner = _code_that_runs(func)
     patch = _patch_for(core, owner, per_process)
     patch_module = core.__module__ if patch is not None and core is not None else None
-    attrs = _attributes_patch(core, owner)
+    attrs = _attributes_patch(core, owner, _set_per_process(init[0], per_process)
+                              if init is not None else frozenset())
     module = getattr(func, "__module__", None)
     qualname = getattr(func, "__qualname__", None)
     if isinstance(func, types.FunctionType) and module and qualname and _importable(func):
@@ -660,29 +690,38 @@ class _Patched:
             namespace = sys.modules[self.module].__dict__
             namespace.update(self.values)
             _APPLIED[self.module] = self.key
+            for name in self.values:  # what _WithAttributes set there is now this key's
+                _APPLIED[f"{self.module}.{name}"] = self.key
         return self.func
 
 
 class _WithAttributes:
-    """A function with the caller's values of the attributes of other modules and
-    classes it reads (``FunctionRef.attrs``), set in this worker before it runs: each
-    module's or class's once per key, again after another key's were set there."""
+    """A function with the caller's values of the attributes of other modules it reads
+    (``FunctionRef.attrs``), set in this worker before it runs: each once per key, again
+    after another key's were set there (ours or a ``_Patched``'s: one table, by module
+    and name)."""
 
     __slots__ = ("func", "key", "values")
 
-    def __init__(self, func: Any, key: str, values: dict[tuple[str, str, str], Any]):
-        self.func, self.key, self.values = func, key, values
+    def __init__(self, func: Any, key: str, values: dict[tuple[str, str], bytes]):
+        self.func, self.key = func, key
+        self.values: dict[tuple[str, str], Any] = {}
+        for where, data in values.items():
+            try:
+                self.values[where] = pickle.loads(data)
+            except Exception:  # its class is not importable here: the worker keeps its own
+                pass
 
     def enter(self) -> Callable[..., Any]:
-        for (module, cls, name), value in self.values.items():
-            where = f"{module}:{cls}"
-            if _APPLIED.get(f"{where}.{name}") == self.key:
+        for (module, name), value in self.values.items():
+            if _APPLIED.get(f"{module}.{name}") == self.key:
                 continue
-            target: Any = importlib.import_module(module)
-            for part in cls.split(".") if cls else ():
-                target = getattr(target, part)
-            setattr(target, name, value)
-            _APPLIED[f"{where}.{name}"] = self.key
+            try:
+                setattr(importlib.import_module(module), name, value)
+            except Exception:  # not importable here, or refused: the worker's own stays
+                continue
+            _APPLIED[f"{module}.{name}"] = self.key
+            _APPLIED.pop(module, None)  # a _Patched of that module sets its values again
         func = self.func
         return func.enter() if isinstance(func, _Patched) else func
 
@@ -789,10 +828,12 @@ def _ran_last(key: str) -> bool:
 
 
 def initialize_here(initializer: Optional[Callable[..., Any]], initargs: tuple[Any, ...],
-                    key: str, where: str = "the caller") -> None:
+                    key: str, where: str = "the caller", own_namespace: bool = False) -> None:
     """Run ``initializer(*initargs)`` in this process unless the last time it ran here
     was under ``key``; raises InitializerError (its exception as the cause) when it
-    raises."""
+    raises. ``own_namespace``: this copy of it sets globals in a namespace of its own
+    (bundled with one function, ``function_ref``): another function's copy, with the
+    same initargs, is not the same one (alternating two functions ran it every map)."""
     if initializer is None or _ran_last(key):
         return
     with _INIT_LOCK:  # threads of one process (a dask worker's, the caller's) run it once
@@ -801,7 +842,8 @@ def initialize_here(initializer: Optional[Callable[..., Any]], initargs: tuple[A
         core, _ = _code_that_runs(initializer)
         named = core if core is not None else initializer
         identity = (f"{getattr(named, '__module__', None)}."
-                    f"{getattr(named, '__qualname__', type(named).__qualname__)}")
+                    f"{getattr(named, '__qualname__', type(named).__qualname__)}"
+                    + (f"#{key}" if own_namespace else ""))
         try:
             initializer(*initargs)
         except BaseException as exc:
@@ -828,7 +870,11 @@ def _initialize_worker(ref: FunctionRef) -> Optional[bool]:
             return None
         found = pickle.loads(ref.init)
         _INITIALIZERS[key] = found
-    initialize_here(found[0], found[1], key, f"worker process {os.getpid()}")
+    # Bundled and by value: rebuilt over a namespace of this function's own. (One a
+    # worker imports by name sets its module's globals, shared by every map.)
+    own = ref.bundled and not _importable(_code_that_runs(found[0])[0] or found[0])
+    initialize_here(found[0], found[1], key, f"worker process {os.getpid()}",
+                    own_namespace=own)
     return True
 
 

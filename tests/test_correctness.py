@@ -118,67 +118,96 @@ def test_a_script_whose_globals_helpers_and_captured_objects_change(tmp_path):
 
 USERS_MODULES = {
     "settings.py": """
+        import enum, os, time
         SCALE = 1
         TABLE = {"k": 1}
+        MODEL = None
+
+        class Color(enum.Enum):
+            RED = 1
 
         class Config:
             factor = 1
 
         def scaled(x):  # reads its own module's global
             return x * SCALE
+
+        def by_own_global(x):  # a function workers import by name, patched by name
+            end = time.perf_counter() + 0.002
+            while time.perf_counter() < end:
+                pass
+            return x * SCALE
+
+        def load():  # an initializer: each process's own MODEL
+            global MODEL
+            MODEL = os.getpid()
     """,
     "pkg/__init__.py": "",
     "pkg/sub.py": "LIMIT = 1\n",
     "work.py": """
-        import time
+        import os, time
         import settings
-
-        def by_name(x):  # a function workers import by name
-            end = time.perf_counter() + 0.002
-            while time.perf_counter() < end:
-                pass
-            return x * settings.SCALE + settings.Config.factor
-    """,
-}
-
-
-@pytest.mark.parametrize("path", ["fork", "template", "exec"])
-def test_attributes_of_the_users_modules_and_classes_are_the_callers(tmp_path, path):
-    # Only the module's own globals travelled: a worker's copy of another module held
-    # its value at import (exec, template: settings.SCALE = 1 in the first map already)
-    # or at its fork, and the map returned x * 1 where the loop gave x * 10.
-    for name, text in USERS_MODULES.items():
-        (tmp_path / name).parent.mkdir(exist_ok=True)
-        (tmp_path / name).write_text(textwrap.dedent(text))
-    out = run_script(tmp_path, """
-        import os, sys, time
-        sys.path.insert(0, os.getcwd())
-        import pkg.sub
-        import settings
-        import work
-        from adaptive_exec import parallelize
 
         def spin():
             end = time.perf_counter() + 0.002
             while time.perf_counter() < end:
                 pass
 
-        def f(x):
+        def by_name(x):  # a function workers import by name
             spin()
-            return (x * settings.SCALE + settings.Config.factor + settings.TABLE["k"]
-                    + settings.scaled(x) + pkg.sub.LIMIT)
+            return x * settings.SCALE + (settings.Color.RED.value if settings.Color.RED else 0)
 
-        for func in (f, work.by_name):
-            pf = parallelize(func, backend="loky", chunksize=4)
-            for value in (10, 100, 10):
+        def model_is_mine(x):
+            spin()
+            return settings.MODEL == os.getpid()
+
+        def model_is_mine_too(x):
+            spin()
+            return settings.MODEL == os.getpid()
+    """,
+}
+
+
+@pytest.mark.parametrize("path", ["fork", "template", "exec"])
+def test_attributes_of_the_users_modules_are_the_callers(tmp_path, path):
+    # Only the module's own globals travelled: a worker's copy of another module held
+    # its value at import (exec, template: settings.SCALE = 1 in the first map already)
+    # or at its fork, and the map returned x * 1 where the loop gave x * 10. What an
+    # initializer sets in each process is not overwritten by the caller's copy; an
+    # Enum's members are left alone (setting them back failed the function in the
+    # worker: every item ran in the caller); a module's own globals patched by name and
+    # its attributes set from another function's map follow each other.
+    for name, text in USERS_MODULES.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(textwrap.dedent(text))
+    out = run_script(tmp_path, """
+        import os, sys, warnings
+        sys.path.insert(0, os.getcwd())
+        warnings.simplefilter("error")  # a function that cannot be rebuilt: an error
+        import pkg.sub
+        import settings
+        import work
+        from adaptive_exec import parallelize
+
+        def f(x):
+            work.spin()
+            return (x * settings.SCALE + settings.TABLE["k"] + settings.scaled(x)
+                    + pkg.sub.LIMIT)
+
+        items = range(60)
+        for value in (10, 100, 10):
+            for func in (f, work.by_name, settings.by_own_global):
                 settings.SCALE = value
-                settings.Config.factor = value + 1
                 settings.TABLE["k"] = value + 2  # mutated in place
                 pkg.sub.LIMIT = value + 3
-                items = range(60)
+                pf = parallelize(func, backend="loky", chunksize=4, strict=True)
                 got, loop = pf.map(items), [func(x) for x in items]
                 assert got == loop, (func.__name__, value, got[-3:], loop[-3:])
                 assert pf.last_report.plan.mode == "parallel", (func.__name__, value)
+        for func in (work.model_is_mine, work.model_is_mine_too):
+            got = parallelize(func, backend="loky", chunksize=4,
+                              initializer=settings.load).map(items)
+            assert all(got), (func.__name__, got.count(False))
         print("ok")
     """, env={starts.ENV_START: path})
     assert out.strip() == "ok"

@@ -265,3 +265,56 @@ def test_a_script_initializer_that_fills_a_global_dict_is_seen_by_its_function(t
     # empty dict, without one the caller's copy of it (3 of 60 items saw their own
     # process's state).
     _each_worker_saw_its_own_state(tmp_path, SCRIPT_DICT_STATE)
+
+
+SCRIPT_ALTERNATING = """
+import os, sys, time
+from adaptive_exec import parallelize
+
+LOG = sys.argv[1]
+MODEL = None
+
+
+def load():  # an expensive set-up, once per process and function
+    global MODEL
+    MODEL = 2
+    with open(LOG, "a") as f:
+        f.write(f"{os.getpid()} -\\n")
+
+
+def spin():
+    end = time.perf_counter() + 0.003
+    while time.perf_counter() < end:
+        pass
+
+
+def f(x):
+    spin()
+    return x * MODEL
+
+
+def g(x):
+    spin()
+    return x + MODEL
+
+
+if __name__ == "__main__":
+    for func in (f, g, f, g, f, g):
+        out = parallelize(func, backend="loky", chunksize=4, initializer=load).map(range(60))
+        assert out == [func(x) for x in range(60)]
+    print("ok")
+"""
+
+
+def test_alternating_two_script_functions_does_not_rerun_their_initializer(tmp_path):
+    # Each function sent by value has its own namespace in a worker, which its own copy
+    # of the initializer sets: taken for one initializer whose state changed back, it
+    # was run again on every map (2 runs became 7-12 over six maps).
+    script = tmp_path / "alternating.py"
+    script.write_text(SCRIPT_ALTERNATING)
+    log = tmp_path / "runs"
+    run = subprocess.run([sys.executable, str(script), str(log)], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+    pids = [int(pid) for pid, _ in _runs(log)]
+    assert max(pids.count(pid) for pid in pids) <= 2, pids  # once per function there
