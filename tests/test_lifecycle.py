@@ -698,6 +698,37 @@ def test_a_forked_child_that_exits_normally_leaves_the_parents_pool_alone(tmp_pa
     assert _run_to_its_end(script, path, 60, quiet=True).split() == ["True", "True"]
 
 
+MP_CHILD_MAPS = """
+import multiprocessing as mp, sys, time
+sys.path.insert(0, {tests!r})
+import aex_helpers as h
+from adaptive_exec import parallelize
+
+def child():
+    assert parallelize(h.heavy, backend="loky").map(range(20)) == [x * 3 for x in range(20)]
+
+if __name__ == "__main__":
+    proc = mp.get_context("fork").Process(target=child)
+    proc.start()
+    proc.join(30)
+    print(proc.exitcode, flush=True)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join()
+"""
+
+
+@needs_fork
+@pytest.mark.parametrize("path", [starts.FORK, starts.TEMPLATE, starts.EXEC])
+def test_a_multiprocessing_child_that_maps_exits_when_its_target_returns(tmp_path, path):
+    # multiprocessing ends its child with os._exit: our atexit hook never ran there, and
+    # its own exit joined the child's pool workers, which wait for the child to go: the
+    # child never exited (found by an adversarial review helper).
+    script = tmp_path / "mp_child.py"
+    script.write_text(MP_CHILD_MAPS.format(tests=TESTS))
+    assert _run_to_its_end(script, path, 90, quiet=True).split() == ["0"]
+
+
 AT_EXIT_CHILD = """
 import atexit, sys, threading, time
 from adaptive_exec import parallelize

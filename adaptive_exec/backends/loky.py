@@ -115,10 +115,12 @@ def _after_fork_in_child() -> None:
     """In a child made by fork(): forget the parent's pool. Its manager and feeder
     threads did not come along, so a map on it would wait forever; its workers are the
     parent's. A fresh lock too: another thread of the parent may have held ours."""
-    global _state
+    global _state, _exit_registered
     if _state.executor is not None:
         _abandoned.append(_state.executor)
     _state = _PoolState()
+    # A multiprocessing child forgets its parent's finalizers: register ours again there.
+    _exit_registered = False
     global _clock_lock
     _clock_lock = threading.Lock()  # a parent's thread may have held it at the fork
     for clock in _clocks:  # the parent's: its workers write there
@@ -351,6 +353,13 @@ def _register_exit() -> None:
     if not _exit_registered:
         _exit_registered = True
         atexit.register(_end_at_exit)
+        # A multiprocessing child ends with os._exit: no atexit handler runs there, but
+        # multiprocessing's own exit runs its finalizers (priority >= 0) before it joins
+        # every child, ours too: without this, a child that mapped waited on its own
+        # workers for ever (they wait for it to go).
+        from multiprocessing import util
+
+        util.Finalize(None, _end_at_exit, exitpriority=10)
 
 
 def _end_at_exit() -> None:
