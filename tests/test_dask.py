@@ -316,6 +316,24 @@ def test_bad_dask_options_say_what_to_pass(cluster, client, monkeypatch):
         adaptive_map(h.square, range(5), backend="dask")
 
 
+@pytest.mark.parametrize("address", ["notanaddress", "foo://x:1"])
+def test_a_malformed_address_in_the_environment_is_named_and_exit_is_prompt(address):
+    # distributed's own ValueError did not name the variable, and the half-built client
+    # it left held the interpreter's exit for 60 s ("Client.__del__ ... timed out").
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        from adaptive_exec import adaptive_map
+        try:
+            adaptive_map(abs, range(5), backend="dask")
+        except ValueError as exc:
+            print(exc)
+    """)], capture_output=True, text=True, timeout=45,
+        env={**os.environ, dask_backend.ENV_ADDRESS: address})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert dask_backend.ENV_ADDRESS in proc.stdout and repr(address) in proc.stdout, (
+        proc.stdout)
+    assert "Exception ignored" not in proc.stderr, proc.stderr[-3000:]
+
+
 def test_pickling_a_function_drops_its_client(client):
     pf = parallelize(h.square, client=client)
     copy = pickle.loads(pickle.dumps(pf))

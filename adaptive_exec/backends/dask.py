@@ -178,6 +178,7 @@ def resolve(client: Any = None) -> Any:
         msg = ("backend='dask' found no dask client: pass client=, create a "
                f"distributed.Client first, or set {ENV_ADDRESS} to the scheduler's address")
         raise ValueError(msg)
+    _check_address(address)
     with _state.lock:
         client = _state.clients.get(address)
         if client is not None and _usable(client):
@@ -194,6 +195,24 @@ def resolve(client: Any = None) -> Any:
             _state.exit_registered = True
             atexit.register(close_clients)
     return client
+
+
+def _check_address(address: str) -> None:
+    """Raise ValueError, naming the variable, for an address no scheduler can have
+    (distributed's own error did not name it, and the half-built client it left held
+    the interpreter's exit for 60 s)."""
+    from distributed.comm import registry
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        scheme, location = parse_address(address)
+        registry.get_backend(scheme)
+        if scheme in ("tcp", "tls", "ws", "wss"):
+            parse_host_port(location)  # a port is required
+    except (ValueError, TypeError) as exc:
+        msg = (f"{ENV_ADDRESS}={address!r} is not a dask scheduler's address ({exc}); "
+               "set it to one such as tcp://10.0.0.5:8786")
+        raise ValueError(msg) from None
 
 
 def close_clients() -> None:
