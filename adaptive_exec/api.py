@@ -62,7 +62,7 @@ def make_options(
     timeout: Optional[float] = None,
     strict: bool = False,
     chunksize: Optional[int] = None,
-    max_memory: Union[int, str, None] = None,
+    max_memory: Union[int, float, str, None] = None,
     client: Any = None,
     initializer: Optional[Callable[..., Any]] = None,
     initargs: Iterable[Any] = (),
@@ -217,7 +217,7 @@ class ParallelFunction(Generic[P, R]):
         timeout: Optional[float] = None,
         strict: bool = False,
         chunksize: Optional[int] = None,
-        max_memory: Union[int, str, None] = None,
+        max_memory: Union[int, float, str, None] = None,
         client: Optional[Client] = None,
         initializer: Optional[Callable[..., Any]] = None,
         initargs: Iterable[Any] = (),
@@ -442,7 +442,7 @@ def parallelize(
     func: Callable[P, R], *, max_workers: Optional[int] = None, cache: bool = True,
     progress: bool = False, backend: str = "auto", timeout: Optional[float] = None,
     strict: bool = False, chunksize: Optional[int] = None,
-    max_memory: Union[int, str, None] = None, client: Optional[Client] = None,
+    max_memory: Union[int, float, str, None] = None, client: Optional[Client] = None,
     initializer: Optional[Callable[..., Any]] = None, initargs: Iterable[Any] = (),
 ) -> ParallelFunction[P, R]: ...
 @overload
@@ -450,7 +450,7 @@ def parallelize(
     func: None = None, *, max_workers: Optional[int] = None, cache: bool = True,
     progress: bool = False, backend: str = "auto", timeout: Optional[float] = None,
     strict: bool = False, chunksize: Optional[int] = None,
-    max_memory: Union[int, str, None] = None, client: Optional[Client] = None,
+    max_memory: Union[int, float, str, None] = None, client: Optional[Client] = None,
     initializer: Optional[Callable[..., Any]] = None, initargs: Iterable[Any] = (),
 ) -> Callable[[Callable[P, R]], ParallelFunction[P, R]]: ...
 
@@ -465,7 +465,7 @@ def parallelize(
     timeout: Optional[float] = None,
     strict: bool = False,
     chunksize: Optional[int] = None,
-    max_memory: Union[int, str, None] = None,
+    max_memory: Union[int, float, str, None] = None,
     client: Optional[Client] = None,
     initializer: Optional[Callable[..., Any]] = None,
     initargs: Iterable[Any] = (),
@@ -504,7 +504,7 @@ def adaptive_map(
     timeout: Optional[float] = None,
     strict: bool = False,
     chunksize: Optional[int] = None,
-    max_memory: Union[int, str, None] = None,
+    max_memory: Union[int, float, str, None] = None,
     client: Optional[Client] = None,
     initializer: Optional[Callable[..., Any]] = None,
     initargs: Iterable[Any] = (),

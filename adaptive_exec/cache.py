@@ -137,7 +137,10 @@ def path() -> str:
     key = (configured, None if configured else os.environ.get("XDG_CACHE_HOME"))
     found = _paths.get(key)
     if found is None:
-        base = configured if configured is not None else default_dir()
+        # "~/cache" as written in an env file or a unit (quoted: no shell expanded it)
+        # made a directory named "~" in the current one.
+        base = (os.path.expanduser(configured) if configured is not None
+                else default_dir())
         found = _paths[key] = os.path.join(os.path.abspath(base), FILENAME)
     return found
 

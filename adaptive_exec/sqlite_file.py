@@ -554,6 +554,8 @@ def _file_lock(p: str) -> Iterator[None]:
 def _make_dir(d: str) -> None:
     if os.path.isdir(d):
         return
+    if os.path.exists(d):  # the message said only "unable to open database file"
+        raise NotADirectoryError(f"{d} exists and is not a directory")
     parent = os.path.dirname(d)
     if parent:
         os.makedirs(parent, exist_ok=True)

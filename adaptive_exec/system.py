@@ -183,9 +183,12 @@ _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "M": 1 << 20, "MB": 1 << 2
 
 
 def parse_bytes(value: object, what: str) -> int:
-    """``2147483648``, ``"2GB"``, ``"512M"`` -> bytes; a clear error for anything else."""
+    """``2147483648``, ``2e9``, ``"2GB"``, ``"512M"`` -> bytes; a clear error for
+    anything else. (A float such as 2e9 was refused, though "2e9" was taken.)"""
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
+    if isinstance(value, float) and math.isfinite(value) and value >= 1:
+        return int(value)
     if isinstance(value, str):
         text = value.strip().upper().replace(" ", "").replace("IB", "B")
         number = text.rstrip("KMGTB")

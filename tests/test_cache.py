@@ -147,6 +147,22 @@ def test_default_location_is_the_users_cache_directory(tmp_path, monkeypatch):
     assert not (tmp_path / "xdg").exists() and not (tmp_path / "home").exists()
 
 
+def test_a_home_relative_or_file_cache_dir_is_handled(tmp_path, monkeypatch):
+    # "~/x" as an env file or a unit writes it (no shell to expand it) made a directory
+    # named "~" in the current one; a regular file named as the directory turned the
+    # cache off saying only "unable to open database file".
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(cache.ENV_DIR, "~/aex")
+    assert cache.path() == str(tmp_path / "home" / "aex" / cache.FILENAME)
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    monkeypatch.setenv(cache.ENV_DIR, str(afile))
+    with pytest.warns(CacheWarning, match="is not a directory"):
+        assert parallelize(h.square).map(range(20)) == [x * x for x in range(20)]
+    assert "is not a directory" in cache.status()
+    assert afile.read_text() == "not a directory"
+
+
 def test_nothing_happens_at_import_and_a_miss_creates_no_file(tmp_path, cache_dir):
     script = write(tmp_path, "imp.py", """
         import os, sys, threading

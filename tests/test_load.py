@@ -194,6 +194,11 @@ def test_work_in_flight_shrinks_when_memory_runs_out():
 def test_bad_memory_option():
     with pytest.raises(ValueError, match="max_memory"):
         parallelize(h.square, max_memory="-3GB")
+    # A float is a number of bytes, as the same text is (2e9 was refused, "2e9" taken).
+    assert (parallelize(h.square, max_memory=2e9)._options.max_memory
+            == parallelize(h.square, max_memory="2e9")._options.max_memory == 2 * 10**9)
+    with pytest.raises(ValueError, match="max_memory"):
+        parallelize(h.square, max_memory=0.5)
 
 
 @needs_two
