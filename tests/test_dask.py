@@ -16,6 +16,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import threading
 
 import aex_helpers as h
 import dask_helpers as dh
@@ -25,7 +26,7 @@ from hypothesis import strategies as st
 
 from adaptive_exec import AdaptiveExecError, WorkerCrashedError, adaptive_map, cache, parallelize
 from adaptive_exec.backends import dask as dask_backend
-from adaptive_exec.errors import MissingDependencyError, RemoteTraceback
+from adaptive_exec.errors import ClusterError, MissingDependencyError, RemoteTraceback
 
 SETTINGS = settings(
     max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -332,6 +333,26 @@ def test_a_malformed_address_in_the_environment_is_named_and_exit_is_prompt(addr
     assert dask_backend.ENV_ADDRESS in proc.stdout and repr(address) in proc.stdout, (
         proc.stdout)
     assert "Exception ignored" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_cluster_without_workers_is_waited_for_then_named(monkeypatch):
+    # The function's broadcast to no worker waited 30 s, then failed with dask's bare
+    # "TimeoutError: No valid workers found".
+    distributed = pytest.importorskip("distributed", reason=NO_DASK)
+    monkeypatch.setattr(dask_backend, "WAIT_FOR_WORKERS_S", 1.0)
+    with distributed.LocalCluster(n_workers=0, processes=False,
+                                  dashboard_address=None) as empty, \
+            distributed.Client(empty, set_as_default=False) as c:
+        with pytest.raises(ClusterError, match="has no workers"):
+            adaptive_map(h.heavy, range(20), client=c)
+        # One that gets a worker while the map waits (a cluster scaling from zero) runs.
+        monkeypatch.setattr(dask_backend, "WAIT_FOR_WORKERS_S", 60.0)
+        timer = threading.Timer(0.5, empty.scale, (1,))
+        timer.start()
+        try:
+            assert adaptive_map(h.heavy, range(20), client=c) == [3 * x for x in range(20)]
+        finally:
+            timer.join()
 
 
 def test_pickling_a_function_drops_its_client(client):

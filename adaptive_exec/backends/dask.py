@@ -48,6 +48,9 @@ from ..worker import ChunkResult, FunctionRef, bytes_of, decode, dumps, noop, ru
 logger = logging.getLogger("adaptive_exec")
 
 ENV_ADDRESS = "ADAPTIVE_EXEC_DASK_ADDRESS"
+# How long a map waits for a cluster without workers to get one (an adaptive cluster
+# scaling from zero starts one in seconds). A judgement.
+WAIT_FOR_WORKERS_S = 30.0
 INSTALL_HINT = 'pip install "adaptive_exec[dask]"'
 # A chunk task re-runs once if it raised outside the user's function (our own code: the
 # user's exceptions come back inside the ChunkResult and are never retried). A worker
@@ -391,6 +394,17 @@ class DaskTarget:
         self.dropped = threading.Event()
 
     def open(self, n_workers: int) -> tuple[Any, None]:
+        if not self.client.nthreads():
+            # No worker yet (one scaling from zero, or started without any): the
+            # function's broadcast would wait 30 s, then fail with dask's bare
+            # "TimeoutError: No valid workers found". Wait for one, then say what is wrong.
+            try:
+                self.client.wait_for_workers(1, timeout=WAIT_FOR_WORKERS_S)
+            except Exception as exc:  # TimeoutError (distributed's own or the builtin)
+                msg = (f"the dask cluster at {self.client.scheduler.address} has no "
+                       f"workers (waited {WAIT_FOR_WORKERS_S:g} s for one): start some, "
+                       "or map without client=/backend='dask'")
+                raise ClusterError(msg) from exc
         self._send_function()
         return self.client, None  # a running cluster: no start-up probe
 
