@@ -50,7 +50,7 @@ from .errors import (
 )
 from .planner import MAX_CHUNK_S
 from .sampling import SETUP_MIN_S, SETUP_RATIO
-from .worker import FALLBACK, NEED_FUNCTION, ChunkResult, run_here
+from .worker import FALLBACK, NEED_FUNCTION, ChunkResult, dumps, run_here
 
 logger = logging.getLogger("adaptive_exec")
 
@@ -269,11 +269,14 @@ class _CannotCross:
         self.caller_only = False
 
     def warn(self, what: str, cause: Optional[BaseException] = None,
-             error: type[TypeError] = TypeError) -> None:
+             error: type[TypeError] = TypeError, index: Optional[int] = None) -> None:
         if self.strict:
             msg = (f"{what}; pass strict=False to run such items in the caller instead "
                    "(strict=True)")
-            raise error(msg) from cause
+            err = error(msg)
+            if index is not None:
+                err.item_index = index  # type: ignore[attr-defined]
+            raise err from cause
         self.reason = self.reason or what
         if not self.warned:
             self.warned = True
@@ -298,6 +301,17 @@ class _CannotCross:
                 return results[:hole], hole_err, None
             results[hole] = out[0]
         return results, err, res.error_index
+
+
+def _first_unpicklable(items: list[Any]) -> int:
+    """The offset of the first item that does not pickle (the chunk's first, if each
+    does alone): the item to name, not the chunk (it named index 24 for item 25)."""
+    for offset, item in enumerate(items):
+        try:
+            dumps(item)
+        except Exception:
+            return offset
+    return 0
 
 
 def observed_cv(chunk_item_s: list[tuple[int, float]]) -> Optional[float]:
@@ -570,8 +584,9 @@ class ParallelRun:
                 if system.shutting_down():
                     self._run_rest_here(info)
                     return
-                self.cross.warn(f"items from index {info.start} cannot be pickled to "
-                                  f"reach a worker ({exc})", exc)
+                at = info.start + _first_unpicklable(info.items)
+                self.cross.warn(f"item {at} cannot be pickled to reach a worker ({exc})",
+                                exc, index=at)
                 self._run_locally(info)
                 return
         else:

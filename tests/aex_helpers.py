@@ -687,3 +687,9 @@ def costed_pid(x, costs):
 def first_even(xs):
     """next() over the evens of ``xs``: StopIteration where there is none."""
     return next(x for x in xs if x % 2 == 0)
+
+
+def kind_of(x, seconds=0.002):
+    """``seconds`` of CPU, then the name of ``x``'s type (any item will do)."""
+    spin(seconds)
+    return type(x).__name__

@@ -394,6 +394,21 @@ def test_items_that_cannot_be_unpickled_in_a_worker_run_in_the_caller():
         parallelize(h.value_of, backend="loky", chunksize=4, strict=True).map(items)
 
 
+@pytest.mark.parametrize("chunksize", [2, 4])
+def test_an_item_that_cannot_be_pickled_is_named_as_itself(chunksize):
+    # The message named its chunk's first index (24 for item 25), and with strict=True
+    # the error had no item_index.
+    calibrate()
+    items = [2 * i for i in range(60)]
+    items[25] = threading.Lock()
+    func = h.kind_of
+    with pytest.warns(UnpicklableWarning, match="item 25 cannot be pickled"):
+        parallelize(func, backend="loky", chunksize=chunksize).map(items)
+    with pytest.raises(TypeError, match="item 25 cannot be pickled") as got:
+        parallelize(func, backend="loky", chunksize=chunksize, strict=True).map(items)
+    assert got.value.item_index == 25
+
+
 # --- 7. the input iterator raising ----------------------------------------------------
 
 def _raising_source(n):
