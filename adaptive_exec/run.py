@@ -715,7 +715,7 @@ class MapRun:
         500 MB) crosses to each worker once per map: its bytes are written once, read and
         rebuilt by every worker, each copy at about the measured per-byte cost. The plan
         could not count it before: the function is pickled only for a pool."""
-        size = len(ref.blob or b"") + len(ref.patch or b"")
+        size = ref.size()
         if size < BLOB_FILE_MIN_BYTES or self.planner.forced_parallel() is not None:
             return None
         shipping = size * calib.byte_cost_s * 2  # written once; read and rebuilt, at once

@@ -146,10 +146,15 @@ class FunctionRef:
     # A large blob left in the caller's memory (``BlobFile``): (caller pid, fd, size).
     # A worker on this machine reads it there; one that cannot answers NEED_FUNCTION.
     blob_at: Optional[tuple[int, int, int]] = None
-    # The pickled {(module, class qualname or "", name): value} of attributes of the
-    # user's other modules and classes the code reads (``_attributes_read``), set in the
-    # worker's copies of them before it runs; ``key`` includes them.
-    attrs: Optional[bytes] = None
+    # {(module, name): pickled value} of attributes of the user's other modules the code
+    # reads (``_attributes_read``), set in the worker's copies of them before it runs;
+    # ``key`` includes their digests.
+    attrs: Optional[dict[tuple[str, str], bytes]] = None
+
+    def size(self) -> int:
+        """The bytes a whole ref carries: the function, its globals, the attributes."""
+        return (len(self.blob or b"") + len(self.patch or b"")
+                + sum(len(v) for v in (self.attrs or {}).values()))
 
     def lean_copy(self) -> FunctionRef:
         return dataclasses.replace(self, blob=None, patch=None, patch_module=None,
@@ -332,40 +337,59 @@ def _attributes_read(func: types.FunctionType, owner: Optional[type] = None,
     return found
 
 
-# A module attribute whose pickle is larger stays the worker's own (built at import in
-# each process, as a large table usually is): pickled, hashed and sent with every map,
-# a 200 MB one made the map 3x slower than the loop. A judgement.
-ATTRIBUTE_MAX_BYTES = 1 << 20
+# Module attributes at least this large, of a type that cannot change in place, are
+# pickled once per object in this process, not once per map: a 200 MB table pickled and
+# hashed with every map made it 3x slower than the loop. (A smaller one, or one that can
+# change in place, a list or a dict, is pickled each map: it may have changed.)
+ATTRIBUTE_REUSE_BYTES = 1 << 20
+_IMMUTABLE = (bytes, str, int, float, complex, tuple, frozenset, type(None))
+# (module, name) -> (the object, its pickle, the pickle's digest), for those
+# ATTRIBUTE_REUSE_BYTES or larger.
+_attribute_pickles: dict[tuple[str, str], tuple[Any, bytes, bytes]] = {}
+
+
+def _attribute_pickle(where: tuple[str, str], value: Any) -> tuple[bytes, bytes]:
+    """(the pickle of ``value``, its digest), reused for a large value that cannot
+    change in place and is still the same object."""
+    known = _attribute_pickles.get(where)
+    if known is not None and known[0] is value:
+        return known[1], known[2]
+    data = dumps(value)
+    digest = hashlib.sha1(data).digest()
+    if len(data) >= ATTRIBUTE_REUSE_BYTES and type(value) in _IMMUTABLE:
+        _attribute_pickles[where] = (value, data, digest)  # kept: its id stays its own
+    return data, digest
 
 
 def _attributes_patch(core: Optional[types.FunctionType], owner: Optional[type],
-                      kept: frozenset[tuple[str, str]] = frozenset()) -> Optional[bytes]:
-    """``_attributes_read``, each value pickled once; not those in ``kept`` (what an
-    initializer sets in each process), nor what cannot be pickled or is larger than
-    ATTRIBUTE_MAX_BYTES: the worker keeps its own."""
+                      kept: frozenset[tuple[str, str]] = frozenset()
+                      ) -> tuple[Optional[dict[tuple[str, str], bytes]], bytes]:
+    """``_attributes_read``, pickled; not those in ``kept`` (what an initializer sets in
+    each process), nor what cannot be pickled: the worker keeps its own. A large value
+    travels once per key to each worker, as a large function does: an unchanged one
+    keeps the key, and workers that have it are not sent it again."""
     if core is None:
-        return None
+        return None, b""
     values: dict[tuple[str, str], bytes] = {}
-    for where, value in _attributes_read(core, owner).items():
-        if where in kept or ("*", where[1]) in kept:
+    h = hashlib.sha1()
+    for where, value in sorted(_attributes_read(core, owner).items()):
+        if where in kept:
             continue
         try:
-            if sys.getsizeof(value) > ATTRIBUTE_MAX_BYTES:
-                continue  # not even pickled: a 200 MB table doubled the caller's memory
-            data = dumps(value)
+            values[where], digest = _attribute_pickle(where, value)
         except Exception:
             continue
-        if len(data) <= ATTRIBUTE_MAX_BYTES:
-            values[where] = data
-    return dumps(values) if values else None
+        h.update(repr(where).encode() + digest)
+    return (values, h.digest()) if values else (None, b"")
 
 
 def _set_per_process(initializer: Callable[..., Any],
                      per_process: frozenset[str]) -> frozenset[tuple[str, str]]:
     """(module, name) of what ``initializer`` sets for its process: the globals it
-    assigns in its own module, and any attribute it stores on an object ("*": any
-    module's ``name``). Never sent with the function (``_attributes_patch``): the
-    caller's value would overwrite the worker's own."""
+    assigns in its own module, and the attributes it stores on a module it names
+    (``settings.MODEL = ...``; not those it stores on other objects). Never sent with
+    the function (``_attributes_patch``): the caller's value would overwrite the
+    worker's own."""
     import dis
 
     core, _ = _code_that_runs(initializer)
@@ -374,8 +398,12 @@ def _set_per_process(initializer: Callable[..., Any],
     home = core.__module__
     out = {(home, name) for name in per_process}
     for c in _code_objects(core.__code__):
-        out.update(("*", ins.argval) for ins in dis.get_instructions(c)
-                   if ins.opname == "STORE_ATTR")
+        target: Any = None  # the module the instruction before loaded, if one
+        for ins in dis.get_instructions(c):
+            if ins.opname == "STORE_ATTR" and isinstance(target, types.ModuleType):
+                out.add((target.__name__, ins.argval))  # settings.MODEL = ...
+            value = core.__globals__.get(ins.argval) if ins.opname == "LOAD_GLOBAL" else None
+            target = value if isinstance(value, types.ModuleType) else None
     return frozenset(out)
 
 
@@ -443,8 +471,8 @@ def function_ref(func: Callable[..., Any], per_process: frozenset[str] = frozens
     core, owner = _code_that_runs(func)
     patch = _patch_for(core, owner, per_process)
     patch_module = core.__module__ if patch is not None and core is not None else None
-    attrs = _attributes_patch(core, owner, _set_per_process(init[0], per_process)
-                              if init is not None else frozenset())
+    attrs, attrs_digest = _attributes_patch(core, owner, _set_per_process(
+        init[0], per_process) if init is not None else frozenset())
     module = getattr(func, "__module__", None)
     qualname = getattr(func, "__qualname__", None)
     if isinstance(func, types.FunctionType) and module and qualname and _importable(func):
@@ -455,7 +483,7 @@ def function_ref(func: Callable[..., Any], per_process: frozenset[str] = frozens
         if patch is not None:
             h.update(patch)
         if attrs is not None:
-            h.update(b"attrs:" + attrs)
+            h.update(b"attrs:" + attrs_digest)
         return FunctionRef(h.hexdigest(), module=module, qualname=qualname, patch=patch,
                            patch_module=patch_module, cwd=cwd, sys_path=path, attrs=attrs)
     # By value, with an initializer that sets globals or travels by value too (it may
@@ -474,7 +502,7 @@ def function_ref(func: Callable[..., Any], per_process: frozenset[str] = frozens
     if patch is not None:
         h.update(patch)
     if attrs is not None:
-        h.update(b"attrs:" + attrs)
+        h.update(b"attrs:" + attrs_digest)
     return FunctionRef(h.hexdigest(), blob=blob, patch=patch, patch_module=patch_module,
                        cwd=cwd, sys_path=path, bundled=bundled, attrs=attrs)
 
@@ -527,9 +555,8 @@ def _resolve(ref: FunctionRef) -> Optional[Callable[..., Any]]:
             importlib.import_module(ref.patch_module)
             func = _Patched(func, ref.patch_module, ref.key, pickle.loads(ref.patch))
         if ref.attrs is not None:
-            func = _WithAttributes(func, ref.key, pickle.loads(ref.attrs))
-        size = len(ref.blob or b"") + len(ref.patch or b"") + len(ref.attrs or b"") + (
-            ref.blob_at[2] if ref.blob_at else 0)
+            func = _WithAttributes(func, ref.key, ref.attrs)
+        size = ref.size() + (ref.blob_at[2] if ref.blob_at else 0)
         _FUNCTIONS[ref.key] = (func, size)
         while len(_FUNCTIONS) > _MAX_FUNCTIONS or (
                 len(_FUNCTIONS) > 1 and sum(s for _, s in _FUNCTIONS.values())

@@ -121,6 +121,8 @@ USERS_MODULES = {
         import enum, os, time
         SCALE = 1
         TABLE = {"k": 1}
+        BIG = [0] * 10  # the script sets a list that pickles to over 1 MB
+        LIMIT = 1
         MODEL = None
 
         class Color(enum.Enum):
@@ -138,9 +140,15 @@ USERS_MODULES = {
                 pass
             return x * SCALE
 
+        class _State:
+            pass
+
+        STATE = _State()
+
         def load():  # an initializer: each process's own MODEL
             global MODEL
             MODEL = os.getpid()
+            STATE.LIMIT = 99  # an attribute named as a module's, on another object
     """,
     "pkg/__init__.py": "",
     "pkg/sub.py": "LIMIT = 1\n",
@@ -192,9 +200,13 @@ def test_attributes_of_the_users_modules_are_the_callers(tmp_path, path):
         def f(x):
             work.spin()
             return (x * settings.SCALE + settings.TABLE["k"] + settings.scaled(x)
-                    + pkg.sub.LIMIT)
+                    + pkg.sub.LIMIT + len(settings.BIG) + settings.LIMIT)
 
         items = range(60)
+        settings.BIG = list(range(300_000))
+        settings.LIMIT = 7
+        got = parallelize(f, backend="loky", chunksize=4, initializer=settings.load).map(items)
+        assert got == [f(x) for x in items], "a value over 1 MB, an initializer's store"
         for value in (10, 100, 10):
             for func in (f, work.by_name, settings.by_own_global):
                 settings.SCALE = value

@@ -769,7 +769,7 @@ class LokyTarget:
                     # (not allowed, or not this machine): it comes inside the chunk.
                     ref = self.ref
                 self.pointed.add(start)
-            self.bytes_sent += len(ref.blob or b"") + len(ref.patch or b"")
+            self.bytes_sent += ref.size()
             note_given(executor, self.ref.key)
         self.bytes_sent += len(payload)
         clock = None
