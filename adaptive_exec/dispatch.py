@@ -684,14 +684,15 @@ class ParallelRun:
 
     def _crashed(self, info: Pending, exc: BaseException) -> None:
         """The pool broke while ``info`` was in it: rebuild, and retry or name."""
+        # Asked first: ending the broken pool from here kills its live workers too.
+        where = getattr(self.target, "ran_where_it_broke", None)
+        innocent = where is not None and where(info.start, info.executor, exc) is False
         self.executor, deliberate = self.target.recover(self.executor, info.executor,
                                                         self.n_workers)
         if deliberate:  # ended by a time-out, Ctrl-C or growth, maybe another thread's
             self.retry.append(info)
             return
-        where = getattr(self.target, "ran_where_it_broke", None)
-        if (where is not None and where(info.start, info.executor) is False
-                and info.spared < SPARED_MAX):
+        if innocent and info.spared < SPARED_MAX:
             # It ran in a worker loky killed only as it ended the pool: another chunk's
             # worker died first (another thread's map's, maybe). Counted, it was named
             # the culprit once that chunk had broken two pools under it.

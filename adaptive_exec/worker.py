@@ -661,8 +661,9 @@ class ItemClock:
 _CLOCKS: collections.OrderedDict[tuple[int, int, int], Any] = collections.OrderedDict()
 
 
-def _mark_started(pid: int, fd: int, ino: int, slot: int) -> None:
-    """In a worker: note that the item of ``slot`` begins now (best effort)."""
+def _mark_started(pid: int, fd: int, ino: int, slot: int, began: bool = True) -> None:
+    """In a worker: note that this worker took the chunk of ``slot``, and (``began``)
+    that its items begin now (best effort)."""
     import mmap
 
     try:
@@ -675,8 +676,8 @@ def _mark_started(pid: int, fd: int, ino: int, slot: int) -> None:
             _CLOCKS[(pid, fd, ino)] = clock
             while len(_CLOCKS) > 4:
                 _CLOCKS.popitem(last=False)[1].close()
-        ItemClock.SLOT.pack_into(clock, slot * ItemClock.SLOT.size, time.monotonic(),
-                                 os.getpid())
+        ItemClock.SLOT.pack_into(clock, slot * ItemClock.SLOT.size,
+                                 time.monotonic() if began else 0.0, os.getpid())
     except (OSError, ValueError):  # the caller then counts from when it sent the item
         pass
 
@@ -913,8 +914,11 @@ _CALLED: dict[str, int] = {}
 def run_chunk(ref: FunctionRef, start: int, payload: bytes, star: bool,
               clock: Optional[tuple[int, int, int, int]] = None) -> ChunkResult:
     """Worker side: run the items of one chunk in order; results go back pickled.
-    ``clock``: where to note when the items begin (``ItemClock``), for a timeout."""
+    ``clock``: where to note which worker took the chunk (first thing: a chunk no
+    worker noted cannot have killed one) and when its items begin (``ItemClock``)."""
     pid = os.getpid()
+    if clock is not None:
+        _mark_started(*clock, began=False)
     _enter_context(ref)
     fetched = ref.blob_at[2] if ref.blob_at is not None and ref.key not in _FUNCTIONS else 0
     try:

@@ -231,6 +231,34 @@ def test_another_threads_crashing_item_does_not_fail_this_threads_map():
     assert all(error in (None, (WorkerCrashedError, 37)) for _, error in other), other
 
 
+def test_long_items_survive_another_thread_that_keeps_crashing_pools(monkeypatch):
+    # Found by a review of the fix above: the run asked which workers had died before
+    # loky's callback had noted them (a future's waiters wake before its callbacks), or
+    # after ending the pool itself (which killed the live workers too), and a chunk no
+    # worker had taken yet counted a crash: two items of 1.5 s beside a thread crashing
+    # pool after pool were named in 6 of 8 runs (a pool of 4 workers on 2 cores).
+    monkeypatch.setenv("ADAPTIVE_EXEC_MAX_WORKERS", "4")
+    crash = parallelize(functools.partial(h.faulty, crash=frozenset({30}), cost=0.05),
+                        backend="loky")
+    slow = parallelize(functools.partial(h.faulty, cost=1.5), backend="loky", max_workers=2)
+    stop = threading.Event()
+    named: list = []
+
+    def crashing():
+        while not stop.is_set():
+            named.append(h.outcome(crash.map, range(40), catch=WorkerCrashedError)[1])
+
+    thread = threading.Thread(target=crashing)
+    thread.start()
+    try:
+        for _ in range(4):
+            assert slow.map(range(2)) == [0, 10]
+    finally:
+        stop.set()
+        thread.join(timeout=120)
+    assert set(named) <= {None, (WorkerCrashedError, 30)}, named
+
+
 def test_an_endless_generator_through_islice_keeps_memory_flat():
     pf = parallelize(h.square, backend="loky")
     stream = pf.imap(itertools.count())

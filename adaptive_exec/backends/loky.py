@@ -175,6 +175,20 @@ def _clock() -> Optional[ItemClock]:
 _dead_at_break: weakref.WeakKeyDictionary[Any, dict[int, int]] = weakref.WeakKeyDictionary()
 
 
+_DEATHS = ("TerminatedWorkerError", "BrokenProcessPool")  # loky's: a worker died
+# How long a run whose chunk failed with a broken pool waits for _note_break's record.
+BREAK_NOTE_WAIT_S = 0.5
+_break_events: weakref.WeakKeyDictionary[Any, threading.Event] = weakref.WeakKeyDictionary()
+
+
+def _break_noted(executor: Any) -> threading.Event:
+    with _clock_lock:
+        event = _break_events.get(executor)
+        if event is None:
+            event = _break_events[executor] = threading.Event()
+        return event
+
+
 def _note_break(executor: Any, fut: cf.Future) -> None:
     """A future's done callback (in loky's thread): when it failed as its pool broke,
     note which workers were dead then, once per pool. Loky fails the futures first and
@@ -184,7 +198,7 @@ def _note_break(executor: Any, fut: cf.Future) -> None:
         if fut.cancelled() or executor in _dead_at_break:
             return
         exc = fut.exception()
-        if type(exc).__name__ not in ("TerminatedWorkerError", "BrokenProcessPool"):
+        if type(exc).__name__ not in _DEATHS:
             return
         dead = {}
         for pid, proc in list((getattr(executor, "_processes", None) or {}).items()):
@@ -192,6 +206,7 @@ def _note_break(executor: Any, fut: cf.Future) -> None:
             if code is not None:
                 dead[pid] = code
         _dead_at_break[executor] = dead
+        _break_noted(executor).set()
     except Exception:  # a callback must not raise into loky's thread
         pass
 
@@ -828,17 +843,24 @@ class LokyTarget:
             # Once per process, in the background: the map's results are not held back.
             OverheadProbe.start(executor, pool_size())
 
-    def ran_where_it_broke(self, start: int, executor: Any) -> Optional[bool]:
-        """Was the chunk at ``start`` running in a worker that had died when ``executor``
-        broke? False: it ran in a live one, killed only as loky ended the pool (a crash
-        of another chunk, another thread's maybe); None when not known (not begun, no
-        clock, no worker dead)."""
+    def ran_where_it_broke(self, start: int, executor: Any, exc: BaseException
+                           ) -> Optional[bool]:
+        """Was the chunk at ``start`` in a worker that had died when ``executor`` broke?
+        False: it was in a live one, killed only as loky ended the pool, or in none (a
+        crash of another chunk, another thread's maybe); None when not known (no clock,
+        no dead worker noted). Asked before the pool is ended from here (which kills the
+        live workers too), and waits briefly for the note: a future's waiters wake
+        before its callbacks run."""
         slot = self.slots.get(start)
+        if (self.clock is None or slot is None or type(exc).__name__ not in _DEATHS
+                or ended_on_purpose(executor)):
+            return None  # no worker died: ended by us (a time-out, Ctrl-C, growth)
+        _break_noted(executor).wait(BREAK_NOTE_WAIT_S)
         dead = _dead_at_break.get(executor)
-        if self.clock is None or slot is None or not dead:
+        if not dead:
             return None
         pid = self.clock.ran_by(slot)
-        return None if pid is None else pid in dead
+        return pid is not None and pid in dead
 
     def item_started(self, start: int) -> Optional[float]:
         """When the chunk at ``start`` began running in its worker (monotonic seconds);
