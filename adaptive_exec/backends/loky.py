@@ -545,13 +545,36 @@ def _kill_workers_now(executor: Any, results: Any = None, close_pipe: bool = Tru
     if results is None:
         results = getattr(executor, "_result_queue", None)
     writer = getattr(results, "_writer", None)
-    if writer is not None:
-        try:
-            writer.close()
-        except OSError:  # closed already
-            pass
+    if writer is None:
+        return
+    manager = getattr(executor, "_executor_manager_thread", None)
+    if manager is None or manager is threading.current_thread() or not manager.is_alive():
+        _close_quietly(writer)
+        return
+    # Closed only if loky's manager thread is still there a moment later (stuck on a
+    # half-written result): one that is ending the pool closes the pipe itself, and two
+    # threads closing it at once raced (EBADF in loky's thread, at a child's exit). On a
+    # thread of its own: the caller returns at once (Ctrl-C).
+    threading.Thread(target=_close_if_stuck, args=(manager, writer), daemon=True,
+                     name="adaptive_exec-unstick").start()
 
 
+def _close_if_stuck(manager: threading.Thread, writer: Any) -> None:
+    manager.join(UNSTICK_AFTER_S)
+    if manager.is_alive():
+        _close_quietly(writer)
+
+
+def _close_quietly(writer: Any) -> None:
+    try:
+        writer.close()
+    except OSError:  # closed already
+        pass
+
+
+# How long loky's manager thread may take to end a pool we shut down before our end of
+# its result pipe is closed under it (_kill_workers_now): it ends one in milliseconds.
+UNSTICK_AFTER_S = 0.5
 # A worker found dead this long while loky still runs its pool as healthy: loky's
 # manager thread, which ends a pool within milliseconds of a worker's death, is stuck.
 # (Seen: a worker killed from outside, as the OOM killer does, halfway through writing
