@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import enum
 import functools
 import hashlib
 import importlib
@@ -348,13 +349,41 @@ _IMMUTABLE = (bytes, str, int, float, complex, tuple, frozenset, type(None))
 _attribute_pickles: dict[tuple[str, str], tuple[Any, bytes, bytes]] = {}
 
 
+class _NotPlainData(Exception):
+    pass
+
+
+# What a module attribute may be made of to travel: builtin data, whose copy in the
+# worker is as good as the caller's. An instance of any other class may be compared by
+# identity (a sentinel, MISSING = object(), kept in a dict at import): its copy would not
+# be the worker's own object, and `CONFIG["a"] is MISSING` turned False there.
+_PLAIN_TYPES = frozenset({int, float, complex, str, bytes, bytearray, bool, type(None),
+                          list, tuple, dict, set, frozenset})
+
+
+class _PlainPickler(pickle.Pickler):
+    def persistent_id(self, obj: Any) -> None:
+        kind = type(obj)
+        if kind not in _PLAIN_TYPES and not isinstance(
+                obj, (type, types.FunctionType, types.BuiltinFunctionType, enum.Enum)):
+            raise _NotPlainData(kind.__name__)  # classes, functions, members: by name
+        return None
+
+
+def _plain_dumps(value: Any) -> bytes:
+    buf = io.BytesIO()
+    _PlainPickler(buf, protocol=_PROTOCOL).dump(value)
+    return buf.getvalue()
+
+
 def _attribute_pickle(where: tuple[str, str], value: Any) -> tuple[bytes, bytes]:
     """(the pickle of ``value``, its digest), reused for a large value that cannot
-    change in place and is still the same object."""
+    change in place and is still the same object. Raises for a value that is not plain
+    data (_PLAIN_TYPES): it stays the worker's own."""
     known = _attribute_pickles.get(where)
     if known is not None and known[0] is value:
         return known[1], known[2]
-    data = dumps(value)
+    data = _plain_dumps(value)
     digest = hashlib.sha1(data).digest()
     if len(data) >= ATTRIBUTE_REUSE_BYTES and type(value) in _IMMUTABLE:
         _attribute_pickles[where] = (value, data, digest)  # kept: its id stays its own

@@ -124,6 +124,8 @@ USERS_MODULES = {
         BIG = [0] * 10  # the script sets a list that pickles to over 1 MB
         LIMIT = 1
         MODEL = None
+        MISSING = object()  # a sentinel, compared by identity
+        CONFIG = {"a": MISSING}
 
         class Color(enum.Enum):
             RED = 1
@@ -200,7 +202,8 @@ def test_attributes_of_the_users_modules_are_the_callers(tmp_path, path):
         def f(x):
             work.spin()
             return (x * settings.SCALE + settings.TABLE["k"] + settings.scaled(x)
-                    + pkg.sub.LIMIT + len(settings.BIG) + settings.LIMIT)
+                    + pkg.sub.LIMIT + len(settings.BIG) + settings.LIMIT
+                    + 1000 * (settings.CONFIG["a"] is settings.MISSING))
 
         items = range(60)
         settings.BIG = list(range(300_000))
