@@ -432,22 +432,20 @@ def template() -> Template:
 
 
 def start_template_ahead() -> None:
-    """In a threaded caller, start the template now, from a helper thread, so that it is
-    up when this map's workers are wanted: its own start (~0.12 s of an interpreter
-    importing loky and us, on another core) is then off the caller's path. Costs the
-    caller a thread's start (~0.1 ms), once per process; nothing where workers would be
-    forked, or come from loky's own start, or the template runs already."""
+    """In a threaded caller, start the template now, so that it is up when this map's
+    workers are wanted: its own start (~60 ms of an interpreter importing loky and us,
+    on another core) is then off the caller's path. Started from this thread: the
+    fork + exec itself costs the caller ~0.3-0.9 ms (vfork: the same for a 2 GB caller),
+    once per process. From a helper thread, as before, the plan of a cache hit took
+    6.4-7.8 ms instead of 2.2: the helper's every system call handed the GIL back and
+    forth with the planning thread (5 ms switch interval). Nothing where workers would
+    be forked, or come from loky's own start, or the template runs already."""
     global _ahead_started
     if _ahead_started or _template.pid is not None or not fork_works():
         return
     if forced() == EXEC or (forced() != TEMPLATE and threads_now() == 1):
         return
     _ahead_started = True
-    threading.Thread(target=_start_quietly, name="adaptive_exec-template",
-                     daemon=True).start()
-
-
-def _start_quietly() -> None:
     try:
         _template.start()
     except Exception:  # the pool will try again, on its own path, and say what fails
