@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import os
 import random
-import sys
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -66,8 +65,6 @@ TEMPLATE_AFTER_S = 0.05
 # How often the watch looks at what the caller's call waits on (system.ThreadWaits): a
 # look costs ~20 µs, and one that must take the GIL from a computing call waits for it.
 WAITS_LOOK_S = 0.002
-# The GIL's switch interval while the watch works beside the caller's call (see _run).
-SWITCH_INTERVAL_S = 0.0005
 # The caller's own first look at its sampled calls (SamplingWatch._quick_look), then at
 # doubling times: sooner than the watch's thread can look (its wakes wait on the GIL).
 QUICK_LOOK_S = 0.002
@@ -170,40 +167,6 @@ def monitor(options: Options, plan: Plan, features: Features
     return decide
 
 
-_switch_lock = threading.Lock()
-_switch_users = 0
-_switch_before = 0.0
-
-
-def _fast_switching(on: bool) -> None:
-    """The GIL's switch interval at SWITCH_INTERVAL_S while any watch works, restored
-    when the last one is done (watches of maps in several threads overlap)."""
-    global _switch_users, _switch_before
-    with _switch_lock:
-        if on:
-            if _switch_users == 0:
-                _switch_before = sys.getswitchinterval()
-                sys.setswitchinterval(min(_switch_before, SWITCH_INTERVAL_S))
-            _switch_users += 1
-        else:
-            _switch_users -= 1
-            if _switch_users == 0:
-                sys.setswitchinterval(_switch_before)
-
-
-def _after_fork_in_child() -> None:
-    # No watch came along with the fork; the lock may have been held by one.
-    global _switch_lock, _switch_users
-    _switch_lock = threading.Lock()
-    if _switch_users:
-        sys.setswitchinterval(_switch_before)
-    _switch_users = 0
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
 class SamplingWatch:
     """While the first items are sampled, start the pool as soon as they alone show
     that one will be worth it: a 300 ms function then finds its workers up when its
@@ -249,7 +212,7 @@ class SamplingWatch:
         self.started: Any = None  # the executor this watch started ahead, if any
         self.ahead: Optional[ahead.SentAhead] = None  # items it sent to that pool
         self.sending = False  # it sends items ahead: the map waits for it to hand them over
-        self.switching = False  # it holds the GIL's switch interval low (_fast_switching)
+        self.switching = False  # it holds the GIL's switch interval low (system.fast_switching)
         self.template_asked = False  # it had the template started early (_template_early)
         # What items sent ahead may take (_ahead_width): the caller's memory now, to see
         # how much its long call has grown it; other processes' load, read from the
@@ -299,7 +262,7 @@ class SamplingWatch:
         # Every wake of this thread, and each file it reads to look at the caller, waits
         # for the caller's call to yield the GIL: at the default 5 ms switch interval its
         # first decision came ~30-45 ms into a long call (two_heavy), at 0.5 ms ~5 ms.
-        _fast_switching(True)
+        system.fast_switching(True)
         self.switching = True
         try:
             while not self.done.wait(WAITS_LOOK_S * random.uniform(0.5, 1.5)):
@@ -334,7 +297,7 @@ class SamplingWatch:
             logger.debug("start ahead: %r", exc)
         finally:
             if self.switching:
-                _fast_switching(False)
+                system.fast_switching(False)
             self.cpu_s = time.thread_time()
 
     def _waits(self, cpu_share: float) -> bool:

@@ -165,10 +165,9 @@ def test_a_computing_call_kept_off_the_gil_by_a_thread_of_ours_is_not_taken_for_
     # GIL runs one call at a time. Looked at, it waits on nothing threads overlap.
     import time
 
-    from adaptive_exec.adapt import _fast_switching
     from adaptive_exec.calibration import DEFAULTS
     from adaptive_exec.planner import make_plan
-    from adaptive_exec.system import SystemSnapshot, ThreadWaits
+    from adaptive_exec.system import SystemSnapshot, ThreadWaits, fast_switching
 
     stop = threading.Event()
     waits = ThreadWaits(threading.get_native_id(), threading.get_ident())
@@ -178,7 +177,7 @@ def test_a_computing_call_kept_off_the_gil_by_a_thread_of_ours_is_not_taken_for_
     # The GIL handed on as often as the sampling watch has it while it looks: at the
     # default 5 ms the looker itself, queued for the GIL behind three others, made 3-9
     # looks in 0.4 s (CI: under 5, no share at all).
-    _fast_switching(True)
+    fast_switching(True)
     for t in (*hogs, looker):
         t.start()
 
@@ -193,7 +192,7 @@ def test_a_computing_call_kept_off_the_gil_by_a_thread_of_ours_is_not_taken_for_
         stop.set()
         for t in (*hogs, looker):
             t.join()
-        _fast_switching(False)
+        fast_switching(False)
     f = s.features
     assert f.cpu_fraction < 0.5 and f.threads_cpu < 0.3, f  # the confusion is there
     assert f.wait_share is not None and f.wait_share < 0.25, (f, waits.waits)

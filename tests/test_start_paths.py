@@ -19,6 +19,7 @@ import pytest
 from adaptive_exec import parallelize
 from adaptive_exec.backends import loky as loky_backend
 from adaptive_exec.backends import starts
+from adaptive_exec.cache import ENV_DIR
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
@@ -122,6 +123,63 @@ def test_workers_are_forked_by_the_caller_or_by_its_template(tmp_path, threaded)
     workers = {pid: n for pid, n in got["frozen"].items() if int(pid) != got["me"]}
     assert workers and all(n > 1000 for n in workers.values()), got["frozen"]
     assert got["frozen_here"] == 0
+
+
+
+@linux_only
+def test_the_gil_switch_interval_is_lowered_while_a_pool_starts_and_then_given_back(tmp_path):
+    # While a cold pool starts, the GIL changes hands every 0.5 ms (threads of ours
+    # spawn the workers and send their first work while the caller runs items); then
+    # the user's own interval is back, after a pool that started and after one whose
+    # items kill their workers, on the fork path and on the template's.
+    out = run_script(tmp_path, f"""
+        import functools, json, sys, threading, time
+        sys.path.insert(0, {TESTS!r})
+        import aex_helpers as h
+        from adaptive_exec import WorkerCrashedError, parallelize
+        from adaptive_exec.backends import loky as loky_backend
+        sys.setswitchinterval(0.002)
+        after, lowest = [], [1.0]
+
+        def settled():
+            deadline = time.monotonic() + 10
+            while sys.getswitchinterval() != 0.002 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            after.append(sys.getswitchinterval())
+
+        def watch(stop):
+            while not stop.is_set():
+                lowest[0] = min(lowest[0], sys.getswitchinterval())
+                time.sleep(0.0002)
+
+        stop, paths = threading.Event(), []
+        for threaded in (False, True):
+            if threaded:  # the caller's own thread, which watches the interval
+                threading.Thread(target=watch, args=(stop,), daemon=True).start()
+            pf = parallelize(h.heavy, backend="loky")
+            pf.map(range(20))  # measured and remembered: the next map samples nothing
+            loky_backend.shutdown()
+            lowest[0] = 1.0  # (the sampling watch lowers it too, for its own reasons)
+            assert pf.map(range(20)) == [3 * x for x in range(20)]
+            assert pf.last_report.from_cache
+            paths.append((pf.last_report.start_path, lowest[0]))
+            settled()
+            loky_backend.shutdown()
+            try:
+                parallelize(functools.partial(h.faulty, crash=frozenset(range(20))),
+                            backend="loky", cache=False, chunksize=1).map(range(20))
+            except WorkerCrashedError:
+                pass
+            settled()
+        stop.set()
+        loky_backend.shutdown()
+        print(json.dumps({{"after": after, "paths": paths}}))
+    """, env={starts.ENV_START: "", ENV_DIR: str(tmp_path)})
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["after"] == [0.002] * 4, got
+    (fork, _), (template, lowest) = got["paths"]
+    assert (fork, template) == ("fork", "template"), got
+    assert lowest == pytest.approx(0.0005), got  # seen by the caller's own thread
 
 
 def test_objects_the_caller_froze_itself_stay_frozen():

@@ -45,7 +45,7 @@ from typing import Any, Callable, Optional
 import loky
 import loky.process_executor  # noqa: F401
 
-from .. import calibration
+from .. import calibration, system
 from ..records import Calibration
 from ..system import ENV_IN_WORKER
 from ..worker import (
@@ -1026,18 +1026,39 @@ class StartupProbe:
         # the template's own start, ~0.1 s). The dispatcher runs items in the caller
         # until then (dispatch.ParallelRun.run) rather than wait.
         self.sent = threading.Event()
+        self._unsettled = 0  # pings sent that neither answered nor failed yet
 
     def send(self, executor: Any) -> None:
-        """Queue the pings, which makes loky spawn the workers (on this thread)."""
+        """Queue the pings, which makes loky spawn the workers (on this thread). Until
+        each has answered or failed, the GIL changes hands faster (system.fast_switching):
+        the workers are spawned, and their first work sent, by threads of this process
+        while the caller runs items (small@threaded: the workers' first items 84-87 ms
+        after the call instead of 95-130)."""
+        system.fast_switching(True)
+        with self._lock:
+            self._unsettled = self.n_workers
+        sent = 0
         try:
             for _ in range(self.n_workers):
                 executor.submit(ping, 0.005).add_done_callback(self._done)
+                sent += 1
         finally:
             self.sent.set()
+            self._settle(self.n_workers - sent)  # those never sent never answer
+
+    def _settle(self, n: int) -> None:
+        with self._lock:
+            if n <= 0 or self._unsettled <= 0:
+                return
+            self._unsettled -= n
+            last = self._unsettled <= 0
+        if last:
+            system.fast_switching(False)
 
     def _done(self, fut: Any) -> None:
         now = time.perf_counter()
         self.first.set()
+        self._settle(1)
         if fut.cancelled() or fut.exception() is not None:
             return
         with self._lock:
