@@ -408,8 +408,10 @@ def _observe(
     features = sampled if sampled is not None else (_features(row) if row else None)
     if features is None:
         return False
-    if observed_item_s is not None and observed_item_s > 0 and features.mean_s > 0:
-        ratio = observed_item_s / features.mean_s
+    if observed_item_s is not None and observed_item_s > 0:
+        ratio = observed_item_s / features.mean_s if features.mean_s > 0 else math.inf
+        # (No time at all: an entry an earlier version stored for a map that measured
+        # nothing. The run's time replaces it.)
         if ratio > REFRESH_RATIO or ratio < 1 / REFRESH_RATIO:
             # The work changed (other inputs): what the run saw replaces it.
             features = dataclasses.replace(features, mean_s=observed_item_s)

@@ -365,6 +365,11 @@ class MapRun:
         assert self.plan is not None and self.features is not None
         if not self.options.cache or self.forced is not None:
             return
+        if self.entry is None and self.features.n_samples == 0:
+            # Nothing was measured here (a map with a timeout runs every item in a
+            # worker, none sampled): the stand-in features (0 s an item) were stored as
+            # the function's, and every later map planned serial on them, for good.
+            return
         plan = self.plan
         estimate = plan.estimated_serial_s if plan.mode == "serial" else plan.estimated_parallel_s
         planned = max(self.features.mean_s, 1e-12)

@@ -379,6 +379,21 @@ def test_a_real_parallel_map_records_its_run():
     assert run.estimated_s > 0 and run.actual_s > 0
 
 
+
+def test_a_map_with_a_timeout_measures_nothing_and_so_teaches_nothing():
+    # It runs every item in a worker and samples none: its stand-in features (0 s an
+    # item) were stored as the function's, and every later map planned serial on them
+    # ("60 items x 0.0 us"), without sampling again.
+    timed = parallelize(h.heavy, timeout=30)
+    assert timed.map(range(20)) == [3 * x for x in range(20)]
+    assert cache.lookup(fingerprint(h.heavy)) is None
+    pf = parallelize(h.heavy)
+    assert pf.map(range(40)) == [3 * x for x in range(40)]
+    report = pf.last_report
+    assert not report.from_cache and report.n_sampled > 0, report
+    assert report.plan.features["mean_s"] > 0.001, report.plan.features
+
+
 def test_calibration_is_stored_and_a_new_process_plans_with_it(tmp_path):
     assert cache.load_calibration() is None
     stored = Calibration(0.345, 2.5e-4, 4e-9, 2, "measured in this process: test")
@@ -572,6 +587,11 @@ def test_observed_time_replaces_the_cached_one_beyond_2x_and_is_followed_half_wa
     assert all(a <= b for a, b in zip(means, means[1:])) and means[1] > means[0]
     assert abs(means[-1] / 1.44e-4 - 1) < 0.05
     assert cache.lookup("k").features.pickle_size == F.pickle_size  # the rest is kept
+    # An entry of no time at all (stored for a map that measured nothing, by an earlier
+    # version) takes the first time a run saw.
+    cache.observe("k", module="m", qualname="q",
+                  sampled=dataclasses.replace(F, mean_s=0.0), observed_item_s=None, run=None)
+    assert seen(3e-3) == 3e-3
 
 
 def test_hits_are_written_by_the_process_that_saw_them(tmp_path):
