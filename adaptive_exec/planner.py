@@ -353,8 +353,10 @@ def _worker_cap(features: Features, system: SystemSnapshot, cluster: Optional[Cl
         why = (f"the memory a map may use ({fmt_bytes(system.available_memory or 0)}) "
                f"fits one worker of {per_worker}")
     else:
-        why = (f"{busy} of {system.usable_cpus} CPUs are busy with other processes "
-               f"({system.others_load:.1f} CPUs of load)")
+        # The load counts runnable threads, which may outnumber the CPUs (as a load
+        # average does): "5 of 2 CPUs are busy" said otherwise.
+        why = (f"{min(busy, system.usable_cpus)} of {system.usable_cpus} CPUs are busy "
+               f"with other processes (their load: {system.others_load:.1f})")
     return w_max, f"{why}, so a pool cannot beat the loop"
 
 

@@ -276,7 +276,7 @@ _FEATURES: dict[str, tuple[str, Callable[[Any], str]]] = {
     "parallel_correction": ("correction from past runs", _optional(lambda x: f"x{x:.2f}")),
     "cluster": ("dask cluster", _optional(str)),
     "cluster_threads": ("cluster threads", _optional(lambda n: f"{n:,}")),
-    "others_load": ("CPUs busy with other processes", _optional(lambda x: f"{x:.1f}")),
+    "others_load": ("load of other processes (CPUs)", _optional(lambda x: f"{x:.1f}")),
     "worker_memory": ("memory of an idle worker", _optional(fmt_bytes)),
 }
 

@@ -96,6 +96,21 @@ def test_the_same_plan_under_a_faked_load_and_none():
     assert quiet.mode == "parallel" and quiet.n_workers == usable_cpus()
 
 
+@needs_two
+def test_a_load_above_the_cpu_count_never_makes_more_cpus_busy_than_there_are():
+    # The load counts runnable threads, like a load average: the reason said "5 of 2
+    # CPUs are busy".
+    n = usable_cpus()
+    system.fake_readings(others=float(n + 3))
+    try:
+        plan = parallelize(slow).plan(range(40))
+    finally:
+        system.fake_readings()
+    assert plan.mode == "serial"
+    assert f"{n} of {n} CPUs are busy with other processes (their load: {n + 3}.0)" \
+        in plan.reason, plan.reason
+
+
 def _machine_is_busy() -> bool:
     """Other processes already keep a CPU busy (CI on a shared machine, the suite run
     beside a busy process): a busy process of ours then cannot lower the workers any
