@@ -8,6 +8,7 @@ same behaviour runs on a real busy process in test_load.py).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
 import sys
@@ -404,3 +405,16 @@ def test_the_reason_names_the_start_up_as_the_features_do():
     assert ahead_up.features["startup_left_s"] == 0.0
     assert f"{fmt_s(0.03)} of pool start-up left (started ahead" in ahead_half.reason
     assert "start-up included" in cold.reason and "startup_left_s" not in cold.features
+
+
+@needs_two
+def test_a_pool_left_by_a_map_that_raised_is_reported_warm():
+    # Its workers are up and take the next map at once; the next plan said "pool already
+    # running: no" (and, without a pool started ahead, "the pool started ahead of this
+    # map is up").
+    with pytest.raises(ValueError, match="raised on 30"):
+        parallelize(functools.partial(h.faulty, raise_on={30}, cost=0.01), backend="loky",
+                    chunksize=5).map(range(60))
+    plan = parallelize(h.heavy).plan(range(40))
+    assert plan.mode == "parallel" and plan.features["pool_warm"] is True, plan.explain()
+    assert "already warm" in plan.reason and "started ahead" not in plan.reason, plan.reason

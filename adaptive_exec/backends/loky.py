@@ -446,6 +446,14 @@ def current_probe(executor: Any) -> Any:
         return None
 
 
+def _answered(executor: Any) -> bool:
+    """Is ``executor`` whole and has a worker of it answered (its probe, when cold)?"""
+    if _is_broken(executor):
+        return False
+    probe = current_probe(executor)
+    return probe is None or probe.first.is_set()
+
+
 def startup_left(full_startup_s: float, n_workers: int) -> Optional[float]:
     """Seconds until a pool of ``n_workers`` can take work: 0 when warm, the rest of the
     start-up when one was started ahead, else None (no pool: all of a start-up, which
@@ -902,7 +910,10 @@ class LokyTarget:
         if interrupted:
             # Ctrl-C: end the workers too, so that nothing runs on and nothing is left.
             mark_broken(executor, on_purpose=True)
-        elif clean:
+        elif clean or _answered(executor):
+            # Also after a map ended by its function's exception: the pool stays, up, and
+            # the next map's plan must not count a start-up for it (it said "pool
+            # already running: no" while its workers took that map at once).
             mark_warm(executor)
 
 
