@@ -659,10 +659,10 @@ class MapRun:
             self.ran = (f"{run.local_items:,} of the items ran in the caller: "
                         f"{run.cross.reason}")
         self.bytes_sent += getattr(target, "bytes_sent", 0)
-        if isinstance(target, loky_backend.LokyTarget):
+        if isinstance(target, loky_backend.LokyTarget) and run.worker_items:
+            # (Not where every item ran in the caller: no worker served this map.)
             self.start_path = loky_backend.start_path()
-            if run.worker_items:
-                adapt.note_ran_on_pool(run.executor, self.key)
+            adapt.note_ran_on_pool(run.executor, self.key)
         self.observed_s = (run.worker_compute_s / run.worker_items
                            if run.worker_items else None)
         self.observed_cv = observed_cv(run.chunk_item_s)
