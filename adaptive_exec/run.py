@@ -293,6 +293,12 @@ class MapRun:
             self.n_items = self.n_sampled
         elif self.n_known is not None:
             self.n_items = self.n_known
+        elif self.forced is not None:
+            # Runs here whatever the count: the input is read as the loop reads it, one
+            # item per call. Read ahead, a generator that the function's own effects
+            # end (a flag it sets, a queue it fills) gave 10,000 results for the loop's 4,
+            # or waited for good on a queue only the consumer of imap fills.
+            self.n_items, self.n_exact = self.n_sampled, False
         else:
             buffered, ended = _read_ahead(self.it, self.features)
             self.n_items = self.n_sampled + len(buffered)
@@ -452,8 +458,20 @@ class MapRun:
         total_s = 0.0
         # imap: a batch's results are held until the consumer takes them; bounded.
         cap = _imap_chunk_cap(features) if self.partial else None
+        # Forced here, over a list: the whole rest in one chunk, the user's own loop.
+        # Otherwise chunks that grow in time from one item, so that imap's first result
+        # comes after one call (it came after up to 16,384); and imap over a stream
+        # yields each result before it reads the next item, as the loop does: the
+        # input may wait on what its consumer does with a result (a crawler's queue).
+        rest_at_once = not replan and self.n_exact and not self.partial
+        one_by_one = self.forced is not None and self.partial and not self.n_exact
+        if not replan and features.n_samples == 0:
+            per_item = math.inf  # nothing measured: one item first
         while True:
-            n = max(1, int(chunk_s / per_item)) if replan else max(1, self.n_items - self.n_done)
+            if rest_at_once:
+                n = max(1, self.n_items - self.n_done)
+            else:
+                n = 1 if one_by_one else max(1, int(chunk_s / per_item))
             left = self.n_items - self.n_done
             expected = features.mean_s if self.n_done == first else per_item
             # A remembered function (its per-item time the mean of whole runs, not of a
@@ -488,9 +506,9 @@ class MapRun:
             cut = deadline is not None and deadline.hit and err is None
             if (got < n and not cut) or (whole and got == n):  # the items ran out
                 return
+            chunk_s = min(chunk_s * 2, SERIAL_MAX_CHUNK_S)
             if not replan:
                 continue
-            chunk_s = min(chunk_s * 2, SERIAL_MAX_CHUNK_S)
             new = self.planner.after_serial_chunk(features, per_item, previous,
                                                   self.n_items, self.n_done)
             if new is not None:

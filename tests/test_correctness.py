@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import functools
 import gc
+import itertools
 import os
+import queue
 import subprocess
 import sys
 import textwrap
@@ -634,3 +636,68 @@ def test_a_decorated_method_keeps_its_report_and_samples():
     del s
     gc.collect()
     assert ref() is None  # the bound copy does not keep the instance alive
+
+
+# --- a map forced to run here reads its input as the loop does ----------------------------
+
+_CALLS = [0]
+_STOP = [False]
+
+
+def _counted(x):
+    _CALLS[0] += 1
+    if x == 3:
+        _STOP[0] = True  # the input below ends after this item, as in the loop
+    return x
+
+
+def _until_stopped():
+    i = 0
+    while not _STOP[0]:
+        yield i
+        i += 1
+
+
+@pytest.mark.parametrize("how", ["backend", "disabled"])
+def test_a_map_run_here_reads_a_generator_one_item_per_call(how, monkeypatch):
+    # Forced here (backend="serial", or ADAPTIVE_EXEC_DISABLE=1): imap's first result
+    # came after 16,384 calls; a generator that the function's own effect ends gave
+    # 10,000 results for the loop's 4 (it was read ahead to count it).
+    if how == "disabled":
+        monkeypatch.setenv("ADAPTIVE_EXEC_DISABLE", "1")
+    pf = parallelize(_counted, backend="serial" if how == "backend" else "auto")
+    _CALLS[0] = 0
+    it = pf.imap(itertools.count())
+    assert next(it) == 0 and _CALLS[0] == 1
+    it.close()
+    _STOP[0] = False
+    loop = [_counted(x) for x in _until_stopped()]
+    _STOP[0] = False
+    assert pf.map(_until_stopped()) == loop == [0, 1, 2, 3]
+    _STOP[0] = False
+    assert list(pf.imap(_until_stopped())) == loop
+
+
+def test_imap_run_here_ends_on_a_queue_only_its_consumer_fills():
+    # A crawler: the input waits on a queue that the consumer fills from the results.
+    # multiprocessing.Pool.imap and the loop finish; ours waited for good.
+    q: queue.Queue = queue.Queue()
+    q.put(1)
+
+    def items():
+        while (x := q.get(timeout=30)) is not None:
+            yield x
+
+    pending, seen = 1, []
+    for kids in parallelize(_children, backend="serial").imap(items()):
+        seen.append(kids)
+        pending += len(kids) - 1
+        for k in kids:
+            q.put(k)
+        if pending == 0:
+            q.put(None)
+    assert len(seen) == 15
+
+
+def _children(x):
+    return [2 * x, 2 * x + 1] if x < 8 else []
