@@ -329,7 +329,8 @@ class RunReport:
             head = (f"{plan.mode}, {fmt_count(plan.n_workers, 'process', 'processes')}, "
                     f"chunks of {plan.chunksize:,}")
         if self.n_items == 0:
-            return f"{head}, no items ({fmt_s(self.wall_s)})"
+            out = f"{head}, no items ({fmt_s(self.wall_s)})"
+            return "; ".join(part for part in (out, self.ran) if part)
         out = (f"{head}, {fmt_count(self.n_items, 'item', 'items')} in {fmt_s(self.wall_s)}, "
                f"estimated {fmt_s(plan.estimated_s)}")
         if self.from_cache:

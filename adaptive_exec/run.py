@@ -35,7 +35,17 @@ from .backends.threads import ThreadTarget
 from .dispatch import ParallelRun, Pending, RunSpec, observed_cv
 from .errors import UnpicklableWarning, warn_user
 from .fingerprint import describe, function_complexity
-from .records import Calibration, Features, Options, Plan, RunReport, empty_plan, fmt_bytes, fmt_s
+from .records import (
+    Calibration,
+    Features,
+    Options,
+    Plan,
+    RunReport,
+    empty_plan,
+    fmt_bytes,
+    fmt_count,
+    fmt_s,
+)
 from .sampling import features_from, sample
 from .worker import BLOB_FILE_MIN_BYTES, FunctionRef, function_ref
 
@@ -167,19 +177,45 @@ class MapRun:
 
     def _steps(self) -> Iterator[list[Any]]:
         self.prepare()
-        yield from self.measure()
-        if self.features is None:  # no items at all
-            self.plan = empty_plan()
-            self.report()
-            return
-        self.count_items()
-        self.decide()
-        if self.plan_only:
-            self.remember_sample()
-            return
-        yield from self.execute()
+        try:
+            yield from self.measure()
+            if self.features is None:  # no items at all
+                self.plan = empty_plan()
+                self.report()
+                return
+            self.count_items()
+            self.decide()
+            if self.plan_only:
+                self.remember_sample()
+                return
+            yield from self.execute()
+        except BaseException as exc:
+            # A map that ends early has its report too (last_report described the map
+            # before it): what it planned, and how far it got.
+            if not self.plan_only:
+                self._report_ended(exc)
+            raise
         self.record()
         self.report()
+
+    def _report_ended(self, exc: BaseException) -> None:
+        index = getattr(exc, "item_index", None)
+        if isinstance(exc, GeneratorExit):
+            how = "left by its consumer"
+        elif isinstance(exc, KeyboardInterrupt) and index is None:
+            how = "interrupted (Ctrl-C)"
+        elif index is not None:
+            how = f"ended by item {index:,}, which raised {type(exc).__name__}"
+        else:
+            how = f"ended by {type(exc).__name__}"
+        ended = f"{how}; {fmt_count(self.n_done, 'result', 'results')} made"
+        if self.plan is None:  # before a plan: while its first items ran here
+            self.plan = dataclasses.replace(empty_plan(), reason=ended)
+        self.ran = "; ".join(part for part in (ended, self.ran) if part)
+        try:
+            self.report()
+        except Exception:  # noqa: BLE001 - the map's own exception is what matters
+            logger.debug("no report for a map that ended early", exc_info=True)
 
     # --- the steps ----------------------------------------------------------------------
 

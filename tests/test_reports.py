@@ -418,3 +418,23 @@ def test_a_pool_left_by_a_map_that_raised_is_reported_warm():
     plan = parallelize(h.heavy).plan(range(40))
     assert plan.mode == "parallel" and plan.features["pool_warm"] is True, plan.explain()
     assert "already warm" in plan.reason and "started ahead" not in plan.reason, plan.reason
+
+
+def test_a_map_that_ends_early_leaves_its_own_report():
+    # last_report described the map before it (README: "the RunReport of the last map").
+    pf = parallelize(functools.partial(h.faulty, raise_on={150}, cost=0.001))
+    pf.map(range(10))
+    with pytest.raises(ValueError, match="raised on 150"):
+        pf.map(range(300))
+    report = pf.last_report
+    assert report.n_items <= 150 and "ended by item 150, which raised ValueError" in report.ran
+    assert str(report).endswith(f"{report.n_items:,} results made"), str(report)
+    it = pf.imap(range(300, 10_000))
+    assert next(it) == 3000
+    it.close()
+    assert "left by its consumer" in pf.last_report.ran, pf.last_report
+    first = parallelize(functools.partial(h.faulty, raise_on={0}))
+    with pytest.raises(ValueError, match="raised on 0"):
+        first.map(range(5))
+    assert first.last_report.ran == "ended by item 0, which raised ValueError; 0 results made"
+    assert "ended by item 0" in first.last_report.plan.reason
