@@ -45,6 +45,7 @@ from .records import (
     fmt_bytes,
     fmt_count,
     fmt_s,
+    fmt_speedup,
 )
 from .sampling import features_from, sample
 from .worker import BLOB_FILE_MIN_BYTES, FunctionRef, function_ref
@@ -356,11 +357,19 @@ class MapRun:
             # one call's time (0.41 s for 0.70 s), and their warm runs then went serial.
             left = self._ahead_left_s()
             if self.n_exact and self.n_items == self.n_sampled + self._n_ahead():
-                # Nothing left to plan: what ran is the pool, as sent.
+                # Nothing left to plan: what ran is the pool, as sent. The loop would
+                # have run the items sent ahead too (the planner's serial estimate was
+                # only the time spent: "speedup 0.00x", the loop below the pool).
+                est = time.perf_counter() - self.t_start + left
+                serial = plan.estimated_serial_s + self._n_ahead() * self.features.mean_s
+                speedup = serial / est if est > 0 else 0.0
                 plan = dataclasses.replace(
                     plan, mode="parallel", n_workers=self.ahead.n_workers, chunksize=1,
-                    estimated_parallel_s=time.perf_counter() - self.t_start + left,
-                    reason=f"{sent} ({fmt_s(self.features.mean_s)} a call): that was all")
+                    estimated_parallel_s=est, estimated_serial_s=serial,
+                    estimated_speedup=speedup,
+                    reason=(f"{sent} ({fmt_s(self.features.mean_s)} a call): that was all; "
+                            f"estimated at {fmt_s(est)} in all, against {fmt_s(serial)} "
+                            f"for the loop ({fmt_speedup(speedup)})"))
             else:
                 plan = dataclasses.replace(
                     plan, reason=f"{sent}; the rest: {plan.reason}",

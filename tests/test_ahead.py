@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from adaptive_exec import WorkerCrashedError, parallelize, system
+from adaptive_exec.records import fmt_s, fmt_speedup
 
 TESTS = os.path.dirname(__file__)
 
@@ -68,6 +69,16 @@ def test_the_items_behind_a_long_first_call_run_in_workers_meanwhile(tmp_path):
     mean = report.plan.features["mean_s"]
     assert report.plan.estimated_parallel_s >= SEND_AHEAD_AFTER_S + mean, (
         report.plan.estimated_parallel_s, mean, report.wall_s)
+    # The loop's estimate is the three calls' time, not the first's alone ("speedup
+    # 0.00x", the loop estimated below the pool), and the reason says the same figures.
+    plan = report.plan
+    assert plan.estimated_serial_s >= 3 * mean * 0.99, (plan.estimated_serial_s, mean)
+    assert plan.estimated_speedup == pytest.approx(
+        plan.estimated_serial_s / plan.estimated_parallel_s)
+    assert plan.estimated_speedup > 1.3, plan
+    assert plan.reason.endswith(
+        f"in all, against {fmt_s(plan.estimated_serial_s)} for the loop "
+        f"({fmt_speedup(plan.estimated_speedup)})"), plan.reason
 
 
 def test_with_more_items_than_workers_the_caller_measures_a_second_call(tmp_path):
