@@ -200,22 +200,24 @@ class MapRun:
         self.report()
 
     def _report_ended(self, exc: BaseException) -> None:
-        index = getattr(exc, "item_index", None)
-        if isinstance(exc, GeneratorExit):
-            how = "left by its consumer"
-        elif isinstance(exc, KeyboardInterrupt) and index is None:
-            how = "interrupted (Ctrl-C)"
-        elif index is not None:
-            how = f"ended by item {index:,}, which raised {type(exc).__name__}"
-        else:
-            how = f"ended by {type(exc).__name__}"
-        ended = f"{how}; {fmt_count(self.n_done, 'result', 'results')} made"
-        if self.plan is None:  # before a plan: while its first items ran here
-            self.plan = dataclasses.replace(empty_plan(), reason=ended)
-        self.ran = "; ".join(part for part in (ended, self.ran) if part)
         try:
+            index = getattr(exc, "item_index", None)
+            if type(index) is not int:
+                index = None  # (the user's own attribute of that name: not ours)
+            if isinstance(exc, GeneratorExit):
+                how = "left by its consumer"
+            elif isinstance(exc, KeyboardInterrupt) and index is None:
+                how = "interrupted (Ctrl-C)"
+            elif index is not None:
+                how = f"ended by item {index:,}, which raised {type(exc).__name__}"
+            else:
+                how = f"ended by {type(exc).__name__}"
+            ended = f"{how}; {fmt_count(self.n_done, 'result', 'results')} made"
+            if self.plan is None:  # before a plan: while its first items ran here
+                self.plan = dataclasses.replace(empty_plan(), reason=ended)
+            self.ran = "; ".join(part for part in (ended, self.ran) if part)
             self.report()
-        except Exception:  # noqa: BLE001 - the map's own exception is what matters
+        except Exception:  # noqa: BLE001 - the map's own exception is what is raised
             logger.debug("no report for a map that ended early", exc_info=True)
 
     # --- the steps ----------------------------------------------------------------------
@@ -302,6 +304,7 @@ class MapRun:
                 if sent is not None and watch is not None:
                     watch.abandon()  # items after the failing one are not to run
                 if s.results:
+                    self.n_sampled = self.n_done = len(s.results)  # (for its report)
                     yield s.results
                 raise s.error
             self.n_sampled = len(s.results)
@@ -315,6 +318,7 @@ class MapRun:
             self.sampled_calls_s = s.calls_s
             self.features = _merge_plain_calls(s.features, self.plain_calls())
             if s.results and not self.plan_only:
+                self.n_done = self.n_sampled  # (a map left here has them in its report)
                 yield s.results  # before any read-ahead: a stream's first results come early
         except GeneratorExit:
             # Left by the consumer (a break, Ctrl-C in its own code) after the sample:

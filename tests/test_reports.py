@@ -19,7 +19,7 @@ from typing import Iterator
 import aex_helpers as h
 import pytest
 
-from adaptive_exec import dispatch, parallelize, system
+from adaptive_exec import adaptive_map, dispatch, parallelize, system
 from adaptive_exec.adapt import monitor
 from adaptive_exec.api import make_options
 from adaptive_exec.records import Features, Plan, RunReport, fmt_s, fmt_speedup
@@ -438,3 +438,30 @@ def test_a_map_that_ends_early_leaves_its_own_report():
         first.map(range(5))
     assert first.last_report.ran == "ended by item 0, which raised ValueError; 0 results made"
     assert "ended by item 0" in first.last_report.plan.reason
+
+
+class _RecordError(Exception):
+    @property
+    def item_index(self):  # the user's own attribute of that name, read-only
+        return "record-7"
+
+
+def _bad_record(x):
+    if x == 2:
+        raise _RecordError("bad record")
+    return x
+
+
+def test_a_map_ended_while_sampling_counts_what_it_gave_and_keeps_the_users_error():
+    # The results its sample gave were counted as none ("no items; 0 results made"), and
+    # a user's item_index that is not ours turned the user's exception into a ValueError.
+    pf = parallelize(functools.partial(h.fail_on, bad={3}))
+    got = []
+    with pytest.raises(ValueError, match="bad item 3"):
+        for r in pf.imap(list(range(100))):
+            got.append(r)
+    assert got == [0, 1, 2]
+    assert pf.last_report.n_items == 3, pf.last_report
+    assert pf.last_report.ran == "ended by item 3, which raised ValueError; 3 results made"
+    with pytest.raises(_RecordError, match="bad record"):
+        adaptive_map(_bad_record, [0, 1, 2, 3], backend="serial")
