@@ -174,6 +174,8 @@ class MapRun:
             raise
         # The input iterator's own exception, after every result before it (as the loop).
         if isinstance(self.it, GuardedIterator) and self.it.error is not None:
+            if not self.plan_only:
+                self._report_ended(self.it.error, by_input=True)
             raise self.it.error
 
     def _steps(self) -> Iterator[list[Any]]:
@@ -199,12 +201,14 @@ class MapRun:
         self.record()
         self.report()
 
-    def _report_ended(self, exc: BaseException) -> None:
+    def _report_ended(self, exc: BaseException, by_input: bool = False) -> None:
         try:
             index = getattr(exc, "item_index", None)
             if type(index) is not int:
                 index = None  # (the user's own attribute of that name: not ours)
-            if isinstance(exc, GeneratorExit):
+            if by_input:
+                how = f"ended by its input iterator's {type(exc).__name__}"
+            elif isinstance(exc, GeneratorExit):
                 how = "left by its consumer"
             elif isinstance(exc, KeyboardInterrupt) and index is None:
                 how = "interrupted (Ctrl-C)"

@@ -465,3 +465,15 @@ def test_a_map_ended_while_sampling_counts_what_it_gave_and_keeps_the_users_erro
     assert pf.last_report.ran == "ended by item 3, which raised ValueError; 3 results made"
     with pytest.raises(_RecordError, match="bad record"):
         adaptive_map(_bad_record, [0, 1, 2, 3], backend="serial")
+
+
+def test_a_map_ended_by_its_input_says_so():
+    def items():
+        yield from range(50)
+        raise OSError("the input broke")
+
+    pf = parallelize(h.square)
+    with pytest.raises(OSError, match="the input broke"):
+        pf.map(items())
+    assert pf.last_report.ran.startswith("ended by its input iterator's OSError; 50 results"), \
+        pf.last_report
