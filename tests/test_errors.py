@@ -366,3 +366,89 @@ def test_an_error_in_a_thread_is_named_once():
         pf.map(range(120))
     notes = [n for n in getattr(info.value, "__notes__", []) if n.startswith("adaptive_exec:")]
     assert len(notes) == 1, notes
+
+
+# --- a thread pool's map, as the loop ends ---------------------------------------------
+
+_RELEASE = threading.Event()
+_FINISHED_AFTER: list[int] = []
+
+
+def _fails_at_110_behind_slow_ones(x):
+    if x == 110:
+        time.sleep(0.3)
+        raise ValueError("bad 110")
+    if x > 110:
+        _RELEASE.wait(30)  # items the loop never runs: held until the test lets them go
+        _FINISHED_AFTER.append(x)
+        return x
+    time.sleep(0.005)
+    return x
+
+
+def test_a_threads_error_does_not_wait_for_later_items_the_loop_never_runs():
+    # It was raised only once every running item after it had finished (10.6 s for an
+    # error at 1.6 s, where the loop stops at once).
+    _RELEASE.clear()
+    _FINISHED_AFTER.clear()
+    pf = parallelize(_fails_at_110_behind_slow_ones)
+    assert pf.plan(range(300)).mode == "threads"
+    try:
+        with pytest.raises(ValueError, match="bad 110"):
+            pf.map(range(300))
+        assert _FINISHED_AFTER == []  # raised while they still ran
+    finally:
+        _RELEASE.set()  # the threads end with the test
+    deadline = time.monotonic() + 30
+    while any(t.name.startswith("adaptive_exec_") for t in threading.enumerate()) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name.startswith("adaptive_exec_") for t in threading.enumerate())
+
+
+def _decimal_third(x):
+    import decimal
+
+    time.sleep(0.005)
+    return str(decimal.Decimal(1) / decimal.Decimal(3 + x % 2))
+
+
+def test_threads_run_items_in_the_callers_decimal_context():
+    # The loop runs every item in the caller's context; the threads ran them in the
+    # default one (28 digits where the caller asked for 5).
+    import decimal
+
+    pf = parallelize(_decimal_third)
+    with decimal.localcontext() as ctx:
+        ctx.prec = 5
+        assert pf.plan(range(200)).mode == "threads"
+        got = pf.map(range(200))
+        loop = [_decimal_third(x) for x in range(200)]
+    assert got == loop and loop[:2] == ["0.33333", "0.25"], got[:4]
+
+
+def test_ctrl_c_in_a_threads_map_lets_the_program_exit_at_once(tmp_path):
+    # concurrent.futures' threads are joined at exit: after Ctrl-C the process waited
+    # for every running item (here 60 s each; one blocked on a socket, for good).
+    script = tmp_path / "ctrl_c_threads.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, threading, time, _thread
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from adaptive_exec import parallelize
+
+        def f(x):
+            time.sleep(60 if x >= 50 else 0.005)
+            return x
+
+        pf = parallelize(f)
+        assert pf.plan(range(300)).mode == "threads"
+        threading.Timer(1.0, _thread.interrupt_main).start()
+        try:
+            pf.map(range(300))
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+        sys.exit(0)
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=45)
+    assert proc.returncode == 0 and "interrupted" in proc.stdout, proc.stderr[-2000:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import time
 import warnings
 
 import aex_helpers as h
@@ -243,3 +244,19 @@ def test_closures_over_different_large_values_get_their_own_function():
     second = adaptive_map(make(2), range(200), backend="loky", chunksize=5)
     assert first == [x + 1 for x in range(200)]
     assert second == [x + 2 for x in range(200)]
+
+
+def test_the_thread_pool_runs_its_work_at_once_and_never_holds_up_exit():
+    # Eight jobs that can only finish together: eight threads started as work came.
+    from adaptive_exec.backends.threads import DaemonThreads
+
+    pool = DaemonThreads(8)
+    barrier = threading.Barrier(8, timeout=20)
+    futures = [pool.submit(barrier.wait) for _ in range(8)]
+    assert sorted(f.result(timeout=30) for f in futures) == list(range(8))
+    late = pool.submit(time.sleep, 0)
+    pool.shutdown(wait=True, cancel_futures=True)
+    assert late.cancelled() or late.done()
+    assert all(t.daemon and not t.is_alive() for t in pool._threads)
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        pool.submit(time.sleep, 0)
