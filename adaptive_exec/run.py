@@ -203,6 +203,8 @@ class MapRun:
 
     def _report_ended(self, exc: BaseException, by_input: bool = False) -> None:
         try:
+            if isinstance(exc, RuntimeError) and isinstance(exc.__cause__, StopIteration):
+                exc = exc.__cause__  # an item's StopIteration, through a generator (PEP 479)
             index = getattr(exc, "item_index", None)
             if type(index) is not int:
                 index = None  # (the user's own attribute of that name: not ours)

@@ -477,3 +477,17 @@ def test_a_map_ended_by_its_input_says_so():
         pf.map(items())
     assert pf.last_report.ran.startswith("ended by its input iterator's OSError; 50 results"), \
         pf.last_report
+
+
+def _stops_at_5(x):
+    if x == 5:
+        raise StopIteration("stop")
+    return x
+
+
+def test_an_items_stop_iteration_is_named_as_itself_in_the_report():
+    # map raises it as itself; the report named the RuntimeError a generator wraps it in.
+    pf = parallelize(_stops_at_5)
+    with pytest.raises(StopIteration):
+        pf.map(range(10))
+    assert "ended by item 5, which raised StopIteration" in pf.last_report.ran
