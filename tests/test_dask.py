@@ -355,6 +355,23 @@ def test_a_cluster_without_workers_is_waited_for_then_named(monkeypatch):
             timer.join()
 
 
+
+def test_a_client_closed_during_a_map_is_named(cluster):
+    # The map failed with "'NoneType' object has no attribute 'scatter'".
+    distributed = pytest.importorskip("distributed", reason=NO_DASK)
+    c = distributed.Client(cluster.cluster, set_as_default=False)
+    timer = threading.Timer(0.5, c.close)
+    timer.start()
+    try:
+        # (A chunk sent before the close, dropped with it, would say so otherwise.)
+        with pytest.raises(ClusterError, match="its client was closed|dropped"):
+            adaptive_map(functools.partial(h.faulty, cost=0.05), range(200), client=c,
+                         chunksize=1)
+    finally:
+        timer.join()
+        c.close()
+
+
 def test_pickling_a_function_drops_its_client(client):
     pf = parallelize(h.square, client=client)
     copy = pickle.loads(pickle.dumps(pf))

@@ -449,7 +449,12 @@ class DaskTarget:
             dask_future = executor.submit(run_chunk, self.ref_future, start, payload,
                                           self.star, pure=False, retries=RETRIES)
         except Exception as exc:  # the client closed, the scheduler is gone...
-            msg = f"cannot send items {start}..{start + len(chunk) - 1} to the dask cluster: {exc}"
+            # A closed client fails inside dask ("'NoneType' object has no attribute
+            # 'scatter'"): said as what happened.
+            why = ("its client was closed" if getattr(self.client, "status", None)
+                   in ("closing", "closed") else str(exc))
+            msg = (f"cannot send items {start}..{start + len(chunk) - 1} to the dask "
+                   f"cluster: {why}")
             raise ClusterError(msg) from exc
         bridge = _Bridge(dask_future)
         dask_future.add_done_callback(
