@@ -203,19 +203,21 @@ class MapRun:
 
     def _report_ended(self, exc: BaseException, by_input: bool = False) -> None:
         try:
-            if isinstance(exc, RuntimeError) and isinstance(exc.__cause__, StopIteration):
-                exc = exc.__cause__  # an item's StopIteration, through a generator (PEP 479)
+            cause = exc.__cause__
+            if (isinstance(exc, RuntimeError) and isinstance(cause, StopIteration)
+                    and type(getattr(cause, "item_index", None)) is int):
+                exc = cause  # an item's StopIteration, through a generator (PEP 479)
             index = getattr(exc, "item_index", None)
             if type(index) is not int:
                 index = None  # (the user's own attribute of that name: not ours)
             if by_input:
                 how = f"ended by its input iterator's {type(exc).__name__}"
+            elif index is not None:  # an item's own exception, a GeneratorExit too
+                how = f"ended by item {index:,}, which raised {type(exc).__name__}"
             elif isinstance(exc, GeneratorExit):
                 how = "left by its consumer"
-            elif isinstance(exc, KeyboardInterrupt) and index is None:
+            elif isinstance(exc, KeyboardInterrupt):
                 how = "interrupted (Ctrl-C)"
-            elif index is not None:
-                how = f"ended by item {index:,}, which raised {type(exc).__name__}"
             else:
                 how = f"ended by {type(exc).__name__}"
             ended = f"{how}; {fmt_count(self.n_done, 'result', 'results')} made"

@@ -452,3 +452,38 @@ def test_ctrl_c_in_a_threads_map_lets_the_program_exit_at_once(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           timeout=45)
     assert proc.returncode == 0 and "interrupted" in proc.stdout, proc.stderr[-2000:]
+
+
+def _decimal_own_precision(x):
+    import decimal
+
+    decimal.getcontext().prec = 5 + x % 20
+    time.sleep(0.005)
+    return str(decimal.Decimal(1) / decimal.Decimal(7))
+
+
+def test_threads_changing_the_decimal_context_do_not_race():
+    # The copy of the caller's context shared its decimal context object among the
+    # threads: 283 of 300 results had another item's precision.
+    import decimal
+
+    pf = parallelize(_decimal_own_precision)
+    with decimal.localcontext():
+        assert pf.plan(range(300)).mode == "threads"
+        assert pf.map(range(300)) == [_decimal_own_precision(x) for x in range(300)]
+
+
+def test_a_thread_the_system_refuses_leaves_the_map_to_the_others(monkeypatch):
+    # Under a limit on threads: the map computed every result, then raised "cannot join
+    # thread before it is started".
+    start = threading.Thread.start
+
+    def refusing(self):
+        if self.name == "adaptive_exec_3":
+            raise RuntimeError("can't start new thread")
+        return start(self)
+
+    pf = parallelize(_waits_then_fails)
+    assert pf.plan(range(36)).mode == "threads"
+    monkeypatch.setattr(threading.Thread, "start", refusing)
+    assert pf.map(range(36)) == list(range(36))

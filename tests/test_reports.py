@@ -491,3 +491,29 @@ def test_an_items_stop_iteration_is_named_as_itself_in_the_report():
     with pytest.raises(StopIteration):
         pf.map(range(10))
     assert "ended by item 5, which raised StopIteration" in pf.last_report.ran
+
+
+def _runtime_error_from_stop(x):
+    if x == 7:
+        try:
+            next(iter(()))
+        except StopIteration as exc:
+            raise RuntimeError("no data for item 7") from exc
+    return x
+
+
+def _raises_generator_exit(x):
+    if x == 4:
+        raise GeneratorExit("item 4's own")
+    return x
+
+
+def test_an_items_own_error_is_named_whatever_its_type_or_cause():
+    pf = parallelize(_runtime_error_from_stop)
+    with pytest.raises(RuntimeError, match="no data"):
+        pf.map(range(20))
+    assert pf.last_report.ran.startswith("ended by item 7, which raised RuntimeError")
+    pg = parallelize(_raises_generator_exit)
+    with pytest.raises(GeneratorExit):
+        pg.map(range(20))
+    assert pg.last_report.ran.startswith("ended by item 4, which raised GeneratorExit")
