@@ -432,7 +432,7 @@ def test_ctrl_c_in_a_threads_map_lets_the_program_exit_at_once(tmp_path):
     # for every running item (here 60 s each; one blocked on a socket, for good).
     script = tmp_path / "ctrl_c_threads.py"
     script.write_text(textwrap.dedent(f"""
-        import sys, threading, time, _thread
+        import os, signal, sys, threading, time
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from adaptive_exec import parallelize
 
@@ -442,7 +442,8 @@ def test_ctrl_c_in_a_threads_map_lets_the_program_exit_at_once(tmp_path):
 
         pf = parallelize(f)
         assert pf.plan(range(300)).mode == "threads"
-        threading.Timer(1.0, _thread.interrupt_main).start()
+        # A real SIGINT, as a terminal's: it also ends a sleep the caller may be in.
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
         try:
             pf.map(range(300))
         except KeyboardInterrupt:
