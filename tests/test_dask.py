@@ -372,6 +372,28 @@ def test_a_client_closed_during_a_map_is_named(cluster):
         c.close()
 
 
+def test_a_result_fetched_as_its_client_closes_is_named(cluster):
+    # CI: the client closed while a chunk's result was on its way; dask's
+    # "CommClosedError: Stream is closed" ended the map instead of ClusterError.
+    distributed = pytest.importorskip("distributed", reason=NO_DASK)
+    c = distributed.Client(cluster.cluster, set_as_default=False)
+    try:
+        fut = c.submit(h.square, 3, pure=False)
+        c.close()
+        bridge = dask_backend._Bridge(fut)
+        dask_backend._settle(bridge, 10, 2, threading.Event(), fut)
+        with pytest.raises(ClusterError, match="items 10..11 .*its client was closed"):
+            bridge.result(timeout=0)
+    finally:
+        c.close()
+    # The same drop seen as dask's comm error, with the client still open.
+    lost = dask_backend._translate(distributed.comm.CommClosedError("Stream is closed"), 0, 5)
+    assert isinstance(lost, ClusterError) and "Stream is closed" in str(lost)
+    # An OSError that is not dask's own passes as it is.
+    own = OSError("disk full")
+    assert dask_backend._translate(own, 0, 5) is own
+
+
 def test_pickling_a_function_drops_its_client(client):
     pf = parallelize(h.square, client=client)
     copy = pickle.loads(pickle.dumps(pf))

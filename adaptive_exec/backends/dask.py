@@ -350,7 +350,17 @@ class _Bridge(cf.Future):
         return True
 
 
-def _translate(exc: BaseException, start: int, n: int) -> BaseException:
+def _client_closed(client: Any) -> bool:
+    return getattr(client, "status", None) in ("closing", "closed")
+
+
+def _is_comm_error(exc: BaseException) -> bool:
+    # dask's own comm errors (CommClosedError...), not an OSError our task raised.
+    return isinstance(exc, OSError) and type(exc).__module__.startswith("distributed.comm")
+
+
+def _translate(exc: BaseException, start: int, n: int, client_closed: bool = False
+               ) -> BaseException:
     """A dask-side failure of a chunk, as the dispatch loop understands it."""
     span = f"items {start}..{start + n - 1}"
     if type(exc).__name__ == "KilledWorker":
@@ -359,6 +369,13 @@ def _translate(exc: BaseException, start: int, n: int) -> BaseException:
         msg = (f"{span} killed {tries} of the dask cluster, each time it ran there "
                "(dask's KilledWorker)")
         err: BaseException = WorkerCrashedError(msg, index=start)
+    elif client_closed or _is_comm_error(exc):
+        # The result was being fetched when the client closed or the connection to
+        # the scheduler dropped: dask says "Stream is closed" (CommClosedError).
+        why = ("its client was closed" if client_closed
+               else f"the connection to the cluster was lost: {exc}")
+        err = ClusterError(f"cannot fetch the results of {span} from the dask cluster: "
+                           f"{why}")
     elif isinstance(exc, cf.CancelledError):
         # Not our cancel (that one is never settled): the scheduler dropped the task,
         # because the function's copies were lost with the workers that held them
@@ -451,8 +468,7 @@ class DaskTarget:
         except Exception as exc:  # the client closed, the scheduler is gone...
             # A closed client fails inside dask ("'NoneType' object has no attribute
             # 'scatter'"): said as what happened.
-            why = ("its client was closed" if getattr(self.client, "status", None)
-                   in ("closing", "closed") else str(exc))
+            why = "its client was closed" if _client_closed(self.client) else str(exc)
             msg = (f"cannot send items {start}..{start + len(chunk) - 1} to the dask "
                    f"cluster: {why}")
             raise ClusterError(msg) from exc
@@ -484,7 +500,8 @@ def _settle(bridge: _Bridge, start: int, n: int, dropped: threading.Event,
         outcome: Any = dask_future.result()  # the result travels here, once
         failed = False
     except BaseException as exc:
-        outcome, failed = _translate(exc, start, n), True
+        closed = _client_closed(getattr(dask_future, "client", None))
+        outcome, failed = _translate(exc, start, n, closed), True
         if isinstance(outcome, ClusterError):
             dropped.set()
     finally:
