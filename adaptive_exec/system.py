@@ -174,7 +174,7 @@ def fast_switching(on: bool) -> None:
                 _switch_before = sys.getswitchinterval()
                 sys.setswitchinterval(min(_switch_before, SWITCH_INTERVAL_S))
             _switch_users += 1
-        else:
+        elif _switch_users > 0:  # (a holder interrupted before it held lets go too)
             _switch_users -= 1
             if _switch_users == 0:
                 sys.setswitchinterval(_switch_before)
