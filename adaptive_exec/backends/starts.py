@@ -98,6 +98,12 @@ def note_helper(thread: threading.Thread) -> None:
     _helpers.append(thread)
 
 
+# How long a map's start waits for the watch of the map before to end, before it forks
+# the template (fork_template_early): a watch told to stop ends within ~1 ms unless it
+# is starting a pool, which a map of few items does not wait for.
+SETTLE_EARLY_S = 0.02
+
+
 def settle(timeout: float = 1.0) -> None:
     """Before choosing how to start workers: let our ending helper threads end, so that a
     caller that runs no thread of its own still counts one."""
@@ -111,11 +117,13 @@ def settle(timeout: float = 1.0) -> None:
     for thread in list(_helpers):
         if thread is me:
             continue  # a helper starting a pool itself, on its way out
+        thread.join(timeout)
+        if thread.is_alive():
+            continue  # still busy (a short ``timeout``): the next fork waits for it again
         try:
             _helpers.remove(thread)
         except ValueError:  # another thread settled it meanwhile
-            continue
-        thread.join(timeout)
+            pass
         wait_gone(thread)
 
 
@@ -408,7 +416,13 @@ def fork_template_early() -> bool:
     the template would hold a copy of what the caller then changes."""
     if not fork_works() or forced() not in (None, FORK) or _template.pid is not None:
         return False
-    if threading.current_thread() is not threading.main_thread() or threads_now() != 1:
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    # The watch of the map before may still be ending (under load, 2 maps in 10 returned
+    # before it had): let it, briefly. Counted, it had this map's few long items wait for
+    # a template spawned while the first call ran.
+    settle(timeout=SETTLE_EARLY_S)
+    if threads_now() != 1:
         return False
     rss = _rss()
     if rss is None or rss > FORKED_TEMPLATE_MAX_RSS:
