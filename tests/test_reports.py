@@ -58,9 +58,13 @@ def test_a_pool_map_reads_as_one_short_line_and_says_from_cache():
     assert pf.map(range(120)) == list(range(120))
     first = pf.last_report
     line = str(first)
-    assert "\n" not in line and len(line) < 120, line
+    # A run whose items took other than planned (beside a busy core: 5.7 ms in the
+    # workers, 12.7 planned) says so after the line, in the same line.
+    head, *rest = line.split("; ")
+    assert rest == ([first.adjusted] if first.adjusted else []), line
+    assert "\n" not in line and len(head) < 120, line
     assert re.fullmatch(rf"parallel, \d+ process(es)?, chunks of \d+, 120 items in {SECONDS}, "
-                        rf"estimated {SECONDS}", line), line
+                        rf"estimated {SECONDS}", head), line
     assert f"{first.plan.n_workers} process" in line
     assert f"chunks of {first.plan.chunksize}," in line
     assert f"estimated {fmt_s(first.plan.estimated_parallel_s)}" in line
