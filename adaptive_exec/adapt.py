@@ -50,7 +50,10 @@ SEND_AHEAD_AFTER_S = 0.1
 # The same where the template was forked at the map's start (starts.fork_template_early):
 # it forks a worker in ~25-30 ms, so a call of 40 ms is worth one beside it.
 SEND_AHEAD_FORKED_S = 0.04
-# Maps of at most this many items per worker fork the template at their start.
+# Maps of at most this many items per worker fork the template at their start. It costs
+# a map whose items are tiny ~2 ms on its first run (8 items of 1 us: 3.5-3.9 ms, 9: 1.5-
+# 1.8); 8 per worker took memory_heavy cold from 0.588 s to 0.57 s, at that cost to
+# every first map of 9-16 tiny items (README, "No sample-then-decide stall").
 FORKED_TEMPLATE_ITEMS = 4
 # A sampled call that has run this long, where the template was forked at the map's
 # start and a pool was found worth it: the watch starts the pool from the template now
