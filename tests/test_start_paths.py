@@ -125,8 +125,6 @@ def test_workers_are_forked_by_the_caller_or_by_its_template(tmp_path, threaded)
     assert got["frozen_here"] == 0
 
 
-
-@linux_only
 def test_a_let_go_without_a_hold_leaves_the_switch_interval_counted_right():
     # A start interrupted (Ctrl-C) before it held fast switching still lets go; that
     # once drove the count below zero, and the next hold then lowered nothing.
@@ -144,6 +142,7 @@ def test_a_let_go_without_a_hold_leaves_the_switch_interval_counted_right():
         sys.setswitchinterval(before)
 
 
+@linux_only
 def test_the_gil_switch_interval_is_lowered_while_a_pool_starts_and_then_given_back(tmp_path):
     # While a cold pool starts, the GIL changes hands every 0.5 ms (threads of ours
     # spawn the workers and send their first work while the caller runs items); then

@@ -104,9 +104,12 @@ def note_helper(thread: threading.Thread) -> None:
 SETTLE_EARLY_S = 0.02
 
 
-def settle(timeout: float = 1.0) -> None:
+def settle(timeout: float = 1.0, keep_busy: bool = False) -> None:
     """Before choosing how to start workers: let our ending helper threads end, so that a
-    caller that runs no thread of its own still counts one."""
+    caller that runs no thread of its own still counts one. ``keep_busy``: one still busy
+    after ``timeout`` stays noted, for the next to wait for (else it is waited for once)."""
+    if not _helpers:
+        return
     me = threading.current_thread()
     alive = [t for t in _helpers if t is not me and t.is_alive()]
     if threads_now() - len(alive) > 1:
@@ -118,12 +121,12 @@ def settle(timeout: float = 1.0) -> None:
         if thread is me:
             continue  # a helper starting a pool itself, on its way out
         thread.join(timeout)
-        if thread.is_alive():
-            continue  # still busy (a short ``timeout``): the next fork waits for it again
+        if keep_busy and thread.is_alive():
+            continue
         try:
             _helpers.remove(thread)
         except ValueError:  # another thread settled it meanwhile
-            pass
+            continue
         wait_gone(thread)
 
 
@@ -421,7 +424,7 @@ def fork_template_early() -> bool:
     # The watch of the map before may still be ending (under load, 2 maps in 10 returned
     # before it had): let it, briefly. Counted, it had this map's few long items wait for
     # a template spawned while the first call ran.
-    settle(timeout=SETTLE_EARLY_S)
+    settle(timeout=SETTLE_EARLY_S, keep_busy=True)
     if threads_now() != 1:
         return False
     rss = _rss()
