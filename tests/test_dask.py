@@ -392,6 +392,9 @@ def test_a_result_fetched_as_its_client_closes_is_named(cluster):
     # An OSError that is not dask's own passes as it is.
     own = OSError("disk full")
     assert dask_backend._translate(own, 0, 5) is own
+    # Our task's own error, come back as the client closes: as it is, not "closed".
+    mine = RuntimeError("a result could not be pickled")
+    assert dask_backend._translate(mine, 0, 5, client_closed=True) is mine
 
 
 def test_pickling_a_function_drops_its_client(client):

@@ -129,6 +129,7 @@ def test_a_let_go_without_a_hold_leaves_the_switch_interval_counted_right():
     # A start interrupted (Ctrl-C) before it held fast switching still lets go; that
     # once drove the count below zero, and the next hold then lowered nothing.
     from adaptive_exec import system
+    assert system._switch_users == 0  # nothing of an earlier test still holds it
     before = sys.getswitchinterval()
     sys.setswitchinterval(0.003)
     try:
@@ -346,6 +347,37 @@ FEW_LONG = """
 
 
 @linux_only
+def test_a_helper_told_to_stop_that_starts_a_pool_does_not_fork_it_beside_the_caller(tmp_path):
+    # A watch noted as ending (adapt.SamplingWatch.stop) while it started a pool ahead
+    # counted itself as ending: the path was "fork", from that thread, with the caller's
+    # thread running. Ended helpers leave the list as new ones are noted.
+    env = {k: v for k, v in os.environ.items() if k != starts.ENV_START}
+    out = run_script(tmp_path, """
+        import json, threading
+        from adaptive_exec.backends import starts
+
+        got, go = {}, threading.Event()
+
+        def watch():
+            go.wait()
+            got["path"] = starts.choose()
+
+        t = threading.Thread(target=watch)
+        t.start()
+        starts.note_helper(t)
+        go.set()
+        t.join()
+        later = threading.Thread(target=go.wait)
+        later.start()
+        starts.note_helper(later)
+        noted = [h is later for h in starts._helpers]
+        later.join()
+        print(json.dumps([got["path"], noted, starts.choose()]))
+    """, env=env)
+    assert json.loads(out.splitlines()[-1]) == ["template", [True], "fork"], out
+
+
+@linux_only
 def test_the_watch_of_the_map_before_still_ending_does_not_stop_the_early_fork(tmp_path):
     # Under load the watch of a map sometimes outlived it by a moment; the next map,
     # counting two threads, forked no template for its few long items (full suite beside
@@ -363,11 +395,13 @@ def test_the_watch_of_the_map_before_still_ending_does_not_stop_the_early_fork(t
             return t
 
         ending(0.005)
+        starts.SETTLE_EARLY_S = 10.0  # a busy machine may take its time to end it
         soon = starts.fork_template_early()
+        starts.SETTLE_EARLY_S = 0.02
         pid = starts.template_pid()
         starts.template().retire_forked(unused_only=True)
         retired = starts.template_pid()
-        busy = ending(starts.SETTLE_EARLY_S * 20)
+        busy = ending(2.0)
         late = starts.fork_template_early()
         noted = busy in starts._helpers
         busy.join()

@@ -369,7 +369,8 @@ def _translate(exc: BaseException, start: int, n: int, client_closed: bool = Fal
         msg = (f"{span} killed {tries} of the dask cluster, each time it ran there "
                "(dask's KilledWorker)")
         err: BaseException = WorkerCrashedError(msg, index=start)
-    elif client_closed or _is_comm_error(exc):
+    elif (client_closed and isinstance(exc, (cf.CancelledError, OSError))) or (
+            _is_comm_error(exc)):
         # The result was being fetched when the client closed or the connection to
         # the scheduler dropped: dask says "Stream is closed" (CommClosedError).
         why = ("its client was closed" if client_closed

@@ -28,7 +28,7 @@ The rule (``choose``):
   ``if __name__ == "__main__"`` guard is not run again. Functions defined there travel by
   value (cloudpickle), as with loky's default start.
   A map of few items (at most 4 per worker) whose pool is cold forks the template
-  instead, from its caller's only thread, before its first call (~0.7 ms): should that
+  instead, from its caller's only thread, before its first call (~1 ms): should that
   call run long, the items behind it go to workers the template forks meanwhile, ~0.1 s
   sooner than from a spawned one (benchmark two_heavy, two items of 0.5 s: 0.85 s ->
   0.72 s, where a fork pool takes 0.52 s; few_heavy 1.09x -> 1.00x a fork pool's). It
@@ -94,14 +94,16 @@ _helpers: list[threading.Thread] = []  # threads of ours that end soon (see sett
 
 def note_helper(thread: threading.Thread) -> None:
     """A thread of ours that is ending (told to stop) but may still be busy a moment
-    (starting a pool): a fork waits for it (``settle``); a map that starts no pool does not."""
+    (starting a pool): a fork waits for it (``settle``); a map that starts no pool does not.
+    Those that ended meanwhile leave the list here (a warm pool's maps never settle it)."""
+    _helpers[:] = [t for t in _helpers if t.is_alive()]
     _helpers.append(thread)
 
 
 # How long a map's start waits for the watch of the map before to end, before it forks
 # the template (fork_template_early): a watch told to stop ends within ~1 ms unless it
 # is starting a pool, which a map of few items does not wait for.
-SETTLE_EARLY_S = 0.02
+SETTLE_EARLY_S = 0.02  # for all of them together
 
 
 def settle(timeout: float = 1.0, keep_busy: bool = False) -> None:
@@ -117,10 +119,11 @@ def settle(timeout: float = 1.0, keep_busy: bool = False) -> None:
         # helpers do, and one of them may be spawning this very pool's workers (a
         # template's take ~0.1 s): not waited for.
         return
+    deadline = time.monotonic() + timeout  # for them all, not each
     for thread in list(_helpers):
         if thread is me:
             continue  # a helper starting a pool itself, on its way out
-        thread.join(timeout)
+        thread.join(max(0.0, deadline - time.monotonic()))
         if keep_busy and thread.is_alive():
             continue
         try:
@@ -168,8 +171,11 @@ def choose() -> str:
         return EXEC
     if wanted == TEMPLATE:
         return TEMPLATE
-    # Our helper threads that are ending (settle waits for them before a fork) do not count.
-    ending = sum(1 for t in _helpers if t.is_alive())
+    # Our helper threads that are ending (settle waits for them before a fork) do not count;
+    # the one asking does: a watch told to stop while it started a pool ahead had the pool
+    # forked from it, beside the caller's running thread.
+    me = threading.current_thread()
+    ending = sum(1 for t in _helpers if t is not me and t.is_alive())
     return FORK if threads_now() - ending == 1 else TEMPLATE
 
 
@@ -266,12 +272,13 @@ class Template:
 
     def fork_here(self) -> bool:
         """Fork the template from this thread, the process's only one: ~0.7 ms for a
-        20 MB caller, where a spawned template is up ~0.12 s after it is asked for. Made
-        at a map's start, before its first call: should that call run long, the items
-        behind it are sent to workers the template forks meanwhile (adapt.py), which the
-        caller's thread, busy in the call, cannot fork itself. The template is a copy of
-        the caller as it is now, as a worker forked directly would be. False where a
-        template runs already."""
+        20 MB caller (0.9-1.3 ms once it has imported loky and this package), where a
+        spawned template is up ~0.12 s after it is asked for. Made at a map's start,
+        before its first call: should that call run long, the items behind it are sent
+        to workers the template forks meanwhile (adapt.py), which the caller's thread,
+        busy in the call, cannot fork itself. The template is a copy of the caller as it
+        is now, as a worker forked directly would be. False where a template runs
+        already."""
         with self.lock:
             if self.pid is not None:
                 return False
@@ -424,11 +431,11 @@ def fork_template_early() -> bool:
     # The watch of the map before may still be ending (under load, 2 maps in 10 returned
     # before it had): let it, briefly. Counted, it had this map's few long items wait for
     # a template spawned while the first call ran.
-    settle(timeout=SETTLE_EARLY_S, keep_busy=True)
-    if threads_now() != 1:
-        return False
     rss = _rss()
     if rss is None or rss > FORKED_TEMPLATE_MAX_RSS:
+        return False
+    settle(timeout=SETTLE_EARLY_S, keep_busy=True)
+    if threads_now() != 1:
         return False
     return _template.fork_here()
 
