@@ -490,9 +490,7 @@ def burn_logged(x, path, seconds=0.5):
     """spin_logged, but ``seconds`` of this thread's CPU: beside other busy processes on
     too few cores the call takes longer, as real work does."""
     t0 = time.monotonic()
-    end = time.thread_time() + seconds
-    while time.thread_time() < end:
-        pass
+    burn(seconds)
     with open(path, "a") as f:
         f.write(f"{x} {os.getpid()} {t0} {time.monotonic()}\n")
     return 2 * x
@@ -524,9 +522,7 @@ def reads_once_then_burns(x, path, seconds=0.02):
             while f.read(1 << 20):
                 pass
         _READ_ONCE[path] = True
-    end = time.thread_time() + seconds
-    while time.thread_time() < end:
-        pass
+    burn(seconds)
     return x + 1
 
 
