@@ -819,6 +819,33 @@ def test_ctrl_c_while_workers_send_large_results_leaves_no_thread_and_the_proces
     assert out.strip().splitlines()[-1] == "[]", out
 
 
+def test_our_end_of_the_result_pipe_is_closed_under_a_stuck_read_only(monkeypatch):
+    # Closed after UNSTICK_AFTER_S whatever loky's manager thread was doing: beside busy
+    # processes it was still ending its pool at a multiprocessing child's exit, and died
+    # on EBADF (a traceback on the child's stderr). Only a thread stuck in a read is
+    # unstuck; one busy elsewhere is waited for.
+    monkeypatch.setattr(loky_backend, "UNSTICK_AFTER_S", 0.02)
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    busy = threading.Thread(target=time.sleep, args=(0.3,))  # ending its pool, slowly
+    busy.start()
+    loky_backend._close_if_stuck(busy, writer)
+    assert not busy.is_alive() and not writer.closed
+    got = []
+
+    def read():  # no message will come: what a stuck manager thread waits in
+        try:
+            reader.recv_bytes()
+        except EOFError:
+            got.append("EOF")
+
+    stuck = threading.Thread(target=read)
+    stuck.start()
+    loky_backend._close_if_stuck(stuck, writer)
+    stuck.join(10)
+    assert writer.closed and got == ["EOF"]
+    reader.close()
+
+
 KILLED_MID_RESULT_CHILD = """
 import functools, os, signal, sys, threading
 sys.path.insert(0, {tests!r})

@@ -568,9 +568,32 @@ def _kill_workers_now(executor: Any, results: Any = None, close_pipe: bool = Tru
 
 
 def _close_if_stuck(manager: threading.Thread, writer: Any) -> None:
-    manager.join(UNSTICK_AFTER_S)
-    if manager.is_alive():
-        _close_quietly(writer)
+    """Close ``writer`` once loky's ``manager`` thread is seen stuck reading a result (in
+    ``Connection._recv``) with the workers gone; not while it is ending the pool, however
+    long that takes: beside busy processes it took more than UNSTICK_AFTER_S, the pipe
+    was closed under it, and it died on EBADF at a multiprocessing child's exit."""
+    give_up = time.monotonic() + UNSTICK_GIVE_UP_S
+    while True:
+        manager.join(UNSTICK_AFTER_S)
+        if not manager.is_alive():
+            return
+        if _reading_a_result(manager):
+            _close_quietly(writer)
+            return
+        if time.monotonic() >= give_up:
+            return
+
+
+def _reading_a_result(thread: threading.Thread) -> bool:
+    """Is ``thread`` inside a read of a pipe's message (multiprocessing.connection)?"""
+    frame = sys._current_frames().get(thread.ident or -1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name in ("_recv", "_recv_bytes") and code.co_filename.endswith(
+                "connection.py"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _close_quietly(writer: Any) -> None:
@@ -583,6 +606,9 @@ def _close_quietly(writer: Any) -> None:
 # How long loky's manager thread may take to end a pool we shut down before our end of
 # its result pipe is closed under it (_kill_workers_now): it ends one in milliseconds.
 UNSTICK_AFTER_S = 0.5
+# How long the thread that would unstick it waits at most for a manager thread that is
+# busy elsewhere than in a read (ending the pool slowly) before it leaves it be.
+UNSTICK_GIVE_UP_S = 60.0
 # A worker found dead this long while loky still runs its pool as healthy: loky's
 # manager thread, which ends a pool within milliseconds of a worker's death, is stuck.
 # (Seen: a worker killed from outside, as the OOM killer does, halfway through writing
