@@ -822,14 +822,25 @@ def test_ctrl_c_while_workers_send_large_results_leaves_no_thread_and_the_proces
 def test_our_end_of_the_result_pipe_is_closed_under_a_stuck_read_only(monkeypatch):
     # Closed after UNSTICK_AFTER_S whatever loky's manager thread was doing: beside busy
     # processes it was still ending its pool at a multiprocessing child's exit, and died
-    # on EBADF (a traceback on the child's stderr). Only a thread stuck in a read is
-    # unstuck; one busy elsewhere is waited for.
+    # on EBADF (a traceback on the child's stderr). Only a thread stuck in one read of
+    # the result pipe is unstuck; one busy elsewhere, or reading another pipe (loky's
+    # wake-up pipe), is waited for.
     monkeypatch.setattr(loky_backend, "UNSTICK_AFTER_S", 0.02)
     reader, writer = multiprocessing.Pipe(duplex=False)
     busy = threading.Thread(target=time.sleep, args=(0.3,))  # ending its pool, slowly
     busy.start()
-    loky_backend._close_if_stuck(busy, writer)
+    loky_backend._close_if_stuck(busy, writer, reader)
     assert not busy.is_alive() and not writer.closed
+
+    other_r, other_w = multiprocessing.Pipe(duplex=False)
+    elsewhere = threading.Thread(target=other_r.recv_bytes)  # a read, of another pipe
+    elsewhere.start()
+    threading.Timer(0.3, other_w.send_bytes, args=(b"wake up",)).start()
+    loky_backend._close_if_stuck(elsewhere, writer, reader)
+    assert not elsewhere.is_alive() and not writer.closed
+    other_r.close()
+    other_w.close()
+
     got = []
 
     def read():  # no message will come: what a stuck manager thread waits in
@@ -840,10 +851,40 @@ def test_our_end_of_the_result_pipe_is_closed_under_a_stuck_read_only(monkeypatc
 
     stuck = threading.Thread(target=read)
     stuck.start()
-    loky_backend._close_if_stuck(stuck, writer)
+    loky_backend._close_if_stuck(stuck, writer, reader)
     stuck.join(10)
     assert writer.closed and got == ["EOF"]
     reader.close()
+
+
+def test_a_pool_ended_while_its_manager_thread_ends_it_is_left_to_that_thread(
+        monkeypatch):
+    # loky's shutdown() forgets its manager thread: read after it, the thread looked
+    # gone, and our end of the result pipe was closed at once beside that thread
+    # closing it too (EBADF in loky's thread, 1-3% of multiprocessing children's exits
+    # beside busy processes). Here the manager thread is held for a moment as it would
+    # close the pipe; the pipe is closed once, by that thread.
+    pf = parallelize(h.heavy, backend="loky", chunksize=1)
+    assert pf.map(range(20)) == [3 * x for x in range(20)]
+    executor = loky_backend.current_executor()
+    assert executor is not None, pf.last_report
+    writer = executor._result_queue._writer
+    closed_by = []
+    close = writer.close
+
+    def noted_close():
+        closed_by.append(threading.current_thread().name)
+        if threading.current_thread() is manager:
+            time.sleep(0.3)  # slow, as beside busy processes
+        close()
+
+    manager = executor._executor_manager_thread
+    monkeypatch.setattr(writer, "close", noted_close)
+    loky_backend.shutdown()
+    manager.join(10)
+    time.sleep(loky_backend.UNSTICK_AFTER_S * 2 + 0.2)  # the unstick thread: done
+    assert not manager.is_alive()
+    assert closed_by == [manager.name], closed_by
 
 
 KILLED_MID_RESULT_CHILD = """

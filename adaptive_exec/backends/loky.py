@@ -526,74 +526,81 @@ def _end_now(executor: Any) -> None:
     raced, and loky's died on EBADF (a traceback on stderr, its clean-up cut short)."""
     flags = getattr(executor, "_flags", None)
     broken = bool(getattr(flags, "broken", None))
-    results = getattr(executor, "_result_queue", None)  # shutdown() forgets it
+    # Read before shutdown(), which forgets them: with the manager thread forgotten,
+    # the pipe was closed here at once, beside that thread ending the pool and closing
+    # it too (EBADF in loky's thread at 1-3% of multiprocessing children's exits).
+    results = getattr(executor, "_result_queue", None)
+    manager = getattr(executor, "_executor_manager_thread", None)
     executor.shutdown(wait=False, kill_workers=True)
-    _kill_workers_now(executor, results, close_pipe=not broken)
+    _kill_workers_now(executor, results, manager, close_pipe=not broken)
 
 
-def _kill_workers_now(executor: Any, results: Any = None, close_pipe: bool = True) -> None:
+def _kill_workers_now(executor: Any, results: Any, manager: Optional[threading.Thread],
+                      close_pipe: bool = True) -> None:
     """Kill ``executor``'s live workers here, now: loky's own kill runs later on its
     manager thread, and under load a map left by Ctrl-C returned with them alive.
 
-    Then close this process's end of the pipe the workers write results into. A worker
-    killed halfway through writing a result (a 4 MB one is written in many pieces) left
-    loky's manager thread reading the rest for ever: this process holds a write end too
-    (loky never writes through it), so no end of file came. The thread outlived the
-    pool, and the interpreter's exit, which joins it, hung (every Ctrl-C during maps of
-    large results left one). With the workers gone and our end closed, the read ends
-    (an error) and loky ends that pool as broken."""
+    Then close this process's end of the pipe the workers write ``results`` into. A
+    worker killed halfway through writing a result (a 4 MB one is written in many
+    pieces) left loky's ``manager`` thread reading the rest for ever: this process holds
+    a write end too (loky never writes through it), so no end of file came. The thread
+    outlived the pool, and the interpreter's exit, which joins it, hung (every Ctrl-C
+    during maps of large results left one). With the workers gone and our end closed,
+    the read ends (an error) and loky ends that pool as broken."""
     for proc in list((getattr(executor, "_processes", None) or {}).values()):
         try:
             if proc.is_alive():
                 _kill(proc)
         except Exception:  # gone meanwhile
             pass
-    if not close_pipe:
-        return
-    if results is None:
-        results = getattr(executor, "_result_queue", None)
     writer = getattr(results, "_writer", None)
-    if writer is None:
+    if not close_pipe or writer is None:
         return
-    manager = getattr(executor, "_executor_manager_thread", None)
     if manager is None or manager is threading.current_thread() or not manager.is_alive():
-        _close_quietly(writer)
+        _close_quietly(writer)  # no thread of loky's left to close it, or this is it
         return
-    # Closed only if loky's manager thread is still there a moment later (stuck on a
-    # half-written result): one that is ending the pool closes the pipe itself, and two
-    # threads closing it at once raced (EBADF in loky's thread, at a child's exit). On a
-    # thread of its own: the caller returns at once (Ctrl-C).
-    threading.Thread(target=_close_if_stuck, args=(manager, writer), daemon=True,
-                     name="adaptive_exec-unstick").start()
+    # Closed only once loky's manager thread is seen stuck in a read of that pipe: one
+    # that is ending the pool closes the pipe itself, and two threads closing it at once
+    # raced (EBADF in loky's thread, at a child's exit). On a thread of its own: the
+    # caller returns at once (Ctrl-C).
+    threading.Thread(target=_close_if_stuck, args=(manager, writer, results._reader),
+                     daemon=True, name="adaptive_exec-unstick").start()
 
 
-def _close_if_stuck(manager: threading.Thread, writer: Any) -> None:
-    """Close ``writer`` once loky's ``manager`` thread is seen stuck reading a result (in
-    ``Connection._recv``) with the workers gone; not while it is ending the pool, however
-    long that takes: beside busy processes it took more than UNSTICK_AFTER_S, the pipe
-    was closed under it, and it died on EBADF at a multiprocessing child's exit."""
+def _close_if_stuck(manager: threading.Thread, writer: Any, reader: Any) -> None:
+    """Close ``writer`` once loky's ``manager`` thread is seen in the same read of
+    ``reader`` (a message of the result pipe) twice, UNSTICK_AFTER_S apart, with the
+    workers gone: nothing will ever write the rest. Not while it is ending the pool,
+    however long that takes: beside busy processes it took more than UNSTICK_AFTER_S,
+    the pipe was closed under it, and it died on EBADF; nor while it empties its wake-up
+    pipe (a read too) or reads a whole result a worker left."""
     give_up = time.monotonic() + UNSTICK_GIVE_UP_S
+    seen = None
     while True:
         manager.join(UNSTICK_AFTER_S)
         if not manager.is_alive():
             return
-        if _reading_a_result(manager):
+        reading = _read_of(manager, reader)
+        if reading is not None and reading is seen:
             _close_quietly(writer)
             return
+        seen = reading
         if time.monotonic() >= give_up:
             return
 
 
-def _reading_a_result(thread: threading.Thread) -> bool:
-    """Is ``thread`` inside a read of a pipe's message (multiprocessing.connection)?"""
+def _read_of(thread: threading.Thread, reader: Any) -> Any:
+    """The frame of ``thread``'s read of a message from ``reader`` (a
+    multiprocessing.connection.Connection's ``_recv_bytes``), or None when it reads none.
+    Kept, it stays that frame: seen again, the thread is still in that one read."""
     frame = sys._current_frames().get(thread.ident or -1)
     while frame is not None:
-        code = frame.f_code
-        if code.co_name in ("_recv", "_recv_bytes") and code.co_filename.endswith(
-                "connection.py"):
-            return True
+        if (frame.f_code.co_name == "_recv_bytes"
+                and frame.f_code.co_filename.endswith("connection.py")
+                and frame.f_locals.get("self") is reader):
+            return frame
         frame = frame.f_back
-    return False
+    return None
 
 
 def _close_quietly(writer: Any) -> None:
@@ -603,8 +610,8 @@ def _close_quietly(writer: Any) -> None:
         pass
 
 
-# How long loky's manager thread may take to end a pool we shut down before our end of
-# its result pipe is closed under it (_kill_workers_now): it ends one in milliseconds.
+# How long loky's manager thread must be seen in one read of its result pipe, its workers
+# gone, before our end of that pipe is closed under it (_close_if_stuck).
 UNSTICK_AFTER_S = 0.5
 # How long the thread that would unstick it waits at most for a manager thread that is
 # busy elsewhere than in a read (ending the pool slowly) before it leaves it be.
