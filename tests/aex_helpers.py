@@ -558,13 +558,15 @@ class Halt(BaseException):
 
 
 def lazy_logged(x, path, setup=0.4, cost=0.0005, raise_on=frozenset(), halt_on=frozenset(),
-                dear_from=None, dear_cost=0.0):
+                dear_from=None, dear_cost=0.0, caller=None, worker_setup=None):
     """lazy_table's shape (its own table), logged as spin_logged's; raises ValueError on
     the items in ``raise_on``, Halt on those in ``halt_on``; from item ``dear_from`` on,
-    an item costs ``dear_cost``."""
+    an item costs ``dear_cost``. A process other than ``caller`` (a pid) builds its table
+    in ``worker_setup`` seconds, when given."""
     t0 = time.monotonic()
     if "logged" not in _TABLE:
-        burn(setup)
+        elsewhere = worker_setup is not None and os.getpid() != caller
+        burn(worker_setup if elsewhere else setup)
         _TABLE["logged"] = os.getpid()
     spin(dear_cost if dear_from is not None and x >= dear_from else cost)
     with open(path, "a") as f:
