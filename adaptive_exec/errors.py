@@ -9,7 +9,6 @@ failing item's index and the worker's traceback attached (see ``attach_origin``)
 from __future__ import annotations
 
 import builtins
-import pickle
 import sys
 import types
 import warnings
@@ -233,7 +232,9 @@ def rebuild_exception(record: ExceptionState) -> BaseException:
     blob = record.cls
     if blob is not None:
         try:
-            cls = pickle.loads(blob)
+            from .worker import loads_returned  # (worker imports this module)
+
+            cls = loads_returned(blob)
             exc = cls.__new__(cls)
             exc.args = record.args
             exc.__dict__.update(record.state)

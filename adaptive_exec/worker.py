@@ -1100,6 +1100,73 @@ def run_items(func: Callable[..., Any], start: int, items: list[Any], star: bool
     )
 
 
+def loads_returned(data: bytes) -> Any:
+    """``pickle.loads`` of what a worker sent back. A class of the caller's that travels
+    by value (defined in the script, or in a function) comes back by value too, and
+    cloudpickle, finding the caller's own class by its tracking id, set the worker's
+    copy of its attributes on it: its methods became copies that read the globals as
+    the worker had them (after one map of ``P`` results, the script's own
+    ``P(1).scaled()`` read a global the script had changed since, at its old value). A
+    class the caller has is kept as it has it, as a loop would leave it."""
+    if b"_class_setstate" not in data:  # a scan: far cheaper than the unpickling
+        return pickle.loads(data)
+    return _KeepCallersClasses(io.BytesIO(data)).load()
+
+
+class _KeepCallersClasses(pickle.Unpickler):
+    """Unpickles with cloudpickle's class rebuilding watched: a class it finds already
+    here (``_make_skeleton_class`` and ``_make_skeleton_enum`` return the one tracked
+    under that id) is not given the pickled attributes (``_class_setstate``)."""
+
+    def __init__(self, file: Any) -> None:
+        super().__init__(file)
+        self.found: list[type] = []
+
+    def find_class(self, module: str, name: str) -> Any:
+        got = super().find_class(module, name)
+        if module.startswith("cloudpickle"):
+            from cloudpickle import cloudpickle as cp
+
+            if got is getattr(cp, "_class_setstate", None):
+                return functools.partial(_setstate_unless_found, got, self.found)
+            where = _tracker_arg(got)
+            if where is not None:
+                return functools.partial(_skeleton_noting_found, got, where, self.found)
+        return got
+
+
+@functools.cache
+def _tracker_arg(make: Any) -> Optional[int]:
+    """The position of ``class_tracker_id`` among the arguments of one of cloudpickle's
+    class rebuilders; None for anything else."""
+    from cloudpickle import cloudpickle as cp
+
+    if make not in (getattr(cp, "_make_skeleton_class", None),
+                    getattr(cp, "_make_skeleton_enum", None)):
+        return None
+    import inspect
+
+    names = list(inspect.signature(make).parameters)
+    return names.index("class_tracker_id") if "class_tracker_id" in names else None
+
+
+def _skeleton_noting_found(make: Any, where: int, found: list[type], *args: Any) -> Any:
+    from cloudpickle import cloudpickle as cp
+
+    tracker_id = args[where] if where < len(args) else None
+    had = cp._DYNAMIC_CLASS_TRACKER_BY_ID.get(tracker_id) if tracker_id is not None else None
+    cls = make(*args)
+    if had is not None and cls is had:
+        found.append(cls)
+    return cls
+
+
+def _setstate_unless_found(setstate: Any, found: list[type], obj: Any, state: Any) -> Any:
+    if any(obj is cls for cls in found):
+        return obj
+    return setstate(obj, state)
+
+
 def _remote_text(error: BaseException) -> str:
     """The worker's traceback of ``error``, as the caller chains it (its cause): the
     function's frames, and its own cause or context; without our note of where it ran,
@@ -1151,9 +1218,9 @@ def decode(res: ChunkResult) -> tuple[list[Any], Optional[BaseException]]:
     """Caller side of run_chunk: the chunk's results and its exception, unpickled.
     With holes (results that could not be pickled) the list holds None there."""
     if res.status == FALLBACK and res.holes is not None:
-        results = [None if part is None else pickle.loads(part) for part in res.results]
+        results = [None if part is None else loads_returned(part) for part in res.results]
     else:
-        results = pickle.loads(res.results)
+        results = loads_returned(res.results)
     if res.error_index is None:
         return results, None
     return results, _load_error(res.error)
@@ -1161,7 +1228,7 @@ def decode(res: ChunkResult) -> tuple[list[Any], Optional[BaseException]]:
 
 def _load_error(data: bytes) -> BaseException:
     try:
-        loaded = pickle.loads(data)
+        loaded = loads_returned(data)
     except Exception as exc:
         from .errors import RemoteError
 

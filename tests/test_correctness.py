@@ -311,6 +311,60 @@ def test_script_classes_and_dataclasses_in_items_results_and_starmap(tmp_path):
     assert out.strip() == "ok"
 
 
+@pytest.mark.parametrize("path", [starts.FORK, starts.EXEC])
+def test_script_classes_that_come_back_are_left_as_the_caller_has_them(tmp_path, path):
+    # A result or exception of a class from the script came back by value, and
+    # cloudpickle set the worker's copy of the class's attributes on the caller's own
+    # class: its methods then read the script's globals as they were when the class was
+    # sent (found by an adversarial review helper: the script's own P(1).scaled() gave 1
+    # after SCALE = 10).
+    if path == starts.FORK and not starts.fork_works():
+        pytest.skip("fork: Linux")
+    out = run_script(tmp_path, """
+        import enum, time
+        from adaptive_exec import parallelize
+
+        SCALE = 1
+
+        class P:
+            def __init__(self, v):
+                self.v = v
+            def scaled(self):
+                return self.v * SCALE
+
+        class Colour(enum.Enum):
+            RED = 1
+            def scaled(self):
+                return self.value * SCALE
+
+        class AppError(Exception):
+            def __str__(self):
+                return f"v{SCALE}: {self.args[0]}"
+
+        def make(x):
+            t = time.perf_counter()
+            while time.perf_counter() - t < 0.003:  # worth a pool
+                pass
+            if x == 150:
+                raise AppError(x)
+            return P(x), Colour.RED
+
+        methods = (P.scaled, P.__init__, Colour.scaled, AppError.__str__)
+        pf = parallelize(make, backend="loky", chunksize=10)
+        got = pf.map(range(100))
+        assert [(p.v, c) for p, c in got] == [(x, Colour.RED) for x in range(100)]
+        assert all(type(p) is P for p, _ in got) and pf.last_report.plan.mode == "parallel"
+        try:
+            pf.map(range(200))
+        except AppError as exc:
+            assert type(exc) is AppError and exc.args == (150,)
+        SCALE = 10
+        assert (P.scaled, P.__init__, Colour.scaled, AppError.__str__) == methods
+        print(P(1).scaled(), Colour.RED.scaled(), str(AppError(1)))
+    """, env={starts.ENV_START: path})
+    assert out.split() == ["10", "10", "v10:", "1"]
+
+
 # --- 4. errors in the loop's order ---------------------------------------------------
 
 @pytest.mark.parametrize("exc", ["ValueError", "SystemExit", "KeyboardInterrupt",
