@@ -107,32 +107,46 @@ def attach_origin(exc: BaseException, index: int, remote_tb: Optional[str],
         # Before any item: its message says where; the initializer's own traceback (from
         # a worker) is the cause.
         if remote_tb:
-            exc.__cause__ = RemoteTraceback(f'\n"""\n{remote_tb}"""')
+            set_on(exc, "__cause__", RemoteTraceback(f'\n"""\n{remote_tb}"""'))
         return exc
     note = f"adaptive_exec: raised while processing item {index}"
     if where:
         note = f"{note} in {where}"
-    try:
-        exc.item_index = index  # type: ignore[attr-defined]
-    except Exception:  # exceptions with __slots__ or read-only attributes
-        pass
+    set_on(exc, "item_index", index)
     user_tb = _without_our_head(exc.__traceback__)
     if user_tb is not None:
-        exc.__traceback__ = user_tb
+        set_on(exc, "__traceback__", user_tb)
     if sys.version_info >= (3, 11):
         notes = getattr(exc, "__notes__", None)
         last = notes[-1] if isinstance(notes, list) and notes else ""
         # From a worker, the exception already carries the note it was given there
         # (with the worker's pid): not a second time.
         if not (isinstance(last, str) and _same_item(last, index)):
-            exc.add_note(note)
+            if isinstance(notes, list):
+                notes.append(note)
+            elif notes is None:  # (not add_note(): a frozen dataclass refuses it too)
+                set_on(exc, "__notes__", [note])
     elif not exc.args or not isinstance(exc.args[-1], str) or note not in exc.args[-1]:
         # Below 3.11 there are no notes; the index still reaches the user via the
         # cause's text, which is printed with the traceback.
         remote_tb = f"{note}\n{remote_tb or ''}"
     if remote_tb:
-        exc.__cause__ = RemoteTraceback(f'\n"""\n{remote_tb}"""')
+        set_on(exc, "__cause__", RemoteTraceback(f'\n"""\n{remote_tb}"""'))
     return exc
+
+
+def set_on(exc: BaseException, name: str, value: Any) -> None:
+    """``exc.<name> = value``, past a ``__setattr__`` that refuses it: a frozen
+    dataclass's refused even ``__traceback__`` (FrozenInstanceError came out of a map
+    where the loop raised the user's exception). Nothing where there is no room for it
+    (``__slots__``)."""
+    try:
+        setattr(exc, name, value)
+    except Exception:
+        try:
+            object.__setattr__(exc, name, value)
+        except Exception:
+            pass
 
 
 def _same_item(note: str, index: int) -> bool:
@@ -171,7 +185,7 @@ def hide_library_frames(exc: BaseException) -> BaseException:
     tb = exc.__traceback__
     rest = _without_our_head(tb)
     if rest is not tb and (rest is not None or getattr(exc, "item_index", None) is not None):
-        exc.__traceback__ = rest
+        set_on(exc, "__traceback__", rest)
     return exc
 
 
@@ -236,7 +250,7 @@ def rebuild_exception(record: ExceptionState) -> BaseException:
 
             cls = loads_returned(blob)
             exc = cls.__new__(cls)
-            exc.args = record.args
+            set_on(exc, "args", record.args)
             exc.__dict__.update(record.state)
             return exc  # type: ignore[no-any-return]
         except Exception:

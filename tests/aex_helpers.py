@@ -701,3 +701,26 @@ def kind_of(x, seconds=0.002):
     """``seconds`` of CPU, then the name of ``x``'s type (any item will do)."""
     spin(seconds)
     return type(x).__name__
+
+
+def _frozen_error():
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class FrozenError(Exception):
+        """A frozen dataclass exception: its __setattr__ refuses every attribute."""
+        code: int
+
+    FrozenError.__qualname__ = "FrozenError"
+    return FrozenError
+
+
+FrozenError = _frozen_error()
+
+
+def raise_frozen(x, at, cost=0.0):
+    """x, after spinning ``cost`` s; FrozenError(x) at item ``at``."""
+    spin(cost)
+    if x == at:
+        raise FrozenError(x)
+    return x

@@ -425,6 +425,18 @@ def test_an_exception_holding_a_lock_keeps_its_class_and_other_attributes():
     assert not hasattr(info.value, "lock")  # what cannot travel is dropped
 
 
+@pytest.mark.parametrize("backend, at", [("serial", 3), ("auto", 0), ("loky", 150)])
+def test_a_frozen_dataclass_exception_comes_out_as_itself(backend, at):
+    # Its __setattr__ refuses every attribute, __traceback__ and __notes__ too: the map
+    # raised FrozenInstanceError where the loop raised the user's exception (found by an
+    # adversarial review helper). At 0: raised by the first call, in the caller.
+    func = functools.partial(h.raise_frozen, at=at, cost=0.002)
+    with pytest.raises(h.FrozenError) as info:
+        parallelize(func, backend=backend, chunksize=10).map(range(200))
+    assert type(info.value) is h.FrozenError and info.value.code == at
+    assert info.value.item_index == at
+
+
 def test_an_exception_whose_class_cannot_travel_is_a_remote_error_stand_in():
     calibrate()
     with pytest.raises(RemoteError) as info:
