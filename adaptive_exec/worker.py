@@ -179,7 +179,22 @@ def _importable(value: Any) -> bool:
             target = getattr(target, part)
     except AttributeError:
         return False
-    return target is value or getattr(target, "__adaptive_exec_wrapped__", None) is value
+    return (target is value or getattr(target, "__adaptive_exec_wrapped__", None) is value
+            or (isinstance(target, types.FunctionType) and target is not value
+                and _innermost(target) is value))
+
+
+def _innermost(func: Any) -> Any:
+    """The function under ``func``'s decorators (``functools.wraps`` leaves it as
+    ``__wrapped__``): the code that reads the globals. Its wrapper's code reads none of
+    them (the function is a closure cell there), and the globals a decorated function
+    read were never sent: its workers kept their values from import."""
+    for _ in range(100):  # (a cycle of __wrapped__ ends too)
+        inner = getattr(func, "__wrapped__", None)
+        if not isinstance(inner, types.FunctionType):
+            break
+        func = inner
+    return func
 
 
 def _code_objects(code: types.CodeType) -> list[types.CodeType]:
@@ -221,7 +236,7 @@ def _reached(func: types.FunctionType, owner: Optional[type] = None
         for c in _code_objects(code):
             for name in c.co_names:
                 inner = module_globals.get(name)
-                inner = getattr(inner, "__adaptive_exec_wrapped__", inner)
+                inner = _innermost(getattr(inner, "__adaptive_exec_wrapped__", inner))
                 if isinstance(inner, types.FunctionType) and inner.__globals__ is module_globals:
                     stack.append(inner)  # a helper of the same module: what it reads counts
                 elif isinstance(inner, type) and inner.__module__ == func.__module__:
@@ -313,6 +328,12 @@ def _attributes_read(func: types.FunctionType, owner: Optional[type] = None,
     for f in _reached(func, owner):
         for name, attrs in _name_chains(f.__code__):
             holder = module_globals.get(name)
+            if (isinstance(holder, types.FunctionType) and holder.__module__ != func.__module__
+                    and _users_module(sys.modules.get(holder.__module__))):
+                # A helper imported by name from another module of the user's (``from
+                # cfg import helper``): what it reads of its own module counts too.
+                _add_reads_of(holder, depth, found)
+                continue
             for attr in attrs:
                 if not (isinstance(holder, types.ModuleType) and _users_module(holder)
                         and sys.modules.get(holder.__name__) is holder):
@@ -324,18 +345,28 @@ def _attributes_read(func: types.FunctionType, owner: Optional[type] = None,
                 if isinstance(value, types.ModuleType):
                     holder = value  # pkg.sub.NAME: read on
                     continue
-                if isinstance(value, types.FunctionType) and depth > 0 and _importable(value):
-                    for k, v in _attributes_read(value, None, depth - 1).items():
-                        found.setdefault(k, v)
-                    home = sys.modules.get(value.__module__)
-                    if _users_module(home):
-                        for global_name, v in _globals_read(value).items():
-                            if _plain_value(v):
-                                found.setdefault((value.__module__, global_name), v)
+                if isinstance(value, types.FunctionType):
+                    _add_reads_of(value, depth, found)
                 elif _plain_value(value):
                     found[(holder.__name__, attr)] = value
                 break
     return found
+
+
+def _add_reads_of(func: types.FunctionType, depth: int,
+                  found: dict[tuple[str, str], Any]) -> None:
+    """Into ``found``: what ``func``, a function of another module that is called, reads
+    (``depth`` > 0): its own module's globals, when that module is the user's, and the
+    attributes it reads of the user's other modules."""
+    if depth <= 0 or not _importable(func):
+        return
+    core = _innermost(func)
+    for k, v in _attributes_read(core, None, depth - 1).items():
+        found.setdefault(k, v)
+    if _users_module(sys.modules.get(core.__module__)):
+        for global_name, v in _globals_read(core).items():
+            if _plain_value(v):
+                found.setdefault((core.__module__, global_name), v)
 
 
 # Module attributes at least this large, of a type that cannot change in place, are
@@ -347,6 +378,19 @@ _IMMUTABLE = (bytes, str, int, float, complex, tuple, frozenset, type(None))
 # (module, name) -> (the object, its pickle, the pickle's digest), for those
 # ATTRIBUTE_REUSE_BYTES or larger.
 _attribute_pickles: dict[tuple[str, str], tuple[Any, bytes, bytes]] = {}
+
+
+def _immutable(value: Any) -> bool:
+    """Can ``value`` never change? A tuple can, through a list it holds (a table of
+    rows, changed in place between two maps, was sent as it was at the first)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if type(v) not in _IMMUTABLE:
+            return False
+        if isinstance(v, (tuple, frozenset)):
+            stack.extend(v)
+    return True
 
 
 class _NotPlainData(Exception):
@@ -385,7 +429,7 @@ def _attribute_pickle(where: tuple[str, str], value: Any) -> tuple[bytes, bytes]
         return known[1], known[2]
     data = _plain_dumps(value)
     digest = hashlib.sha1(data).digest()
-    if len(data) >= ATTRIBUTE_REUSE_BYTES and type(value) in _IMMUTABLE:
+    if len(data) >= ATTRIBUTE_REUSE_BYTES and _immutable(value):
         _attribute_pickles[where] = (value, data, digest)  # kept: its id stays its own
     return data, digest
 
@@ -461,7 +505,7 @@ def _code_that_runs(func: Callable[..., Any]) -> tuple[Optional[types.FunctionTy
         if not isinstance(f, functools.partial):
             break
         f = f.func
-    core: Any = unwrap(func)
+    core: Any = _innermost(unwrap(func))
     if not isinstance(core, types.FunctionType):
         owner = type(core)
         core = vars(owner).get("__call__") or next(
@@ -478,7 +522,7 @@ def _patch_for(core: Optional[types.FunctionType], owner: Optional[type],
         return None
     values: dict[str, Any] = {}
     for name, value in _globals_read(core, owner).items():
-        if name in per_process:
+        if name in per_process or _stateless(value):
             continue
         try:
             dumps(value)
@@ -486,6 +530,25 @@ def _patch_for(core: Optional[types.FunctionType], owner: Optional[type],
             continue
         values[name] = value
     return dumps(values) if values else None
+
+
+def _stateless(value: Any) -> bool:
+    """An object with no state of its own, as a sentinel is (``MISSING = object()``):
+    nothing about it can have changed in the caller, and its copy is not the worker's
+    own object, which the function compares by identity: sent, ``default is MISSING``
+    turned False in the workers (a default holds the module's object from its import)."""
+    cls = type(value)
+    if cls is object:
+        return True
+    if cls in _PLAIN_TYPES or isinstance(value, (type, types.FunctionType, enum.Enum)):
+        return False
+    if cls.__reduce_ex__ is not object.__reduce_ex__ or cls.__reduce__ is not object.__reduce__:
+        return False
+    if getattr(cls, "__getstate__", None) is not getattr(object, "__getstate__", None):
+        return False
+    if any(vars(k).get("__slots__") for k in cls.__mro__):
+        return False
+    return not getattr(value, "__dict__", None)
 
 
 def function_ref(func: Callable[..., Any], per_process: frozenset[str] = frozenset(),

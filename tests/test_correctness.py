@@ -120,7 +120,7 @@ def test_a_script_whose_globals_helpers_and_captured_objects_change(tmp_path):
 
 USERS_MODULES = {
     "settings.py": """
-        import enum, os, time
+        import enum, functools, os, time
         SCALE = 1
         TABLE = {"k": 1}
         BIG = [0] * 10  # the script sets a list that pickles to over 1 MB
@@ -138,10 +138,24 @@ USERS_MODULES = {
         def scaled(x):  # reads its own module's global
             return x * SCALE
 
-        def by_own_global(x):  # a function workers import by name, patched by name
+        def by_own_global(x, default=MISSING):  # workers import it by name, patched by name
             end = time.perf_counter() + 0.002
             while time.perf_counter() < end:
                 pass
+            return x * SCALE + 1000 * (default is not MISSING)  # (a sentinel default)
+
+        def logged(fn):  # a decorator, as any: what runs is the function it wraps
+            @functools.wraps(fn)
+            def wrapper(*args, **kwargs):
+                return fn(*args, **kwargs)
+            return wrapper
+
+        @logged
+        def decorated(x):
+            return by_own_global(x) + SCALE
+
+        @logged
+        def decorated_helper(x):
             return x * SCALE
 
         class _State:
@@ -159,6 +173,7 @@ USERS_MODULES = {
     "work.py": """
         import os, time
         import settings
+        from settings import scaled as scaled_here  # reads settings.SCALE
 
         def spin():
             end = time.perf_counter() + 0.002
@@ -167,7 +182,16 @@ USERS_MODULES = {
 
         def by_name(x):  # a function workers import by name
             spin()
-            return x * settings.SCALE + (settings.Color.RED.value if settings.Color.RED else 0)
+            return (x * settings.SCALE + (settings.Color.RED.value if settings.Color.RED else 0)
+                    + settings.ROWS[0][0])
+
+        def by_imported(x):  # reads settings.SCALE through a helper imported by name
+            spin()
+            return scaled_here(x)
+
+        def by_decorated(x):  # and through a decorated one
+            spin()
+            return settings.decorated_helper(x)
 
         def model_is_mine(x):
             spin()
@@ -188,7 +212,11 @@ def test_attributes_of_the_users_modules_are_the_callers(tmp_path, path):
     # initializer sets in each process is not overwritten by the caller's copy; an
     # Enum's members are left alone (setting them back failed the function in the
     # worker: every item ran in the caller); a module's own globals patched by name and
-    # its attributes set from another function's map follow each other.
+    # its attributes set from another function's map follow each other. Found by an
+    # adversarial review helper, each a stale or wrong result before: a sentinel default
+    # (a copy of the sentinel replaced the worker's own), a tuple over 1 MB holding a
+    # list changed in place, a helper imported by name from a user's module, a function
+    # under a functools.wraps decorator.
     for name, text in USERS_MODULES.items():
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text(textwrap.dedent(text))
@@ -209,13 +237,17 @@ def test_attributes_of_the_users_modules_are_the_callers(tmp_path, path):
 
         items = range(60)
         settings.BIG = list(range(300_000))
+        settings.ROWS = (list(range(300_000)),)  # over 1 MB, a tuple, changed in place
         settings.LIMIT = 7
         got = parallelize(f, backend="loky", chunksize=4, initializer=settings.load).map(items)
         assert got == [f(x) for x in items], "a value over 1 MB, an initializer's store"
         for value in (10, 100, 10):
-            for func in (f, work.by_name, settings.by_own_global):
-                settings.SCALE = value
+            for i, func in enumerate((f, work.by_name, settings.by_own_global,
+                                      settings.decorated, work.by_imported,
+                                      work.by_decorated)):
+                settings.SCALE = value + i  # not what the map before sent
                 settings.TABLE["k"] = value + 2  # mutated in place
+                settings.ROWS[0][0] = value + i
                 pkg.sub.LIMIT = value + 3
                 pf = parallelize(func, backend="loky", chunksize=4, strict=True)
                 got, loop = pf.map(items), [func(x) for x in items]
