@@ -670,8 +670,21 @@ class MapPlanner:
         self.load = load
         self.started_ahead: Any = None  # a pool the serial loop started ahead, if any
         self.sent_at: Optional[float] = None  # when sampling first sent items ahead
+        self._needs_main: Optional[bool] = None
 
     # --- planning -----------------------------------------------------------------------
+
+    def _main_thread_only(self, features: Features) -> bool:
+        """Does the function set signal handlers (worker.needs_main_thread)? Read once,
+        and only for a function that waits: no other is given threads."""
+        if features.cpu_fraction is not None and features.cpu_fraction >= WAITING_MAX_CPU:
+            return False
+        if self._needs_main is None:
+            try:
+                self._needs_main = worker.needs_main_thread(self.func)
+            except Exception:  # code we cannot read: as before
+                self._needs_main = False
+        return self._needs_main
 
     def _correction(self) -> float:
         # Past runs on the same kind of workers correct the estimate: a cluster's runs
@@ -695,6 +708,7 @@ class MapPlanner:
             forced_parallel=forced_parallel, chunksize=chunksize,
             parallel_correction=self._correction(),
             threads_lost=self.entry is not None and planner.threads_lost(self.entry.runs),
+            main_thread_only=self._main_thread_only(features),
             startup_left=loky_backend.startup_left(calib.startup_for(snap.usable_cpus),
                                                    snap.usable_cpus),
             # Who still pays the function's one-time set-up: this process, unless it ran

@@ -508,6 +508,7 @@ def make_plan(
     chunksize: Optional[int] = None,
     parallel_correction: float = 1.0,
     threads_lost: bool = False,
+    main_thread_only: bool = False,
     startup_left: Optional[float] = None,
     cluster: Optional[Cluster] = None,
     setup_here: bool = False,
@@ -538,6 +539,8 @@ def make_plan(
     info = _describe(features, n_items, system, calib, warm, parallel_correction, cluster)
     if threads_lost:
         info["threads_lost"] = True  # a past run's threads did not beat the loop
+    if main_thread_only:
+        info["main_thread_only"] = True  # it sets signal handlers: no threads
     if startup_left is not None and cluster is None and not warm:
         info["startup_left_s"] = round(startup_left, 4)  # a pool started ahead
     job = _job(features, n_items, n_done, system, elapsed_s, from_cache, info,
@@ -557,7 +560,7 @@ def make_plan(
 
     # A function that mostly waits gets threads here; on a cluster its threads overlap
     # the waiting as well, and the user asked for the cluster.
-    if not forced_parallel and cluster is None and not threads_lost:
+    if not forced_parallel and cluster is None and not threads_lost and not main_thread_only:
         threads = _threads_option(job, features, system.usable_cpus, chunksize,
                                   system.max_workers)
         if threads is not None:

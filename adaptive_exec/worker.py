@@ -532,6 +532,46 @@ def _patch_for(core: Optional[types.FunctionType], owner: Optional[type],
     return dumps(values) if values else None
 
 
+# What the signal module lets only the main thread call ("signal only works in main
+# thread of the main interpreter" in any other): a function that calls it cannot run on
+# threads. (A pool's worker runs items on its main thread.)
+_MAIN_THREAD_ONLY = frozenset({"signal", "alarm", "setitimer", "set_wakeup_fd",
+                               "siginterrupt"})
+
+
+def needs_main_thread(func: Callable[..., Any]) -> bool:
+    """Does ``func`` (or a function of its module it calls) set a signal handler or a
+    timer? Such a function waits (an alarm around a read is the classic guard) and was
+    planned on threads, where its every item raised ValueError."""
+    import signal
+
+    core, owner = _code_that_runs(func)
+    if core is None:
+        return False
+    import dis
+
+    for f in _reached(core, owner):
+        for c in _code_objects(f.__code__):
+            if "signal" not in c.co_names:
+                continue
+            before = None  # signal.alarm(...), the module imported in the function too
+            for ins in dis.get_instructions(c):
+                if (before == "signal" and ins.opname in _ATTRIBUTE_OPS
+                        and ins.argval in _MAIN_THREAD_ONLY):
+                    return True
+                before = ins.argval if ins.opname.startswith("LOAD_") else None
+        names = f.__globals__
+        for name, attrs in _name_chains(f.__code__):
+            held = names.get(name)
+            if held is signal:
+                if attrs and attrs[0] in _MAIN_THREAD_ONLY:
+                    return True
+            elif (getattr(held, "__module__", None) in ("signal", "_signal")
+                  and getattr(held, "__name__", None) in _MAIN_THREAD_ONLY):
+                return True  # from signal import alarm
+    return False
+
+
 def _stateless(value: Any) -> bool:
     """An object with no state of its own, as a sentinel is (``MISSING = object()``):
     nothing about it can have changed in the caller, and its copy is not the worker's

@@ -397,6 +397,16 @@ def test_script_classes_that_come_back_are_left_as_the_caller_has_them(tmp_path,
     assert out.split() == ["10", "10", "v10:", "1"]
 
 
+@pytest.mark.skipif(not hasattr(__import__("signal"), "alarm"), reason="SIGALRM: POSIX")
+def test_a_function_that_sets_signal_handlers_is_not_given_threads():
+    # It waits, so it was planned on threads, where signal.signal() raises ValueError
+    # ("signal only works in main thread"): every item failed where the loop succeeded
+    # (found by an adversarial review helper).
+    pf = parallelize(h.guarded_sleep)
+    assert pf.map(range(100)) == [2 * x for x in range(100)]
+    assert pf.last_report.plan.mode != "threads", pf.last_report.plan.reason
+
+
 # --- 4. errors in the loop's order ---------------------------------------------------
 
 @pytest.mark.parametrize("exc", ["ValueError", "SystemExit", "KeyboardInterrupt",
