@@ -79,33 +79,83 @@ def dumps(obj: Any) -> bytes:
     return data
 
 
-def cloudpickle_dumps(obj: Any) -> bytes:
+def cloudpickle_dumps(obj: Any, sentinels_by_name: bool = False) -> bytes:
     """``cloudpickle.dumps``, except that the code of what travels by value keeps its
     file name: cloudpickle writes "<dynamic-code>" in its place, and a traceback from a
     worker then names neither the user's file nor the line's text (its line numbers and
-    line table cloudpickle keeps)."""
+    line table cloudpickle keeps). ``sentinels_by_name``: a function's, whose sentinels
+    travel by name (_by_name_if_stateless)."""
     with io.BytesIO() as file:
-        _pickler()(file, protocol=_PROTOCOL).dump(obj)
+        _pickler()[sentinels_by_name](file, protocol=_PROTOCOL).dump(obj)
         return file.getvalue()
 
 
-_PICKLER: list[Any] = []  # cloudpickle's Pickler, with code's file names kept; made once
+# cloudpickle's Pickler, with code's file names kept; and one that also sends sentinels
+# by name. Made once.
+_PICKLER: list[Any] = []
 
 
-def _pickler() -> Any:
+def _pickler() -> list[Any]:
     if not _PICKLER:
         import cloudpickle
 
         base = cloudpickle.Pickler
         reduce_code = base.dispatch_table.get(types.CodeType)
-        if reduce_code is None:  # a cloudpickle that leaves code objects as they are
-            _PICKLER.append(base)
-        else:
-            table = collections.ChainMap(
-                {types.CodeType: functools.partial(_reduce_code, reduce_code)},
-                base.dispatch_table)
-            _PICKLER.append(type("KeepFileNames", (base,), {"dispatch_table": table}))
-    return _PICKLER[0]
+        table = base.dispatch_table if reduce_code is None else collections.ChainMap(
+            {types.CodeType: functools.partial(_reduce_code, reduce_code)},
+            base.dispatch_table)  # (None: a cloudpickle that leaves code as it is)
+        keep = type("KeepFileNames", (base,), {"dispatch_table": table})
+        _PICKLER.extend([keep, type("KeepSentinels", (keep,), {
+            "reducer_override": functools.partialmethod(_by_name_if_stateless, base)})])
+    return _PICKLER
+
+
+def _by_name_if_stateless(pickler: Any, base: Any, obj: Any) -> Any:
+    """cloudpickle's ``reducer_override``, except that an object with no state that a
+    module holds (a sentinel: ``dataclasses.MISSING``, a module's ``MISSING =
+    object()``) travels by its name: the worker's is then the one its own code compares
+    with. Copied, ``def f(x, default=mymod.MISSING): return default is mymod.MISSING``
+    returned False in every worker."""
+    if not isinstance(obj, (type, types.FunctionType)) and _stateless(obj):
+        home = _home_of(obj)
+        if home is not None:
+            return _attribute_of, (*home, type(obj))
+    override = getattr(base, "reducer_override", None)  # cloudpickle's
+    return override(pickler, obj) if override is not None else NotImplemented
+
+
+# id -> (the object, its module and name or None): the object is kept, so its id stays.
+_HOMES: dict[int, tuple[Any, Optional[tuple[str, str]]]] = {}
+
+
+def _home_of(obj: Any) -> Optional[tuple[str, str]]:
+    """(module, name) of an importable module's global that is ``obj``, or None."""
+    known = _HOMES.get(id(obj))
+    if known is not None and known[0] is obj:
+        return known[1]
+    home = None
+    for name, module in list(sys.modules.items()):
+        if name == "__main__" or module is None:
+            continue
+        try:
+            found = next((k for k, v in vars(module).items() if v is obj), None)
+        except Exception:  # a module whose namespace cannot be read
+            continue
+        if found is not None:
+            home = (name, found)
+            break
+    if len(_HOMES) < 1024:
+        _HOMES[id(obj)] = (obj, home)
+    return home
+
+
+def _attribute_of(module: str, name: str, cls: Any) -> Any:
+    """In a worker: the module's own object (``_by_name_if_stateless``); a fresh one of
+    its class, as a copy would have been, where the module cannot be imported here."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except Exception:
+        return object.__new__(cls)  # (a class with no state: nothing else to set)
 
 
 def _reduce_code(reduce_code: Callable[[types.CodeType], Any], code: types.CodeType) -> Any:
@@ -627,9 +677,9 @@ def function_ref(func: Callable[..., Any], per_process: frozenset[str] = frozens
         _code_that_runs(init[0])[0] or init[0]))
     if init is not None and bundled:
         func, initializer = _without_globals((func, init[0]), per_process)
-        blob = cloudpickle_dumps((func, initializer, init[1]))
+        blob = cloudpickle_dumps((func, initializer, init[1]), sentinels_by_name=True)
     else:
-        blob = cloudpickle_dumps(func)
+        blob = cloudpickle_dumps(func, sentinels_by_name=True)
     h = hashlib.sha1(blob)
     if patch is not None:
         h.update(patch)

@@ -262,6 +262,31 @@ def test_attributes_of_the_users_modules_are_the_callers(tmp_path, path):
     assert out.strip() == "ok"
 
 
+def test_a_modules_sentinel_captured_by_a_script_function_stays_the_workers_own(tmp_path):
+    # A function of the script travels by value, and cloudpickle copied the sentinels
+    # its defaults hold: `default is mymod.MISSING` was False in every worker (found by
+    # an adversarial review helper).
+    (tmp_path / "mymod.py").write_text("MISSING = object()\n")
+    out = run_script(tmp_path, """
+        import dataclasses, os, sys, time
+        sys.path.insert(0, os.getcwd())
+        import mymod
+        from adaptive_exec import parallelize
+
+        def f(x, default=mymod.MISSING, field=dataclasses.MISSING):
+            end = time.perf_counter() + 0.002
+            while time.perf_counter() < end:
+                pass
+            return default is mymod.MISSING and field is dataclasses.MISSING
+
+        pf = parallelize(f, backend="loky", chunksize=5)
+        got = pf.map(range(100))
+        assert pf.last_report.plan.mode == "parallel", pf.last_report.plan.reason
+        print(got.count(True), got.count(False))
+    """)
+    assert out.split() == ["100", "0"]
+
+
 # --- 2. the caller's world -----------------------------------------------------------
 
 def test_workers_follow_the_callers_working_directory(tmp_path, monkeypatch):
