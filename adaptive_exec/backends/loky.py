@@ -130,6 +130,9 @@ def _after_fork_in_child() -> None:
             except (OSError, ValueError):
                 pass
     _clocks.clear()
+    global _unstickers_lock
+    _unstickers_lock = threading.Lock()  # a parent's thread may have held it at the fork
+    _unstickers.clear()  # the parent's threads: not running here
     process_executor = sys.modules.get("loky.process_executor")
     if process_executor is not None:
         # What loky does itself for a multiprocessing child (util.register_after_fork),
@@ -385,6 +388,7 @@ def _end_at_exit() -> None:
     import multiprocessing
 
     shutdown()
+    _join_unstickers(_UNSTICKERS_END_S)
     for proc in multiprocessing.active_children():
         if _ours(proc) and getattr(proc, "_parent_pid", None) == os.getpid():
             try:
@@ -392,6 +396,19 @@ def _end_at_exit() -> None:
                 proc.join(1)
             except Exception:  # gone meanwhile, or not ours to signal: exit goes on
                 pass
+
+
+def _join_unstickers(timeout: float) -> None:
+    """Wait (``timeout`` in all) for the threads _kill_workers_now started: one still
+    running may be in the clean-up of the pool's semaphores (see ``_unstickers``)."""
+    with _unstickers_lock:
+        threads = list(_unstickers)
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        if thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
+    with _unstickers_lock:
+        _unstickers[:] = [t for t in _unstickers if t.is_alive()]
 
 
 def fresh_executor(n_workers: int) -> tuple[Any, float]:
@@ -563,8 +580,25 @@ def _kill_workers_now(executor: Any, results: Any, manager: Optional[threading.T
     # that is ending the pool closes the pipe itself, and two threads closing it at once
     # raced (EBADF in loky's thread, at a child's exit). On a thread of its own: the
     # caller returns at once (Ctrl-C).
-    threading.Thread(target=_close_if_stuck, args=(manager, writer, results._reader),
-                     daemon=True, name="adaptive_exec-unstick").start()
+    thread = threading.Thread(target=_close_if_stuck, args=(manager, writer, results._reader),
+                              daemon=True, name="adaptive_exec-unstick")
+    with _unstickers_lock:
+        _unstickers[:] = [t for t in _unstickers if t.is_alive()]
+        _unstickers.append(thread)
+    thread.start()
+
+
+# The threads _kill_workers_now started (_close_if_stuck). Each holds loky's manager
+# thread, and with it the pool's queues and locks: when it ends, it may drop the last
+# reference to them, and their clean-up (the SemLocks' finalizers: sem_unlink, then
+# telling the resource tracker) then runs on it. A daemon thread cut off there by
+# the process's exit (a multiprocessing child's os._exit, the interpreter's end) left
+# a semaphore the tracker reported as leaked ("leaked semlock objects", 1 in ~200
+# multiprocessing children that mapped, beside busy processes): _end_at_exit joins them.
+_unstickers: list[threading.Thread] = []
+_unstickers_lock = threading.Lock()
+# How long _end_at_exit waits in all for them (each ends once its manager thread has).
+_UNSTICKERS_END_S = 2.0
 
 
 def _close_if_stuck(manager: threading.Thread, writer: Any, reader: Any) -> None:
