@@ -729,19 +729,17 @@ def test_a_multiprocessing_child_that_maps_exits_when_its_target_returns(tmp_pat
     assert _run_to_its_end(script, path, 90, quiet=True).split() == ["0"]
 
 
-MP_CHILD_SLOW_CLEANUP = """
-import importlib, multiprocessing as mp, sys, threading, time
-sys.path.insert(0, {tests!r})
-import aex_helpers as h
-from adaptive_exec import parallelize
+# Put before MP_CHILD_MAPS's child(): widens a race seen 1 in ~200 runs beside busy
+# processes. The thread that unsticks loky's manager thread (_close_if_stuck) holds it,
+# and with it the pool's queues and locks: it ends a little after it (here: 10 ms), while
+# the exit goes on (here: 50 ms after shutdown()), and the semaphores' clean-up, then run
+# on that thread, takes a while (here: 200 ms between its sem_unlink and its word to
+# loky's resource tracker). Loky's semaphores (exec path) and multiprocessing's
+# (template path: its context).
+SLOW_CLEANUP = """
+import importlib, threading
 from adaptive_exec.backends import loky as loky_backend
 
-# Widen a race seen 1 in ~200 runs beside busy processes. The thread that unsticks
-# loky's manager thread (_close_if_stuck) holds it, and with it the pool's queues and
-# locks: it ends a little after it (here: 10 ms), while the exit goes on (here: 50 ms
-# after shutdown()), and the semaphores' clean-up, then run on that thread, takes a
-# while (here: 200 ms between its sem_unlink and its word to loky's resource tracker).
-# Loky's semaphores (exec path) and multiprocessing's (template path: its context).
 def slowed(cleanup):
     def slow_cleanup(name):
         if threading.current_thread() is not threading.main_thread():
@@ -766,18 +764,6 @@ def slow_shutdown():
     time.sleep(0.05)
 
 loky_backend.shutdown = slow_shutdown
-
-def child():
-    assert parallelize(h.heavy, backend="loky").map(range(20)) == [x * 3 for x in range(20)]
-
-if __name__ == "__main__":
-    proc = mp.get_context("fork").Process(target=child)
-    proc.start()
-    proc.join(30)
-    print(proc.exitcode, flush=True)
-    if proc.exitcode is None:
-        proc.kill()
-        proc.join()
 """
 
 
@@ -791,7 +777,8 @@ def test_a_multiprocessing_childs_exit_waits_for_the_pools_semaphores_clean_up(
     # warned of "leaked semlock objects" (loky's, exec path; multiprocessing's "leaked
     # semaphore objects" on the template path; found beside 3 busy processes, 1 in ~240).
     script = tmp_path / "mp_child_slow_cleanup.py"
-    script.write_text(MP_CHILD_SLOW_CLEANUP.format(tests=TESTS))
+    text = MP_CHILD_MAPS.format(tests=TESTS)
+    script.write_text(text.replace("\ndef child():", SLOW_CLEANUP + "\ndef child():", 1))
     assert _run_to_its_end(script, path, 90, quiet=True).split() == ["0"]
 
 
