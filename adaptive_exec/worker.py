@@ -135,7 +135,7 @@ def _home_of(obj: Any) -> Optional[tuple[str, str]]:
         return known[1]
     home = None
     for name, module in list(sys.modules.items()):
-        if name == "__main__" or module is None:
+        if name.startswith("__") or module is None:  # __main__, __mp_main__: not by name
             continue
         try:
             found = next((k for k, v in vars(module).items() if v is obj), None)
@@ -622,6 +622,11 @@ def needs_main_thread(func: Callable[..., Any]) -> bool:
     return False
 
 
+# The size of an instance of a class statement's class (object, and a weak reference):
+# one larger has fields of its own, in C.
+_PLAIN_SIZE = type("_Plain", (), {}).__basicsize__
+
+
 def _stateless(value: Any) -> bool:
     """An object with no state of its own, as a sentinel is (``MISSING = object()``):
     nothing about it can have changed in the caller, and its copy is not the worker's
@@ -630,6 +635,8 @@ def _stateless(value: Any) -> bool:
     cls = type(value)
     if cls is object:
         return True
+    if cls.__basicsize__ > _PLAIN_SIZE:
+        return False  # fields of C's (a lock: no __dict__, yet all state)
     if cls in _PLAIN_TYPES or isinstance(value, (type, types.FunctionType, enum.Enum)):
         return False
     if cls.__reduce_ex__ is not object.__reduce_ex__ or cls.__reduce__ is not object.__reduce__:

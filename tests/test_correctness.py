@@ -287,6 +287,25 @@ def test_a_modules_sentinel_captured_by_a_script_function_stays_the_workers_own(
     assert out.split() == ["100", "0"]
 
 
+def test_only_objects_with_no_state_at_all_count_as_sentinels():
+    # A lock has no __dict__ either, yet all its state is C's: taken for a sentinel and
+    # sent by name, the function could not be rebuilt in a worker (found by a review
+    # helper, a regression of the sentinel rule).
+    from adaptive_exec.worker import _stateless
+
+    class Marker:
+        __slots__ = ()
+
+    class Empty:
+        pass
+
+    assert _stateless(object()) and _stateless(Marker()) and _stateless(Empty())
+    filled = Empty()
+    filled.x = 1
+    assert not any(_stateless(v) for v in (threading.Lock(), threading.RLock(), filled,
+                                           1, "s", (), [], Empty, len, h.spin))
+
+
 # --- 2. the caller's world -----------------------------------------------------------
 
 def test_workers_follow_the_callers_working_directory(tmp_path, monkeypatch):
