@@ -89,7 +89,19 @@ def forced_serial(options: Options) -> Optional[str]:
     if system.shutting_down():
         return ("the interpreter is shutting down (the main thread has returned): no "
                 "pool can start now")
+    if _daemonic():
+        return ("inside a daemonic process (a multiprocessing.Pool worker), which may "
+                "not start processes of its own")
     return None
+
+
+def _daemonic() -> bool:
+    """Is this a daemonic multiprocessing process? Its pool's start raised
+    AssertionError ("daemonic processes are not allowed to have children"), blamed on
+    an item, where the loop ran."""
+    import multiprocessing
+
+    return bool(multiprocessing.current_process().daemon)
 
 
 def pool_cpus(options: Options) -> int:

@@ -303,15 +303,15 @@ class _CannotCross:
         return results, err, res.error_index
 
 
-def _first_unpicklable(items: list[Any]) -> int:
-    """The offset of the first item that does not pickle (the chunk's first, if each
-    does alone): the item to name, not the chunk (it named index 24 for item 25)."""
+def _first_unpicklable(items: list[Any]) -> Optional[int]:
+    """The offset of the first item that does not pickle: the item to name, not the
+    chunk (it named index 24 for item 25); None when each does."""
     for offset, item in enumerate(items):
         try:
             dumps(item)
         except Exception:
             return offset
-    return 0
+    return None
 
 
 def observed_cv(chunk_item_s: list[tuple[int, float]]) -> Optional[float]:
@@ -584,9 +584,14 @@ class ParallelRun:
                 if system.shutting_down():
                     self._run_rest_here(info)
                     return
-                at = info.start + _first_unpicklable(info.items)
-                self.cross.warn(f"item {at} cannot be pickled to reach a worker ({exc})",
-                                exc, index=at)
+                offset = _first_unpicklable(info.items)
+                if offset is None:  # each item pickles: the pool failed (a start refused)
+                    self.cross.warn(f"the pool could not take items {info.start}-"
+                                    f"{info.start + len(info.items) - 1} ({exc})", exc)
+                else:
+                    at = info.start + offset
+                    self.cross.warn(f"item {at} cannot be pickled to reach a worker ({exc})",
+                                    exc, index=at)
                 self._run_locally(info)
                 return
         else:

@@ -306,6 +306,37 @@ def test_only_objects_with_no_state_at_all_count_as_sentinels():
                                            1, "s", (), [], Empty, len, h.spin))
 
 
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_a_map_inside_a_multiprocessing_pools_worker_runs_there(tmp_path, context):
+    # A Pool's worker is daemonic, and may not start processes: the map's pool raised
+    # AssertionError, blamed on an item (strict: "cannot be pickled"), where the loop
+    # ran (found by an adversarial review helper). joblib runs such a map sequentially.
+    if context == "fork" and not starts.fork_works():
+        pytest.skip("fork: Linux")
+    out = run_script(tmp_path, f"""
+        import multiprocessing as mp, time, warnings
+        from adaptive_exec import parallelize
+
+        def burn(x):
+            end = time.perf_counter() + 0.02
+            while time.perf_counter() < end:
+                pass
+            return x * 3
+
+        def job(strict):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                pf = parallelize(burn, strict=strict)
+                got = pf.map(range(40))
+            return got == [3 * x for x in range(40)] and pf.last_report.plan.mode
+
+        if __name__ == "__main__":
+            with mp.get_context({context!r}).Pool(1) as pool:
+                print(*pool.map(job, [False, True]))
+    """)
+    assert out.split() == ["serial", "serial"]
+
+
 # --- 2. the caller's world -----------------------------------------------------------
 
 def test_workers_follow_the_callers_working_directory(tmp_path, monkeypatch):
