@@ -782,6 +782,42 @@ def test_a_multiprocessing_childs_exit_waits_for_the_pools_semaphores_clean_up(
     assert _run_to_its_end(script, path, 90, quiet=True).split() == ["0"]
 
 
+EXIT_WHILE_ITEMS_RUN = """
+import sys, threading, time
+sys.path.insert(0, {tests!r})
+import aex_helpers as h
+from adaptive_exec import parallelize
+
+def work(x):
+    h.spin(0.02 if x < 4 else 60.0)  # items 4 and on: longer than the test waits
+    return x
+
+parallelize(h.heavy, backend="loky").map(range(20))  # a warm pool: no item runs here
+pf = parallelize(work, backend="loky", chunksize=1)
+if sys.argv[1] == "imap":
+    it = pf.imap(range(40))
+    print([next(it) for _ in range(4)], flush=True)
+else:
+    threading.Thread(target=pf.map, args=(range(40),), daemon=True).start()
+    time.sleep(1.0)
+print("returns", flush=True)
+"""
+
+
+@posix_only
+@pytest.mark.parametrize("how", ["imap", "daemon"])
+def test_a_script_returning_while_its_workers_run_items_exits_at_once(tmp_path, how):
+    # loky's exit hook waits for the items its workers run, and ran before ours, which
+    # ends them: a script that returned with an imap open, or a map running in a daemon
+    # thread, waited for them (10 s items: 10 s at its exit; found by an adversarial
+    # review helper). Nothing can want those results any more.
+    script = tmp_path / "returns.py"
+    script.write_text(EXIT_WHILE_ITEMS_RUN.format(tests=TESTS))
+    out = _run_to_its_end(script, starts.FORK if starts.fork_works() else starts.EXEC,
+                          30, how)
+    assert out.split()[-1] == "returns", out
+
+
 AT_EXIT_CHILD = """
 import atexit, sys, threading, time
 from adaptive_exec import parallelize

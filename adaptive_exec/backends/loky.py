@@ -411,6 +411,39 @@ def _join_unstickers(timeout: float) -> None:
         _unstickers[:] = [t for t in _unstickers if t.is_alive()]
 
 
+def _end_first_at_exit() -> None:
+    """Keep our exit hook after loky's, so that it runs first
+    (``threading._register_atexit`` runs the last one first, before the interpreter
+    joins its threads): loky's waits for the items running in the pool, and ours, an
+    ``atexit`` one, came after it. A script that returned with an imap open, or a
+    daemon thread mid-map, waited for those items at its exit (10 s items: 10 s).
+    Loky adds its hook again with each pool it starts: ours is added again after it."""
+    hooks = getattr(threading, "_threading_atexits", None)
+    if not isinstance(hooks, list) or (
+            hooks and getattr(hooks[-1], "func", None) is _end_unwatched_at_exit):
+        return
+    try:
+        threading._register_atexit(_end_unwatched_at_exit)  # type: ignore[attr-defined]
+    except RuntimeError:  # the interpreter is shutting down already
+        pass
+
+
+def _end_unwatched_at_exit() -> None:
+    """As the main thread returns: end the pool when no thread of the user's that the
+    interpreter will wait for (a non-daemon one) may still want its results."""
+    me = threading.current_thread()
+    if any(t is not me and not t.daemon and t.is_alive() and not _pool_thread(t)
+           for t in threading.enumerate()):
+        return  # it is joined next, and maps on: its pool stays until then
+    shutdown()
+
+
+def _pool_thread(thread: threading.Thread) -> bool:
+    """A thread of a pool's (loky's, ours), not the user's."""
+    return thread.name.startswith(("ExecutorManagerThread", "QueueFeederThread",
+                                   "adaptive_exec"))
+
+
 def fresh_executor(n_workers: int) -> tuple[Any, float]:
     """A newly started pool (for calibration): the old one's workers are ended."""
     shutdown()
@@ -897,6 +930,7 @@ class LokyTarget:
                 raise PoolGone() from exc
             raise
         fut.add_done_callback(functools.partial(_note_break, executor))
+        _end_first_at_exit()
         return fut
 
     def decode(self, res: ChunkResult) -> tuple[list[Any], Optional[BaseException]]:
