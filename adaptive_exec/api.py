@@ -14,6 +14,7 @@ import threading
 import time
 import types
 import weakref
+from collections.abc import Mapping
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -71,11 +72,17 @@ def make_options(
     import math
 
     memory = None if max_memory is None else system.parse_bytes(max_memory, "max_memory")
-    if chunksize is not None and (
-        isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1
-    ):
+    for name, flag in (("cache", cache), ("progress", progress), ("strict", strict)):
+        # Taken for their truth, "no" and "off" were True: a bar was drawn for "no".
+        if not isinstance(flag, (bool, int)):
+            msg = f"{name} must be True or False, got {flag!r}"
+            raise TypeError(msg)
+    if chunksize is not None:
         msg = f"chunksize must be a positive int or None (chosen for you), got {chunksize!r}"
-        raise ValueError(msg)
+        if isinstance(chunksize, bool) or not isinstance(chunksize, int):
+            raise TypeError(msg)  # a type, as max_workers's ("3", 2.0)
+        if chunksize < 1:
+            raise ValueError(msg)
     if max_workers is not None:
         if isinstance(max_workers, bool) or not isinstance(max_workers, int):
             msg = f"max_workers must be a positive int or None, got {max_workers!r}"
@@ -87,10 +94,11 @@ def make_options(
         msg = f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}"
         raise ValueError(msg)
     if timeout is not None:
-        if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                or not math.isfinite(timeout) or timeout <= 0):
-            msg = (f"timeout must be a positive, finite number of seconds per item, or None "
-                   f"for no limit, got {timeout!r}")
+        msg = (f"timeout must be a positive, finite number of seconds per item, or None "
+               f"for no limit, got {timeout!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise TypeError(msg)
+        if not math.isfinite(timeout) or timeout <= 0:
             raise ValueError(msg)
         if backend == "serial":
             msg = ("timeout= needs worker processes (an item running in the caller cannot "
@@ -114,7 +122,8 @@ def make_options(
         msg = (f"initializer must be a callable run once in each worker before its first "
                f"item (or None), got {initializer!r}")
         raise TypeError(msg)
-    if isinstance(initargs, (str, bytes)) or not isinstance(initargs, Iterable):
+    if isinstance(initargs, (str, bytes, Mapping, set, frozenset)) or not isinstance(
+            initargs, Iterable):  # (a dict's keys, a set's order: never what was meant)
         msg = (f"initargs must be a tuple of arguments for the initializer, got "
                f"{initargs!r}; for one argument write (value,)")
         raise TypeError(msg)
@@ -335,7 +344,13 @@ class ParallelFunction(Generic[P, R]):
         """The decision a ``map`` over ``items`` would take, without running the whole
         workload: the first items are run to measure them (their results are dropped,
         and the measurement is remembered, so the next map does not sample again)."""
-        if iter(items) is items:  # type: ignore[comparison-overlap]
+        try:
+            first = iter(items)
+        except TypeError:
+            msg = (f"plan() needs a collection of items (a list, tuple, range...), got "
+                   f"{type(items).__name__}")
+            raise TypeError(msg) from None
+        if first is items:  # type: ignore[comparison-overlap]
             msg = (
                 "plan() needs a collection it can read without using it up (a list, tuple "
                 "or range); a one-shot iterator would lose the items it samples"

@@ -110,6 +110,15 @@ def test_plan_and_report_are_frozen_records():
         (dict(timeout=0), ValueError, "timeout"),
         (dict(timeout=-1.5), ValueError, "timeout"),
         (dict(chunksize=0), ValueError, "chunksize"),
+        # Found by an adversarial review helper: a string taken for its truth ("no" drew
+        # a bar), a dict's keys taken as the arguments, a type answered by ValueError.
+        (dict(progress="no"), TypeError, "progress must be True or False"),
+        (dict(strict="false"), TypeError, "strict"),
+        (dict(cache="off"), TypeError, "cache"),
+        (dict(initializer=h.square, initargs={"a": 1}), TypeError, "initargs"),
+        (dict(chunksize="3"), TypeError, "chunksize"),
+        (dict(chunksize=2.0), TypeError, "chunksize"),
+        (dict(timeout="5"), TypeError, "timeout"),
     ],
 )
 def test_bad_options_say_what_to_pass(kwargs, error, words):
@@ -117,6 +126,11 @@ def test_bad_options_say_what_to_pass(kwargs, error, words):
         parallelize(h.square, **kwargs)
     with pytest.raises(error, match=words):
         adaptive_map(h.square, [1], **kwargs)
+
+
+def test_plan_of_something_that_is_no_collection_says_what_to_pass():
+    with pytest.raises(TypeError, match=r"plan\(\) needs a collection of items"):
+        parallelize(h.square).plan(5)
 
 
 def test_a_keyword_that_is_not_an_option_says_how_to_pass_arguments():
