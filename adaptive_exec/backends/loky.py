@@ -581,8 +581,29 @@ def _end_now(executor: Any) -> None:
     # it too (EBADF in loky's thread at 1-3% of multiprocessing children's exits).
     results = getattr(executor, "_result_queue", None)
     manager = getattr(executor, "_executor_manager_thread", None)
+    _uncancel_queued(executor)
     executor.shutdown(wait=False, kill_workers=True)
     _kill_workers_now(executor, results, manager, close_pipe=not broken)
+
+
+def _uncancel_queued(executor: Any) -> None:
+    """Cancelled futures still queued in ``executor``, made pending again for its kill
+    to fail: loky's manager thread sets an exception on every queued future as it kills
+    a pool, and one cancelled already (by us, or by loky's own shutdown at exit) made it
+    raise InvalidStateError (a traceback on stderr, its clean-up cut short). Nobody
+    waits on them: cancelled, they were dropped. (Once our end of the result pipe was
+    no longer closed at once, 3284ba6, loky ended our pools this way, not as broken,
+    where it tolerates them.)"""
+    from concurrent.futures import _base
+
+    for item in list((getattr(executor, "_pending_work_items", None) or {}).values()):
+        fut: Any = getattr(item, "future", None)
+        condition = getattr(fut, "_condition", None)
+        if condition is None:
+            continue
+        with condition:
+            if fut._state == _base.CANCELLED:
+                fut._state = _base.PENDING
 
 
 def _kill_workers_now(executor: Any, results: Any, manager: Optional[threading.Thread],
