@@ -572,7 +572,17 @@ def _patch_for(core: Optional[types.FunctionType], owner: Optional[type],
         return None
     values: dict[str, Any] = {}
     for name, value in _globals_read(core, owner).items():
-        if name in per_process or _stateless(value):
+        if name in per_process:
+            continue
+        if _stateless(value):
+            # Its class alone: the worker keeps its own object of that class (a sentinel
+            # compared by identity), or gets one where it held another class's (a
+            # stateless strategy object the caller swapped, STRATEGY = Slow()).
+            try:
+                dumps(_StatelessOf(type(value)))
+            except Exception:  # a class that cannot travel: the worker keeps its own
+                continue
+            values[name] = _StatelessOf(type(value))
             continue
         try:
             dumps(value)
@@ -892,6 +902,12 @@ def _allow_for_functions() -> None:
     executor_module._MAX_MEMORY_LEAK_SIZE = _LOKY_LEAK_BASE[0] + 3 * held  # type: ignore[union-attr]
 
 
+@dataclass(frozen=True)
+class _StatelessOf:
+    """A global with no state (worker._stateless), sent as its class (_patch_for)."""
+    cls: type
+
+
 class _Patched:
     """A function importable by name, with the caller's values of the module globals
     it reads, set in this worker's module before it runs."""
@@ -905,7 +921,12 @@ class _Patched:
     def enter(self) -> Callable[..., Any]:
         if _APPLIED.get(self.module) != self.key:
             namespace = sys.modules[self.module].__dict__
-            namespace.update(self.values)
+            for name, value in self.values.items():
+                if isinstance(value, _StatelessOf):
+                    if type(namespace.get(name)) is value.cls:
+                        continue  # its own object of that class: kept, identity too
+                    value = object.__new__(value.cls)
+                namespace[name] = value
             _APPLIED[self.module] = self.key
             for name in self.values:  # what _WithAttributes set there is now this key's
                 _APPLIED[f"{self.module}.{name}"] = self.key

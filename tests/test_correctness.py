@@ -158,6 +158,22 @@ USERS_MODULES = {
         def decorated_helper(x):
             return x * SCALE
 
+        class Fast:  # strategies with no state: swapped by the caller between maps
+            def run(self, x):
+                return x
+
+        class Slow:
+            def run(self, x):
+                return 2 * x
+
+        STRATEGY = Fast()
+
+        def by_strategy(x, default=MISSING):
+            end = time.perf_counter() + 0.002
+            while time.perf_counter() < end:
+                pass
+            return STRATEGY.run(x) + 1000 * (default is not MISSING)
+
         class _State:
             pass
 
@@ -242,9 +258,10 @@ def test_attributes_of_the_users_modules_are_the_callers(tmp_path, path):
         got = parallelize(f, backend="loky", chunksize=4, initializer=settings.load).map(items)
         assert got == [f(x) for x in items], "a value over 1 MB, an initializer's store"
         for value in (10, 100, 10):
+            settings.STRATEGY = settings.Slow() if value == 100 else settings.Fast()
             for i, func in enumerate((f, work.by_name, settings.by_own_global,
                                       settings.decorated, work.by_imported,
-                                      work.by_decorated)):
+                                      work.by_decorated, settings.by_strategy)):
                 settings.SCALE = value + i  # not what the map before sent
                 settings.TABLE["k"] = value + 2  # mutated in place
                 settings.ROWS[0][0] = value + i
