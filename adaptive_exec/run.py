@@ -248,9 +248,16 @@ class MapRun:
             if ((self.n_known is None or self.n_known >= 2)
                     and loky_backend.start_path() == starts.TEMPLATE):
                 starts.start_template_ahead()  # a threaded caller's workers come from it
-        if self.options.initializer is not None and self.options.timeout is None:
+        if self.forced is not None and self.options.timeout is not None:
+            # Said, not silently dropped: nothing here can stop an item in the caller.
+            warn_user(f"adaptive_exec: timeout={self.options.timeout:g} s is not enforced: "
+                      f"{self.forced}, so every item runs in the caller, with no time "
+                      f"limit", RuntimeWarning)
+        if self.options.initializer is not None and (self.options.timeout is None
+                                                     or self.forced is not None):
             # Before any item runs here (sampled, serial, or while workers start); with
-            # a timeout every item runs in a worker, none here.
+            # a timeout every item runs in a worker, none here, unless the map is forced
+            # into the caller (then all of them do).
             worker.initialize_here(self.options.initializer, self.options.initargs,
                                    self._init_key())
         if self.forced is None:

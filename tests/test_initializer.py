@@ -148,6 +148,20 @@ def test_with_a_timeout_the_caller_runs_none_and_workers_do(tmp_path):
     assert os.getpid() not in {pid for pid, _ in _runs(log)}
 
 
+def test_a_map_forced_into_the_caller_with_a_timeout_still_runs_it_here(tmp_path,
+                                                                        monkeypatch):
+    # With timeout= the caller normally runs no item, so it skipped the initializer; a
+    # map forced into the caller (the user's switch, a nested map) then ran every item
+    # without the state: a wrong result where the loop with the initializer is right.
+    monkeypatch.setenv("ADAPTIVE_EXEC_DISABLE", "1")
+    log = tmp_path / "runs"
+    pf = parallelize(h.read_state, timeout=5, initializer=h.init_state,
+                     initargs=(str(log), "f"))
+    with pytest.warns(RuntimeWarning, match="timeout=5 s is not enforced"):
+        assert pf.map(range(3)) == [(x, "f", os.getpid()) for x in range(3)]
+    assert _runs(log) == [(os.getpid(), "f")]
+
+
 def test_a_serial_map_runs_it_once_here(tmp_path):
     log = tmp_path / "runs"
     pf = parallelize(h.read_state, backend="serial", initializer=h.init_state,
