@@ -41,6 +41,7 @@ from .backends.base import PoolGone, StartupWatch, Target
 from .errors import (
     AdaptiveExecError,
     ClusterError,
+    InitializerError,
     ItemTimeoutError,
     ResultPicklingError,
     UnpicklableWarning,
@@ -736,12 +737,32 @@ class ParallelRun:
                 return  # start-up does not count against any item
             self.warm_at = now
         for fut, info in self.pending.items():
+            initializing = self._initializing(info)
+            if initializing is not None:
+                # The initializer's time is not an item's (it may load a model for
+                # longer than an item may take): it gets the set-up's allowance.
+                limit = self.timeout + UNNOTED_START_S
+                if not fut.done() and now - initializing > limit:
+                    self.interrupted = True
+                    msg = (f"the map's initializer did not return within {limit:g} s in "
+                           f"a worker (timeout={self.timeout:g} s per item, plus "
+                           f"{UNNOTED_START_S:g} s for a worker's set-up); no item ran "
+                           "there, and its worker was ended")
+                    raise attach_origin(InitializerError(msg), info.start, None)
+                continue
             began = self._began(info)
             if began is not None and not fut.done() and now - began > self.timeout:
                 self.interrupted = True  # its worker is ended with the pool
                 msg = (f"item {info.start} ran past the timeout of {self.timeout:g} s; "
                        "its worker was ended")
                 raise attach_origin(ItemTimeoutError(msg), info.start, None)
+
+    def _initializing(self, info: Pending) -> Optional[float]:
+        """When the worker that took a timed chunk began the map's initializer, which
+        has not returned (perf_counter seconds); None otherwise."""
+        initializer_started = getattr(self.target, "initializer_started", None)
+        at = initializer_started(info.start) if initializer_started is not None else None
+        return None if at is None else at + (time.perf_counter() - time.monotonic())
 
     def _began(self, info: Pending) -> Optional[float]:
         """When a timed chunk's item began (perf_counter seconds), or None while it has
@@ -756,6 +777,8 @@ class ParallelRun:
         at = item_started(info.start)
         if at is not None:
             return at + (time.perf_counter() - time.monotonic())
+        if self._initializing(info) is not None:
+            return None  # its items have not begun: the initializer runs (its own limit)
         if time.perf_counter() - sent > self.timeout + UNNOTED_START_S:  # type: ignore[operator]
             return sent  # never noted (its worker could not write it): count from sending
         return None

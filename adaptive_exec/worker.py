@@ -844,7 +844,13 @@ class ItemClock:
     def started(self, slot: int) -> Optional[float]:
         """When the item of ``slot`` began (monotonic seconds), or None if not yet."""
         value: float = self.SLOT.unpack_from(self.map, slot * self.SLOT.size)[0]
-        return value or None
+        return value if value > 0 else None
+
+    def initializing(self, slot: int) -> Optional[float]:
+        """When the worker that took the chunk of ``slot`` began running the map's
+        initializer, which has not returned (noted as minus that time); else None."""
+        value: float = self.SLOT.unpack_from(self.map, slot * self.SLOT.size)[0]
+        return -value if value < 0 else None
 
     def ran_by(self, slot: int) -> Optional[int]:
         """The pid of the worker that began the chunk of ``slot``; None if none has."""
@@ -860,9 +866,11 @@ class ItemClock:
 _CLOCKS: collections.OrderedDict[tuple[int, int, int], Any] = collections.OrderedDict()
 
 
-def _mark_started(pid: int, fd: int, ino: int, slot: int, began: bool = True) -> None:
+def _mark_started(pid: int, fd: int, ino: int, slot: int, began: bool = True,
+                  initializing: bool = False) -> None:
     """In a worker: note that this worker took the chunk of ``slot``, and (``began``)
-    that its items begin now (best effort)."""
+    that its items begin now, or (``initializing``) that the map's initializer begins
+    now (best effort)."""
     import mmap
 
     try:
@@ -875,8 +883,10 @@ def _mark_started(pid: int, fd: int, ino: int, slot: int, began: bool = True) ->
             _CLOCKS[(pid, fd, ino)] = clock
             while len(_CLOCKS) > 4:
                 _CLOCKS.popitem(last=False)[1].close()
+        now = time.monotonic()
         ItemClock.SLOT.pack_into(clock, slot * ItemClock.SLOT.size,
-                                 time.monotonic() if began else 0.0, os.getpid())
+                                 -now if initializing else now if began else 0.0,
+                                 os.getpid())
     except (OSError, ValueError):  # the caller then counts from when it sent the item
         pass
 
@@ -1138,6 +1148,9 @@ def run_chunk(ref: FunctionRef, start: int, payload: bytes, star: bool,
                            reason=f"the function cannot be rebuilt in a worker ({_safe(exc)})")
     if func is None:
         return ChunkResult([], 0, 0.0, pid, status=NEED_FUNCTION)
+    if clock is not None and ref.init_key is not None and not _ran_last(ref.init_key):
+        # Its time is not the items': the caller gives it a limit of its own.
+        _mark_started(*clock, began=False, initializing=True)
     try:
         if _initialize_worker(ref) is None:
             return ChunkResult([], 0, 0.0, pid, status=NEED_FUNCTION)

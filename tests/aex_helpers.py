@@ -396,6 +396,14 @@ def init_fails(where="worker"):
         raise ValueError(f"cannot set up ({where})")
 
 
+def init_hangs(pidfile):
+    """An initializer that never returns in a worker: notes its pid in ``pidfile``."""
+    if in_worker():
+        with open(pidfile, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(600)
+
+
 # --- how many calls run at once (tests of max_workers) -----------------------------------
 
 _running = [0, 0]  # calls running now, the most seen at once (in this process)

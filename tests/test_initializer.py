@@ -10,9 +10,10 @@ import subprocess
 import sys
 
 import aex_helpers as h
+import psutil
 import pytest
 
-from adaptive_exec import InitializerError, parallelize
+from adaptive_exec import InitializerError, dispatch, parallelize
 from adaptive_exec.backends import starts
 
 
@@ -128,6 +129,28 @@ def test_an_initializer_that_raises_in_the_workers_names_itself_and_does_not_han
     assert not any("raised while processing item" in n for n in getattr(exc, "__notes__", []))
     # The pool is fine for the next map.
     assert parallelize(h.square, backend="loky").map(range(10)) == [x * x for x in range(10)]
+
+
+def test_an_initializer_that_hangs_under_a_timeout_is_named_and_its_worker_ended(
+        tmp_path, monkeypatch):
+    # It was reported as item 0 running past the timeout (ItemTimeoutError), though no
+    # item had begun. Its allowance is the timeout plus the set-up's, shortened here.
+    monkeypatch.setattr(dispatch, "UNNOTED_START_S", 1.0)
+    pids = tmp_path / "pids"
+    pf = parallelize(h.read_state, timeout=0.5, initializer=h.init_hangs,
+                     initargs=(str(pids),))
+    with pytest.raises(InitializerError, match=r"initializer did not return within 1.5 s "
+                                               r"in a worker \(timeout=0.5 s per item") as info:
+        pf.map(range(4))
+    assert not isinstance(info.value, TimeoutError)
+    hung = []
+    for pid in map(int, pids.read_text().split()):
+        try:
+            hung.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass  # already ended
+    _, alive = psutil.wait_procs(hung, timeout=10)
+    assert not alive  # the workers stuck in it were ended with the pool
 
 
 def test_an_initializer_that_raises_in_the_caller_runs_no_item():

@@ -1023,6 +1023,14 @@ class LokyTarget:
             return None
         return self.clock.started(slot)
 
+    def initializer_started(self, start: int) -> Optional[float]:
+        """When the worker that took the chunk at ``start`` began the map's initializer,
+        which has not returned (monotonic seconds); None otherwise, or not known."""
+        slot = self.slots.get(start)
+        if self.clock is None or slot is None:
+            return None
+        return self.clock.initializing(slot)
+
     def check(self, executor: Any) -> None:
         end_if_stuck(executor)
 
