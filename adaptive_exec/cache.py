@@ -46,7 +46,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from . import cache_schema as schema
 from . import sqlite_file
@@ -150,7 +150,11 @@ def machine_id() -> str:
     measured elsewhere (a shared home directory) are not used here."""
     global _machine
     if _machine is None:
-        parts = (platform.node(), platform.system(), platform.machine(), str(os.cpu_count()),
+        # os.uname() gives platform's three strings in one call (~1 µs against ~13 µs
+        # for platform's first calls, in a fresh process's first map).
+        u = (os.uname() if hasattr(os, "uname")
+             else (platform.system(), platform.node(), "", "", platform.machine()))
+        parts = (u[1], u[0], u[4], str(os.cpu_count()),
                  sys.implementation.name, "{}.{}".format(*sys.version_info[:2]))
         _machine = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
     return _machine
@@ -515,26 +519,33 @@ def _prune(conn: sqlite3.Connection, now: float) -> int:
 def load_calibration(machine: Optional[str] = None) -> Optional[Calibration]:
     """This machine's pool constants (or those stored under ``machine``, a dask
     cluster's name), as last measured by any process; None if never."""
-    try:
-        def read_calibration(conn: sqlite3.Connection) -> Any:
-            return conn.execute(
-                f"SELECT {', '.join(schema.CALIBRATION_COLUMNS)} FROM calibration "
-                "WHERE machine = ?",
-                (machine or machine_id(),)).fetchone()
+    key = machine or machine_id()
+    return load_calibrations([key]).get(key)
 
-        row = _file().read(read_calibration)
-        if row is None:
-            return None
-        startup, overhead, byte_cost = _num(row[0]), _num(row[1]), _num(row[2])
-        n_workers = _int(row[3], lo=1)
-        if startup is None or not overhead or not byte_cost or n_workers is None:
-            logger.debug("adaptive_exec cache: stored calibration is invalid: ignored")
-            return None
-        source = row[4] if type(row[4]) is str and row[4] else "measured earlier (cache)"
-        return Calibration(startup, overhead, byte_cost, n_workers, source)
+
+def load_calibrations(machines: Sequence[str]) -> dict[str, Calibration]:
+    """The constants stored under each of ``machines`` that has valid ones, read in one
+    transaction (a fresh process's first map reads three rows: one read, not three)."""
+    try:
+        def read_calibrations(conn: sqlite3.Connection) -> Any:
+            return conn.execute(
+                f"SELECT machine, {', '.join(schema.CALIBRATION_COLUMNS)} FROM calibration "
+                f"WHERE machine IN ({', '.join('?' * len(machines))})",
+                tuple(machines)).fetchall()
+
+        out = {}
+        for machine, *row in _file().read(read_calibrations) or ():
+            startup, overhead, byte_cost = _num(row[0]), _num(row[1]), _num(row[2])
+            n_workers = _int(row[3], lo=1)
+            if startup is None or not overhead or not byte_cost or n_workers is None:
+                logger.debug("adaptive_exec cache: stored calibration is invalid: ignored")
+                continue
+            source = row[4] if type(row[4]) is str and row[4] else "measured earlier (cache)"
+            out[machine] = Calibration(startup, overhead, byte_cost, n_workers, source)
+        return out
     except Exception as exc:
         _failed("load_calibration", exc)
-        return None
+        return {}
 
 
 def store_calibration(calib: Calibration, machine: Optional[str] = None) -> bool:

@@ -193,7 +193,9 @@ def get(path: Optional[str] = None) -> Calibration:
             _stored.loaded = True
             from . import cache
 
-            stored = cache.load_calibration()
+            paths = {_path_key(other): other for other in (starts.FORK, starts.TEMPLATE)}
+            rows = cache.load_calibrations([cache.machine_id(), *paths])
+            stored = rows.get(cache.machine_id())
             if stored is not None and not current().measured:
                 # Said as it was stored: loky's start-up may be the default there, when
                 # only another path's was measured.
@@ -202,8 +204,8 @@ def get(path: Optional[str] = None) -> Calibration:
                 set_current(replace(stored, source="measured earlier on this machine "
                                                    f"(cache): {what}"))
                 _stored.saved = current()
-            for other in (starts.FORK, starts.TEMPLATE):
-                row = cache.load_calibration(_path_key(other))
+            for key, other in paths.items():
+                row = rows.get(key)
                 if row is not None:
                     with _lock:
                         _startups.setdefault(other, (row.worker_startup_s, row.n_workers))

@@ -50,18 +50,20 @@ def _cgroup_cpu_limit() -> Optional[float]:
 
 def _read_cgroup_cpu_limit() -> Optional[float]:
     """CPUs allowed by a cgroup quota (v2 ``cpu.max``, else v1 cfs), or None when unlimited."""
+    # Read as bytes: a text file's first open in a process looks up its encoding, which
+    # a fresh process's first map paid (~0.03 ms).
     try:
-        with open("/sys/fs/cgroup/cpu.max") as f:
+        with open("/sys/fs/cgroup/cpu.max", "rb") as f:
             quota, period = f.read().split()[:2]
-        if quota != "max":
+        if quota != b"max":
             return int(quota) / int(period)
         return None
     except (OSError, ValueError):
         pass
     try:
-        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as f:
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "rb") as f:
             quota_us = int(f.read())
-        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us", "rb") as f:
             period_us = int(f.read())
         if quota_us > 0 and period_us > 0:
             return quota_us / period_us
