@@ -34,6 +34,7 @@ from adaptive_exec.errors import CacheWarning
 from adaptive_exec.fingerprint import fingerprint
 from adaptive_exec.planner import make_plan, parallel_correction
 from adaptive_exec.records import fmt_bytes
+from adaptive_exec.run import TELLING_RATIO
 from adaptive_exec.sampling import Features
 from adaptive_exec.system import SystemSnapshot
 
@@ -374,6 +375,13 @@ def test_a_real_parallel_map_records_its_run():
     assert pf.map(range(40)) == [3 * x for x in range(40)]
     entry = cache.lookup(fingerprint(h.heavy))
     assert entry is not None and entry.qualname == "heavy" and entry.module == "aex_helpers"
+    report = pf.last_report
+    off = report.observed_item_s / report.plan.features["mean_s"]
+    if not 1 / TELLING_RATIO <= off <= TELLING_RATIO:
+        # A busy machine stretched the sampled items (or the run's): such a run says
+        # nothing of the pool and is not kept, by rule. Seen once beside two busy helpers.
+        assert entry.runs == ()
+        return
     (run,) = entry.runs
     assert run.mode == pf.last_report.plan.mode and run.n_items == 40
     assert run.estimated_s > 0 and run.actual_s > 0
