@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
@@ -15,6 +17,32 @@ def test_calibrate_measures_a_real_pool():
     # What the next plan reads for the path these workers took: this measurement.
     assert calibration.get(c.start_path) == c
     assert c.start_path in ("fork", "template", "exec")
+
+
+def test_calibrate_in_a_threaded_process_measures_its_start_up(tmp_path):
+    # A threaded caller's workers come from a template process. Its first calibrate()
+    # started the template with the pool, which made the start-up no measure of the
+    # path's own, and returned the default start-up (0.05 s) as the measurement; a
+    # process whose cache held constants had them named "measured earlier".
+    code = (
+        "import json, threading\n"
+        "from adaptive_exec import calibrate\n"
+        "ev = threading.Event(); t = threading.Thread(target=ev.wait); t.start()\n"
+        "try:\n"
+        "    c = calibrate(2)\n"
+        "finally:\n"
+        "    ev.set(); t.join()\n"
+        "print(json.dumps([c.start_path, c.source, c.worker_startup_s]))\n"
+    )
+    env = {**os.environ, "ADAPTIVE_EXEC_CACHE_DIR": str(tmp_path)}
+    env.pop("ADAPTIVE_EXEC_START", None)
+    for _ in range(2):  # a fresh cache, then one holding the first process's constants
+        out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                             capture_output=True, text=True, timeout=120).stdout
+        path, source, startup = json.loads(out.splitlines()[-1])
+        assert path == "template"
+        assert source == "measured in this process: start-up and overheads measured"
+        assert startup != calibration.STARTUP_DEFAULTS["template"]
 
 
 def test_calibrate_refuses_a_pool_larger_than_the_usable_cpus():
