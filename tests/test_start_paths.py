@@ -412,6 +412,40 @@ def test_the_watch_of_the_map_before_still_ending_does_not_stop_the_early_fork(t
 
 
 @linux_only
+def test_the_callers_sigterm_handler_never_runs_in_a_template_forked_from_it(tmp_path):
+    # A tiny first map forks the template at its start and retires it (SIGTERM) at
+    # once: the signal reached the template before it had dropped the caller's handler,
+    # and the user's handler ran there (6 maps in 30).
+    env = {k: v for k, v in os.environ.items() if k != starts.ENV_START}
+    log = tmp_path / "log"
+    out = run_script(tmp_path, f"""
+        import os, signal
+        from adaptive_exec import adaptive_map
+        from adaptive_exec.backends import starts
+
+        def handler(signum, frame):
+            with open({str(log)!r}, "a") as f:
+                f.write(f"{{os.getpid()}}\\n")
+
+        signal.signal(signal.SIGTERM, handler)
+        forks = []
+        fork_here = starts.Template.fork_here
+        starts.Template.fork_here = lambda self: forks.append(fork_here(self)) or forks[-1]
+        for i in range(40):
+            def g(x, i=i):
+                return x + i
+            g.__qualname__ = f"g{{i}}"  # a new function: a first map, sampled
+            assert adaptive_map(g, list(range(8))) == [x + i for x in range(8)]
+        assert starts.template_pid() is None  # each was retired with its map
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler is the caller's still
+        print(sum(forks), os.getpid())
+    """, env={**env, "ADAPTIVE_EXEC_CACHE_DIR": str(tmp_path / "cache")})
+    forked, me = map(int, out.split()[-2:])
+    assert forked >= 30, out  # the early fork ran (tiny first maps retire it)
+    assert log.read_text().split() == [str(me)]
+
+
+@linux_only
 def test_a_few_long_items_go_to_workers_of_a_template_forked_at_the_maps_start(tmp_path):
     # Two items of 0.6 s: the caller's thread, busy in the first, cannot fork; a template
     # spawned then is up ~0.12 s later (item 1 reached a worker at ~0.3 s). A template
