@@ -488,3 +488,23 @@ def test_a_thread_the_system_refuses_leaves_the_map_to_the_others(monkeypatch):
     assert pf.plan(range(36)).mode == "threads"
     monkeypatch.setattr(threading.Thread, "start", refusing)
     assert pf.map(range(36)) == list(range(36))
+
+
+def test_the_failing_items_index_is_right_when_the_list_grows_as_it_is_walked():
+    # A crawler's work list: the function appends to the list being mapped, as the loop
+    # allows. The serial map told the failing item by what was left to read, and named
+    # item -1 (found by an adversarial review helper).
+    queue = [0]
+
+    def crawl(x):
+        if len(queue) < 30:
+            queue.append(x + 1)
+        if x == 10:
+            raise ValueError(x)
+        return x
+
+    pf = parallelize(crawl, backend="serial")
+    with pytest.raises(ValueError) as info:
+        pf.map(queue)
+    assert info.value.item_index == 10
+    assert "ended by item 10" in pf.last_report.ran

@@ -39,6 +39,13 @@ class Deadline:
         return self.hit
 
 
+def _position(it: Iterator[Any]) -> Optional[int]:
+    """How many items a list, tuple or range iterator has given (its pickled state);
+    None once it is exhausted."""
+    state: tuple[Any, ...] = it.__reduce__()  # type: ignore[assignment]
+    return state[2] if len(state) > 2 else None
+
+
 def run_chunk(
     func: Callable[..., Any],
     source: Iterator[Any],
@@ -64,6 +71,7 @@ def run_chunk(
                               in_caller=True, measure=deadline)
     if not partial and isinstance(source, _EXACT):
         before = operator.length_hint(source)
+        start = _position(source)
         # The whole rest: the iterator itself, as the user's loop would (an islice costs
         # ~4 ns an item, 13% of a 0.03 µs call).
         items = source if n >= before else itertools.islice(source, n)
@@ -76,8 +84,12 @@ def run_chunk(
         except KeyboardInterrupt:  # Ctrl-C: not an item's outcome
             raise
         except BaseException as exc:
-            # length_hint now counts what was not read; the failing item was read last.
-            failed_at = before - operator.length_hint(source) - 1
+            # The failing item was read last: the iterator's position tells which. (Not
+            # length_hint, which counts what is left: a list the function appends to
+            # while it is walked, a crawler's queue, gave item -1.)
+            now = _position(source)
+            failed_at = (now - start - 1 if now is not None and start is not None
+                         else before - operator.length_hint(source) - 1)
             return [], attach_origin(exc, first_index + failed_at, None)
     rest: list[Any] = []
     return rest, call_each(func, itertools.islice(source, n), star, first_index, rest,
