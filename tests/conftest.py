@@ -111,3 +111,20 @@ EXIT_DEADLINE_S = 60
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
     faulthandler.dump_traceback_later(EXIT_DEADLINE_S, exit=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Inside a forced-path run (test_start_paths.py runs the fault and lifecycle suites
+    again with ADAPTIVE_EXEC_START set), the tests that already name their start path
+    (parametrized by ``path``, each running every path itself) are not run again: they
+    would repeat what the default run did, a third of CI's time."""
+    if not os.environ.get(starts.ENV_START):
+        return
+    keep, skipped = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        names_its_path = callspec is not None and callspec.params.get("path") in starts.PATHS
+        (skipped if names_its_path else keep).append(item)
+    if skipped:
+        config.hook.pytest_deselected(items=skipped)
+        items[:] = keep
