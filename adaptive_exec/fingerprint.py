@@ -70,7 +70,8 @@ def _stable_repr(value: Any) -> bytes:
     return data
 
 
-def _feed_code(h: hashlib._Hash, code: types.CodeType) -> None:
+def feed_code(h: hashlib._Hash, code: types.CodeType) -> None:
+    """Feed what the code does (and its nested code) into ``h``."""
     for c in _code_objects(code):
         h.update(c.co_code)
         h.update(repr(c.co_names).encode())
@@ -104,7 +105,7 @@ def fingerprint(func: Callable[..., Any]) -> str:
     h.update(f"{module}:{qualname}".encode())
     code = getattr(f, "__code__", None)
     if code is not None:
-        _feed_code(h, code)
+        feed_code(h, code)
         h.update(_stable_repr(getattr(f, "__defaults__", None)))
         h.update(_stable_repr(getattr(f, "__kwdefaults__", None)))
         for cell in getattr(f, "__closure__", None) or ():
@@ -118,7 +119,7 @@ def fingerprint(func: Callable[..., Any]) -> str:
                     None)
         code = getattr(call, "__code__", None)
         if code is not None:
-            _feed_code(h, code)
+            feed_code(h, code)
     for bound in partial_args:
         h.update(_stable_repr(bound))
     return h.hexdigest()[:32]

@@ -37,7 +37,7 @@ import time
 import traceback
 import types
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Protocol
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 
 from .errors import (
     ExceptionState,
@@ -201,6 +201,11 @@ class FunctionRef:
     # reads (``_attributes_read``), set in the worker's copies of them before it runs;
     # ``key`` includes their digests.
     attrs: Optional[dict[tuple[str, str], bytes]] = None
+    # Where the code that runs is a module's function taken by reference: a digest of
+    # its code and of the module's functions it reaches, as the caller has them
+    # (``_code_digest``). A worker whose copy of the module differs (the caller
+    # reloaded it, or its file changed since) reloads it, or answers FALLBACK.
+    code: Optional[str] = None
 
     def size(self) -> int:
         """The bytes a whole ref carries: the function, its globals, the attributes."""
@@ -292,6 +297,52 @@ def _reached(func: types.FunctionType, owner: Optional[type] = None
                 elif isinstance(inner, type) and inner.__module__ == func.__module__:
                     stack.extend(_methods(inner, module_globals))
     return out
+
+
+def _code_digest(func: types.FunctionType, owner: Optional[type] = None) -> str:
+    """A digest of the code of ``func`` and of what it reaches in its module
+    (``_reached``): the same in a worker only where its copy of the module is the
+    caller's. A key that named the function alone kept a warm worker running the code
+    from before the caller's ``importlib.reload`` (a wrong result)."""
+    from .fingerprint import feed_code
+
+    h = hashlib.sha1()
+    for f in sorted(_reached(func, owner), key=lambda f: f.__qualname__):
+        h.update(f.__qualname__.encode())
+        feed_code(h, f.__code__)
+    return h.hexdigest()
+
+
+def _compiled_plainly(module: str) -> bool:
+    """Was ``module`` compiled from its file by Python's own loader, as a worker's
+    import compiles it? Code from an import hook (pytest rewrites the asserts of test
+    modules) differs from a worker's for the same file: compared, it was taken for a
+    stale copy and every item ran in the caller."""
+    loader = type(getattr(getattr(sys.modules.get(module), "__spec__", None), "loader", None))
+    # By name: the modules imported at start-up have the frozen bootstrap's classes,
+    # which are not importlib.machinery's.
+    return (loader.__name__ in ("SourceFileLoader", "SourcelessFileLoader")
+            and loader.__module__ in ("_frozen_importlib_external",
+                                      "importlib._bootstrap_external"))
+
+
+def _current_code(func: Any, ref: FunctionRef, rebuild: Callable[[], Any]) -> Any:
+    """``func`` where the code it runs is the caller's (``ref.code``); else the module
+    it comes from is reloaded here (the caller reloaded it) and ``func`` rebuilt; raises
+    where it still differs (the module's file changed since the caller imported it:
+    only the caller has that code)."""
+    core, owner = _code_that_runs(func)
+    if core is None or _code_digest(core, owner) == ref.code:
+        return func
+    module = sys.modules.get(core.__module__)
+    if module is not None:
+        importlib.reload(module)
+        func = rebuild()
+        core, owner = _code_that_runs(func)
+        if core is not None and _code_digest(core, owner) == ref.code:
+            return func
+    raise ImportError(f"this worker's module {core.__module__!r} is not the caller's copy "
+                      "of it (its file changed since the caller imported it)")
 
 
 def _globals_read(func: types.FunctionType, owner: Optional[type] = None) -> dict[str, Any]:
@@ -600,36 +651,70 @@ _MAIN_THREAD_ONLY = frozenset({"signal", "alarm", "setitimer", "set_wakeup_fd",
 
 
 def needs_main_thread(func: Callable[..., Any]) -> bool:
-    """Does ``func`` (or a function of its module it calls) set a signal handler or a
-    timer? Such a function waits (an alarm around a read is the classic guard) and was
-    planned on threads, where its every item raised ValueError."""
-    import signal
-
+    """Does ``func`` (or a function it calls, of its module or of another module of the
+    user's) set a signal handler or a timer? Such a function waits (an alarm around a
+    read is the classic guard) and was planned on threads, where its every item raised
+    ValueError; a guard in a helper module (``guarded.read_with_alarm``) was not seen."""
     core, owner = _code_that_runs(func)
     if core is None:
         return False
-    import dis
-
-    for f in _reached(core, owner):
-        for c in _code_objects(f.__code__):
-            if "signal" not in c.co_names:
+    todo: list[tuple[types.FunctionType, Optional[type]]] = [(core, owner)]
+    seen: set[int] = set()
+    while todo and len(seen) < _CALLS_READ_MAX:
+        for f in _reached(*todo.pop()):
+            if id(f.__code__) in seen:
                 continue
-            before = None  # signal.alarm(...), the module imported in the function too
-            for ins in dis.get_instructions(c):
-                if (before == "signal" and ins.opname in _ATTRIBUTE_OPS
-                        and ins.argval in _MAIN_THREAD_ONLY):
-                    return True
-                before = ins.argval if ins.opname.startswith("LOAD_") else None
-        names = f.__globals__
-        for name, attrs in _name_chains(f.__code__):
-            held = names.get(name)
-            if held is signal:
-                if attrs and attrs[0] in _MAIN_THREAD_ONLY:
-                    return True
-            elif (getattr(held, "__module__", None) in ("signal", "_signal")
-                  and getattr(held, "__name__", None) in _MAIN_THREAD_ONLY):
-                return True  # from signal import alarm
+            seen.add(id(f.__code__))
+            if _sets_signals(f):
+                return True
+            todo.extend((g, None) for g in _users_functions_called(f))
     return False
+
+
+# The most functions needs_main_thread reads (a bound: each is scanned once, ~20 µs).
+_CALLS_READ_MAX = 200
+
+
+def _sets_signals(f: types.FunctionType) -> bool:
+    """Does ``f``'s own code call one of the signal module's main-thread-only calls?"""
+    import dis
+    import signal
+
+    for c in _code_objects(f.__code__):
+        if "signal" not in c.co_names:
+            continue
+        before = None  # signal.alarm(...), the module imported in the function too
+        for ins in dis.get_instructions(c):
+            if (before == "signal" and ins.opname in _ATTRIBUTE_OPS
+                    and ins.argval in _MAIN_THREAD_ONLY):
+                return True
+            before = ins.argval if ins.opname.startswith("LOAD_") else None
+    names = f.__globals__
+    for name, attrs in _name_chains(f.__code__):
+        held = names.get(name)
+        if held is signal:
+            if attrs and attrs[0] in _MAIN_THREAD_ONLY:
+                return True
+        elif (getattr(held, "__module__", None) in ("signal", "_signal")
+              and getattr(held, "__name__", None) in _MAIN_THREAD_ONLY):
+            return True  # from signal import alarm
+    return False
+
+
+def _users_functions_called(f: types.FunctionType) -> Iterator[types.FunctionType]:
+    """The functions of the user's other modules that ``f`` names: imported by name
+    (``from guarded import read``) or read off a module (``guarded.read``)."""
+    names = f.__globals__
+    for name, attrs in _name_chains(f.__code__):
+        held = names.get(name)
+        for attr in attrs:
+            if not isinstance(held, types.ModuleType):
+                break
+            held = getattr(held, attr, None)
+        held = _innermost(getattr(held, "__adaptive_exec_wrapped__", held))
+        if (isinstance(held, types.FunctionType) and held.__globals__ is not names
+                and _users_module(sys.modules.get(held.__module__))):
+            yield held
 
 
 # The size of an instance of a class statement's class (object, and a weak reference):
@@ -674,17 +759,20 @@ def function_ref(func: Callable[..., Any], per_process: frozenset[str] = frozens
         init[0], per_process) if init is not None else frozenset())
     module = getattr(func, "__module__", None)
     qualname = getattr(func, "__qualname__", None)
+    code = (_code_digest(core, owner) if core is not None and _importable(core)
+            and _compiled_plainly(core.__module__) else None)
     if isinstance(func, types.FunctionType) and module and qualname and _importable(func):
         # A function decorated with @parallelize is shadowed in its module by the
         # wrapper, so pickle-by-reference would fail and cloudpickle would copy the
         # code by value. The worker imports the wrapper and unwraps it instead.
-        h = hashlib.sha1(f"{module}:{qualname}:".encode())
+        h = hashlib.sha1(f"{module}:{qualname}:{code}:".encode())
         if patch is not None:
             h.update(patch)
         if attrs is not None:
             h.update(b"attrs:" + attrs_digest)
         return FunctionRef(h.hexdigest(), module=module, qualname=qualname, patch=patch,
-                           patch_module=patch_module, cwd=cwd, sys_path=path, attrs=attrs)
+                           patch_module=patch_module, cwd=cwd, sys_path=path, attrs=attrs,
+                           code=code)
     # By value, with an initializer that sets globals or travels by value too (it may
     # fill a global dict of the script's, STATE["conn"] = ..., which the function reads):
     # rebuilt in the worker from one pickle, over one namespace that lacks the
@@ -698,12 +786,13 @@ def function_ref(func: Callable[..., Any], per_process: frozenset[str] = frozens
     else:
         blob = cloudpickle_dumps(func, sentinels_by_name=True)
     h = hashlib.sha1(blob)
+    h.update(f"code:{code}".encode())
     if patch is not None:
         h.update(patch)
     if attrs is not None:
         h.update(b"attrs:" + attrs_digest)
     return FunctionRef(h.hexdigest(), blob=blob, patch=patch, patch_module=patch_module,
-                       cwd=cwd, sys_path=path, bundled=bundled, attrs=attrs)
+                       cwd=cwd, sys_path=path, bundled=bundled, attrs=attrs, code=code)
 
 
 def _enter_context(ref: FunctionRef) -> None:
@@ -735,15 +824,24 @@ def _resolve(ref: FunctionRef) -> Optional[Callable[..., Any]]:
             blob = _read_blob(*ref.blob_at)
             if blob is None:
                 return None  # the caller then sends it inside the chunk
-            func = pickle.loads(blob)
-        elif ref.blob is not None:
-            func = pickle.loads(ref.blob)
         else:
+            blob = ref.blob
+
+        def rebuild() -> Any:
+            if blob is not None:
+                return pickle.loads(blob)
             assert ref.module is not None and ref.qualname is not None
             target: Any = importlib.import_module(ref.module)
             for part in ref.qualname.split("."):
                 target = getattr(target, part)
-            func = getattr(target, "__adaptive_exec_wrapped__", target)
+            return getattr(target, "__adaptive_exec_wrapped__", target)
+
+        func = rebuild()
+        if ref.code is not None:
+            if ref.bundled:
+                func = (_current_code(func[0], ref, lambda: rebuild()[0]), *func[1:])
+            else:
+                func = _current_code(func, ref, rebuild)
         if ref.bundled:
             func, initializer, initargs = func
             if ref.init_key is not None:  # runs with the function's own namespace

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import gc
 import itertools
+import json
 import os
 import queue
 import subprocess
@@ -279,6 +280,63 @@ def test_attributes_of_the_users_modules_are_the_callers(tmp_path, path):
     assert out.strip() == "ok"
 
 
+@pytest.mark.parametrize("path", ["fork", "template", "exec"])
+def test_a_module_the_caller_reloaded_or_whose_file_changed_runs_the_callers_code(
+        tmp_path, path):
+    # A function taken by reference was keyed by its name alone: after the caller's
+    # importlib.reload (an edit in a notebook with %autoreload), warm workers ran the old
+    # code, [57, 58, 59] where the loop gave [5700, 5800, 5900]; and a file edited
+    # without a reload gave exec workers the new code and the caller the old, mixed in
+    # one map. Found by an adversarial review helper.
+    out = run_script(tmp_path, """
+        import importlib, json, os, sys, time, warnings
+        sys.path.insert(0, os.getcwd())
+        from adaptive_exec import parallelize
+
+        SOURCE = (
+            "import time\\n"
+            "def f(x):\\n"
+            "    return helper(x) * {factor}\\n"
+            "def helper(x):\\n"
+            "    end = time.perf_counter() + 0.002\\n"
+            "    while time.perf_counter() < end:\\n"
+            "        pass\\n"
+            "    return x + {offset}\\n"
+        )  # the code itself changes, not a global that travels with it
+        stamp = [time.time()]
+
+        def write(factor, offset):
+            with open("edited.py", "w") as fh:
+                fh.write(SOURCE.format(factor=factor, offset=offset))
+            # A newer mtime than the last write: the next import compiles it again.
+            stamp[0] += 10
+            os.utime("edited.py", (stamp[0], stamp[0]))
+
+        write(1, 0)
+        import edited
+        items = range(60)
+        seen = []
+        for factor, offset in ((1, 0), (100, 0), (100, 5)):  # f, then only its helper
+            write(factor, offset)
+            importlib.reload(edited)
+            pf = parallelize(edited.f, backend="loky", chunksize=4)
+            got, loop = pf.map(items), [edited.f(x) for x in items]
+            assert got == loop, (factor, offset, got[-3:], loop[-3:])
+            seen.append(pf.last_report.plan.mode)
+        write(7, 7)  # not reloaded: the caller runs the code it imported
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = parallelize(edited.f, backend="loky", chunksize=4).map(items)
+        assert got == [edited.f(x) for x in items] == [(x + 5) * 100 for x in items]
+        print(json.dumps([seen, [str(w.message) for w in caught]]))
+    """, env={starts.ENV_START: path})
+    seen, warned = json.loads(out.splitlines()[-1])
+    assert seen == ["parallel"] * 3
+    # Where workers import the module afresh, they cannot have the caller's old code:
+    # the items run in the caller, and the warning says why.
+    assert all("not the caller's copy" in w for w in warned), warned
+
+
 def test_a_modules_sentinel_captured_by_a_script_function_stays_the_workers_own(tmp_path):
     # A function of the script travels by value, and cloudpickle copied the sentinels
     # its defaults hold: `default is mymod.MISSING` was False in every worker (found by
@@ -497,6 +555,45 @@ def test_a_function_that_sets_signal_handlers_is_not_given_threads():
     pf = parallelize(h.guarded_sleep)
     assert pf.map(range(100)) == [2 * x for x in range(100)]
     assert pf.last_report.plan.mode != "threads", pf.last_report.plan.reason
+
+
+def test_a_signal_guard_in_a_helper_module_is_seen_too(tmp_path, monkeypatch):
+    # The guard was looked for in the function's own module only: a function calling
+    # guarded.read_with_alarm was planned on threads, and every map raised ValueError
+    # (found by an adversarial review helper).
+    (tmp_path / "guarded.py").write_text(textwrap.dedent("""
+        import signal, time
+
+        def _on_alarm(signum, frame):
+            raise TimeoutError("read took too long")
+
+        def read_with_alarm(x):
+            old = signal.signal(signal.SIGALRM, _on_alarm)
+            signal.alarm(5)
+            try:
+                time.sleep(0.01)
+                return x * 2
+            finally:
+                signal.alarm(0)
+                signal.signal(signal.SIGALRM, old)
+    """))
+    (tmp_path / "calls_guarded.py").write_text(textwrap.dedent("""
+        import guarded
+        from guarded import read_with_alarm
+
+        def by_attribute(x):
+            return guarded.read_with_alarm(x)
+
+        def by_name(x):
+            return read_with_alarm(x)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import calls_guarded
+
+    for func in (calls_guarded.by_attribute, calls_guarded.by_name):
+        pf = parallelize(func)
+        assert pf.map(range(60)) == [2 * x for x in range(60)]
+        assert pf.last_report.plan.mode != "threads", pf.last_report.plan.reason
 
 
 # --- 4. errors in the loop's order ---------------------------------------------------
