@@ -434,7 +434,8 @@ class ParallelRun:
                 self._check_deadlines()
             self._record(0)
             clean = True
-            self.target.finish(self.executor, self.probe)
+            if self.executor is not None:
+                self.target.finish(self.executor, self.probe)
         except KeyboardInterrupt as exc:
             # Ctrl-C (not an item's own KeyboardInterrupt, which carries its index):
             # the workers are ended with the map.
@@ -448,7 +449,8 @@ class ParallelRun:
             raise
         finally:
             self.throttle.stop.set()
-            self.target.close(self.executor, clean, self.interrupted)
+            if self.executor is not None:
+                self.target.close(self.executor, clean, self.interrupted)
             for fut, info in self.pending.items():
                 self.target.cancel(fut, info.executor)
 
@@ -458,7 +460,17 @@ class ParallelRun:
         self.exhausted = True
 
     def _open(self) -> None:
-        self.executor, self.probe = self.target.open(self.n_workers)
+        try:
+            self.executor, self.probe = self.target.open(self.n_workers)
+        except PoolGone:
+            if not system.shutting_down():
+                raise
+            # The main thread returned before this map's pool could start (a non-daemon
+            # thread's map): no pool can start now; every item runs here (_send).
+            self.executor, self.probe = None, None
+            self.cross.caller_only = True
+            self.cross.reason = self.cross.reason or (
+                "the interpreter began shutting down before the pool could start")
         self.capacity = self.target.capacity()
         self._t0 = time.perf_counter()
         if self.probe is not None:
@@ -574,11 +586,16 @@ class ParallelRun:
                 fut = self.target.submit(self.executor, info.items, info.start, full)
                 break
             except PoolGone:
-                if system.shutting_down():
-                    self._run_rest_here(info)
-                    return
-                # Another thread's map replaced or ended the pool: use the current one.
-                self.executor, _ = self.target.open(self.n_workers)
+                if not system.shutting_down():
+                    try:
+                        # Another thread's map replaced or ended the pool: use the
+                        # current one.
+                        self.executor, _ = self.target.open(self.n_workers)
+                        continue
+                    except PoolGone:
+                        pass  # the interpreter began to end meanwhile
+                self._run_rest_here(info)
+                return
             except AdaptiveExecError:
                 raise  # ours (a cluster that went away...): not a pickling failure
             except Exception as exc:

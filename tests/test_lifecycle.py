@@ -862,6 +862,45 @@ def test_a_map_once_the_main_thread_has_returned_gives_the_loops_results_and_exi
     assert out.split("\n")[:-1] == want, out
 
 
+THREAD_OUTLIVES_MAIN_CHILD = """
+import sys, threading, time
+from adaptive_exec import adaptive_map
+
+def slow(x):
+    end = time.perf_counter() + 0.05
+    while time.perf_counter() < end:
+        pass
+    return x * 2
+
+def mapping(n):
+    print("thread", adaptive_map(slow, range(n)) == [x * 2 for x in range(n)], flush=True)
+
+daemon = sys.argv[1] == "daemon"
+threading.Thread(target=mapping, args=(200 if daemon else 40,), daemon=daemon).start()
+time.sleep(0.7 if daemon else 0.08)
+print("main returns", flush=True)
+"""
+
+
+@pytest.mark.parametrize("kind", ["non-daemon", "daemon"])
+def test_a_thread_whose_map_outlives_the_main_thread_lets_the_process_exit(tmp_path, kind):
+    # The main thread returned while a thread's map planned from the cache (warm: the
+    # first run fills it): its start ahead made a pool after Python's shutdown began;
+    # loky's manager thread started, its exit hook was refused ("can't register atexit
+    # after shutdown", the map's results lost), and the process then waited for that
+    # thread for good (3 of 3 runs). A daemon thread's map, whose pool our exit hook
+    # ended, made a new one the same way and printed that traceback. Found by an
+    # adversarial review helper.
+    script = tmp_path / "outlives.py"
+    script.write_text(THREAD_OUTLIVES_MAIN_CHILD)
+    for _ in range(3):  # the first run samples and remembers; the next ones plan at once
+        out = _run_to_its_end(script, "", 60, kind, quiet=True)  # the path it chooses
+        if kind == "non-daemon":
+            assert out.split("\n")[:-1] == ["main returns", "thread True"], out
+        else:
+            assert out.split("\n")[0] == "main returns", out
+
+
 BIG_RESULTS_CHILD = """
 import os, signal, threading, time
 from adaptive_exec import parallelize

@@ -316,6 +316,12 @@ def _get_locked(n_workers: int, epoch: Optional[int] = None, path: str = starts.
         old = _state.executor
         broken = old is not None and _is_broken(old)
         if old is None or broken or _state.size < n_workers:
+            if system.shutting_down():
+                # The main thread has returned: a pool made now (a start ahead from a
+                # non-daemon thread's map, a replacement after the exit hook ended the
+                # last one) started loky's manager thread, failed to register its exit
+                # hook, and Python then waited for that thread for good.
+                raise PoolGone()
             if old is not None and not broken:
                 # A larger pool is wanted; the old one drains what it was given, and
                 # takes nothing new (another thread's map then sends to the new one).
@@ -482,6 +488,8 @@ def prestart(n_workers: int, epoch: Optional[int] = None) -> Any:
         epoch = _state.epoch
     try:
         return _get(n_workers, epoch)[0]
+    except PoolGone:
+        return None  # the interpreter is ending: no pool, the map runs in its caller
     finally:
         with _state.lock:
             _state.starting_at = None
@@ -979,7 +987,10 @@ class LokyTarget:
         deliberate = ended_on_purpose(failed)
         mark_broken(failed)
         if is_gone(executor):
-            executor, _ = self.open(n_workers)
+            try:
+                executor, _ = self.open(n_workers)
+            except PoolGone:
+                pass  # the interpreter is ending: what is left runs in the caller (_send)
         return executor, deliberate
 
     def cancel(self, fut: cf.Future, executor: Any) -> None:
@@ -1182,7 +1193,17 @@ class StartupProbe:
                 self._unsettled = self.n_workers
             system.fast_switching(True)
             for _ in range(self.n_workers):
-                executor.submit(ping, 0.005).add_done_callback(self._done)
+                try:
+                    fut = executor.submit(ping, 0.005)
+                except RuntimeError as exc:
+                    if not system.shutting_down():
+                        raise
+                    # The interpreter began to end since the pool was made: loky started
+                    # its manager thread but could not register its exit hook. Told to
+                    # end here, that thread does not hold the exit.
+                    executor.shutdown(wait=False, kill_workers=True)
+                    raise PoolGone() from exc
+                fut.add_done_callback(self._done)
                 sent += 1
         finally:
             self.sent.set()
