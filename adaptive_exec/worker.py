@@ -85,9 +85,27 @@ def cloudpickle_dumps(obj: Any, sentinels_by_name: bool = False) -> bytes:
     worker then names neither the user's file nor the line's text (its line numbers and
     line table cloudpickle keeps). ``sentinels_by_name``: a function's, whose sentinels
     travel by name (_by_name_if_stateless)."""
+    picklers = _pickler()
+    _main_by_value()
     with io.BytesIO() as file:
-        _pickler()[sentinels_by_name](file, protocol=_PROTOCOL).dump(obj)
+        picklers[sentinels_by_name](file, protocol=_PROTOCOL).dump(obj)
         return file.getvalue()
+
+
+def _main_by_value() -> None:
+    """In a multiprocessing spawn or forkserver child the script runs as ``__mp_main__``:
+    cloudpickle, which sends ``__main__``'s functions and classes by value, sent those by
+    name, which our workers cannot import. Registered by value, once per process."""
+    main = sys.modules.get("__main__")
+    name = getattr(main, "__name__", "__main__")
+    if name != "__main__" and name not in _BY_VALUE and sys.modules.get(name) is main:
+        import cloudpickle
+
+        cloudpickle.register_pickle_by_value(main)
+        _BY_VALUE.add(name)
+
+
+_BY_VALUE: set[str] = set()
 
 
 # cloudpickle's Pickler, with code's file names kept; and one that also sends sentinels
@@ -229,6 +247,11 @@ def _importable(value: Any) -> bool:
     if not isinstance(module, str) or not isinstance(qualname, str) or module == "__main__":
         return False
     target: Any = sys.modules.get(module)
+    if target is not None and target is sys.modules.get("__main__"):
+        # A multiprocessing spawn or forkserver child runs the script as __mp_main__,
+        # which our workers do not have: by value, as from __main__ (every map of such
+        # a child warned that the function could not be rebuilt, and ran serially).
+        return False
     try:
         for part in qualname.split("."):
             target = getattr(target, part)

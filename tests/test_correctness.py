@@ -414,6 +414,39 @@ def test_a_map_inside_a_multiprocessing_pools_worker_runs_there(tmp_path, contex
 
 # --- 2. the caller's world -----------------------------------------------------------
 
+@pytest.mark.parametrize("path", [starts.TEMPLATE, starts.EXEC])
+def test_a_spawned_multiprocessing_child_maps_a_function_of_the_script(tmp_path, path):
+    # In a spawn (or forkserver) child the script runs as __mp_main__, and its
+    # functions went by name, which our workers could not import: every map warned and
+    # ran serially, and strict=True raised TypeError. Spawn is the default start on
+    # macOS and Windows (found by an adversarial review helper).
+    out = run_script(tmp_path, """
+        import multiprocessing as mp, time
+        from adaptive_exec import parallelize
+
+        def slow(x):
+            end = time.perf_counter() + 0.005
+            while time.perf_counter() < end:
+                pass
+            return x * 2
+
+        def target(q):
+            pf = parallelize(slow, backend="loky", strict=True)
+            q.put((pf.map(range(60)) == [x * 2 for x in range(60)],
+                   pf.last_report.plan.mode))
+
+        if __name__ == "__main__":
+            ctx = mp.get_context("spawn")
+            q = ctx.Queue()
+            p = ctx.Process(target=target, args=(q,))
+            p.start()
+            print(q.get(timeout=60))
+            p.join(30)
+            print(p.exitcode)
+    """, timeout=120, env={starts.ENV_START: path})
+    assert out.split("\n")[:2] == ["(True, 'parallel')", "0"], out
+
+
 def test_workers_follow_the_callers_working_directory(tmp_path, monkeypatch):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
