@@ -1595,12 +1595,25 @@ def worker_init(parent_pid: int, env: dict[str, str]) -> None:
     os.environ.update(env)
     if os.getppid() != parent_pid:  # the parent died while this worker was starting
         os._exit(ORPHAN_EXIT_CODE)
+    import signal
+
+    # Ctrl-C reaches the whole process group; what it means is the caller's to say:
+    # its KeyboardInterrupt ends the workers, and a handler of the user's that goes on
+    # lets them finish. A template's or loky's worker raised KeyboardInterrupt in the
+    # function instead, taken as the item's own, and the map died though the user's
+    # handler had said to go on (a forked worker already ignored it). A handler, not
+    # SIG_IGN: processes the function starts get the default back when they exec.
+    signal.signal(signal.SIGINT, _ctrl_c_is_the_callers)
     import multiprocessing
 
     parent = multiprocessing.parent_process()
     sentinel = getattr(parent, "sentinel", None) if parent is not None else None
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid, sentinel),
                      name="adaptive_exec-parent-watch", daemon=True).start()
+
+
+def _ctrl_c_is_the_callers(signum: int, frame: Any) -> None:
+    """A worker's SIGINT handler: nothing (see worker_init)."""
 
 
 def _exit_when_orphaned(parent_pid: int, sentinel: Optional[int]) -> None:

@@ -330,3 +330,49 @@ def test_progress_bar_on_a_parallel_run(capsys):
     err = capsys.readouterr().err
     assert "40/40" in err
     assert pf.last_report.plan.mode == "parallel"
+
+
+GOES_ON_AFTER_CTRL_C = """
+import signal, time
+from adaptive_exec import adaptive_map
+
+def slow(x):
+    end = time.perf_counter() + 0.05
+    while time.perf_counter() < end:
+        pass
+    return x * 2
+
+hits = []
+signal.signal(signal.SIGINT, lambda signum, frame: hits.append(signum))
+print("mapping", flush=True)
+ok = adaptive_map(slow, range(100), backend="loky") == [x * 2 for x in range(100)]
+print("ok", ok, "hits", len(hits), flush=True)
+"""
+
+
+@pytest.mark.parametrize("path", ["fork", "template", "exec"])
+def test_ctrl_c_to_the_group_is_the_callers_to_handle(tmp_path, path):
+    # A terminal's Ctrl-C reaches the whole process group. The user's handler noted it
+    # and went on, as the loop would; template and exec workers raised KeyboardInterrupt
+    # in the function, which came back as the item's exception and ended the program
+    # (4 of 4, 3 of 4 runs). Found by an adversarial review helper.
+    script = tmp_path / "goes_on.py"
+    script.write_text(GOES_ON_AFTER_CTRL_C)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "ADAPTIVE_EXEC_START": path})
+    try:
+        assert proc.stdout.readline().strip() == "mapping"
+        me = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 30
+        while len(me.children()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)  # workers up (a template and its workers on that path)
+        time.sleep(0.3)  # items running in them
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out + err[-3000:]
+        assert out.strip() == "ok True hits 1", out + err[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
