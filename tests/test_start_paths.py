@@ -446,6 +446,43 @@ def test_the_callers_sigterm_handler_never_runs_in_a_template_forked_from_it(tmp
 
 
 @linux_only
+def test_templates_retired_without_waiting_do_not_pile_up_as_zombies(tmp_path):
+    # A tiny first map's template is told to end and not waited for (its exit cost the
+    # map 0.5-0.7 ms): it is reaped at the next fork, so twenty such maps leave at most
+    # the last one unreaped, and none once the template after it has ended.
+    env = {k: v for k, v in os.environ.items() if k != starts.ENV_START}
+    out = run_script(tmp_path, """
+        import json, psutil
+        from adaptive_exec import adaptive_map
+        from adaptive_exec.backends import starts
+
+        forked = []
+        fork_here = starts.Template.fork_here
+
+        def noted(self):
+            made = fork_here(self)
+            forked.append(self.pid if made else None)
+            return made
+
+        starts.Template.fork_here = noted
+        for i in range(20):
+            def g(x, i=i):
+                return x + i
+            g.__qualname__ = f"g{i}"  # a new function: a first map, sampled
+            assert adaptive_map(g, list(range(8))) == [x + i for x in range(8)]
+        me = psutil.Process()
+        children = {p.pid for p in me.children()}
+        piled = sorted(set(forked) & children)
+        starts.reap_ended(block=True)
+        left = sorted(set(forked) & {p.pid for p in me.children()})
+        print(json.dumps([sum(p is not None for p in forked), len(piled), left]))
+    """, env={**env, "ADAPTIVE_EXEC_CACHE_DIR": str(tmp_path / "cache")})
+    n_forked, piled, left = json.loads(out.splitlines()[-1])
+    assert n_forked >= 15, out
+    assert piled <= 1 and left == [], out
+
+
+@linux_only
 def test_a_few_long_items_go_to_workers_of_a_template_forked_at_the_maps_start(tmp_path):
     # Two items of 0.6 s: the caller's thread, busy in the first, cannot fork; a template
     # spawned then is up ~0.12 s later (item 1 reached a worker at ~0.3 s). A template
