@@ -35,7 +35,7 @@ from typing import (
 from . import system
 from .backends import dask as dask_backend
 from .backends import loky as loky_backend
-from .errors import hide_library_frames
+from .errors import hide_library_frames, item_of
 from .fingerprint import fingerprint
 from .records import BACKENDS, Calibration, Options, Plan, RunReport
 from .run import MapKind, MapRun, guard, known_length
@@ -430,7 +430,7 @@ def _collect(batches: Iterator[list[Any]]) -> list[Any]:
         # Ctrl-C between two batches lands here, not in the dispatcher: end the pool's
         # workers all the same, so that nothing runs on and no process is left behind.
         # (An item's own KeyboardInterrupt carries its index: the pool is fine.)
-        if getattr(exc, "item_index", None) is None:
+        if item_of(exc) is None:
             loky_backend.shutdown()
         raise
     except RuntimeError as exc:
@@ -439,7 +439,7 @@ def _collect(batches: Iterator[list[Any]]) -> list[Any]:
         # (imap keeps the RuntimeError: a generator expression, and CPython's
         # Executor.map, give that too.)
         cause = exc.__cause__
-        if isinstance(cause, StopIteration) and getattr(cause, "item_index", None) is not None:
+        if isinstance(cause, StopIteration) and item_of(cause) is not None:
             raise cause from cause.__cause__
         raise
     return out if out is not None else []

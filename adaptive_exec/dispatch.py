@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator, Optional
 from . import system
 from .backends.base import PoolGone, StartupWatch, Target
 from .errors import (
+    ITEM_ATTR,
     AdaptiveExecError,
     ClusterError,
     InitializerError,
@@ -47,6 +48,8 @@ from .errors import (
     UnpicklableWarning,
     WorkerCrashedError,
     attach_origin,
+    item_of,
+    set_on,
     warn_user,
 )
 from .planner import MAX_CHUNK_S
@@ -276,7 +279,8 @@ class _CannotCross:
                    "(strict=True)")
             err = error(msg)
             if index is not None:
-                err.item_index = index  # type: ignore[attr-defined]
+                set_on(err, "item_index", index)
+                set_on(err, ITEM_ATTR, index)
             raise err from cause
         self.reason = self.reason or what
         if not self.warned:
@@ -439,7 +443,7 @@ class ParallelRun:
         except KeyboardInterrupt as exc:
             # Ctrl-C (not an item's own KeyboardInterrupt, which carries its index):
             # the workers are ended with the map.
-            self.interrupted = self.interrupted or getattr(exc, "item_index", None) is None
+            self.interrupted = self.interrupted or item_of(exc) is None
             raise
         except GeneratorExit:
             # Closed early with chunks still running (imap left by Ctrl-C in the
@@ -636,7 +640,9 @@ class ParallelRun:
     def _keep(self, info: Pending, results: list[Any], err: Optional[BaseException]) -> None:
         """A chunk's outcome, waiting for its turn."""
         if err is not None:
-            at = getattr(err, "item_index", info.start + len(results))
+            at = item_of(err)
+            if at is None:
+                at = info.start + len(results)
             if self.error_at is None or at < self.error_at:
                 self.error_at = at
         self.buffer[info.start] = (results, info.n, err)

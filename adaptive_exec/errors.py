@@ -112,7 +112,14 @@ def attach_origin(exc: BaseException, index: int, remote_tb: Optional[str],
     note = f"adaptive_exec: raised while processing item {index}"
     if where:
         note = f"{note} in {where}"
-    set_on(exc, "item_index", index)
+    # The user's own attribute of that name (a row id of theirs) is left as it is, as
+    # the loop leaves it: the index is then in ITEM_ATTR, and the note, alone. (It was
+    # overwritten: the exception differed from the loop's.) One set by a map of ours
+    # (a nested map's) is replaced.
+    held = getattr(exc, "item_index", _NONE)
+    if held is _NONE or held == getattr(exc, ITEM_ATTR, _NONE):
+        set_on(exc, "item_index", index)
+    set_on(exc, ITEM_ATTR, index)
     user_tb = _without_our_head(exc.__traceback__)
     if user_tb is not None:
         set_on(exc, "__traceback__", user_tb)
@@ -133,6 +140,21 @@ def attach_origin(exc: BaseException, index: int, remote_tb: Optional[str],
     if remote_tb:
         set_on(exc, "__cause__", RemoteTraceback(f'\n"""\n{remote_tb}"""'))
     return exc
+
+
+# Where the index of the item an exception came from is kept for the library's own use
+# (``item_of``): ``item_index`` may be the user's own attribute.
+ITEM_ATTR = "_adaptive_exec_item"
+_NONE = object()
+
+
+def item_of(exc: BaseException) -> Optional[int]:
+    """The index of the item ``exc`` came from, as a map of ours noted it; None when it
+    came from no item (Ctrl-C, the input iterator, a bug of ours)."""
+    index = getattr(exc, ITEM_ATTR, None)
+    if index is None:
+        index = getattr(exc, "item_index", None)  # set by a constructor of ours
+    return index if type(index) is int else None
 
 
 def set_on(exc: BaseException, name: str, value: Any) -> None:
@@ -184,7 +206,7 @@ def hide_library_frames(exc: BaseException) -> BaseException:
     argument we refused) keeps its frames: they are what there is to see."""
     tb = exc.__traceback__
     rest = _without_our_head(tb)
-    if rest is not tb and (rest is not None or getattr(exc, "item_index", None) is not None):
+    if rest is not tb and (rest is not None or item_of(exc) is not None):
         set_on(exc, "__traceback__", rest)
     return exc
 

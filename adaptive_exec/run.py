@@ -33,7 +33,7 @@ from .backends import serial as serial_backend
 from .backends import starts
 from .backends.threads import ThreadTarget
 from .dispatch import ParallelRun, Pending, RunSpec, observed_cv
-from .errors import UnpicklableWarning, warn_user
+from .errors import UnpicklableWarning, item_of, warn_user
 from .fingerprint import describe, function_complexity
 from .records import (
     Calibration,
@@ -162,7 +162,7 @@ class MapRun:
         except KeyboardInterrupt as exc:
             # Ctrl-C while sampling, planning or starting the pool ahead: end any pool
             # this map started (a start ahead still under way leaves none behind).
-            if getattr(exc, "item_index", None) is None:
+            if item_of(exc) is None:
                 loky_backend.shutdown()
             raise
         except GeneratorExit:
@@ -205,11 +205,9 @@ class MapRun:
         try:
             cause = exc.__cause__
             if (isinstance(exc, RuntimeError) and isinstance(cause, StopIteration)
-                    and type(getattr(cause, "item_index", None)) is int):
+                    and item_of(cause) is not None):
                 exc = cause  # an item's StopIteration, through a generator (PEP 479)
-            index = getattr(exc, "item_index", None)
-            if type(index) is not int:
-                index = None  # (the user's own attribute of that name: not ours)
+            index = item_of(exc)
             if by_input:
                 how = f"ended by its input iterator's {type(exc).__name__}"
             elif index is not None:  # an item's own exception, a GeneratorExit too
@@ -641,7 +639,7 @@ class MapRun:
             # raised in its turn, after theirs. (Only Exception was held: the others went
             # out at once, and the results before them were lost.) Not Ctrl-C, which
             # carries no item's index: the map ends now.
-            if isinstance(exc, KeyboardInterrupt) and getattr(exc, "item_index", None) is None:
+            if isinstance(exc, KeyboardInterrupt) and item_of(exc) is None:
                 raise
             error, finished = exc, True
         # The loop's own state, which collecting them would overwrite (it writes what

@@ -750,3 +750,17 @@ def guarded_sleep(x, seconds=0.02):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+class RowError(Exception):
+    """An exception with an ``item_index`` field of the user's own (a row id)."""
+
+    def __init__(self, msg, item_index):
+        super().__init__(msg, item_index)
+        self.item_index = item_index
+
+
+def raise_row_error(x, at):
+    if x == at:
+        raise RowError("bad row", item_index=1000 + x)
+    return x

@@ -508,3 +508,22 @@ def test_the_failing_items_index_is_right_when_the_list_grows_as_it_is_walked():
         pf.map(queue)
     assert info.value.item_index == 10
     assert "ended by item 10" in pf.last_report.ran
+
+
+@pytest.mark.parametrize("backend", ["serial", "loky"])
+@pytest.mark.parametrize("at", [3, 700])  # in the caller, and (loky) in a worker
+def test_the_users_own_item_index_attribute_is_left_as_the_loop_leaves_it(backend, at):
+    # It was overwritten with our index: 3 where the loop's exception said 1003 (found by
+    # an adversarial review helper). Ours is still in the note and the report.
+    calibrate()
+    pf = parallelize(functools.partial(h.raise_row_error, at=at), backend=backend,
+                     chunksize=3)
+    with pytest.raises(h.RowError) as info:
+        pf.map(range(1000))
+    assert info.value.item_index == 1000 + at
+    assert any(f"item {at}" in note for note in info.value.__notes__)
+    assert f"ended by item {at:,}" in pf.last_report.ran
+    # A later map's own error still gets ours.
+    with pytest.raises(ValueError) as plain:
+        parallelize(functools.partial(h.fail_on, bad={5}), backend=backend).map(range(10))
+    assert plain.value.item_index == 5
