@@ -78,7 +78,21 @@ def feed_code(h: hashlib._Hash, code: types.CodeType) -> None:
         h.update(repr(c.co_varnames).encode())
         for const in c.co_consts:
             if not isinstance(const, types.CodeType):
-                h.update(repr(const).encode())
+                h.update(_stable_const(const).encode())
+
+
+def _stable_const(const: Any) -> str:
+    """A constant's text, the same in every process: a frozenset's (``x in {"a", "b"}``)
+    repr follows the string hash seed, which differs between interpreters (a worker's
+    digest then differed from its caller's, and a fresh process's fingerprint from the
+    last one's)."""
+    if isinstance(const, frozenset):
+        return "frozenset({" + ", ".join(sorted(map(_stable_const, const))) + "})"
+    if isinstance(const, tuple):
+        parts = [_stable_const(c) for c in const]
+        if any(part != repr(c) for part, c in zip(parts, const)):
+            return "(" + ", ".join(parts) + ",)"
+    return repr(const)  # (unchanged for the rest: the cache's keys stay what they were)
 
 
 def fingerprint(func: Callable[..., Any]) -> str:

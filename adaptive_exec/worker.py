@@ -74,7 +74,10 @@ def dumps(obj: Any) -> bytes:
         data = pickle.dumps(obj, protocol=_PROTOCOL)
     except Exception:
         return cloudpickle_dumps(obj)
-    if b"__main__" in data:  # a scan of the bytes: far cheaper than the pickling
+    # A scan of the bytes, far cheaper than the pickling. (A multiprocessing spawn
+    # child's script is __mp_main__: its classes in items went by name, and no worker
+    # could load them.)
+    if b"__main__" in data or b"__mp_main__" in data:
         return cloudpickle_dumps(obj)
     return data
 
@@ -331,6 +334,10 @@ def _code_digest(func: types.FunctionType, owner: Optional[type] = None) -> str:
 
     h = hashlib.sha1()
     for f in sorted(_reached(func, owner), key=lambda f: f.__qualname__):
+        if f is not func and not _importable(f):
+            # A closure the caller set as a global (transform = make(3)) reaches the
+            # worker in the patch, by value, as the caller has it: not the module's.
+            continue
         h.update(f.__qualname__.encode())
         feed_code(h, f.__code__)
     return h.hexdigest()
@@ -354,15 +361,29 @@ def _current_code(func: Any, ref: FunctionRef, rebuild: Callable[[], Any]) -> An
     it comes from is reloaded here (the caller reloaded it) and ``func`` rebuilt; raises
     where it still differs (the module's file changed since the caller imported it:
     only the caller has that code)."""
-    core, owner = _code_that_runs(func)
-    if core is None or _code_digest(core, owner) == ref.code:
+    def same() -> bool:
+        # Compared with the caller's globals set here first (the patch): a global the
+        # caller set to a closure of the module's (transform = make(3)) is what the
+        # function reaches there, and only then here.
+        if ref.patch is not None and ref.patch_module is not None:
+            _Patched(func, ref.patch_module, f"{ref.key}:check",
+                     pickle.loads(ref.patch)).enter()
+        found, owner = _code_that_runs(func)
+        return found is None or _code_digest(found, owner) == ref.code
+
+    if same():
         return func
+    core, _ = _code_that_runs(func)
+    assert core is not None
     module = sys.modules.get(core.__module__)
     if module is not None:
         importlib.reload(module)
+        # Its globals are the file's again: what initializers set there (any of them:
+        # one may set another module's state) is gone, and so are the caller's values.
+        _CURRENT.clear()
+        _APPLIED.clear()
         func = rebuild()
-        core, owner = _code_that_runs(func)
-        if core is not None and _code_digest(core, owner) == ref.code:
+        if same():
             return func
     raise ImportError(f"this worker's module {core.__module__!r} is not the caller's copy "
                       "of it (its file changed since the caller imported it)")

@@ -337,6 +337,60 @@ def test_a_module_the_caller_reloaded_or_whose_file_changed_runs_the_callers_cod
     assert all("not the caller's copy" in w for w in warned), warned
 
 
+@pytest.mark.parametrize("path", ["template", "exec"])
+def test_the_code_check_takes_no_fresh_workers_copy_for_a_stale_one(tmp_path, path):
+    # Found by a review helper in the check above (c62aa98), each a worker that took its
+    # fresh import for a stale copy, reloaded the module and ran every item in the
+    # caller: a set literal (its constant's text follows the string hash seed, which
+    # differs between interpreters), a global the caller set to a closure of the module;
+    # and the reload wiped what an initializer had set there (KeyError in a later map).
+    (tmp_path / "mods.py").write_text(textwrap.dedent(f"""
+        import os
+        with open({str(tmp_path / "imports")!r}, "a") as log:
+            log.write(f"{{os.getpid()}}\\n")
+        STATE = {{}}
+
+        def setup(k):
+            STATE["k"] = k
+
+        def plain(x):
+            return x
+
+        def make(k):
+            def scaled(x):
+                return x * k
+            return scaled
+
+        transform = plain
+
+        def f(x):
+            return 2 if x in {{"a", "b", "c", "d", "e", "f"}} else transform(x)
+
+        def g(x):
+            return STATE["k"] * (x in {{"a", "b", "c"}})
+    """))
+    out = run_script(tmp_path, """
+        import os, sys, warnings
+        sys.path.insert(0, os.getcwd())
+        warnings.simplefilter("error")  # a fall-back to the caller: an error
+        import mods
+        from adaptive_exec import parallelize
+
+        mods.transform = mods.make(3)
+        items = ["a", 1, "z", 2, "c"] * 8
+        for func, init in ((mods.g, True), (mods.f, False), (mods.g, True)):
+            kw = dict(initializer=mods.setup, initargs=(4,)) if init else {}
+            got = parallelize(func, backend="loky", timeout=30, **kw).map(items)
+            mods.setup(4)
+            assert got == [func(x) for x in items], (func.__name__, got[:5])
+            mods.STATE.clear()
+        print("ok")
+    """, env={starts.ENV_START: path})
+    assert out.strip() == "ok"
+    pids = (tmp_path / "imports").read_text().split()
+    assert len(pids) == len(set(pids)), pids  # imported once in each process, not reloaded
+
+
 def test_a_modules_sentinel_captured_by_a_script_function_stays_the_workers_own(tmp_path):
     # A function of the script travels by value, and cloudpickle copied the sentinels
     # its defaults hold: `default is mymod.MISSING` was False in every worker (found by
@@ -421,7 +475,7 @@ def test_a_spawned_multiprocessing_child_maps_a_function_of_the_script(tmp_path,
     # ran serially, and strict=True raised TypeError. Spawn is the default start on
     # macOS and Windows (found by an adversarial review helper).
     out = run_script(tmp_path, """
-        import multiprocessing as mp, time
+        import dataclasses, multiprocessing as mp, time
         from adaptive_exec import parallelize
 
         def slow(x):
@@ -430,10 +484,22 @@ def test_a_spawned_multiprocessing_child_maps_a_function_of_the_script(tmp_path,
                 pass
             return x * 2
 
+        @dataclasses.dataclass
+        class Point:
+            x: int
+
+        def moved(p):
+            return Point(slow(p.x))
+
         def target(q):
             pf = parallelize(slow, backend="loky", strict=True)
-            q.put((pf.map(range(60)) == [x * 2 for x in range(60)],
-                   pf.last_report.plan.mode))
+            ok = pf.map(range(60)) == [x * 2 for x in range(60)]
+            # The script's classes in items too (they went by name: "Can't get
+            # attribute 'Point'", and the map ran in the caller; strict: an error).
+            points = [Point(i) for i in range(60)]
+            ok = ok and parallelize(moved, backend="loky", strict=True, timeout=30).map(
+                points) == [moved(p) for p in points]
+            q.put((ok, pf.last_report.plan.mode))
 
         if __name__ == "__main__":
             ctx = mp.get_context("spawn")
