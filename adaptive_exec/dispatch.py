@@ -197,6 +197,9 @@ class RunSpec:
     # Seconds a cold pool takes to answer, as calibrated (None: not known). The caller
     # runs no item while it is cold that would hold it past that by much (SHARE_MAX).
     startup_s: Optional[float] = None
+    # Called before the caller runs an item itself (a fall-back, the interpreter's
+    # end): the map's initializer, where the caller has not run it (a timeout).
+    before_here: Optional[Callable[[], None]] = None
 
 
 class _Chunks:
@@ -257,6 +260,14 @@ class _Chunks:
                 EWMA * t + (1 - EWMA) * self.per_item_s)
 
 
+def _run_here(func: Callable[..., Any], items: list[Any], start: int, spec: RunSpec
+              ) -> tuple[list[Any], Optional[BaseException]]:
+    """``worker.run_here``, the map's initializer run here first where it must be."""
+    if spec.before_here is not None:
+        spec.before_here()
+    return run_here(func, items, start, spec.star)
+
+
 class _CannotCross:
     """What could not cross between the caller and a worker (an item that does not
     pickle, a result that does not come back, a function a worker cannot rebuild): run
@@ -264,6 +275,7 @@ class _CannotCross:
 
     def __init__(self, func: Callable[..., Any], spec: RunSpec):
         self.func = func
+        self.spec = spec
         self.star = spec.star
         self.strict = spec.strict
         self.warned = False
@@ -296,12 +308,12 @@ class _CannotCross:
         self.warn(reason, None, ResultPicklingError if res.holes else TypeError)
         self.caller_only = True
         if res.holes is None:  # nothing ran there
-            out, err = run_here(self.func, info.items, info.start, self.star)
+            out, err = _run_here(self.func, info.items, info.start, self.spec)
             return out, err, None
         results, err = target.decode(res)
         for hole in res.holes:
-            out, hole_err = run_here(self.func, [info.items[hole]], info.start + hole,
-                                     self.star)
+            out, hole_err = _run_here(self.func, [info.items[hole]], info.start + hole,
+                                      self.spec)
             if hole_err is not None:  # before the worker's own error, if any
                 return results[:hole], hole_err, None
             results[hole] = out[0]
@@ -506,7 +518,7 @@ class ParallelRun:
                 break
             self.read_pos += 1
             self.chunks.taken(1)
-            out, err = run_here(self.func, [item], self.read_pos - 1, self.spec.star)
+            out, err = _run_here(self.func, [item], self.read_pos - 1, self.spec)
             local.extend(out)
             if err is not None:
                 self.error_at = self.read_pos - 1
@@ -528,7 +540,7 @@ class ParallelRun:
         workers run theirs, once every other item is handed out: the input's last ones.
         The input ends with them."""
         start = self.read_pos
-        out, err = run_here(self.func, list(self.source), start, self.spec.star)
+        out, err = _run_here(self.func, list(self.source), start, self.spec)
         n = len(out) + (err is not None)
         self.read_pos += n
         self.chunks.taken(n)
@@ -634,7 +646,7 @@ class ParallelRun:
 
     def _run_locally(self, info: Pending) -> None:
         self.local_items += len(info.items)
-        out, err = run_here(self.func, info.items, info.start, self.spec.star)
+        out, err = _run_here(self.func, info.items, info.start, self.spec)
         self._keep(info, out, err)
 
     def _keep(self, info: Pending, results: list[Any], err: Optional[BaseException]) -> None:
@@ -686,7 +698,7 @@ class ParallelRun:
                                   f"be unpickled in the caller ({exc})", exc)
                 self.cross.caller_only = True
                 self.local_items += len(info.items)
-                results, err = run_here(self.func, info.items, info.start, self.spec.star)
+                results, err = _run_here(self.func, info.items, info.start, self.spec)
                 err_index = None
         if err is not None and err_index is not None:
             # From another process (loky, dask), the worker's traceback is text to

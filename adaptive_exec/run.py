@@ -267,6 +267,12 @@ class MapRun:
         self.planner = adapt.MapPlanner(self.options, self.func, self.t_start, self.forced,
                                         self.client, self.entry, self.load, self.key)
 
+    def _initialize_here(self) -> None:
+        """The map's initializer, in the caller, before an item runs here (once per
+        initargs: see worker.initialize_here)."""
+        worker.initialize_here(self.options.initializer, self.options.initargs,
+                               self._init_key())
+
     def measure(self) -> Iterator[list[Any]]:
         """The function's features: remembered, or measured on the first items (whose
         results are kept and yielded first)."""
@@ -711,6 +717,9 @@ class MapRun:
             # slower, for the one item it then ran).
             helps_cold=not (self.features.setup_s and not adapt.ran_here(self.key)),
             startup_s=calib.startup_for(plan.n_workers) if plan.mode == "parallel" else None,
+            before_here=self._initialize_here if (self.options.initializer is not None
+                                                  and self.options.timeout is not None)
+            else None,
         )
         run = ParallelRun(self.func, target, self.source, first, spec, n_left,
                           adapt.monitor(self.options, plan, self.features)

@@ -355,3 +355,24 @@ def test_alternating_two_script_functions_does_not_rerun_their_initializer(tmp_p
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
     pids = [int(pid) for pid, _ in _runs(log)]
     assert max(pids.count(pid) for pid in pids) <= 2, pids  # once per function there
+
+
+def test_items_a_timed_map_runs_in_the_caller_see_the_state_too(tmp_path):
+    # With timeout= the caller runs no item, so it skipped the initializer; an item that
+    # cannot reach a worker (a lock) runs in the caller all the same, and read no state
+    # there (KeyError in the reviewer's module). So did the items of a thread's map that
+    # the interpreter's end kept from the pool. Found by a review helper.
+    import threading
+    import warnings
+
+    from adaptive_exec import UnpicklableWarning
+
+    log = tmp_path / "runs"
+    lock = threading.Lock()
+    pf = parallelize(h.read_state, timeout=30, initializer=h.init_state,
+                     initargs=(str(log), "t"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnpicklableWarning)
+        got = pf.map([0, 1, lock, 3])
+    assert got[2] == (lock, "t", os.getpid())
+    assert [state for _, state, _ in got] == ["t"] * 4
