@@ -1097,3 +1097,25 @@ def test_imap_run_here_ends_on_a_queue_only_its_consumer_fills():
 
 def _children(x):
     return [2 * x, 2 * x + 1] if x < 8 else []
+
+
+def test_a_caller_under_python_O_keeps_its_pool_on_loky_s_start(tmp_path):
+    # loky's own start gives its workers no -O: their code keeps the asserts the
+    # caller's lost, and the code check took them for a stale copy of the module (every
+    # item then ran in the caller). Found by a review helper.
+    (tmp_path / "modo.py").write_text("def f(x):\n    assert x >= 0\n    return x * 2\n")
+    script = tmp_path / "runo.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys, warnings
+        sys.path.insert(0, os.getcwd())
+        warnings.simplefilter("error")
+        import modo
+        from adaptive_exec import parallelize
+        pf = parallelize(modo.f, backend="loky", timeout=30)
+        print(pf.map(range(20)) == [x * 2 for x in range(20)], pf.last_report.plan.mode)
+    """))
+    proc = subprocess.run([sys.executable, "-O", str(script)], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, starts.ENV_START: starts.EXEC})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["True", "parallel"], proc.stdout
