@@ -262,9 +262,13 @@ class _Chunks:
 
 def _run_here(func: Callable[..., Any], items: list[Any], start: int, spec: RunSpec
               ) -> tuple[list[Any], Optional[BaseException]]:
-    """``worker.run_here``, the map's initializer run here first where it must be."""
+    """``worker.run_here``, the map's initializer run here first where it must be (its
+    failure is the error at ``start``, in its turn after the items before it)."""
     if spec.before_here is not None:
-        spec.before_here()
+        try:
+            spec.before_here()
+        except InitializerError as exc:
+            return [], exc
     return run_here(func, items, start, spec.star)
 
 

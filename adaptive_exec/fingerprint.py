@@ -88,11 +88,10 @@ def _stable_const(const: Any) -> str:
     last one's)."""
     if isinstance(const, frozenset):
         return "frozenset({" + ", ".join(sorted(map(_stable_const, const))) + "})"
-    if isinstance(const, tuple):
+    if isinstance(const, tuple):  # as repr writes it: the same text for the rest
         parts = [_stable_const(c) for c in const]
-        if any(part != repr(c) for part, c in zip(parts, const)):
-            return "(" + ", ".join(parts) + ",)"
-    return repr(const)  # (unchanged for the rest: the cache's keys stay what they were)
+        return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
+    return repr(const)
 
 
 def fingerprint(func: Callable[..., Any]) -> str:

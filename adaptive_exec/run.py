@@ -267,11 +267,16 @@ class MapRun:
         self.planner = adapt.MapPlanner(self.options, self.func, self.t_start, self.forced,
                                         self.client, self.entry, self.load, self.key)
 
-    def _initialize_here(self) -> None:
-        """The map's initializer, in the caller, before an item runs here (once per
-        initargs: see worker.initialize_here)."""
-        worker.initialize_here(self.options.initializer, self.options.initargs,
-                               self._init_key())
+    def _here_initializer(self) -> Optional[Callable[[], None]]:
+        """Runs the map's initializer in the caller (once per initargs: see
+        worker.initialize_here), for a timed map, whose caller normally runs no item
+        and so did not run it (prepare); None for any other map. Its key is made once
+        (it pickles the initargs: per item, 47 MB of them took 17 s over 200 items)."""
+        opts = self.options
+        if opts.initializer is None or opts.timeout is None or self.forced is not None:
+            return None
+        key = self._init_key()
+        return lambda: worker.initialize_here(opts.initializer, opts.initargs, key)
 
     def measure(self) -> Iterator[list[Any]]:
         """The function's features: remembered, or measured on the first items (whose
@@ -516,6 +521,9 @@ class MapRun:
         """The loop, in chunks of growing duration; between chunks, re-plan from the
         chunk's own per-item time, and move the rest to the pool when that now wins."""
         assert self.features is not None and self.plan is not None
+        here = self._here_initializer()
+        if here is not None:
+            here()  # (a timed map planned to run here: its function too heavy to ship)
         features, first = self.features, self.n_done
         replan = self.forced is None and not self.stay_serial
         chunk_s = SERIAL_FIRST_CHUNK_S
@@ -717,9 +725,7 @@ class MapRun:
             # slower, for the one item it then ran).
             helps_cold=not (self.features.setup_s and not adapt.ran_here(self.key)),
             startup_s=calib.startup_for(plan.n_workers) if plan.mode == "parallel" else None,
-            before_here=self._initialize_here if (self.options.initializer is not None
-                                                  and self.options.timeout is not None)
-            else None,
+            before_here=self._here_initializer(),
         )
         run = ParallelRun(self.func, target, self.source, first, spec, n_left,
                           adapt.monitor(self.options, plan, self.features)
@@ -831,6 +837,9 @@ class MapRun:
 
     def _fallback_loop(self) -> Iterator[list[Any]]:
         """The function cannot be pickled: the rest runs here, in plain chunks."""
+        here = self._here_initializer()
+        if here is not None:
+            here()
         while True:
             batch, err = serial_backend.run_chunk(self.func, self.source, FALLBACK_CHUNK,
                                                   self.n_done, star=self.star, partial=True)

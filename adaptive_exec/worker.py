@@ -334,13 +334,43 @@ def _code_digest(func: types.FunctionType, owner: Optional[type] = None) -> str:
 
     h = hashlib.sha1()
     for f in sorted(_reached(func, owner), key=lambda f: f.__qualname__):
-        if f is not func and not _importable(f):
+        if f is not func and "<locals>" in f.__qualname__:
             # A closure the caller set as a global (transform = make(3)) reaches the
             # worker in the patch, by value, as the caller has it: not the module's.
+            # (Only closures: a helper under lru_cache, a classmethod reached through its
+            # class are the module's code, which a stale worker must not keep.)
             continue
         h.update(f.__qualname__.encode())
         feed_code(h, f.__code__)
     return h.hexdigest()
+
+
+def _forget_state_of(module: types.ModuleType) -> None:
+    """After ``module`` was reloaded here its globals are its file's again: what the
+    initializers that set state there (those of the module, or naming it) and the
+    caller's patches had set is gone, and is set again before the next item. Others
+    keep theirs: an initializer runs once per process per initargs."""
+    name = module.__name__
+    with _INIT_LOCK:
+        for key, identity in list(_IDENTITY.items()):
+            found = _INITIALIZERS.get(key)
+            if found is None or _initializer_touches(found[0], module):
+                _CURRENT.pop(identity, None)
+    for applied in list(_APPLIED):
+        if applied == name or applied.startswith(name + "."):
+            del _APPLIED[applied]
+
+
+def _initializer_touches(initializer: Any, module: types.ModuleType) -> bool:
+    """Is ``initializer`` of ``module``, or does it name it (``mod.STATE[...] = ...``)?
+    True where it cannot be told."""
+    core, _ = _code_that_runs(initializer)
+    if core is None:
+        return True
+    if core.__module__ == module.__name__:
+        return True
+    names = core.__globals__
+    return any(names.get(name) is module for name, _ in _name_chains(core.__code__))
 
 
 def _compiled_plainly(module: str) -> bool:
@@ -382,10 +412,7 @@ def _current_code(func: Any, ref: FunctionRef, rebuild: Callable[[], Any]) -> An
     module = sys.modules.get(core.__module__)
     if module is not None:
         importlib.reload(module)
-        # Its globals are the file's again: what initializers set there (any of them:
-        # one may set another module's state) is gone, and so are the caller's values.
-        _CURRENT.clear()
-        _APPLIED.clear()
+        _forget_state_of(module)
         func = rebuild()
         if same():
             return func

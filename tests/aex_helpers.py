@@ -764,3 +764,9 @@ def raise_row_error(x, at):
     if x == at:
         raise RowError("bad row", item_index=1000 + x)
     return x
+
+
+def init_fails_in(pid):
+    """An initializer that raises in process ``pid`` only (the caller, in tests)."""
+    if os.getpid() == pid:
+        raise RuntimeError("cannot set up here")

@@ -294,14 +294,19 @@ def test_a_module_the_caller_reloaded_or_whose_file_changed_runs_the_callers_cod
         from adaptive_exec import parallelize
 
         SOURCE = (
-            "import time\\n"
+            "import functools, time\\n"
             "def f(x):\\n"
-            "    return helper(x) * {factor}\\n"
-            "def helper(x):\\n"
             "    end = time.perf_counter() + 0.002\\n"
             "    while time.perf_counter() < end:\\n"
             "        pass\\n"
+            "    return helper(x) * {factor} + K.add()\\n"
+            "@functools.lru_cache(maxsize=None)\\n"  # not a plain function: still checked
+            "def helper(x):\\n"
             "    return x + {offset}\\n"
+            "class K:\\n"
+            "    @classmethod\\n"
+            "    def add(cls):\\n"
+            "        return {offset}\\n"
         )  # the code itself changes, not a global that travels with it
         stamp = [time.time()]
 
@@ -327,7 +332,7 @@ def test_a_module_the_caller_reloaded_or_whose_file_changed_runs_the_callers_cod
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             got = parallelize(edited.f, backend="loky", chunksize=4).map(items)
-        assert got == [edited.f(x) for x in items] == [(x + 5) * 100 for x in items]
+        assert got == [edited.f(x) for x in items] == [(x + 5) * 100 + 5 for x in items]
         print(json.dumps([seen, [str(w.message) for w in caught]]))
     """, env={starts.ENV_START: path})
     seen, warned = json.loads(out.splitlines()[-1])
@@ -389,6 +394,60 @@ def test_the_code_check_takes_no_fresh_workers_copy_for_a_stale_one(tmp_path, pa
     assert out.strip() == "ok"
     pids = (tmp_path / "imports").read_text().split()
     assert len(pids) == len(set(pids)), pids  # imported once in each process, not reloaded
+
+
+def test_a_worker_reloading_one_module_runs_no_other_modules_initializer_again(tmp_path):
+    # A reload in a worker first cleared every initializer's record: conn.setup ran a
+    # second time in a worker after an unrelated module was reloaded there, where an
+    # initializer runs once per process per initargs. Found by a review helper.
+    log = tmp_path / "init.log"
+    (tmp_path / "conn.py").write_text(textwrap.dedent(f"""
+        import os
+        CONN = None
+
+        def setup(url):
+            global CONN
+            with open({str(log)!r}, "a") as f:
+                f.write(f"{{os.getpid()}}\\n")
+            CONN = url
+
+        def f(x):
+            return (CONN, x)
+    """))
+    out = run_script(tmp_path, """
+        import importlib, os, sys, time
+        sys.path.insert(0, os.getcwd())
+        from adaptive_exec import parallelize
+
+        SOURCE = "def g(x):\\n    return x + {k}\\n"
+        stamp = [time.time()]
+
+        def write_other(k):
+            with open("other.py", "w") as fh:
+                fh.write(SOURCE.format(k=k))
+            stamp[0] += 10
+            os.utime("other.py", (stamp[0], stamp[0]))
+
+        write_other(0)
+        import conn, other
+        items = range(40)
+        kw = dict(backend="loky", max_workers=2, chunksize=2, timeout=60)
+
+        def run_conn():
+            got = parallelize(conn.f, initializer=conn.setup, initargs=("db",), **kw).map(items)
+            assert got == [("db", x) for x in items]
+
+        run_conn()
+        parallelize(other.g, **kw).map(items)
+        write_other(1)
+        importlib.reload(other)
+        assert parallelize(other.g, **kw).map(items) == [x + 1 for x in items]
+        run_conn()
+        print("ok")
+    """, env={starts.ENV_START: starts.EXEC})
+    assert out.strip() == "ok"
+    pids = log.read_text().split()
+    assert len(pids) == len(set(pids)), pids  # once in each worker
 
 
 def test_a_modules_sentinel_captured_by_a_script_function_stays_the_workers_own(tmp_path):

@@ -376,3 +376,24 @@ def test_items_a_timed_map_runs_in_the_caller_see_the_state_too(tmp_path):
         got = pf.map([0, 1, lock, 3])
     assert got[2] == (lock, "t", os.getpid())
     assert [state for _, state, _ in got] == ["t"] * 4
+
+
+def test_an_initializer_failing_in_the_caller_comes_after_the_results_before_it():
+    # A timed map runs an item that cannot reach a worker here, and first the
+    # initializer, which fails here: its error jumped ahead of item 4's result, which
+    # imap never yielded. Found by a review helper.
+    import threading
+    import warnings
+
+    from adaptive_exec import UnpicklableWarning
+
+    items = [0, 1, 2, 3, 4, threading.Lock(), 6, 7]
+    pf = parallelize(h.square, timeout=30, initializer=h.init_fails_in,
+                     initargs=(os.getpid(),))
+    got = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnpicklableWarning)
+        with pytest.raises(InitializerError, match="in the caller"):
+            for r in pf.imap(items):
+                got.append(r)
+    assert got == [0, 1, 4, 9, 16]
