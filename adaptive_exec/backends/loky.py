@@ -700,8 +700,21 @@ def _read_of(thread: threading.Thread, reader: Any) -> Any:
 
 
 def _close_quietly(writer: Any) -> None:
+    """Close ``writer`` (a multiprocessing Connection) so that loky's own close of it,
+    racing with this one, finds nothing to close: its handle is taken first. Closed by
+    ``writer.close()``, the fd went while the handle was still set (os.close lets the
+    GIL go), loky's manager thread, woken by that very EOF, closed it again, and died on
+    EBADF at a multiprocessing child's exit (once, beside a busy core)."""
+    handle = getattr(writer, "_handle", None)
+    if handle is None or not isinstance(handle, int):
+        try:
+            writer.close()
+        except OSError:  # closed already
+            pass
+        return
+    writer._handle = None
     try:
-        writer.close()
+        os.close(handle)
     except OSError:  # closed already
         pass
 
