@@ -386,7 +386,8 @@ def _compiled_plainly(module: str) -> bool:
                                       "importlib._bootstrap_external"))
 
 
-def _current_code(func: Any, ref: FunctionRef, rebuild: Callable[[], Any]) -> Any:
+def _current_code(func: Any, ref: FunctionRef, rebuild: Callable[[], Any],
+                  patch: Callable[..., dict[str, Any]]) -> Any:
     """``func`` where the code it runs is the caller's (``ref.code``); else the module
     it comes from is reloaded here (the caller reloaded it) and ``func`` rebuilt; raises
     where it still differs (the module's file changed since the caller imported it:
@@ -396,8 +397,7 @@ def _current_code(func: Any, ref: FunctionRef, rebuild: Callable[[], Any]) -> An
         # caller set to a closure of the module's (transform = make(3)) is what the
         # function reaches there, and only then here.
         if ref.patch is not None and ref.patch_module is not None:
-            _Patched(func, ref.patch_module, f"{ref.key}:check",
-                     pickle.loads(ref.patch)).enter()
+            _Patched(func, ref.patch_module, f"{ref.key}:check", patch()).enter()
         found, owner = _code_that_runs(func)
         if found is None or not (ref.code or "").startswith(f"{sys.flags.optimize}:"):
             # A caller under python -O, a worker without it (loky's own start passes no
@@ -413,6 +413,8 @@ def _current_code(func: Any, ref: FunctionRef, rebuild: Callable[[], Any]) -> An
     if module is not None:
         importlib.reload(module)
         _forget_state_of(module)
+        if ref.patch is not None:
+            patch(again=True)
         func = rebuild()
         if same():
             return func
@@ -913,11 +915,25 @@ def _resolve(ref: FunctionRef) -> Optional[Callable[..., Any]]:
             return getattr(target, "__adaptive_exec_wrapped__", target)
 
         func = rebuild()
+        loaded: list[dict[str, Any]] = []
+
+        def patch(again: bool = False) -> dict[str, Any]:
+            # Unpickled once for the check and the function both: a global of 200 MB
+            # the function reads was otherwise rebuilt twice in each worker. Again
+            # after a reload: its objects of the module's classes are then the new ones.
+            if again:
+                loaded.clear()
+            if not loaded:
+                assert ref.patch is not None
+                loaded.append(pickle.loads(ref.patch))
+            return loaded[0]
+
         if ref.code is not None:
             if ref.bundled:
-                func = (_current_code(func[0], ref, lambda: rebuild()[0]), *func[1:])
+                func = (_current_code(func[0], ref, lambda: rebuild()[0], patch),
+                        *func[1:])
             else:
-                func = _current_code(func, ref, rebuild)
+                func = _current_code(func, ref, rebuild, patch)
         if ref.bundled:
             func, initializer, initargs = func
             if ref.init_key is not None:  # runs with the function's own namespace
@@ -926,7 +942,7 @@ def _resolve(ref: FunctionRef) -> Optional[Callable[..., Any]]:
             # Kept with the function: re-applied whenever another key of the same
             # module was applied in between.
             importlib.import_module(ref.patch_module)
-            func = _Patched(func, ref.patch_module, ref.key, pickle.loads(ref.patch))
+            func = _Patched(func, ref.patch_module, ref.key, patch())
         if ref.attrs is not None:
             func = _WithAttributes(func, ref.key, ref.attrs)
         size = ref.size() + (ref.blob_at[2] if ref.blob_at else 0)
