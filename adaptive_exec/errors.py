@@ -12,7 +12,7 @@ import builtins
 import sys
 import types
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 # Frames of this package are the library's: hidden from the tracebacks a user sees, and
@@ -250,6 +250,47 @@ class ExceptionState:
     type_name: str
     message: str
     builtin_base: str  # the nearest builtin exception class in its MRO
+    # What builtin bases keep outside args and __dict__ (builtin_fields): an OSError
+    # subclass's errno and filename.
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+# Attributes every exception has, handled apart (or never carried).
+_GENERIC = frozenset(("args", "__traceback__", "__context__", "__cause__",
+                      "__suppress_context__", "__dict__", "__weakref__"))
+
+
+def builtin_fields(exc: BaseException) -> dict[str, Any]:
+    """The values builtin exception classes keep in C outside ``args`` and
+    ``__dict__``: OSError's errno, strerror and filename, SyntaxError's lineno,
+    AttributeError's name, StopIteration's value... An exception rebuilt without its
+    __init__, or whose __init__ does not pass them on, loses them otherwise (an OSError
+    subclass with its own __init__ came back with errno None)."""
+    out: dict[str, Any] = {}
+    for klass in type(exc).__mro__:
+        if getattr(builtins, klass.__name__, None) is not klass:
+            continue
+        for name, attr in vars(klass).items():
+            if name in _GENERIC or name in out or not isinstance(
+                    attr, (types.MemberDescriptorType, types.GetSetDescriptorType)):
+                continue
+            try:
+                out[name] = getattr(exc, name)
+            except Exception:  # noqa: BLE001 - unset (OSError.characters_written)
+                pass
+    return out
+
+
+def same_exception(exc: BaseException, copy: Any) -> bool:
+    """Is ``copy`` (``exc`` through pickle) the same exception: class, args and builtin
+    fields? Unpickling calls the class with the pickled args, so an __init__ that
+    formats its message formatted it twice (loop: "invalid field 'age'", map: "invalid
+    field \"invalid field 'age'\"")."""
+    try:
+        return (type(copy) is type(exc) and bool(copy.args == exc.args)
+                and bool(builtin_fields(copy) == builtin_fields(exc)))
+    except Exception:  # noqa: BLE001 - an __eq__ that raises: not shown the same
+        return False
 
 
 def safe_str(exc: BaseException) -> str:
@@ -274,6 +315,8 @@ def rebuild_exception(record: ExceptionState) -> BaseException:
             exc = cls.__new__(cls)
             set_on(exc, "args", record.args)
             exc.__dict__.update(record.state)
+            for name, value in record.fields.items():
+                set_on(exc, name, value)  # read-only ones (an exception group's) stay
             return exc  # type: ignore[no-any-return]
         except Exception:
             pass

@@ -43,8 +43,10 @@ from .errors import (
     ExceptionState,
     InitializerError,
     attach_origin,
+    builtin_fields,
     rebuild_exception,
     safe_str,
+    same_exception,
 )
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -1591,8 +1593,10 @@ def _pickle_error(exc: BaseException) -> bytes:
     else a RemoteError that keeps its type name and message (errors.reduce_exception)."""
     try:
         data = dumps(exc)
-        pickle.loads(data)  # an exception whose __init__ rejects its args fails here
-        return data
+        # An exception whose __init__ rejects its args fails here; one whose __init__
+        # reworks them (formats a message) comes back different.
+        if same_exception(exc, pickle.loads(data)):
+            return data
     except Exception:
         pass
     return dumps(reduce_exception(exc))
@@ -1736,9 +1740,13 @@ def reduce_exception(exc: BaseException) -> ExceptionState:
         cls_blob = None
     args = tuple(a if _picklable(a) else repr(a) for a in exc.args)
     state = {k: v for k, v in getattr(exc, "__dict__", {}).items() if _picklable(v)}
+    # None is what a rebuilt exception reads already; set, it would show (OSError's
+    # filename2 printed "-> None").
+    fields = {k: v for k, v in builtin_fields(exc).items()
+              if v is not None and _picklable(v)}
     base = next(k for k in cls.__mro__ if getattr(builtins, k.__name__, None) is k)
     return ExceptionState(cls_blob, args, state, f"{cls.__module__}.{cls.__qualname__}",
-                          safe_str(exc), base.__name__)
+                          safe_str(exc), base.__name__, fields)
 
 
 def _picklable(value: Any) -> bool:

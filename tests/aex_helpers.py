@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 
@@ -770,3 +771,30 @@ def init_fails_in(pid):
     """An initializer that raises in process ``pid`` only (the caller, in tests)."""
     if os.getpid() == pid:
         raise RuntimeError("cannot set up here")
+
+
+class FieldError(ValueError):
+    """Formats its message from its argument: pickle calls it again with the message."""
+
+    def __init__(self, field):
+        super().__init__(f"invalid field {field!r}")
+        self.field = field
+
+
+class RecordNotFound(OSError):
+    """An OSError with an __init__ of its own: errno, strerror and filename live in C."""
+
+    def __init__(self, path):
+        super().__init__(errno.ENOENT, "no such record", path)
+
+
+def raise_reworked(x, kind, at=5):
+    """Raises, at item ``at``, an exception whose pickle round trip does not give it
+    back as it was."""
+    if x == at:
+        if kind == "formats":
+            raise FieldError("age")
+        if kind == "oserror":
+            raise RecordNotFound(f"/records/{x}")
+        raise AttributeError("no such attribute", name="colour", obj=(x, "row"))
+    return x

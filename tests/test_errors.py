@@ -527,3 +527,23 @@ def test_the_users_own_item_index_attribute_is_left_as_the_loop_leaves_it(backen
     with pytest.raises(ValueError) as plain:
         parallelize(functools.partial(h.fail_on, bad={5}), backend=backend).map(range(10))
     assert plain.value.item_index == 5
+
+
+@pytest.mark.parametrize("kind", ["formats", "oserror", "attribute"])
+def test_an_exception_that_pickle_gives_back_changed_arrives_as_the_loop_raised_it(kind):
+    # Unpickling calls the class with the pickled args: an __init__ that formats its
+    # message formatted it twice ("invalid field \"invalid field 'age'\""); an OSError
+    # subclass with its own __init__ lost errno and filename, and pickle drops an
+    # AttributeError's name and obj. Each must come as the loop raised it.
+    func = functools.partial(h.raise_reworked, kind=kind, at=700)
+    with pytest.raises(Exception) as loop:
+        [func(x) for x in range(1000)]
+    calibrate()  # a warm pool: past the sample, item 700 runs in a worker
+    pf = parallelize(func, backend="loky", chunksize=3)
+    with pytest.raises(Exception) as mapped:
+        pf.map(range(1000))
+    assert isinstance(mapped.value.__cause__, RemoteTraceback)  # it came from a worker
+    got, want = mapped.value, loop.value
+    assert type(got) is type(want) and got.args == want.args and str(got) == str(want)
+    for name in ("field", "errno", "strerror", "filename", "filename2", "name", "obj"):
+        assert getattr(got, name, None) == getattr(want, name, None), name
