@@ -229,6 +229,9 @@ class FunctionRef:
     # (``_code_digest``). A worker whose copy of the module differs (the caller
     # reloaded it, or its file changed since) reloads it, or answers FALLBACK.
     code: Optional[str] = None
+    # The caller's interpreter settings a loop's items would run under (``_settings``);
+    # None: the worker keeps its own (a dask cluster's workers).
+    settings: Optional[Settings] = None
 
     def size(self) -> int:
         """The bytes a whole ref carries: the function, its globals, the attributes."""
@@ -241,7 +244,7 @@ class FunctionRef:
 
     def without_context(self) -> FunctionRef:
         """For workers that are not ours to move (a dask cluster's, maybe elsewhere)."""
-        return dataclasses.replace(self, cwd=None, sys_path=())
+        return dataclasses.replace(self, cwd=None, sys_path=(), settings=None)
 
 
 def _importable(value: Any) -> bool:
@@ -660,6 +663,46 @@ def _set_per_process(initializer: Callable[..., Any],
     return frozenset(out)
 
 
+# The caller's recursion limit, int-to-str digit limit (None where Python has none) and
+# decimal context as (prec, rounding, Emin, Emax, capitals, clamp, trap names), or None
+# where the caller never imported decimal.
+Settings = tuple[int, Optional[int], Optional[tuple[Any, ...]]]
+
+
+def _settings() -> Settings:
+    """Interpreter settings the caller's loop would run its items under: a program that
+    raised its recursion limit or int_max_str_digits, or set a decimal precision, got
+    RecursionError, ValueError or 28 digits from workers where the loop gave results."""
+    digits = getattr(sys, "get_int_max_str_digits", None)
+    decimal = sys.modules.get("decimal")
+    dec = _decimal_settings(decimal.getcontext()) if decimal is not None else None
+    return sys.getrecursionlimit(), digits() if digits is not None else None, dec
+
+
+def _adopt_settings(settings: Settings) -> None:
+    limit, digits, dec = settings
+    if sys.getrecursionlimit() != limit:
+        sys.setrecursionlimit(limit)
+    if digits is not None and getattr(sys, "get_int_max_str_digits", lambda: digits)() != digits:
+        sys.set_int_max_str_digits(digits)
+    if dec is None and "decimal" not in sys.modules:
+        return
+    import decimal
+
+    if dec is None:  # an earlier map's caller had set one: back to the default
+        dec = _decimal_settings(decimal.Context())
+    if _decimal_settings(decimal.getcontext()) != dec:
+        prec, rounding, emin, emax, capitals, clamp, traps = dec
+        decimal.setcontext(decimal.Context(
+            prec=prec, rounding=rounding, Emin=emin, Emax=emax, capitals=capitals,
+            clamp=clamp, traps=[getattr(decimal, name) for name in traps]))
+
+
+def _decimal_settings(c: Any) -> tuple[Any, ...]:
+    return (c.prec, c.rounding, c.Emin, c.Emax, c.capitals, c.clamp,
+            tuple(sorted(k.__name__ for k, on in c.traps.items() if on)))
+
+
 def _context() -> tuple[Optional[str], tuple[str, ...]]:
     try:
         cwd: Optional[str] = os.getcwd()
@@ -852,7 +895,7 @@ def function_ref(func: Callable[..., Any], per_process: frozenset[str] = frozens
             h.update(b"attrs:" + attrs_digest)
         return FunctionRef(h.hexdigest(), module=module, qualname=qualname, patch=patch,
                            patch_module=patch_module, cwd=cwd, sys_path=path, attrs=attrs,
-                           code=code)
+                           code=code, settings=_settings())
     # By value, with an initializer that sets globals or travels by value too (it may
     # fill a global dict of the script's, STATE["conn"] = ..., which the function reads):
     # rebuilt in the worker from one pickle, over one namespace that lacks the
@@ -872,12 +915,16 @@ def function_ref(func: Callable[..., Any], per_process: frozenset[str] = frozens
     if attrs is not None:
         h.update(b"attrs:" + attrs_digest)
     return FunctionRef(h.hexdigest(), blob=blob, patch=patch, patch_module=patch_module,
-                       cwd=cwd, sys_path=path, bundled=bundled, attrs=attrs, code=code)
+                       cwd=cwd, sys_path=path, bundled=bundled, attrs=attrs, code=code,
+                       settings=_settings())
 
 
 def _enter_context(ref: FunctionRef) -> None:
-    """Adopt the caller's working directory and sys.path, as a loop in the caller would
-    see them; before anything is unpickled (an item's class may live on that path)."""
+    """Adopt the caller's working directory, sys.path and interpreter settings, as a
+    loop in the caller would see them; before anything is unpickled (an item's class
+    may live on that path)."""
+    if ref.settings is not None:
+        _adopt_settings(ref.settings)
     if ref.sys_path and tuple(sys.path[: len(ref.sys_path)]) != ref.sys_path:
         theirs = set(ref.sys_path)
         sys.path[:] = list(ref.sys_path) + [p for p in sys.path if p not in theirs]

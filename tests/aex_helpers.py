@@ -798,3 +798,22 @@ def raise_reworked(x, kind, at=5):
             raise RecordNotFound(f"/records/{x}")
         raise AttributeError("no such attribute", name="colour", obj=(x, "row"))
     return x
+
+
+def depth(n):
+    """Recurses n frames deep (past the default recursion limit of 1000 for n > ~990)."""
+    return 0 if n == 0 else 1 + depth(n - 1)
+
+
+def deep(n):
+    spin(0.002)
+    return depth(n)
+
+
+def digits_and_seventh(x, big=True):
+    """Needs the caller's int_max_str_digits (10**5000 has 5001) and decimal context."""
+    import decimal
+
+    spin(0.001)
+    return (len(str(10 ** (5000 + x))) if big else 0,
+            str(decimal.Decimal(x + 150) / decimal.Decimal(7)))

@@ -1178,3 +1178,41 @@ def test_a_caller_under_python_O_keeps_its_pool_on_loky_s_start(tmp_path):
                           env={**os.environ, starts.ENV_START: starts.EXEC})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["True", "parallel"], proc.stdout
+
+
+def test_workers_run_items_under_the_callers_interpreter_settings():
+    # A program that raised its recursion limit or int_max_str_digits, or set a decimal
+    # precision, got RecursionError, ValueError or 28 digits from workers (a warm pool
+    # too) where the loop gave results.
+    import decimal
+
+    pf_depth = parallelize(h.deep, backend="loky", chunksize=2)
+    pf_digits = parallelize(h.digits_and_seventh, backend="loky", chunksize=2)
+    pf_default = parallelize(functools.partial(h.digits_and_seventh, big=False),
+                             backend="loky", chunksize=2)
+    calibrate()  # warm workers, started under the default settings
+    limit = sys.getrecursionlimit()
+    digits = getattr(sys, "get_int_max_str_digits", None)
+    saved_digits = digits() if digits is not None else None
+    try:
+        sys.setrecursionlimit(6000)
+        if digits is not None:
+            sys.set_int_max_str_digits(20_000)
+        with decimal.localcontext() as ctx:
+            ctx.prec = 5
+            items = list(range(2500, 2540))
+            assert pf_depth.map(items) == items
+            assert pf_depth.last_report.plan.mode == "parallel"
+            if digits is not None:
+                expected = [h.digits_and_seventh(x) for x in range(40)]
+                assert pf_digits.map(range(40)) == expected
+                assert expected[0][1] == "21.429"
+                assert pf_digits.last_report.plan.mode == "parallel"
+    finally:
+        sys.setrecursionlimit(limit)
+        if saved_digits is not None:
+            sys.set_int_max_str_digits(saved_digits)
+    # Back to the defaults: a warm worker follows the caller back (28 digits).
+    expected = [h.digits_and_seventh(x, big=False) for x in range(40)]
+    assert pf_default.map(range(40)) == expected
+    assert len(expected[0][1]) == 29 and pf_default.last_report.plan.mode == "parallel"
