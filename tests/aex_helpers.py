@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 import time
 
 
@@ -796,6 +797,10 @@ def raise_reworked(x, kind, at=5):
             raise FieldError("age")
         if kind == "oserror":
             raise RecordNotFound(f"/records/{x}")
+        if kind == "exit":
+            sys.exit(3)
+        if kind == "decode":
+            b"ab\xff".decode()
         raise AttributeError("no such attribute", name="colour", obj=(x, "row"))
     return x
 

@@ -123,6 +123,26 @@ def test_raising_items_behave_as_in_the_loop(client, n, bad, chunksize):
     assert got[1] == error
 
 
+@pytest.mark.parametrize("kind", ["formats", "oserror", "exit", "decode"])
+def test_an_exception_arrives_from_the_cluster_as_the_loop_raised_it(client, kind):
+    # distributed pickles every exception its own way (tblib: rebuilt without __init__),
+    # so pickle's round trip seemed to work while it lost what builtin exceptions keep
+    # in C: sys.exit(3) came back with code None (the script exited 0), a
+    # UnicodeDecodeError with start, end and reason unset.
+    func = functools.partial(h.raise_reworked, kind=kind, at=37)
+    with pytest.raises(BaseException) as loop:
+        [func(x) for x in range(80)]
+    pf = parallelize(func, backend="dask", client=client, chunksize=5)
+    pf.map(range(10))  # features cached: item 37 will run on the cluster
+    with pytest.raises(BaseException) as mapped:
+        pf.map(range(80))
+    got, want = mapped.value, loop.value
+    assert isinstance(got.__cause__, RemoteTraceback)  # it came from a worker
+    assert type(got) is type(want) and got.args == want.args and str(got) == str(want)
+    for name in ("errno", "filename", "code", "start", "end", "reason"):
+        assert getattr(got, name, None) == getattr(want, name, None), name
+
+
 def test_starmap_and_items_run_on_the_workers(cluster, client):
     pf = parallelize(h.add, backend="dask", client=client)
     pairs = [(i, -2 * i) for i in range(300)]
