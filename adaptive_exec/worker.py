@@ -765,18 +765,34 @@ def _patch_for(core: Optional[types.FunctionType], owner: Optional[type],
     return dumps(values) if values else None
 
 
-# What the signal module lets only the main thread call ("signal only works in main
-# thread of the main interpreter" in any other): a function that calls it cannot run on
-# threads. (A pool's worker runs items on its main thread.)
+# What a function must not do on a thread of the caller's process, by module: calls
+# the signal module lets only the main thread make ("signal only works in main thread
+# of the main interpreter" in any other); and swaps of process-wide state, which
+# threads running calls at once would make for each other (redirect_stdout: results
+# mixed, and sys.stdout left set to an item's buffer after the map; the working
+# directory). (A pool's worker runs items on its main thread, alone.)
 _MAIN_THREAD_ONLY = frozenset({"signal", "alarm", "setitimer", "set_wakeup_fd",
                                "siginterrupt"})
+_PROCESS_WIDE = {
+    "signal": _MAIN_THREAD_ONLY,
+    "contextlib": frozenset({"redirect_stdout", "redirect_stderr"}),
+    "os": frozenset({"chdir", "fchdir", "umask"}),
+}
+# The modules those live in, as their objects name it (os.chdir is posix's).
+_WIDE_HOMES = {"signal": "signal", "_signal": "signal", "contextlib": "contextlib",
+          "posix": "os", "nt": "os", "os": "os"}
+# sys's streams, which ``sys.stdout = buffer`` swaps for the whole process.
+_STREAMS = frozenset({"stdout", "stderr", "stdin"})
 
 
 def needs_main_thread(func: Callable[..., Any]) -> bool:
     """Does ``func`` (or a function it calls, of its module or of another module of the
-    user's) set a signal handler or a timer? Such a function waits (an alarm around a
-    read is the classic guard) and was planned on threads, where its every item raised
-    ValueError; a guard in a helper module (``guarded.read_with_alarm``) was not seen."""
+    user's, or a method of an object of the user's it names) set a signal handler or a
+    timer, or swap process-wide state (``redirect_stdout``, ``sys.stdout = ...``,
+    ``os.chdir``)? Such a function may wait (an alarm around a read is the classic
+    guard) and was planned on threads, where its every item raised ValueError, or
+    its results mixed; a guard in a helper module (``guarded.read_with_alarm``) or a
+    module-level object's method (``GUARD.arm(5)``) was not seen."""
     core, owner = _code_that_runs(func)
     if core is None:
         return False
@@ -787,7 +803,7 @@ def needs_main_thread(func: Callable[..., Any]) -> bool:
             if id(f.__code__) in seen:
                 continue
             seen.add(id(f.__code__))
-            if _sets_signals(f):
+            if _needs_own_process(f):
                 return True
             todo.extend((g, None) for g in _users_functions_called(f))
     return False
@@ -797,46 +813,70 @@ def needs_main_thread(func: Callable[..., Any]) -> bool:
 _CALLS_READ_MAX = 200
 
 
-def _sets_signals(f: types.FunctionType) -> bool:
-    """Does ``f``'s own code call one of the signal module's main-thread-only calls?"""
+def _needs_own_process(f: types.FunctionType) -> bool:
+    """Does ``f``'s own code call a main-thread-only or process-wide call of
+    ``_PROCESS_WIDE``, or assign one of sys's streams?"""
     import dis
-    import signal
 
     for c in _code_objects(f.__code__):
-        if "signal" not in c.co_names:
+        if not any(m in c.co_names for m in (*_PROCESS_WIDE, "sys")):
             continue
-        before = None  # signal.alarm(...), the module imported in the function too
+        before = ""  # signal.alarm(...), the module imported in the function too
         for ins in dis.get_instructions(c):
-            if (before == "signal" and ins.opname in _ATTRIBUTE_OPS
-                    and ins.argval in _MAIN_THREAD_ONLY):
+            if (ins.opname in _ATTRIBUTE_OPS
+                    and ins.argval in _PROCESS_WIDE.get(before, frozenset())):
                 return True
-            before = ins.argval if ins.opname.startswith("LOAD_") else None
+            if before == "sys" and ins.opname == "STORE_ATTR" and ins.argval in _STREAMS:
+                return True
+            before = str(ins.argval) if ins.opname.startswith("LOAD_") else ""
     names = f.__globals__
     for name, attrs in _name_chains(f.__code__):
         held = names.get(name)
-        if held is signal:
-            if attrs and attrs[0] in _MAIN_THREAD_ONLY:
+        if isinstance(held, types.ModuleType):
+            home = _WIDE_HOMES.get(held.__name__)
+            if home is not None and attrs and attrs[0] in _PROCESS_WIDE[home]:
                 return True
-        elif (getattr(held, "__module__", None) in ("signal", "_signal")
-              and getattr(held, "__name__", None) in _MAIN_THREAD_ONLY):
-            return True  # from signal import alarm
+            continue
+        home = _WIDE_HOMES.get(str(getattr(held, "__module__", "")))
+        if home is not None and getattr(held, "__name__", None) in _PROCESS_WIDE[home]:
+            return True  # from signal import alarm; from contextlib import redirect_stdout
     return False
 
 
 def _users_functions_called(f: types.FunctionType) -> Iterator[types.FunctionType]:
     """The functions of the user's other modules that ``f`` names: imported by name
-    (``from guarded import read``) or read off a module (``guarded.read``)."""
+    (``from guarded import read``) or read off a module (``guarded.read``); and the
+    methods it calls on an object of a class of the user's it names (``GUARD.arm``,
+    a module-level instance, of any module)."""
     names = f.__globals__
     for name, attrs in _name_chains(f.__code__):
         held = names.get(name)
-        for attr in attrs:
-            if not isinstance(held, types.ModuleType):
-                break
-            held = getattr(held, attr, None)
+        rest = list(attrs)
+        while rest and isinstance(held, types.ModuleType):
+            held = getattr(held, rest.pop(0), None)
+        if rest and not isinstance(held, (type, types.ModuleType, types.FunctionType)):
+            method = _method_of(type(held), rest[0])
+            if method is not None:
+                yield method
+            continue
         held = _innermost(getattr(held, "__adaptive_exec_wrapped__", held))
         if (isinstance(held, types.FunctionType) and held.__globals__ is not names
                 and _users_module(sys.modules.get(held.__module__))):
             yield held
+
+
+def _method_of(cls: type, name: str) -> Optional[types.FunctionType]:
+    """The plain function ``name`` of a class of the user's (the script's too), as
+    its MRO finds it; None for any other class (the standard library's, a package's)."""
+    module = sys.modules.get(getattr(cls, "__module__", None) or "")
+    if not (getattr(module, "__name__", None) == "__main__" or _users_module(module)):
+        return None
+    for klass in cls.__mro__:
+        value = vars(klass).get(name)
+        if value is not None:
+            value = getattr(value, "__func__", value)  # a staticmethod's, classmethod's
+            return value if isinstance(value, types.FunctionType) else None
+    return None
 
 
 # The size of an instance of a class statement's class (object, and a weak reference):

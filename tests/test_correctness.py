@@ -754,6 +754,74 @@ def test_a_signal_guard_in_a_helper_module_is_seen_too(tmp_path, monkeypatch):
         assert pf.last_report.plan.mode != "threads", pf.last_report.plan.reason
 
 
+@pytest.mark.skipif(not hasattr(__import__("signal"), "alarm"), reason="SIGALRM: POSIX")
+@pytest.mark.parametrize("name", ["guard_object", "redirected", "streams_swapped",
+                                  "redirected_by_name"])
+def test_a_waiting_function_that_swaps_process_wide_state_is_not_given_threads(
+        tmp_path, monkeypatch, name):
+    # Each waits, so each was planned on threads (found by a review helper): a signal
+    # guard behind a module-level object's method raised ValueError on every item; a
+    # function capturing its own prints with redirect_stdout (or by setting sys.stdout)
+    # mixed 274-281 of 300 results, and left sys.stdout set to an item's buffer.
+    (tmp_path / "swapping.py").write_text(textwrap.dedent("""
+        import contextlib, io, signal, sys, time
+        from contextlib import redirect_stdout
+
+        class Guard:
+            def arm(self, seconds):
+                signal.signal(signal.SIGALRM, self.fire)
+                signal.alarm(seconds)
+
+            def disarm(self):
+                signal.alarm(0)
+
+            def fire(self, *args):
+                raise TimeoutError("too slow")
+
+        GUARD = Guard()
+
+        def tool(x):
+            time.sleep(0.004)
+            print(f"answer {x}")
+
+        def guard_object(x):
+            GUARD.arm(5)
+            try:
+                time.sleep(0.004)
+            finally:
+                GUARD.disarm()
+            return f"answer {x}\\n"
+
+        def redirected(x):
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                tool(x)
+            return buf.getvalue()
+
+        def redirected_by_name(x):
+            buf = io.StringIO()
+            with redirect_stdout(buf):
+                tool(x)
+            return buf.getvalue()
+
+        def streams_swapped(x):
+            old, sys.stdout = sys.stdout, io.StringIO()
+            try:
+                tool(x)
+                return sys.stdout.getvalue()
+            finally:
+                sys.stdout = old
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import swapping
+
+    stdout = sys.stdout
+    pf = parallelize(getattr(swapping, name))
+    assert pf.map(range(150)) == [f"answer {x}\n" for x in range(150)]
+    assert pf.last_report.plan.mode != "threads", pf.last_report.plan.reason
+    assert sys.stdout is stdout
+
+
 # --- 4. errors in the loop's order ---------------------------------------------------
 
 @pytest.mark.parametrize("exc", ["ValueError", "SystemExit", "KeyboardInterrupt",
