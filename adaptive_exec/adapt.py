@@ -777,7 +777,9 @@ class MapPlanner:
         opts = self.options
         threads = dask_backend.n_threads(self.client)
         calib = dask_backend.calibration_for(self.client, threads)
-        usable = min(threads, opts.max_workers) if opts.max_workers else threads
+        # The option and $ADAPTIVE_EXEC_MAX_WORKERS alike (the env ceiling was ignored).
+        ceiling = system.worker_ceiling(opts.max_workers)
+        usable = min(threads, ceiling) if ceiling else threads
         forced_parallel = self.forced_parallel()
         return planner.make_plan(
             features, n_items, n_done, system.snapshot(opts.max_workers, with_memory=False),

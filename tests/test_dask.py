@@ -466,13 +466,21 @@ def test_auto_never_imports_distributed():
 # --- options that hold on a cluster too -------------------------------------------------
 
 
-def test_max_workers_caps_the_tasks_running_at_once_on_the_cluster(client, tmp_path):
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_max_workers_caps_the_tasks_running_at_once_on_the_cluster(client, tmp_path,
+                                                                    monkeypatch, how):
+    # $ADAPTIVE_EXEC_MAX_WORKERS is the same ceiling (help(parallelize)): on a cluster it
+    # was ignored (found by a review helper: 4 tasks at once on 4 threads).
     log = tmp_path / "spans"
     func = functools.partial(h.interval_logged, path=str(log), seconds=0.05)
-    pf = parallelize(func, backend="dask", client=client, max_workers=1, chunksize=1)
+    if how == "environment":
+        monkeypatch.setenv("ADAPTIVE_EXEC_MAX_WORKERS", "1")
+    pf = parallelize(func, backend="dask", client=client, chunksize=1,
+                     max_workers=1 if how == "option" else None)
     assert pf.map(range(12)) == list(range(12))
     assert h.most_overlapping(log) == 1
     log.unlink()
+    monkeypatch.delenv("ADAPTIVE_EXEC_MAX_WORKERS", raising=False)
     pf = parallelize(func, backend="dask", client=client, chunksize=1)
     assert pf.map(range(12)) == list(range(12))
     assert h.most_overlapping(log) == 2  # without the cap, both workers at once
