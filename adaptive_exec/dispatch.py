@@ -50,6 +50,7 @@ from .errors import (
     attach_origin,
     item_of,
     set_on,
+    unenforced,
     warn_user,
 )
 from .planner import MAX_CHUNK_S
@@ -301,8 +302,8 @@ class _CannotCross:
         self.reason = self.reason or what
         if not self.warned:
             self.warned = True
-            warn_user(f"adaptive_exec: {what}; running them in the caller",
-                      UnpicklableWarning)
+            warn_user(f"adaptive_exec: {what}; running them in the caller"
+                      f"{unenforced(self.spec.timeout)}", UnpicklableWarning)
 
     def fall_back(self, info: Pending, res: ChunkResult, target: Target
                   ) -> tuple[list[Any], Optional[BaseException], Optional[int]]:

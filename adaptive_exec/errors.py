@@ -211,6 +211,15 @@ def hide_library_frames(exc: BaseException) -> BaseException:
     return exc
 
 
+def unenforced(timeout: Optional[float]) -> str:
+    """What a warning that items run in the caller adds under ``timeout=``: said, not
+    silently dropped (a 3 s item of a function that cannot be pickled returned under
+    timeout=0.5, with a warning that did not mention it)."""
+    if timeout is None:
+        return ""
+    return f", where timeout={timeout:g} s is not enforced (nothing here can stop an item)"
+
+
 def warn_user(message: str, category: type[Warning]) -> None:
     """``warnings.warn`` pointing at the user's line: the first frame up the stack that
     is not ours (a map's warning points at the ``pf.map(...)`` that caused it, not into

@@ -33,7 +33,7 @@ from .backends import serial as serial_backend
 from .backends import starts
 from .backends.threads import ThreadTarget
 from .dispatch import ParallelRun, Pending, RunSpec, observed_cv
-from .errors import UnpicklableWarning, item_of, warn_user
+from .errors import UnpicklableWarning, item_of, unenforced, warn_user
 from .fingerprint import describe, function_complexity
 from .records import (
     Calibration,
@@ -856,8 +856,8 @@ class MapRun:
         if self.options.strict:
             msg = f"{what}, so they cannot be sent to worker processes (strict=True)"
             raise TypeError(msg) from cause
-        warn_user(f"adaptive_exec: {what}; running serially in the caller instead",
-                  UnpicklableWarning)
+        warn_user(f"adaptive_exec: {what}; running serially in the caller instead"
+                  f"{unenforced(self.options.timeout)}", UnpicklableWarning)
 
 
 def _picklable_function(func: Callable[..., Any]) -> bool:

@@ -310,6 +310,8 @@ def test_an_unpicklable_function_warns_at_the_users_line():
     line = inspect.currentframe().f_lineno - 1
     assert got, "no UnpicklableWarning"
     assert [(w.filename, w.lineno) for w in got] == [(__file__, line)] * len(got)
+    # Its items run here, where nothing can stop them: said (it was not).
+    assert "timeout=60 s is not enforced" in str(got[0].message)
 
 
 def test_unpicklable_items_warn_at_the_users_line():
@@ -318,6 +320,7 @@ def test_unpicklable_items_warn_at_the_users_line():
     got = _caught(UnpicklableWarning, lambda: pf.map(items))
     line = inspect.currentframe().f_lineno - 1
     assert got and "cannot be pickled to reach a worker" in str(got[0].message)
+    assert "timeout=60 s is not enforced" in str(got[0].message)
     assert [(w.filename, w.lineno) for w in got] == [(__file__, line)] * len(got)
 
 
