@@ -431,9 +431,14 @@ def _globals_read(func: types.FunctionType, owner: Optional[type] = None) -> dic
     """The module globals ``func`` reads, and those read by the functions and classes'
     methods of the same module it reads (transitively; ``owner``: the class of the
     object it is bound to), that a worker importing the module might hold differently:
-    values the caller set or changed since import. Modules, and functions and classes
-    that are still what their names say, are left out (the worker's import has them)."""
+    values the caller set or changed since import. Modules, and the module's own
+    functions and classes under their own names, are left out (the worker's import has
+    them). Another module's function or class (``rounder = math.floor``, ``from math
+    import floor``) is not: the caller may have bound the name to another one since
+    (``rounder = math.ceil``: warm workers kept floor), and it travels by reference, a
+    few bytes."""
     module_globals = func.__globals__
+    here = module_globals.get("__name__")
     found: dict[str, Any] = {}
     for f in _reached(func, owner):
         for c in _code_objects(f.__code__):
@@ -441,7 +446,9 @@ def _globals_read(func: types.FunctionType, owner: Optional[type] = None) -> dic
                 if name in found or name not in module_globals:
                     continue
                 value = module_globals[name]
-                if isinstance(value, types.ModuleType) or _importable(value):
+                if isinstance(value, types.ModuleType) or (
+                        _importable(value) and getattr(value, "__module__", None) == here
+                        and getattr(value, "__qualname__", None) == name):
                     continue
                 found[name] = value
     return found
@@ -780,7 +787,7 @@ _PROCESS_WIDE = {
 }
 # The modules those live in, as their objects name it (os.chdir is posix's).
 _WIDE_HOMES = {"signal": "signal", "_signal": "signal", "contextlib": "contextlib",
-          "posix": "os", "nt": "os", "os": "os"}
+               "posix": "os", "nt": "os", "os": "os"}
 # sys's streams, which ``sys.stdout = buffer`` swaps for the whole process.
 _STREAMS = frozenset({"stdout", "stderr", "stdin"})
 

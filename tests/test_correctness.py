@@ -822,6 +822,54 @@ def test_a_waiting_function_that_swaps_process_wide_state_is_not_given_threads(
     assert sys.stdout is stdout
 
 
+def test_a_global_rebound_to_another_function_or_class_reaches_warm_workers(
+        tmp_path, monkeypatch):
+    # A global holding another module's function or class (rounder = math.floor) was
+    # left out of what travels as "importable": rebound by the caller (math.ceil), warm
+    # workers kept floor, and a global rebound to another function of the same module
+    # (op = fast_op) made every worker take the module for changed on disk and hand the
+    # items back to the caller, with a false warning (found by a review helper).
+    (tmp_path / "rebound.py").write_text(textwrap.dedent("""
+        import math, time
+
+        rounder = math.floor
+        Container = list
+
+        def slow_op(x):
+            return -x
+
+        def fast_op(x):
+            return x * 10
+
+        op = slow_op
+
+        def f(x):
+            time.sleep(0.002)
+            return rounder(x / 2), Container([x]), op(x)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import math
+
+    import rebound
+
+    calibrate()  # workers up before the module is imported: theirs is a fresh import
+    pf = parallelize(rebound.f, backend="loky", chunksize=5)
+    assert pf.map(range(60)) == [rebound.f(x) for x in range(60)]
+    rebound.rounder, rebound.Container = math.ceil, tuple
+    expected = [rebound.f(x) for x in range(60)]
+    assert pf.map(range(60)) == expected
+    assert expected[1] == (1, (1,), -1)
+    rebound.op = rebound.fast_op
+    expected = [rebound.f(x) for x in range(60)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert pf.map(range(60)) == expected
+    assert expected[1] == (1, (1,), 10)
+    assert pf.last_report.plan.mode == "parallel"
+    assert not [w for w in caught if "caller" in str(w.message)], [
+        str(w.message) for w in caught]
+
+
 # --- 4. errors in the loop's order ---------------------------------------------------
 
 @pytest.mark.parametrize("exc", ["ValueError", "SystemExit", "KeyboardInterrupt",
