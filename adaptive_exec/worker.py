@@ -490,6 +490,8 @@ def _name_chains(code: types.CodeType) -> tuple[tuple[str, tuple[str, ...]], ...
     for c in _code_objects(code):
         name: Optional[str] = None
         attrs: list[str] = []
+        imported: Optional[str] = None  # the module the instruction before imported
+        local_modules: dict[str, str] = {}  # a local a module was imported into
         for ins in dis.get_instructions(c):
             if ins.opname in _ATTRIBUTE_OPS and name is not None:
                 attrs.append(ins.argval)
@@ -497,9 +499,28 @@ def _name_chains(code: types.CodeType) -> tuple[tuple[str, tuple[str, ...]], ...
             if name is not None:
                 out.append((name, tuple(attrs)))
             name, attrs = (ins.argval, []) if ins.opname == "LOAD_GLOBAL" else (None, [])
+            # Imports inside the function (``import settings``, then settings.SCALE;
+            # ``from settings import SCALE``): read off the module, as a global is.
+            if ins.opname == "IMPORT_NAME":
+                imported = ins.argval
+                continue
+            if imported is not None and ins.opname == "IMPORT_FROM":
+                out.append((IMPORTED + imported, (ins.argval,)))
+                continue
+            if imported is not None and ins.opname == "STORE_FAST":
+                # ``import a.b`` binds the top package ``a``
+                local_modules[ins.argval] = imported.partition(".")[0]
+            elif ins.opname == "LOAD_FAST" and ins.argval in local_modules:
+                name = IMPORTED + local_modules[ins.argval]
+            imported = None
         if name is not None:
             out.append((name, tuple(attrs)))
     return tuple(out)
+
+
+# Marks a chain's start that is a module the code imports itself, by its module name
+# (``_name_chains``), not a global's name.
+IMPORTED = "\0import:"
 
 
 def _attributes_read(func: types.FunctionType, owner: Optional[type] = None,
@@ -516,8 +537,22 @@ def _attributes_read(func: types.FunctionType, owner: Optional[type] = None,
     module_globals = func.__globals__
     found: dict[tuple[str, str], Any] = {}
     for f in _reached(func, owner):
+        if depth > 0:
+            # A function held in a closure cell runs too: the function a decorator
+            # without functools.wraps wrapped (its reads of settings.SCALE were not
+            # seen, and workers kept SCALE at its import).
+            for cell in f.__closure__ or ():
+                try:
+                    held = cell.cell_contents
+                except ValueError:  # an empty cell
+                    continue
+                held = _innermost(getattr(held, "__adaptive_exec_wrapped__", held))
+                if isinstance(held, types.FunctionType):
+                    for k, v in _attributes_read(held, None, depth - 1).items():
+                        found.setdefault(k, v)
         for name, attrs in _name_chains(f.__code__):
-            holder = module_globals.get(name)
+            holder = (sys.modules.get(name[len(IMPORTED):]) if name.startswith(IMPORTED)
+                      else module_globals.get(name))
             if (isinstance(holder, types.FunctionType) and holder.__module__ != func.__module__
                     and _users_module(sys.modules.get(holder.__module__))):
                 # A helper imported by name from another module of the user's (``from

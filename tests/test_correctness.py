@@ -870,6 +870,53 @@ def test_a_global_rebound_to_another_function_or_class_reaches_warm_workers(
         str(w.message) for w in caught]
 
 
+@pytest.mark.parametrize("name", ["decorated", "imports_module", "imports_name"])
+def test_a_setting_read_through_a_closure_or_an_import_inside_reaches_warm_workers(
+        tmp_path, monkeypatch, name):
+    # settings.SCALE changed by the caller was not seen (warm workers kept SCALE at its
+    # import: 99 where the loop gave 495) when the code reading it ran behind a
+    # decorator without functools.wraps (a closure cell holds it), or imported the
+    # module inside the function (found by a review helper).
+    (tmp_path / "knobs.py").write_text("SCALE = 1\n")
+    (tmp_path / "readers.py").write_text(textwrap.dedent("""
+        import time
+        import knobs
+
+        def logged(fn):
+            def inner(x):
+                return fn(x)
+            return inner
+
+        @logged
+        def decorated(x):
+            time.sleep(0.002)
+            return x * knobs.SCALE
+
+        def imports_module(x):
+            import knobs as k
+            time.sleep(0.002)
+            return x * k.SCALE
+
+        def imports_name(x):
+            from knobs import SCALE
+            time.sleep(0.002)
+            return x * SCALE
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for module in ("knobs", "readers"):  # each case imports its own files
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    import knobs
+    import readers
+
+    calibrate()  # workers up before the modules are imported: theirs is a fresh import
+    func = getattr(readers, name)
+    pf = parallelize(func, backend="loky", chunksize=5)
+    assert pf.map(range(60)) == list(range(60))
+    knobs.SCALE = 5
+    assert pf.map(range(60)) == [5 * x for x in range(60)]
+    assert pf.last_report.plan.mode == "parallel"
+
+
 # --- 4. errors in the loop's order ---------------------------------------------------
 
 @pytest.mark.parametrize("exc", ["ValueError", "SystemExit", "KeyboardInterrupt",
