@@ -804,7 +804,57 @@ def _patch_for(core: Optional[types.FunctionType], owner: Optional[type],
         except Exception:  # a lock, a connection: the worker keeps its own
             continue
         values[name] = value
+    defaults = _mutable_defaults(core)
+    if defaults is not None:
+        values[DEFAULTS] = defaults
+    # One pickle: a default that is also a global it reads (def f(x, rates=RATES))
+    # stays one object in the worker, as in the caller.
     return dumps(values) if values else None
+
+
+# The patch's entry for the function's own defaults that are mutable containers
+# (``_mutable_defaults``); no global can have this name.
+DEFAULTS = "\0defaults"
+
+
+def _mutable_defaults(core: types.FunctionType) -> Optional[tuple[str, dict[int, Any],
+                                                                  dict[str, Any]]]:
+    """The defaults of ``core`` that the caller may have changed in place since the
+    worker's import made them (``def convert(x, rates=RATES)``, then
+    ``RATES["eur"] = 2.0``: workers kept the old rates): its qualified name, and the
+    positional and keyword-only defaults that are builtin mutable containers, by
+    position and name. Others cannot change in place, and a sentinel must stay the
+    worker's own object."""
+    mutable = (dict, list, set, bytearray)
+    positional = {i: v for i, v in enumerate(core.__defaults__ or ())
+                  if type(v) in mutable}
+    keyword = {k: v for k, v in (core.__kwdefaults__ or {}).items() if type(v) in mutable}
+    if not (positional or keyword):
+        return None
+    try:
+        dumps((positional, keyword))
+    except Exception:  # noqa: BLE001 - holds what cannot travel: the worker keeps its own
+        return None
+    return core.__qualname__, positional, keyword
+
+
+def _set_defaults(module: str, entry: tuple[str, dict[int, Any], dict[str, Any]]) -> None:
+    """In a worker: the caller's mutable defaults set on the module's function."""
+    qualname, positional, keyword = entry
+    target: Any = sys.modules[module]
+    for part in qualname.split("."):
+        target = getattr(target, part, None)
+    target = _innermost(getattr(target, "__adaptive_exec_wrapped__", target))
+    if not isinstance(target, types.FunctionType):
+        return
+    if positional and target.__defaults__ is not None:
+        now = list(target.__defaults__)
+        for i, value in positional.items():
+            if i < len(now):
+                now[i] = value
+        target.__defaults__ = tuple(now)
+    if keyword and target.__kwdefaults__ is not None:
+        target.__kwdefaults__ = {**target.__kwdefaults__, **keyword}
 
 
 # What a function must not do on a thread of the caller's process, by module: calls
@@ -1253,6 +1303,9 @@ class _Patched:
         if _APPLIED.get(self.module) != self.key:
             namespace = sys.modules[self.module].__dict__
             for name, value in self.values.items():
+                if name == DEFAULTS:
+                    _set_defaults(self.module, value)
+                    continue
                 if isinstance(value, _StatelessOf):
                     if type(namespace.get(name)) is value.cls:
                         continue  # its own object of that class: kept, identity too

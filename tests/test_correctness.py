@@ -917,6 +917,37 @@ def test_a_setting_read_through_a_closure_or_an_import_inside_reaches_warm_worke
     assert pf.last_report.plan.mode == "parallel"
 
 
+def test_a_default_changed_in_place_by_the_caller_reaches_warm_workers(tmp_path,
+                                                                       monkeypatch):
+    # def convert(x, rates=RATES), then RATES["eur"] = 2.0: the loop used the new rate,
+    # warm (and freshly importing) workers their own copy of the default (found by a
+    # review helper). A sentinel default stays the worker's own object.
+    (tmp_path / "tables.py").write_text(textwrap.dedent("""
+        import time
+
+        RATES = {"eur": 1.0}
+        SEEN = []
+        MISSING = object()
+
+        def convert(x, rates=RATES, marker=MISSING, *, log=SEEN):
+            time.sleep(0.002)
+            return x * rates["eur"] + len(log), marker is MISSING
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tables", raising=False)
+    import tables
+
+    calibrate()  # workers up before the module is imported: theirs is a fresh import
+    pf = parallelize(tables.convert, backend="loky", chunksize=5)
+    assert pf.map(range(60)) == [tables.convert(x) for x in range(60)]
+    tables.RATES["eur"] = 2.0
+    tables.SEEN.extend([1, 2, 3])
+    expected = [tables.convert(x) for x in range(60)]
+    assert expected[1] == (5.0, True)
+    assert pf.map(range(60)) == expected
+    assert pf.last_report.plan.mode == "parallel"
+
+
 # --- 4. errors in the loop's order ---------------------------------------------------
 
 @pytest.mark.parametrize("exc", ["ValueError", "SystemExit", "KeyboardInterrupt",
