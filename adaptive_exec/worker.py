@@ -327,6 +327,11 @@ def _reached(func: types.FunctionType, owner: Optional[type] = None
                     stack.append(inner)  # a helper of the same module: what it reads counts
                 elif isinstance(inner, type) and inner.__module__ == func.__module__:
                     stack.extend(_methods(inner, module_globals))
+                elif (type(inner).__module__ == func.__module__
+                      and not isinstance(inner, (types.FunctionType, type))):
+                    # A module-level object of the module's own class (GUARD.arm()):
+                    # its methods run too.
+                    stack.extend(_methods(type(inner), module_globals))
     return out
 
 
@@ -553,6 +558,15 @@ def _attributes_read(func: types.FunctionType, owner: Optional[type] = None,
         for name, attrs in _name_chains(f.__code__):
             holder = (sys.modules.get(name[len(IMPORTED):]) if name.startswith(IMPORTED)
                       else module_globals.get(name))
+            if attrs and holder is not None and not isinstance(
+                    holder, (types.ModuleType, type, types.FunctionType)):
+                # A method called on an object of a class of another of the user's
+                # modules (model.predict(x), reading models.THRESHOLD): what it reads
+                # of its module counts too.
+                method = _method_of(type(holder), attrs[0])
+                if method is not None and method.__module__ != func.__module__:
+                    _add_reads_of(method, depth, found)
+                continue
             if (isinstance(holder, types.FunctionType) and holder.__module__ != func.__module__
                     and _users_module(sys.modules.get(holder.__module__))):
                 # A helper imported by name from another module of the user's (``from

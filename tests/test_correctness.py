@@ -948,6 +948,57 @@ def test_a_default_changed_in_place_by_the_caller_reaches_warm_workers(tmp_path,
     assert pf.last_report.plan.mode == "parallel"
 
 
+@pytest.mark.parametrize("name", ["other_modules_object", "own_modules_object"])
+def test_a_global_read_by_a_method_of_a_module_level_object_reaches_warm_workers(
+        tmp_path, monkeypatch, name):
+    # f(x) = model.predict(x), where predict reads its module's THRESHOLD: after the
+    # caller's models.THRESHOLD = 100 the loop gave 0 True, warm workers 89 (found by a
+    # review helper); the same with the object and its class in f's own module.
+    (tmp_path / "models.py").write_text(textwrap.dedent("""
+        import time
+
+        THRESHOLD = 10
+
+        class Model:
+            def predict(self, x):
+                time.sleep(0.002)
+                return x > THRESHOLD
+    """))
+    (tmp_path / "gates.py").write_text(textwrap.dedent("""
+        import time
+        import models
+
+        LIMIT = 10
+
+        class Gate:
+            def check(self, x):
+                time.sleep(0.002)
+                return x > LIMIT
+
+        GATE = Gate()
+        model = models.Model()
+
+        def other_modules_object(x):
+            return model.predict(x)
+
+        def own_modules_object(x):
+            return GATE.check(x)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for module in ("models", "gates"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    import gates
+    import models
+
+    calibrate()  # workers up before the modules are imported: theirs is a fresh import
+    func = getattr(gates, name)
+    pf = parallelize(func, backend="loky", chunksize=5)
+    assert pf.map(range(60)) == [x > 10 for x in range(60)]
+    models.THRESHOLD = gates.LIMIT = 100
+    assert pf.map(range(60)) == [False] * 60
+    assert pf.last_report.plan.mode == "parallel"
+
+
 # --- 4. errors in the loop's order ---------------------------------------------------
 
 @pytest.mark.parametrize("exc", ["ValueError", "SystemExit", "KeyboardInterrupt",
