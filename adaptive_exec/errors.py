@@ -138,8 +138,24 @@ def attach_origin(exc: BaseException, index: int, remote_tb: Optional[str],
         # cause's text, which is printed with the traceback.
         remote_tb = f"{note}\n{remote_tb or ''}"
     if remote_tb:
-        set_on(exc, "__cause__", RemoteTraceback(f'\n"""\n{remote_tb}"""'))
+        _chain_remote(exc, RemoteTraceback(f'\n"""\n{remote_tb}"""'))
     return exc
+
+
+def _chain_remote(exc: BaseException, remote: RemoteTraceback) -> None:
+    """The worker's traceback as ``exc``'s cause; where the function set a cause of
+    its own (``raise Wrapped(...) from err``, carried back with it), that one stays, as
+    in the loop, and the traceback becomes the cause at the chain's root."""
+    root, seen = exc, 0
+    while root.__cause__ is not None and seen < 8:
+        if isinstance(root.__cause__, RemoteTraceback):
+            return  # chained already (an exception raised again)
+        root, seen = root.__cause__, seen + 1
+    suppress = root.__suppress_context__
+    set_on(root, "__cause__", remote)
+    # (Setting a cause sets this flag; the loop's exception has its own value. A cause
+    # is shown before a context either way.)
+    set_on(root, "__suppress_context__", suppress)
 
 
 # Where the index of the item an exception came from is kept for the library's own use

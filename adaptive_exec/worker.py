@@ -47,6 +47,7 @@ from .errors import (
     rebuild_exception,
     safe_str,
     same_exception,
+    set_on,
 )
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -1783,19 +1784,46 @@ def _safe(exc: BaseException) -> str:
         return f"{type(exc).__qualname__} (its message cannot be shown)"
 
 
-def _pickle_error(exc: BaseException) -> bytes:
+def _pickle_error(exc: BaseException, depth: int = 0) -> bytes:
     """The exception, pickled so that the caller rebuilds it as faithfully as it can:
     as itself when it round-trips, else its class and state without calling __init__,
-    else a RemoteError that keeps its type name and message (errors.reduce_exception)."""
+    else a RemoteError that keeps its type name and message (errors.reduce_exception);
+    with its ``__cause__`` and ``__context__``, which pickle drops (``raise
+    Wrapped(...) from err``: the loop's ``e.__cause__`` is the KeyError), a few deep."""
     try:
         data = dumps(exc)
         # An exception whose __init__ rejects its args fails here; one whose __init__
         # reworks them (formats a message) comes back different.
-        if same_exception(exc, pickle.loads(data)):
-            return data
+        if not same_exception(exc, pickle.loads(data)):
+            data = dumps(reduce_exception(exc))
     except Exception:
-        pass
-    return dumps(reduce_exception(exc))
+        data = dumps(reduce_exception(exc))
+    cause, context = exc.__cause__, exc.__context__
+    if depth >= _CHAIN_DEPTH or (cause is None and context is None):
+        return data
+    try:
+        return dumps(_Chained(
+            data, _pickle_error(cause, depth + 1) if cause is not None else None,
+            _pickle_error(context, depth + 1)
+            if context is not None and context is not cause else None,
+            context is not None and context is cause, exc.__suppress_context__))
+    except Exception:  # noqa: BLE001 - the exception itself still travels
+        return data
+
+
+# How many links of an exception's chain (causes, contexts) travel back with it.
+_CHAIN_DEPTH = 4
+
+
+@dataclass(frozen=True)
+class _Chained:
+    """A pickled exception with its pickled cause and context (``_pickle_error``)."""
+
+    body: bytes
+    cause: Optional[bytes]
+    context: Optional[bytes]
+    context_is_cause: bool  # raise X from err inside ``except ... as err``
+    suppress_context: bool
 
 
 def decode(res: ChunkResult) -> tuple[list[Any], Optional[BaseException]]:
@@ -1817,6 +1845,15 @@ def _load_error(data: bytes) -> BaseException:
         from .errors import RemoteError
 
         return RemoteError(f"an exception that cannot be unpickled here ({_safe(exc)})")
+    if isinstance(loaded, _Chained):
+        error = _load_error(loaded.body)
+        cause = _load_error(loaded.cause) if loaded.cause is not None else None
+        context = cause if loaded.context_is_cause else (
+            _load_error(loaded.context) if loaded.context is not None else None)
+        set_on(error, "__cause__", cause)
+        set_on(error, "__context__", context)
+        set_on(error, "__suppress_context__", loaded.suppress_context)
+        return error
     if isinstance(loaded, BaseException):
         return loaded
     return rebuild_exception(loaded)

@@ -822,3 +822,16 @@ def digits_and_seventh(x, big=True):
     spin(0.001)
     return (len(str(10 ** (5000 + x))) if big else 0,
             str(decimal.Decimal(x + 150) / decimal.Decimal(7)))
+
+
+def raise_chained(x, how, at=700):
+    """At item ``at``: a ValueError raised while handling a KeyError, with ``from``
+    (its cause) or without (its context)."""
+    if x == at:
+        try:
+            {}["missing"]
+        except KeyError as err:
+            if how == "from":
+                raise ValueError(f"bad {x}") from err
+            raise ValueError(f"bad {x}")  # noqa: B904 - the implicit chain is the point
+    return x

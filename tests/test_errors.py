@@ -550,3 +550,31 @@ def test_an_exception_that_pickle_gives_back_changed_arrives_as_the_loop_raised_
     assert type(got) is type(want) and got.args == want.args and str(got) == str(want)
     for name in ("field", "errno", "strerror", "filename", "filename2", "name", "obj"):
         assert getattr(got, name, None) == getattr(want, name, None), name
+
+
+@pytest.mark.parametrize("how", ["from", "during"])
+def test_an_exception_from_a_worker_keeps_its_cause_and_context(how):
+    # Pickle drops __cause__ and __context__: `raise Wrapped(...) from err` came back
+    # with the worker's traceback as its cause and no context, where the loop's
+    # e.__cause__ is the KeyError (found by a review helper). The worker's traceback
+    # is still chained: at the root of the user's own chain.
+    import traceback
+
+    func = functools.partial(h.raise_chained, how=how)
+    with pytest.raises(ValueError) as loop:
+        [func(x) for x in range(1000)]
+    calibrate()  # a warm pool: past the sample, item 700 runs in a worker
+    pf = parallelize(func, backend="loky", chunksize=3)
+    with pytest.raises(ValueError) as mapped:
+        pf.map(range(1000))
+    got, want = mapped.value, loop.value
+    assert got.args == want.args
+    assert type(got.__context__) is KeyError and got.__context__.args == ("missing",)
+    assert got.__suppress_context__ == want.__suppress_context__
+    if how == "from":
+        assert type(got.__cause__) is KeyError and got.__cause__ is got.__context__
+        remote = got.__cause__.__cause__
+    else:
+        remote = got.__cause__
+    assert isinstance(remote, RemoteTraceback) and "raise_chained" in str(remote)
+    assert "KeyError" in "".join(traceback.format_exception(got))
