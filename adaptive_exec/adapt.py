@@ -242,6 +242,8 @@ class SamplingWatch:
         self.forked_here = False  # the caller forked the pool between two calls (_fork_now)
         # Pickled input + result bytes of the sampled calls, as sampling measures them.
         self.sizes: list[int] = []
+        # The interpreter settings items run under, read here, on the caller's thread.
+        self.settings = worker.caller_settings()
         self._lock = threading.Lock()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, name="adaptive_exec-prestart",
@@ -444,6 +446,9 @@ class SamplingWatch:
                                           self.options.initargs)
         except Exception:  # cannot be pickled: the map finds out and says so itself
             return True
+        # The caller's settings, read on its thread (a decimal context is per thread:
+        # this one's is the default).
+        ref = dataclasses.replace(ref, settings=self.settings)
         if ref.blob is not None and len(ref.blob) >= worker.BLOB_FILE_MIN_BYTES:
             return True  # a large function: the map's plan decides if it is worth shipping
         target = loky_backend.LokyTarget(ref, self.star)

@@ -280,9 +280,11 @@ class ExceptionState:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
-# Attributes every exception has, handled apart (or never carried).
+# Attributes every exception has, handled apart (or never carried); and
+# AttributeError's obj, the object that lacked the attribute: it could be any size
+# (a typo on a model of 300 MB sent it all back).
 _GENERIC = frozenset(("args", "__traceback__", "__context__", "__cause__",
-                      "__suppress_context__", "__dict__", "__weakref__"))
+                      "__suppress_context__", "__dict__", "__weakref__", "obj"))
 
 
 def builtin_fields(exc: BaseException) -> dict[str, Any]:
@@ -312,10 +314,20 @@ def same_exception(exc: BaseException, copy: Any) -> bool:
     formats its message formatted it twice (loop: "invalid field 'age'", map: "invalid
     field \"invalid field 'age'\"")."""
     try:
-        return (type(copy) is type(exc) and bool(copy.args == exc.args)
-                and bool(builtin_fields(copy) == builtin_fields(exc)))
+        return (type(copy) is type(exc) and _same(copy.args, exc.args)
+                and _same(builtin_fields(copy), builtin_fields(exc)))
     except Exception:  # noqa: BLE001 - an __eq__ that raises: not shown the same
         return False
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, or pickled alike: exceptions (an exception group's), a lambda or an
+    object without __eq__ in the args compare by identity, which no copy has."""
+    if bool(a == b):
+        return True
+    from .worker import dumps  # (worker imports this module)
+
+    return dumps(a) == dumps(b)
 
 
 def safe_str(exc: BaseException) -> str:
@@ -337,7 +349,11 @@ def rebuild_exception(record: ExceptionState) -> BaseException:
             from .worker import loads_returned  # (worker imports this module)
 
             cls = loads_returned(blob)
-            exc = cls.__new__(cls)
+            try:
+                # With its args: an exception group's __new__ requires them.
+                exc = cls.__new__(cls, *record.args)
+            except Exception:  # noqa: BLE001 - a __new__ of another signature
+                exc = cls.__new__(cls)
             set_on(exc, "args", record.args)
             exc.__dict__.update(record.state)
             for name, value in record.fields.items():
@@ -360,4 +376,7 @@ def rebuild_exception(record: ExceptionState) -> BaseException:
         _STAND_INS[key] = stand_in
     msg = f"{record.type_name}: {record.message} (rebuilt from its type name and message: " \
           "the exception itself could not be sent back from the worker)"
-    return stand_in(msg, record.type_name, record.message)  # type: ignore[no-any-return]
+    try:
+        return stand_in(msg, record.type_name, record.message)  # type: ignore[no-any-return]
+    except Exception:  # noqa: BLE001 - a base whose constructor wants other args
+        return RemoteError(msg, record.type_name, record.message)

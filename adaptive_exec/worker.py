@@ -313,12 +313,24 @@ def _reached(func: types.FunctionType, owner: Optional[type] = None
     out: list[types.FunctionType] = []
     seen: set[int] = set()
     stack = [func] + (_methods(owner, module_globals) if owner is not None else [])
+    seen_closures: set[tuple[int, int]] = set()
     while stack:
         f = stack.pop()
         code = getattr(f, "__code__", None)
-        if code is None or id(code) in seen:
+        if code is None:
+            continue
+        closure = getattr(f, "__closure__", None)
+        if id(code) in seen:
+            # The same code over other cells (two wrappers of one decorator): the
+            # cells hold other functions, whose reads count (_attributes_read).
+            if closure is None or (id(code), id(closure)) in seen_closures:
+                continue
+            seen_closures.add((id(code), id(closure)))
+            out.append(f)
             continue
         seen.add(id(code))
+        if closure is not None:
+            seen_closures.add((id(code), id(closure)))
         out.append(f)
         for c in _code_objects(code):
             for name in c.co_names:
@@ -452,15 +464,21 @@ def _globals_read(func: types.FunctionType, owner: Optional[type] = None) -> dic
                 if name in found or name not in module_globals:
                     continue
                 value = module_globals[name]
-                if isinstance(value, types.ModuleType) or (
-                        _importable(value) and getattr(value, "__module__", None) == here
-                        and getattr(value, "__qualname__", None) == name):
+                if isinstance(value, types.ModuleType) or (_importable(value) and (
+                        not isinstance(value, _BY_REFERENCE)
+                        or (getattr(value, "__module__", None) == here
+                            and getattr(value, "__qualname__", None) == name))):
+                    # (An importable object of another kind, a @parallelize function
+                    # of another module, would travel by value, its module's data
+                    # with it: 9.9 MB per map.)
                     continue
                 found[name] = value
     return found
 
 
 _ATTRIBUTE_OPS = ("LOAD_ATTR", "LOAD_METHOD")
+# What pickle sends by reference, its module and name, when importable.
+_BY_REFERENCE = (types.FunctionType, types.BuiltinFunctionType, type)
 
 
 def _users_module(module: Any) -> bool:
@@ -496,7 +514,12 @@ def _name_chains(code: types.CodeType) -> tuple[tuple[str, tuple[str, ...]], ...
     for c in _code_objects(code):
         name: Optional[str] = None
         attrs: list[str] = []
-        imported: Optional[str] = None  # the module the instruction before imported
+        # Imports inside the function (``import settings``, then settings.SCALE;
+        # ``from settings import SCALE``): read off the module, as a global is.
+        consts: list[Any] = []  # the constants loaded last: an import's level, fromlist
+        base: Optional[str] = None  # the module of the import statement under way
+        from_list = False  # ``from base import ...``
+        pending: Optional[str] = None  # the module the next store binds, by name
         local_modules: dict[str, str] = {}  # a local a module was imported into
         for ins in dis.get_instructions(c):
             if ins.opname in _ATTRIBUTE_OPS and name is not None:
@@ -505,20 +528,38 @@ def _name_chains(code: types.CodeType) -> tuple[tuple[str, tuple[str, ...]], ...
             if name is not None:
                 out.append((name, tuple(attrs)))
             name, attrs = (ins.argval, []) if ins.opname == "LOAD_GLOBAL" else (None, [])
-            # Imports inside the function (``import settings``, then settings.SCALE;
-            # ``from settings import SCALE``): read off the module, as a global is.
-            if ins.opname == "IMPORT_NAME":
-                imported = ins.argval
+            op = ins.opname
+            if op == "LOAD_CONST":
+                consts = [*consts[-1:], ins.argval]
                 continue
-            if imported is not None and ins.opname == "IMPORT_FROM":
-                out.append((IMPORTED + imported, (ins.argval,)))
-                continue
-            if imported is not None and ins.opname == "STORE_FAST":
+            if op == "IMPORT_NAME":
+                level, fromlist = consts if len(consts) == 2 else (None, None)
+                # Absolute imports only: a relative one names its module from the
+                # package of the code, which a code object does not say.
+                base = ins.argval if level == 0 else None
+                from_list = bool(fromlist)
                 # ``import a.b`` binds the top package ``a``
-                local_modules[ins.argval] = imported.partition(".")[0]
-            elif ins.opname == "LOAD_FAST" and ins.argval in local_modules:
+                pending = None if base is None else base.partition(".")[0]
+                consts = []
+                continue
+            consts = []
+            if base is not None and op == "IMPORT_FROM":
+                if from_list:  # from a import b: the local b is a's b
+                    out.append((IMPORTED + base, (ins.argval,)))
+                    pending = f"{base}.{ins.argval}"
+                else:  # import a.b as c: c is a.b itself
+                    pending = base
+                continue
+            if base is not None and op == "STORE_FAST":
+                if pending is not None:
+                    local_modules[ins.argval] = pending
+                pending = None
+                continue
+            if base is not None and op in ("ROT_TWO", "SWAP", "POP_TOP"):
+                continue  # (3.10 moves the module about before storing it)
+            base = pending = None
+            if op in _LOCAL_LOADS and ins.argval in local_modules:
                 name = IMPORTED + local_modules[ins.argval]
-            imported = None
         if name is not None:
             out.append((name, tuple(attrs)))
     return tuple(out)
@@ -527,6 +568,8 @@ def _name_chains(code: types.CodeType) -> tuple[tuple[str, tuple[str, ...]], ...
 # Marks a chain's start that is a module the code imports itself, by its module name
 # (``_name_chains``), not a global's name.
 IMPORTED = "\0import:"
+# How a local is read (3.12 checks some for being bound first).
+_LOCAL_LOADS = ("LOAD_FAST", "LOAD_FAST_CHECK")
 
 
 def _attributes_read(func: types.FunctionType, owner: Optional[type] = None,
@@ -552,9 +595,11 @@ def _attributes_read(func: types.FunctionType, owner: Optional[type] = None,
                     held = cell.cell_contents
                 except ValueError:  # an empty cell
                     continue
-                held = _innermost(getattr(held, "__adaptive_exec_wrapped__", held))
+                # Plain functions only: any other object's getattr may run its code
+                # (an attribute dict's __getattr__ raised KeyError).
                 if isinstance(held, types.FunctionType):
-                    for k, v in _attributes_read(held, None, depth - 1).items():
+                    for k, v in _attributes_read(_innermost(held), None,
+                                                 depth - 1).items():
                         found.setdefault(k, v)
         for name, attrs in _name_chains(f.__code__):
             holder = (sys.modules.get(name[len(IMPORTED):]) if name.startswith(IMPORTED)
@@ -726,7 +771,7 @@ def _set_per_process(initializer: Callable[..., Any],
 Settings = tuple[int, Optional[int], Optional[tuple[Any, ...]]]
 
 
-def _settings() -> Settings:
+def caller_settings() -> Settings:
     """Interpreter settings the caller's loop would run its items under: a program that
     raised its recursion limit or int_max_str_digits, or set a decimal precision, got
     RecursionError, ValueError or 28 digits from workers where the loop gave results."""
@@ -1042,7 +1087,7 @@ def function_ref(func: Callable[..., Any], per_process: frozenset[str] = frozens
             h.update(b"attrs:" + attrs_digest)
         return FunctionRef(h.hexdigest(), module=module, qualname=qualname, patch=patch,
                            patch_module=patch_module, cwd=cwd, sys_path=path, attrs=attrs,
-                           code=code, settings=_settings())
+                           code=code, settings=caller_settings())
     # By value, with an initializer that sets globals or travels by value too (it may
     # fill a global dict of the script's, STATE["conn"] = ..., which the function reads):
     # rebuilt in the worker from one pickle, over one namespace that lacks the
@@ -1063,7 +1108,7 @@ def function_ref(func: Callable[..., Any], per_process: frozenset[str] = frozens
         h.update(b"attrs:" + attrs_digest)
     return FunctionRef(h.hexdigest(), blob=blob, patch=patch, patch_module=patch_module,
                        cwd=cwd, sys_path=path, bundled=bundled, attrs=attrs, code=code,
-                       settings=_settings())
+                       settings=caller_settings())
 
 
 def _enter_context(ref: FunctionRef) -> None:

@@ -801,6 +801,10 @@ def raise_reworked(x, kind, at=5):
             sys.exit(3)
         if kind == "decode":
             b"ab\xff".decode()
+        if kind == "group":
+            raise ExceptionGroup("two failed", [ValueError(x), KeyError("k")])  # noqa: F821
+        if kind == "lambda_arg":
+            raise ValueError(lambda: x)
         raise AttributeError("no such attribute", name="colour", obj=(x, "row"))
     return x
 
@@ -835,3 +839,18 @@ def raise_chained(x, how, at=700):
                 raise ValueError(f"bad {x}") from err
             raise ValueError(f"bad {x}")  # noqa: B904 - the implicit chain is the point
     return x
+
+
+class AttrDict(dict):
+    """A config read by attribute; a missing one raises KeyError, not AttributeError."""
+
+    def __getattr__(self, key):
+        return self[key]
+
+
+def scaled_by(cfg):
+    def scaled(x):
+        spin(0.001)
+        return x * cfg.scale
+
+    return scaled

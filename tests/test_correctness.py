@@ -870,14 +870,21 @@ def test_a_global_rebound_to_another_function_or_class_reaches_warm_workers(
         str(w.message) for w in caught]
 
 
-@pytest.mark.parametrize("name", ["decorated", "imports_module", "imports_name"])
+@pytest.mark.parametrize("name", ["decorated", "imports_module", "imports_name",
+                                  "imports_submodule_as", "imports_submodule_from",
+                                  "two_wrappers_ab", "two_wrappers_ba"])
 def test_a_setting_read_through_a_closure_or_an_import_inside_reaches_warm_workers(
         tmp_path, monkeypatch, name):
     # settings.SCALE changed by the caller was not seen (warm workers kept SCALE at its
     # import: 99 where the loop gave 495) when the code reading it ran behind a
     # decorator without functools.wraps (a closure cell holds it), or imported the
     # module inside the function (found by a review helper).
+    # A second helper found the first fix's holes: ``import kpkg.sub as s`` read as
+    # kpkg's LIMIT, and two wrappers of one decorator (one code object) scanned once.
     (tmp_path / "knobs.py").write_text("SCALE = 1\n")
+    (tmp_path / "kpkg").mkdir()
+    (tmp_path / "kpkg" / "__init__.py").write_text("")
+    (tmp_path / "kpkg" / "sub.py").write_text("SCALE = 1\n")
     (tmp_path / "readers.py").write_text(textwrap.dedent("""
         import time
         import knobs
@@ -901,18 +908,45 @@ def test_a_setting_read_through_a_closure_or_an_import_inside_reaches_warm_worke
             from knobs import SCALE
             time.sleep(0.002)
             return x * SCALE
+
+        def imports_submodule_as(x):
+            import kpkg.sub as s
+            time.sleep(0.002)
+            return x * s.SCALE
+
+        def imports_submodule_from(x):
+            from kpkg import sub
+            time.sleep(0.002)
+            return x * sub.SCALE
+
+        @logged
+        def plain(x):
+            return 0
+
+        @logged
+        def scaled(x):
+            return x * knobs.SCALE
+
+        def two_wrappers_ab(x):
+            time.sleep(0.002)
+            return plain(x) + scaled(x)
+
+        def two_wrappers_ba(x):
+            time.sleep(0.002)
+            return scaled(x) + plain(x)
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    for module in ("knobs", "readers"):  # each case imports its own files
+    for module in ("knobs", "readers", "kpkg", "kpkg.sub"):  # each case: its own files
         monkeypatch.delitem(sys.modules, module, raising=False)
     import knobs
+    import kpkg.sub
     import readers
 
     calibrate()  # workers up before the modules are imported: theirs is a fresh import
     func = getattr(readers, name)
     pf = parallelize(func, backend="loky", chunksize=5)
     assert pf.map(range(60)) == list(range(60))
-    knobs.SCALE = 5
+    knobs.SCALE = kpkg.sub.SCALE = 5
     assert pf.map(range(60)) == [5 * x for x in range(60)]
     assert pf.last_report.plan.mode == "parallel"
 
@@ -997,6 +1031,50 @@ def test_a_global_read_by_a_method_of_a_module_level_object_reaches_warm_workers
     models.THRESHOLD = gates.LIMIT = 100
     assert pf.map(range(60)) == [False] * 60
     assert pf.last_report.plan.mode == "parallel"
+
+
+def test_a_closure_over_an_object_whose_getattr_raises_still_reaches_the_workers():
+    # The closure scan asked every captured object for our wrapper attribute: an
+    # attribute dict whose __getattr__ raises KeyError made the function "unpicklable"
+    # (serial, with a warning; strict=True raised). Found by a second review helper.
+    func = h.scaled_by(h.AttrDict(scale=3))
+    pf = parallelize(func, backend="loky", chunksize=5, strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert pf.map(range(100)) == [3 * x for x in range(100)]
+    assert pf.last_report.plan.mode == "parallel"
+
+
+def test_a_global_bound_to_another_modules_parallel_function_is_not_copied(
+        tmp_path, monkeypatch):
+    # from pf_helpers import lookup, a @parallelize function of another module reading
+    # a large list: it pickles by value, so the patch carried that module's data, 9.9
+    # MB and ~60 ms per map, once any importable global of another module travelled.
+    (tmp_path / "pf_helpers.py").write_text(textwrap.dedent("""
+        from adaptive_exec import parallelize
+
+        DATA = list(range(1_000_000))
+
+        @parallelize
+        def lookup(i):
+            return DATA[i]
+    """))
+    (tmp_path / "pf_user.py").write_text(textwrap.dedent("""
+        from pf_helpers import lookup
+
+        def plus_one(x):
+            return lookup(x) + 1
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for module in ("pf_helpers", "pf_user"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    import pf_user
+
+    from adaptive_exec.worker import function_ref
+
+    ref = function_ref(pf_user.plus_one)
+    assert len(ref.patch or b"") < 10_000
+    assert parallelize(pf_user.plus_one, backend="loky").map(range(50)) == list(range(1, 51))
 
 
 # --- 4. errors in the loop's order ---------------------------------------------------

@@ -532,12 +532,18 @@ def test_the_users_own_item_index_attribute_is_left_as_the_loop_leaves_it(backen
     assert plain.value.item_index == 5
 
 
-@pytest.mark.parametrize("kind", ["formats", "oserror", "attribute"])
+@pytest.mark.parametrize("kind", ["formats", "oserror", "attribute", "group", "lambda_arg"])
 def test_an_exception_that_pickle_gives_back_changed_arrives_as_the_loop_raised_it(kind):
     # Unpickling calls the class with the pickled args: an __init__ that formats its
     # message formatted it twice ("invalid field \"invalid field 'age'\""); an OSError
     # subclass with its own __init__ lost errno and filename, and pickle drops an
     # AttributeError's name and obj. Each must come as the loop raised it.
+    # An exception group (its args hold exceptions, equal to no copy) broke the
+    # caller's decoding, and a lambda in the args came back as its repr, once the
+    # round trip was checked by ==; an AttributeError's obj (the object that lacked
+    # the attribute, maybe 300 MB) is left behind (found by a second review helper).
+    if kind == "group" and sys.version_info < (3, 11):
+        pytest.skip("ExceptionGroup: Python 3.11")
     func = functools.partial(h.raise_reworked, kind=kind, at=700)
     with pytest.raises(Exception) as loop:
         [func(x) for x in range(1000)]
@@ -547,9 +553,17 @@ def test_an_exception_that_pickle_gives_back_changed_arrives_as_the_loop_raised_
         pf.map(range(1000))
     assert isinstance(mapped.value.__cause__, RemoteTraceback)  # it came from a worker
     got, want = mapped.value, loop.value
-    assert type(got) is type(want) and got.args == want.args and str(got) == str(want)
-    for name in ("field", "errno", "strerror", "filename", "filename2", "name", "obj"):
+    assert type(got) is type(want)
+    if kind == "lambda_arg":
+        assert callable(got.args[0]) and got.args[0]() == 700
+    elif kind == "group":
+        assert [type(e) for e in got.exceptions] == [ValueError, KeyError]
+        assert got.message == want.message and str(got) == str(want)
+    else:
+        assert got.args == want.args and str(got) == str(want)
+    for name in ("field", "errno", "strerror", "filename", "filename2", "name"):
         assert getattr(got, name, None) == getattr(want, name, None), name
+    assert getattr(got, "obj", None) is None  # left behind: it could be any size
 
 
 @pytest.mark.parametrize("how", ["from", "during"])
