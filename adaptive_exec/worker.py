@@ -1034,6 +1034,7 @@ def _method_of(cls: type, name: str) -> Optional[types.FunctionType]:
 # The size of an instance of a class statement's class (object, and a weak reference):
 # one larger has fields of its own, in C.
 _PLAIN_SIZE = type("_Plain", (), {}).__basicsize__
+_HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class made by a class statement
 
 
 def _stateless(value: Any) -> bool:
@@ -1044,8 +1045,11 @@ def _stateless(value: Any) -> bool:
     cls = type(value)
     if cls is object:
         return True
-    if cls.__basicsize__ > _PLAIN_SIZE:
-        return False  # fields of C's (a lock: no __dict__, yet all state)
+    if not cls.__flags__ & _HEAP_TYPE or cls.__basicsize__ > _PLAIN_SIZE:
+        # A type written in C holds its state in fields of its own: a lock, a closure's
+        # cell (as small as a plain object, and taken for a sentinel: _home_of scanned
+        # every module for each and kept it, with the 10 MB it captured, for ever).
+        return False
     if cls in _PLAIN_TYPES or isinstance(value, (type, types.FunctionType, enum.Enum)):
         return False
     if cls.__reduce_ex__ is not object.__reduce_ex__ or cls.__reduce__ is not object.__reduce__:
@@ -1133,6 +1137,12 @@ def _resolve(ref: FunctionRef) -> Optional[Callable[..., Any]]:
     this worker has not seen (the caller then sends the whole ref)."""
     func: Any
     entry = _FUNCTIONS.get(ref.key)
+    if (entry is not None and ref.bundled and ref.init_key is not None
+            and ref.init_key not in _INITIALIZERS):
+        # Its initializer was let go (_MAX_INITIALIZERS): it comes only with the
+        # function's own blob, so the function is rebuilt (a lean ref asks for it).
+        del _FUNCTIONS[ref.key]
+        entry = None
     if entry is not None:
         _FUNCTIONS.move_to_end(ref.key)
         func, _ = entry
@@ -1178,7 +1188,7 @@ def _resolve(ref: FunctionRef) -> Optional[Callable[..., Any]]:
         if ref.bundled:
             func, initializer, initargs = func
             if ref.init_key is not None:  # runs with the function's own namespace
-                _INITIALIZERS[ref.init_key] = (initializer, initargs)
+                _keep_initializer(ref.init_key, (initializer, initargs))
         if ref.patch is not None and ref.patch_module is not None:
             # Kept with the function: re-applied whenever another key of the same
             # module was applied in between.
@@ -1442,8 +1452,19 @@ class ChunkResult:
 _CURRENT: dict[str, tuple[str, int]] = {}
 # initializer key -> its initializer's entry in _CURRENT.
 _IDENTITY: dict[str, str] = {}
-# initializer key -> (initializer, initargs), unpickled once per worker.
-_INITIALIZERS: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]] = {}
+# initializer key -> (initializer, initargs), unpickled once per worker; the last
+# _MAX_INITIALIZERS only (each map with other initargs added one: 2 MB of initargs per
+# map grew each worker by ~1.8 MB per map, for as long as the pool lived).
+_INITIALIZERS: collections.OrderedDict[str, tuple[Callable[..., Any], tuple[Any, ...]]] = \
+    collections.OrderedDict()
+_MAX_INITIALIZERS = 8
+
+
+def _keep_initializer(key: str, found: tuple[Callable[..., Any], tuple[Any, ...]]) -> None:
+    _INITIALIZERS[key] = found
+    _INITIALIZERS.move_to_end(key)
+    while len(_INITIALIZERS) > _MAX_INITIALIZERS:
+        _INITIALIZERS.popitem(last=False)
 _INIT_LOCK = threading.RLock()  # re-entrant: an initializer may itself map
 
 
@@ -1551,7 +1572,7 @@ def _initialize_worker(ref: FunctionRef) -> Optional[bool]:
         if ref.init is None:
             return None
         found = pickle.loads(ref.init)
-        _INITIALIZERS[key] = found
+        _keep_initializer(key, found)
     # Bundled and by value: rebuilt over a namespace of this function's own. (One a
     # worker imports by name sets its module's globals, shared by every map.)
     own = ref.bundled and not _importable(_code_that_runs(found[0])[0] or found[0])

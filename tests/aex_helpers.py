@@ -854,3 +854,31 @@ def scaled_by(cfg):
         return x * cfg.scale
 
     return scaled
+
+
+class Table:
+    """A large captured object (weakly referenceable, to see that it is let go)."""
+
+    def __init__(self, size):
+        self.data = bytearray(size)
+
+
+def reads_table(table):
+    def width(x):
+        spin(0.001)
+        return x + len(table.data)
+
+    return width
+
+
+def set_arg(arg):
+    global ARG
+    ARG = arg
+
+
+def initializers_kept(_x):
+    """In a worker: how many initializers it keeps."""
+    from adaptive_exec import worker
+
+    spin(0.001)
+    return len(worker._INITIALIZERS)

@@ -1222,3 +1222,34 @@ def test_a_map_survives_another_threads_pool_growth_and_rebuild():
     out = _in_threads([("first", first), ("second", second)])
     assert out["first"] == [3 * x for x in range(60)], out["first"]
     assert out["second"] == [3 * x for x in range(40)], out["second"]
+
+
+def test_a_closures_captured_data_is_let_go_after_its_map():
+    # A closure's cell was taken for a stateless sentinel (as small as a plain object,
+    # no __dict__): looked for in every module, and kept, with the 10 MB it captured,
+    # in a table of up to 1024 (found by a review helper: RSS 40 -> 167 MB over 12
+    # maps).
+    import gc
+    import weakref
+
+    refs = []
+    for _ in range(3):
+        table = h.Table(1 << 20)
+        refs.append(weakref.ref(table))
+        func = h.reads_table(table)
+        assert parallelize(func, backend="loky", chunksize=5).map(range(40)) == [
+            x + (1 << 20) for x in range(40)]
+        del func, table
+    gc.collect()
+    assert [r() for r in refs] == [None, None, None]
+
+
+def test_a_worker_keeps_a_bounded_number_of_initializers():
+    # Each map with other initargs left its initializer and initargs in every worker
+    # for as long as the pool lived (2 MB of initargs per map: ~1.8 MB more per map).
+    for i in range(12):
+        pf = parallelize(h.square, backend="loky", timeout=60, initializer=h.set_arg,
+                         initargs=(bytes(1000) + bytes([i]),), chunksize=2)
+        assert pf.map(range(8)) == [x * x for x in range(8)]
+    kept = parallelize(h.initializers_kept, backend="loky", timeout=60).map(range(8))
+    assert 1 <= max(kept) <= 8  # worker._MAX_INITIALIZERS
