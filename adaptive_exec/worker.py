@@ -1976,6 +1976,17 @@ def worker_init(parent_pid: int, env: dict[str, str]) -> None:
     # handler had said to go on (a forked worker already ignored it). A handler, not
     # SIG_IGN: processes the function starts get the default back when they exec.
     signal.signal(signal.SIGINT, _ctrl_c_is_the_callers)
+    # The caller's own handlers are the caller's: a forked worker kept them, and a
+    # SIGTERM to the process group (systemd, a container's stop) ran the caller's
+    # handler in a worker too (its pid file removed, a supervisor told "stopping").
+    for sig in signal.valid_signals():
+        if sig == signal.SIGINT:
+            continue
+        try:
+            if callable(signal.getsignal(sig)):
+                signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):  # SIGKILL, SIGSTOP, numbers Python cannot set
+            pass
     import multiprocessing
 
     parent = multiprocessing.parent_process()

@@ -882,3 +882,12 @@ def initializers_kept(_x):
 
     spin(0.001)
     return len(worker._INITIALIZERS)
+
+
+def own_handlers(_x):
+    """In a worker: the signals whose handler is a Python function, other than SIGINT."""
+    import signal
+
+    spin(0.001)
+    return sorted(s.name for s in signal.valid_signals() if s != signal.SIGINT
+                  and callable(signal.getsignal(s)))

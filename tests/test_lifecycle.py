@@ -1253,3 +1253,25 @@ def test_a_worker_keeps_a_bounded_number_of_initializers():
         assert pf.map(range(8)) == [x * x for x in range(8)]
     kept = parallelize(h.initializers_kept, backend="loky", timeout=60).map(range(8))
     assert 1 <= max(kept) <= 8  # worker._MAX_INITIALIZERS
+
+
+@pytest.mark.parametrize("path", [starts.FORK, starts.TEMPLATE, starts.EXEC])
+def test_the_callers_signal_handlers_do_not_run_in_its_workers(path, monkeypatch):
+    # A forked worker kept the caller's handlers: a SIGTERM to the process group
+    # (systemd, a container's stop) ran the caller's handler in a worker too (found by
+    # a review helper, 4 of 4 runs).
+    import signal
+
+    from adaptive_exec.backends import loky as loky_backend
+
+    monkeypatch.setenv(starts.ENV_START, path)
+    loky_backend.shutdown()  # workers made now, under the handlers set below
+    old_term = signal.signal(signal.SIGTERM, lambda *a: None)
+    old_usr1 = signal.signal(signal.SIGUSR1, lambda *a: None)
+    try:
+        got = parallelize(h.own_handlers, backend="loky", timeout=60).map(range(6))
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGUSR1, old_usr1)
+        loky_backend.shutdown()
+    assert got == [[]] * 6
