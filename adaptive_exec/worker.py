@@ -36,6 +36,7 @@ import threading
 import time
 import traceback
 import types
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 
@@ -765,10 +766,10 @@ def _set_per_process(initializer: Callable[..., Any],
     return frozenset(out)
 
 
-# The caller's recursion limit, int-to-str digit limit (None where Python has none) and
-# decimal context as (prec, rounding, Emin, Emax, capitals, clamp, trap names), or None
-# where the caller never imported decimal.
-Settings = tuple[int, Optional[int], Optional[tuple[Any, ...]]]
+# The caller's recursion limit, int-to-str digit limit (None where Python has none),
+# decimal context as (prec, rounding, Emin, Emax, capitals, clamp, trap names) or None
+# where the caller never imported decimal, and warnings filters.
+Settings = tuple[int, Optional[int], Optional[tuple[Any, ...]], tuple[Any, ...]]
 
 
 def caller_settings() -> Settings:
@@ -778,11 +779,19 @@ def caller_settings() -> Settings:
     digits = getattr(sys, "get_int_max_str_digits", None)
     decimal = sys.modules.get("decimal")
     dec = _decimal_settings(decimal.getcontext()) if decimal is not None else None
-    return sys.getrecursionlimit(), digits() if digits is not None else None, dec
+    return (sys.getrecursionlimit(), digits() if digits is not None else None, dec,
+            tuple(warnings.filters))
 
 
 def _adopt_settings(settings: Settings) -> None:
-    limit, digits, dec = settings
+    limit, digits, dec, filters = settings
+    if tuple(warnings.filters) != filters:
+        # The caller's filters: under "error" (-W error, pytest's filterwarnings) the
+        # loop raised at the item that warned, where workers went on. (Reset first: it
+        # tells the per-module registries that the filters changed.)
+        warnings.resetwarnings()
+        kept: list[Any] = warnings.filters  # type: ignore[assignment]
+        kept.extend(filters)
     if sys.getrecursionlimit() != limit:
         sys.setrecursionlimit(limit)
     if digits is not None and getattr(sys, "get_int_max_str_digits", lambda: digits)() != digits:
@@ -1440,6 +1449,8 @@ class ChunkResult:
     # The seconds of this process's first call of the function, when the chunk holds it
     # (its one-time set-up, if any, is in it: the caller tells it from the next calls).
     first_call_s: Optional[float] = None
+    # The warnings its items raised, as (text, category, file, line) (``warn_again``).
+    warned: Optional[list[tuple[str, Any, str, int]]] = None
 
 
 # --- the initializer ---------------------------------------------------------------------
@@ -1630,8 +1641,17 @@ def run_chunk(ref: FunctionRef, start: int, payload: bytes, star: bool,
         _mark_started(*clock)
     first = _CALLED.get(ref.key) != pid
     _CALLED[ref.key] = pid
-    res = dataclasses.replace(run_items(func, start, items, star, time_first=first),
-                              function_bytes=fetched)
+    if _POOL_WORKER and threading.current_thread() is threading.main_thread():
+        # The warnings the items raise go back to the caller, to be raised there in its
+        # turn (the loop's are recorded by catch_warnings, pytest.warns): a worker
+        # printed them on its own stderr. (Not on a thread of a process running
+        # others, a dask worker's: catch_warnings is the whole process's.)
+        with warnings.catch_warnings(record=True) as caught:
+            res = run_items(func, start, items, star, time_first=first)
+        res = dataclasses.replace(res, function_bytes=fetched, warned=_warned(caught))
+    else:
+        res = dataclasses.replace(run_items(func, start, items, star, time_first=first),
+                                  function_bytes=fetched)
     error = None if res.error is None else _pickle_error(res.error)
     try:
         return dataclasses.replace(res, results=dumps(res.results), error=error)
@@ -1652,6 +1672,33 @@ def run_chunk(ref: FunctionRef, start: int, payload: bytes, star: bool,
                                 f"return from a worker ({_safe(exc)})")
     return dataclasses.replace(res, results=parts, error=error, status=FALLBACK,
                                holes=tuple(holes), reason=reason)
+
+
+def _warned(caught: Optional[list[warnings.WarningMessage]]
+            ) -> Optional[list[tuple[str, Any, str, int]]]:
+    """The warnings a chunk's items raised, as (text, category, file, line)."""
+    if not caught:
+        return None
+    out = [(str(w.message), w.category, w.filename, w.lineno) for w in caught]
+    try:
+        dumps(out)
+    except Exception:  # noqa: BLE001 - a category that cannot travel: not these
+        return None
+    return out
+
+
+def warn_again(warned: Optional[list[tuple[str, Any, str, int]]]) -> None:
+    """In the caller: a chunk's warnings, raised here in their order, under the
+    caller's filters ("default" shows each place once, as the loop's would)."""
+    for text, category, filename, lineno in warned or ():
+        registry = _REGISTRIES.setdefault(filename, {})
+        warnings.warn_explicit(text, category, filename, lineno, registry=registry)
+
+
+# file -> the once-per-place registry of the warnings raised again from it (warn_again).
+_REGISTRIES: dict[str, dict[Any, Any]] = {}
+# Set in our pools' workers (worker_init), where items run on the main thread alone.
+_POOL_WORKER = False
 
 
 class Measure(Protocol):
@@ -1893,8 +1940,11 @@ class _Chained:
 
 
 def decode(res: ChunkResult) -> tuple[list[Any], Optional[BaseException]]:
-    """Caller side of run_chunk: the chunk's results and its exception, unpickled.
-    With holes (results that could not be pickled) the list holds None there."""
+    """Caller side of run_chunk: the chunk's results and its exception, unpickled;
+    its warnings raised here. With holes (results that could not be pickled) the list
+    holds None there."""
+    if res.warned:
+        warn_again(res.warned)
     if res.status == FALLBACK and res.holes is not None:
         results = [None if part is None else loads_returned(part) for part in res.results]
     else:
@@ -1964,9 +2014,11 @@ def worker_init(parent_pid: int, env: dict[str, str]) -> None:
     helper thread, a user's thread that maps once): it would kill a healthy pool.
     A worker stuck in C code that holds the GIL notices only when that call returns.
     """
+    global _POOL_WORKER
     os.environ.update(env)
     if os.getppid() != parent_pid:  # the parent died while this worker was starting
         os._exit(ORPHAN_EXIT_CODE)
+    _POOL_WORKER = True
     import signal
 
     # Ctrl-C reaches the whole process group; what it means is the caller's to say:

@@ -891,3 +891,12 @@ def own_handlers(_x):
     spin(0.001)
     return sorted(s.name for s in signal.valid_signals() if s != signal.SIGINT
                   and callable(signal.getsignal(s)))
+
+
+def warns_at(x, at=(700, 850)):
+    """Warns (DeprecationWarning) at the items of ``at``."""
+    import warnings
+
+    if x in at:
+        warnings.warn(f"old api at {x}", DeprecationWarning, stacklevel=1)
+    return x

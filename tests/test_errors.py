@@ -592,3 +592,25 @@ def test_an_exception_from_a_worker_keeps_its_cause_and_context(how):
         remote = got.__cause__
     assert isinstance(remote, RemoteTraceback) and "raise_chained" in str(remote)
     assert "KeyError" in "".join(traceback.format_exception(got))
+
+
+def test_warnings_from_workers_follow_the_callers_filters_and_reach_it():
+    # Found by a review helper: under warnings.simplefilter("error") (-W error,
+    # pytest's filterwarnings) the loop raised at the item that warned, where workers
+    # went on; and a worker's warning was printed on its own stderr, never recorded by
+    # the caller's catch_warnings (pytest.warns) as the loop's are.
+    import warnings
+
+    calibrate()  # a warm pool: past the sample, items 700 and 850 run in workers
+    pf = parallelize(h.warns_at, backend="loky", chunksize=10)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert pf.map(range(1000)) == list(range(1000))
+    assert pf.last_report.plan.mode == "parallel"
+    assert [str(w.message) for w in caught if w.category is DeprecationWarning] == [
+        "old api at 700", "old api at 850"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DeprecationWarning, match="old api at 700") as info:
+            pf.map(range(1000))
+    assert info.value.item_index == 700
