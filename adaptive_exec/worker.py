@@ -1044,6 +1044,7 @@ def _method_of(cls: type, name: str) -> Optional[types.FunctionType]:
 # one larger has fields of its own, in C.
 _PLAIN_SIZE = type("_Plain", (), {}).__basicsize__
 _HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class made by a class statement
+_OBJECT_SIZE = object.__basicsize__
 
 
 def _stateless(value: Any) -> bool:
@@ -1054,10 +1055,11 @@ def _stateless(value: Any) -> bool:
     cls = type(value)
     if cls is object:
         return True
-    if not cls.__flags__ & _HEAP_TYPE or cls.__basicsize__ > _PLAIN_SIZE:
-        # A type written in C holds its state in fields of its own: a lock, a closure's
-        # cell (as small as a plain object, and taken for a sentinel: _home_of scanned
-        # every module for each and kept it, with the 10 MB it captured, for ever).
+    if cls.__basicsize__ > (_PLAIN_SIZE if cls.__flags__ & _HEAP_TYPE else _OBJECT_SIZE):
+        # Fields of C's: a lock; a closure's cell, as small as a class statement's
+        # instance, was taken for a sentinel (_home_of scanned every module for each
+        # and kept it, with the 10 MB it captured, for ever). A type written in C with
+        # no fields (a C extension's NoValue) can be one.
         return False
     if cls in _PLAIN_TYPES or isinstance(value, (type, types.FunctionType, enum.Enum)):
         return False
@@ -1175,6 +1177,11 @@ def _resolve(ref: FunctionRef) -> Optional[Callable[..., Any]]:
             return getattr(target, "__adaptive_exec_wrapped__", target)
 
         func = rebuild()
+        if ref.bundled and ref.init_key is not None:
+            # Rebuilt (first here, or again once let go): a namespace of its own, which
+            # its initializer has not set yet (after 8 other initargs, a script's
+            # function read no STATE: NameError).
+            _IDENTITY.pop(ref.init_key, None)
         loaded: list[dict[str, Any]] = []
 
         def patch(again: bool = False) -> dict[str, Any]:
@@ -2028,14 +2035,18 @@ def worker_init(parent_pid: int, env: dict[str, str]) -> None:
     # handler had said to go on (a forked worker already ignored it). A handler, not
     # SIG_IGN: processes the function starts get the default back when they exec.
     signal.signal(signal.SIGINT, _ctrl_c_is_the_callers)
-    # The caller's own handlers are the caller's: a forked worker kept them, and a
+    # The script's own handlers are the caller's: a forked worker kept them, and a
     # SIGTERM to the process group (systemd, a container's stop) ran the caller's
     # handler in a worker too (its pid file removed, a supervisor told "stopping").
+    # Those a module set when imported stay, as a worker that imports it has them (a
+    # library's SIGALRM handler, reset, let its own alarm kill the worker).
     for sig in signal.valid_signals():
         if sig == signal.SIGINT:
             continue
         try:
-            if callable(signal.getsignal(sig)):
+            handler = signal.getsignal(sig)
+            if callable(handler) and getattr(handler, "__module__", None) in (
+                    "__main__", "__mp_main__"):
                 signal.signal(sig, signal.SIG_DFL)
         except (OSError, ValueError):  # SIGKILL, SIGSTOP, numbers Python cannot set
             pass

@@ -885,12 +885,15 @@ def initializers_kept(_x):
 
 
 def own_handlers(_x):
-    """In a worker: the signals whose handler is a Python function, other than SIGINT."""
+    """In a worker: which of SIGTERM and SIGUSR1 have a Python function as handler."""
     import signal
 
     spin(0.001)
-    return sorted(s.name for s in signal.valid_signals() if s != signal.SIGINT
-                  and callable(signal.getsignal(s)))
+    return [s.name for s in (signal.SIGTERM, signal.SIGUSR1) if callable(signal.getsignal(s))]
+
+
+def library_handler(signum, frame):
+    """A signal handler of a module's (a library sets it when imported)."""
 
 
 def warns_at(x, at=(700, 850)):

@@ -397,3 +397,37 @@ def test_an_initializer_failing_in_the_caller_comes_after_the_results_before_it(
             for r in pf.imap(items):
                 got.append(r)
     assert got == [0, 1, 4, 9, 16]
+
+
+EVICTING = """
+import sys
+sys.path.insert(0, {tests!r})
+from adaptive_exec import parallelize
+
+def init(v):
+    global STATE
+    STATE = v
+
+def f(x):
+    return (x, STATE)
+
+if __name__ == "__main__":
+    for round_ in range(2):
+        for k in range(12):
+            pf = parallelize(f, backend="loky", timeout=60, chunksize=2, initializer=init,
+                             initargs=(k,))
+            assert pf.map(range(8)) == [(x, k) for x in range(8)], (round_, k)
+    print("ok")
+"""
+
+
+def test_a_script_function_whose_initializer_was_let_go_runs_it_again(tmp_path):
+    # A worker keeps the last 8 initializers: a script's function bundled with one let
+    # go is rebuilt from its blob, in a namespace of its own, where the initializer had
+    # not run; it was taken for run, and every later map raised NameError: STATE (found
+    # by a review helper; the same past 16 initargs before the bound).
+    script = tmp_path / "evicting.py"
+    script.write_text(EVICTING.format(tests=os.path.dirname(__file__)))
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=240, cwd=tmp_path)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
