@@ -20,6 +20,7 @@ import hashlib
 import itertools
 import logging
 import math
+import operator
 import pickle
 import time
 from dataclasses import dataclass
@@ -581,7 +582,13 @@ class MapRun:
             self.observed_s = total_s / (self.n_done - first) if self.n_done > first else None
             cut = deadline is not None and deadline.hit and err is None
             if (got < n and not cut) or (whole and got == n):  # the items ran out
-                return
+                # ...unless a list grew meanwhile: the function appends to the list
+                # it is mapped over (a crawler), or imap's consumer does. The loop
+                # walks on; imap over such a list stopped at 1 result of 30.
+                more = operator.length_hint(self.source, 0)
+                if not more:
+                    return
+                self.n_items = self.n_done + more
             chunk_s = min(chunk_s * 2, SERIAL_MAX_CHUNK_S)
             if not replan:
                 continue

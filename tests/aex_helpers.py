@@ -903,3 +903,13 @@ def warns_at(x, at=(700, 850)):
     if x in at:
         warnings.warn(f"old api at {x}", DeprecationWarning, stacklevel=1)
     return x
+
+
+CRAWL = [0]
+
+
+def crawl(x):
+    """Appends to the list it is mapped over (CRAWL), up to 30 items: a crawler."""
+    if len(CRAWL) < 30:
+        CRAWL.append(x + 1)
+    return x

@@ -1077,6 +1077,21 @@ def test_a_global_bound_to_another_modules_parallel_function_is_not_copied(
     assert parallelize(pf_user.plus_one, backend="loky").map(range(50)) == list(range(1, 51))
 
 
+@pytest.mark.parametrize("how", ["map", "imap"])
+def test_a_list_the_function_appends_to_is_walked_to_its_end(how):
+    # The loop walks on as the list grows (a crawler); imap stopped at the length the
+    # list had at the start, once the function was remembered: 1 result of 30 (found
+    # by a review helper).
+    h.CRAWL[:] = [0]
+    expected = [h.crawl(x) for x in h.CRAWL]
+    assert len(expected) == 30
+    pf = parallelize(h.crawl)
+    for _ in range(3):  # the first map measures; the next ones are remembered
+        h.CRAWL[:] = [0]
+        got = pf.map(h.CRAWL) if how == "map" else list(pf.imap(h.CRAWL))
+        assert got == expected, pf.last_report
+
+
 # --- 4. errors in the loop's order ---------------------------------------------------
 
 @pytest.mark.parametrize("exc", ["ValueError", "SystemExit", "KeyboardInterrupt",
