@@ -395,7 +395,9 @@ def test_a_threads_error_does_not_wait_for_later_items_the_loop_never_runs():
     _RELEASE.clear()
     _FINISHED_AFTER.clear()
     pf = parallelize(_fails_at_110_behind_slow_ones)
-    assert pf.plan(range(300)).mode == "threads"
+    plan = pf.plan(range(300))
+    # (Planned serial once in a full run beside a busy core, 2026-12-04: say why.)
+    assert plan.mode == "threads", plan.explain()
     try:
         with pytest.raises(ValueError, match="bad 110"):
             pf.map(range(300))
