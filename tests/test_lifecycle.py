@@ -275,8 +275,9 @@ OWNER = textwrap.dedent("""
         if child == 0:
             time.sleep(60)
             os._exit(0)
+    from adaptive_exec.backends import starts
     print(json.dumps({{"workers": loky_backend.worker_pids(), "family": family,
-                      "child": child}}), flush=True)
+                      "child": child, "socket": starts._template.address}}), flush=True)
     time.sleep(120)  # until killed by the test
 """)
 
@@ -340,6 +341,11 @@ def _killed_owner_leaves_nothing(tmp_path, sig, path, fork_child):
         left = {pid: cmd for pid, cmd in info["family"] if pid in alive(watched)}
         assert not left, f"still running {took:.2f} s after {sig.name}: {left}"
         print(f"{sig.name}, {path}: workers and helpers gone after {took:.2f} s")
+        if info["socket"] and not own_child:
+            # Nor the template's socket file and its directory (a pymp-* in /tmp), which
+            # a killed caller cannot remove: the template does, as it ends.
+            assert not os.path.exists(info["socket"])
+            assert not os.path.exists(os.path.dirname(info["socket"]))
         assert alive(own_child) == own_child  # the program's own child lives on
     finally:
         if proc.poll() is None:

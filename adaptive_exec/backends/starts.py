@@ -246,10 +246,39 @@ def serve(listener_fd: int, alive_fd: int, sys_path: list[str]) -> None:
     """The template's main: import what workers need, then fork one per request until
     every process holding the "alive" pipe (the caller and the workers) is gone."""
     sys.path[:] = sys_path
+    caller, path = os.getppid(), _socket_path(listener_fd)
     for name in PRELOAD:
         __import__(name)
     gc.freeze()  # what it imported stays out of its workers' collections (gc_frozen)
-    forkserver.main(listener_fd, alive_fd, [])
+    try:
+        forkserver.main(listener_fd, alive_fd, [])
+    finally:
+        _clean_after(caller, path)
+
+
+def _socket_path(listener_fd: int) -> Optional[str]:
+    """The file the template's socket is bound to (forkserver.main closes the socket
+    as it ends: read before)."""
+    try:
+        with socket.socket(fileno=os.dup(listener_fd)) as listener:
+            path = listener.getsockname()
+    except OSError:
+        return None
+    return path if isinstance(path, str) and path else None
+
+
+def _clean_after(caller: int, path: Optional[str]) -> None:
+    """As the template ends: where the caller was killed (SIGKILL, or a signal it did
+    not handle, so no exit handler of its ran), its socket file, and the temporary
+    directory holding it once empty (a full test run left two such ``pymp-*``
+    directories in /tmp). A caller that lives, or ended normally, removes its own."""
+    if path is None or os.getppid() == caller:
+        return
+    try:
+        os.unlink(path)
+        os.rmdir(os.path.dirname(path))  # only if nothing else is left there
+    except OSError:
+        pass
 
 
 class Template:
@@ -438,6 +467,7 @@ def _fork(listener_fd: int, alive_r: int, alive_w: int) -> int:
 def _serve_forked(listener_fd: int, alive_r: int, alive_w: int) -> NoReturn:
     """The forked template's main (see Template.fork_here): it never returns into the
     caller's code, whose exit handlers (a cache write, the user's own) are not its own."""
+    caller, path = os.getppid(), _socket_path(listener_fd)
     try:
         os.close(alive_w)  # the caller's end: its EOF tells the template to go
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the caller's handler
@@ -447,6 +477,7 @@ def _serve_forked(listener_fd: int, alive_r: int, alive_w: int) -> NoReturn:
         gc.freeze()  # stays frozen in the template and its workers (gc_frozen)
         forkserver.main(listener_fd, alive_r, [])  # type: ignore[attr-defined]
     finally:
+        _clean_after(caller, path)
         os._exit(0)
 
 
