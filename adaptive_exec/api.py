@@ -8,7 +8,10 @@ Each map is a ``run.MapRun`` of its own: measure -> plan -> execute -> record.
 from __future__ import annotations
 
 import functools
+import numbers
+import operator
 import os
+import sys
 import textwrap
 import threading
 import time
@@ -79,14 +82,17 @@ def make_options(
             raise TypeError(msg)
     if chunksize is not None:
         msg = f"chunksize must be a positive int or None (chosen for you), got {chunksize!r}"
-        if isinstance(chunksize, bool) or not isinstance(chunksize, int):
+        chunksize = _as_int(chunksize)
+        if chunksize is None:
             raise TypeError(msg)  # a type, as max_workers's ("3", 2.0)
         if chunksize < 1:
             raise ValueError(msg)
     if max_workers is not None:
-        if isinstance(max_workers, bool) or not isinstance(max_workers, int):
+        workers = _as_int(max_workers)
+        if workers is None:
             msg = f"max_workers must be a positive int or None, got {max_workers!r}"
             raise TypeError(msg)
+        max_workers = workers
         if max_workers < 1:
             msg = f"max_workers must be a positive int or None, got {max_workers!r}"
             raise ValueError(msg)
@@ -96,8 +102,9 @@ def make_options(
     if timeout is not None:
         msg = (f"timeout must be a positive, finite number of seconds per item, or None "
                f"for no limit, got {timeout!r}")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
             raise TypeError(msg)
+        timeout = float(timeout)  # numpy's float32 too, as concurrent.futures takes it
         if not math.isfinite(timeout) or timeout <= 0:
             raise ValueError(msg)
         if backend == "serial":
@@ -131,6 +138,32 @@ def make_options(
                    chunksize, memory, client, initializer, tuple(initargs))
 
 
+def _found_by_name(obj: Any) -> bool:
+    """Is ``obj`` what its module's attribute ``obj.__qualname__`` holds, in a module
+    other than ``__main__`` (which a worker started by exec does not have)?"""
+    module = sys.modules.get(getattr(obj, "__module__", None) or "")
+    qualname = getattr(obj, "__qualname__", None)
+    if module is None or module.__name__ in ("__main__", "__mp_main__") or not isinstance(
+            qualname, str) or "<locals>" in qualname:
+        return False
+    found: Any = module
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    return found is obj
+
+
+def _as_int(value: Any) -> Optional[int]:
+    """An integer option as a plain int: numpy's int64 too (what ``len(arr) // 4`` or
+    ``np.int64`` gives), as concurrent.futures takes it; None for anything else (a bool,
+    a float, "3")."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 OPTION_NAMES = tuple(Options.__dataclass_fields__)
 
 
@@ -139,11 +172,15 @@ def _no_options(method: str, unknown: dict[str, Any]) -> None:
     if not unknown:
         return
     names = ", ".join(f"{k}=..." for k in unknown)
-    msg = (f"{method}() takes only the items; {names} "
-           f"{'is an option' if all(k in OPTION_NAMES for k in unknown) else 'is not an option'}"
-           f": options go to parallelize(func, {names}) or adaptive_map(func, items, "
-           f"{names}); the options are {', '.join(OPTION_NAMES)}. To give the function "
-           f"arguments of its own, use functools.partial or starmap")
+    if all(k in OPTION_NAMES for k in unknown):
+        msg = (f"{method}() takes only the items; {names} is an option: options go to "
+               f"parallelize(func, {names}) or adaptive_map(func, items, {names}); the "
+               f"options are {', '.join(OPTION_NAMES)}")
+    else:  # the function's own argument, most likely (power.map(items, p=3))
+        msg = (f"{method}() takes only the items; {names} is not an option of "
+               f"adaptive_exec (those are {', '.join(OPTION_NAMES)}). To give the function "
+               f"arguments of its own, bind them with functools.partial(func, {names}) "
+               f"and map that, or give each item its arguments as a tuple and use starmap")
     raise TypeError(msg)
 
 
@@ -238,11 +275,20 @@ class ParallelFunction(Generic[P, R]):
                 "parallelize needs a callable (a function, lambda or callable object), "
                 f"got {func!r}"
             )
+            if isinstance(func, classmethod):
+                msg += "; put @classmethod above @parallelize, not below it"
             raise TypeError(msg)
         reject_unknown("parallelize", func, unknown)
-        self._options = make_options(max_workers, cache, progress, backend, timeout, strict,
-                                     chunksize, max_memory, client, initializer, initargs)
-        functools.update_wrapper(self, func)
+        options = make_options(max_workers, cache, progress, backend, timeout, strict,
+                               chunksize, max_memory, client, initializer, initargs)
+        # As functools.wraps, but the function's own attributes never hide ours: a
+        # callable whose ``self._options`` or ``self.map`` is a dict, or a function given
+        # ``g.plan = "nightly"``, broke every map (update_wrapper copies __dict__ whole).
+        functools.update_wrapper(self, func, updated=())
+        for name, value in getattr(func, "__dict__", {}).items():
+            if not hasattr(ParallelFunction, name):  # our own state is set below
+                setattr(self, name, value)
+        self._options = options
         self.__adaptive_exec_wrapped__ = func
         self._func = func
         self._shared = _shared if _shared is not None else _Shared()
@@ -302,6 +348,16 @@ class ParallelFunction(Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"<parallelized {getattr(self._func, '__qualname__', self._func)!r}>"
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # By name, as a plain function pickles, where importing that name gives this
+        # very object back (a decorated function of a module): else the standard
+        # pickle refused it ("not the same object as scoring.score"), so it could not be
+        # given to concurrent.futures or multiprocessing. Otherwise (a script's
+        # function, a bound copy, one made in a function) by value, as __getstate__ says.
+        if _found_by_name(self):
+            return self.__qualname__  # type: ignore[attr-defined]  # update_wrapper's
+        return super().__reduce_ex__(protocol)
 
     def __getstate__(self) -> dict[str, Any]:
         # A dask client does not travel (it is a connection): the copy finds its own.

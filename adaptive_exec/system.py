@@ -7,6 +7,8 @@ lazily, because a map that stays serial should not pay for it.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import os
 import sys
 import threading
@@ -229,10 +231,13 @@ _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "M": 1 << 20, "MB": 1 << 2
 def parse_bytes(value: object, what: str) -> int:
     """``2147483648``, ``2e9``, ``"2GB"``, ``"512M"`` -> bytes; a clear error for
     anything else. (A float such as 2e9 was refused, though "2e9" was taken.)"""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    if isinstance(value, float) and math.isfinite(value) and value >= 1:
-        return int(value)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        if operator.index(value) > 0:  # numpy's int64 too
+            return operator.index(value)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        real = float(value)  # numpy's float32 too
+        if math.isfinite(real) and real >= 1:
+            return int(real)
     if isinstance(value, str):
         text = value.strip().upper().replace(" ", "").replace("IB", "B")
         number = text.rstrip("KMGTB")

@@ -913,3 +913,38 @@ def crawl(x):
     if len(CRAWL) < 30:
         CRAWL.append(x + 1)
     return x
+
+
+def decorated_cube(x):  # replaced below by its @parallelize form, as a decorator does
+    return x * x * x
+
+
+def _decorate() -> None:
+    from adaptive_exec import parallelize
+
+    globals()["decorated_cube"] = parallelize(decorated_cube, max_workers=2)
+
+
+_decorate()
+
+
+class NamesLikeOurs:
+    """A callable whose attributes bear the names of ParallelFunction's own (a model's
+    ``self._options``, a lookup table called ``self.map``)."""
+
+    def __init__(self, factor):
+        self._options = {"factor": factor}
+        self.map = {"a": 1}
+        self.plan = "nightly"
+
+    def __call__(self, x):
+        return x * self._options["factor"] + self.map["a"]
+
+
+def warn_on(x, every=10, cost=0.0005):
+    import warnings
+
+    spin(cost)
+    if x % every == 0:
+        warnings.warn(f"odd item {x}", UserWarning, stacklevel=1)
+    return x

@@ -236,16 +236,31 @@ def test_the_users_log_lines_and_warnings_go_above_the_bar_too(capsys):
             warnings.warn("a warning of the user's", UserWarning, stacklevel=1)
         return x
 
-    with console_log() as handler, warnings.catch_warnings():
+    with console_log() as handler, warnings.catch_warnings(record=True) as recorded:
         warnings.simplefilter("always")
         parallelize(logs, progress=True, backend="serial").map(range(1000))
         assert not handler.filters
+    assert [str(w.message) for w in recorded] == ["a warning of the user's"]
     err = capsys.readouterr().err
     parts = segments(err)
     assert any(p == "INFO:not_ours:from the user's code" for p in parts), err
     assert re.search(r"(^|[\r\n])INFO:not_ours:from the user's code\n", err), err
-    assert re.search(r"(^|[\r\n])\S+\.py:\d+: UserWarning: a warning of the user's\n", err), err
     assert warnings.showwarning is shown_before
+    # pytest records every test's warnings (catch_warnings(record=True)), and a recorder
+    # gets them, bar or not: shown above the bar where nothing records them, in a script.
+    import subprocess
+
+    code = ("import warnings\n"
+            "from adaptive_exec import parallelize\n"
+            "def warns(x):\n"
+            "    if x == 301:\n"
+            "        warnings.warn(\"a warning of the user's\", UserWarning, stacklevel=1)\n"
+            "    return x\n"
+            "assert parallelize(warns, progress=True, backend='serial').map(range(1000))"
+            " == list(range(1000))\n")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stderr
+    assert re.search(r"(^|[\r\n])\S+:\d+: UserWarning: a warning of the user's\n", err), err
 
 
 # --- the load monitor: one INFO line when the busy workers change, with the reason ----------
