@@ -11,7 +11,6 @@ import functools
 import numbers
 import operator
 import os
-import sys
 import textwrap
 import threading
 import time
@@ -104,7 +103,10 @@ def make_options(
                f"for no limit, got {timeout!r}")
         if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
             raise TypeError(msg)
-        timeout = float(timeout)  # numpy's float32 too, as concurrent.futures takes it
+        try:
+            timeout = float(timeout)  # numpy's float32 too, as concurrent.futures takes it
+        except OverflowError:
+            raise ValueError(msg) from None
         if not math.isfinite(timeout) or timeout <= 0:
             raise ValueError(msg)
         if backend == "serial":
@@ -136,20 +138,6 @@ def make_options(
         raise TypeError(msg)
     return Options(max_workers, bool(cache), bool(progress), backend, timeout, bool(strict),
                    chunksize, memory, client, initializer, tuple(initargs))
-
-
-def _found_by_name(obj: Any) -> bool:
-    """Is ``obj`` what its module's attribute ``obj.__qualname__`` holds, in a module
-    other than ``__main__`` (which a worker started by exec does not have)?"""
-    module = sys.modules.get(getattr(obj, "__module__", None) or "")
-    qualname = getattr(obj, "__qualname__", None)
-    if module is None or module.__name__ in ("__main__", "__mp_main__") or not isinstance(
-            qualname, str) or "<locals>" in qualname:
-        return False
-    found: Any = module
-    for part in qualname.split("."):
-        found = getattr(found, part, None)
-    return found is obj
 
 
 def _as_int(value: Any) -> Optional[int]:
@@ -288,6 +276,7 @@ class ParallelFunction(Generic[P, R]):
         for name, value in getattr(func, "__dict__", {}).items():
             if not hasattr(ParallelFunction, name):  # our own state is set below
                 setattr(self, name, value)
+        self.__wrapped__ = func  # not the function's own __wrapped__, copied just above
         self._options = options
         self.__adaptive_exec_wrapped__ = func
         self._func = func
@@ -348,16 +337,6 @@ class ParallelFunction(Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"<parallelized {getattr(self._func, '__qualname__', self._func)!r}>"
-
-    def __reduce_ex__(self, protocol: Any) -> Any:
-        # By name, as a plain function pickles, where importing that name gives this
-        # very object back (a decorated function of a module): else the standard
-        # pickle refused it ("not the same object as scoring.score"), so it could not be
-        # given to concurrent.futures or multiprocessing. Otherwise (a script's
-        # function, a bound copy, one made in a function) by value, as __getstate__ says.
-        if _found_by_name(self):
-            return self.__qualname__  # type: ignore[attr-defined]  # update_wrapper's
-        return super().__reduce_ex__(protocol)
 
     def __getstate__(self) -> dict[str, Any]:
         # A dask client does not travel (it is a connection): the copy finds its own.

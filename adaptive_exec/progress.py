@@ -117,11 +117,11 @@ _shown: list[Callable[..., Any]] = []  # warnings.showwarning replaced, to resto
 def _warnings_above(write: Callable[..., Any]) -> Callable[..., Any]:
     def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
              line: Optional[str] = None) -> None:
-        impl = getattr(warnings, "_showwarnmsg_impl", None)
-        if impl is not None and getattr(impl, "__module__", None) != "warnings":
-            # A recorder is on (catch_warnings(record=True), pytest.warns): it sets its
-            # own _showwarnmsg_impl, which a replaced showwarning would bypass (the
-            # warnings were printed, not recorded).
+        impl: Any = getattr(warnings, "_showwarnmsg_impl", None)
+        if isinstance(getattr(impl, "__self__", None), list):
+            # A recorder is on (catch_warnings(record=True), pytest.warns): it sets
+            # _showwarnmsg_impl to its list's append, which a replaced showwarning would
+            # bypass (the warnings were printed, not recorded).
             impl(warnings.WarningMessage(message, category, filename, lineno, file, line))
             return
         text = warnings.formatwarning(message, category, filename, lineno, line)

@@ -235,7 +235,10 @@ def parse_bytes(value: object, what: str) -> int:
         if operator.index(value) > 0:  # numpy's int64 too
             return operator.index(value)
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-        real = float(value)  # numpy's float32 too
+        try:
+            real = float(value)  # numpy's float32 too
+        except OverflowError:
+            real = math.inf
         if math.isfinite(real) and real >= 1:
             return int(real)
     if isinstance(value, str):

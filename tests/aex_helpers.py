@@ -915,19 +915,6 @@ def crawl(x):
     return x
 
 
-def decorated_cube(x):  # replaced below by its @parallelize form, as a decorator does
-    return x * x * x
-
-
-def _decorate() -> None:
-    from adaptive_exec import parallelize
-
-    globals()["decorated_cube"] = parallelize(decorated_cube, max_workers=2)
-
-
-_decorate()
-
-
 class NamesLikeOurs:
     """A callable whose attributes bear the names of ParallelFunction's own (a model's
     ``self._options``, a lookup table called ``self.map``)."""
