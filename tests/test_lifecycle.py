@@ -673,6 +673,78 @@ def _run_to_its_end(script, path, timeout, *args, quiet=False):
         kill_all(family)
 
 
+HELD_BY_THE_CALLER = """
+import fcntl, json, os, select, socket, subprocess, sys, time
+sys.path.insert(0, {tests!r})
+import aex_helpers as h
+from adaptive_exec import parallelize
+from adaptive_exec.backends import loky as loky_backend
+
+lock_path = sys.argv[1]
+cat = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+r, w = os.pipe()
+locked = open(lock_path, "w")
+fcntl.flock(locked, fcntl.LOCK_EX)
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen()
+port = server.getsockname()[1]
+
+pf = parallelize(h.heavy, backend="loky", max_workers=2)
+n = int(sys.argv[2])
+assert pf.map(range(n)) == [x * 3 for x in range(n)]
+assert loky_backend.worker_pids(), "no pool"
+
+def eof(fd, data=b""):  # within 5 s, as a reader waiting for the writer's end
+    got, end = b"", time.monotonic() + 5
+    while select.select([fd], [], [], max(0, end - time.monotonic()))[0]:
+        chunk = os.read(fd, 100)
+        if not chunk:
+            return got == data
+        got += chunk
+    return "no end of file"
+
+cat.stdin.write(b"hi")
+cat.stdin.close()  # what communicate() does, then it reads to the end
+seen = {{"cat": eof(cat.stdout.fileno(), b"hi")}}
+cat.kill()
+cat.wait(5)
+os.close(w)
+seen["pipe"] = eof(r)
+locked.close()
+seen["flock"] = subprocess.run(
+    [sys.executable, "-c", "import fcntl; f = open(%r, 'w'); "
+     "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)" % lock_path]).returncode == 0
+server.close()
+again = socket.socket()
+try:
+    again.bind(("127.0.0.1", port))
+    seen["port"] = True
+except OSError as exc:
+    seen["port"] = str(exc)
+again.close()
+assert pf.map(range(n)) == [x * 3 for x in range(n)]  # the pool still works
+print(json.dumps(seen), flush=True)
+"""
+
+
+@needs_fork
+@pytest.mark.parametrize(("path", "n"), [(starts.FORK, 40), (starts.FORK, 3),
+                                         (starts.TEMPLATE, 40), (starts.EXEC, 40)],
+                         ids=["forked", "forked template", "template", "exec"])
+def test_a_warm_pool_holds_none_of_the_pipes_sockets_and_locks_the_caller_closes(
+        tmp_path, path, n):
+    # Forked workers held the caller's descriptors while the pool stayed warm (up to
+    # 300 s idle): a child process's pipe closed by the caller gave no end of file (its
+    # communicate() waited), an flock stayed held, a port stayed bound. n=3 comes from
+    # the template forked at the map's start, which held them too.
+    script = tmp_path / "held.py"
+    script.write_text(HELD_BY_THE_CALLER.format(tests=TESTS))
+    out = _run_to_its_end(script, path, 90, str(tmp_path / "lock"), str(n))
+    seen = json.loads(out.strip().splitlines()[-1])
+    assert seen == {"cat": True, "pipe": True, "flock": True, "port": True}, seen
+
+
 EXITING_CHILD = """
 import os, sys, time
 sys.path.insert(0, {tests!r})

@@ -65,6 +65,8 @@ from multiprocessing import context as mp_context
 from multiprocessing import process as mp_process
 from typing import Any, Callable, Iterator, NoReturn, Optional
 
+from . import fdshed
+
 try:
     from multiprocessing import popen_forkserver
 except ImportError:  # no file descriptors to pass (Windows): loky's own start only
@@ -456,15 +458,17 @@ def _fork(listener_fd: int, alive_r: int, alive_w: int) -> int:
     # SIGTERM too: a template retired at once (a tiny map's) was sent it before it had
     # dropped the caller's handler, which then ran in the template (a user's SIGTERM
     # handler, run in a process of ours: 6 maps in 30).
+    keep = {0, 1, 2, listener_fd, alive_r, *fdshed.shared_by_inheritance()}
     with sigint_deferred(also=(signal.SIGTERM,)):
         with gc_frozen():
             pid = os.fork()
         if pid == 0:
-            _serve_forked(listener_fd, alive_r, alive_w)
+            _serve_forked(listener_fd, alive_r, alive_w, keep)
     return pid
 
 
-def _serve_forked(listener_fd: int, alive_r: int, alive_w: int) -> NoReturn:
+def _serve_forked(listener_fd: int, alive_r: int, alive_w: int,
+                  keep: Optional[set[int]]) -> NoReturn:
     """The forked template's main (see Template.fork_here): it never returns into the
     caller's code, whose exit handlers (a cache write, the user's own) are not its own."""
     caller, path = os.getppid(), _socket_path(listener_fd)
@@ -472,6 +476,7 @@ def _serve_forked(listener_fd: int, alive_r: int, alive_w: int) -> NoReturn:
         os.close(alive_w)  # the caller's end: its EOF tells the template to go
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the caller's handler
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # (held at the fork)
+        fdshed.shed(keep)  # the caller's pipes and sockets: not the template's own
         for name in PRELOAD:
             __import__(name)  # once here, not in each worker
         gc.freeze()  # stays frozen in the template and its workers (gc_frozen)
@@ -621,11 +626,39 @@ class ForkProcess(mp_context.ForkServerProcess):  # type: ignore[misc]
     @staticmethod
     def _Popen(process_obj: Any) -> Any:
         if threads_now() == 1:
-            from multiprocessing import popen_fork
-
             with gc_frozen():
-                return popen_fork.Popen(process_obj)
+                return _ForkPopen(process_obj)
         return TemplatePopen(process_obj)
+
+
+if hasattr(os, "fork"):
+    from multiprocessing import popen_fork
+
+    class _ForkPopen(popen_fork.Popen):  # type: ignore[misc]
+        """``popen_fork.Popen`` (CPython's _launch, unchanged but for one line), whose
+        child lets go of the caller's descriptors it does not need (fdshed) before it
+        runs anything: a warm pool's workers held a pipe the caller closed open."""
+
+        def _launch(self, process_obj: Any) -> None:
+            keep = fdshed.needed_fds(process_obj)  # the same numbers in the child
+            code = 1
+            parent_r, child_w = os.pipe()
+            child_r, parent_w = os.pipe()
+            self.pid = os.fork()
+            if self.pid == 0:
+                try:
+                    os.close(parent_r)
+                    os.close(parent_w)
+                    fdshed.shed(None if keep is None else keep | {child_r, child_w})
+                    code = process_obj._bootstrap(parent_sentinel=child_r)
+                finally:
+                    os._exit(code)
+            else:
+                os.close(child_w)
+                os.close(child_r)
+                self.finalizer = util.Finalize(self, util.close_fds,  # type: ignore[attr-defined]
+                                               (parent_r, parent_w))
+                self.sentinel = parent_r
 
 
 @contextmanager
