@@ -385,7 +385,9 @@ def _fails_at_110_behind_slow_ones(x):
         _RELEASE.wait(30)  # items the loop never runs: held until the test lets them go
         _FINISHED_AFTER.append(x)
         return x
-    time.sleep(0.005)
+    # Sleeps long enough to be seen asleep beside a busy core: with 5 ms sleeps a full
+    # run beside one planned serial once (the looks found the caller runnable, just woken).
+    time.sleep(0.02)
     return x
 
 
