@@ -935,3 +935,18 @@ def warn_on(x, every=10, cost=0.0005):
     if x % every == 0:
         warnings.warn(f"odd item {x}", UserWarning, stacklevel=1)
     return x
+
+
+def _rate_var():
+    import contextvars
+
+    return contextvars.ContextVar("aex_rate", default=1)
+
+
+RATE = _rate_var()  # a module's context variable (a request's currency, a tenant)
+HELD = _rate_var()  # one that may hold what cannot be pickled
+
+
+def priced(x):
+    spin(0.002)
+    return x * RATE.get()

@@ -1554,3 +1554,29 @@ def test_workers_run_items_under_the_callers_interpreter_settings():
     expected = [h.digits_and_seventh(x, big=False) for x in range(40)]
     assert pf_default.map(range(40)) == expected
     assert len(expected[0][1]) == 29 and pf_default.last_report.plan.mode == "parallel"
+
+
+def test_a_context_variable_set_between_maps_is_the_callers_in_the_workers():
+    # RATE.set(5) between two maps: warm workers read their own RATE (a forked one's
+    # from when the pool started), 199 of 200 results wrong; the loop reads 5.
+    import threading
+
+    pf = parallelize(h.priced, backend="loky", max_workers=2)
+    for rate in (1, 5, 7):
+        token = h.RATE.set(rate)
+        try:
+            assert pf.map(range(200)) == [x * rate for x in range(200)], rate
+            assert pf.last_report.plan.mode == "parallel"
+        finally:
+            h.RATE.reset(token)
+    # Set back in the caller: the workers' items read the default again (each chunk
+    # sets the caller's values and gives the worker's own back after it).
+    assert pf.map(range(200)) == list(range(200))
+    # Another variable whose value cannot be pickled is not carried, and stops nothing.
+    token, other = h.RATE.set(3), h.HELD.set(threading.Lock())
+    try:
+        assert pf.map(range(200)) == [x * 3 for x in range(200)]
+        assert pf.last_report.plan.mode == "parallel"
+    finally:
+        h.HELD.reset(other)
+        h.RATE.reset(token)
