@@ -768,10 +768,11 @@ def _set_per_process(initializer: Callable[..., Any],
 
 # The caller's recursion limit, int-to-str digit limit (None where Python has none),
 # decimal context as (prec, rounding, Emin, Emax, capitals, clamp, trap names) or None
-# where the caller never imported decimal, warnings filters, and the context variables
-# it has set (_context_values).
+# where the caller never imported decimal, warnings filters, the context variables
+# it has set (_context_values), and its environment variables changed since we were
+# imported (_environment_changes).
 Settings = tuple[int, Optional[int], Optional[tuple[Any, ...]], tuple[Any, ...],
-                 tuple[tuple[str, str, bytes], ...]]
+                 tuple[tuple[str, str, bytes], ...], tuple[tuple[str, Optional[str]], ...]]
 
 
 def caller_settings() -> Settings:
@@ -782,7 +783,40 @@ def caller_settings() -> Settings:
     decimal = sys.modules.get("decimal")
     dec = _decimal_settings(decimal.getcontext()) if decimal is not None else None
     return (sys.getrecursionlimit(), digits() if digits is not None else None, dec,
-            tuple(warnings.filters), _context_values())
+            tuple(warnings.filters), _context_values(), _environment_changes())
+
+
+# The environment as this module found it (os.environ's own mapping, where it has one:
+# compared in ~1 us), the names changed since, and the last answer.
+_ENV_DATA: Any = getattr(os.environ, "_data", None)
+_ENV_AT_START: dict[Any, Any] = dict(_ENV_DATA) if isinstance(_ENV_DATA, dict) else {}
+_ENV_SEEN: list[Any] = [dict(_ENV_AT_START), ()]  # [the mapping, its changes]
+_ENV_CHANGED: set[Any] = set()
+# What a worker has of its own, whatever the caller's: adaptive_exec.backends.loky's
+# _worker_env (one BLAS thread; "in a worker").
+_ENV_OURS = frozenset({"ADAPTIVE_EXEC_IN_WORKER", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                       "MKL_NUM_THREADS"})
+
+
+def _environment_changes() -> tuple[tuple[str, Optional[str]], ...]:
+    """The caller's environment variables set, changed or removed since this module was
+    imported, as (name, value or None): workers have the environment of their start
+    (``os.environ["MODE"] = "b"`` between two maps: a warm worker's items read "a").
+    Every name changed once stays in the answer, so a worker started before a change
+    and one started after agree."""
+    data = _ENV_DATA
+    if not isinstance(data, dict) or data == _ENV_SEEN[0]:
+        return _ENV_SEEN[1]  # type: ignore[no-any-return]
+    for key in set(data) | set(_ENV_AT_START):
+        if data.get(key) != _ENV_AT_START.get(key):
+            _ENV_CHANGED.add(key)
+    changes = []
+    for key in _ENV_CHANGED:
+        name = os.fsdecode(key) if isinstance(key, bytes) else key
+        if name not in _ENV_OURS:
+            changes.append((name, os.environ.get(name)))
+    _ENV_SEEN[:] = [dict(data), tuple(sorted(changes))]
+    return _ENV_SEEN[1]  # type: ignore[no-any-return]
 
 
 def _context_values() -> tuple[tuple[str, str, bytes], ...]:
@@ -833,7 +867,12 @@ def _reset_context_values(tokens: list[tuple[Any, Any]]) -> None:
 
 
 def _adopt_settings(settings: Settings) -> None:
-    limit, digits, dec, filters, _ = settings
+    limit, digits, dec, filters, _, environment = settings
+    for name, value in environment:  # the caller's; a worker's own (_ENV_OURS) not sent
+        if value is None:
+            os.environ.pop(name, None)
+        elif os.environ.get(name) != value:
+            os.environ[name] = value
     if tuple(warnings.filters) != filters:
         # The caller's filters: under "error" (-W error, pytest's filterwarnings) the
         # loop raised at the item that warned, where workers went on. (Reset first: it

@@ -950,3 +950,8 @@ HELD = _rate_var()  # one that may hold what cannot be pickled
 def priced(x):
     spin(0.002)
     return x * RATE.get()
+
+
+def env_of(x, name="AEX_MODE"):
+    spin(0.001)
+    return os.environ.get(name)

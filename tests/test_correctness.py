@@ -1580,3 +1580,17 @@ def test_a_context_variable_set_between_maps_is_the_callers_in_the_workers():
     finally:
         h.HELD.reset(other)
         h.RATE.reset(token)
+
+
+def test_an_environment_variable_changed_between_maps_is_the_callers_in_the_workers(
+        monkeypatch):
+    # os.environ["AEX_MODE"] = "b" between two maps: warm workers have the environment of
+    # their start, and read "a" (or nothing) where the loop reads "b".
+    pf = parallelize(h.env_of, backend="loky", max_workers=2)
+    for mode in ("a", "b", None, "c"):
+        if mode is None:
+            monkeypatch.delenv("AEX_MODE", raising=False)
+        else:
+            monkeypatch.setenv("AEX_MODE", mode)
+        assert pf.map(range(100)) == [mode] * 100, mode
+        assert pf.last_report.plan.mode == "parallel"
