@@ -1842,6 +1842,11 @@ def call_each(func: Callable[..., Any], items: Iterable[Any], star: bool, start:
             raise
         return attach_origin(exc, start + len(out), None, where)
     except BaseException as exc:
+        if where is not None:
+            from .backends import fdshed
+
+            hint = fdshed.note(exc)
+            where = where if hint is None else f"{where} ({hint})"
         return attach_origin(exc, start + len(out), None, where)
     return None
 

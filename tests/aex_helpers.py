@@ -955,3 +955,9 @@ def priced(x):
 def env_of(x, name="AEX_MODE"):
     spin(0.001)
     return os.environ.get(name)
+
+
+def say(x, cost=0.002):
+    spin(cost)
+    print(f"said-{x}", flush=True)
+    return x

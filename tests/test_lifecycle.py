@@ -745,6 +745,34 @@ def test_a_warm_pool_holds_none_of_the_pipes_sockets_and_locks_the_caller_closes
     assert seen == {"cat": True, "pipe": True, "flock": True, "port": True}, seen
 
 
+PRINTS_THROUGH_A_COPY = """
+import os, sys
+sys.path.insert(0, {tests!r})
+sys.stdout = open(os.dup(1), "w", buffering=1)  # a copy of the pipe, on a descriptor of its own
+import aex_helpers as h
+from adaptive_exec import parallelize
+
+import functools
+say = functools.partial(h.say, cost={cost})
+pf = parallelize(say, backend="loky", max_workers=2)
+assert pf.map(range({n})) == list(range({n}))
+assert pf.last_report.plan.mode == "parallel", pf.last_report.plan.explain()
+"""
+
+
+@needs_fork
+@pytest.mark.parametrize("n", [40, 3], ids=["forked", "forked template"])
+def test_workers_print_through_the_callers_sys_stdout_on_a_descriptor_of_its_own(
+        tmp_path, n):
+    # Under a pipe (CI, | tee), a worker forked from a caller whose sys.stdout is a file
+    # on a copy of descriptor 1 let that copy go: print raised EBADF.
+    script = tmp_path / "prints.py"
+    script.write_text(PRINTS_THROUGH_A_COPY.format(tests=TESTS, n=n,
+                                                   cost=0.002 if n > 3 else 0.2))
+    out = _run_to_its_end(script, starts.FORK, 90)
+    assert sorted(out.split()) == sorted(f"said-{x}" for x in range(n)), out
+
+
 EXITING_CHILD = """
 import os, sys, time
 sys.path.insert(0, {tests!r})

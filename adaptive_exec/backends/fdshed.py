@@ -14,8 +14,10 @@ those its process object pickles (``duplicate_for_child``, collected here by the
 pickling, in the caller before the fork: the numbers are the same in the child), its
 "parent alive" pipe, the resource trackers' pipes and stdin/stdout/stderr. Kept too: a
 ``multiprocessing.Queue`` of the caller's (sharing one by inheritance is what its docs
-teach). Of the rest, only those that cause the harms above are let go: pipes, FIFOs and
-sockets, and regular files that hold an ``flock``, each only when close-on-exec (one the
+teach; not a SimpleQueue or Pipe, which register nothing to find them by), and the
+descriptors of its standard streams and logging handlers. Of the rest, only those that
+cause the harms above are let go: pipes, FIFOs and sockets, and regular files that hold
+an ``flock``, each only when close-on-exec (one the
 caller made inheritable is meant to be shared). Other files stay: a log file the
 caller's ``logging`` has open is still written by its forked workers, as before.
 
@@ -80,9 +82,47 @@ def needed_fds(process_obj: Any) -> Optional[set[int]]:
 
 
 def shared_by_inheritance() -> list[int]:
-    """What every forked child of the caller keeps: the resource trackers' pipes and the
-    caller's multiprocessing queues."""
-    return [*_trackers(), *_queues()]
+    """What every forked child of the caller keeps: the resource trackers' pipes, the
+    caller's multiprocessing queues, the descriptors of its sys.stdin/stdout/stderr
+    (``sys.stdout = open(os.dup(1), "w")`` under a pipe: print raised EBADF in workers)
+    and of its logging handlers (a SysLogHandler's socket: every record of the workers
+    was lost)."""
+    return [*_trackers(), *_queues(), *_streams(), *_log_handlers()]
+
+
+def _fileno(obj: Any) -> Optional[int]:
+    try:
+        fd = obj.fileno()
+    except Exception:  # noqa: BLE001 - no descriptor (a StringIO), or closed
+        return None
+    return fd if isinstance(fd, int) else None
+
+
+def _streams() -> list[int]:
+    import sys
+
+    names = ("stdin", "stdout", "stderr", "__stdin__", "__stdout__", "__stderr__")
+    found = (_fileno(getattr(sys, name, None)) for name in names)
+    return [fd for fd in found if fd is not None]
+
+
+def _log_handlers() -> list[int]:
+    """The descriptors of the logging handlers of every logger made so far (a stream's,
+    a socket's)."""
+    import sys
+
+    logging = sys.modules.get("logging")
+    if logging is None:
+        return []
+    loggers = [logging.getLogger(), *list(logging.Logger.manager.loggerDict.values())]
+    fds = []
+    for logger in loggers:
+        for handler in list(getattr(logger, "handlers", ())):
+            for part in ("stream", "socket", "sock"):
+                fd = _fileno(getattr(handler, part, None))
+                if fd is not None:
+                    fds.append(fd)
+    return fds
 
 
 def _trackers() -> list[int]:
@@ -133,6 +173,23 @@ def _let_go(fd: int) -> bool:
     return stat.S_ISREG(mode) and _holds_flock(fd)
 
 
+# The descriptors this process let go of (a worker's error EBADF says so: errors_note).
+LET_GO: list[int] = []
+
+
+def note(exc: BaseException) -> Optional[str]:
+    """For an item's EBADF in a worker that let descriptors go: what happened, and what
+    to do; else None."""
+    import errno
+
+    if not LET_GO or not isinstance(exc, OSError) or exc.errno != errno.EBADF:
+        return None
+    return (f"this worker was forked from your process and let go of the pipes and "
+            f"sockets it inherited (descriptors {', '.join(map(str, LET_GO[:8]))}), as a "
+            f"worker started by exec never has them: open what the function uses in the "
+            f"worker (initializer=), or set ADAPTIVE_EXEC_START=exec")
+
+
 def shed(keep: Optional[Iterable[int]]) -> list[int]:
     """In a child just forked: let go of the inherited descriptors the module doc names,
     other than ``keep`` (None: nothing is let go). Returns the numbers let go; never
@@ -153,6 +210,7 @@ def shed(keep: Optional[Iterable[int]]) -> list[int]:
             os.close(hole)
     except Exception:  # noqa: BLE001 - /proc unreadable: as before
         return []
+    LET_GO[:] = gone
     try:  # a caller's asyncio loop had signals woken through a socket let go here
         old = signal.set_wakeup_fd(-1)
         if old != -1 and old not in gone:
