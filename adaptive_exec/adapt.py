@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import logging
 import os
@@ -244,6 +245,9 @@ class SamplingWatch:
         self.sizes: list[int] = []
         # The interpreter settings items run under, read here, on the caller's thread.
         self.settings = worker.caller_settings()
+        # Its context too (a copy costs nothing): its variables are read from it only
+        # if items are sent ahead (worker.context_blob).
+        self.context = contextvars.copy_context()
         self._lock = threading.Lock()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, name="adaptive_exec-prestart",
@@ -448,7 +452,8 @@ class SamplingWatch:
             return True
         # The caller's settings, read on its thread (a decimal context is per thread:
         # this one's is the default).
-        ref = dataclasses.replace(ref, settings=self.settings)
+        ref = worker.with_context(dataclasses.replace(ref, settings=self.settings),
+                                  worker.context_blob(self.context))
         if ref.blob is not None and len(ref.blob) >= worker.BLOB_FILE_MIN_BYTES:
             return True  # a large function: the map's plan decides if it is worth shipping
         target = loky_backend.LokyTarget(ref, self.star)

@@ -693,8 +693,9 @@ class MapRun:
             target = ThreadTarget(self.func, self.star)
         else:
             try:
-                ref = worker.with_initializer(self.func, self.options.initializer,
-                                              self.options.initargs)
+                ref = worker.with_context(worker.with_initializer(
+                    self.func, self.options.initializer, self.options.initargs),
+                    worker.context_blob())
             except Exception as exc:
                 what = (f"the function cannot be pickled ({exc})"
                         if not _picklable_function(self.func) else

@@ -38,7 +38,7 @@ import traceback
 import types
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, TypeVar
 
 from .errors import (
     ExceptionState,
@@ -118,6 +118,7 @@ _BY_VALUE: set[str] = set()
 # cloudpickle's Pickler, with code's file names kept; and one that also sends sentinels
 # by name. Made once.
 _PICKLER: list[Any] = []
+_T = TypeVar("_T")
 
 
 def _pickler() -> list[Any]:
@@ -234,15 +235,21 @@ class FunctionRef:
     # The caller's interpreter settings a loop's items would run under (``_settings``);
     # None: the worker keeps its own (a dask cluster's workers).
     settings: Optional[Settings] = None
+    # The caller's context variables (context_blob), and their digest, which the key
+    # includes (a lean ref keeps the digest: with_context).
+    context: Optional[bytes] = None
+    context_key: Optional[str] = None
 
     def size(self) -> int:
-        """The bytes a whole ref carries: the function, its globals, the attributes."""
-        return (len(self.blob or b"") + len(self.patch or b"")
+        """The bytes a whole ref carries: the function, its globals, the attributes,
+        the context variables."""
+        return (len(self.blob or b"") + len(self.patch or b"") + len(self.context or b"")
                 + sum(len(v) for v in (self.attrs or {}).values()))
 
     def lean_copy(self) -> FunctionRef:
         return dataclasses.replace(self, blob=None, patch=None, patch_module=None,
-                                   blob_at=None, init=None, attrs=None, lean=True)
+                                   blob_at=None, init=None, attrs=None, context=None,
+                                   lean=True)
 
     def without_context(self) -> FunctionRef:
         """For workers that are not ours to move (a dask cluster's, maybe elsewhere)."""
@@ -768,11 +775,11 @@ def _set_per_process(initializer: Callable[..., Any],
 
 # The caller's recursion limit, int-to-str digit limit (None where Python has none),
 # decimal context as (prec, rounding, Emin, Emax, capitals, clamp, trap names) or None
-# where the caller never imported decimal, warnings filters, the context variables
-# it has set (_context_values), and its environment variables changed since we were
-# imported (_environment_changes).
+# where the caller never imported decimal, warnings filters, and its environment
+# variables changed since we were imported (_environment_changes). (Its context
+# variables travel apart, once per worker: FunctionRef.context.)
 Settings = tuple[int, Optional[int], Optional[tuple[Any, ...]], tuple[Any, ...],
-                 tuple[tuple[str, str, bytes], ...], tuple[tuple[str, Optional[str]], ...]]
+                 tuple[tuple[str, Optional[str]], ...]]
 
 
 def caller_settings() -> Settings:
@@ -783,7 +790,7 @@ def caller_settings() -> Settings:
     decimal = sys.modules.get("decimal")
     dec = _decimal_settings(decimal.getcontext()) if decimal is not None else None
     return (sys.getrecursionlimit(), digits() if digits is not None else None, dec,
-            tuple(warnings.filters), _context_values(), _environment_changes())
+            tuple(warnings.filters), _environment_changes())
 
 
 # The environment as this module found it (os.environ's own mapping, where it has one:
@@ -819,55 +826,146 @@ def _environment_changes() -> tuple[tuple[str, Optional[str]], ...]:
     return _ENV_SEEN[1]  # type: ignore[no-any-return]
 
 
-def _context_values() -> tuple[tuple[str, str, bytes], ...]:
+def context_blob(ctx: Any = None) -> Optional[bytes]:
     """The caller's context variables that a module holds (``RATE = ContextVar(...)``),
-    as (module, name, pickled value): a worker's items read them set as the loop's do.
-    They read the worker's own before (a forked worker's from when the pool started:
-    ``RATE.set(5)`` between two maps gave 199 of 200 wrong results). A variable no
-    module holds, or whose value cannot be pickled, is not carried (a script's own:
-    a function that reads it cannot be pickled, and runs in the caller)."""
+    as one pickle of (module, name, pickled value) triples; None when there are none.
+    ``ctx``: a ``contextvars.Context`` copied on the caller's thread (the sampling
+    watch reads it from its own); else this thread's. A worker's items read them set as
+    the loop's do: they read the worker's own before (a forked worker's from when the
+    pool started: ``RATE.set(5)`` between two maps gave 199 of 200 results wrong). A
+    variable no module holds, or whose value cannot be pickled, is not carried (a
+    script's own: a function that reads it cannot be pickled, and runs in the caller).
+    Values travel as a module's globals do: a module's sentinel by name."""
     import contextvars
 
+    if ctx is None:
+        ctx = contextvars.copy_context()
+    if not len(ctx):
+        return None
     out = []
-    for var, value in contextvars.copy_context().items():
-        home = _home_of(var)
+    for var, value in ctx.items():
+        home = _context_var_home(var)
         if home is None:
             continue
         try:
-            out.append((*home, dumps(value)))
+            out.append((*home, cloudpickle_dumps(value, sentinels_by_name=True)))
         except Exception:  # noqa: BLE001 - not carried: the worker keeps its own
             continue
-    return tuple(sorted(out))
+    return pickle.dumps(tuple(sorted(out)), protocol=_PROTOCOL) if out else None
 
 
-def _set_context_values(settings: Optional[Settings]) -> list[tuple[Any, Any]]:
-    """In a worker, for one chunk: the caller's context variables set (_context_values);
-    the tokens that give the worker's own values back (_reset_context_values)."""
-    tokens: list[tuple[Any, Any]] = []
-    if settings is None:
-        return tokens
+# id(var) -> (module, name, var) of every ContextVar a module holds, made again when
+# modules were imported since, or when one held is no longer where it was (a reload).
+_VAR_HOMES: dict[int, tuple[str, str, Any]] = {}
+_VAR_HOMES_MADE = [-1]  # len(sys.modules) when made
+
+
+def _context_var_home(var: Any) -> Optional[tuple[str, str]]:
+    """(module, name) of the importable module's global that holds ``var``, or None.
+    One scan of the modules per import, not per variable: a program that makes a
+    variable per request (no module holds those) paid a scan of every module each."""
+    if len(sys.modules) != _VAR_HOMES_MADE[0]:
+        _scan_var_homes()
+    home = _VAR_HOMES.get(id(var))
+    if home is None or home[2] is not var:
+        return None  # no module holds it (a variable per request): no scan again
+    if getattr(sys.modules.get(home[0]), home[1], None) is var:
+        return home[0], home[1]
+    _scan_var_homes()  # moved, or replaced (a reload): where is it now?
+    home = _VAR_HOMES.get(id(var))
+    return (home[0], home[1]) if home is not None and home[2] is var else None
+
+
+def _scan_var_homes() -> None:
     import contextvars
 
-    for module, name, data in settings[4]:
+    homes: dict[int, tuple[str, str, Any]] = {}
+    for name, module in list(sys.modules.items()):
+        if name.startswith("__") or module is None:  # __main__, __mp_main__: not by name
+            continue
+        try:
+            for key, value in list(vars(module).items()):
+                if isinstance(value, contextvars.ContextVar) and id(value) not in homes:
+                    homes[id(value)] = (name, key, value)
+        except Exception:  # noqa: BLE001 - a module whose namespace cannot be read
+            continue
+    _VAR_HOMES.clear()
+    _VAR_HOMES.update(homes)
+    _VAR_HOMES_MADE[0] = len(sys.modules)
+
+
+def with_context(ref: FunctionRef, blob: Optional[bytes]) -> FunctionRef:
+    """``ref`` carrying the caller's context variables (``context_blob``): its key
+    names them, so a worker gets them once per change (a lean ref's worker that lacks
+    them asks for the whole ref), not with every chunk."""
+    if blob is None:
+        return ref
+    digest = hashlib.sha1(blob).hexdigest()[:16]
+    return dataclasses.replace(ref, key=f"{ref.key}+ctx{digest}", context=blob,
+                               context_key=digest)
+
+
+# function key -> the caller's context variables as unpickled here [(var, value)]; kept
+# for as many keys as functions are (_MAX_FUNCTIONS).
+_CONTEXTS: collections.OrderedDict[str, list[tuple[Any, Any]]] = collections.OrderedDict()
+
+
+def _context_of(ref: FunctionRef) -> Optional[list[tuple[Any, Any]]]:
+    """The context variables to set for ``ref``'s chunk; None when a lean ref names
+    some this worker lacks (it then asks for the whole ref)."""
+    if ref.context_key is None:
+        return []
+    known = _CONTEXTS.get(ref.key)
+    if known is not None:
+        _CONTEXTS.move_to_end(ref.key)
+        return known
+    if ref.context is None:
+        return None
+    import contextvars
+
+    found = []
+    for module, name, data in pickle.loads(ref.context):
         try:
             var = getattr(importlib.import_module(module), name)
             if isinstance(var, contextvars.ContextVar):
-                tokens.append((var, var.set(pickle.loads(data))))
+                found.append((var, pickle.loads(data)))
         except Exception:  # noqa: BLE001 - as the module has it here
             continue
-    return tokens
+    _CONTEXTS[ref.key] = found
+    while len(_CONTEXTS) > _MAX_FUNCTIONS:
+        _CONTEXTS.popitem(last=False)
+    return found
 
 
-def _reset_context_values(tokens: list[tuple[Any, Any]]) -> None:
-    for var, token in reversed(tokens):
-        try:
-            var.reset(token)
-        except Exception:  # noqa: BLE001 - reset already by the items themselves
-            pass
+def _in_context(pairs: list[tuple[Any, Any]], run: Callable[[], _T]) -> _T:
+    """``run()`` in a copy of this worker's context with the caller's variables set:
+    what an item sets stays in its chunk (it leaked into every later map's items).
+    A module's variable the worker had when it started (a forked worker has the
+    caller's of that moment) is left out unless changed here since (an initializer's):
+    the caller's of now is carried, or it has none (``VAR.reset(token)`` after the map
+    that started the pool: the next maps' items read the old value)."""
+    import contextvars
+
+    started = _START_CONTEXT.get("values")
+    if started:
+        ctx = contextvars.Context()
+        for var, value in contextvars.copy_context().items():
+            if not (started.get(var, _UNSET) is value and _context_var_home(var)):
+                ctx.run(var.set, value)
+    else:
+        ctx = contextvars.copy_context()
+    for var, value in pairs:
+        ctx.run(var.set, value)
+    return ctx.run(run)
+
+
+# The context variables this worker had when it started (worker_init): {var: value}.
+_START_CONTEXT: dict[str, dict[Any, Any]] = {}
+_UNSET = object()
 
 
 def _adopt_settings(settings: Settings) -> None:
-    limit, digits, dec, filters, _, environment = settings
+    limit, digits, dec, filters, environment = settings
     for name, value in environment:  # the caller's; a worker's own (_ENV_OURS) not sent
         if value is None:
             os.environ.pop(name, None)
@@ -1707,7 +1805,13 @@ def run_chunk(ref: FunctionRef, start: int, payload: bytes, star: bool,
     except Exception as exc:
         return ChunkResult([], 0, 0.0, pid, status=FALLBACK,
                            reason=f"the function cannot be rebuilt in a worker ({_safe(exc)})")
-    if func is None:
+    try:
+        context = _context_of(ref)
+    except Exception as exc:
+        return ChunkResult([], 0, 0.0, pid, status=FALLBACK,
+                           reason=f"the caller's context variables cannot be rebuilt in a "
+                                  f"worker ({_safe(exc)})")
+    if func is None or context is None:
         return ChunkResult([], 0, 0.0, pid, status=NEED_FUNCTION)
     if clock is not None and ref.init_key is not None and not _ran_last(ref.init_key):
         # Its time is not the items': the caller gives it a limit of its own.
@@ -1736,21 +1840,18 @@ def run_chunk(ref: FunctionRef, start: int, payload: bytes, star: bool,
         _mark_started(*clock)
     first = _CALLED.get(ref.key) != pid
     _CALLED[ref.key] = pid
-    tokens = _set_context_values(ref.settings)
-    try:
-        if _POOL_WORKER and threading.current_thread() is threading.main_thread():
-            # The warnings the items raise go back to the caller, to be raised there in
-            # its turn (the loop's are recorded by catch_warnings, pytest.warns): a
-            # worker printed them on its own stderr. (Not on a thread of a process
-            # running others, a dask worker's: catch_warnings is the whole process's.)
-            with warnings.catch_warnings(record=True) as caught:
-                res = run_items(func, start, items, star, time_first=first)
-            res = dataclasses.replace(res, function_bytes=fetched, warned=_warned(caught))
-        else:
-            res = dataclasses.replace(run_items(func, start, items, star,
-                                                time_first=first), function_bytes=fetched)
-    finally:
-        _reset_context_values(tokens)
+    if _POOL_WORKER and threading.current_thread() is threading.main_thread():
+        # The warnings the items raise go back to the caller, to be raised there in its
+        # turn (the loop's are recorded by catch_warnings, pytest.warns): a worker
+        # printed them on its own stderr. (Not on a thread of a process running
+        # others, a dask worker's: catch_warnings is the whole process's.)
+        with warnings.catch_warnings(record=True) as caught:
+            res = _in_context(context, lambda: run_items(func, start, items, star,
+                                                         time_first=first))
+        res = dataclasses.replace(res, function_bytes=fetched, warned=_warned(caught))
+    else:
+        res = dataclasses.replace(_in_context(context, lambda: run_items(
+            func, start, items, star, time_first=first)), function_bytes=fetched)
     error = None if res.error is None else _pickle_error(res.error)
     try:
         return dataclasses.replace(res, results=dumps(res.results), error=error)
@@ -2119,7 +2220,10 @@ def worker_init(parent_pid: int, env: dict[str, str]) -> None:
     A worker stuck in C code that holds the GIL notices only when that call returns.
     """
     global _POOL_WORKER
+    import contextvars
+
     os.environ.update(env)
+    _START_CONTEXT["values"] = dict(contextvars.copy_context().items())  # _in_context
     if os.getppid() != parent_pid:  # the parent died while this worker was starting
         os._exit(ORPHAN_EXIT_CODE)
     _POOL_WORKER = True

@@ -961,3 +961,18 @@ def say(x, cost=0.002):
     spin(cost)
     print(f"said-{x}", flush=True)
     return x
+
+
+MISSING = object()  # a module's sentinel, held in a context variable
+OPTION = _rate_var()
+
+
+def option_is_missing(x):
+    spin(0.002)
+    return OPTION.get() is MISSING
+
+
+def sets_rate(x):
+    spin(0.002)
+    RATE.set(100)  # in its own chunk's context: the next map's items do not see it
+    return x

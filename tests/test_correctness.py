@@ -1594,3 +1594,45 @@ def test_an_environment_variable_changed_between_maps_is_the_callers_in_the_work
             monkeypatch.setenv("AEX_MODE", mode)
         assert pf.map(range(100)) == [mode] * 100, mode
         assert pf.last_report.plan.mode == "parallel"
+
+
+def test_a_context_variable_keeps_a_sentinel_s_identity_and_an_item_s_set_stays_its_own():
+    # OPTION.set(MISSING): the value travelled as a copy, so `OPTION.get() is MISSING`
+    # was False in the workers (193 of 200). An item's RATE.set(100) leaked into every
+    # later map's items in that worker (the caller's RATE unset: they read 100).
+    token = h.OPTION.set(h.MISSING)
+    try:
+        pf = parallelize(h.option_is_missing, backend="loky", max_workers=2)
+        assert pf.map(range(200)) == [True] * 200
+        assert pf.last_report.plan.mode == "parallel"
+    finally:
+        h.OPTION.reset(token)
+    # In a context of its own, as a loop there would leave the caller's RATE unset too.
+    import contextvars
+
+    assert contextvars.copy_context().run(
+        parallelize(h.sets_rate, backend="loky", max_workers=2).map,
+        range(200)) == list(range(200))
+    assert h.RATE.get() == 1
+    pf = parallelize(h.priced, backend="loky", max_workers=2)
+    assert pf.map(range(200)) == list(range(200))  # RATE's default, 1
+    assert pf.last_report.plan.mode == "parallel"
+
+
+def test_a_context_variable_reset_after_the_pool_started_is_unset_in_its_workers(tmp_path):
+    # The pool forked while RATE was 5: its workers' own context had RATE = 5, and the
+    # maps after RATE.reset(token) read 5 where the loop reads the default, 1.
+    out = run_script(tmp_path, f"""
+        import sys
+        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+        import aex_helpers as h
+        from adaptive_exec import parallelize
+
+        pf = parallelize(h.priced, backend="loky", max_workers=2)
+        token = h.RATE.set(5)
+        assert pf.map(range(200)) == [5 * x for x in range(200)]
+        h.RATE.reset(token)
+        got = pf.map(range(200))
+        print(pf.last_report.plan.mode, sum(a != b for a, b in zip(got, range(200))))
+    """)
+    assert out.split()[-2:] == ["parallel", "0"], out
