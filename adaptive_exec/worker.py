@@ -842,7 +842,7 @@ def context_blob(ctx: Any = None) -> Optional[bytes]:
         ctx = contextvars.copy_context()
     if not len(ctx):
         return None
-    out = []
+    out, kept = [], []
     for var, value in ctx.items():
         home = _context_var_home(var)
         if home is None:
@@ -850,8 +850,10 @@ def context_blob(ctx: Any = None) -> Optional[bytes]:
         try:
             out.append((*home, cloudpickle_dumps(value, sentinels_by_name=True)))
         except Exception:  # noqa: BLE001 - not carried: the worker keeps its own
-            continue
-    return pickle.dumps(tuple(sorted(out)), protocol=_PROTOCOL) if out else None
+            kept.append(home)  # (a forked worker's is the caller's of the fork: a lock)
+    if not out and not kept:
+        return None
+    return pickle.dumps((tuple(sorted(out)), tuple(sorted(kept))), protocol=_PROTOCOL)
 
 
 # id(var) -> (module, name, var) of every ContextVar a module holds, made again when
@@ -895,49 +897,62 @@ def _scan_var_homes() -> None:
 
 
 def with_context(ref: FunctionRef, blob: Optional[bytes]) -> FunctionRef:
-    """``ref`` carrying the caller's context variables (``context_blob``): its key
-    names them, so a worker gets them once per change (a lean ref's worker that lacks
-    them asks for the whole ref), not with every chunk."""
+    """``ref`` carrying the caller's context variables (``context_blob``), named by a
+    digest that lean refs keep: a worker gets them once per change of their values
+    (backends.loky.LokyTarget; one that lacks them asks for the whole ref), not with
+    every chunk, and not the function again with them."""
     if blob is None:
         return ref
-    digest = hashlib.sha1(blob).hexdigest()[:16]
-    return dataclasses.replace(ref, key=f"{ref.key}+ctx{digest}", context=blob,
-                               context_key=digest)
+    return dataclasses.replace(ref, context=blob,
+                               context_key=hashlib.sha1(blob).hexdigest()[:16])
 
 
-# function key -> the caller's context variables as unpickled here [(var, value)]; kept
-# for as many keys as functions are (_MAX_FUNCTIONS).
-_CONTEXTS: collections.OrderedDict[str, list[tuple[Any, Any]]] = collections.OrderedDict()
+# context_key -> the caller's context variables as unpickled here: [(var, value)] to
+# set, and the variables it had set but could not send (the worker keeps its own). The
+# last few, within _CONTEXT_BYTES of pickles but for the newest (values change often:
+# each set was kept whole, 16 of 100 MB each).
+Context = tuple[list[tuple[Any, Any]], frozenset[Any]]
+_CONTEXTS: collections.OrderedDict[str, tuple[Context, int]] = collections.OrderedDict()
+_MAX_CONTEXTS = 4
+_CONTEXT_BYTES = 64 << 20
+_NO_CONTEXT: Context = ([], frozenset())
 
 
-def _context_of(ref: FunctionRef) -> Optional[list[tuple[Any, Any]]]:
+def _context_of(ref: FunctionRef) -> Optional[Context]:
     """The context variables to set for ``ref``'s chunk; None when a lean ref names
     some this worker lacks (it then asks for the whole ref)."""
     if ref.context_key is None:
-        return []
-    known = _CONTEXTS.get(ref.key)
+        return _NO_CONTEXT
+    known = _CONTEXTS.get(ref.context_key)
     if known is not None:
-        _CONTEXTS.move_to_end(ref.key)
-        return known
+        _CONTEXTS.move_to_end(ref.context_key)
+        return known[0]
     if ref.context is None:
         return None
     import contextvars
 
-    found = []
-    for module, name, data in pickle.loads(ref.context):
+    sent, kept = pickle.loads(ref.context)
+    found, held = [], set()
+    for module, name, data in sent:
         try:
             var = getattr(importlib.import_module(module), name)
             if isinstance(var, contextvars.ContextVar):
                 found.append((var, pickle.loads(data)))
         except Exception:  # noqa: BLE001 - as the module has it here
             continue
-    _CONTEXTS[ref.key] = found
-    while len(_CONTEXTS) > _MAX_FUNCTIONS:
+    for module, name in kept:
+        var = getattr(sys.modules.get(module), name, None)
+        if isinstance(var, contextvars.ContextVar):
+            held.add(var)
+    context: Context = (found, frozenset(held))
+    _CONTEXTS[ref.context_key] = (context, len(ref.context))
+    while len(_CONTEXTS) > 1 and (len(_CONTEXTS) > _MAX_CONTEXTS or sum(
+            size for _, size in _CONTEXTS.values()) > _CONTEXT_BYTES):
         _CONTEXTS.popitem(last=False)
-    return found
+    return context
 
 
-def _in_context(pairs: list[tuple[Any, Any]], run: Callable[[], _T]) -> _T:
+def _in_context(context: Context, run: Callable[[], _T]) -> _T:
     """``run()`` in a copy of this worker's context with the caller's variables set:
     what an item sets stays in its chunk (it leaked into every later map's items).
     A module's variable the worker had when it started (a forked worker has the
@@ -946,11 +961,13 @@ def _in_context(pairs: list[tuple[Any, Any]], run: Callable[[], _T]) -> _T:
     that started the pool: the next maps' items read the old value)."""
     import contextvars
 
+    pairs, held = context
     started = _START_CONTEXT.get("values")
     if started:
         ctx = contextvars.Context()
         for var, value in contextvars.copy_context().items():
-            if not (started.get(var, _UNSET) is value and _context_var_home(var)):
+            if var in held or not (started.get(var, _UNSET) is value
+                                   and _context_var_home(var)):
                 ctx.run(var.set, value)
     else:
         ctx = contextvars.copy_context()

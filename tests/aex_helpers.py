@@ -976,3 +976,8 @@ def sets_rate(x):
     spin(0.002)
     RATE.set(100)  # in its own chunk's context: the next map's items do not see it
     return x
+
+
+def held_kind(x):
+    spin(0.002)
+    return type(HELD.get()).__name__

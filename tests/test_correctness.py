@@ -1636,3 +1636,21 @@ def test_a_context_variable_reset_after_the_pool_started_is_unset_in_its_workers
         print(pf.last_report.plan.mode, sum(a != b for a, b in zip(got, range(200))))
     """)
     assert out.split()[-2:] == ["parallel", "0"], out
+
+
+def test_a_context_variable_that_cannot_be_pickled_stays_a_forked_worker_s_own(tmp_path):
+    # HELD.set(a lock) before the pool forked: the workers inherit it, and read it as
+    # the loop does. Left out with the module's other inherited variables, items read
+    # the default instead (a worker started by exec has only that: the README says so).
+    out = run_script(tmp_path, f"""
+        import sys, threading
+        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+        import aex_helpers as h
+        from adaptive_exec import parallelize
+
+        h.HELD.set(threading.Lock())
+        pf = parallelize(h.held_kind, backend="loky", max_workers=2)
+        kinds = [set(pf.map(range(200))) for _ in range(3)]
+        print(pf.last_report.plan.mode, *sorted(set().union(*kinds)))
+    """, env={starts.ENV_START: starts.FORK})
+    assert out.split()[-2:] == ["parallel", "lock"], out

@@ -906,6 +906,8 @@ class LokyTarget:
         self.clock = _clock()
         self.slots: dict[int, int] = {}  # chunk start -> its clock slot
         self.lean = ref.lean_copy()
+        self.with_context = dataclasses.replace(self.lean, context=ref.context)
+        self.context_left = 0  # lean chunks still to send with the context variables
         self.star = star
         self.full_left = 0  # chunks still to send with the whole function
         # A large function is written once where the workers read it (worker.BlobFile),
@@ -926,6 +928,10 @@ class LokyTarget:
         # this pool was given this very function (same key) by an earlier map: its
         # workers keep it.
         self.full_left = 0 if given_before(executor, self.ref.key) else n_workers
+        # The caller's context variables the same way, on their own: chunks carry them
+        # (with the function's key alone) until each worker has had them about once.
+        self.context_left = 0 if self.ref.context_key is None or given_before(
+            executor, f"context:{self.ref.context_key}") else n_workers
         return executor, current_probe(executor) if cold else None
 
     def _whole(self) -> FunctionRef:
@@ -949,7 +955,14 @@ class LokyTarget:
             self.full_left -= 1
             full = True
         ref = self.lean
+        if not full and self.context_left > 0:
+            self.context_left -= 1
+            ref = self.with_context
+            self.bytes_sent += len(ref.context or b"")
+            note_given(executor, f"context:{self.ref.context_key}")
         if full:
+            if self.ref.context_key is not None:
+                note_given(executor, f"context:{self.ref.context_key}")
             ref = self._whole()
             if self.blob_file is not None:
                 if start in self.pointed:
