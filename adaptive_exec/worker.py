@@ -916,6 +916,7 @@ _CONTEXTS: collections.OrderedDict[str, tuple[Context, int]] = collections.Order
 _MAX_CONTEXTS = 4
 _CONTEXT_BYTES = 64 << 20
 _NO_CONTEXT: Context = ([], frozenset())
+_CONTEXTS_LOCK = threading.Lock()
 
 
 def _context_of(ref: FunctionRef) -> Optional[Context]:
@@ -923,10 +924,11 @@ def _context_of(ref: FunctionRef) -> Optional[Context]:
     some this worker lacks (it then asks for the whole ref)."""
     if ref.context_key is None:
         return _NO_CONTEXT
-    known = _CONTEXTS.get(ref.context_key)
-    if known is not None:
-        _CONTEXTS.move_to_end(ref.context_key)
-        return known[0]
+    with _CONTEXTS_LOCK:  # a dask worker runs chunks on several threads
+        known = _CONTEXTS.get(ref.context_key)
+        if known is not None:
+            _CONTEXTS.move_to_end(ref.context_key)
+            return known[0]
     if ref.context is None:
         return None
     import contextvars
@@ -945,10 +947,11 @@ def _context_of(ref: FunctionRef) -> Optional[Context]:
         if isinstance(var, contextvars.ContextVar):
             held.add(var)
     context: Context = (found, frozenset(held))
-    _CONTEXTS[ref.context_key] = (context, len(ref.context))
-    while len(_CONTEXTS) > 1 and (len(_CONTEXTS) > _MAX_CONTEXTS or sum(
-            size for _, size in _CONTEXTS.values()) > _CONTEXT_BYTES):
-        _CONTEXTS.popitem(last=False)
+    with _CONTEXTS_LOCK:
+        _CONTEXTS[ref.context_key] = (context, len(ref.context))
+        while len(_CONTEXTS) > 1 and (len(_CONTEXTS) > _MAX_CONTEXTS or sum(
+                size for _, size in _CONTEXTS.values()) > _CONTEXT_BYTES):
+            _CONTEXTS.popitem(last=False)
     return context
 
 

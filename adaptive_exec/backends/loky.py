@@ -961,7 +961,8 @@ class LokyTarget:
             self.bytes_sent += len(ref.context or b"")
             note_given(executor, f"context:{self.ref.context_key}")
         if full:
-            if self.ref.context_key is not None:
+            if self.ref.context_key is not None:  # (the whole ref carries them too)
+                self.context_left = max(0, self.context_left - 1)
                 note_given(executor, f"context:{self.ref.context_key}")
             ref = self._whole()
             if self.blob_file is not None:
