@@ -274,7 +274,15 @@ def _clean_after(caller: int, path: Optional[str]) -> None:
     not handle, so no exit handler of its ran), its socket file, and the temporary
     directory holding it once empty (a full test run left two such ``pymp-*``
     directories in /tmp). A caller that lives, or ended normally, removes its own."""
-    if path is None or os.getppid() == caller:
+    if path is None:
+        return
+    # The alive pipe's end of file comes as a dying caller's descriptors are closed,
+    # before the kernel gives its children a new parent: a full run's SIGKILL test saw
+    # the caller still as the parent here once, and left the socket.
+    deadline = time.monotonic() + 0.5
+    while os.getppid() == caller and time.monotonic() < deadline:
+        time.sleep(0.005)
+    if os.getppid() == caller:
         return
     try:
         os.unlink(path)
