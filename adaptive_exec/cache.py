@@ -279,7 +279,7 @@ def _features(row: Any) -> Optional[Features]:
     """Features from the FEATURE_COLUMNS of a row; None when the required ones are bad.
     Optional features that are missing (an entry from schema 1) or invalid are None."""
     (mean_s, cv, pickle_size, input_pickle_size, peak_memory, complexity, n_samples,
-     cpu_fraction, picklable, threads_cpu, setup_s, wait_share, waits_on) = row
+     cpu_fraction, picklable, threads_cpu, setup_s, wait_share, waits_on, worker_item_s) = row
     mean = _num(mean_s, hi=1e6)  # over 11 days per item is not a measurement
     if mean is None:
         return None
@@ -297,6 +297,7 @@ def _features(row: Any) -> Optional[Features]:
         setup_s=_num(setup_s, hi=1e6),
         wait_share=_num(wait_share, hi=1.0),
         waits_on=waits_on if type(waits_on) is str and waits_on else None,
+        worker_item_s=_num(worker_item_s, hi=1e6) or None,
     )
 
 
@@ -366,13 +367,16 @@ def observe(
     observed_setup_s: Optional[float] = None,
     defer: bool = False,
     observed_cv: Optional[float] = None,
+    observed_worker_item_s: Optional[float] = None,
 ) -> bool:
     """After a run (or a plan): keep what sampling measured, correct the per-item time
     when the run saw something else (beyond REFRESH_MIN), keep a one-time set-up the
     workers showed (``observed_setup_s``) and the spread of item costs they showed when
     sampling could not tell it (``observed_cv``: one sampled call, whose spread the plan
-    would otherwise guess), and add the run's record. True when it was written (False:
-    nothing to write, the cache was unavailable, or ``defer``red).
+    would otherwise guess), the time per item in a worker of a function that runs
+    threads of its own (``observed_worker_item_s``, learnt as the per-item time is),
+    and add the run's record. True when it was written (False: nothing to write, the
+    cache was unavailable, or ``defer``red).
 
     ``defer`` (a quick map of a remembered function, ``sampled`` None): kept in memory
     and written with this process's next write, at exit, or once DEFER_FLUSH_S have
@@ -385,13 +389,14 @@ def observe(
             with _state.lock:
                 since, kept = _state.deferred.setdefault(f.path, (now, []))
                 kept.append((key, module, qualname, observed_item_s, run, observed_setup_s,
-                             observed_cv))
+                             observed_cv, observed_worker_item_s))
             if now - since < DEFER_FLUSH_S:
                 return False
             return bool(_write_with_hits(lambda conn: True))
         wrote = _write_with_hits(lambda conn: _observe(conn, key, module, qualname, sampled,
                                                        observed_item_s, run,
-                                                       observed_setup_s, observed_cv))
+                                                       observed_setup_s, observed_cv,
+                                                       observed_worker_item_s))
         return bool(wrote)
     except Exception as exc:
         _failed("observe", exc)
@@ -402,6 +407,7 @@ def _observe(
     conn: sqlite3.Connection, key: str, module: str, qualname: str,
     sampled: Optional[Features], observed_item_s: Optional[float], run: Optional[RunRecord],
     observed_setup_s: Optional[float] = None, observed_cv: Optional[float] = None,
+    observed_worker_item_s: Optional[float] = None,
 ) -> bool:
     """Inside a write transaction."""
     machine = machine_id()
@@ -413,18 +419,11 @@ def _observe(
     if features is None:
         return False
     if observed_item_s is not None and observed_item_s > 0:
-        ratio = observed_item_s / features.mean_s if features.mean_s > 0 else math.inf
-        # (No time at all: an entry an earlier version stored for a map that measured
-        # nothing. The run's time replaces it.)
-        if ratio > REFRESH_RATIO or ratio < 1 / REFRESH_RATIO:
-            # The work changed (other inputs): what the run saw replaces it.
-            features = dataclasses.replace(features, mean_s=observed_item_s)
-        elif ratio > 1 + REFRESH_MIN or ratio < 1 / (1 + REFRESH_MIN):
-            # Half way, in ratio, towards what the run saw: a few runs that agree
-            # converge (1.33x off: 1.15x, 1.07x, 1.04x), one odd run (a busy moment)
-            # moves it only part of the way.
-            features = dataclasses.replace(
-                features, mean_s=features.mean_s * ratio ** REFRESH_WEIGHT)
+        features = dataclasses.replace(
+            features, mean_s=_refreshed(features.mean_s, observed_item_s))
+    if observed_worker_item_s is not None and observed_worker_item_s > 0:
+        features = dataclasses.replace(features, worker_item_s=_refreshed(
+            features.worker_item_s or 0.0, observed_worker_item_s))
     if observed_setup_s is not None and observed_setup_s > 0:
         features = dataclasses.replace(features, setup_s=observed_setup_s)
     if observed_cv is not None and features.coefficient_of_variation is None:
@@ -444,6 +443,21 @@ def _observe(
     return True
 
 
+def _refreshed(remembered: float, observed: float) -> float:
+    """A remembered per-item time after a run that saw ``observed``."""
+    # (No time at all: nothing remembered yet, or an entry an earlier version stored for
+    # a map that measured nothing. The run's time replaces it.)
+    ratio = observed / remembered if remembered > 0 else math.inf
+    if ratio > REFRESH_RATIO or ratio < 1 / REFRESH_RATIO:
+        return observed  # the work changed (other inputs): what the run saw replaces it
+    if ratio > 1 + REFRESH_MIN or ratio < 1 / (1 + REFRESH_MIN):
+        # Half way, in ratio, towards what the run saw: a few runs that agree converge
+        # (1.33x off: 1.15x, 1.07x, 1.04x), one odd run (a busy moment) moves it only
+        # part of the way.
+        return remembered * ratio ** REFRESH_WEIGHT
+    return remembered
+
+
 def _write_with_hits(fn: Callable[[sqlite3.Connection], _T], create: bool = True
                      ) -> Optional[_T]:
     """``fn`` in one write transaction with this process's pending hits, which wait for
@@ -458,8 +472,9 @@ def _write_with_hits(fn: Callable[[sqlite3.Connection], _T], create: bool = True
             "UPDATE entries SET hits = hits + ?, used_at = max(used_at, ?) "
             "WHERE fingerprint = ? AND machine = ?",
             [(int(h), used, key, machine_id()) for key, (h, used) in pending.items()])
-        for key, module, qualname, observed_item_s, run, setup_s, cv in deferred:
-            _observe(conn, key, module, qualname, None, observed_item_s, run, setup_s, cv)
+        for key, module, qualname, observed_item_s, run, setup_s, cv, in_worker in deferred:
+            _observe(conn, key, module, qualname, None, observed_item_s, run, setup_s, cv,
+                     in_worker)
         return fn(conn)
 
     wrote = None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .sqlite_file import Schema
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # Past runs kept per function (the planner uses the last few: planner.HISTORY_USED).
 HISTORY = 20
 
@@ -17,7 +17,7 @@ HISTORY = 20
 FEATURE_COLUMNS = (
     "mean_s", "coefficient_of_variation", "pickle_size", "input_pickle_size", "peak_memory",
     "function_complexity", "n_samples", "cpu_fraction", "picklable", "threads_cpu",
-    "setup_s", "wait_share", "waits_on",
+    "setup_s", "wait_share", "waits_on", "worker_item_s",
 )
 ENTRY_COLUMNS = ("module", "qualname", *FEATURE_COLUMNS,
                   "created_at", "updated_at", "used_at", "hits")
@@ -59,6 +59,7 @@ CREATE = (
         setup_s REAL,
         wait_share REAL,
         waits_on TEXT,
+        worker_item_s REAL,
         created_at REAL NOT NULL,
         updated_at REAL NOT NULL,
         used_at REAL NOT NULL,
@@ -96,6 +97,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: ("ALTER TABLE entries ADD COLUMN setup_s REAL",),
     3: ("ALTER TABLE entries ADD COLUMN wait_share REAL",
         "ALTER TABLE entries ADD COLUMN waits_on TEXT"),
+    4: ("ALTER TABLE entries ADD COLUMN worker_item_s REAL",),
 }
 
 SCHEMA = Schema(SCHEMA_VERSION, CREATE, MIGRATIONS)

@@ -244,6 +244,16 @@ class _Job:
     # same time: once in wall time).
     setup_here_s: float = 0.0
     setup_pool_s: float = 0.0
+    worker_item_s: Optional[float] = None  # Features.worker_item_s: a pool's, measured
+
+    @property
+    def t_worker(self) -> float:
+        """Seconds per item in a pool worker: the caller's, but for a function that runs
+        threads of its own, which a worker limits to one: then what a past pool run
+        measured, or until there is one, own_threads times the caller's time."""
+        if self.own_threads == 1.0:
+            return self.t
+        return self.worker_item_s or self.t * self.own_threads
 
     @property
     def serial_rest(self) -> float:
@@ -324,7 +334,8 @@ def _job(
     setup = features.setup_s or 0.0
     return _Job(max(0, n_items - n_done), features.mean_s, min(cv, CV_CAP), bytes_per_item,
                 own_threads, elapsed_s, from_cache, info,
-                setup if setup_here else 0.0, setup * max(0.0, min(1.0, setup_pool)))
+                setup if setup_here else 0.0, setup * max(0.0, min(1.0, setup_pool)),
+                features.worker_item_s)
 
 
 def _worker_cap(features: Features, system: SystemSnapshot, cluster: Optional[Cluster]
@@ -402,8 +413,7 @@ def _best_pool(
 ) -> _Estimate:
     """The fastest pool by the model over the candidate workers x chunk sizes (the user's
     chunk size only, when given), scaled by the history's ``correction``."""
-    # In a worker the function gets one BLAS thread: an item costs own_threads times more.
-    t_worker = job.t * job.own_threads
+    t_worker = job.t_worker  # one BLAS thread in a worker
     best: Optional[_Estimate] = None
     for w in _worker_candidates(min(2, w_max), w_max, cluster):
         for c in [chunksize] if chunksize else _chunk_candidates(job.remaining, w, t_worker):
@@ -434,9 +444,11 @@ def _why_not_parallel(job: _Job, best: _Estimate, est: float, speedup: float,
             f"({fmt_s(best.parent_s)})"
         )
     if job.own_threads > 1.0:
+        measured = (f": an item takes {fmt_s(job.t_worker)} there, as a pool measured it"
+                    if job.worker_item_s else "")
         limits.append(
             f"the function already keeps {job.own_threads:.1f} CPUs busy with threads of "
-            "its own, which a worker limits to one"
+            f"its own, which a worker limits to one{measured}"
         )
     if job.setup_pool_s:
         limits.append(f"a one-time set-up of {fmt_s(job.setup_pool_s)} that each worker "
@@ -484,6 +496,9 @@ def _parallel_reason(job: _Job, best: _Estimate, est: float, speedup: float,
     if job.setup_pool_s:
         startup += (f", {fmt_s(job.setup_pool_s)} of one-time set-up in each worker "
                     "(the first call's, not counted per item)")
+    if job.own_threads > 1.0 and job.worker_item_s:
+        startup += (f", {fmt_s(job.t_worker)} an item in a worker with one BLAS thread "
+                    "(as a pool measured it)")
     if correction >= 1.05:
         startup += f", x{correction:.2f} for past parallel runs that took longer"
     startup += beside

@@ -110,6 +110,12 @@ class Features:
     # on what most (system.ThreadWaits); None where nobody looked (or could).
     wait_share: Optional[float] = None
     waits_on: Optional[str] = None
+    # Seconds per item in a pool worker, as a past run measured there, for a function
+    # that runs threads of its own (threads_cpu): a worker gives it one BLAS thread, and
+    # what that costs is not threads_cpu's CPU seconds (BLAS threads that spin while
+    # they wait count there): numpy's matrix products took 1.4x their time in the
+    # caller, not the 2.3x the CPU seconds said. None until a pool has run it.
+    worker_item_s: Optional[float] = None
 
     def to_dict(self) -> dict[str, Any]:
         # Its fields are plain values: a shallow copy, not asdict's deep one (every plan
@@ -263,6 +269,8 @@ _FEATURES: dict[str, tuple[str, Callable[[Any], str]]] = {
     "setup_s": ("one-time set-up (first call in a process)", _optional(fmt_s, "none seen")),
     "wait_share": ("seen waiting in the kernel", _optional(fmt_pct, "not looked at")),
     "waits_on": ("waiting mostly on", _optional(str, "nothing")),
+    "worker_item_s": ("time per item in a worker (one BLAS thread)",
+                      _optional(fmt_s, "not run on a pool yet")),
     "n_items": ("items", _optional(lambda n: f"{n:,}")),
     "usable_cpus": ("usable CPUs", _optional(lambda n: f"{n:,}")),
     "available_memory": ("available memory", _optional(fmt_bytes)),

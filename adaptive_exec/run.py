@@ -142,6 +142,10 @@ class MapRun:
         self.n_done = 0
         self.timeline: list[tuple[float, int]] = []
         self.observed_s: Optional[float] = None  # seconds per item seen while running
+        # ...of which in the caller (its loop) and in a process pool's workers, apart:
+        # they differ for a function that runs threads of its own (record()).
+        self.observed_here_s: Optional[float] = None
+        self.observed_pool_s: Optional[float] = None
         self.observed_cv: Optional[float] = None  # their spread, seen in the workers
         self.stay_serial = False  # the pool was ruled out during the run: no re-plan
         self.bytes_sent = 0  # pickled bytes handed to worker processes
@@ -450,11 +454,23 @@ class MapRun:
             # worker, none sampled): the stand-in features (0 s an item) were stored as
             # the function's, and every later map planned serial on them, for good.
             return
-        plan = self.plan
+        plan, features = self.plan, self.features
         estimate = plan.estimated_serial_s if plan.mode == "serial" else plan.estimated_parallel_s
-        planned = max(self.features.mean_s, 1e-12)
-        telling = (self.observed_s is None
-                   or 1 / TELLING_RATIO <= self.observed_s / planned <= TELLING_RATIO)
+        observed, in_worker = self.observed_s, None
+        seen_planned = [(observed, features.mean_s)]
+        if (features.threads_cpu or 0.0) > planner.OWN_THREADS_MIN:
+            # Its own threads: a worker runs it on one (a BLAS thread), so an item there
+            # takes another time than here, learnt apart (Features.worker_item_s); the
+            # per-item time is the caller's alone. (Mixed, the pool's 1.4x slower items
+            # made numpy's loop look slower, and the pool's estimate too.)
+            observed, in_worker = self.observed_here_s, self.observed_pool_s
+            # (The first pool run's items are not judged by the CPU seconds' guess: how
+            # far off that is, is what the run measures.)
+            seen_planned = [(observed, features.mean_s),
+                            (in_worker, features.worker_item_s or 0.0)]
+        telling = all(seen is None or not planned
+                      or 1 / TELLING_RATIO <= seen / planned <= TELLING_RATIO
+                      for seen, planned in seen_planned)
         module, qualname = describe(self.func)
         wall = time.perf_counter() - self.t_start
         run = cache.RunRecord(self.n_done, plan.mode, plan.n_workers, plan.chunksize,
@@ -467,10 +483,11 @@ class MapRun:
         cache.observe(
             self.key, module=module, qualname=qualname,
             sampled=self.features if self.entry is None else None,
-            observed_item_s=self.observed_s,
+            observed_item_s=observed,
             run=run if telling or self.threads_trial is not None else None,
             observed_setup_s=self._worker_setup(),
             observed_cv=self.observed_cv,
+            observed_worker_item_s=in_worker,
             # A quick map of a remembered function (one repeated in a loop): written
             # with the next write, at exit, or within a second (cache.DEFER_FLUSH_S).
             defer=self.entry is not None and wall < DEFER_UNDER_S,
@@ -580,6 +597,7 @@ class MapRun:
             if err is not None:
                 raise err
             self.observed_s = total_s / (self.n_done - first) if self.n_done > first else None
+            self.observed_here_s = self.observed_s
             cut = deadline is not None and deadline.hit and err is None
             if (got < n and not cut) or (whole and got == n):  # the items ran out
                 # ...unless a list grew meanwhile: the function appends to the list
@@ -768,6 +786,8 @@ class MapRun:
             adapt.note_ran_on_pool(run.executor, self.key)
         self.observed_s = (run.worker_compute_s / run.worker_items
                            if run.worker_items else None)
+        if isinstance(target, loky_backend.LokyTarget) and run.worker_items:
+            self.observed_pool_s = self.observed_s
         self.observed_cv = observed_cv(run.chunk_item_s)
         if self.threads_trial is not None:
             yield from self._serial()

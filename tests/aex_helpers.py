@@ -134,6 +134,39 @@ def hash_in_two_threads(x):
     return x
 
 
+_SPUN = bytes(1 << 16)
+
+
+def blas_like(x, size=8 << 20):
+    """A stand-in for a BLAS call: the work on the calling thread, beside it as many
+    threads as OMP_NUM_THREADS says less one, which spin until it is done (OpenBLAS's
+    wait so). In the caller it looks like two CPUs' work (threads_cpu ~1); in one of our
+    workers (OMP_NUM_THREADS=1) it runs alone, no slower."""
+    import hashlib
+    import threading
+
+    global _HASHED
+    if _HASHED is None:
+        _HASHED = bytes(32 << 20)
+    done = threading.Event()
+
+    def spin():
+        while not done.is_set():
+            hashlib.sha256(_SPUN).digest()  # releases the GIL: a CPU of its own
+
+    spinners = [threading.Thread(target=spin)
+                for _ in range(int(os.environ.get("OMP_NUM_THREADS") or 2) - 1)]
+    for t in spinners:
+        t.start()
+    try:
+        hashlib.sha256(memoryview(_HASHED)[:size]).digest()
+    finally:
+        done.set()
+        for t in spinners:
+            t.join()
+    return x * 3
+
+
 def in_worker() -> bool:
     return os.environ.get("ADAPTIVE_EXEC_IN_WORKER") == "1"
 

@@ -85,6 +85,59 @@ def test_a_function_with_threads_of_its_own_gets_no_pool():
     assert blas.mode == "serial" and "threads of its own" in blas.reason
 
 
+@pytest.mark.skipif(usable_cpus() < 2, reason="needs 2 CPUs to see two threads at once")
+def test_a_pool_run_of_a_function_with_threads_of_its_own_teaches_its_workers_time():
+    # A BLAS stand-in: its spinning second thread doubles its CPU seconds in the caller,
+    # not its time in a worker, which runs it on one thread. What the pool measured is
+    # kept apart from the caller's time, which the pool's items must not move.
+    from adaptive_exec import cache
+    from adaptive_exec.fingerprint import fingerprint
+    from adaptive_exec.planner import OWN_THREADS_MIN
+
+    items = range(60)
+    planned = parallelize(h.blas_like).plan(items)
+    assert planned.features["threads_cpu"] > OWN_THREADS_MIN, planned.features
+    assert planned.features["worker_item_s"] is None
+    mean_s = planned.features["mean_s"]
+    pool = parallelize(h.blas_like, backend="loky")
+    assert pool.map(items) == [3 * x for x in items]
+    assert pool.last_report.plan.mode == "parallel"
+    entry = cache.lookup(fingerprint(h.blas_like))
+    assert entry is not None and entry.features.worker_item_s is not None
+    # The CPU seconds said (1 + threads_cpu) x the caller's time; a worker took about
+    # the caller's time (the work of its one thread).
+    by_cpu = mean_s * (1 + planned.features["threads_cpu"])
+    assert entry.features.worker_item_s < 0.75 * by_cpu, (entry.features, by_cpu)
+    assert entry.features.mean_s == mean_s  # the pool's items say nothing of the loop's
+    assert entry.runs and entry.runs[-1].mode == "parallel"
+    assert "(one BLAS thread)" in parallelize(h.blas_like).plan(items).explain()
+
+
+def test_a_function_with_threads_of_its_own_is_planned_on_its_workers_measured_time():
+    from adaptive_exec.calibration import DEFAULTS
+    from adaptive_exec.planner import make_plan
+    from adaptive_exec.sampling import Features
+    from adaptive_exec.system import SystemSnapshot
+
+    two = SystemSnapshot(usable_cpus=2, available_memory=8 << 30)
+
+    def plan(worker_item_s):
+        # numpy's matrix products, from the benchmark suite: 10.6 ms an item in the
+        # caller on 2 BLAS threads, threads_cpu 1.3; 14.6 ms in a worker on one.
+        f = Features(0.0106, 0.1, 24, 8, 0, 10, 5, 1.0, threads_cpu=1.3,
+                     worker_item_s=worker_item_s)
+        return make_plan(f, 200, 0, two, DEFAULTS, warm=True, from_cache=True)
+
+    unmeasured = plan(None)  # by the CPU seconds: 2 x 10.6 ms in a worker, no gain
+    assert unmeasured.mode == "serial" and "threads of its own" in unmeasured.reason
+    measured = plan(0.0146)
+    assert measured.mode == "parallel", measured.reason
+    assert "14.6 ms an item in a worker with one BLAS thread" in measured.reason
+    assert measured.estimated_parallel_s == pytest.approx(200 * 0.0146 / 2, rel=0.15)
+    # A pool that measured as slow as the CPU seconds said changes nothing.
+    assert plan(0.0212).mode == "serial"
+
+
 def test_chunks_shrink_towards_the_end(tmp_path):
     by_start = {}
 
