@@ -253,7 +253,7 @@ class _Job:
         measured, or until there is one, own_threads times the caller's time."""
         if self.own_threads == 1.0:
             return self.t
-        return self.worker_item_s or self.t * self.own_threads
+        return self.worker_item_s or self.t * self.own_threads  # as pool_item_s
 
     @property
     def serial_rest(self) -> float:
@@ -321,14 +321,28 @@ def _describe(
     return info
 
 
+def _own_threads(features: Features, usable_cpus: int) -> float:
+    """The CPUs one call keeps busy with threads of its own (1: none), by its CPU
+    seconds."""
+    others = features.threads_cpu or 0.0
+    return min(1.0 + others, usable_cpus) if others > OWN_THREADS_MIN else 1.0
+
+
+def pool_item_s(features: Features, usable_cpus: int) -> float:
+    """Seconds per item in one of our pool's workers, as the plan takes it (_Job.t_worker)."""
+    own = _own_threads(features, usable_cpus)
+    if own == 1.0:
+        return features.mean_s
+    return features.worker_item_s or features.mean_s * own
+
+
 def _job(
     features: Features, n_items: int, n_done: int, system: SystemSnapshot,
     elapsed_s: float, from_cache: bool, info: dict[str, Any],
     setup_here: bool = False, setup_pool: float = 1.0,
 ) -> _Job:
     """The remaining items and what the model takes from the features about them."""
-    others = features.threads_cpu or 0.0
-    own_threads = min(1.0 + others, system.usable_cpus) if others > OWN_THREADS_MIN else 1.0
+    own_threads = _own_threads(features, system.usable_cpus)
     cv = features.coefficient_of_variation if features.coefficient_of_variation is not None else 0.5
     bytes_per_item = float((features.pickle_size or 0) + (features.input_pickle_size or 0))
     setup = features.setup_s or 0.0

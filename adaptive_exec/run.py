@@ -742,7 +742,7 @@ class MapRun:
             plan.n_workers, plan.chunksize, star=self.star, ordered=self.ordered,
             strict=self.options.strict, fixed_chunksize=self.options.chunksize is not None,
             max_chunk_items=_imap_chunk_cap(self.features) if self.partial else None,
-            task_overhead_s=task_overhead_s, item_s=self.features.mean_s,
+            task_overhead_s=task_overhead_s, item_s=self._item_s(plan),
             timeout=self.options.timeout if plan.mode == "parallel" else None,
             caller_items=plan.features.get("caller_items", 0) if plan.mode == "parallel" else 0,
             # Not while the caller has a one-time set-up to pay: its first item would
@@ -774,7 +774,7 @@ class MapRun:
         resized, seen = run.chunks.resized, run.chunks.per_item_s
         if resized is not None and seen is not None:
             self.adjusted = (f"items took {fmt_s(seen)} in the workers, not the "
-                             f"{fmt_s(self.features.mean_s)} planned: chunks of "
+                             f"{fmt_s(self._item_s(plan))} planned: chunks of "
                              f"{plan.chunksize:,} became {resized:,}")
         if run.local_items:
             self.ran = (f"{run.local_items:,} of the items ran in the caller: "
@@ -791,6 +791,14 @@ class MapRun:
         self.observed_cv = observed_cv(run.chunk_item_s)
         if self.threads_trial is not None:
             yield from self._serial()
+
+    def _item_s(self, plan: Plan) -> float:
+        """What the plan took an item to cost where it runs them: in a process pool's
+        worker, a function's own threads (BLAS) are one there."""
+        assert self.features is not None
+        if plan.mode != "parallel":
+            return self.features.mean_s
+        return planner.pool_item_s(self.features, int(plan.features.get("usable_cpus") or 1))
 
     def _threads_lose(self, done: int, seconds: float) -> bool:
         """The threads' trial: do their items (``done`` finished in their first

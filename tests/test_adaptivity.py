@@ -136,6 +136,13 @@ def test_a_function_with_threads_of_its_own_is_planned_on_its_workers_measured_t
     assert measured.estimated_parallel_s == pytest.approx(200 * 0.0146 / 2, rel=0.15)
     # A pool that measured as slow as the CPU seconds said changes nothing.
     assert plan(0.0212).mode == "serial"
+    # What a run's chunks are sized by, and its report compares the workers' times to.
+    from adaptive_exec.planner import pool_item_s
+
+    blas = Features(0.0106, 0.1, 24, 8, 0, 10, 5, 1.0, threads_cpu=1.3)
+    assert pool_item_s(blas, 2) == pytest.approx(0.0212)
+    assert pool_item_s(dataclasses.replace(blas, worker_item_s=0.0146), 2) == 0.0146
+    assert pool_item_s(dataclasses.replace(blas, threads_cpu=0.1), 2) == 0.0106
 
 
 def test_chunks_shrink_towards_the_end(tmp_path):
