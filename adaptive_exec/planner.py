@@ -36,6 +36,15 @@ from .records import (
 from .system import SystemSnapshot, busy_cpus
 
 MIN_SPEEDUP = 1.2  # below this the estimate's own error can turn a gain into a loss
+# A function with threads of its own (BLAS) whose time in a worker no pool has measured
+# yet is given the pool once where, by its CPU seconds, the pool is about as fast as the
+# loop and the loop would take a while: those CPU seconds are the most one thread can
+# cost (BLAS threads that spin while they wait count there too: numpy's products took
+# 1.4x their caller's time in a worker, not 2.3x), so the trial costs at most about the
+# pool's start-up, and what it measures plans every later map (Features.worker_item_s).
+# Judgements: within 5% of the loop, a loop of a second or more.
+POOL_TRIAL_SPEEDUP = 0.95
+POOL_TRIAL_MIN_S = 1.0
 # And by at least this much: a judgement, below the noise of one scheduler tick on a
 # busy machine (10 ms), a "faster" pool is a coin toss that costs a start-up.
 MIN_SAVING_S = 0.01
@@ -609,8 +618,11 @@ def make_plan(
             "sampled items or results cannot be pickled, so they cannot reach a worker",
             est_parallel,
         )
-    if not forced_parallel and (speedup < MIN_SPEEDUP
-                                or job.est_serial - est_parallel < MIN_SAVING_S):
+    trial = (not forced_parallel and cluster is None and job.own_threads > 1.0
+             and not job.worker_item_s and best.n_workers >= 2
+             and speedup >= POOL_TRIAL_SPEEDUP and job.serial_rest >= POOL_TRIAL_MIN_S)
+    if not forced_parallel and not trial and (speedup < MIN_SPEEDUP
+                                              or job.est_serial - est_parallel < MIN_SAVING_S):
         return job.serial(_why_not_parallel(job, best, est_parallel, speedup, calib, cluster),
                           est_parallel)
     mode = "distributed" if cluster is not None else "parallel"
@@ -620,6 +632,12 @@ def make_plan(
     reason = _parallel_reason(job, best, est_parallel, speedup, parallel_correction,
                               forced_parallel, cluster, warm,
                               startup_left is not None and not warm, mine)
+    if trial and speedup < MIN_SPEEDUP:
+        info["pool_trial"] = True
+        reason += (f"; a trial: the function keeps {job.own_threads:.1f} CPUs busy with "
+                   "threads of its own, and by their CPU seconds, the most one thread in a "
+                   "worker can cost, the pool is about as fast as the loop; this run "
+                   "measures what an item takes in a worker, for the next plans")
     return job.plan(mode, best, est_parallel, speedup, reason)
 
 

@@ -281,6 +281,7 @@ _FEATURES: dict[str, tuple[str, Callable[[Any], str]]] = {
     "pool_warm": ("pool already running", _yes_no),
     "startup_left_s": ("start-up left of a pool started ahead", _optional(fmt_s)),
     "threads_lost": ("threads lost to the loop in a recent run", _yes_no),
+    "pool_trial": ("the pool given once, to measure a worker's time", _yes_no),
     "parallel_correction": ("correction from past runs", _optional(lambda x: f"x{x:.2f}")),
     "cluster": ("dask cluster", _optional(str)),
     "cluster_threads": ("cluster threads", _optional(lambda n: f"{n:,}")),

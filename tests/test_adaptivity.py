@@ -77,8 +77,9 @@ def test_a_function_with_threads_of_its_own_gets_no_pool():
     two = SystemSnapshot(usable_cpus=2, available_memory=8 << 30)
 
     def plan(threads_cpu):
+        # 0.6 s of work: too short for a trial of the pool (test below).
         f = Features(0.006, 0.1, 8, 8, 0, 10, 5, 1.0, threads_cpu=threads_cpu)
-        return make_plan(f, 200, 0, two, DEFAULTS, warm=True, from_cache=False)
+        return make_plan(f, 100, 0, two, DEFAULTS, warm=True, from_cache=False)
 
     assert plan(0.0).mode == "parallel"
     blas = plan(1.0)
@@ -121,20 +122,29 @@ def test_a_function_with_threads_of_its_own_is_planned_on_its_workers_measured_t
 
     two = SystemSnapshot(usable_cpus=2, available_memory=8 << 30)
 
-    def plan(worker_item_s):
+    def plan(worker_item_s, n=200):
         # numpy's matrix products, from the benchmark suite: 10.6 ms an item in the
         # caller on 2 BLAS threads, threads_cpu 1.3; 14.6 ms in a worker on one.
         f = Features(0.0106, 0.1, 24, 8, 0, 10, 5, 1.0, threads_cpu=1.3,
                      worker_item_s=worker_item_s)
-        return make_plan(f, 200, 0, two, DEFAULTS, warm=True, from_cache=True)
+        return make_plan(f, n, 0, two, DEFAULTS, warm=True, from_cache=True)
 
-    unmeasured = plan(None)  # by the CPU seconds: 2 x 10.6 ms in a worker, no gain
-    assert unmeasured.mode == "serial" and "threads of its own" in unmeasured.reason
+    # Unmeasured: by the CPU seconds, 2 x 10.6 ms in a worker, about the loop's time;
+    # over 2 s of work, the pool is given once, to measure it.
+    trial = plan(None)
+    assert trial.mode == "parallel" and "a trial" in trial.reason, trial.reason
+    assert trial.features["pool_trial"] is True
+    line = next(x for x in trial.explain().splitlines()
+                if "the pool given once, to measure a worker's time" in x)
+    assert line.split()[-2:] == ["yes", "(pool_trial)"], line
+    short = plan(None, n=50)  # 0.53 s of work: not worth a trial
+    assert short.mode == "serial" and "threads of its own" in short.reason
     measured = plan(0.0146)
     assert measured.mode == "parallel", measured.reason
+    assert "a trial" not in measured.reason and "pool_trial" not in measured.features
     assert "14.6 ms an item in a worker with one BLAS thread" in measured.reason
     assert measured.estimated_parallel_s == pytest.approx(200 * 0.0146 / 2, rel=0.15)
-    # A pool that measured as slow as the CPU seconds said changes nothing.
+    # A pool that measured as slow as the CPU seconds said: no gain, and no new trial.
     assert plan(0.0212).mode == "serial"
     # What a run's chunks are sized by, and its report compares the workers' times to.
     from adaptive_exec.planner import pool_item_s
