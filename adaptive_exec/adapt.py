@@ -708,6 +708,14 @@ class MapPlanner:
                 self._needs_main = False
         return self._needs_main
 
+    def _may_learn(self, features: Features) -> bool:
+        """Would this map's measurements be remembered? Asked of the cache only for a
+        function with threads of its own, the one a plan may try the pool for
+        (planner.POOL_TRIAL_SPEEDUP): a read-only cache had every such map try it."""
+        if (features.threads_cpu or 0.0) <= planner.OWN_THREADS_MIN:
+            return True
+        return bool(self.options.cache) and self.forced is None and cache.writes()
+
     def _correction(self) -> float:
         # Past runs on the same kind of workers correct the estimate: a cluster's runs
         # say nothing about the local pool's, nor the reverse.
@@ -739,6 +747,7 @@ class MapPlanner:
             setup_pool=self._setup_share(features),
             # An item in the caller cannot be stopped at its timeout.
             caller_helps=opts.timeout is None,
+            may_learn=self._may_learn(features),
         )
         plan = planner.make_plan(features, n_items, n_done, snap, calib, **kwargs)
         if plan.mode == "parallel":

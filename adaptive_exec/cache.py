@@ -70,6 +70,8 @@ FILENAME = "cache.sqlite3"
 REFRESH_RATIO = 2.0
 REFRESH_MIN = 0.05
 REFRESH_WEIGHT = 0.5
+# Features.worker_ratio outside this is not a measurement (a tampered file): unknown.
+WORKER_RATIO_BOUNDS = (0.05, 20.0)
 # observe(defer=True): observations of quick maps wait at most this long to be written
 # (with the next write of this process, or at its exit, if sooner).
 DEFER_FLUSH_S = 1.0
@@ -279,7 +281,7 @@ def _features(row: Any) -> Optional[Features]:
     """Features from the FEATURE_COLUMNS of a row; None when the required ones are bad.
     Optional features that are missing (an entry from schema 1) or invalid are None."""
     (mean_s, cv, pickle_size, input_pickle_size, peak_memory, complexity, n_samples,
-     cpu_fraction, picklable, threads_cpu, setup_s, wait_share, waits_on, worker_item_s) = row
+     cpu_fraction, picklable, threads_cpu, setup_s, wait_share, waits_on, worker_ratio) = row
     mean = _num(mean_s, hi=1e6)  # over 11 days per item is not a measurement
     if mean is None:
         return None
@@ -297,7 +299,7 @@ def _features(row: Any) -> Optional[Features]:
         setup_s=_num(setup_s, hi=1e6),
         wait_share=_num(wait_share, hi=1.0),
         waits_on=waits_on if type(waits_on) is str and waits_on else None,
-        worker_item_s=_num(worker_item_s, hi=1e6) or None,
+        worker_ratio=_num(worker_ratio, *WORKER_RATIO_BOUNDS),
     )
 
 
@@ -367,14 +369,15 @@ def observe(
     observed_setup_s: Optional[float] = None,
     defer: bool = False,
     observed_cv: Optional[float] = None,
-    observed_worker_item_s: Optional[float] = None,
+    observed_worker_ratio: Optional[float] = None,
 ) -> bool:
     """After a run (or a plan): keep what sampling measured, correct the per-item time
     when the run saw something else (beyond REFRESH_MIN), keep a one-time set-up the
     workers showed (``observed_setup_s``) and the spread of item costs they showed when
     sampling could not tell it (``observed_cv``: one sampled call, whose spread the plan
-    would otherwise guess), the time per item in a worker of a function that runs
-    threads of its own (``observed_worker_item_s``, learnt as the per-item time is),
+    would otherwise guess), how much longer an item of a function that runs threads
+    of its own takes in a worker (``observed_worker_ratio``, learnt as the per-item
+    time is),
     and add the run's record. True when it was written (False: nothing to write, the
     cache was unavailable, or ``defer``red).
 
@@ -389,14 +392,14 @@ def observe(
             with _state.lock:
                 since, kept = _state.deferred.setdefault(f.path, (now, []))
                 kept.append((key, module, qualname, observed_item_s, run, observed_setup_s,
-                             observed_cv, observed_worker_item_s))
+                             observed_cv, observed_worker_ratio))
             if now - since < DEFER_FLUSH_S:
                 return False
             return bool(_write_with_hits(lambda conn: True))
         wrote = _write_with_hits(lambda conn: _observe(conn, key, module, qualname, sampled,
                                                        observed_item_s, run,
                                                        observed_setup_s, observed_cv,
-                                                       observed_worker_item_s))
+                                                       observed_worker_ratio))
         return bool(wrote)
     except Exception as exc:
         _failed("observe", exc)
@@ -407,7 +410,7 @@ def _observe(
     conn: sqlite3.Connection, key: str, module: str, qualname: str,
     sampled: Optional[Features], observed_item_s: Optional[float], run: Optional[RunRecord],
     observed_setup_s: Optional[float] = None, observed_cv: Optional[float] = None,
-    observed_worker_item_s: Optional[float] = None,
+    observed_worker_ratio: Optional[float] = None,
 ) -> bool:
     """Inside a write transaction."""
     machine = machine_id()
@@ -421,9 +424,10 @@ def _observe(
     if observed_item_s is not None and observed_item_s > 0:
         features = dataclasses.replace(
             features, mean_s=_refreshed(features.mean_s, observed_item_s))
-    if observed_worker_item_s is not None and observed_worker_item_s > 0:
-        features = dataclasses.replace(features, worker_item_s=_refreshed(
-            features.worker_item_s or 0.0, observed_worker_item_s))
+    if observed_worker_ratio is not None and observed_worker_ratio > 0:
+        low, high = WORKER_RATIO_BOUNDS
+        features = dataclasses.replace(features, worker_ratio=min(high, max(low, _refreshed(
+            features.worker_ratio or 0.0, observed_worker_ratio))))
     if observed_setup_s is not None and observed_setup_s > 0:
         features = dataclasses.replace(features, setup_s=observed_setup_s)
     if observed_cv is not None and features.coefficient_of_variation is None:
@@ -444,7 +448,7 @@ def _observe(
 
 
 def _refreshed(remembered: float, observed: float) -> float:
-    """A remembered per-item time after a run that saw ``observed``."""
+    """A remembered per-item time (or ratio of them) after a run that saw ``observed``."""
     # (No time at all: nothing remembered yet, or an entry an earlier version stored for
     # a map that measured nothing. The run's time replaces it.)
     ratio = observed / remembered if remembered > 0 else math.inf
@@ -656,6 +660,13 @@ def list_entries() -> list[Entry]:
 def status() -> str:
     """The file's state in sqlite_file's words: ok, read-only (why), off: why, ..."""
     return _file().status()
+
+
+def writes() -> bool:
+    """Whether what a map learns would be written: the file is usable and writable
+    here, or not made yet."""
+    state = status()
+    return state == "ok" or state.startswith("no ")
 
 
 def counts() -> Optional[dict[str, Any]]:

@@ -17,7 +17,7 @@ HISTORY = 20
 FEATURE_COLUMNS = (
     "mean_s", "coefficient_of_variation", "pickle_size", "input_pickle_size", "peak_memory",
     "function_complexity", "n_samples", "cpu_fraction", "picklable", "threads_cpu",
-    "setup_s", "wait_share", "waits_on", "worker_item_s",
+    "setup_s", "wait_share", "waits_on", "worker_ratio",
 )
 ENTRY_COLUMNS = ("module", "qualname", *FEATURE_COLUMNS,
                   "created_at", "updated_at", "used_at", "hits")
@@ -59,7 +59,7 @@ CREATE = (
         setup_s REAL,
         wait_share REAL,
         waits_on TEXT,
-        worker_item_s REAL,
+        worker_ratio REAL,
         created_at REAL NOT NULL,
         updated_at REAL NOT NULL,
         used_at REAL NOT NULL,
@@ -97,7 +97,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: ("ALTER TABLE entries ADD COLUMN setup_s REAL",),
     3: ("ALTER TABLE entries ADD COLUMN wait_share REAL",
         "ALTER TABLE entries ADD COLUMN waits_on TEXT"),
-    4: ("ALTER TABLE entries ADD COLUMN worker_item_s REAL",),
+    4: ("ALTER TABLE entries ADD COLUMN worker_ratio REAL",),
 }
 
 SCHEMA = Schema(SCHEMA_VERSION, CREATE, MIGRATIONS)

@@ -191,7 +191,7 @@ _FEATURES: dict[str, tuple[str, Callable[[Any], str]]] = {
     "n_samples": ("calls sampled", _count),
     "cpu_fraction": ("CPU while sampled", lambda v: f"{v:.0%} of wall time"),
     "threads_cpu": ("other threads' CPU", lambda v: f"{v:.2f} cores"),
-    "worker_item_s": ("time per item in a worker", fmt_s),
+    "worker_ratio": ("an item's time in a worker", lambda v: f"x{v:.2f} of here"),
     "picklable": ("picklable", _yes_no),
 }
 

@@ -385,6 +385,7 @@ class ParallelRun:
         # Observations, read by the caller after the run:
         self.timeline: list[tuple[float, int]] = []
         self.worker_compute_s = 0.0  # the items' compute, one-time set-ups left out
+        self.worker_queued_s = 0.0  # and what their threads waited for a CPU beside it
         self.worker_items = 0
         # Per-item times of the first chunks (their compute over their items), for the
         # spread of item costs when sampling could not tell it (one sampled call).
@@ -687,6 +688,7 @@ class ParallelRun:
             return
         compute_s = res.compute_s - self._setup_in(res)
         self.worker_compute_s += compute_s
+        self.worker_queued_s += res.queued_s
         self.worker_items += res.n_done
         self.chunks.observe(compute_s, res.n_done)
         if res.n_done and len(self.chunk_item_s) < SPREAD_CHUNKS:

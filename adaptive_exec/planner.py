@@ -41,7 +41,7 @@ MIN_SPEEDUP = 1.2  # below this the estimate's own error can turn a gain into a 
 # loop and the loop would take a while: those CPU seconds are the most one thread can
 # cost (BLAS threads that spin while they wait count there too: numpy's products took
 # 1.4x their caller's time in a worker, not 2.3x), so the trial costs at most about the
-# pool's start-up, and what it measures plans every later map (Features.worker_item_s).
+# pool's start-up, and what it measures plans every later map (Features.worker_ratio).
 # Judgements: within 5% of the loop, a loop of a second or more.
 POOL_TRIAL_SPEEDUP = 0.95
 POOL_TRIAL_MIN_S = 1.0
@@ -253,16 +253,15 @@ class _Job:
     # same time: once in wall time).
     setup_here_s: float = 0.0
     setup_pool_s: float = 0.0
-    worker_item_s: Optional[float] = None  # Features.worker_item_s: a pool's, measured
+    worker_ratio: Optional[float] = None  # Features.worker_ratio: a pool's, measured
 
     @property
     def t_worker(self) -> float:
         """Seconds per item in a pool worker: the caller's, but for a function that runs
         threads of its own, which a worker limits to one: then what a past pool run
-        measured, or until there is one, own_threads times the caller's time."""
-        if self.own_threads == 1.0:
-            return self.t
-        return self.worker_item_s or self.t * self.own_threads  # as pool_item_s
+        measured (Features.worker_ratio), or until there is one, own_threads times the
+        caller's time (as pool_item_s)."""
+        return self.t * _worker_factor(self.own_threads, self.worker_ratio)
 
     @property
     def serial_rest(self) -> float:
@@ -339,10 +338,18 @@ def _own_threads(features: Features, usable_cpus: int) -> float:
 
 def pool_item_s(features: Features, usable_cpus: int) -> float:
     """Seconds per item in one of our pool's workers, as the plan takes it (_Job.t_worker)."""
-    own = _own_threads(features, usable_cpus)
-    if own == 1.0:
-        return features.mean_s
-    return features.worker_item_s or features.mean_s * own
+    return features.mean_s * _worker_factor(_own_threads(features, usable_cpus),
+                                            features.worker_ratio)
+
+
+def _worker_factor(own_threads: float, worker_ratio: Optional[float]) -> float:
+    """How much longer an item takes in a worker than in the caller: 1 for a function
+    without threads of its own; for one with, what a pool measured, at most what its
+    CPU seconds say (the most one thread can cost: a ratio above it was measured on a
+    busy machine, whose load the plan counts apart), and those until a pool measured."""
+    if own_threads == 1.0:
+        return 1.0
+    return min(worker_ratio, own_threads) if worker_ratio else own_threads
 
 
 def _job(
@@ -358,7 +365,7 @@ def _job(
     return _Job(max(0, n_items - n_done), features.mean_s, min(cv, CV_CAP), bytes_per_item,
                 own_threads, elapsed_s, from_cache, info,
                 setup if setup_here else 0.0, setup * max(0.0, min(1.0, setup_pool)),
-                features.worker_item_s)
+                features.worker_ratio)
 
 
 def _worker_cap(features: Features, system: SystemSnapshot, cluster: Optional[Cluster]
@@ -468,7 +475,7 @@ def _why_not_parallel(job: _Job, best: _Estimate, est: float, speedup: float,
         )
     if job.own_threads > 1.0:
         measured = (f": an item takes {fmt_s(job.t_worker)} there, as a pool measured it"
-                    if job.worker_item_s else "")
+                    if job.worker_ratio else "")
         limits.append(
             f"the function already keeps {job.own_threads:.1f} CPUs busy with threads of "
             f"its own, which a worker limits to one{measured}"
@@ -519,7 +526,7 @@ def _parallel_reason(job: _Job, best: _Estimate, est: float, speedup: float,
     if job.setup_pool_s:
         startup += (f", {fmt_s(job.setup_pool_s)} of one-time set-up in each worker "
                     "(the first call's, not counted per item)")
-    if job.own_threads > 1.0 and job.worker_item_s:
+    if job.own_threads > 1.0 and job.worker_ratio:
         startup += (f", {fmt_s(job.t_worker)} an item in a worker with one BLAS thread "
                     "(as a pool measured it)")
     if correction >= 1.05:
@@ -552,6 +559,7 @@ def make_plan(
     setup_here: bool = False,
     setup_pool: float = 1.0,
     caller_helps: bool = True,
+    may_learn: bool = True,
 ) -> Plan:
     """Plan the remaining ``n_items - n_done`` items; ``elapsed_s`` was already spent.
 
@@ -571,6 +579,9 @@ def make_plan(
 
     ``caller_helps``: whether the caller may run a few long items beside the pool
     (``caller_items``); not where each item must be stoppable (a timeout).
+
+    ``may_learn``: whether what this run measures can be remembered (the cache is on and
+    writable here); a trial of the pool (POOL_TRIAL_SPEEDUP) only where it can.
     """
     if cluster is not None:
         warm, startup_left = True, 0.0  # the cluster is already running
@@ -618,8 +629,8 @@ def make_plan(
             "sampled items or results cannot be pickled, so they cannot reach a worker",
             est_parallel,
         )
-    trial = (not forced_parallel and cluster is None and job.own_threads > 1.0
-             and not job.worker_item_s and best.n_workers >= 2
+    trial = (may_learn and not forced_parallel and cluster is None and job.own_threads > 1.0
+             and not job.worker_ratio and features.picklable and best.n_workers >= 2
              and speedup >= POOL_TRIAL_SPEEDUP and job.serial_rest >= POOL_TRIAL_MIN_S)
     if not forced_parallel and not trial and (speedup < MIN_SPEEDUP
                                               or job.est_serial - est_parallel < MIN_SAVING_S):
@@ -633,7 +644,6 @@ def make_plan(
                               forced_parallel, cluster, warm,
                               startup_left is not None and not warm, mine)
     if trial and speedup < MIN_SPEEDUP:
-        info["pool_trial"] = True
         reason += (f"; a trial: the function keeps {job.own_threads:.1f} CPUs busy with "
                    "threads of its own, and by their CPU seconds, the most one thread in a "
                    "worker can cost, the pool is about as fast as the loop; this run "

@@ -110,12 +110,14 @@ class Features:
     # on what most (system.ThreadWaits); None where nobody looked (or could).
     wait_share: Optional[float] = None
     waits_on: Optional[str] = None
-    # Seconds per item in a pool worker, as a past run measured there, for a function
-    # that runs threads of its own (threads_cpu): a worker gives it one BLAS thread, and
-    # what that costs is not threads_cpu's CPU seconds (BLAS threads that spin while
-    # they wait count there): numpy's matrix products took 1.4x their time in the
-    # caller, not the 2.3x the CPU seconds said. None until a pool has run it.
-    worker_item_s: Optional[float] = None
+    # For a function that runs threads of its own (threads_cpu): an item's time in one
+    # of our pool's workers over its time here (mean_s), as a pool run measured it, its
+    # wall time with the other workers beside it. A worker caps BLAS at one thread, and
+    # what that costs is not the CPU seconds' share (BLAS threads that spin while they
+    # wait count there): numpy's matrix products took 1.4x their time here, not 2.3x;
+    # threads a worker does not cap take what they take. A ratio, so that it holds when
+    # other inputs change mean_s. None until a pool has run it.
+    worker_ratio: Optional[float] = None
 
     def to_dict(self) -> dict[str, Any]:
         # Its fields are plain values: a shallow copy, not asdict's deep one (every plan
@@ -269,8 +271,8 @@ _FEATURES: dict[str, tuple[str, Callable[[Any], str]]] = {
     "setup_s": ("one-time set-up (first call in a process)", _optional(fmt_s, "none seen")),
     "wait_share": ("seen waiting in the kernel", _optional(fmt_pct, "not looked at")),
     "waits_on": ("waiting mostly on", _optional(str, "nothing")),
-    "worker_item_s": ("time per item in a worker (one BLAS thread)",
-                      _optional(fmt_s, "not run on a pool yet")),
+    "worker_ratio": ("an item's time in a worker, over here",
+                     _optional(lambda x: f"x{x:.2f}", "not run on a pool yet")),
     "n_items": ("items", _optional(lambda n: f"{n:,}")),
     "usable_cpus": ("usable CPUs", _optional(lambda n: f"{n:,}")),
     "available_memory": ("available memory", _optional(fmt_bytes)),
@@ -281,7 +283,6 @@ _FEATURES: dict[str, tuple[str, Callable[[Any], str]]] = {
     "pool_warm": ("pool already running", _yes_no),
     "startup_left_s": ("start-up left of a pool started ahead", _optional(fmt_s)),
     "threads_lost": ("threads lost to the loop in a recent run", _yes_no),
-    "pool_trial": ("the pool given once, to measure a worker's time", _yes_no),
     "parallel_correction": ("correction from past runs", _optional(lambda x: f"x{x:.2f}")),
     "cluster": ("dask cluster", _optional(str)),
     "cluster_threads": ("cluster threads", _optional(lambda n: f"{n:,}")),

@@ -456,21 +456,12 @@ class MapRun:
             return
         plan, features = self.plan, self.features
         estimate = plan.estimated_serial_s if plan.mode == "serial" else plan.estimated_parallel_s
-        observed, in_worker = self.observed_s, None
-        seen_planned = [(observed, features.mean_s)]
+        observed, ratio = self.observed_s, None
         if (features.threads_cpu or 0.0) > planner.OWN_THREADS_MIN:
-            # Its own threads: a worker runs it on one (a BLAS thread), so an item there
-            # takes another time than here, learnt apart (Features.worker_item_s); the
-            # per-item time is the caller's alone. (Mixed, the pool's 1.4x slower items
-            # made numpy's loop look slower, and the pool's estimate too.)
-            observed, in_worker = self.observed_here_s, self.observed_pool_s
-            # (The first pool run's items are not judged by the CPU seconds' guess: how
-            # far off that is, is what the run measures.)
-            seen_planned = [(observed, features.mean_s),
-                            (in_worker, features.worker_item_s or 0.0)]
-        telling = all(seen is None or not planned
-                      or 1 / TELLING_RATIO <= seen / planned <= TELLING_RATIO
-                      for seen, planned in seen_planned)
+            observed, ratio = self._own_threads_observed(features)
+        telling = (observed is None
+                   or 1 / TELLING_RATIO <= observed / max(features.mean_s, 1e-12)
+                   <= TELLING_RATIO)
         module, qualname = describe(self.func)
         wall = time.perf_counter() - self.t_start
         run = cache.RunRecord(self.n_done, plan.mode, plan.n_workers, plan.chunksize,
@@ -487,12 +478,34 @@ class MapRun:
             run=run if telling or self.threads_trial is not None else None,
             observed_setup_s=self._worker_setup(),
             observed_cv=self.observed_cv,
-            observed_worker_item_s=in_worker,
+            observed_worker_ratio=ratio,
             # A quick map of a remembered function (one repeated in a loop): written
             # with the next write, at exit, or within a second (cache.DEFER_FLUSH_S).
             defer=self.entry is not None and wall < DEFER_UNDER_S,
         )
         calibration.save()
+
+    def _own_threads_observed(self, features: Features
+                              ) -> tuple[Optional[float], Optional[float]]:
+        """For a function with threads of its own, which a worker runs on one (a BLAS
+        thread): the per-item time this run saw here, and an item's time in a worker
+        over the one here (Features.worker_ratio), where it can tell them. The pool's
+        items no longer count as the caller's (numpy's, 1.4x slower there, made the loop
+        look slower, and the pool's estimate too): a pool run that had none here says
+        the caller's time through the ratio it has learnt. Against a remembered time
+        (nothing ran here), a ratio that no worker's thread cap explains (a worker 2x
+        faster than here, or 2x slower than the CPU seconds say) measured other inputs
+        than that time's: not learnt."""
+        here, pool = self.observed_here_s, self.observed_pool_s
+        if pool is None:
+            return here, None
+        if features.worker_ratio is None or here is not None:
+            ratio = pool / max(here or features.mean_s, 1e-12)
+            plausible = (here is not None or self.entry is None  # measured here, now
+                         or 1 / TELLING_RATIO <= ratio
+                         <= TELLING_RATIO * (1 + (features.threads_cpu or 0.0)))
+            return here, ratio if plausible else None
+        return pool / features.worker_ratio, None
 
     def remember_sample(self) -> None:
         """plan(): what was sampled is kept, so the next map does not sample again."""
@@ -787,7 +800,11 @@ class MapRun:
         self.observed_s = (run.worker_compute_s / run.worker_items
                            if run.worker_items else None)
         if isinstance(target, loky_backend.LokyTarget) and run.worker_items:
-            self.observed_pool_s = self.observed_s
+            # Its wall time, with what the workers' threads waited for a CPU beside each
+            # other: threads a worker does not cap (the function's own pool, not BLAS)
+            # contend there, and compute_s alone took them for twice as fast.
+            self.observed_pool_s = (run.worker_compute_s + run.worker_queued_s) \
+                / run.worker_items
         self.observed_cv = observed_cv(run.chunk_item_s)
         if self.threads_trial is not None:
             yield from self._serial()

@@ -1662,6 +1662,9 @@ class ChunkResult:
     # The seconds of this process's first call of the function, when the chunk holds it
     # (its one-time set-up, if any, is in it: the caller tells it from the next calls).
     first_call_s: Optional[float] = None
+    # The seconds its calling thread was runnable but kept off a CPU (by other processes,
+    # or the function's own threads and the other workers', which compute_s leaves out).
+    queued_s: float = 0.0
     # The warnings its items raised, as (text, category, file, line) (``warn_again``).
     warned: Optional[list[tuple[str, Any, str, int]]] = None
 
@@ -2006,13 +2009,17 @@ def run_items(func: Callable[..., Any], start: int, items: list[Any], star: bool
     else:
         error = call_each(func, items, star, start, out, in_caller=False, where=where)
     # The chunk's time, less its wait for a CPU: the items' cost, which the cache keeps.
-    compute = max(0.0, time.perf_counter() - t0 - (runqueue_wait_s() - queued0))
+    wall = time.perf_counter() - t0
+    queued = min(wall, max(0.0, runqueue_wait_s() - queued0))
+    compute = wall - queued
     if error is None:
-        return ChunkResult(out, len(out), compute, os.getpid(), first_call_s=first)
+        return ChunkResult(out, len(out), compute, os.getpid(), first_call_s=first,
+                           queued_s=queued)
     return ChunkResult(
         results=out,
         n_done=len(out),
         compute_s=compute,
+        queued_s=queued,
         pid=os.getpid(),
         error=error,
         error_index=start + len(out),

@@ -137,11 +137,14 @@ def hash_in_two_threads(x):
 _SPUN = bytes(1 << 16)
 
 
-def blas_like(x, size=8 << 20):
-    """A stand-in for a BLAS call: the work on the calling thread, beside it as many
-    threads as OMP_NUM_THREADS says less one, which spin until it is done (OpenBLAS's
-    wait so). In the caller it looks like two CPUs' work (threads_cpu ~1); in one of our
-    workers (OMP_NUM_THREADS=1) it runs alone, no slower."""
+def blas_like(size, capped=True):
+    """A stand-in for a BLAS call on ``size`` bytes: the work on the calling thread,
+    beside it as many threads as OMP_NUM_THREADS says less one, which spin until it is
+    done (OpenBLAS's wait so). In the caller (3 threads by default) it looks like more
+    than two CPUs' work (threads_cpu ~1-2, ~0.7 beside a busy core); in one of our
+    workers (OMP_NUM_THREADS=1) it runs alone, no slower. Not
+    ``capped``: it spins one thread wherever it runs, as a function's own thread pool
+    does (our workers cap BLAS, not those)."""
     import hashlib
     import threading
 
@@ -155,7 +158,8 @@ def blas_like(x, size=8 << 20):
             hashlib.sha256(_SPUN).digest()  # releases the GIL: a CPU of its own
 
     spinners = [threading.Thread(target=spin)
-                for _ in range(int(os.environ.get("OMP_NUM_THREADS") or 2) - 1)]
+                for _ in range(int(os.environ.get("OMP_NUM_THREADS") or 3) - 1
+                               if capped else 1)]
     for t in spinners:
         t.start()
     try:
@@ -164,7 +168,7 @@ def blas_like(x, size=8 << 20):
         done.set()
         for t in spinners:
             t.join()
-    return x * 3
+    return size * 3
 
 
 def in_worker() -> bool:
