@@ -775,11 +775,12 @@ def _set_per_process(initializer: Callable[..., Any],
 
 # The caller's recursion limit, int-to-str digit limit (None where Python has none),
 # decimal context as (prec, rounding, Emin, Emax, capitals, clamp, trap names) or None
-# where the caller never imported decimal, warnings filters, and its environment
-# variables changed since we were imported (_environment_changes). (Its context
-# variables travel apart, once per worker: FunctionRef.context.)
+# where the caller never imported decimal, warnings filters, its environment
+# variables changed since we were imported (_environment_changes), and its file mode
+# creation mask (None where it cannot be read). (Its context variables travel apart,
+# once per worker: FunctionRef.context.)
 Settings = tuple[int, Optional[int], Optional[tuple[Any, ...]], tuple[Any, ...],
-                 tuple[tuple[str, Optional[str]], ...]]
+                 tuple[tuple[str, Optional[str]], ...], Optional[int]]
 
 
 def caller_settings() -> Settings:
@@ -790,7 +791,21 @@ def caller_settings() -> Settings:
     decimal = sys.modules.get("decimal")
     dec = _decimal_settings(decimal.getcontext()) if decimal is not None else None
     return (sys.getrecursionlimit(), digits() if digits is not None else None, dec,
-            tuple(warnings.filters), _environment_changes())
+            tuple(warnings.filters), _environment_changes(), _umask())
+
+
+def _umask() -> Optional[int]:
+    """This process's file mode creation mask, as Linux shows it (~16 us): os.umask()
+    can only be read by setting it, and another thread creating a file meanwhile would
+    get the mask set for the read. None where it cannot be read (then workers keep
+    theirs)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            status = f.read()
+        at = status.index(b"\nUmask:") + 7
+        return int(status[at:status.index(b"\n", at)], 8)
+    except (OSError, ValueError):
+        return None
 
 
 # The environment as this module found it (os.environ's own mapping, where it has one:
@@ -985,12 +1000,21 @@ _UNSET = object()
 
 
 def _adopt_settings(settings: Settings) -> None:
-    limit, digits, dec, filters, environment = settings
+    limit, digits, dec, filters, environment, umask = settings
     for name, value in environment:  # the caller's; a worker's own (_ENV_OURS) not sent
+        if os.environ.get(name) == value:
+            continue
         if value is None:
             os.environ.pop(name, None)
-        elif os.environ.get(name) != value:
+        else:
             os.environ[name] = value
+        if name == "TZ":
+            # The C library reads TZ once, and again at tzset() only: a caller that set
+            # TZ and called time.tzset() between two maps had its items read the new
+            # zone in the loop, the old one in warm workers (150 of 150 hours wrong).
+            time.tzset()
+    if umask is not None:
+        os.umask(umask)  # os.umask(0o077) between maps: workers made files 0o644
     if tuple(warnings.filters) != filters:
         # The caller's filters: under "error" (-W error, pytest's filterwarnings) the
         # loop raised at the item that warned, where workers went on. (Reset first: it

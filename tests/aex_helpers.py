@@ -994,6 +994,20 @@ def env_of(x, name="AEX_MODE"):
     return os.environ.get(name)
 
 
+def hour_and_mode(x, folder):
+    """The local hour of a fixed instant, and the mode a new file gets here."""
+    import stat
+
+    spin(0.001)
+    path = os.path.join(folder, f"{os.getpid()}-{x}")
+    with open(path, "w"):
+        pass
+    try:
+        return time.localtime(1_700_000_000).tm_hour, stat.S_IMODE(os.stat(path).st_mode)
+    finally:
+        os.unlink(path)
+
+
 def say(x, cost=0.002):
     spin(cost)
     print(f"said-{x}", flush=True)

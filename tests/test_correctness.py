@@ -1596,6 +1596,31 @@ def test_an_environment_variable_changed_between_maps_is_the_callers_in_the_work
         assert pf.last_report.plan.mode == "parallel"
 
 
+def test_a_time_zone_and_a_umask_changed_between_maps_are_the_callers_in_the_workers(
+        monkeypatch, tmp_path):
+    # TZ set and time.tzset() between two maps: warm workers got TZ in their environment
+    # but their C library kept the zone it had read (150 of 150 hours wrong); after
+    # os.umask(0o077) they still made files 0o644. (POSIX zone strings: no tz database.)
+    import time
+
+    pf = parallelize(functools.partial(h.hour_and_mode, folder=str(tmp_path)),
+                     backend="loky", max_workers=2)
+    mask = os.umask(0o022)
+    try:
+        for tz, umask in (("UTC0", 0o022), ("JST-9", 0o077), ("UTC0", 0o027)):
+            monkeypatch.setenv("TZ", tz)
+            time.tzset()
+            os.umask(umask)
+            expected = [h.hour_and_mode(x, str(tmp_path)) for x in range(100)]
+            assert len(set(expected)) == 1, expected[:3]
+            assert pf.map(range(100)) == expected, (tz, oct(umask))
+            assert pf.last_report.plan.mode == "parallel"
+    finally:
+        os.umask(mask)
+        monkeypatch.undo()
+        time.tzset()
+
+
 def test_a_context_variable_keeps_a_sentinel_s_identity_and_an_item_s_set_stays_its_own():
     # OPTION.set(MISSING): the value travelled as a copy, so `OPTION.get() is MISSING`
     # was False in the workers (193 of 200). An item's RATE.set(100) leaked into every
