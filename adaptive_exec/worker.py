@@ -274,9 +274,11 @@ def _importable(value: Any) -> bool:
             target = getattr(target, part)
     except AttributeError:
         return False
+    # (Under a decorator: functools.wraps', or lru_cache's, a C object whose
+    # __wrapped__ is read without running any code of the user's.)
     return (target is value or getattr(target, "__adaptive_exec_wrapped__", None) is value
-            or (isinstance(target, types.FunctionType) and target is not value
-                and _innermost(target) is value))
+            or (isinstance(target, (types.FunctionType, functools._lru_cache_wrapper))  # type: ignore[attr-defined]
+                and target is not value and _innermost(target) is value))
 
 
 def _innermost(func: Any) -> Any:
@@ -621,6 +623,15 @@ def _attributes_read(func: types.FunctionType, owner: Optional[type] = None,
                 if method is not None and method.__module__ != func.__module__:
                     _add_reads_of(method, depth, found)
                 continue
+            if (isinstance(holder, types.FunctionType) and attrs
+                    and attrs[0] in holder.__dict__ and _importable(holder)
+                    and _users_module(sys.modules.get(holder.__module__))
+                    and _plain_value(holder.__dict__[attrs[0]])):
+                # An attribute of a function of the user's modules (``scale.factor``,
+                # which scale reads, set to 9 between two maps: workers kept 1).
+                found[(holder.__module__,
+                       f"{FUNCTION_ATTRIBUTE}{holder.__qualname__}.{attrs[0]}")] = \
+                    holder.__dict__[attrs[0]]
             if (isinstance(holder, types.FunctionType) and holder.__module__ != func.__module__
                     and _users_module(sys.modules.get(holder.__module__))):
                 # A helper imported by name from another module of the user's (``from
@@ -747,6 +758,87 @@ def _attributes_patch(core: Optional[types.FunctionType], owner: Optional[type],
             continue
         h.update(repr(where).encode() + digest)
     return (values, h.digest()) if values else (None, b"")
+
+
+# The names under which FunctionRef.attrs carries a singledispatch function's
+# registrations (_dispatch_registrations) and a function's attribute (as
+# "<qualname>.<attribute>", _attributes_read): no module attribute can have them.
+DISPATCH = "\0dispatch:"
+FUNCTION_ATTRIBUTE = "\0function:"
+
+
+def _singledispatch(value: Any) -> bool:
+    """A functools.singledispatch function (a plain function holding its registry)."""
+    return (isinstance(value, types.FunctionType) and "registry" in value.__dict__
+            and "register" in value.__dict__)
+
+
+def _dispatch_registrations(func: Any, core: Optional[types.FunctionType],
+                            owner: Optional[type]) -> dict[tuple[str, str], bytes]:
+    """The registrations of the singledispatch functions the map reaches by name: the
+    function mapped, and those its code (and its module's functions it calls) loads, as
+    a global or a module's attribute; {(module, DISPATCH + qualname): pickled
+    [(class, implementation)]}. A worker imports the module and has the registrations
+    made at its import, not those another module made (a plugin registering its types:
+    it was never imported there) nor those made since (``@to_json.register(float)``
+    between two maps): it answered the generic case, 150 of 150 results wrong.
+    _WithAttributes registers them there."""
+    found: dict[tuple[str, str], Any] = {}
+
+    def consider(value: Any) -> None:
+        if _singledispatch(value) and _importable(value):
+            found[(value.__module__, value.__qualname__)] = value
+
+    consider(func)
+    if core is not None:
+        module_globals = core.__globals__
+        for f in _reached(core, owner):
+            for name, attrs in _name_chains(f.__code__):
+                holder = (sys.modules.get(name[len(IMPORTED):]) if name.startswith(IMPORTED)
+                          else module_globals.get(name))
+                consider(holder)
+                if isinstance(holder, types.ModuleType) and attrs:
+                    consider(holder.__dict__.get(attrs[0]))  # fmt.to_json(x)
+    out: dict[tuple[str, str], bytes] = {}
+    for (module, qualname), dispatcher in found.items():
+        pairs = [(cls, impl) for cls, impl in dispatcher.registry.items() if cls is not object]
+        if not pairs:
+            continue
+        try:
+            out[(module, DISPATCH + qualname)] = dumps(pairs)
+        except Exception:  # an implementation that cannot travel: the worker keeps its own
+            continue
+    return out
+
+
+def _resolve_name(module: str, qualname: str) -> Any:
+    target: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    return target
+
+
+def _set_attribute_here(module: str, name: str, value: Any) -> None:
+    """In a worker: an attribute the caller's function reads, set as the caller has it:
+    a module's (``settings.SCALE``), or a function's (FUNCTION_ATTRIBUTE)."""
+    if name.startswith(DISPATCH):
+        _register_here(_resolve_name(module, name[len(DISPATCH):]), value)
+    elif name.startswith(FUNCTION_ATTRIBUTE):
+        qualname, attribute = name[len(FUNCTION_ATTRIBUTE):].rsplit(".", 1)
+        target = _resolve_name(module, qualname)
+        if isinstance(target, types.FunctionType):
+            setattr(target, attribute, value)
+    else:
+        setattr(importlib.import_module(module), name, value)
+
+
+def _register_here(target: Any, pairs: list[tuple[Any, Any]]) -> None:
+    """In a worker: the caller's registrations made on its singledispatch function."""
+    if not _singledispatch(target):
+        return
+    for cls, impl in pairs:
+        if target.registry.get(cls) is not impl:
+            target.register(cls, impl)
 
 
 def _set_per_process(initializer: Callable[..., Any],
@@ -1118,16 +1210,16 @@ DEFAULTS = "\0defaults"
 
 def _mutable_defaults(core: types.FunctionType) -> Optional[tuple[str, dict[int, Any],
                                                                   dict[str, Any]]]:
-    """The defaults of ``core`` that the caller may have changed in place since the
-    worker's import made them (``def convert(x, rates=RATES)``, then
-    ``RATES["eur"] = 2.0``: workers kept the old rates): its qualified name, and the
-    positional and keyword-only defaults that are builtin mutable containers, by
-    position and name. Others cannot change in place, and a sentinel must stay the
-    worker's own object."""
-    mutable = (dict, list, set, bytearray)
+    """The defaults of ``core`` that the caller may have changed since the worker's
+    import made them: in place (``def convert(x, rates=RATES)``, then
+    ``RATES["eur"] = 2.0``: workers kept the old rates), or rebound (``f.__defaults__
+    = (9,)``: 149 of 150 results wrong); its qualified name, and the positional and
+    keyword-only defaults that are builtin data, by position and name. Not others: a
+    sentinel must stay the worker's own object."""
+    plain = (dict, list, set, bytearray, int, float, complex, str, bytes, bool, type(None))
     positional = {i: v for i, v in enumerate(core.__defaults__ or ())
-                  if type(v) in mutable}
-    keyword = {k: v for k, v in (core.__kwdefaults__ or {}).items() if type(v) in mutable}
+                  if type(v) in plain}
+    keyword = {k: v for k, v in (core.__kwdefaults__ or {}).items() if type(v) in plain}
     if not (positional or keyword):
         return None
     try:
@@ -1316,6 +1408,11 @@ def function_ref(func: Callable[..., Any], per_process: frozenset[str] = frozens
     patch_module = core.__module__ if patch is not None and core is not None else None
     attrs, attrs_digest = _attributes_patch(core, owner, _set_per_process(
         init[0], per_process) if init is not None else frozenset())
+    registrations = _dispatch_registrations(func, core, owner)
+    if registrations:
+        attrs = {**(attrs or {}), **registrations}
+        attrs_digest += hashlib.sha1(b"".join(
+            repr(k).encode() + v for k, v in sorted(registrations.items()))).digest()
     module = getattr(func, "__module__", None)
     qualname = getattr(func, "__qualname__", None)
     code = (f"{sys.flags.optimize}:{_code_digest(core, owner)}"
@@ -1618,6 +1715,8 @@ class _Patched:
     def enter(self) -> Callable[..., Any]:
         if _APPLIED.get(self.module) != self.key:
             namespace = sys.modules[self.module].__dict__
+            if self.module in _APPLIED:
+                _forget_cached(namespace)
             for name, value in self.values.items():
                 if name == DEFAULTS:
                     _set_defaults(self.module, value)
@@ -1631,6 +1730,19 @@ class _Patched:
             for name in self.values:  # what _WithAttributes set there is now this key's
                 _APPLIED[f"{self.module}.{name}"] = self.key
         return self.func
+
+
+def _forget_cached(namespace: dict[str, Any]) -> None:
+    """Before the caller's new values of a module's globals are set in this worker: the
+    results its functions under functools.lru_cache (or cache) remember were made with
+    the old ones (``K = 9`` and ``cached.cache_clear()`` between two maps: warm workers
+    answered from their caches, 150 of 150 results wrong). Forgetting them costs calls,
+    never a result."""
+    module = namespace.get("__name__")
+    for value in list(namespace.values()):
+        if (isinstance(value, functools._lru_cache_wrapper)  # type: ignore[attr-defined]
+                and getattr(value, "__module__", None) == module):
+            value.cache_clear()
 
 
 class _WithAttributes:
@@ -1655,7 +1767,7 @@ class _WithAttributes:
             if _APPLIED.get(f"{module}.{name}") == self.key:
                 continue
             try:
-                setattr(importlib.import_module(module), name, value)
+                _set_attribute_here(module, name, value)
             except Exception:  # not importable here, or refused: the worker's own stays
                 continue
             _APPLIED[f"{module}.{name}"] = self.key

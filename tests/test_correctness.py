@@ -221,6 +221,102 @@ USERS_MODULES = {
 }
 
 
+FUNCTION_STATE_MODULES = {
+    "fmt.py": """
+        import functools, time
+
+        def spin():
+            end = time.perf_counter() + 0.002
+            while time.perf_counter() < end:
+                pass
+
+        @functools.singledispatch
+        def to_json(x):
+            spin()
+            return "generic"
+
+        def render(x):  # calls the dispatcher by name, as a global
+            return to_json(x)
+
+        def scaled(x):
+            spin()
+            return x * scaled.factor
+
+        scaled.factor = 1
+
+        def times(x, k=2, *, plus=0):
+            spin()
+            return x * k + plus
+
+        K = 1
+
+        @functools.lru_cache(maxsize=None)
+        def cached(x):
+            spin()
+            return x * K
+    """,
+    "plugin.py": """
+        from fmt import spin, to_json
+
+        @to_json.register(int)
+        def _(x):
+            spin()
+            return "int"
+    """,
+}
+
+
+@pytest.mark.parametrize("path", ["fork", "template", "exec"])
+def test_the_state_of_a_users_function_is_the_callers(tmp_path, path):
+    # State held on a function of the user's module, not in its globals: a worker that
+    # imported the module (or forked before the change) had its own, 149-150 of 150
+    # results wrong: a singledispatch registration made by another module at its
+    # import (a plugin) or since; a function's attribute; rebound defaults; and a
+    # global an lru_cache'd function reads (its function was not even taken by name).
+    # Found by an adversarial hunt.
+    for name, text in FUNCTION_STATE_MODULES.items():
+        (tmp_path / name).write_text(textwrap.dedent(text))
+    out = run_script(tmp_path, """
+        import os, sys
+        sys.path.insert(0, os.getcwd())
+        import fmt, plugin
+        from adaptive_exec import parallelize
+        from fmt import spin
+
+        items, wrong = list(range(150)), []
+
+        def check(what, func, inputs=items):
+            pf = parallelize(func, backend="loky", chunksize=10)
+            got = pf.map(inputs)
+            if got != [func(x) for x in inputs] or pf.last_report.plan.mode != "parallel":
+                wrong.append((what, got[:3], pf.last_report.plan.mode))
+
+        for func in (fmt.to_json, fmt.render):
+            check("a plugin's registration", func)
+        check("an attribute", fmt.scaled)
+        check("defaults", fmt.times)
+        check("cached", fmt.cached)
+
+        @fmt.to_json.register(float)
+        def _(x):
+            spin()
+            return "float"
+
+        for func in (fmt.to_json, fmt.render):
+            check("a registration since", func, [float(x) for x in items])
+        fmt.scaled.factor = 9
+        check("an attribute since", fmt.scaled)
+        fmt.times.__defaults__ = (5,)
+        fmt.times.__kwdefaults__ = {"plus": 1}
+        check("defaults since", fmt.times)
+        fmt.K = 7
+        fmt.cached.cache_clear()
+        check("cached since", fmt.cached)
+        print(wrong)
+    """, env={"ADAPTIVE_EXEC_START": path}, timeout=120)
+    assert out.strip().splitlines()[-1] == "[]", out
+
+
 @pytest.mark.parametrize("path", ["fork", "template", "exec"])
 def test_attributes_of_the_users_modules_are_the_callers(tmp_path, path):
     # Only the module's own globals travelled: a worker's copy of another module held
