@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .sqlite_file import Schema
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # Past runs kept per function (the planner uses the last few: planner.HISTORY_USED).
 HISTORY = 20
 
@@ -97,7 +97,10 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: ("ALTER TABLE entries ADD COLUMN setup_s REAL",),
     3: ("ALTER TABLE entries ADD COLUMN wait_share REAL",
         "ALTER TABLE entries ADD COLUMN waits_on TEXT"),
-    4: ("ALTER TABLE entries ADD COLUMN worker_ratio REAL",),
+    # Version 5 (05865d1..c69c0bd) kept a worker's per-item time in seconds, a column
+    # no longer read; version 6 keeps it as a ratio to the caller's (Features).
+    4: ("ALTER TABLE entries ADD COLUMN worker_item_s REAL",),
+    5: ("ALTER TABLE entries ADD COLUMN worker_ratio REAL",),
 }
 
 SCHEMA = Schema(SCHEMA_VERSION, CREATE, MIGRATIONS)

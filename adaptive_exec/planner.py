@@ -629,9 +629,13 @@ def make_plan(
             "sampled items or results cannot be pickled, so they cannot reach a worker",
             est_parallel,
         )
-    trial = (may_learn and not forced_parallel and cluster is None and job.own_threads > 1.0
-             and not job.worker_ratio and features.picklable and best.n_workers >= 2
-             and speedup >= POOL_TRIAL_SPEEDUP and job.serial_rest >= POOL_TRIAL_MIN_S)
+    # (Only on features measured in this run, not remembered: the run tells the ratio
+    # against the caller's time of the same items. Against a remembered time, of other
+    # inputs maybe, it may tell nothing, and every later map was a trial.)
+    trial = (may_learn and not from_cache and not forced_parallel and cluster is None
+             and job.own_threads > 1.0 and not job.worker_ratio and features.picklable
+             and best.n_workers >= 2 and speedup >= POOL_TRIAL_SPEEDUP
+             and job.serial_rest >= POOL_TRIAL_MIN_S)
     if not forced_parallel and not trial and (speedup < MIN_SPEEDUP
                                               or job.est_serial - est_parallel < MIN_SAVING_S):
         return job.serial(_why_not_parallel(job, best, est_parallel, speedup, calib, cluster),

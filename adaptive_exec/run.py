@@ -492,20 +492,25 @@ class MapRun:
         over the one here (Features.worker_ratio), where it can tell them. The pool's
         items no longer count as the caller's (numpy's, 1.4x slower there, made the loop
         look slower, and the pool's estimate too): a pool run that had none here says
-        the caller's time through the ratio it has learnt. Against a remembered time
-        (nothing ran here), a ratio that no worker's thread cap explains (a worker 2x
-        faster than here, or 2x slower than the CPU seconds say) measured other inputs
-        than that time's: not learnt."""
+        the caller's time through the ratio it has learnt, or until there is one, the
+        CPU seconds' factor the plan used. Against a remembered time (nothing ran here),
+        a ratio that no worker's thread cap explains (a worker 2x faster than here, or
+        2x slower than the CPU seconds say) measured other inputs than that time's: not
+        learnt, and the caller's time follows them by that factor. (A run on no pool of
+        ours, a dask cluster's, counts as before.)"""
         here, pool = self.observed_here_s, self.observed_pool_s
         if pool is None:
-            return here, None
-        if features.worker_ratio is None or here is not None:
-            ratio = pool / max(here or features.mean_s, 1e-12)
-            plausible = (here is not None or self.entry is None  # measured here, now
-                         or 1 / TELLING_RATIO <= ratio
-                         <= TELLING_RATIO * (1 + (features.threads_cpu or 0.0)))
-            return here, ratio if plausible else None
-        return pool / features.worker_ratio, None
+            return (here if here is not None else self.observed_s), None
+        if features.worker_ratio is not None and here is None:
+            return pool / features.worker_ratio, None
+        ratio = pool / max(here or features.mean_s, 1e-12)
+        if (here is not None or self.entry is None  # measured here, in this run
+                or 1 / TELLING_RATIO <= ratio
+                <= TELLING_RATIO * (1 + (features.threads_cpu or 0.0))):
+            return here, ratio
+        assert self.plan is not None
+        by_cpu = planner.pool_item_s(features, int(self.plan.features.get("usable_cpus") or 1))
+        return pool * features.mean_s / by_cpu, None
 
     def remember_sample(self) -> None:
         """plan(): what was sampled is kept, so the next map does not sample again."""

@@ -143,7 +143,7 @@ def blas_like(size, capped=True):
     done (OpenBLAS's wait so). In the caller (3 threads by default) it looks like more
     than two CPUs' work (threads_cpu ~1-2, ~0.7 beside a busy core); in one of our
     workers (OMP_NUM_THREADS=1) it runs alone, no slower. Not
-    ``capped``: it spins one thread wherever it runs, as a function's own thread pool
+    ``capped``: it spins two threads wherever it runs, as a function's own thread pool
     does (our workers cap BLAS, not those)."""
     import hashlib
     import threading
@@ -159,7 +159,7 @@ def blas_like(size, capped=True):
 
     spinners = [threading.Thread(target=spin)
                 for _ in range(int(os.environ.get("OMP_NUM_THREADS") or 3) - 1
-                               if capped else 1)]
+                               if capped else 2)]
     for t in spinners:
         t.start()
     try:

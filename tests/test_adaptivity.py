@@ -113,6 +113,7 @@ def test_a_pool_run_of_a_function_with_threads_of_its_own_teaches_its_workers_ti
         assert entry.features.mean_s == planned.features["mean_s"]  # not the pool's
         assert entry.runs and entry.runs[-1].mode == "parallel"
         ratios[capped] = entry.features.worker_ratio
+    # The uncapped threads contend with the other worker's: their wall time says so.
     assert ratios[True] < 0.8 * ratios[False], ratios
     assert "an item's time in a worker, over here" in parallelize(funcs[True]).plan(
         big).explain()
@@ -127,6 +128,23 @@ def test_a_pool_run_of_a_function_with_threads_of_its_own_teaches_its_workers_ti
     assert after.worker_ratio == before.worker_ratio
 
 
+def test_a_chunk_tells_its_wall_time_apart_as_compute_and_waits_for_a_cpu():
+    # What a pool's worker time of a function with threads of its own is learnt from:
+    # the chunk's wall time. Its compute alone (waits for a CPU left out) took a
+    # function whose own threads contend with each other for 1.6x faster than it was.
+    import time
+
+    from adaptive_exec.worker import run_items
+
+    uncapped = functools.partial(h.blas_like, capped=False)
+    t0 = time.perf_counter()
+    res = run_items(uncapped, 0, [4 << 20] * 8, star=False)
+    wall = time.perf_counter() - t0
+    assert res.results == [3 * (4 << 20)] * 8
+    assert res.queued_s >= 0 and res.compute_s > 0
+    assert res.compute_s + res.queued_s == pytest.approx(wall, rel=0.1, abs=0.002)
+
+
 def test_a_function_with_threads_of_its_own_is_planned_on_its_workers_measured_time():
     from adaptive_exec.calibration import DEFAULTS
     from adaptive_exec.planner import make_plan, pool_item_s
@@ -135,12 +153,13 @@ def test_a_function_with_threads_of_its_own_is_planned_on_its_workers_measured_t
 
     two = SystemSnapshot(usable_cpus=2, available_memory=8 << 30)
 
-    def plan(worker_ratio, n=200, mean_s=0.0106, picklable=True, may_learn=True):
+    def plan(worker_ratio, n=200, mean_s=0.0106, picklable=True, may_learn=True,
+             from_cache=False):
         # numpy's matrix products, from the benchmark suite: 10.6 ms an item in the
         # caller on 2 BLAS threads, threads_cpu 1.3; 14.6 ms in a worker on one (1.38x).
         f = Features(mean_s, 0.1, 24, 8, 0, 10, 5, 1.0, picklable=picklable,
                      threads_cpu=1.3, worker_ratio=worker_ratio)
-        return make_plan(f, n, 0, two, DEFAULTS, warm=True, from_cache=True,
+        return make_plan(f, n, 0, two, DEFAULTS, warm=True, from_cache=from_cache,
                          may_learn=may_learn)
 
     # Unmeasured: by the CPU seconds, 2 x 10.6 ms in a worker, about the loop's time;
@@ -148,9 +167,10 @@ def test_a_function_with_threads_of_its_own_is_planned_on_its_workers_measured_t
     trial = plan(None)
     assert trial.mode == "parallel" and "a trial" in trial.reason, trial.reason
     # ...not where it cannot be remembered, nor for a short map, nor where the items
-    # or results cannot reach a worker.
+    # or results cannot reach a worker, nor on a remembered time (of other inputs,
+    # maybe: the run could not tell the ratio, and every later map was a trial).
     for no_trial in (plan(None, may_learn=False), plan(None, n=50),
-                     plan(None, picklable=False)):
+                     plan(None, picklable=False), plan(None, from_cache=True)):
         assert no_trial.mode == "serial", no_trial.reason
     measured = plan(1.38)
     assert measured.mode == "parallel", measured.reason
