@@ -20,6 +20,7 @@ worker adopts before it unpickles anything (see ``_enter_context``).
 
 from __future__ import annotations
 
+import builtins
 import collections
 import dataclasses
 import enum
@@ -832,6 +833,35 @@ def _set_attribute_here(module: str, name: str, value: Any) -> None:
         setattr(importlib.import_module(module), name, value)
 
 
+def _builtins_read(core: Optional[types.FunctionType], owner: Optional[type]
+                   ) -> dict[tuple[str, str], bytes]:
+    """The names the caller put into builtins that the function (or its module's
+    functions it calls) reads: ``gettext.install()``'s ``_``, ``builtins.DEBUG = 3``;
+    {("builtins", name): pickled value}. A worker started from a fresh interpreter (the
+    template, loky's start), or forked before, lacks them: NameError where the loop
+    gave results. Not Python's own (print, len, exit: the worker has them)."""
+    if core is None:
+        return {}
+    module_globals = core.__globals__
+    table = vars(builtins)
+    out: dict[tuple[str, str], bytes] = {}
+    for f in _reached(core, owner):
+        for name, _ in _name_chains(f.__code__):
+            if name in module_globals or name not in table or ("builtins", name) in out:
+                continue
+            value = table[name]
+            if (getattr(value, "__module__", None) in ("builtins", "_sitebuiltins")
+                    or type(value).__module__ == "_sitebuiltins"
+                    or value is None or value is Ellipsis or value is NotImplemented
+                    or isinstance(value, bool)):
+                continue  # Python's own
+            try:
+                out[("builtins", name)] = dumps(value)
+            except Exception:  # cannot travel: the worker keeps its own (or none)
+                continue
+    return out
+
+
 def _register_here(target: Any, pairs: list[tuple[Any, Any]]) -> None:
     """In a worker: the caller's registrations made on its singledispatch function."""
     if not _singledispatch(target):
@@ -1408,7 +1438,8 @@ def function_ref(func: Callable[..., Any], per_process: frozenset[str] = frozens
     patch_module = core.__module__ if patch is not None and core is not None else None
     attrs, attrs_digest = _attributes_patch(core, owner, _set_per_process(
         init[0], per_process) if init is not None else frozenset())
-    registrations = _dispatch_registrations(func, core, owner)
+    registrations = {**_dispatch_registrations(func, core, owner),
+                     **_builtins_read(core, owner)}
     if registrations:
         attrs = {**(attrs or {}), **registrations}
         attrs_digest += hashlib.sha1(b"".join(

@@ -318,6 +318,38 @@ def test_the_state_of_a_users_function_is_the_callers(tmp_path, path):
 
 
 @pytest.mark.parametrize("path", ["fork", "template", "exec"])
+def test_names_the_caller_put_into_builtins_are_there_in_workers(tmp_path, path):
+    # gettext.install() puts _ into builtins, as i18n'd programs do; builtins.DEBUG = 3.
+    # Workers from a fresh interpreter, or forked before, raised NameError where the
+    # loop gave results (found by an adversarial hunt).
+    out = run_script(tmp_path, """
+        import builtins, gettext, time
+        from adaptive_exec import parallelize
+
+        def spin():
+            end = time.perf_counter() + 0.002
+            while time.perf_counter() < end:
+                pass
+
+        def warm(x):
+            spin()
+            return x
+
+        def label(x):
+            spin()
+            return _("item %d") % x * DEBUG_LEVEL
+
+        items = list(range(150))
+        parallelize(warm, backend="loky").map(items)  # a pool already up
+        gettext.install("aex_test")
+        builtins.DEBUG_LEVEL = 2
+        pf = parallelize(label, backend="loky")
+        print(pf.map(items) == [label(x) for x in items], pf.last_report.plan.mode)
+    """, env={"ADAPTIVE_EXEC_START": path}, timeout=120)
+    assert out.split()[-2:] == ["True", "parallel"], out
+
+
+@pytest.mark.parametrize("path", ["fork", "template", "exec"])
 def test_attributes_of_the_users_modules_are_the_callers(tmp_path, path):
     # Only the module's own globals travelled: a worker's copy of another module held
     # its value at import (exec, template: settings.SCALE = 1 in the first map already)
