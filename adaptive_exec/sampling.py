@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from .records import Features
 from .system import ThreadWaits
-from .worker import call_each, runqueue_wait_s
+from .worker import call_each, cloudpickle_dumps, runqueue_wait_s
 
 # 20 ms of sampling: below the noise of a scheduler tick on a busy machine a single
 # timing is unreliable, above it a workload of a few hundred ms pays more than 5%.
@@ -98,8 +98,15 @@ class Sample:
 
 
 def _pickled_size(obj: Any) -> Optional[int]:
+    """Its size as it would travel: by the standard pickler, or where that refuses it
+    (a lambda, a memoryview), by cloudpickle, as worker.dumps sends it; None where
+    neither can (a lock, an open file)."""
     try:
         return len(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+    except Exception:
+        pass
+    try:
+        return len(cloudpickle_dumps(obj))
     except Exception:
         return None
 

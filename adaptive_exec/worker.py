@@ -128,9 +128,11 @@ def _pickler() -> list[Any]:
 
         base = cloudpickle.Pickler
         reduce_code = base.dispatch_table.get(types.CodeType)
-        table = base.dispatch_table if reduce_code is None else collections.ChainMap(
-            {types.CodeType: functools.partial(_reduce_code, reduce_code)},
-            base.dispatch_table)  # (None: a cloudpickle that leaves code as it is)
+        ours: dict[type, Callable[[Any], Any]] = {memoryview: _reduce_memoryview,
+                                                  io.TextIOWrapper: _reduce_text_file}
+        if reduce_code is not None:  # (None: a cloudpickle that leaves code as it is)
+            ours[types.CodeType] = functools.partial(_reduce_code, reduce_code)
+        table = collections.ChainMap(ours, base.dispatch_table)
         keep = type("KeepFileNames", (base,), {"dispatch_table": table})
         _PICKLER.extend([keep, type("KeepSentinels", (keep,), {
             "reducer_override": functools.partialmethod(_by_name_if_stateless, base)})])
@@ -183,6 +185,32 @@ def _attribute_of(module: str, name: str, cls: Any) -> Any:
         return getattr(importlib.import_module(module), name)
     except Exception:
         return object.__new__(cls)  # (a class with no state: nothing else to set)
+
+
+def _reduce_memoryview(view: memoryview) -> Any:
+    """A memoryview as a memoryview, of its bytes, format and shape (cloudpickle sent
+    bytes: an item or result of another type than the loop's)."""
+    return _memoryview_of, (view.tobytes(), view.format, view.shape, view.readonly)
+
+
+def _memoryview_of(data: bytes, fmt: str, shape: tuple[int, ...], readonly: bool
+                   ) -> memoryview:
+    view = memoryview(data if readonly else bytearray(data))
+    if fmt != "B" or len(shape) != 1:
+        view = view.cast(fmt, shape)  # type: ignore[call-overload]
+    return view
+
+
+def _reduce_text_file(file: Any) -> Any:
+    """The caller's standard streams by name; any other open file is refused, as it
+    cannot be shared with another process (cloudpickle sent a StringIO of what it
+    read: the function's reads and writes went to a copy), so the items or function
+    holding it run in the caller."""
+    for name in ("stdout", "stderr"):
+        if file is getattr(sys, name):
+            return getattr, (sys, name)
+    raise pickle.PicklingError(f"an open file ({getattr(file, 'name', '?')!r}) cannot be "
+                               "sent to another process: pass its path instead")
 
 
 def _reduce_code(reduce_code: Callable[[types.CodeType], Any], code: types.CodeType) -> Any:

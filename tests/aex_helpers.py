@@ -1008,6 +1008,21 @@ def hour_and_mode(x, folder):
         os.unlink(path)
 
 
+def view_kind(buf):
+    spin(0.001)
+    return type(buf).__name__, bytes(buf[:2])
+
+
+def as_view(i):
+    spin(0.001)
+    return memoryview(bytes([i % 256]) * 4)
+
+
+def first_line(src):
+    spin(0.001)
+    return type(src).__name__, src.readline()
+
+
 def say(x, cost=0.002):
     spin(cost)
     print(f"said-{x}", flush=True)

@@ -317,6 +317,36 @@ def test_the_state_of_a_users_function_is_the_callers(tmp_path, path):
     assert out.strip().splitlines()[-1] == "[]", out
 
 
+def test_memoryviews_stay_memoryviews_and_open_files_are_read_in_the_caller(tmp_path):
+    # cloudpickle, the fall-back for what the standard pickler refuses, sent a
+    # memoryview as bytes and an open file as a StringIO of its text: items and results
+    # of another type than the loop's, with no word (found by an adversarial hunt).
+    from adaptive_exec import UnpicklableWarning
+
+    data = [bytes([i]) * 8 for i in range(200)]
+    items = data[:20] + [memoryview(b) for b in data[20:]]  # bytes first: sampled fine
+    pf = parallelize(h.view_kind, backend="loky")
+    assert pf.map(items) == [h.view_kind(x) for x in items]
+    assert pf.last_report.plan.mode == "parallel"
+    pf = parallelize(h.as_view, backend="loky")
+    got = pf.map(range(200))
+    assert pf.last_report.plan.mode == "parallel"
+    assert {type(g) for g in got} == {memoryview}
+    assert [bytes(g) for g in got] == [bytes(h.as_view(i)) for i in range(200)]
+    paths = []
+    for i in range(100):
+        paths.append(tmp_path / f"f{i}.txt")
+        paths[-1].write_text(f"line {i}\nmore\n")
+    files = [open(p) for p in paths]  # noqa: SIM115 - closed below
+    try:
+        with pytest.warns(UnpicklableWarning, match="cannot be pickled"):
+            got = parallelize(h.first_line, backend="loky").map(files)
+    finally:
+        for f in files:
+            f.close()
+    assert got == [("TextIOWrapper", f"line {i}\n") for i in range(100)]
+
+
 @pytest.mark.parametrize("path", ["fork", "template", "exec"])
 def test_names_the_caller_put_into_builtins_are_there_in_workers(tmp_path, path):
     # gettext.install() puts _ into builtins, as i18n'd programs do; builtins.DEBUG = 3.
