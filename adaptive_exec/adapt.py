@@ -1,6 +1,7 @@
 """Decisions taken while a map runs: values in, a decision out, no map object.
 
 - ``forced_serial``: must this map run in the caller (a nested map, the user's switch)?
+- ``reentered``: or was it started from a signal handler that interrupted another map?
 - ``pool_cpus``: how many workers could a pool have for it now?
 - ``dask_client``: does it go to a dask cluster?
 - ``SamplingWatch``: start the pool while the first items are still being sampled.
@@ -15,8 +16,10 @@ import dataclasses
 import logging
 import os
 import random
+import sys
 import threading
 import time
+import types
 from typing import Any, Callable, Optional
 
 from . import ahead, cache, calibration, planner, system, worker
@@ -94,6 +97,65 @@ def forced_serial(options: Options) -> Optional[str]:
         return ("inside a daemonic process (a multiprocessing.Pool worker), which may "
                 "not start processes of its own")
     return None
+
+
+# Our modules' frames: those whose file is in this package.
+_OURS = os.path.dirname(__file__) + os.sep
+# The code of our frames that call the user's code: filled on first use (their modules
+# import this one).
+_USER_CALLS: frozenset[types.CodeType] = frozenset()
+
+
+def _user_calls() -> frozenset[types.CodeType]:
+    """The frames of ours from which a map may legitimately start: they call the
+    function (a sampled or serial run, a plain call, a thread's chunk), read the items,
+    or run the initializer, and hold no lock of ours meanwhile."""
+    global _USER_CALLS
+    if not _USER_CALLS:
+        from . import api, run
+        from .backends import serial
+
+        codes = {worker.call_each.__code__, worker.initialize_here.__code__,
+                 run.GuardedIterator.__next__.__code__,
+                 api.ParallelFunction.__call__.__code__, serial.run_chunk.__code__}
+        # Before 3.12 its comprehensions, which call the function, are code of their own.
+        codes.update(c for c in serial.run_chunk.__code__.co_consts
+                     if isinstance(c, types.CodeType))
+        _USER_CALLS = frozenset(codes)
+    return _USER_CALLS
+
+
+def reentered() -> Optional[str]:
+    """Why this map, started while this thread is inside another map's own code (a
+    signal handler, a ``__del__``, a GC or weakref callback run there) rather than in
+    the user's code that map calls, must run in the caller; None otherwise. Such a map
+    must not touch the pool: the interrupted code may hold its locks (loky's submit holds
+    the executor's shutdown_lock, our wait the futures' conditions) and cannot go on
+    until the handler returns: it hung. Called once per map (run.MapRun.prepare), from
+    the map's own frames: ~1 µs, and ~0.15 µs per frame of the caller's stack.
+
+    Read from the stack, not from a thread-local flag set while our code runs: a flag
+    must be cleared at every place our code calls the user's (the function, the items,
+    the initializer) and at every place it suspends (imap's yields), and set again and
+    restored on every exit; one missed, and it lies, a hang where it says "not inside".
+    The stack holds only what runs now (a suspended imap is not on it, another thread has
+    its own); a place missing from _user_calls only makes a legitimate nested map run in
+    the caller, which is always right. Only our frames decide: loky's, concurrent.futures'
+    and threading's are also the user's (their own threads and pools call their
+    functions from there)."""
+    # Gathered by every map, not first by one in a signal handler: it imports.
+    user_calls = _user_calls()
+    frame: Optional[types.FrameType] = sys._getframe(1)
+    # This map's own frames, from here down to its caller's.
+    while frame is not None and frame.f_code.co_filename.startswith(_OURS):
+        frame = frame.f_back
+    # The caller's, and any library's, down to the innermost frame of an enclosing map.
+    while frame is not None and not frame.f_code.co_filename.startswith(_OURS):
+        frame = frame.f_back
+    if frame is None or frame.f_code in user_calls:
+        return None
+    return ("a map started while this thread was inside another map's machinery (a "
+            "signal handler, a __del__): it runs in the caller")
 
 
 def _daemonic() -> bool:

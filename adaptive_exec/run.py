@@ -235,7 +235,7 @@ class MapRun:
 
     def prepare(self) -> None:
         """Where this map may run, and what is remembered of the function."""
-        self.forced = adapt.forced_serial(self.options)
+        self.forced = adapt.forced_serial(self.options) or adapt.reentered()
         # The dask client, when this map may go to a cluster. Known before sampling: no
         # local pool is started ahead, nor local load measured, for a map going there.
         self.client = adapt.dask_client(self.options) if self.forced is None else None

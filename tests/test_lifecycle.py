@@ -1269,6 +1269,132 @@ def test_an_imap_left_while_its_pool_is_still_starting_leaves_no_worker(monkeypa
     assert left == [], "workers of a pool started for a map that was left"
 
 
+# --- a map started inside another's machinery ------------------------------------------
+
+# A signal handler that maps, run while the main thread's map is inside its own machinery
+# (``where``: loky's submit, holding the executor's shutdown_lock; our wait on the futures,
+# holding their conditions). The alarm rings there, once, deterministically.
+REENTERED_CHILD = """
+import json, signal, sys
+import concurrent.futures._base as cf_base
+sys.path.insert(0, {tests!r})
+import aex_helpers as h
+from adaptive_exec import parallelize
+from adaptive_exec.backends import loky as loky_backend
+
+where = sys.argv[1]
+pf = parallelize(h.heavy, backend="loky", chunksize=1)
+pg = parallelize(h.heavy, backend="loky", chunksize=1)
+for _ in range(5):  # a warm pool, each function's plan remembered
+    assert pf.map(range(10)) == pg.map(range(10)) == [3 * x for x in range(10)]
+    if loky_backend.current_executor() is not None and pg.last_report.plan.mode == "parallel":
+        break
+else:
+    raise SystemExit("no pool after 5 maps: " + str(pg.last_report))
+nested = []
+
+def on_alarm(signum, frame):
+    out = pg.map(range(10))
+    nested.append([out == [3 * x for x in range(10)], pg.last_report.plan.reason])
+
+signal.signal(signal.SIGALRM, on_alarm)
+armed = [True]
+
+def ring():
+    if armed:
+        armed.clear()
+        signal.raise_signal(signal.SIGALRM)
+
+class Ringing:
+    # The executor's shutdown_lock, ringing once while submit holds it.
+    def __init__(self, lock):
+        self.lock = lock
+    def acquire(self, *args, **kwargs):
+        return self.lock.acquire(*args, **kwargs)
+    def release(self):
+        self.lock.release()
+    def __enter__(self):
+        self.lock.acquire()
+        ring()
+    def __exit__(self, *exc):
+        self.lock.release()
+
+if where == "submit":
+    flags = loky_backend.current_executor()._flags
+    flags.shutdown_lock = Ringing(flags.shutdown_lock)
+else:
+    acquire_all = cf_base._AcquireFutures.__enter__
+    entered = [0]
+    def acquiring(self):
+        acquire_all(self)
+        entered[0] += 1
+        if entered[0] == 3:  # results in flight
+            ring()
+    cf_base._AcquireFutures.__enter__ = acquiring
+out = pf.map(range(40))
+print(json.dumps({{"main": out == [3 * x for x in range(40)], "nested": nested}}), flush=True)
+"""
+
+
+@posix_only
+@pytest.mark.parametrize("where", ["submit", "wait"])
+@pytest.mark.parametrize("path", [starts.FORK, starts.TEMPLATE, starts.EXEC])
+def test_a_map_in_a_signal_handler_that_interrupts_a_map_runs_in_the_caller(
+        tmp_path, path, where):
+    # The handler's map waited for ever on a lock the interrupted map held (loky's
+    # shutdown_lock), or for results loky's thread could not deliver while the main
+    # thread held their futures' conditions: the loop never hangs. Now it runs in the
+    # caller and says why.
+    if path == starts.FORK and not starts.fork_works():
+        pytest.skip("fork: Linux")
+    script = tmp_path / "child.py"
+    script.write_text(REENTERED_CHILD.format(tests=TESTS))
+    seen = json.loads(_run_to_its_end(script, path, 30, where))
+    assert seen["main"]
+    assert len(seen["nested"]) == 1, seen  # the alarm rang, once
+    same, reason = seen["nested"][0]
+    assert same and "inside another map's machinery" in reason, reason
+
+
+def test_a_map_nested_in_the_users_code_in_the_caller_still_uses_the_pool():
+    # Called by the function run in the caller (sampled, or on a serial plan), by a plain
+    # call, by the items' generator, in an imap's loop body, or by another thread: no
+    # lock of the outer map is held there, and the inner map uses the pool as before.
+    inner = parallelize(h.heavy, backend="loky", chunksize=1)
+    seen = {}
+
+    def note(where):
+        out = inner.map(range(6))
+        seen.setdefault(where, (out == [3 * x for x in range(6)],
+                                inner.last_report.plan.mode))
+
+    def sampled(x):
+        note("the function, sampled")
+        return x
+
+    def serial(x):
+        note("the function, serial")
+        return x
+
+    def items():
+        note("the items")
+        yield 1
+
+    parallelize(sampled).map(range(2))
+    parallelize(serial, backend="serial").map(range(2))
+    parallelize(lambda x: note("a plain call"))(0)
+    parallelize(lambda x: x).map(items())
+    for _ in parallelize(lambda x: x, backend="loky").imap(range(2)):
+        note("an imap's body")
+    thread = threading.Thread(target=note, args=("another thread",), daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive()
+    assert seen == dict.fromkeys(
+        ["the function, sampled", "the function, serial", "a plain call", "the items",
+         "an imap's body", "another thread"], (True, "parallel")), seen
+
+
 # --- threads sharing the pool -----------------------------------------------------------
 
 def _in_threads(jobs, timeout=60):
