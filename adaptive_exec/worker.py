@@ -945,15 +945,18 @@ def caller_settings() -> Settings:
 
 
 def _umask() -> Optional[int]:
-    """This process's file mode creation mask, as Linux shows it (~16 us): os.umask()
-    can only be read by setting it, and another thread creating a file meanwhile would
-    get the mask set for the read. None where it cannot be read (then workers keep
-    theirs)."""
+    """This process's file mode creation mask, as Linux shows it on the second line of
+    /proc/self/status (~11 us, read once per map that uses a pool): os.umask() can only
+    be read by setting it, and another thread creating a file meanwhile would get the
+    mask set for the read. None where it cannot be read (then workers keep theirs)."""
     try:
-        with open("/proc/self/status", "rb") as f:
-            status = f.read()
-        at = status.index(b"\nUmask:") + 7
-        return int(status[at:status.index(b"\n", at)], 8)
+        fd = os.open("/proc/self/status", os.O_RDONLY)
+        try:
+            head = os.read(fd, 128)
+        finally:
+            os.close(fd)
+        at = head.index(b"\nUmask:") + 7
+        return int(head[at:head.index(b"\n", at)], 8)
     except (OSError, ValueError):
         return None
 
