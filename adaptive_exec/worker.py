@@ -831,12 +831,12 @@ def _dispatch_registrations(func: Any, core: Optional[types.FunctionType],
     out: dict[tuple[str, str], bytes] = {}
     for (module, qualname), dispatcher in found.items():
         pairs = [(cls, impl) for cls, impl in dispatcher.registry.items() if cls is not object]
-        if not pairs:
-            continue
-        try:
+        if pairs:
+            # All or none: a worker's registry without one of them answers the generic
+            # case for its class (dropped whole, one implementation holding a lock lost
+            # a plugin's registration too). One that cannot travel raises: the function
+            # cannot be rebuilt there, and its items run in the caller, warned.
             out[(module, DISPATCH + qualname)] = dumps(pairs)
-        except Exception:  # an implementation that cannot travel: the worker keeps its own
-            continue
     return out
 
 
@@ -861,6 +861,10 @@ def _set_attribute_here(module: str, name: str, value: Any) -> None:
         setattr(importlib.import_module(module), name, value)
 
 
+# builtins as this module found it: what a name held then (_builtins_read).
+_BUILTINS_AT_IMPORT: dict[str, Any] = dict(vars(builtins))
+
+
 def _builtins_read(core: Optional[types.FunctionType], owner: Optional[type]
                    ) -> dict[tuple[str, str], bytes]:
     """The names the caller put into builtins that the function (or its module's
@@ -878,11 +882,12 @@ def _builtins_read(core: Optional[types.FunctionType], owner: Optional[type]
             if name in module_globals or name not in table or ("builtins", name) in out:
                 continue
             value = table[name]
-            if (getattr(value, "__module__", None) in ("builtins", "_sitebuiltins")
+            if _BUILTINS_AT_IMPORT.get(name, _UNSET) is value and (
+                    getattr(value, "__module__", None) in ("builtins", "_sitebuiltins")
                     or type(value).__module__ == "_sitebuiltins"
                     or value is None or value is Ellipsis or value is NotImplemented
                     or isinstance(value, bool)):
-                continue  # Python's own
+                continue  # Python's own (by name and value: builtins.DEBUG = True is not)
             try:
                 out[("builtins", name)] = dumps(value)
             except Exception:  # cannot travel: the worker keeps its own (or none)
@@ -926,11 +931,12 @@ def _set_per_process(initializer: Callable[..., Any],
 # The caller's recursion limit, int-to-str digit limit (None where Python has none),
 # decimal context as (prec, rounding, Emin, Emax, capitals, clamp, trap names) or None
 # where the caller never imported decimal, warnings filters, its environment
-# variables changed since we were imported (_environment_changes), and its file mode
-# creation mask (None where it cannot be read). (Its context variables travel apart,
-# once per worker: FunctionRef.context.)
+# variables changed since we were imported (_environment_changes), its file mode
+# creation mask (None where it cannot be read) and its time zone as its C library last
+# read it (_time_zone). (Its context variables travel apart, once per worker:
+# FunctionRef.context.)
 Settings = tuple[int, Optional[int], Optional[tuple[Any, ...]], tuple[Any, ...],
-                 tuple[tuple[str, Optional[str]], ...], Optional[int]]
+                 tuple[tuple[str, Optional[str]], ...], Optional[int], tuple[Any, ...]]
 
 
 def caller_settings() -> Settings:
@@ -941,7 +947,13 @@ def caller_settings() -> Settings:
     decimal = sys.modules.get("decimal")
     dec = _decimal_settings(decimal.getcontext()) if decimal is not None else None
     return (sys.getrecursionlimit(), digits() if digits is not None else None, dec,
-            tuple(warnings.filters), _environment_changes(), _umask())
+            tuple(warnings.filters), _environment_changes(), _umask(), _time_zone())
+
+
+def _time_zone() -> tuple[Any, ...]:
+    """The time zone this process's C library uses: what time.tzset() last read (a TZ
+    set without it is not read yet, in the loop either)."""
+    return time.tzname, time.timezone, time.altzone, time.daylight
 
 
 def _umask() -> Optional[int]:
@@ -1153,7 +1165,7 @@ _UNSET = object()
 
 
 def _adopt_settings(settings: Settings) -> None:
-    limit, digits, dec, filters, environment, umask = settings
+    limit, digits, dec, filters, environment, umask, zone = settings
     for name, value in environment:  # the caller's; a worker's own (_ENV_OURS) not sent
         if os.environ.get(name) == value:
             continue
@@ -1161,11 +1173,13 @@ def _adopt_settings(settings: Settings) -> None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
-        if name == "TZ":
-            # The C library reads TZ once, and again at tzset() only: a caller that set
-            # TZ and called time.tzset() between two maps had its items read the new
-            # zone in the loop, the old one in warm workers (150 of 150 hours wrong).
-            time.tzset()
+    if _time_zone() != zone:
+        # The C library reads TZ at tzset() (and its first use): a caller that set TZ and
+        # called time.tzset() between two maps had its items read the new zone in the
+        # loop, the old one in warm workers (150 of 150 hours wrong). Compared, not
+        # called at each change of TZ: a TZ set without tzset() is not read by the
+        # loop's items either.
+        time.tzset()
     if umask is not None:
         os.umask(umask)  # os.umask(0o077) between maps: workers made files 0o644
     if tuple(warnings.filters) != filters:
@@ -1277,10 +1291,8 @@ def _mutable_defaults(core: types.FunctionType) -> Optional[tuple[str, dict[int,
     = (9,)``: 149 of 150 results wrong); its qualified name, and the positional and
     keyword-only defaults that are builtin data, by position and name. Not others: a
     sentinel must stay the worker's own object."""
-    plain = (dict, list, set, bytearray, int, float, complex, str, bytes, bool, type(None))
-    positional = {i: v for i, v in enumerate(core.__defaults__ or ())
-                  if type(v) in plain}
-    keyword = {k: v for k, v in (core.__kwdefaults__ or {}).items() if type(v) in plain}
+    positional = {i: v for i, v in enumerate(core.__defaults__ or ()) if _sent_default(v)}
+    keyword = {k: v for k, v in (core.__kwdefaults__ or {}).items() if _sent_default(v)}
     if not (positional or keyword):
         return None
     try:
@@ -1288,6 +1300,22 @@ def _mutable_defaults(core: types.FunctionType) -> Optional[tuple[str, dict[int,
     except Exception:  # noqa: BLE001 - holds what cannot travel: the worker keeps its own
         return None
     return core.__qualname__, positional, keyword
+
+
+def _sent_default(value: Any) -> bool:
+    """A default that travels with the function taken by name: a builtin container (it
+    may change in place), or a small value of builtin data (rebound defaults); not a
+    large string or bytes, pickled each map for a rebinding seldom made (a 100 MB one
+    made a map 2.4x slower), nor a sentinel, which must stay the worker's own."""
+    kind = type(value)
+    if kind in (dict, list, set, bytearray):
+        return True
+    if kind in (str, bytes):
+        return len(value) <= SMALL_DEFAULT
+    return kind in (int, float, complex, bool, type(None))
+
+
+SMALL_DEFAULT = 4096
 
 
 def _set_defaults(module: str, entry: tuple[str, dict[int, Any], dict[str, Any]]) -> None:

@@ -238,6 +238,11 @@ FUNCTION_STATE_MODULES = {
         def render(x):  # calls the dispatcher by name, as a global
             return to_json(x)
 
+        @functools.singledispatch
+        def to_text(x):
+            spin()
+            return "generic"
+
         def scaled(x):
             spin()
             return x * scaled.factor
@@ -256,9 +261,14 @@ FUNCTION_STATE_MODULES = {
             return x * K
     """,
     "plugin.py": """
-        from fmt import spin, to_json
+        from fmt import spin, to_json, to_text
 
         @to_json.register(int)
+        def _(x):
+            spin()
+            return "int"
+
+        @to_text.register(int)
         def _(x):
             spin()
             return "int"
@@ -312,6 +322,19 @@ def test_the_state_of_a_users_function_is_the_callers(tmp_path, path):
         fmt.K = 7
         fmt.cached.cache_clear()
         check("cached since", fmt.cached)
+        # A registration that cannot travel (its implementation holds a lock): none of
+        # them goes, the items run in the caller (warned), all answered as in the loop.
+        import threading, warnings
+
+        @fmt.to_text.register(complex)
+        def _(x, lock=threading.Lock()):
+            return "complex"
+
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            got = parallelize(fmt.to_text, backend="loky", chunksize=10).map(items)
+        if got != ["int"] * len(items):
+            wrong.append(("all registrations or none", got[:3]))
         print(wrong)
     """, env={"ADAPTIVE_EXEC_START": path}, timeout=120)
     assert out.strip().splitlines()[-1] == "[]", out
@@ -367,12 +390,13 @@ def test_names_the_caller_put_into_builtins_are_there_in_workers(tmp_path, path)
 
         def label(x):
             spin()
-            return _("item %d") % x * DEBUG_LEVEL
+            return _("item %d") % x * DEBUG_LEVEL + ("!" if VERBOSE else "")
 
         items = list(range(150))
         parallelize(warm, backend="loky").map(items)  # a pool already up
         gettext.install("aex_test")
         builtins.DEBUG_LEVEL = 2
+        builtins.VERBOSE = True  # a value like Python's own, under a name that is not
         pf = parallelize(label, backend="loky")
         print(pf.map(items) == [label(x) for x in items], pf.last_report.plan.mode)
     """, env={"ADAPTIVE_EXEC_START": path}, timeout=120)
@@ -1773,6 +1797,12 @@ def test_a_time_zone_and_a_umask_changed_between_maps_are_the_callers_in_the_wor
             assert len(set(expected)) == 1, expected[:3]
             assert pf.map(range(100)) == expected, (tz, oct(umask))
             assert pf.last_report.plan.mode == "parallel"
+        # TZ set without time.tzset(): the loop's C library has not read it, nor must
+        # the workers' (they called tzset() at every change of TZ: 100 of 100 wrong).
+        monkeypatch.setenv("TZ", "JST-9")
+        expected = [h.hour_and_mode(x, str(tmp_path)) for x in range(100)]
+        assert pf.map(range(100)) == expected
+        assert pf.last_report.plan.mode == "parallel"
     finally:
         os.umask(mask)
         monkeypatch.undo()
