@@ -189,7 +189,15 @@ def _attribute_of(module: str, name: str, cls: Any) -> Any:
 
 def _reduce_memoryview(view: memoryview) -> Any:
     """A memoryview as a memoryview, of its bytes, format and shape (cloudpickle sent
-    bytes: an item or result of another type than the loop's)."""
+    bytes: an item or result of another type than the loop's). One whose format a
+    memoryview cannot be cast to (a structured or half-float numpy view) is refused
+    here, not in the worker: its items run in the caller, warned."""
+    if view.format != "B":
+        try:
+            memoryview(bytes(view.itemsize)).cast(view.format)  # type: ignore[call-overload]
+        except (TypeError, ValueError) as exc:
+            raise pickle.PicklingError(f"a memoryview of format {view.format!r} cannot "
+                                       "be rebuilt in another process") from exc
     return _memoryview_of, (view.tobytes(), view.format, view.shape, view.readonly)
 
 
@@ -338,6 +346,8 @@ def _methods(cls: type, module_globals: dict[str, Any]) -> list[types.FunctionTy
     for klass in cls.__mro__:
         for member in vars(klass).values():
             member = getattr(member, "__func__", member)  # staticmethod, classmethod
+            if isinstance(member, functools._lru_cache_wrapper):  # type: ignore[attr-defined]
+                member = _innermost(member)  # a cached method: its code runs too
             if isinstance(member, types.FunctionType) and member.__globals__ is module_globals:
                 out.append(member)
     return out
@@ -845,6 +855,16 @@ def _resolve_name(module: str, qualname: str) -> Any:
     for part in qualname.split("."):
         target = getattr(target, part)
     return target
+
+
+def _attribute_here(module: str, name: str) -> Any:
+    """What _set_attribute_here would replace (_UNSET: nothing to compare with)."""
+    if name.startswith(DISPATCH):
+        return _UNSET
+    if name.startswith(FUNCTION_ATTRIBUTE):
+        qualname, attribute = name[len(FUNCTION_ATTRIBUTE):].rsplit(".", 1)
+        return getattr(_resolve_name(module, qualname), attribute, _UNSET)
+    return getattr(importlib.import_module(module), name, _UNSET)
 
 
 def _set_attribute_here(module: str, name: str, value: Any) -> None:
@@ -1805,8 +1825,7 @@ class _Patched:
     def enter(self) -> Callable[..., Any]:
         if _APPLIED.get(self.module) != self.key:
             namespace = sys.modules[self.module].__dict__
-            if self.module in _APPLIED:
-                _forget_cached(namespace)
+            changed: set[tuple[str, str]] = set()
             for name, value in self.values.items():
                 if name == DEFAULTS:
                     _set_defaults(self.module, value)
@@ -1815,24 +1834,70 @@ class _Patched:
                     if type(namespace.get(name)) is value.cls:
                         continue  # its own object of that class: kept, identity too
                     value = object.__new__(value.cls)
+                if not _same(namespace.get(name, _UNSET), value):
+                    changed.add((self.module, name))
                 namespace[name] = value
+            _forget_cached({self.module}, changed)
             _APPLIED[self.module] = self.key
             for name in self.values:  # what _WithAttributes set there is now this key's
                 _APPLIED[f"{self.module}.{name}"] = self.key
         return self.func
 
 
-def _forget_cached(namespace: dict[str, Any]) -> None:
-    """Before the caller's new values of a module's globals are set in this worker: the
-    results its functions under functools.lru_cache (or cache) remember were made with
-    the old ones (``K = 9`` and ``cached.cache_clear()`` between two maps: warm workers
-    answered from their caches, 150 of 150 results wrong). Forgetting them costs calls,
-    never a result."""
-    module = namespace.get("__name__")
-    for value in list(namespace.values()):
-        if (isinstance(value, functools._lru_cache_wrapper)  # type: ignore[attr-defined]
-                and getattr(value, "__module__", None) == module):
-            value.cache_clear()
+def _same(old: Any, new: Any) -> bool:
+    """Is a value set in this worker before the same as the caller's now? Builtin data
+    is compared; anything else only by identity (it may compare oddly, or at a cost)."""
+    if old is new:
+        return True
+    if type(old) is not type(new) or type(new) not in _PLAIN_TYPES_COMPARED:
+        return False
+    try:
+        return bool(old == new)
+    except Exception:
+        return False
+
+
+_PLAIN_TYPES_COMPARED = (int, float, complex, bool, str, bytes, type(None), tuple, list,
+                         dict, set, frozenset, bytearray)
+
+
+def _forget_cached(modules: set[str], changed: set[tuple[str, str]]) -> None:
+    """After the caller's new values of globals or attributes (``changed``: (module,
+    name)) were set in this worker: the functions under functools.lru_cache (or cache)
+    of ``modules``, at their top level or in their classes, that read one of them
+    forget what they remember, made with the old values (``K = 7`` and
+    ``cached.cache_clear()`` between two maps: warm workers answered from their
+    caches, 149 of 150 results wrong). Only those: clearing every cache of the module
+    at each change reloaded a cached model each map, 0.71 s a map where the loop took
+    0.40."""
+    if not changed:
+        return
+    for name in modules:
+        module = sys.modules.get(name)
+        if module is None:
+            continue
+        holders: list[Any] = [vars(module)]
+        holders += [vars(v) for v in list(vars(module).values())
+                    if isinstance(v, type) and v.__module__ == name]
+        for namespace in holders:
+            for value in list(namespace.values()):
+                if not isinstance(value, functools._lru_cache_wrapper):  # type: ignore[attr-defined]
+                    continue
+                reads = _reads(_innermost(value))
+                if reads is None or reads & changed:
+                    value.cache_clear()
+
+
+def _reads(func: Any) -> Optional[set[tuple[str, str]]]:
+    """(module, name) of the globals and attributes ``func`` reads, as they travel;
+    None where its code cannot be read (then it may read anything)."""
+    if not isinstance(func, types.FunctionType):
+        return None
+    try:
+        out = {(func.__module__, n) for n in _globals_read(func)}
+        return out | set(_attributes_read(func))
+    except Exception:
+        return None
 
 
 class _WithAttributes:
@@ -1853,15 +1918,23 @@ class _WithAttributes:
                 pass
 
     def enter(self) -> Callable[..., Any]:
+        changed: set[tuple[str, str]] = set()
         for (module, name), value in self.values.items():
             if _APPLIED.get(f"{module}.{name}") == self.key:
                 continue
             try:
+                if not _same(_attribute_here(module, name), value):
+                    changed.add((module, name))
                 _set_attribute_here(module, name, value)
             except Exception:  # not importable here, or refused: the worker's own stays
                 continue
             _APPLIED[f"{module}.{name}"] = self.key
             _APPLIED.pop(module, None)  # a _Patched of that module sets its values again
+        if changed:
+            # The caches of the modules changed, and of the function's own module, that
+            # read what changed (a cached function reading settings.SCALE).
+            home = getattr(self.func, "module", None) or getattr(self.func, "__module__", None)
+            _forget_cached({m for m, _ in changed} | {str(home)}, changed)
         func = self.func
         return func.enter() if isinstance(func, _Patched) else func
 

@@ -259,6 +259,47 @@ FUNCTION_STATE_MODULES = {
         def cached(x):
             spin()
             return x * K
+
+        import cfg
+
+        @functools.lru_cache(maxsize=None)
+        def by_cfg(x):  # reads another module's attribute
+            spin()
+            return x * cfg.SCALE
+
+        class Model:
+            @functools.lru_cache(maxsize=None)
+            def score(self, x):  # a cached method reading a global
+                spin()
+                return x * K
+
+            def __hash__(self):
+                return 1
+
+            def __eq__(self, other):
+                return isinstance(other, Model)
+
+        MODEL = Model()
+
+        def scored(x):
+            return MODEL.score(x)
+
+        EPOCH, LOG = 0, None
+
+        @functools.lru_cache(maxsize=None)
+        def table():  # costly, reads nothing that changes: loaded once per process
+            import os
+            if LOG:
+                with open(LOG, "a") as f:
+                    f.write(f"{os.getpid()}\\n")
+            return 10
+
+        def per_epoch(x):
+            spin()
+            return table() + x * EPOCH
+    """,
+    "cfg.py": """
+        SCALE = 1
     """,
     "plugin.py": """
         from fmt import spin, to_json, to_text
@@ -305,7 +346,8 @@ def test_the_state_of_a_users_function_is_the_callers(tmp_path, path):
             check("a plugin's registration", func)
         check("an attribute", fmt.scaled)
         check("defaults", fmt.times)
-        check("cached", fmt.cached)
+        for func in (fmt.cached, fmt.by_cfg, fmt.scored):
+            check("cached", func)
 
         @fmt.to_json.register(float)
         def _(x):
@@ -322,6 +364,21 @@ def test_the_state_of_a_users_function_is_the_callers(tmp_path, path):
         fmt.K = 7
         fmt.cached.cache_clear()
         check("cached since", fmt.cached)
+        fmt.Model.score.cache_clear()
+        check("a cached method since", fmt.scored)
+        import cfg
+        cfg.SCALE = 3
+        fmt.by_cfg.cache_clear()
+        check("cached, another module's since", fmt.by_cfg)
+        # What changed is not what a cached function reads: its cache stays (each map
+        # cleared it, a cached model loaded again each map, slower than the loop).
+        fmt.LOG = os.path.join(os.getcwd(), "loads.txt")
+        for epoch in range(1, 5):
+            fmt.EPOCH = epoch
+            check("an unrelated cache", fmt.per_epoch)
+        loads = open(fmt.LOG).read().split() if os.path.exists(fmt.LOG) else []
+        if any(loads.count(pid) > 1 for pid in loads):
+            wrong.append(("a cache cleared for nothing", loads))
         # A registration that cannot travel (its implementation holds a lock): none of
         # them goes, the items run in the caller (warned), all answered as in the loop.
         import threading, warnings
