@@ -653,6 +653,8 @@ def _attributes_read(func: types.FunctionType, owner: Optional[type] = None,
         for name, attrs in _name_chains(f.__code__):
             holder = (sys.modules.get(name[len(IMPORTED):]) if name.startswith(IMPORTED)
                       else module_globals.get(name))
+            if isinstance(holder, functools._lru_cache_wrapper):  # type: ignore[attr-defined]
+                holder = _innermost(holder)  # from cfg import cached: its reads count
             if attrs and holder is not None and not isinstance(
                     holder, (types.ModuleType, type, types.FunctionType)):
                 # A method called on an object of a class of another of the user's
@@ -688,6 +690,8 @@ def _attributes_read(func: types.FunctionType, owner: Optional[type] = None,
                 if isinstance(value, types.ModuleType):
                     holder = value  # pkg.sub.NAME: read on
                     continue
+                if isinstance(value, functools._lru_cache_wrapper):  # type: ignore[attr-defined]
+                    value = _innermost(value)  # cfg.cached(x): what it reads counts
                 if isinstance(value, types.FunctionType):
                     _add_reads_of(value, depth, found)
                 elif _plain_value(value):
@@ -1186,6 +1190,7 @@ _UNSET = object()
 
 def _adopt_settings(settings: Settings) -> None:
     limit, digits, dec, filters, environment, umask, zone = settings
+    zone_changed = False
     for name, value in environment:  # the caller's; a worker's own (_ENV_OURS) not sent
         if os.environ.get(name) == value:
             continue
@@ -1193,12 +1198,13 @@ def _adopt_settings(settings: Settings) -> None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
-    if _time_zone() != zone:
+        zone_changed = zone_changed or name == "TZ"
+    if zone_changed or _time_zone() != zone:
         # The C library reads TZ at tzset() (and its first use): a caller that set TZ and
         # called time.tzset() between two maps had its items read the new zone in the
-        # loop, the old one in warm workers (150 of 150 hours wrong). Compared, not
-        # called at each change of TZ: a TZ set without tzset() is not read by the
-        # loop's items either.
+        # loop, the old one in warm workers (150 of 150 hours wrong). At each change of
+        # TZ (another zone may have the same names and offsets, not the same rules),
+        # and where the zone read differs from the caller's.
         time.tzset()
     if umask is not None:
         os.umask(umask)  # os.umask(0o077) between maps: workers made files 0o644
@@ -1846,13 +1852,14 @@ class _Patched:
 
 def _same(old: Any, new: Any) -> bool:
     """Is a value set in this worker before the same as the caller's now? Builtin data
-    is compared; anything else only by identity (it may compare oddly, or at a cost)."""
+    by its pickle (== took 0.0 for -0.0 and [1] for [1.0]: stale cached results);
+    anything else only by identity (it may compare oddly, or at a cost)."""
     if old is new:
         return True
     if type(old) is not type(new) or type(new) not in _PLAIN_TYPES_COMPARED:
         return False
     try:
-        return bool(old == new)
+        return pickle.dumps(old, protocol=_PROTOCOL) == pickle.dumps(new, protocol=_PROTOCOL)
     except Exception:
         return False
 

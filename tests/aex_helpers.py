@@ -994,7 +994,7 @@ def env_of(x, name="AEX_MODE"):
     return os.environ.get(name)
 
 
-def hour_and_mode(x, folder):
+def hour_and_mode(x, folder, instant=1_700_000_000):
     """The local hour of a fixed instant, and the mode a new file gets here."""
     import stat
 
@@ -1003,7 +1003,7 @@ def hour_and_mode(x, folder):
     with open(path, "w"):
         pass
     try:
-        return time.localtime(1_700_000_000).tm_hour, stat.S_IMODE(os.stat(path).st_mode)
+        return time.localtime(instant).tm_hour, stat.S_IMODE(os.stat(path).st_mode)
     finally:
         os.unlink(path)
 

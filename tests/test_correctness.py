@@ -297,9 +297,29 @@ FUNCTION_STATE_MODULES = {
         def per_epoch(x):
             spin()
             return table() + x * EPOCH
+
+        def via_cfg(x):
+            spin()
+            return cfg.cached(x)
+
+        SIGN = 0.0
+
+        @functools.lru_cache(maxsize=None)
+        def signed(x):
+            spin()
+            return x, str(SIGN)
     """,
     "cfg.py": """
-        SCALE = 1
+        import functools
+
+        SCALE, K2 = 1, 1
+
+        def helper(x):
+            return x * K2
+
+        @functools.lru_cache(maxsize=None)
+        def cached(x):  # another module's, called by name from fmt.via_cfg
+            return helper(x)
     """,
     "plugin.py": """
         from fmt import spin, to_json, to_text
@@ -346,7 +366,7 @@ def test_the_state_of_a_users_function_is_the_callers(tmp_path, path):
             check("a plugin's registration", func)
         check("an attribute", fmt.scaled)
         check("defaults", fmt.times)
-        for func in (fmt.cached, fmt.by_cfg, fmt.scored):
+        for func in (fmt.cached, fmt.by_cfg, fmt.scored, fmt.via_cfg, fmt.signed):
             check("cached", func)
 
         @fmt.to_json.register(float)
@@ -370,6 +390,12 @@ def test_the_state_of_a_users_function_is_the_callers(tmp_path, path):
         cfg.SCALE = 3
         fmt.by_cfg.cache_clear()
         check("cached, another module's since", fmt.by_cfg)
+        cfg.K2 = 5
+        cfg.cached.cache_clear()
+        check("another module's cached function since", fmt.via_cfg)
+        fmt.SIGN = -0.0  # == 0.0: compared so, the worker's cache stayed
+        fmt.signed.cache_clear()
+        check("cached, a global equal but not the same since", fmt.signed)
         # What changed is not what a cached function reads: its cache stays (each map
         # cleared it, a cached model loaded again each map, slower than the loop).
         fmt.LOG = os.path.join(os.getcwd(), "loads.txt")
@@ -1854,12 +1880,16 @@ def test_a_time_zone_and_a_umask_changed_between_maps_are_the_callers_in_the_wor
             assert len(set(expected)) == 1, expected[:3]
             assert pf.map(range(100)) == expected, (tz, oct(umask))
             assert pf.last_report.plan.mode == "parallel"
-        # TZ set without time.tzset(): the loop's C library has not read it, nor must
-        # the workers' (they called tzset() at every change of TZ: 100 of 100 wrong).
-        monkeypatch.setenv("TZ", "JST-9")
-        expected = [h.hour_and_mode(x, str(tmp_path)) for x in range(100)]
-        assert pf.map(range(100)) == expected
-        assert pf.last_report.plan.mode == "parallel"
+        # Two zones of the same names and offsets but other rules: workers that only
+        # compared the zone read (names, offsets) kept the old rules (100 of 100 wrong).
+        rules = parallelize(h.hour_and_mode, backend="loky", max_workers=2)
+        args = [(x, str(tmp_path), 1_710_000_000) for x in range(100)]  # 2024-03-09
+        for tz in ("EST5EDT,M3.2.0,M11.1.0", "EST5EDT,M3.1.0,M11.1.0"):
+            monkeypatch.setenv("TZ", tz)
+            time.tzset()
+            expected = [h.hour_and_mode(*a) for a in args]
+            assert rules.starmap(args) == expected, tz
+            assert rules.last_report.plan.mode == "parallel"
     finally:
         os.umask(mask)
         monkeypatch.undo()
