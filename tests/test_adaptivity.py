@@ -98,7 +98,9 @@ def test_a_pool_run_of_a_function_with_threads_of_its_own_teaches_its_workers_ti
     from adaptive_exec.fingerprint import fingerprint
     from adaptive_exec.planner import OWN_THREADS_MIN
 
-    big, small = [8 << 20] * 60, [1 << 20] * 60
+    # Calls of ~30-60 ms: the CPU of the spinning threads is read over enough time
+    # even on a crowded machine (calls of ~15 ms read 0.2 beside two test suites).
+    big, small = [24 << 20] * 30, [3 << 20] * 30
     ratios, funcs = {}, {}
     for capped in (True, False):
         funcs[capped] = func = functools.partial(h.blas_like, capped=capped)
