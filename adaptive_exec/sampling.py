@@ -327,6 +327,11 @@ def features_from(
             # millisecond are not: their CPU share beside busy workers read 35%, and
             # with no looks of their own that alone planned threads).
             wait_share, waits_on = waits.share(mark), waits.mostly(mark)
+    if wait_share is None:
+        # Looked at too few times to tell (a watch starved on a crowded machine): what
+        # those looks saw is no finding either. Features said "waits on sockets" with
+        # no share beside it, which reports and the plan then read differently.
+        waits_on = None
     n = len(durations)
     mean = math.fsum(durations) / n
     cv: Optional[float] = None

@@ -150,6 +150,20 @@ def test_what_a_first_call_that_paid_a_one_time_cost_waited_on_is_left_out():
     assert h_.setup_s is not None and h_.waits_on == "the disk" and h_.wait_share == 9 / 12
 
 
+def test_too_few_looks_say_neither_how_much_nor_on_what_the_calls_waited():
+    # Beside two test suites the watch thread looked at the calls a few times only: the
+    # features said "waits on sockets or pipes" with no share beside it.
+    looks = system.ThreadWaits(None)
+    looks.looks, looks.waits = system.ThreadWaits.MIN_LOOKS - 1, {"sleeping": 2}
+    f = features_from([0.01, 0.01], [], [], 0, 1, cpu_s=0.001, wall_s=0.02, picklable=True,
+                      waits=looks)
+    assert f.wait_share is None and f.waits_on is None
+    looks.looks += 1
+    g = features_from([0.01, 0.01], [], [], 0, 1, cpu_s=0.001, wall_s=0.02, picklable=True,
+                      waits=looks)
+    assert g.wait_share is not None and g.waits_on == "sleeping"
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and fadvise")
 def test_a_first_call_that_waited_on_the_disk_does_not_make_a_waiting_function(tmp_path):
     # The numpy workload's first call read its libraries from the disk (0.47 s, 84% of
