@@ -5,6 +5,7 @@ import os
 import signal
 import threading
 
+import forced_runs
 import psutil
 import pytest
 
@@ -113,12 +114,20 @@ def pytest_unconfigure(config):
     faulthandler.dump_traceback_later(EXIT_DEADLINE_S, exit=True)
 
 
+FORCED_TEST = "test_the_fault_and_lifecycle_suites_pass_on_each_forced_path"
+_forced: forced_runs.Runs | None = None  # the forced-path runs going on beside this session
+
+
 def pytest_collection_modifyitems(config, items):
-    """Inside a forced-path run (test_start_paths.py runs the fault and lifecycle suites
-    again with ADAPTIVE_EXEC_START set), the tests that already name their start path
-    (parametrized by ``path``, each running every path itself) are not run again: they
-    would repeat what the default run did, a third of CI's time."""
+    """Outside a forced-path run, the test that waits for those runs goes last, so that
+    the rest of the suite runs beside them (tests/forced_runs.py).
+
+    Inside a forced-path run (the fault and lifecycle suites again, with
+    ADAPTIVE_EXEC_START set), the tests that already name their start path (parametrized
+    by ``path``, each running every path itself) are not run again: they would repeat
+    what the default run did, a third of CI's time."""
     if not os.environ.get(starts.ENV_START):
+        items.sort(key=lambda item: item.originalname == FORCED_TEST)  # stable: the rest
         return
     keep, skipped = [], []
     for item in items:
@@ -128,3 +137,23 @@ def pytest_collection_modifyitems(config, items):
     if skipped:
         config.hook.pytest_deselected(items=skipped)
         items[:] = keep
+
+
+def pytest_collection_finish(session):
+    global _forced
+    if os.environ.get(starts.ENV_START) or session.config.option.collectonly:
+        return
+    if any(item.originalname == FORCED_TEST for item in session.items):
+        _forced = forced_runs.start(os.path.dirname(os.path.dirname(__file__)))
+
+
+def pytest_sessionfinish(session):
+    if _forced is not None:
+        _forced.stop()  # runs the session left before waiting for them do not go on
+
+
+@pytest.fixture
+def forced_path_runs() -> forced_runs.Runs:
+    """The forced-path runs started with this session (pytest_collection_finish)."""
+    assert _forced is not None, "the forced-path runs were not started with the session"
+    return _forced

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import aex_helpers as h
 import psutil
@@ -695,41 +694,24 @@ def test_a_function_too_heavy_to_ship_runs_serially_and_says_why():
 
 # --- the suites under each forced path --------------------------------------------------
 
-SUITES = ["tests/test_faults.py", "tests/test_lifecycle.py", "tests/test_correctness.py",
-          "tests/test_ported.py", "tests/test_ahead.py",
-          "tests/test_start_paths.py::test_a_large_function_crosses_once_per_worker_per_map"]
-
-
 @pytest.mark.timeout(900)
-def test_the_fault_and_lifecycle_suites_pass_on_each_forced_path(tmp_path):
+def test_the_fault_and_lifecycle_suites_pass_on_each_forced_path(forced_path_runs):
     # The default run of the suite starts workers by fork (pytest runs one thread here);
     # these runs force the other paths on every fault, time-out, Ctrl-C, lifecycle and
-    # correctness test. Both at once, each the other's load (the suites pass beside a
-    # busy core): one after the other they took ~200 s each, a third of CI's time.
+    # correctness test. They began with the session, beside the rest of the suite
+    # (tests/forced_runs.py); this test, the session's last, waits for them.
     if os.environ.get(starts.ENV_START):
         pytest.skip("already inside a forced run")
-    runs = {}
-    for path in (starts.TEMPLATE, starts.EXEC):
-        out = open(tmp_path / f"{path}.log", "w+")  # noqa: SIM115 - closed below
-        proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                 "-x", *SUITES], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                text=True, env={**os.environ, starts.ENV_START: path})
-        runs[path] = (proc, out)
-    try:
-        deadline = time.monotonic() + 880
-        for proc, _ in runs.values():
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        for proc, out in runs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
-            out.seek(0)
-    failed = {path: out.read()[-6000:] for path, (proc, out) in runs.items()
-              if proc.returncode != 0}
-    for _, out in runs.values():
-        out.close()
-    assert not failed, failed
+    results = forced_path_runs.results(timeout=880)
+    failed = {path: log for path, (rc, log) in results.items() if rc != 0}
+    if failed:
+        pytest.fail("\n\n".join(
+            f"ADAPTIVE_EXEC_START={path}: "
+            f"{'did not end in time' if results[path][0] is None else 'failed'}\n"
+            + "\n".join(line for line in log.splitlines()
+                         if line.startswith(("FAILED", "ERROR")))
+            + "\n...\n" + log[-5000:]
+            for path, log in failed.items()), pytrace=False)
 
 
 # --- an item's timeout counts from its start ------------------------------------------------
