@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import builtins
 import collections
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -200,10 +201,29 @@ def _callers_function(module: str, qualname: str, blob: bytes) -> Any:
                 # (functools.wraps) holds values of its own.
                 and found.__closure__ is None and copy.__closure__ is None
                 and bool(found.__defaults__ == copy.__defaults__)
-                and bool(found.__kwdefaults__ == copy.__kwdefaults__))
+                and bool(found.__kwdefaults__ == copy.__kwdefaults__)
+                and _same_attributes(found.__dict__, copy.__dict__))
     except Exception:  # noqa: BLE001 - a default whose __eq__ raises: the copy
         same = False
     return found if same else copy
+
+
+def _same_attributes(ours: dict[str, Any], sent: dict[str, Any]) -> bool:
+    """Do a function's attributes (``h.tag = i``) match the copy's? Functions made in a
+    loop have one name and one code: ``[h0, h1, h2, h3]`` each with its own tag came
+    back as the last of them (117 of 156 results had its tag). A function among them
+    (``__wrapped__``) matches one of the same name and code, as it travels by value."""
+    if ours.keys() != sent.keys():
+        return False
+    for name, value in ours.items():
+        other = sent[name]
+        if isinstance(value, types.FunctionType) and isinstance(other, types.FunctionType):
+            if (value.__qualname__ != other.__qualname__
+                    or value.__code__ != other.__code__):
+                return False
+        elif value is not other and not bool(value == other):
+            return False
+    return True
 
 
 # id -> (the object, its module and name or None): the object is kept, so its id stays.
@@ -339,16 +359,18 @@ class FunctionRef:
     def lean_copy(self) -> FunctionRef:
         return dataclasses.replace(self, blob=None, patch=None, patch_module=None,
                                    blob_at=None, init=None, attrs=None, context=None,
-                                   lean=True)
+                                   settings=_lean_settings(self.settings), lean=True)
 
     def without_context(self) -> FunctionRef:
         """For workers that are not ours to move (a dask cluster's, maybe elsewhere)."""
         return dataclasses.replace(self, cwd=None, sys_path=(), settings=None)
 
 
-def _importable(value: Any) -> bool:
+def _importable(value: Any, exact: bool = False) -> bool:
     """True when ``value`` is what its module and qualified name resolve to: a worker
-    that imports the module has the same object, so it need not travel."""
+    that imports the module has the same object, so it need not travel. ``exact``: the
+    name must give ``value`` itself (or our wrapper of it), not a decorator's wrapper
+    of it: a function mapped so is rebuilt by name, as what the name holds."""
     module = getattr(value, "__module__", None)
     qualname = getattr(value, "__qualname__", None)
     if not isinstance(module, str) or not isinstance(qualname, str) or module == "__main__":
@@ -366,9 +388,11 @@ def _importable(value: Any) -> bool:
         return False
     # (Under a decorator: functools.wraps', or lru_cache's, a C object whose
     # __wrapped__ is read without running any code of the user's.)
-    return (target is value or getattr(target, "__adaptive_exec_wrapped__", None) is value
-            or (isinstance(target, (types.FunctionType, functools._lru_cache_wrapper))  # type: ignore[attr-defined]
-                and target is not value and _innermost(target) is value))
+    if target is value or getattr(target, "__adaptive_exec_wrapped__", None) is value:
+        return True
+    return (not exact
+            and isinstance(target, (types.FunctionType, functools._lru_cache_wrapper))  # type: ignore[attr-defined]
+            and _innermost(target) is value)
 
 
 def _innermost(func: Any) -> Any:
@@ -406,12 +430,14 @@ def _methods(cls: type, module_globals: dict[str, Any]) -> list[types.FunctionTy
     return out
 
 
-def _reached(func: types.FunctionType, owner: Optional[type] = None
-             ) -> list[types.FunctionType]:
+def _reached(func: types.FunctionType, owner: Optional[type] = None,
+             module_globals: Optional[dict[str, Any]] = None) -> list[types.FunctionType]:
     """``func``, the methods of ``owner`` (the class of the object it is bound to), and
     the functions and classes' methods of the same module they load, transitively: the
-    code of that module that may run."""
-    module_globals = func.__globals__
+    code of that module that may run. ``module_globals``: the module's namespace, where
+    ``func`` is a copy that came by value (its own holds only the names it reads)."""
+    if module_globals is None:
+        module_globals = func.__globals__
     out: list[types.FunctionType] = []
     seen: set[int] = set()
     stack = [func] + (_methods(owner, module_globals) if owner is not None else [])
@@ -458,7 +484,13 @@ def _code_digest(func: types.FunctionType, owner: Optional[type] = None) -> str:
     from .fingerprint import feed_code
 
     h = hashlib.sha1()
-    for f in sorted(_reached(func, owner), key=lambda f: f.__qualname__):
+    # A module's function that came by value (one under a decorator, mapped as
+    # ``g.__wrapped__``) reads its module's helpers as the worker's module has them:
+    # reached through the module, as in the caller.
+    module = sys.modules.get(getattr(func, "__module__", None) or "")
+    space = vars(module) if module is not None and module is not sys.modules.get(
+        "__main__") else None
+    for f in sorted(_reached(func, owner, space), key=lambda f: f.__qualname__):
         if f is not func and "<locals>" in f.__qualname__:
             # A closure the caller set as a global (transform = make(3)) reaches the
             # worker in the patch, by value, as the caller has it: not the module's.
@@ -1020,7 +1052,7 @@ def _set_per_process(initializer: Callable[..., Any],
 # FunctionRef.context.)
 Settings = tuple[int, Optional[int], Optional[tuple[Any, ...]], tuple[Any, ...],
                  tuple[tuple[str, Optional[str]], ...], Optional[int], tuple[Any, ...],
-                 tuple[str, ...]]
+                 tuple[str, Optional[tuple[Any, ...]]]]
 
 
 def caller_settings() -> Settings:
@@ -1035,12 +1067,39 @@ def caller_settings() -> Settings:
             _argv())
 
 
-def _argv() -> tuple[str, ...]:
-    """The caller's ``sys.argv``: a worker from the template ran with ``['-c']``, so a
-    function reading the script's arguments (``sys.argv[1:]``, ``argparse`` without
-    arguments) read none there (15 of 60 results wrong)."""
+def _argv() -> tuple[str, Optional[tuple[Any, ...]]]:
+    """The caller's ``sys.argv``, as (its digest, its entries): a worker from the
+    template ran with ``['-c']``, so a function reading the script's arguments
+    (``sys.argv[1:]``, ``argparse`` without arguments) read none there (15 of 60
+    results wrong). Every entry keeps its place (one that is not a str, a Path the
+    script put there, was dropped: sys.argv[1] was the next one); one that cannot be
+    pickled goes as its str. Lean refs carry the digest alone (``_lean_settings``): a
+    script run with 25,000 file names sent 1.1 MB with every chunk (3,000 items: 4 s
+    before, 15.5 s)."""
     argv = getattr(sys, "argv", None)
-    return tuple(a for a in argv if isinstance(a, str)) if isinstance(argv, list) else ()
+    if not isinstance(argv, list):
+        return "", ()
+    entries = tuple(a if isinstance(a, str) or _picklable(a) else str(a) for a in argv)
+    try:
+        digest = hashlib.sha1(pickle.dumps(entries, protocol=_PROTOCOL)).hexdigest()
+    except Exception:  # noqa: BLE001 - (entries each pickle: kept as str)
+        entries = tuple(str(a) for a in argv)
+        digest = hashlib.sha1(repr(entries).encode()).hexdigest()
+    return digest, entries
+
+
+def _lean_settings(settings: Optional[Settings]) -> Optional[Settings]:
+    """``settings`` with sys.argv's digest alone: a worker keeps the entries it got
+    (``_ARGVS``); one that lacks them asks for the whole ref (NEED_FUNCTION)."""
+    if settings is None:
+        return None
+    digest, _ = settings[7]
+    return (*settings[:7], (digest, None))  # type: ignore[return-value]
+
+
+# digest -> sys.argv's entries, the last few a caller sent to this worker.
+_ARGVS: collections.OrderedDict[str, tuple[Any, ...]] = collections.OrderedDict()
+_MAX_ARGVS = 4
 
 
 def _time_zone() -> tuple[Any, ...]:
@@ -1257,8 +1316,20 @@ _START_CONTEXT: dict[str, dict[Any, Any]] = {}
 _UNSET = object()
 
 
-def _adopt_settings(settings: Settings) -> None:
-    limit, digits, dec, filters, environment, umask, zone, argv = settings
+def _adopt_settings(settings: Settings) -> bool:
+    """The caller's settings, set here; False when a lean ref's sys.argv is not known
+    here (the caller then sends the whole ref)."""
+    limit, digits, dec, filters, environment, umask, zone, (digest, argv) = settings
+    if argv is None:
+        argv = _ARGVS.get(digest)
+        if argv is None:
+            return False
+        _ARGVS.move_to_end(digest)
+    elif digest:
+        _ARGVS[digest] = argv
+        _ARGVS.move_to_end(digest)
+        while len(_ARGVS) > _MAX_ARGVS:
+            _ARGVS.popitem(last=False)
     if argv and tuple(getattr(sys, "argv", ())) != argv:
         sys.argv = list(argv)
     zone_changed = False
@@ -1291,7 +1362,7 @@ def _adopt_settings(settings: Settings) -> None:
     if digits is not None and getattr(sys, "get_int_max_str_digits", lambda: digits)() != digits:
         sys.set_int_max_str_digits(digits)
     if dec is None and "decimal" not in sys.modules:
-        return
+        return True
     import decimal
 
     if dec is None:  # an earlier map's caller had set one: back to the default
@@ -1301,6 +1372,7 @@ def _adopt_settings(settings: Settings) -> None:
         decimal.setcontext(decimal.Context(
             prec=prec, rounding=rounding, Emin=emin, Emax=emax, capitals=capitals,
             clamp=clamp, traps=[getattr(decimal, name) for name in traps]))
+    return True
 
 
 def _decimal_settings(c: Any) -> tuple[Any, ...]:
@@ -1605,7 +1677,10 @@ def function_ref(func: Callable[..., Any], per_process: frozenset[str] = frozens
     code = (f"{sys.flags.optimize}:{_code_digest(core, owner)}"
             if core is not None and _importable(core)
             and _compiled_plainly(core.__module__) else None)
-    if isinstance(func, types.FunctionType) and module and qualname and _importable(func):
+    # Exact: the function under a decorator (``g.__wrapped__``), sent by name, was
+    # rebuilt in workers as the decorated ``g`` (x100 in every result a worker made).
+    if (isinstance(func, types.FunctionType) and module and qualname
+            and _importable(func, exact=True)):
         # A function decorated with @parallelize is shadowed in its module by the
         # wrapper, so pickle-by-reference would fail and cloudpickle would copy the
         # code by value. The worker imports the wrapper and unwraps it instead.
@@ -1640,12 +1715,12 @@ def function_ref(func: Callable[..., Any], per_process: frozenset[str] = frozens
                        settings=caller_settings())
 
 
-def _enter_context(ref: FunctionRef) -> None:
+def _enter_context(ref: FunctionRef) -> bool:
     """Adopt the caller's working directory, sys.path and interpreter settings, as a
     loop in the caller would see them; before anything is unpickled (an item's class
     may live on that path)."""
-    if ref.settings is not None:
-        _adopt_settings(ref.settings)
+    if ref.settings is not None and not _adopt_settings(ref.settings):
+        return False
     if ref.sys_path and tuple(sys.path[: len(ref.sys_path)]) != ref.sys_path:
         theirs = set(ref.sys_path)
         sys.path[:] = list(ref.sys_path) + [p for p in sys.path if p not in theirs]
@@ -1655,6 +1730,7 @@ def _enter_context(ref: FunctionRef) -> None:
                 os.chdir(ref.cwd)
         except OSError:  # not reachable from here: the worker stays where it is
             pass
+    return True
 
 
 def _resolve(ref: FunctionRef) -> Optional[Callable[..., Any]]:
@@ -2199,7 +2275,8 @@ def run_chunk(ref: FunctionRef, start: int, payload: bytes, star: bool,
     pid = os.getpid()
     if clock is not None:
         _mark_started(*clock, began=False)
-    _enter_context(ref)
+    if not _enter_context(ref):  # a lean ref's sys.argv this worker has not had
+        return ChunkResult([], 0, 0.0, pid, status=NEED_FUNCTION)
     fetched = ref.blob_at[2] if ref.blob_at is not None and ref.key not in _FUNCTIONS else 0
     try:
         func = _resolve(ref)
@@ -2246,7 +2323,7 @@ def run_chunk(ref: FunctionRef, start: int, payload: bytes, star: bool,
         # turn (the loop's are recorded by catch_warnings, pytest.warns): a worker
         # printed them on its own stderr. (Not on a thread of a process running
         # others, a dask worker's: catch_warnings is the whole process's.)
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, _scripts_names(func):
             res = _in_context(context, lambda: run_items(func, start, items, star,
                                                          time_first=first))
         res = dataclasses.replace(res, function_bytes=fetched, warned=_warned(caught))
@@ -2275,6 +2352,45 @@ def run_chunk(ref: FunctionRef, start: int, payload: bytes, star: bool,
                                 f"return from a worker ({_safe(exc)})")
     return dataclasses.replace(res, results=parts, error=error, status=FALLBACK,
                                holes=tuple(holes), reason=reason)
+
+
+@contextlib.contextmanager
+def _scripts_names(func: Callable[..., Any]) -> Iterator[None]:
+    """While a chunk of a function of the caller's script runs in a pool worker, the
+    worker's ``__main__`` holds that copy's classes and functions under their names,
+    as the caller's script holds them: what the items pickle by reference there
+    (``pickle.dumps(Result(x))`` of a dataclass of the script, a function of it given
+    to a ``ProcessPoolExecutor`` or ``multiprocessing.Pool``, ``shelve``) is looked up
+    as ``__main__.<name>``, which a worker's ``__main__`` lacked (template, exec) or
+    held as another object (fork: its own copy): PicklingError where the loop ran.
+    Restored after the chunk (the worker's ``__main__`` may be loky's, still running)."""
+    core, owner = _code_that_runs(func)
+    main = sys.modules.get("__main__")
+    if core is None or main is None or getattr(core, "__module__", None) != "__main__" \
+            or core.__globals__ is getattr(main, "__dict__", None):
+        yield
+        return
+    ours: dict[str, Any] = {}
+    candidates = list(core.__globals__.items()) + [(core.__name__, core)]
+    if owner is not None:
+        candidates.append((owner.__name__, owner))
+    for name, value in candidates:
+        if (isinstance(value, (type, types.FunctionType))
+                and getattr(value, "__module__", None) == "__main__"
+                and getattr(value, "__qualname__", None) == name):
+            ours[name] = value
+    missing = object()
+    space = vars(main)
+    saved = {name: space.get(name, missing) for name in ours}
+    space.update(ours)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is missing:
+                space.pop(name, None)
+            else:
+                space[name] = value
 
 
 def _flush_std_streams() -> None:
@@ -2324,19 +2440,46 @@ def warn_again(warned: Optional[list[tuple[str, Any, str, int, Any]]]) -> None:
         message: Any = text
         if state is not None:
             try:
-                args, attributes = state
-                rebuilt = category.__new__(category, *args)
-                rebuilt.args = args
-                rebuilt.__dict__.update(attributes)
-                message = rebuilt
+                message = _rebuilt_warning(category, *state)
             except Exception:  # noqa: BLE001 - its text, as before
                 message = text
+        base = next((k for k in category.__mro__
+                     if getattr(builtins, k.__name__, None) is k), UserWarning)
+        attempts = [(message, category)] if message is not text else []
+        # Its text, and under the nearest builtin category where its own cannot be made
+        # from a text: a message whose __str__ reads an attribute that did not travel
+        # (a lock) raised here, and the chunk's items ran a second time in the caller.
+        attempts += [(text, category), (text, base)]
+        for what, cls in attempts:
+            try:
+                warnings.warn_explicit(what, cls, filename, lineno, registry=registry)
+                break
+            except Warning:
+                raise  # the caller's filter says "error": raised as at the loop's item
+            except Exception:  # noqa: BLE001 - the next way
+                continue
+
+
+def _rebuilt_warning(category: Any, args: tuple[Any, ...], attributes: dict[str, Any]
+                     ) -> Warning:
+    """The worker's warning, made again without its class's ``__init__``; nor its
+    ``__new__`` where that one wants other arguments than the args it kept
+    (``__new__(cls, text, code)`` with ``super().__init__(text)``: TypeError, the
+    chunk's items ran again in the caller, with an UnpicklableWarning)."""
+    base = next(k for k in category.__mro__ if getattr(builtins, k.__name__, None) is k)
+    rebuilt: Any = None
+    for make in (lambda: category.__new__(category, *args),
+                 lambda: base.__new__(category, *args)):
         try:
-            warnings.warn_explicit(message, category, filename, lineno, registry=registry)
-        except TypeError:
-            if message is text:
-                raise
-            warnings.warn_explicit(text, category, filename, lineno, registry=registry)
+            rebuilt = make()
+            break
+        except Exception:  # noqa: BLE001 - the next way
+            continue
+    if not isinstance(rebuilt, category):
+        raise TypeError(f"{category!r} cannot be made again")
+    rebuilt.args = args
+    rebuilt.__dict__.update(attributes)
+    return rebuilt  # type: ignore[no-any-return]
 
 
 # file -> the once-per-place registry of the warnings raised again from it (warn_again).
@@ -2708,6 +2851,7 @@ def worker_init(parent_pid: int, env: dict[str, str]) -> None:
 
     os.environ.update(env)
     _START_CONTEXT["values"] = dict(contextvars.copy_context().items())  # _in_context
+    _faulthandler_without_stderr()
     if os.getppid() != parent_pid:  # the parent died while this worker was starting
         os._exit(ORPHAN_EXIT_CODE)
     _POOL_WORKER = True
@@ -2741,6 +2885,32 @@ def worker_init(parent_pid: int, env: dict[str, str]) -> None:
     sentinel = getattr(parent, "sentinel", None) if parent is not None else None
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid, sentinel),
                      name="adaptive_exec-parent-watch", daemon=True).start()
+
+
+def _faulthandler_without_stderr() -> None:
+    """loky's worker enables ``faulthandler`` on ``sys.stderr`` after our initializer;
+    where there is none to write to (a caller started with its descriptors 0-2 closed,
+    a daemon's, ``pythonw``: ``sys.stderr`` is None in a forked worker), that raised
+    RuntimeError and every worker exited at once: WorkerCrashedError where the loop ran.
+    Such a worker's fatal errors go nowhere, as the caller's would."""
+    import faulthandler
+
+    if "PYTHONFAULTHANDLER" in os.environ or faulthandler.is_enabled():
+        return
+    try:
+        fd = sys.stderr.fileno()  # type: ignore[union-attr]
+        if fd >= 0:
+            return
+    except Exception:  # noqa: BLE001 - None, or a stream with no descriptor
+        pass
+    try:
+        _NO_STDERR.append(open(os.devnull, "w"))  # noqa: SIM115 - kept for the process
+        faulthandler.enable(_NO_STDERR[-1])
+    except Exception:  # noqa: BLE001 - then loky's own attempt decides
+        pass
+
+
+_NO_STDERR: list[Any] = []
 
 
 def _ctrl_c_is_the_callers(signum: int, frame: Any) -> None:

@@ -298,6 +298,57 @@ def _ready(n_workers: int) -> bool:
                 and time.perf_counter() - _state.last_used <= IDLE_TIMEOUT_S * 0.9)
 
 
+# loky's own start runs ``python -m loky.backend.popen_loky_posix`` without the caller's
+# interpreter flags: under ``python -O`` a module's ``assert`` (``if __debug__:``) ran in
+# exec'd workers and not in the loop (AssertionError where the loop returned). Our
+# context's processes are launched with them (starts.exec_flags); at module level, as
+# loky pickles the process object for the child.
+_launching = threading.local()
+if sys.platform != "win32":
+    from loky.backend import fork_exec as _loky_fork_exec
+    from loky.backend import popen_loky_posix as _popen_loky_posix
+    from loky.backend.context import LokyContext as _LokyContext
+    from loky.backend.process import LokyProcess as _LokyProcess
+
+    _plain_fork_exec = _loky_fork_exec.fork_exec
+    if not getattr(_plain_fork_exec, "_adaptive_exec_flags", False):
+        def _fork_exec_with_flags(cmd: list[Any], *args: Any, **kwargs: Any) -> Any:
+            # Only for FlaggedPopen's launches, on the thread launching them.
+            flags = getattr(_launching, "flags", None)
+            if flags:
+                cmd = [cmd[0], *flags, *cmd[1:]]
+            return _plain_fork_exec(cmd, *args, **kwargs)
+
+        _fork_exec_with_flags._adaptive_exec_flags = True  # type: ignore[attr-defined]
+        _loky_fork_exec.fork_exec = _fork_exec_with_flags
+
+    class FlaggedPopen(_popen_loky_posix.Popen):  # type: ignore[misc]
+        # loky runs ``python -m <its Popen's module>`` as the child's main.
+        __module__ = _popen_loky_posix.__name__
+
+        def _launch(self, process_obj: Any) -> None:
+            _launching.flags = starts.exec_flags()
+            try:
+                super()._launch(process_obj)
+            finally:
+                _launching.flags = None
+
+    class FlaggedProcess(_LokyProcess):  # type: ignore[misc]
+        @staticmethod
+        def _Popen(process_obj: Any) -> Any:
+            return FlaggedPopen(process_obj)
+
+    class FlaggedContext(_LokyContext):  # type: ignore[misc]
+        Process = FlaggedProcess
+
+
+def _exec_context() -> Any:
+    """None (loky's own) unless the caller runs with flags its workers need."""
+    if sys.platform == "win32" or not starts.exec_flags():
+        return None
+    return FlaggedContext()
+
+
 def _get_locked(n_workers: int, epoch: Optional[int] = None, path: str = starts.EXEC,
                 on_made: Optional[Callable[[tuple[Any, bool, float]], None]] = None,
                 ) -> tuple[Any, bool, float]:
@@ -336,7 +387,7 @@ def _get_locked(n_workers: int, epoch: Optional[int] = None, path: str = starts.
             env = _worker_env(size)
             _state.executor = loky.ProcessPoolExecutor(
                 max_workers=size, timeout=IDLE_TIMEOUT_S, env=env,
-                context=starts.context(path),
+                context=starts.context(path) or _exec_context(),
                 initializer=worker_init, initargs=(parent, env),
             )
             _state.size = size

@@ -197,6 +197,22 @@ def context(path: str) -> Any:
     return None
 
 
+# Interpreter flags that leave where modules are found alone: -I, -E, -s, -S and -P
+# would make an exec'd worker import loky and adaptive_exec from elsewhere than the
+# caller (a path the caller added at run time, PYTHONPATH), before it is given the
+# caller's sys.path.
+_PATH_FLAGS = {"-I", "-E", "-s", "-S", "-P"}
+
+
+def exec_flags() -> list[str]:
+    """The caller's interpreter flags (``-O``, ``-X dev``, ``-X utf8``, ``-b``) for a
+    worker started by exec: loky's own start runs ``python -m ...`` without them, so
+    under ``python -O`` a module's ``assert`` (and ``if __debug__:``) ran in its
+    workers, not in the loop: AssertionError where the loop returned."""
+    flags = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
+    return [f for f in flags if f not in _PATH_FLAGS]
+
+
 @contextmanager
 def sigint_deferred(also: tuple[signal.Signals, ...] = ()) -> Iterator[None]:
     """Hold a Ctrl-C back while workers are forked: one landing between a fork and loky's
