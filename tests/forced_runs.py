@@ -106,7 +106,10 @@ def _run(folder: str, pytest_pid: int, root: str) -> None:
         else 0.0
     for path in PATHS:
         with open(os.path.join(folder, f"{path}.log"), "w") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p",
+            # -B: an interpreter flag, so that loky's own start (exec) runs its workers
+            # under the caller's flags (loky.FlaggedContext) here, as the rest of the
+            # suite runs them without.
+            proc = subprocess.Popen([sys.executable, "-B", "-m", "pytest", "-q", "-p",
                                      "no:cacheprovider", "-x", *SUITES], cwd=root,
                                     stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL,

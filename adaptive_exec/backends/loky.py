@@ -215,9 +215,11 @@ def _note_break(executor: Any, fut: cf.Future) -> None:
 
 
 def _ours(proc: Any) -> bool:
-    """A worker of ours: loky's process, or one our start paths made."""
+    """A worker of ours: loky's process, one our start paths made, or loky's started
+    under the caller's interpreter flags (FlaggedProcess: missed here, a forked child's
+    exit joined the parent's workers, "can only join a child process")."""
     kind = type(proc).__module__
-    return kind.startswith("loky.") or kind == starts.__name__
+    return kind.startswith("loky.") or kind in (starts.__name__, __name__)
 
 
 if hasattr(os, "register_at_fork"):
