@@ -171,7 +171,10 @@ for _ in range(40):
         pf.map(range(80))  # item 75 may run in the caller while the new pool starts
     except WorkerCrashedError:
         raised += 1
-print(raised >= 20)
+# Enough crashes in workers to race in (the EBADF was seen 3 times in 80): on loky's
+# own start, whose pools come up slowly, the caller runs item 75 itself in more maps
+# (24-31 of 40 raised alone, fewer beside the rest of the suite).
+print(raised >= 10)
 """
 
 
