@@ -392,6 +392,16 @@ def test_a_client_closed_during_a_map_is_named(cluster):
         c.close()
 
 
+def test_a_closed_connection_pool_of_a_closed_client_is_named():
+    # CI: the client closed while a result was fetched, its connection pool first:
+    # dask's RuntimeError("ConnectionPool is closed") ended the map as itself.
+    err = dask_backend._translate(RuntimeError("ConnectionPool is closed"), 10, 2,
+                                  client_closed=True)
+    assert isinstance(err, ClusterError) and "its client was closed" in str(err)
+    other = RuntimeError("raised by our code in the task")
+    assert dask_backend._translate(other, 10, 2, client_closed=True) is other
+
+
 def test_a_result_fetched_as_its_client_closes_is_named(cluster):
     # CI: the client closed while a chunk's result was on its way; dask's
     # "CommClosedError: Stream is closed" ended the map instead of ClusterError.

@@ -369,10 +369,13 @@ def _translate(exc: BaseException, start: int, n: int, client_closed: bool = Fal
         msg = (f"{span} killed {tries} of the dask cluster, each time it ran there "
                "(dask's KilledWorker)")
         err: BaseException = WorkerCrashedError(msg, index=start)
-    elif (client_closed and isinstance(exc, (cf.CancelledError, OSError))) or (
+    elif (client_closed and (isinstance(exc, (cf.CancelledError, OSError)) or (
+            isinstance(exc, RuntimeError) and "ConnectionPool is closed" in str(exc)))) or (
             _is_comm_error(exc)):
         # The result was being fetched when the client closed or the connection to
-        # the scheduler dropped: dask says "Stream is closed" (CommClosedError).
+        # the scheduler dropped: dask says "Stream is closed" (CommClosedError), or,
+        # where the client's connections were closed first, "ConnectionPool is closed"
+        # (a RuntimeError: it ended the map as itself, in CI at 074722f).
         why = ("its client was closed" if client_closed
                else f"the connection to the cluster was lost: {exc}")
         err = ClusterError(f"cannot fetch the results of {span} from the dask cluster: "
