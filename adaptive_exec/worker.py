@@ -1183,7 +1183,10 @@ def context_blob(ctx: Any = None) -> Optional[bytes]:
     if not len(ctx):
         return None
     out, kept = [], []
+    decimal_var = _decimal_var()
     for var, value in ctx.items():
+        if var is decimal_var:
+            continue  # the decimal context travels with the settings (caller_settings)
         home = _context_var_home(var)
         if home is None:
             continue
@@ -1196,10 +1199,34 @@ def context_blob(ctx: Any = None) -> Optional[bytes]:
     return pickle.dumps((tuple(sorted(out)), tuple(sorted(kept))), protocol=_PROTOCOL)
 
 
-# id(var) -> (module, name, var) of every ContextVar a module holds, made again when
-# modules were imported since, or when one held is no longer where it was (a reload).
+def _decimal_var() -> Any:
+    """The ContextVar the decimal module keeps its context in (set by any
+    ``decimal.getcontext()``, ours in caller_settings included), or None before decimal
+    is imported. No module global holds the C module's: looking for its home cost a
+    scan of every module on each map's first use (5-19 ms, on the path to the first
+    worker's item)."""
+    decimal = sys.modules.get("decimal")
+    if decimal is None:
+        return None
+    if _DECIMAL_VAR and _DECIMAL_VAR[0] is decimal:
+        return _DECIMAL_VAR[1]
+    import contextvars
+
+    ctx = contextvars.Context()
+    ctx.run(decimal.getcontext)
+    var = next(iter(ctx), None)
+    _DECIMAL_VAR[:] = [decimal, var]
+    return var
+
+
+_DECIMAL_VAR: list[Any] = []  # [decimal module, its ContextVar]
+
+# id(var) -> (module, name, var) of every ContextVar a module holds, brought up to date
+# when modules were imported since (those alone are scanned), or when one held is no
+# longer where it was (a reload: all are scanned again).
 _VAR_HOMES: dict[int, tuple[str, str, Any]] = {}
 _VAR_HOMES_MADE = [-1]  # len(sys.modules) when made
+_VAR_HOMES_SCANNED: dict[str, int] = {}  # module name -> id(module) scanned
 
 
 def _context_var_home(var: Any) -> Optional[tuple[str, str]]:
@@ -1207,7 +1234,7 @@ def _context_var_home(var: Any) -> Optional[tuple[str, str]]:
     One scan of the modules per import, not per variable: a program that makes a
     variable per request (no module holds those) paid a scan of every module each."""
     if len(sys.modules) != _VAR_HOMES_MADE[0]:
-        _scan_var_homes()
+        _scan_var_homes(new_only=True)
     home = _VAR_HOMES.get(id(var))
     if home is None or home[2] is not var:
         return None  # no module holds it (a variable per request): no scan again
@@ -1218,21 +1245,26 @@ def _context_var_home(var: Any) -> Optional[tuple[str, str]]:
     return (home[0], home[1]) if home is not None and home[2] is var else None
 
 
-def _scan_var_homes() -> None:
+def _scan_var_homes(new_only: bool = False) -> None:
+    """Note the ContextVars modules hold: of every module, or (``new_only``) of those
+    not scanned before (a module imported since, or a new one under an old name)."""
     import contextvars
 
-    homes: dict[int, tuple[str, str, Any]] = {}
+    if not new_only:
+        _VAR_HOMES.clear()
+        _VAR_HOMES_SCANNED.clear()
     for name, module in list(sys.modules.items()):
         if name.startswith("__") or module is None:  # __main__, __mp_main__: not by name
             continue
+        if _VAR_HOMES_SCANNED.get(name) == id(module):
+            continue
+        _VAR_HOMES_SCANNED[name] = id(module)
         try:
             for key, value in list(vars(module).items()):
-                if isinstance(value, contextvars.ContextVar) and id(value) not in homes:
-                    homes[id(value)] = (name, key, value)
+                if isinstance(value, contextvars.ContextVar) and id(value) not in _VAR_HOMES:
+                    _VAR_HOMES[id(value)] = (name, key, value)
         except Exception:  # noqa: BLE001 - a module whose namespace cannot be read
             continue
-    _VAR_HOMES.clear()
-    _VAR_HOMES.update(homes)
     _VAR_HOMES_MADE[0] = len(sys.modules)
 
 

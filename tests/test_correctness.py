@@ -13,6 +13,7 @@ import gc
 import itertools
 import json
 import os
+import pickle
 import queue
 import subprocess
 import sys
@@ -2310,6 +2311,44 @@ def test_workers_run_items_under_the_callers_interpreter_settings():
     expected = [h.digits_and_seventh(x, big=False) for x in range(40)]
     assert pf_default.map(range(40)) == expected
     assert len(expected[0][1]) == 29 and pf_default.last_report.plan.mode == "parallel"
+
+
+def test_context_variables_are_found_in_modules_imported_after_the_first_look(tmp_path):
+    # The modules' ContextVars are looked for once, then only in modules imported since
+    # (a full look cost 5-19 ms on the path to a pool's first item); decimal's own
+    # variable, which every map's settings read sets, is not looked for: its context
+    # travels with the settings.
+    import contextvars
+    import decimal
+
+    from adaptive_exec import worker
+
+    def blob_of(ctx):
+        got = worker.context_blob(ctx)
+        return None if got is None else pickle.loads(got)
+
+    ctx = contextvars.Context()
+    ctx.run(decimal.getcontext)
+    worker._VAR_HOMES_MADE[0] = -1  # as if modules were imported since the last look
+    assert len(ctx) == 1 and blob_of(ctx) is None
+    assert worker._VAR_HOMES_MADE[0] == -1  # decimal's variable: no look at the modules
+    assert blob_of(contextvars.Context()) is None
+    (tmp_path / "aex_late_var.py").write_text(
+        "import contextvars\nLATE = contextvars.ContextVar('late')\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        worker._context_var_home(contextvars.ContextVar("per_request"))  # a look now
+        import aex_late_var
+
+        ctx = contextvars.Context()
+        ctx.run(aex_late_var.LATE.set, 7)
+        ctx.run(decimal.getcontext)
+        (carried, kept), = [blob_of(ctx)]
+        assert [(m, n) for m, n, _ in carried] == [("aex_late_var", "LATE")] and not kept
+        assert pickle.loads(carried[0][2]) == 7
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("aex_late_var", None)
 
 
 def test_a_context_variable_set_between_maps_is_the_callers_in_the_workers():
