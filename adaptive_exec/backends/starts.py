@@ -53,6 +53,7 @@ from __future__ import annotations
 import gc
 import io
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -260,7 +261,7 @@ _blocked_here = False
 # --- the template --------------------------------------------------------------------------
 
 
-def serve(listener_fd: int, alive_fd: int, sys_path: list[str]) -> None:
+def serve(listener_fd: int, alive_fd: int, sys_path: list[str], ready_fd: int) -> None:
     """The template's main: import what workers need, then fork one per request until
     every process holding the "alive" pipe (the caller and the workers) is gone."""
     sys.path[:] = sys_path
@@ -268,10 +269,20 @@ def serve(listener_fd: int, alive_fd: int, sys_path: list[str]) -> None:
     for name in PRELOAD:
         __import__(name)
     gc.freeze()  # what it imported stays out of its workers' collections (gc_frozen)
+    _say_ready(ready_fd)
     try:
         forkserver.main(listener_fd, alive_fd, [])
     finally:
         _clean_after(caller, path)
+
+
+def _say_ready(ready_fd: int) -> None:
+    """Tell the caller the template serves (Template.is_ready)."""
+    try:
+        os.write(ready_fd, b"1")
+        os.close(ready_fd)
+    except OSError:
+        pass  # the caller closed its end (it retired this template): nothing to tell
 
 
 def _socket_path(listener_fd: int) -> Optional[str]:
@@ -317,6 +328,10 @@ class Template:
         self.alive_w: Optional[int] = None
         self.forked = False  # forked from the caller (fork_here), not spawned (start)
         self.used = False  # asked for a worker since it started
+        # Read end of a pipe the template writes one byte to once it serves (its
+        # imports done); ``is_ready`` looks without waiting.
+        self.ready_r: Optional[int] = None
+        self.ready = False
 
     def start(self) -> int:
         """Start the template unless it runs; its pid. Callable from any thread: it is
@@ -349,24 +364,43 @@ class Template:
             self.forked, self.used = True, False
             return True
 
-    def _launch(self, launch: Callable[[int, int, int], int]) -> int:
-        """Under ``lock``: the template's socket and "alive" pipe, handed to ``launch``
-        (listener fd, alive_r, alive_w) -> its pid, which is noted and returned."""
+    def _launch(self, launch: Callable[[int, int, int, int], int]) -> int:
+        """Under ``lock``: the template's socket, "alive" pipe and "ready" pipe, handed to
+        ``launch`` (listener fd, alive_r, alive_w, ready_w) -> its pid, which is noted
+        and returned."""
         address = connection.arbitrary_address("AF_UNIX")  # type: ignore[attr-defined]
         with socket.socket(socket.AF_UNIX) as listener:
             listener.bind(address)
             os.chmod(address, 0o600)
             listener.listen()
             alive_r, alive_w = os.pipe()
+            ready_r, ready_w = os.pipe()
             try:
-                pid = launch(listener.fileno(), alive_r, alive_w)
+                pid = launch(listener.fileno(), alive_r, alive_w, ready_w)
             except BaseException:
                 os.close(alive_w)
+                os.close(ready_r)
                 raise
             finally:
                 os.close(alive_r)
+                os.close(ready_w)
         self.pid, self.address, self.alive_w = pid, address, alive_w
+        self.ready_r, self.ready = ready_r, False
         return pid
+
+    def is_ready(self) -> bool:
+        """Does the template serve already (a worker asked for now comes in a fork's
+        time, not after its imports)? Never waits."""
+        with self.lock:
+            if self.ready or self.ready_r is None:
+                return self.ready
+            readable, _, _ = select.select([self.ready_r], [], [], 0)
+            if readable:
+                # One byte once it serves; end of file if it died first (not ready).
+                self.ready = os.read(self.ready_r, 1) == b"1"
+                os.close(self.ready_r)
+                self.ready_r = None
+            return self.ready
 
     def retire_forked(self, unused_only: bool = False) -> None:
         """End a template forked from the caller (``unused_only``: unless it forked a
@@ -384,13 +418,14 @@ class Template:
         _end(pid, wait=not unused_only)
 
     def _forget(self) -> None:
-        if self.alive_w is not None:
-            try:
-                os.close(self.alive_w)
-            except OSError:
-                pass
-        self.pid = self.address = self.alive_w = None
-        self.forked = self.used = False
+        for fd in (self.alive_w, self.ready_r):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.pid = self.address = self.alive_w = self.ready_r = None
+        self.forked = self.used = self.ready = False
 
     def connect(self, fds: list[int]) -> tuple[int, int]:
         """Ask for a worker: (status_r, data_w). The template forks; the child reads what
@@ -463,35 +498,35 @@ def reap_ended(block: bool = False) -> None:
             _ended.remove(pid)
 
 
-def _spawn(listener_fd: int, alive_r: int, alive_w: int) -> int:
+def _spawn(listener_fd: int, alive_r: int, alive_w: int, ready_w: int) -> int:
     """The template as a fresh interpreter (fork + exec) running ``serve``."""
     from multiprocessing import spawn
 
     code = (f"from adaptive_exec.backends.starts import serve; "
             f"serve({listener_fd}, {alive_r}, "
-            f"{[p for p in sys.path if isinstance(p, str)]!r})")
+            f"{[p for p in sys.path if isinstance(p, str)]!r}, {ready_w})")
     exe = os.fsencode(spawn.get_executable())
     flags = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
     return util.spawnv_passfds(exe, [exe, *flags, "-c", code],  # type: ignore[attr-defined]
-                               [listener_fd, alive_r])
+                               [listener_fd, alive_r, ready_w])
 
 
-def _fork(listener_fd: int, alive_r: int, alive_w: int) -> int:
+def _fork(listener_fd: int, alive_r: int, alive_w: int, ready_w: int) -> int:
     """The template as a fork of this process (Template.fork_here)."""
     util._flush_std_streams()  # type: ignore[attr-defined]  # buffered output: not twice
     # SIGTERM too: a template retired at once (a tiny map's) was sent it before it had
     # dropped the caller's handler, which then ran in the template (a user's SIGTERM
     # handler, run in a process of ours: 6 maps in 30).
-    keep = {0, 1, 2, listener_fd, alive_r, *fdshed.shared_by_inheritance()}
+    keep = {0, 1, 2, listener_fd, alive_r, ready_w, *fdshed.shared_by_inheritance()}
     with sigint_deferred(also=(signal.SIGTERM,)):
         with gc_frozen():
             pid = os.fork()
         if pid == 0:
-            _serve_forked(listener_fd, alive_r, alive_w, keep)
+            _serve_forked(listener_fd, alive_r, alive_w, ready_w, keep)
     return pid
 
 
-def _serve_forked(listener_fd: int, alive_r: int, alive_w: int,
+def _serve_forked(listener_fd: int, alive_r: int, alive_w: int, ready_w: int,
                   keep: Optional[set[int]]) -> NoReturn:
     """The forked template's main (see Template.fork_here): it never returns into the
     caller's code, whose exit handlers (a cache write, the user's own) are not its own."""
@@ -504,6 +539,7 @@ def _serve_forked(listener_fd: int, alive_r: int, alive_w: int,
         for name in PRELOAD:
             __import__(name)  # once here, not in each worker
         gc.freeze()  # stays frozen in the template and its workers (gc_frozen)
+        _say_ready(ready_w)
         forkserver.main(listener_fd, alive_r, [])  # type: ignore[attr-defined]
     finally:
         _clean_after(caller, path)
@@ -726,7 +762,9 @@ def _after_fork_in_child() -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     old = _template
     _template = Template()
-    for fd in ([old.alive_w] if old.alive_w is not None else []) + list(_alive_ends):
+    for fd in [old.alive_w, old.ready_r, *_alive_ends]:
+        if fd is None:
+            continue
         try:
             os.close(fd)
         except OSError:
