@@ -72,6 +72,10 @@ TEMPLATE_AFTER_S = 0.05
 # How often the watch looks at what the caller's call waits on (system.ThreadWaits): a
 # look costs ~20 µs, and one that must take the GIL from a computing call waits for it.
 WAITS_LOOK_S = 0.002
+# The watch's own generator: the module's shared one is the user's (random.seed(0)
+# before a map, then random.random() in its items: the watch's draws between them
+# shifted every result, also of a map that ran serially in the caller).
+_JITTER = random.Random()
 # The caller's own first look at its sampled calls (SamplingWatch._quick_look), then at
 # doubling times: sooner than the watch's thread can look (its wakes wait on the GIL).
 QUICK_LOOK_S = 0.002
@@ -348,7 +352,7 @@ class SamplingWatch:
         system.fast_switching(True)
         self.switching = True
         try:
-            while not self.done.wait(WAITS_LOOK_S * random.uniform(0.5, 1.5)):
+            while not self.done.wait(WAITS_LOOK_S * _JITTER.uniform(0.5, 1.5)):
                 # At irregular times: looks every 2 ms at calls that sleep 2 ms each fell
                 # in step with them (beside a busy core the caller, just woken, waited for
                 # the core this thread was looking from: 0 looks of 3 found it asleep).

@@ -1047,3 +1047,12 @@ def sets_rate(x):
 def held_kind(x):
     spin(0.002)
     return type(HELD.get()).__name__
+
+
+def drawn(x, spin=0.0):
+    """x plus a draw from the shared random generator, after ``spin`` seconds of CPU."""
+    import random
+
+    if spin:
+        burn(spin)
+    return x + random.random()
