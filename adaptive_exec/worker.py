@@ -1558,10 +1558,21 @@ _PROCESS_WIDE = {
     "signal": _MAIN_THREAD_ONLY,
     "contextlib": frozenset({"redirect_stdout", "redirect_stderr"}),
     "os": frozenset({"chdir", "fchdir", "umask"}),
+    # Process-wide too, and swapped per call by functions that wait: the warnings
+    # filters (catch_warnings on threads left an item's "ignore" in the caller's
+    # filters after the map), the shared random generator (random.seed(x) per item:
+    # every result wrong on threads), the C locale, the sockets' default timeout.
+    "warnings": frozenset({"catch_warnings", "simplefilter", "filterwarnings",
+                           "resetwarnings"}),
+    "random": frozenset({"seed", "setstate"}),
+    "locale": frozenset({"setlocale"}),
+    "socket": frozenset({"setdefaulttimeout"}),
 }
 # The modules those live in, as their objects name it (os.chdir is posix's).
 _WIDE_HOMES = {"signal": "signal", "_signal": "signal", "contextlib": "contextlib",
-               "posix": "os", "nt": "os", "os": "os"}
+               "posix": "os", "nt": "os", "os": "os", "warnings": "warnings",
+               "random": "random", "locale": "locale", "_locale": "locale",
+               "socket": "socket", "_socket": "socket"}
 # sys's streams, which ``sys.stdout = buffer`` swaps for the whole process.
 _STREAMS = frozenset({"stdout", "stderr", "stdin"})
 

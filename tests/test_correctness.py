@@ -1292,6 +1292,78 @@ def test_a_waiting_function_that_swaps_process_wide_state_is_not_given_threads(
     assert sys.stdout is stdout
 
 
+@pytest.mark.parametrize("name", ["quiet_wait", "seeded_wait", "locale_wait",
+                                  "timeout_wait"])
+def test_a_waiting_function_that_sets_process_wide_settings_is_not_given_threads(
+        tmp_path, monkeypatch, name):
+    # Each waits, so each was planned on threads (found by a hunting helper): items
+    # that silence their warnings with catch_warnings left an item's "ignore" first in
+    # the caller's filters after the map (5 of 5 runs: later warnings were lost);
+    # random.seed(x) per item gave 200 of 200 results wrong; the C locale and the
+    # sockets' default timeout are one per process as well.
+    (tmp_path / "settings_swapping.py").write_text(textwrap.dedent("""
+        import locale, random, socket, time, warnings
+
+        def quiet_wait(x):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                time.sleep(0.004)
+            return x
+
+        def seeded_wait(x):
+            random.seed(x)
+            time.sleep(0.004)
+            return random.random()
+
+        def locale_wait(x):
+            old = locale.setlocale(locale.LC_NUMERIC)
+            locale.setlocale(locale.LC_NUMERIC, "C")
+            try:
+                time.sleep(0.004)
+                return locale.setlocale(locale.LC_NUMERIC) + str(x)
+            finally:
+                locale.setlocale(locale.LC_NUMERIC, old)
+
+        def timeout_wait(x):
+            socket.setdefaulttimeout(x + 1)
+            time.sleep(0.004)
+            got = socket.getdefaulttimeout()
+            socket.setdefaulttimeout(None)
+            return got
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import settings_swapping
+
+    func = getattr(settings_swapping, name)
+    filters = list(warnings.filters)
+    expected = [func(x) for x in range(150)]
+    assert warnings.filters == filters
+    pf = parallelize(func)
+    assert pf.map(range(150)) == expected
+    assert pf.last_report.plan.mode != "threads", pf.last_report.plan.reason
+    assert warnings.filters == filters
+
+
+@pytest.mark.parametrize("n, spin", [(2000, 0.0), (20, 0.002)])
+def test_the_shared_random_generator_is_the_loops_in_a_map_run_here(n, spin):
+    # random.seed(0), then items that draw from the shared generator: the sampling
+    # watch drew its own jitter from it, before the first item, so a map planned
+    # serial in the caller gave other numbers than the loop (2000 of 2000, 20 of 20),
+    # and left the generator elsewhere (found by a hunting helper).
+    import random
+
+    pf = parallelize(functools.partial(h.drawn, spin=spin))
+    random.seed(0)
+    loop = [h.drawn(x, spin) for x in range(n)]
+    after_loop = random.random()
+    random.seed(0)
+    got = pf.map(range(n))
+    after_map = random.random()
+    assert pf.last_report.plan.mode == "serial", pf.last_report.plan.reason
+    assert got == loop
+    assert after_map == after_loop
+
+
 def test_a_global_rebound_to_another_function_or_class_reaches_warm_workers(
         tmp_path, monkeypatch):
     # A global holding another module's function or class (rounder = math.floor) was
