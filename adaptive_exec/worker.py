@@ -1056,11 +1056,13 @@ def _set_per_process(initializer: Callable[..., Any],
 # where the caller never imported decimal, warnings filters, its environment
 # variables changed since we were imported (_environment_changes), its file mode
 # creation mask (None where it cannot be read) and its time zone as its C library last
-# read it (_time_zone). (Its context variables travel apart, once per worker:
-# FunctionRef.context.)
+# read it (_time_zone), sys.argv (_argv), its C locale (_locale_now) and its sockets'
+# default timeout (_socket_timeout). (Its context variables travel apart, once per
+# worker: FunctionRef.context.)
 Settings = tuple[int, Optional[int], Optional[tuple[Any, ...]], tuple[Any, ...],
                  tuple[tuple[str, Optional[str]], ...], Optional[int], tuple[Any, ...],
-                 tuple[str, Optional[tuple[Any, ...]]]]
+                 tuple[str, Optional[tuple[Any, ...]]],
+                 Optional[tuple[tuple[int, str], ...]], Optional[tuple[Optional[float]]]]
 
 
 def caller_settings() -> Settings:
@@ -1072,7 +1074,40 @@ def caller_settings() -> Settings:
     dec = _decimal_settings(decimal.getcontext()) if decimal is not None else None
     return (sys.getrecursionlimit(), digits() if digits is not None else None, dec,
             tuple(warnings.filters), _environment_changes(), _umask(), _time_zone(),
-            _argv())
+            _argv(), _locale_now(), _socket_timeout())
+
+
+# The C locale's categories a worker follows the caller in (LC_ALL is all of them).
+_LOCALE_CATEGORIES = ("LC_CTYPE", "LC_COLLATE", "LC_TIME", "LC_NUMERIC", "LC_MONETARY",
+                      "LC_MESSAGES")
+
+
+def _locale_now() -> Optional[tuple[tuple[int, str], ...]]:
+    """This process's C locale, as (category, name) pairs; None where the locale module
+    was never imported (nothing of Python's changed it then). The locale is one per
+    process: ``locale.setlocale(LC_ALL, "de_DE.UTF-8")`` between two maps formatted
+    numbers and month names, and sorted with strxfrm, as the loop did in the caller
+    only (workers kept the locale of their start: a hunting helper's 300 of 300)."""
+    loc = sys.modules.get("locale")
+    if loc is None:
+        return None
+    out = []
+    for name in _LOCALE_CATEGORIES:
+        category = getattr(loc, name, None)
+        if category is None:
+            continue
+        try:
+            out.append((category, loc.setlocale(category)))
+        except Exception:  # noqa: BLE001 - (locale.Error) not readable: not carried
+            continue
+    return tuple(out)
+
+
+def _socket_timeout() -> Optional[tuple[Optional[float]]]:
+    """The sockets' default timeout (``socket.setdefaulttimeout``, one per process), as
+    a 1-tuple; None where the socket module was never imported."""
+    sock = sys.modules.get("socket")
+    return (sock.getdefaulttimeout(),) if sock is not None else None
 
 
 def _argv() -> tuple[str, Optional[tuple[Any, ...]]]:
@@ -1102,7 +1137,7 @@ def _lean_settings(settings: Optional[Settings]) -> Optional[Settings]:
     if settings is None:
         return None
     digest, _ = settings[7]
-    return (*settings[:7], (digest, None))  # type: ignore[return-value]
+    return (*settings[:7], (digest, None), *settings[8:])  # type: ignore[return-value]
 
 
 # digest -> sys.argv's entries, the last few a caller sent to this worker.
@@ -1356,10 +1391,24 @@ _START_CONTEXT: dict[str, dict[Any, Any]] = {}
 _UNSET = object()
 
 
+def _adopt_locale(locales: tuple[tuple[int, str], ...]) -> None:
+    """The caller's C locale, category by category; one this machine lacks (a dask
+    worker elsewhere) stays the worker's own."""
+    import locale
+
+    for category, name in locales:
+        try:
+            if locale.setlocale(category) != name:
+                locale.setlocale(category, name)
+        except (locale.Error, ValueError):
+            continue
+
+
 def _adopt_settings(settings: Settings) -> bool:
     """The caller's settings, set here; False when a lean ref's sys.argv is not known
     here (the caller then sends the whole ref)."""
-    limit, digits, dec, filters, environment, umask, zone, (digest, argv) = settings
+    (limit, digits, dec, filters, environment, umask, zone, (digest, argv), locales,
+     sock_timeout) = settings
     if argv is None:
         argv = _ARGVS.get(digest)
         if argv is None:
@@ -1390,6 +1439,13 @@ def _adopt_settings(settings: Settings) -> bool:
         time.tzset()
     if umask is not None:
         os.umask(umask)  # os.umask(0o077) between maps: workers made files 0o644
+    if locales is not None and _locale_now() != locales:
+        _adopt_locale(locales)
+    if sock_timeout is not None:
+        import socket
+
+        if socket.getdefaulttimeout() != sock_timeout[0]:
+            socket.setdefaulttimeout(sock_timeout[0])
     if tuple(warnings.filters) != filters:
         # The caller's filters: under "error" (-W error, pytest's filterwarnings) the
         # loop raised at the item that warned, where workers went on. (Reset first: it

@@ -1056,3 +1056,14 @@ def drawn(x, spin=0.0):
     if spin:
         burn(spin)
     return x + random.random()
+
+
+def locale_and_timeout(x):
+    """This process's C locale (character type, numbers), its character set, and the
+    sockets' default timeout."""
+    import locale
+    import socket
+
+    spin(0.001)
+    return (locale.setlocale(locale.LC_CTYPE), locale.setlocale(locale.LC_NUMERIC),
+            locale.nl_langinfo(locale.CODESET), socket.getdefaulttimeout())

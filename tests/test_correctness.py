@@ -2498,6 +2498,34 @@ def test_a_time_zone_and_a_umask_changed_between_maps_are_the_callers_in_the_wor
         time.tzset()
 
 
+def test_a_locale_and_a_socket_timeout_set_between_maps_are_the_callers_in_the_workers():
+    # locale.setlocale and socket.setdefaulttimeout between two maps: warm workers kept
+    # those of their start (a hunting helper: ('C', 'C') and None, 300 of 300 and 200
+    # of 200 wrong, on every start path). This machine may have only the C locales: C
+    # and C.UTF-8 differ in their character set.
+    import locale
+    import socket
+
+    pf = parallelize(h.locale_and_timeout, backend="loky", max_workers=2)
+    saved = {c: locale.setlocale(c) for c in (locale.LC_CTYPE, locale.LC_NUMERIC)}
+    timeout = socket.getdefaulttimeout()
+    try:
+        for name, seconds in (("C", None), ("C.UTF-8", 7.0), ("C", 2.5)):
+            try:
+                locale.setlocale(locale.LC_ALL, name)
+            except locale.Error:
+                pytest.skip(f"no {name} locale here")
+            socket.setdefaulttimeout(seconds)
+            expected = [h.locale_and_timeout(x) for x in range(100)]
+            assert len(set(expected)) == 1 and expected[0][3] == seconds, expected[:3]
+            assert pf.map(range(100)) == expected, (name, seconds)
+            assert pf.last_report.plan.mode == "parallel"
+    finally:
+        for category, value in saved.items():
+            locale.setlocale(category, value)
+        socket.setdefaulttimeout(timeout)
+
+
 def test_a_context_variable_keeps_a_sentinel_s_identity_and_an_item_s_set_stays_its_own():
     # OPTION.set(MISSING): the value travelled as a copy, so `OPTION.get() is MISSING`
     # was False in the workers (193 of 200). An item's RATE.set(100) leaked into every
