@@ -557,7 +557,12 @@ class SamplingWatch:
         served before the call ended, and its workers built the index again (0.75 s)."""
         with self._lock:
             caller_forks = self.fork_for is not None
-        return caller_forks and not self.forked_template and not starts.template().is_ready()
+        # Only while the caller can still fork (it may have started a thread since the
+        # watch decided: then it would wait for the template itself, on its own thread),
+        # and a template is on its way: one never started, or dead before it served,
+        # would never be waited out (no item was sent ahead of a long call).
+        return (caller_forks and not self.forked_template and starts.forks_once_alone()
+                and starts.template().is_coming())
 
     def _ahead_width(self, cpus: int) -> int:
         """Workers items may go ahead to, as the plan would size a pool now: the pool's,
@@ -635,9 +640,12 @@ class SamplingWatch:
         that runs long to that pool meanwhile (_send_when_long)."""
         with self._lock:
             work_left, self.fork_for = self.fork_for, None
+            if work_left is not None:
+                # The watch ends: the caller forks alone. Set under the lock, or a watch
+                # between the two (_send_ahead) took the start over too.
+                self.done.set()
         if work_left is None:
             return  # the watch took it over: it starts the pool itself (_send_ahead)
-        self.done.set()  # the watch ends: the caller forks alone
         self.thread.join()
         starts.wait_gone(self.thread)
         self._keep(maybe_prestart(self.options, work_left, self.epoch))

@@ -39,6 +39,7 @@ import time
 import traceback
 import types
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, TypeVar
 
@@ -1257,32 +1258,49 @@ def _decimal_var() -> Any:
 _DECIMAL_VAR: list[Any] = []  # [decimal module, its ContextVar]
 
 # id(var) -> (module, name, var) of every ContextVar a module holds, brought up to date
-# when modules were imported since (those alone are scanned), or when one held is no
-# longer where it was (a reload: all are scanned again).
+# when modules were imported since (those alone are scanned), and made again from every
+# module when a variable is not found (once per import: one a module came to hold after
+# its scan, a lazily made one, a reload's) or is no longer where it was (a reload).
+# Under _VAR_HOMES_LOCK: two threads' maps (or a watch beside its map) look at once.
 _VAR_HOMES: dict[int, tuple[str, str, Any]] = {}
-_VAR_HOMES_MADE = [-1]  # len(sys.modules) when made
-_VAR_HOMES_SCANNED: dict[str, int] = {}  # module name -> id(module) scanned
+_VAR_HOMES_MADE = [-1]  # len(sys.modules) when last brought up to date
+_VAR_HOMES_FULL = [-1]  # len(sys.modules) when every module was last scanned
+# module name -> the module scanned (a weak reference where it takes one): not its id,
+# which a module imported again after the old one was freed often gets.
+_VAR_HOMES_SCANNED: dict[str, Any] = {}
+_VAR_HOMES_LOCK = threading.RLock()
 
 
 def _context_var_home(var: Any) -> Optional[tuple[str, str]]:
     """(module, name) of the importable module's global that holds ``var``, or None.
-    One scan of the modules per import, not per variable: a program that makes a
-    variable per request (no module holds those) paid a scan of every module each."""
-    if len(sys.modules) != _VAR_HOMES_MADE[0]:
-        _scan_var_homes(new_only=True)
-    home = _VAR_HOMES.get(id(var))
-    if home is None or home[2] is not var:
-        return None  # no module holds it (a variable per request): no scan again
-    if getattr(sys.modules.get(home[0]), home[1], None) is var:
-        return home[0], home[1]
-    _scan_var_homes()  # moved, or replaced (a reload): where is it now?
-    home = _VAR_HOMES.get(id(var))
-    return (home[0], home[1]) if home is not None and home[2] is var else None
+    At most one scan of every module per import, not per variable: a program that makes
+    a variable per request (no module holds those) paid a scan of every module each."""
+    with _VAR_HOMES_LOCK:
+        if len(sys.modules) != _VAR_HOMES_MADE[0]:
+            _scan_var_homes(new_only=True)
+        home = _VAR_HOMES.get(id(var))
+        if home is not None and home[2] is var:
+            if getattr(sys.modules.get(home[0]), home[1], None) is var:
+                return home[0], home[1]
+            # moved, or replaced (a reload): where is it now?
+        elif _VAR_HOMES_FULL[0] == len(sys.modules):
+            return None  # no module holds it (a variable per request): no scan again
+        _scan_var_homes()
+        home = _VAR_HOMES.get(id(var))
+        return (home[0], home[1]) if home is not None and home[2] is var else None
+
+
+def _scanned(name: str, module: Any) -> bool:
+    seen = _VAR_HOMES_SCANNED.get(name)
+    if isinstance(seen, weakref.ref):
+        seen = seen()
+    return seen is module
 
 
 def _scan_var_homes(new_only: bool = False) -> None:
     """Note the ContextVars modules hold: of every module, or (``new_only``) of those
-    not scanned before (a module imported since, or a new one under an old name)."""
+    not scanned before (a module imported since, or a new one under an old name).
+    Under _VAR_HOMES_LOCK."""
     import contextvars
 
     if not new_only:
@@ -1291,16 +1309,21 @@ def _scan_var_homes(new_only: bool = False) -> None:
     for name, module in list(sys.modules.items()):
         if name.startswith("__") or module is None:  # __main__, __mp_main__: not by name
             continue
-        if _VAR_HOMES_SCANNED.get(name) == id(module):
+        if _scanned(name, module):
             continue
-        _VAR_HOMES_SCANNED[name] = id(module)
         try:
             for key, value in list(vars(module).items()):
                 if isinstance(value, contextvars.ContextVar) and id(value) not in _VAR_HOMES:
                     _VAR_HOMES[id(value)] = (name, key, value)
         except Exception:  # noqa: BLE001 - a module whose namespace cannot be read
-            continue
+            pass
+        try:
+            _VAR_HOMES_SCANNED[name] = weakref.ref(module)
+        except TypeError:  # not a module (any object may be in sys.modules)
+            _VAR_HOMES_SCANNED[name] = module
     _VAR_HOMES_MADE[0] = len(sys.modules)
+    if not new_only:
+        _VAR_HOMES_FULL[0] = _VAR_HOMES_MADE[0]
 
 
 def with_context(ref: FunctionRef, blob: Optional[bytes]) -> FunctionRef:

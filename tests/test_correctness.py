@@ -2418,9 +2418,41 @@ def test_context_variables_are_found_in_modules_imported_after_the_first_look(tm
         (carried, kept), = [blob_of(ctx)]
         assert [(m, n) for m, n, _ in carried] == [("aex_late_var", "LATE")] and not kept
         assert pickle.loads(carried[0][2]) == 7
+        # A module looked at already, that holds a variable since (made lazily), or
+        # was reloaded, or imported again after the first one was freed (its id often
+        # the same): found again once modules were imported (a reviewer's three cases,
+        # which a look at new modules alone missed: 299 of 300 results wrong).
+        import importlib
+
+        aex_late_var.LAZY = contextvars.ContextVar("lazy")
+        importlib.reload(aex_late_var)
+        (tmp_path / "aex_late_var2.py").write_text("X = 1\n")
+        import aex_late_var2  # noqa: F401 - modules imported since the last look
+
+        for var in (aex_late_var.LAZY, aex_late_var.LATE):
+            ctx = contextvars.Context()
+            ctx.run(var.set, 3)
+            (carried, _), = [blob_of(ctx)]
+            assert [n for _, n, _ in carried] == [var.name.upper()], var
+        sys.modules.pop("aex_late_var2")
+        del aex_late_var2
+        gc.collect()
+        (tmp_path / "aex_late_var2.py").write_text(
+            "import contextvars\nAGAIN = contextvars.ContextVar('again')\n")
+        (tmp_path / "aex_late_var3.py").write_text("Y = 1\n")
+        importlib.invalidate_caches()
+        import aex_late_var2
+        import aex_late_var3  # noqa: F401 - (as many modules as before, and one more)
+
+        ctx = contextvars.Context()
+        ctx.run(aex_late_var2.AGAIN.set, 4)
+        (carried, _), = [blob_of(ctx)]
+        assert [(m, n) for m, n, _ in carried] == [("aex_late_var2", "AGAIN")]
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("aex_late_var", None)
+        sys.modules.pop("aex_late_var2", None)
+        sys.modules.pop("aex_late_var3", None)
 
 
 def test_a_context_variable_set_between_maps_is_the_callers_in_the_workers():

@@ -488,6 +488,52 @@ def test_templates_retired_without_waiting_do_not_pile_up_as_zombies(tmp_path):
     assert piled <= 1 and left == [], out
 
 
+TEMPLATE_READY = """
+    import os, resource, signal, sys, time
+    from adaptive_exec.backends import starts
+
+    def until(done, what):
+        deadline = time.monotonic() + 60
+        while not done():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.005)
+
+    # More open files than select() can watch (FD_SETSIZE, 1024): a server's.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1300
+    if soft < want and (hard == resource.RLIM_INFINITY or hard >= want):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    many = resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= want
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)] if many else []
+    t = starts.template()
+    t.start()
+    assert not many or t.ready_r >= 1024, t.ready_r
+    until(lambda: not t.is_coming(), "the template never served")
+    assert t.is_ready()
+    t.stop()
+    # A template killed before it serves: neither ready nor coming (nothing waits on it).
+    os.kill(t.start(), signal.SIGKILL)
+    until(lambda: not t.is_coming(), "a dead template still coming")
+    assert not t.is_ready()
+    t.stop()
+    for fd in held:
+        os.close(fd)
+    print("many" if many else "few")
+"""
+
+
+@linux_only
+def test_the_template_says_when_it_serves_and_a_dead_one_is_not_waited_for(tmp_path):
+    # Its ready pipe was read with select(), which raised ValueError for a descriptor
+    # past 1024 (a caller holding ~1,100 files: the watch ended, nothing was sent ahead
+    # of a long first call); one killed before it served was taken as still coming, and
+    # the watch left the start to the caller's fork for the whole call (a reviewer's).
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(TEMPLATE_READY)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] in ("many", "few")
+
+
 @linux_only
 def test_a_few_long_items_go_to_workers_of_a_template_forked_at_the_maps_start(tmp_path):
     # Two items of 0.6 s: the caller's thread, busy in the first, cannot fork; a template

@@ -53,7 +53,6 @@ from __future__ import annotations
 import gc
 import io
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -280,9 +279,10 @@ def _say_ready(ready_fd: int) -> None:
     """Tell the caller the template serves (Template.is_ready)."""
     try:
         os.write(ready_fd, b"1")
-        os.close(ready_fd)
     except OSError:
         pass  # the caller closed its end (it retired this template): nothing to tell
+    finally:
+        os.close(ready_fd)  # not inherited by every worker forked from here
 
 
 def _socket_path(listener_fd: int) -> Optional[str]:
@@ -374,7 +374,15 @@ class Template:
             os.chmod(address, 0o600)
             listener.listen()
             alive_r, alive_w = os.pipe()
-            ready_r, ready_w = os.pipe()
+            try:
+                ready_r, ready_w = os.pipe()
+            except BaseException:
+                os.close(alive_r)
+                os.close(alive_w)
+                raise
+            # Read without select(), whose descriptors must be under FD_SETSIZE (1024):
+            # a caller holding more open files raised ValueError in is_ready.
+            os.set_blocking(ready_r, False)
             try:
                 pid = launch(listener.fileno(), alive_r, alive_w, ready_w)
             except BaseException:
@@ -392,15 +400,32 @@ class Template:
         """Does the template serve already (a worker asked for now comes in a fork's
         time, not after its imports)? Never waits."""
         with self.lock:
-            if self.ready or self.ready_r is None:
-                return self.ready
-            readable, _, _ = select.select([self.ready_r], [], [], 0)
-            if readable:
-                # One byte once it serves; end of file if it died first (not ready).
-                self.ready = os.read(self.ready_r, 1) == b"1"
-                os.close(self.ready_r)
-                self.ready_r = None
+            self._look_ready()
             return self.ready
+
+    def is_coming(self) -> bool:
+        """Was the template started, and is it still importing (alive, not serving
+        yet)? False when none runs, or it died before it served: a pool asked for then
+        waits for none to come. Never waits."""
+        with self.lock:
+            self._look_ready()
+            return self.ready_r is not None
+
+    def _look_ready(self) -> None:
+        """Under ``lock``: read the ready pipe, if it says anything yet."""
+        fd = self.ready_r
+        if fd is None:
+            return
+        try:
+            got = os.read(fd, 1)
+        except BlockingIOError:
+            return  # nothing yet: it still imports
+        except OSError:
+            got = b""
+        # One byte once it serves; end of file if it died first (not ready).
+        self.ready = got == b"1"
+        self.ready_r = None
+        os.close(fd)
 
     def retire_forked(self, unused_only: bool = False) -> None:
         """End a template forked from the caller (``unused_only``: unless it forked a
