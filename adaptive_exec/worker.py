@@ -1057,13 +1057,15 @@ def _set_per_process(initializer: Callable[..., Any],
 # where the caller never imported decimal, warnings filters, its environment
 # variables changed since we were imported (_environment_changes), its file mode
 # creation mask (None where it cannot be read) and its time zone as its C library last
-# read it (_time_zone), sys.argv (_argv), its C locale (_locale_now) and its sockets'
-# default timeout (_socket_timeout). (Its context variables travel apart, once per
-# worker: FunctionRef.context.)
+# read it (_time_zone), sys.argv (_argv), its C locale (_locale_now), its sockets'
+# default timeout (_socket_timeout) and numpy's floating-point error handling
+# (_numpy_errors). (Its context variables travel apart, once per worker:
+# FunctionRef.context.)
 Settings = tuple[int, Optional[int], Optional[tuple[Any, ...]], tuple[Any, ...],
                  tuple[tuple[str, Optional[str]], ...], Optional[int], tuple[Any, ...],
                  tuple[str, Optional[tuple[Any, ...]]],
-                 Optional[tuple[tuple[int, str], ...]], Optional[tuple[Optional[float]]]]
+                 Optional[tuple[tuple[int, str], ...]], Optional[tuple[Optional[float]]],
+                 Optional[tuple[tuple[str, str], ...]]]
 
 
 def caller_settings() -> Settings:
@@ -1075,7 +1077,22 @@ def caller_settings() -> Settings:
     dec = _decimal_settings(decimal.getcontext()) if decimal is not None else None
     return (sys.getrecursionlimit(), digits() if digits is not None else None, dec,
             tuple(warnings.filters), _environment_changes(), _umask(), _time_zone(),
-            _argv(), _locale_now(), _socket_timeout())
+            _argv(), _locale_now(), _socket_timeout(), _numpy_errors())
+
+
+def _numpy_errors() -> Optional[tuple[tuple[str, str], ...]]:
+    """numpy's handling of floating-point errors (``np.seterr``), where numpy is
+    imported: it lives in a context variable whose value (a capsule) cannot be pickled,
+    so ``np.seterr(over="raise")`` before a map gave ``inf`` in workers where the loop
+    raised FloatingPointError (a hunting helper: 200 of 200)."""
+    numpy = sys.modules.get("numpy")
+    geterr = getattr(numpy, "geterr", None)
+    if geterr is None:
+        return None
+    try:
+        return tuple(sorted(geterr().items()))
+    except Exception:  # noqa: BLE001 - a numpy we do not know: not carried
+        return None
 
 
 # The C locale's categories a worker follows the caller in (LC_ALL is all of them).
@@ -1431,7 +1448,7 @@ def _adopt_settings(settings: Settings) -> bool:
     """The caller's settings, set here; False when a lean ref's sys.argv is not known
     here (the caller then sends the whole ref)."""
     (limit, digits, dec, filters, environment, umask, zone, (digest, argv), locales,
-     sock_timeout) = settings
+     sock_timeout, numpy_errors) = settings
     if argv is None:
         argv = _ARGVS.get(digest)
         if argv is None:
@@ -1469,6 +1486,14 @@ def _adopt_settings(settings: Settings) -> bool:
 
         if socket.getdefaulttimeout() != sock_timeout[0]:
             socket.setdefaulttimeout(sock_timeout[0])
+    if numpy_errors is not None and _numpy_errors() != numpy_errors:
+        try:
+            import numpy
+
+            seterr = getattr(numpy, "seterr")  # noqa: B009 - (its stubs want literals)
+            seterr(**dict(numpy_errors))
+        except Exception:  # noqa: BLE001 - no numpy here (a dask worker's machine)
+            pass
     if tuple(warnings.filters) != filters:
         # The caller's filters: under "error" (-W error, pytest's filterwarnings) the
         # loop raised at the item that warned, where workers went on. (Reset first: it

@@ -1067,3 +1067,12 @@ def locale_and_timeout(x):
     spin(0.001)
     return (locale.setlocale(locale.LC_CTYPE), locale.setlocale(locale.LC_NUMERIC),
             locale.nl_langinfo(locale.CODESET), socket.getdefaulttimeout())
+
+
+def overflows_from(x, start=50):
+    """numpy's float64 overflow from item ``start`` on: inf, a warning or
+    FloatingPointError, as ``np.seterr`` says."""
+    import numpy as np
+
+    spin(0.001)
+    return float(np.float64(1e308) * (10.0 if x >= start else 1.0))

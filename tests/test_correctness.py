@@ -2558,6 +2558,29 @@ def test_a_locale_and_a_socket_timeout_set_between_maps_are_the_callers_in_the_w
         socket.setdefaulttimeout(timeout)
 
 
+def test_numpy_s_error_handling_set_between_maps_is_the_callers_in_the_workers():
+    # np.seterr(over="raise") between two maps: numpy keeps it in a context variable
+    # whose value cannot be pickled, so workers kept their own (a hunting helper: inf
+    # in 200 of 200 where the loop raised FloatingPointError).
+    np = pytest.importorskip("numpy")
+    pf = parallelize(h.overflows_from, backend="loky", max_workers=2)
+    saved = np.geterr()
+    try:
+        np.seterr(over="ignore")
+        expected = [h.overflows_from(x) for x in range(100)]
+        assert pf.map(range(100)) == expected and expected[-1] == float("inf")
+        np.seterr(over="raise")
+        with pytest.raises(FloatingPointError):
+            [h.overflows_from(x) for x in range(100)]
+        with pytest.raises(FloatingPointError):
+            pf.map(range(100))
+        np.seterr(over="ignore")
+        assert pf.map(range(100)) == expected
+        assert pf.last_report.plan.mode == "parallel"
+    finally:
+        np.seterr(**saved)
+
+
 def test_a_context_variable_keeps_a_sentinel_s_identity_and_an_item_s_set_stays_its_own():
     # OPTION.set(MISSING): the value travelled as a copy, so `OPTION.get() is MISSING`
     # was False in the workers (193 of 200). An item's RATE.set(100) leaked into every
