@@ -1080,6 +1080,10 @@ def caller_settings() -> Settings:
             _argv(), _locale_now(), _socket_timeout(), _numpy_errors())
 
 
+_NUMPY_DEFAULT_ERRORS = (("divide", "warn"), ("invalid", "warn"), ("over", "warn"),
+                         ("under", "ignore"))
+
+
 def _numpy_errors() -> Optional[tuple[tuple[str, str], ...]]:
     """numpy's handling of floating-point errors (``np.seterr``), where numpy is
     imported: it lives in a context variable whose value (a capsule) cannot be pickled,
@@ -1486,7 +1490,12 @@ def _adopt_settings(settings: Settings) -> bool:
 
         if socket.getdefaulttimeout() != sock_timeout[0]:
             socket.setdefaulttimeout(sock_timeout[0])
-    if numpy_errors is not None and _numpy_errors() != numpy_errors:
+    if numpy_errors is not None and _numpy_errors() != (
+            None if "numpy" not in sys.modules and numpy_errors == _NUMPY_DEFAULT_ERRORS
+            else numpy_errors):
+        # (numpy is imported here for it only where the caller's differ from its
+        # defaults: a template's worker would otherwise import it, ~0.1 s, for a
+        # function that never uses it.)
         try:
             import numpy
 

@@ -1076,3 +1076,9 @@ def overflows_from(x, start=50):
 
     spin(0.001)
     return float(np.float64(1e308) * (10.0 if x >= start else 1.0))
+
+
+def pid_and_numpy(x):
+    """This process's pid, and whether numpy is imported in it."""
+    spin(0.001)
+    return os.getpid(), "numpy" in sys.modules

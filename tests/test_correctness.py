@@ -2581,6 +2581,38 @@ def test_numpy_s_error_handling_set_between_maps_is_the_callers_in_the_workers()
         np.seterr(**saved)
 
 
+NUMPY_NOT_IMPORTED = """
+    import os, sys
+    sys.path.insert(0, {tests!r})
+    import warnings
+    import numpy
+    import aex_helpers as h
+    from adaptive_exec import parallelize
+
+    # numpy's own filter (RankWarning), which travels with the filters, would import it.
+    warnings.filters[:] = [f for f in warnings.filters
+                           if not str(getattr(f[2], "__module__", "")).startswith("numpy")]
+    got = parallelize(h.pid_and_numpy, backend="loky", max_workers=2).map(range(600))
+    assert all(has for pid, has in got if pid == os.getpid())
+    print(sorted({{has for pid, has in got if pid != os.getpid()}}))
+"""
+
+
+def test_a_worker_imports_numpy_for_its_settings_only_where_they_are_not_its_defaults(
+        tmp_path):
+    # The caller imported numpy, its error handling as numpy's defaults: a template's
+    # worker that never needs numpy does not import it (~0.1 s) to set them.
+    pytest.importorskip("numpy")
+    env = {**os.environ, "ADAPTIVE_EXEC_START": "template",
+           "ADAPTIVE_EXEC_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(
+            NUMPY_NOT_IMPORTED.format(tests=os.path.dirname(__file__)))],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[-2] == "[False]", proc.stdout
+
+
 def test_a_context_variable_keeps_a_sentinel_s_identity_and_an_item_s_set_stays_its_own():
     # OPTION.set(MISSING): the value travelled as a copy, so `OPTION.get() is MISSING`
     # was False in the workers (193 of 200). An item's RATE.set(100) leaked into every
