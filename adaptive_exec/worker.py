@@ -2991,7 +2991,8 @@ PARENT_POLL_S = 0.1
 ORPHAN_EXIT_CODE = 75
 
 
-def worker_init(parent_pid: int, env: dict[str, str]) -> None:
+def worker_init(parent_pid: int, env: dict[str, str],
+                start_method: Optional[str] = None) -> None:
     """Worker initializer: the environment a worker runs with, and a watch that ends it
     as soon as the process that started the pool is gone.
 
@@ -3045,6 +3046,15 @@ def worker_init(parent_pid: int, env: dict[str, str]) -> None:
             pass
     import multiprocessing
 
+    # multiprocessing made the start method that started this worker (forkserver for
+    # the template's, loky's own for exec) its default here: a multiprocessing.Pool()
+    # an item makes ran its function in fresh processes without the script's
+    # functions (the pool's workers died on AttributeError and were restarted for
+    # ever) or state. The caller's default (None: the platform's) is the loop's.
+    try:
+        multiprocessing.set_start_method(start_method, force=True)
+    except (ValueError, RuntimeError):
+        pass
     parent = multiprocessing.parent_process()
     sentinel = getattr(parent, "sentinel", None) if parent is not None else None
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid, sentinel),

@@ -791,6 +791,38 @@ def test_a_map_inside_a_multiprocessing_pools_worker_runs_there(tmp_path, contex
     assert out.split() == ["serial", "serial"]
 
 
+@pytest.mark.parametrize("path", [starts.FORK, starts.TEMPLATE, starts.EXEC])
+def test_a_multiprocessing_pool_made_by_an_item_starts_as_the_loops(tmp_path, path):
+    # A worker's default start method was the one that started it (forkserver for the
+    # template's and a forked worker's, loky's for exec): an item's multiprocessing.Pool()
+    # ran a function of the script in fresh processes, where it was not found (the pool's
+    # workers died on AttributeError and were restarted for ever: the map hung), or
+    # without the state the item had set (31 of 40 results wrong on the fork path).
+    if path == starts.FORK and not starts.fork_works():
+        pytest.skip("fork: Linux")
+    out = run_script(tmp_path, """
+        import multiprocessing as mp, time
+        from adaptive_exec import parallelize
+
+        FACTOR = 1
+
+        def square(y):
+            return y * y * FACTOR
+
+        def item(x):
+            global FACTOR
+            FACTOR = 10  # the loop's pool forks: its workers see it
+            with mp.Pool(2) as pool:
+                return sum(pool.map(square, range(x % 4 + 1)))
+
+        if __name__ == "__main__":
+            want = [item(x) for x in range(12)]
+            FACTOR = 1
+            print(parallelize(item, backend="loky").map(range(12)) == want)
+    """, env={starts.ENV_START: path}, timeout=90)
+    assert out.split() == ["True"]
+
+
 # --- 2. the caller's world -----------------------------------------------------------
 
 @pytest.mark.parametrize("path", [starts.TEMPLATE, starts.EXEC])

@@ -226,6 +226,14 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _callers_start_method() -> Optional[str]:
+    """The caller's multiprocessing start method, None for the platform's default
+    (read without fixing it, as get_start_method() would)."""
+    import multiprocessing
+
+    return multiprocessing.get_start_method(allow_none=True)
+
+
 def _worker_env(n_workers: int) -> dict[str, str]:
     env = {ENV_IN_WORKER: "1"}
     # One BLAS/OpenMP thread per worker: W workers x all-cores BLAS pools would
@@ -390,7 +398,8 @@ def _get_locked(n_workers: int, epoch: Optional[int] = None, path: str = starts.
             _state.executor = loky.ProcessPoolExecutor(
                 max_workers=size, timeout=IDLE_TIMEOUT_S, env=env,
                 context=starts.context(path) or _exec_context(),
-                initializer=worker_init, initargs=(parent, env),
+                initializer=worker_init,
+                initargs=(parent, env, _callers_start_method()),
             )
             _state.size = size
             _state.given = set()
