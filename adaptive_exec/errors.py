@@ -107,7 +107,16 @@ def attach_origin(exc: BaseException, index: int, remote_tb: Optional[str],
         # Before any item: its message says where; the initializer's own traceback (from
         # a worker) is the cause.
         if remote_tb:
-            set_on(exc, "__cause__", RemoteTraceback(f'\n"""\n{remote_tb}"""'))
+            remote = RemoteTraceback(f'\n"""\n{remote_tb}"""')
+            # The initializer's exception came back as the cause (as in the caller):
+            # the worker's traceback is chained at its root, as for an item's error.
+            root = exc.__cause__
+            if isinstance(root, BaseException) and not isinstance(root, RemoteTraceback):
+                while isinstance(root.__cause__, BaseException):
+                    root = root.__cause__
+                set_on(root, "__cause__", remote)
+            else:
+                set_on(exc, "__cause__", remote)
         return exc
     note = f"adaptive_exec: raised while processing item {index}"
     if where:

@@ -124,8 +124,11 @@ def test_an_initializer_that_raises_in_the_workers_names_itself_and_does_not_han
                                                r"set up \(worker\) in worker process") as info:
         pf.map(range(50))
     exc = info.value
-    # The initializer's own traceback is the cause; no item is named (none ran there).
-    assert "init_fails" in str(exc.__cause__) and "cannot set up (worker)" in str(exc.__cause__)
+    # The initializer's own exception is the cause, as in the caller, with its traceback
+    # chained under it; no item is named (none ran there).
+    assert isinstance(exc.__cause__, ValueError)
+    assert str(exc.__cause__) == "cannot set up (worker)"
+    assert "init_fails" in str(exc.__cause__.__cause__)
     assert not any("raised while processing item" in n for n in getattr(exc, "__notes__", []))
     # The pool is fine for the next map.
     assert parallelize(h.square, backend="loky").map(range(10)) == [x * x for x in range(10)]
