@@ -103,9 +103,11 @@ def read_line(proc, timeout):
 
 
 def map_here():
-    """In a forked child: a map on the pool, and what the pool was."""
+    """In a forked child: a map on the pool, and what the pool was. Long enough that
+    some items reach workers on the template path beside a busy machine (20 items: in CI,
+    beside another suite, the template served only after the caller had run them all)."""
     pf = parallelize(h.heavy, backend="loky")
-    out = pf.map(range(20))
+    out = pf.map(range(60))
     workers = loky_backend.worker_pids()
     parents = []
     for pid in workers:
@@ -116,7 +118,7 @@ def map_here():
     template = starts.template_pid()  # this child's own template, if its workers need one
     loky_backend.shutdown()  # this child's own pool: ended before it exits
     starts.template().stop()
-    return {"ok": out == [x * 3 for x in range(20)], "mode": pf.last_report.plan.mode,
+    return {"ok": out == [x * 3 for x in range(60)], "mode": pf.last_report.plan.mode,
             "workers": workers, "worker_parents": parents, "pid": os.getpid(),
             "template": template, "left": alive(workers)}
 
