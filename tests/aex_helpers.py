@@ -1082,3 +1082,11 @@ def pid_and_numpy(x):
     """This process's pid, and whether numpy is imported in it."""
     spin(0.001)
     return os.getpid(), "numpy" in sys.modules
+
+
+def spin_fail_on(x, bad=frozenset()):
+    """5 ms of CPU, then ValueError on the items in ``bad``."""
+    spin(0.005)
+    if x in bad:
+        raise ValueError(f"bad item {x}")
+    return x

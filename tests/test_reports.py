@@ -530,3 +530,23 @@ def test_an_items_own_error_is_named_whatever_its_type_or_cause(make, name):
 def _chained(exc):
     exc.__cause__ = StopIteration()
     return exc
+
+
+def _pool_work_reported(report: RunReport) -> bool:
+    return bool(report.start_path and report.bytes_sent > 0 and report.workers_timeline)
+
+
+def test_a_map_ended_by_an_item_s_error_reports_what_its_pool_did():
+    # Ended by item 70's ValueError, on a pool whose workers ran items: the report said
+    # no worker was used (no timeline, 0 bytes sent, no start path), 3 of 3 (a hunting
+    # helper's finding).
+    pf = parallelize(functools.partial(h.spin_fail_on, bad=frozenset({70})), backend="loky",
+                     max_workers=2)
+    with pytest.raises(ValueError):
+        pf.map(range(200))
+    report = pf.last_report
+    assert report.plan.mode == "parallel", report.plan.reason
+    assert "ended by item 70" in (report.ran or ""), report.ran
+    assert _pool_work_reported(report), (report.start_path, report.bytes_sent,
+                                         report.workers_timeline)
+
