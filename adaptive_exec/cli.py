@@ -59,9 +59,13 @@ def _demo(args: argparse.Namespace) -> int:
         assert report is not None
         plan = report.plan
         status = "same results" if same else "RESULTS DIFFER"
-        print(f"== {name}: {blurb}")
+        print(f"== {name}: {blurb.format(n=len(items))}")  # (--scale: the items that ran)
         print(f"   plan:    {plan.mode}, {plan.n_workers} worker(s), chunks of {plan.chunksize}")
         print(f"   why:     {plan.reason}")
+        # What ran, where it was not the plan (items run in the caller, chunks resized).
+        for label, said in (("ran", report.ran), ("adjusted", report.adjusted)):
+            if said:
+                print(f"   {label + ':':<9}{said}")
         print(f"   loop {loop_s:.3f} s, adaptive_exec {ours_s:.3f} s: "
               f"speedup {loop_s / ours_s:.2f}x ({status})\n")
         if not same:

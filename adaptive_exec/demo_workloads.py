@@ -33,9 +33,9 @@ def skewed(x: int) -> int:
 
 DEMOS: list[tuple[str, Callable[[Any], Any], Callable[[float], list[int]], str]] = [
     ("tiny", tiny, lambda s: list(range(int(300_000 * s))),
-     "~1 µs of arithmetic x 300,000 items"),
+     "~1 µs of arithmetic x {n:,} items"),
     ("heavy", heavy, lambda s: list(range(max(2, int(100 * s)))),
-     "~20 ms of CPU x 100 items"),
+     "~20 ms of CPU x {n:,} items"),
     ("skewed", skewed, lambda s: list(range(max(2, int(400 * s)))),
-     "0.5 ms per item at the start, 40 ms at the end, x 400 items"),
+     "0.5 ms per item at the start, 40 ms at the end of 400, x {n:,} items"),
 ]

@@ -275,3 +275,11 @@ def test_cache_clear_that_cannot_clear_says_so_and_fails(filled, tmp_path):
     assert json.loads(aex("cache", "stats", "--json", cache_dir=copy).stdout)["entries"] == 2
     done = aex("cache", "clear", cache_dir=copy)
     assert done.returncode == 0 and "cleared 2 entries" in done.stdout, done.stderr
+
+
+def test_the_demo_names_the_items_that_ran(tmp_path):
+    # With --scale 0.3 it said "x 100 items" where 30 ran (a hunting helper's finding).
+    proc = aex("demo", "--only", "heavy", "--scale", "0.3", cache_dir=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "== heavy: ~20 ms of CPU x 30 items" in proc.stdout, proc.stdout
+    assert "same results" in proc.stdout
