@@ -274,6 +274,8 @@ class _Job:
     @property
     def work(self) -> str:
         """How much work is left, the opening of every reason."""
+        if not self.info.get("n_samples") and not self.from_cache:
+            return f"{self.remaining:,} items, not measured (no call ran here)"
         return (f"{self.remaining:,} items x {fmt_s(self.t)} = {fmt_s(self.serial_rest)} "
                 "of work")
 
@@ -297,6 +299,8 @@ def _estimated(job: _Job, est: float, speedup: float) -> str:
     ``estimated_parallel_s``, ``estimated_serial_s`` and ``estimated_speedup`` in
     explain() and str(RunReport): the whole map's, the time already spent sampling
     included."""
+    if not job.info.get("n_samples") and not job.from_cache:
+        return "not estimated"  # no call measured: its numbers would be the time so far
     return (f"estimated at {fmt_s(est)} in all, against {fmt_s(job.est_serial)} for the "
             f"loop ({fmt_speedup(speedup)})")
 

@@ -182,6 +182,13 @@ class Plan:
         """The estimate of the mode chosen: the loop's when serial, else the pool's."""
         return self.estimated_serial_s if self.mode == "serial" else self.estimated_parallel_s
 
+    @property
+    def measured(self) -> bool:
+        """Was the function measured (sampled now, or remembered)? Not for a plan
+        forced before any call (ADAPTIVE_EXEC_DISABLE, a nested map, ``timeout=``):
+        its estimates are only the time spent so far, and reports say "not estimated"."""
+        return self.from_cache or bool(self.features.get("n_samples"))
+
     def runs_on(self, busy: Optional[int] = None) -> str:
         """What runs the items: "serial", "2 processes", "8 threads", "dask"; with
         ``busy`` below the plan's workers, "1 of 2 processes"."""
@@ -197,12 +204,13 @@ class Plan:
 
     def explain(self) -> str:
         """The decision for people: every number in its unit, every feature named."""
-        no_pool = self.mode == "serial" and self.estimated_speedup == 0
+        no_pool = (self.mode == "serial" and self.estimated_speedup == 0) or not self.measured
         lines = [
             f"mode:        {self.mode}",
             f"workers:     {_workers_line(self)}",
             f"chunksize:   {fmt_count(self.chunksize, 'item', 'items')}",
-            f"serial:      {fmt_s(self.estimated_serial_s)} (estimated)",
+            f"serial:      {fmt_s(self.estimated_serial_s)} (estimated)" if self.measured
+            else "serial:      not estimated (no call was measured)",
             "parallel:    not estimated" if no_pool else
             f"parallel:    {fmt_s(self.estimated_parallel_s)} (estimated)",
             "speedup:     -" if no_pool else
@@ -342,7 +350,8 @@ class RunReport:
             out = f"{head}, no items ({fmt_s(self.wall_s)})"
             return "; ".join(part for part in (out, self.ran) if part)
         out = (f"{head}, {fmt_count(self.n_items, 'item', 'items')} in {fmt_s(self.wall_s)}, "
-               f"estimated {fmt_s(plan.estimated_s)}")
+               + (f"estimated {fmt_s(plan.estimated_s)}" if plan.measured
+                  else "not estimated"))
         if self.from_cache:
             out += ", from cache"
         return "; ".join(part for part in (out, self.ran, self.adjusted) if part)

@@ -550,3 +550,27 @@ def test_a_map_ended_by_an_item_s_error_reports_what_its_pool_did():
     assert _pool_work_reported(report), (report.start_path, report.bytes_sent,
                                          report.workers_timeline)
 
+
+
+def test_a_plan_made_before_any_call_is_not_estimated(monkeypatch):
+    # ADAPTIVE_EXEC_DISABLE, a nested map, timeout=: nothing is sampled, and the reports
+    # showed the time spent so far as the estimate ("30 items in 307.1 ms, estimated
+    # 919.4 µs"; "200 items x 0.0 µs = 0.0 µs of work ... (0.00x)": a hunting helper).
+    monkeypatch.setenv("ADAPTIVE_EXEC_DISABLE", "1")
+    pf = parallelize(h.spin_fail_on, cache=False)
+    assert pf.map(range(30)) == list(range(30))
+    report = pf.last_report
+    assert report.plan.mode == "serial" and not report.plan.measured
+    assert str(report).endswith("not estimated"), str(report)
+    assert "serial:      not estimated" in report.plan.explain()
+    monkeypatch.delenv("ADAPTIVE_EXEC_DISABLE")
+    timed = parallelize(h.spin_fail_on, cache=False, timeout=30)
+    assert timed.map(range(40)) == list(range(40))
+    plan = timed.last_report.plan
+    assert not plan.measured and "estimated at" not in plan.reason, plan.reason
+    assert "40 items, not measured" in plan.reason, plan.reason
+    # A measured map still says its estimate.
+    measured = parallelize(h.spin_fail_on, cache=False)
+    measured.map(range(40))
+    assert measured.last_report.plan.measured
+    assert "estimated" in str(measured.last_report)
