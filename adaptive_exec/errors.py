@@ -112,8 +112,11 @@ def attach_origin(exc: BaseException, index: int, remote_tb: Optional[str],
             # the worker's traceback is chained at its root, as for an item's error.
             root = exc.__cause__
             if isinstance(root, BaseException) and not isinstance(root, RemoteTraceback):
-                while isinstance(root.__cause__, BaseException):
+                seen = {id(root)}  # (a chain may loop back on itself)
+                while (isinstance(root.__cause__, BaseException)
+                       and id(root.__cause__) not in seen):
                     root = root.__cause__
+                    seen.add(id(root))
                 set_on(root, "__cause__", remote)
             else:
                 set_on(exc, "__cause__", remote)

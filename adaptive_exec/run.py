@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import array
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -797,10 +798,14 @@ class MapRun:
                     trial = False
                     if self._threads_lose(run.worker_items, time.perf_counter() - t_run):
                         run.drain()
-        finally:
-            # Also for a run ended by an item's exception, a crash or the consumer:
-            # its report says what the pool did until then.
-            self._note_run(run, target, plan)
+        except BaseException:
+            # Also for a run ended by an item's exception, a crash or the consumer: its
+            # report says what the pool did until then. Nothing of ours may replace
+            # that exception, which is what the map raises.
+            with contextlib.suppress(Exception):
+                self._note_run(run, target, plan)
+            raise
+        self._note_run(run, target, plan)
         if self.threads_trial is not None:
             yield from self._serial()
 

@@ -434,3 +434,16 @@ def test_a_script_function_whose_initializer_was_let_go_runs_it_again(tmp_path):
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                          timeout=240, cwd=tmp_path)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+
+
+def test_an_initializer_error_whose_causes_loop_gets_the_worker_traceback_once():
+    # The worker's traceback is chained at the root of the cause chain: a chain that
+    # loops back on itself has no root, and must not hang the map's end.
+    from adaptive_exec.errors import RemoteTraceback, attach_origin
+
+    first, second = ValueError("first"), KeyError("second")
+    first.__cause__, second.__cause__ = second, first
+    exc = InitializerError("initializer=setup raised in a worker")
+    exc.__cause__ = first
+    assert attach_origin(exc, 0, "Traceback: ...") is exc
+    assert exc.__cause__ is first and isinstance(second.__cause__, RemoteTraceback)

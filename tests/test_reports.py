@@ -574,3 +574,18 @@ def test_a_plan_made_before_any_call_is_not_estimated(monkeypatch):
     measured.map(range(40))
     assert measured.last_report.plan.measured
     assert "estimated" in str(measured.last_report)
+
+
+def test_a_report_that_fails_never_replaces_the_item_s_error(monkeypatch):
+    # What the pool did is noted for the report also when an item's error ends the run:
+    # a failure of ours there must not be what the map raises.
+    from adaptive_exec import adapt
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the report's own failure")
+
+    monkeypatch.setattr(adapt, "note_ran_on_pool", broken)
+    pf = parallelize(functools.partial(h.spin_fail_on, bad=frozenset({70})), backend="loky",
+                     max_workers=2)
+    with pytest.raises(ValueError, match="bad item 70"):
+        pf.map(range(200))
