@@ -701,8 +701,12 @@ SIZE = 24 << 20
 
 def test_a_large_function_crosses_once_per_worker_per_map():
     holder = Holder(SIZE)
-    loky_backend.shutdown()  # a pool that never had it
-    pf = parallelize(holder.work, backend="loky", chunksize=1)  # 80 tasks, not 80 copies
+    loky_backend.shutdown()
+    # A pool that never had it, as large as either map may want: a fork pool that must
+    # grow is replaced (test_a_grown_pool_keeps_what_its_workers_were_sent).
+    loky_backend._get(2)
+    pf = parallelize(holder.work, backend="loky", chunksize=1,  # 80 tasks, not 80 copies
+                     max_workers=2)
     assert pf.map(range(80)) == [holder.data[i] + i for i in range(80)]
     report = pf.last_report
     # Each worker of the pool that ran a chunk got it once: on a busy machine the plan
@@ -714,6 +718,27 @@ def test_a_large_function_crosses_once_per_worker_per_map():
     # Again, on the warm pool: its workers have it (the same key); nothing new crosses.
     assert pf.map(range(80)) == [holder.data[i] + i for i in range(80)]
     assert pf.last_report.bytes_sent < 1 << 20, pf.last_report.bytes_sent
+
+
+@pytest.mark.parametrize("path", [starts.TEMPLATE, starts.EXEC])
+def test_a_grown_pool_keeps_what_its_workers_were_sent(monkeypatch, path):
+    # A map planned one worker (a busy machine), then one that wants two: the pool grows
+    # by one worker, and only that one is sent the function. Replacing the pool sent it
+    # again to every worker of the new one (CI: 48 MB where 24 MB was due).
+    monkeypatch.setenv(starts.ENV_START, path)
+    holder = Holder(SIZE)
+    loky_backend.shutdown()
+    pf = parallelize(holder.work, backend="loky", chunksize=1, max_workers=1)
+    assert pf.map(range(40)) == [holder.data[i] + i for i in range(40)]
+    assert loky_backend.pool_size() == 1
+    first = loky_backend.worker_pids()
+    executor = loky_backend._get(2)[0]
+    assert loky_backend.pool_size() == 2 and executor is loky_backend._state.executor
+    pf = parallelize(holder.work, backend="loky", chunksize=1, max_workers=2)
+    assert pf.map(range(80)) == [holder.data[i] + i for i in range(80)]
+    assert set(first) <= set(loky_backend.worker_pids())  # the warm worker still serves
+    assert pf.last_report.bytes_sent <= 1.3 * SIZE + (1 << 20), pf.last_report.bytes_sent
+    loky_backend.shutdown()
 
 
 def test_a_changed_large_object_is_sent_again():

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import functools
 import os
@@ -91,6 +92,7 @@ class _PoolState:
         # thread whose chunks die with them sends them again, without counting a crash.
         self.ended: weakref.WeakSet[Any] = weakref.WeakSet()
         self.path = starts.EXEC  # how the executor's workers were started (starts.py)
+        self.parent = 0  # the process they were started from (ours, or the template)
         self.made_at = 0.0  # perf_counter() when the executor was made (its workers forked)
         # Keys of the functions sent whole to this executor's workers (for the maps to
         # come: their workers have them; one that does not asks, NEED_FUNCTION).
@@ -369,14 +371,24 @@ def _get_locked(n_workers: int, epoch: Optional[int] = None, path: str = starts.
     the same lock, so that a pool started ahead by one thread and used by another is
     probed once: its first ping is what starts loky's workers, on this thread.
     """
-    unsent = None
+    unsent = grown = None
     with _state.lock:
         if epoch is not None and epoch != _state.epoch:
             return None, False, 0.0  # a start ahead overtaken by shutdown(): no pool
         now = time.perf_counter()
         old = _state.executor
         broken = old is not None and _is_broken(old)
-        if old is None or broken or _state.size < n_workers:
+        if (old is not None and not broken and _state.size < n_workers
+                and _grows_in_place(old, path)):
+            # A larger pool is wanted: the old one gets more workers, started on its own
+            # path below, outside this lock. Replacing it threw its warm workers away,
+            # and with them every function they had been sent (a 24 MB function crossed
+            # again to each worker of the new pool) and a pool's start-up.
+            with old._processes_management_lock:
+                old._max_workers = n_workers
+            _state.size = n_workers
+            grown = old
+        elif old is None or broken or _state.size < n_workers:
             if system.shutting_down():
                 # The main thread has returned: a pool made now (a start ahead from a
                 # non-daemon thread's map, a replacement after the exit hook ended the
@@ -404,6 +416,7 @@ def _get_locked(n_workers: int, epoch: Optional[int] = None, path: str = starts.
             _state.size = size
             _state.given = set()
             _state.path = path
+            _state.parent = parent
             _state.made_at = time.perf_counter()
             _state.path_measurable = measurable
             _state.warm = False
@@ -421,12 +434,48 @@ def _get_locked(n_workers: int, epoch: Optional[int] = None, path: str = starts.
         executor = _state.executor
     if on_made is not None:
         on_made((executor, cold, now))
+    if grown is not None:
+        _spawn_missing(grown)
     if unsent is not None:
         # Outside the lock: spawning a template's workers waits for the template's own
         # start, and another thread's map must meanwhile find the pool (and its probe)
         # to run items in its caller until they are spawned.
         unsent.send(executor)
     return executor, cold, now
+
+
+def _grows_in_place(executor: Any, path: str) -> bool:
+    """Under _state.lock: can ``executor``, which a map wants larger, take more workers
+    started as its own were? Only on its own path (a fork pool in a caller that now runs
+    threads is replaced by a template's), from the same process (a template's workers
+    watch the template that started the pool: one started since would orphan them), and
+    while loky keeps the state this reads (else it is replaced, as before)."""
+    if path == starts.FORK and starts.threads_now() > 1:
+        path = starts.TEMPLATE
+    if path != _state.path or not all(
+            hasattr(executor, name) for name in
+            ("_max_workers", "_processes_management_lock", "_adjust_process_count")):
+        return False
+    if path == starts.TEMPLATE:
+        return starts.template_pid() == _state.parent
+    return _state.parent == os.getpid()
+
+
+def _spawn_missing(executor: Any) -> None:
+    """Start the workers a grown pool lacks, now, on this thread (``_get`` says which
+    thread spawns on each path). One that cannot be started (the template died since)
+    ends the pool: the map then sends its chunks to a new one (PoolGone)."""
+    try:
+        with executor._processes_management_lock:
+            executor._adjust_process_count()
+    except Exception:
+        with _state.lock:
+            if _state.executor is executor:
+                _state.ended.add(executor)
+                _state.executor = None
+                _state.size = 0
+        with contextlib.suppress(Exception):
+            executor.shutdown(wait=False)
 
 
 _exit_registered = False
