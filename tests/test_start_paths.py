@@ -631,11 +631,19 @@ def test_a_long_call_after_the_caller_forked_its_pool_has_the_items_behind_it_se
     # Three calls of 2 ms, well under the sample's 20 ms budget even beside a busy core,
     # each showing work enough for a fork (~70 ms left) from the first on.
     costs = (0.002,) * 3 + (0.6,) + (0.02,) * 30
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(FORKED_THEN_LONG.format(
-        tests=TESTS, path=path, costs=costs))], capture_output=True, text=True,
-        timeout=120, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    for _ in range(3):
+        # The caller forks only while it runs alone: a busy moment that keeps the map's
+        # sampling watch alive past the fork has the pool come from the template instead
+        # (2 runs in ~30 here, as designed); the behaviour under test is the fork's.
+        if os.path.exists(path):
+            os.remove(path)
+        proc = subprocess.run([sys.executable, "-c", textwrap.dedent(FORKED_THEN_LONG.format(
+            tests=TESTS, path=path, costs=costs))], capture_output=True, text=True,
+            timeout=120, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got = json.loads(proc.stdout.strip().splitlines()[-1])
+        if got["path"] == starts.FORK:
+            break
     assert got["path"] == starts.FORK, got
     log = h.read_spin_log(path)
     pid, long_start, long_end = log[3]
