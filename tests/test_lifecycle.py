@@ -1451,7 +1451,7 @@ def test_a_map_survives_another_threads_pool_growth_and_rebuild():
     def second():
         started.wait(10)
         time.sleep(0.3)
-        return big.map(range(40))  # wants every CPU: the pool is replaced under `first`
+        return big.map(range(40))  # wants every CPU: the pool grows (or, forked, is replaced)
 
     out = _in_threads([("first", first), ("second", second)])
     assert out["first"] == [3 * x for x in range(60)], out["first"]
