@@ -129,6 +129,13 @@ def _main_by_value() -> None:
 
 
 _BY_VALUE: set[str] = set()
+# This interpreter, apart from any other on any machine (a forked child keeps the
+# token, but not the pid): FunctionRef.home.
+_PROCESS_TOKEN = os.urandom(8).hex()
+
+
+def this_process() -> str:
+    return f"{_PROCESS_TOKEN}:{os.getpid()}"
 
 
 # cloudpickle's Pickler, with code's file names kept; and one that also sends sentinels
@@ -358,6 +365,12 @@ class FunctionRef:
     # includes (a lean ref keeps the digest: with_context).
     context: Optional[bytes] = None
     context_key: Optional[str] = None
+    # The caller's process (``this_process()``), for workers that may be threads of
+    # that very process (a dask cluster started with processes=False): there the
+    # module globals the patch and attrs carry are the caller's own, live, and setting
+    # their copies would replace the caller's objects (a dict the caller holds
+    # was no longer the module's after a map). None: never the caller's process.
+    home: Optional[str] = None
 
     def size(self) -> int:
         """The bytes a whole ref carries: the function, its globals, the attributes,
@@ -1949,7 +1962,10 @@ def _resolve(ref: FunctionRef) -> Optional[Callable[..., Any]]:
                 loaded.append(pickle.loads(ref.patch))
             return loaded[0]
 
-        if ref.code is not None:
+        # In the caller's own process (a dask worker thread there): its modules are
+        # the caller's, live, as a thread's loop would see them: nothing to set.
+        at_home = ref.home is not None and ref.home == this_process()
+        if ref.code is not None and not at_home:
             if ref.bundled:
                 func = (_current_code(func[0], ref, lambda: rebuild()[0], patch),
                         *func[1:])
@@ -1959,12 +1975,12 @@ def _resolve(ref: FunctionRef) -> Optional[Callable[..., Any]]:
             func, initializer, initargs = func
             if ref.init_key is not None:  # runs with the function's own namespace
                 _keep_initializer(ref.init_key, (initializer, initargs))
-        if ref.patch is not None and ref.patch_module is not None:
+        if ref.patch is not None and ref.patch_module is not None and not at_home:
             # Kept with the function: re-applied whenever another key of the same
             # module was applied in between.
             importlib.import_module(ref.patch_module)
             func = _Patched(func, ref.patch_module, ref.key, patch())
-        if ref.attrs is not None:
+        if ref.attrs is not None and not at_home:
             func = _WithAttributes(func, ref.key, ref.attrs)
         size = ref.size() + (ref.blob_at[2] if ref.blob_at else 0)
         _FUNCTIONS[ref.key] = (func, size)
@@ -1976,6 +1992,16 @@ def _resolve(ref: FunctionRef) -> Optional[Callable[..., Any]]:
     if isinstance(func, (_Patched, _WithAttributes)):
         return func.enter()
     return func
+
+
+async def forget_function(key: str) -> None:
+    """On a dask worker, once a map has ended: let go of its function. A dask map's
+    key is its own (a uuid: backends/dask.py), never asked for again, so its rebuilt
+    function, with all it captured, only held the worker's memory (a closure over
+    150 MB: 150 MB per worker after the map, up to _MAX_FUNCTION_BYTES of them).
+    A coroutine: dask's ``Client.run(..., wait=False)`` takes only those."""
+    _FUNCTIONS.pop(key, None)
+    _CALLED.pop(key, None)
 
 
 # Blobs at least this large are not sent down the pool's pipe with the chunks that need
@@ -2492,8 +2518,16 @@ def run_chunk(ref: FunctionRef, start: int, payload: bytes, star: bool,
                                                          time_first=first))
         res = dataclasses.replace(res, function_bytes=fetched, warned=_warned(caught))
     else:
-        res = dataclasses.replace(_in_context(context, lambda: run_items(
-            func, start, items, star, time_first=first)), function_bytes=fetched)
+        # A dask worker's thread (one of several, maybe): the script's names too, not
+        # in the caller's own process (an in-process cluster), whose __main__ is the
+        # script itself (pickle.dumps(Point(x)) of the script's dataclass raised
+        # PicklingError at its first item: "it's not the same object as __main__.Point",
+        # or "attribute lookup Point on __main__ failed" on a worker of another machine).
+        names = (_scripts_names(func) if ref.home is None or ref.home != this_process()
+                 else contextlib.nullcontext())
+        with names:
+            res = dataclasses.replace(_in_context(context, lambda: run_items(
+                func, start, items, star, time_first=first)), function_bytes=fetched)
     if _POOL_WORKER:
         _flush_std_streams()
     error = None if res.error is None else _pickle_error(res.error)
@@ -2520,7 +2554,7 @@ def run_chunk(ref: FunctionRef, start: int, payload: bytes, star: bool,
 
 @contextlib.contextmanager
 def _scripts_names(func: Callable[..., Any]) -> Iterator[None]:
-    """While a chunk of a function of the caller's script runs in a pool worker, the
+    """While a chunk of a function of the caller's script runs in a pool or dask worker, the
     worker's ``__main__`` holds that copy's classes and functions under their names,
     as the caller's script holds them: what the items pickle by reference there
     (``pickle.dumps(Result(x))`` of a dataclass of the script, a function of it given
@@ -2543,18 +2577,40 @@ def _scripts_names(func: Callable[..., Any]) -> Iterator[None]:
                 and getattr(value, "__module__", None) == "__main__"
                 and getattr(value, "__qualname__", None) == name):
             ours[name] = value
-    missing = object()
     space = vars(main)
-    saved = {name: space.get(name, missing) for name in ours}
-    space.update(ours)
+    # Counted, under a lock: on a dask worker chunks run on several threads at once,
+    # and the first to end restored the worker's names under the others.
+    mine: list[str] = []
+    with _MAIN_NAMES_LOCK:
+        for name, value in ours.items():
+            held = _MAIN_NAMES.get(name)
+            if held is None:
+                _MAIN_NAMES[name] = [value, 1, space.get(name, _MISSING)]
+                space[name] = value
+            elif held[0] is value:
+                held[1] += 1
+            else:
+                continue  # another function's of the same name runs: its stays
+            mine.append(name)
     try:
         yield
     finally:
-        for name, value in saved.items():
-            if value is missing:
-                space.pop(name, None)
-            else:
-                space[name] = value
+        with _MAIN_NAMES_LOCK:
+            for name in mine:
+                held = _MAIN_NAMES[name]
+                held[1] -= 1
+                if held[1] == 0:
+                    del _MAIN_NAMES[name]
+                    if held[2] is _MISSING:
+                        space.pop(name, None)
+                    else:
+                        space[name] = held[2]
+
+
+# _scripts_names' table: name -> [the value set, chunks using it, what it replaced].
+_MAIN_NAMES: dict[str, list[Any]] = {}
+_MAIN_NAMES_LOCK = threading.Lock()
+_MISSING = object()
 
 
 def _flush_std_streams() -> None:

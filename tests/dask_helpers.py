@@ -83,3 +83,28 @@ def _rebuilt(path: str, data: bytes) -> Payload:
     obj = Payload.__new__(Payload)
     obj.path, obj.data = path, data
     return obj
+
+
+TABLE = {"a": 1}
+
+
+def read_table(x):
+    spin(0.0005)
+    return x + TABLE["a"]
+
+
+def plus_length(data, x):
+    spin(0.002)
+    return x + len(data)
+
+
+def largest_function_held() -> int:
+    """In a worker: the bytes of the largest function adaptive_exec keeps there."""
+    from adaptive_exec import worker
+
+    return max((size for _, size in worker._FUNCTIONS.values()), default=0)
+
+
+def first_and_length(data):
+    spin(0.002)
+    return data[0], len(data)

@@ -217,6 +217,30 @@ def test_an_item_that_always_kills_its_worker_is_named(cluster, client):
     assert pf.map(range(1, 9)) == [2 * x for x in range(1, 9)]  # and the next map works
 
 
+def test_a_cluster_in_this_process_leaves_the_callers_globals_as_they_are():
+    # A cluster of threads of this process (Client(processes=False)): its "workers"
+    # set the copies of the module globals the function reads, sent for workers of
+    # their own, into the caller's own module: after the map the module's dict was no
+    # longer the one the caller held, and the caller's next loop read a stale copy.
+    distributed = pytest.importorskip("distributed", reason=NO_DASK)
+    original = dh.TABLE
+    table = dh.TABLE = {"a": 5}
+    try:
+        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                      dashboard_address=None) as here, \
+                distributed.Client(here, set_as_default=False) as c:
+            pf = parallelize(dh.read_table, backend="dask", client=c, chunksize=5)
+            assert pf.map(range(400)) == [x + 5 for x in range(400)]
+            assert pf.last_report.plan.mode == "distributed"
+            assert dh.TABLE is table
+            table["a"] = 7  # the caller changes its own dict: the loop sees it
+            assert [dh.read_table(x) for x in range(3)] == [7, 8, 9]
+            assert pf.map(range(400)) == [x + 7 for x in range(400)]
+            assert dh.TABLE is table
+    finally:
+        dh.TABLE = original
+
+
 # --- the function travels once; streaming is bounded -----------------------------------
 
 
@@ -254,6 +278,45 @@ def test_a_large_captured_object_is_sent_once(cluster, client, tmp_path, monkeyp
     assert len(unpicklings) <= 2, unpicklings  # once per worker at most, not per task
 
 
+def test_a_large_function_is_let_go_on_the_workers_after_its_map(client):
+    # Each dask map's function has a key of its own (never asked for again), but the
+    # workers kept it rebuilt, with what it captured, after the map: a closure over
+    # 150 MB left each worker 150 MB larger (up to 256 MB of such functions each).
+    import time
+
+    func = functools.partial(dh.plus_length, bytes(4 << 20))
+    assert adaptive_map(func, range(100), backend="dask", client=client,
+                        chunksize=5) == [x + (4 << 20) for x in range(100)]
+    deadline = time.monotonic() + 10  # let go without waiting: give it a moment
+    while True:
+        held = client.run(dh.largest_function_held)
+        if max(held.values()) < (1 << 20) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert max(held.values()) < (1 << 20), held
+
+
+def test_large_items_reach_the_cluster_without_dask_warnings(client):
+    # A chunk's items went inside its task, through the scheduler: chunks of 12 MiB
+    # raised dask's "Sending large graph of size 12.00 MiB" UserWarning, whose advice
+    # ("load the data with Dask directly") is not the user's to follow; under -W error
+    # the map raised ClusterError where the loop returned every result.
+    import time
+    import warnings
+
+    items = [bytes([i]) * (1 << 20) for i in range(36)]
+    pf = parallelize(dh.first_and_length, backend="dask", client=client, chunksize=12)
+    pf.map(items[:3])  # features cached: every item goes to the cluster
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert pf.map(items) == [(i, 1 << 20) for i in range(36)]
+    assert pf.last_report.plan.mode == "distributed"
+    deadline = time.monotonic() + 10  # and nothing of the map stays on the workers
+    while any(client.has_what().values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(client.has_what().values()), client.has_what()
+
+
 def test_imap_streams_an_endless_source_with_bounded_reading(client):
     read = []
 
@@ -276,6 +339,22 @@ def test_a_map_inside_a_dask_task_runs_serially(cluster, client):
     assert [g[0] for g in got] == [sum(x * x for x in range(n)) for n in (5, 6, 7)]
     on_cluster = [g for g in got if g[2] != os.getpid()]
     assert on_cluster and all(g[1] == "serial" for g in on_cluster)
+
+
+def test_the_report_counts_the_bytes_sent_to_the_cluster(client):
+    # RunReport.bytes_sent: "pickled bytes handed to worker processes (items, and the
+    # function once per worker that needed it)". A dask map reported 0, while the
+    # same map on loky reported the function's and the items' bytes.
+    big = b"x" * 200_000
+    pf = parallelize(functools.partial(dh.slow_value, (big,)), backend="dask",
+                     client=client, chunksize=5)
+    pf.map(range(5))  # features cached: every item goes to the cluster
+    assert pf.map(range(100)) == [big] * 100
+    report = pf.last_report
+    assert report.plan.mode == "distributed"
+    # The function (with its 200 kB) to both workers, and 20 chunks of items.
+    assert report.bytes_sent >= 2 * len(big), report.bytes_sent
+    assert report.bytes_sent < 20 * len(big), report.bytes_sent
 
 
 # --- planning -----------------------------------------------------------------------
@@ -494,6 +573,57 @@ def test_max_workers_caps_the_tasks_running_at_once_on_the_cluster(client, tmp_p
     pf = parallelize(func, backend="dask", client=client, chunksize=1)
     assert pf.map(range(12)) == list(range(12))
     assert h.most_overlapping(log) == 2  # without the cap, both workers at once
+
+
+SCRIPT_PICKLES_ITS_CLASS = """
+import dataclasses, pickle, sys, time
+from adaptive_exec import parallelize
+
+@dataclasses.dataclass
+class Point:
+    x: int
+
+def roundtrip(x):
+    t = time.perf_counter()
+    while time.perf_counter() - t < 0.0005:
+        pass
+    return pickle.loads(pickle.dumps(Point(x))).x
+
+if __name__ == "__main__":
+    from distributed import Client, LocalCluster
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, \\
+            Client(cluster, set_as_default=False) as client:
+        pf = parallelize(roundtrip, backend="dask", client=client, chunksize=4)
+        try:
+            got = pf.map(range(400))
+        except Exception as exc:
+            print("raised", type(exc).__name__, exc)
+        else:
+            print(got == list(range(400)), pf.last_report.plan.mode)
+"""
+
+
+@pytest.mark.parametrize("how", ["file", "command"])
+def test_a_script_that_pickles_its_own_class_in_an_item_runs_on_a_cluster(tmp_path, how):
+    # pickle.dumps(Point(x)) of the script's dataclass, in the mapped function of the
+    # script: the loop and the loky pool return every result (a pool worker's __main__
+    # holds the script's names while a chunk runs); on a dask worker it raised
+    # PicklingError at the first item sent there: "not the same object as
+    # __main__.Point" (a script run from its file, which spawned workers import), or
+    # "attribute lookup Point on __main__ failed" (python -c, or a remote worker).
+    pytest.importorskip("distributed", reason=NO_DASK)
+    script = tmp_path / "pickles_its_class.py"
+    script.write_text(SCRIPT_PICKLES_ITS_CLASS)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(dask_backend.__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [os.path.dirname(root), os.environ.get("PYTHONPATH", "")])}
+    cmd = ([sys.executable, str(script)] if how == "file" else
+           [sys.executable, "-c", f"exec(open({str(script)!r}).read())"])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env,
+                          cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[-2] == "True distributed", proc.stdout[-2000:]
 
 
 def test_the_initializer_runs_once_in_each_cluster_worker(client, cluster, tmp_path):

@@ -43,7 +43,17 @@ from typing import Any, Optional
 from .. import cache
 from ..errors import ClusterError, MissingDependencyError, WorkerCrashedError
 from ..records import Calibration
-from ..worker import ChunkResult, FunctionRef, bytes_of, decode, dumps, noop, run_chunk
+from ..worker import (
+    ChunkResult,
+    FunctionRef,
+    bytes_of,
+    decode,
+    dumps,
+    forget_function,
+    noop,
+    run_chunk,
+    this_process,
+)
 
 logger = logging.getLogger("adaptive_exec")
 
@@ -74,6 +84,12 @@ UNMEASURED = Calibration(0.0, 1.7e-3, 1e-8, 1,
 # Asking the scheduler for its threads is a round trip (1-10 ms measured here); a serial
 # run re-plans between chunks as short as 20 ms, so a count this recent is reused.
 _THREADS_FRESH_S = 1.0
+# A chunk's pickled items at least this large are scattered to a worker first, not
+# sent inside the task (dask warns of a "large graph" from 10 MB on). A judgement.
+SCATTER_ITEMS_MIN_BYTES = 1 << 20
+# A map's function at least this large (with what it captured) is let go on the
+# workers at the map's end (DaskTarget.close); smaller ones go with the bound on count.
+FORGET_MIN_BYTES = 1 << 20
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]", "0.0.0.0")
 
 
@@ -149,7 +165,8 @@ class _State:
         self.lock = threading.Lock()  # guards clients and calibrations
         self.clients: dict[str, Any] = {}
         self.calibrations: dict[str, Calibration] = {}
-        self.threads: dict[str, tuple[int, float]] = {}  # client id -> (count, when)
+        # client id -> (workers, threads, when)
+        self.threads: dict[str, tuple[int, int, float]] = {}
         # Held while a cluster is measured, so that two threads starting maps at once
         # measure it once (the measurement is ~50 ms; the other thread waits for it).
         self.measuring = threading.Lock()
@@ -236,15 +253,25 @@ def address(client: Any) -> str:
 def n_threads(client: Any) -> int:
     """Worker threads of the whole cluster, as the scheduler knew them at most
     _THREADS_FRESH_S ago."""
+    return _workers_and_threads(client)[1]
+
+
+def n_workers(client: Any) -> int:
+    """Worker processes of the cluster, as fresh as ``n_threads``."""
+    return _workers_and_threads(client)[0]
+
+
+def _workers_and_threads(client: Any) -> tuple[int, int]:
     now = time.monotonic()
     with _state.lock:
         seen = _state.threads.get(client.id)
-    if seen is not None and now - seen[1] < _THREADS_FRESH_S:
-        return seen[0]
-    count = int(sum(client.nthreads().values()))
+    if seen is not None and now - seen[2] < _THREADS_FRESH_S:
+        return seen[0], seen[1]
+    threads = client.nthreads()
+    workers, count = len(threads), int(sum(threads.values()))
     with _state.lock:
-        _state.threads[client.id] = (count, now)
-    return count
+        _state.threads[client.id] = (workers, count, now)
+    return workers, count
 
 
 def cluster_key(scheduler_address: str) -> str:
@@ -406,13 +433,19 @@ class DaskTarget:
         # function of another map whose fingerprint happens to match.
         # The caller's working directory and sys.path stay here: a cluster's workers
         # serve others and may run on other machines.
+        # A worker that is a thread of this process (processes=False) leaves this
+        # process's modules as they are (FunctionRef.home).
         self.ref = dataclasses.replace(ref.without_context(),
-                                       key=f"{ref.key}-{uuid.uuid4().hex}")
+                                       key=f"{ref.key}-{uuid.uuid4().hex}",
+                                       home=this_process())
         self.star = star
         self.ref_future: Any = None
         # Set on dask's callback thread when a task was dropped: the function's copies
         # may have died with their workers, so the next chunk sends it again.
         self.dropped = threading.Event()
+        # Pickled bytes handed to the cluster's workers (RunReport.bytes_sent): the
+        # function once per worker it was broadcast to, and each chunk's items.
+        self.bytes_sent = 0
 
     def open(self, n_workers: int) -> tuple[Any, None]:
         if not self.client.nthreads():
@@ -457,6 +490,9 @@ class DaskTarget:
         if old is not None:
             old.release()
         self.ref_future = self.client.scatter(self.ref, broadcast=True, hash=False)
+        # (Broadcast: one copy to each worker; their count was read, a moment ago, by
+        # open's check or the plan's, so this is no round trip of its own.)
+        self.bytes_sent += self.ref.size() * max(n_workers(self.client), 1)
 
     def submit(self, executor: Any, chunk: list[Any], start: int, full: bool = False
                ) -> cf.Future:
@@ -467,8 +503,17 @@ class DaskTarget:
                 # empty): dask cannot recompute scattered data, so it goes out again.
                 self.dropped.clear()
                 self._send_function()
-            dask_future = executor.submit(run_chunk, self.ref_future, start, payload,
+            items: Any = payload
+            if len(payload) >= SCATTER_ITEMS_MIN_BYTES:
+                # Straight to a worker, not inside the task through the scheduler: 60
+                # items of 2 MiB gave dask's "Sending large graph of size 30.00 MiB"
+                # UserWarning five times a map (its advice is not the user's to
+                # follow), and under -W error the map raised ClusterError where the
+                # loop ran. The task depends on it; it is freed with the task.
+                items = executor.scatter(payload, hash=False)
+            dask_future = executor.submit(run_chunk, self.ref_future, start, items,
                                           self.star, pure=False, retries=RETRIES)
+            self.bytes_sent += len(payload)
         except Exception as exc:  # the client closed, the scheduler is gone...
             # A closed client fails inside dask ("'NoneType' object has no attribute
             # 'scatter'"): said as what happened.
@@ -493,6 +538,18 @@ class DaskTarget:
         ref_future, self.ref_future = self.ref_future, None
         if ref_future is not None:
             ref_future.release()
+            # And the function as each worker rebuilt it (worker._FUNCTIONS), with what
+            # it captured: its key is this map's own, never asked for again. Where that
+            # is large: the message costs a round trip to the scheduler (~1.7 ms here,
+            # 2.5% of a small map), for a few kB that the count bound frees anyway.
+            # (Not after Ctrl-C, nor with the scheduler unreachable: a reconnecting
+            # client would hold the map's end for its connect time-out.)
+            if (self.ref.size() >= FORGET_MIN_BYTES and not interrupted
+                    and _usable(self.client)):
+                try:
+                    self.client.run(forget_function, self.ref.key, wait=False)
+                except Exception as exc:  # the cluster is gone: nothing to free there
+                    logger.debug("freeing a map's function on the workers: %r", exc)
 
 
 def _settle(bridge: _Bridge, start: int, n: int, dropped: threading.Event,
