@@ -454,7 +454,8 @@ def _grows_in_place(executor: Any, path: str) -> bool:
         path = starts.TEMPLATE
     if path != _state.path or not all(
             hasattr(executor, name) for name in
-            ("_max_workers", "_processes_management_lock", "_adjust_process_count")):
+            ("_max_workers", "_processes_management_lock", "_adjust_process_count",
+             "_shutdown_lock")):
         return False
     if path == starts.TEMPLATE:
         return starts.template_pid() == _state.parent
@@ -466,8 +467,16 @@ def _spawn_missing(executor: Any) -> None:
     thread spawns on each path). One that cannot be started (the template died since)
     ends the pool: the map then sends its chunks to a new one (PoolGone)."""
     try:
-        with executor._processes_management_lock:
-            executor._adjust_process_count()
+        # Under the pool's shutdown lock, as loky's own submit spawns: a shutdown (ours,
+        # on Ctrl-C or at exit; a replacement's) then waits for the spawn and ends the new
+        # workers with the others. Spawned after it, a worker was handed the pool's call
+        # queue as loky had just dropped it (a traceback on stderr, a process started for
+        # a pool that was gone).
+        with executor._shutdown_lock:
+            if _is_broken(executor):
+                return
+            with executor._processes_management_lock:
+                executor._adjust_process_count()
     except Exception:
         with _state.lock:
             if _state.executor is executor:
