@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import numbers
 import operator
-import os
 import textwrap
 import threading
 import time
@@ -407,6 +406,8 @@ class ParallelFunction(Generic[P, R]):
                  plan_only: bool = False) -> MapRun:
         # Options read from the environment are checked before any item runs.
         system.env_max_memory()
+        system.disabled()
+        system.env_flag(ENV_PROGRESS)
         try:
             it = iter(items)
         except TypeError:
@@ -425,7 +426,7 @@ class ParallelFunction(Generic[P, R]):
              ) -> Iterator[list[Any]]:
         run = self._map_run(items, star=star, ordered=ordered, name=name)
         batches: Iterator[list[Any]] = iter(run)
-        if self._options.progress or os.environ.get(ENV_PROGRESS, "") not in ("", "0"):
+        if self._options.progress or system.env_flag(ENV_PROGRESS):
             batches = _with_progress(batches, run, name)
         return batches
 

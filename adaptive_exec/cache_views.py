@@ -165,6 +165,9 @@ def print_list() -> int:
     here = cache.machine_id()
     entries = cache.list_entries()
     if not entries:
+        why = _unreadable()  # (a file that cannot be read is not an empty cache)
+        if why is not None:
+            raise OSError(why)  # the command line's "cannot read the cache" (exit status 1)
         print(f"the cache is empty ({cache.path()})")
         return 0
     print(f"{'fingerprint':12}  {'hits':>6}  {'runs':>4}  {'per item':>9}  "

@@ -133,8 +133,29 @@ def available_memory() -> Optional[int]:
     return int(psutil.virtual_memory().available)
 
 
+_FLAG_OFF = ("", "0", "false", "no", "off")
+_FLAG_ON = ("1", "true", "yes", "on")
+
+
+def env_flag(name: str) -> bool:
+    """An on/off environment variable: 1/true/yes/on (any non-zero integer too) or
+    0/false/no/off (or unset); a ValueError naming it for anything else. (Only "" and
+    "0" were off: ADAPTIVE_EXEC_PROGRESS=false drew a bar.)"""
+    text = os.environ.get(name, "").strip().lower()
+    if text in _FLAG_OFF:
+        return False
+    if text in _FLAG_ON:
+        return True
+    try:
+        return int(text) != 0
+    except ValueError:
+        msg = (f"{name} must be 1 (or true, yes, on) or 0 (or false, no, off), "
+               f"got {os.environ.get(name)!r}")
+        raise ValueError(msg) from None
+
+
 def disabled() -> bool:
-    return os.environ.get(ENV_DISABLE, "").strip() not in ("", "0")
+    return env_flag(ENV_DISABLE)
 
 
 def in_worker() -> bool:

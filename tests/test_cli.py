@@ -283,3 +283,14 @@ def test_the_demo_names_the_items_that_ran(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "== heavy: ~20 ms of CPU x 30 items" in proc.stdout, proc.stdout
     assert "same results" in proc.stdout
+
+
+def test_cache_list_of_a_cache_that_cannot_be_read_is_not_empty(tmp_path):
+    # It said "the cache is empty" with exit status 0, where show says it cannot read it.
+    (tmp_path / "unreadable" / cache.FILENAME).mkdir(parents=True)
+    proc = aex("cache", "list", cache_dir=tmp_path / "unreadable")
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "cannot read the cache" in proc.stderr
+    assert "empty" not in proc.stdout
+    fresh = aex("cache", "list", cache_dir=tmp_path / "none")  # no file yet: empty, 0
+    assert fresh.returncode == 0 and "empty" in fresh.stdout

@@ -306,3 +306,30 @@ def test_parallelize_below_classmethod_says_where_it_goes():
             @classmethod
             def run(cls, x):
                 return x
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("value", ["false", "no", "off", "False", " 0 "])
+def test_progress_variable_set_to_a_word_for_off_draws_no_bar(monkeypatch, capsys, value):
+    # Only "" and "0" were off: ADAPTIVE_EXEC_PROGRESS=false drew a bar on stderr.
+    monkeypatch.setenv("ADAPTIVE_EXEC_PROGRESS", value)
+    assert adaptive_map(h.square, range(20), backend="serial") == [x * x for x in range(20)]
+    assert "item/s" not in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", ["ADAPTIVE_EXEC_PROGRESS", "ADAPTIVE_EXEC_DISABLE"])
+def test_on_off_variables_refuse_other_values_before_any_item(monkeypatch, name):
+    monkeypatch.setenv(name, "maybe")
+    calls = []
+    with pytest.raises(ValueError, match=f"{name} must be 1 .* or 0"):
+        adaptive_map(calls.append, range(20), backend="serial")
+    assert calls == []
+
+
+@pytest.mark.timeout(60)
+def test_disable_variable_set_to_false_leaves_the_map_adaptive(monkeypatch):
+    monkeypatch.setenv("ADAPTIVE_EXEC_DISABLE", "false")
+    pf = parallelize(h.square)
+    assert pf.map(range(20)) == [x * x for x in range(20)]
+    assert "ADAPTIVE_EXEC_DISABLE" not in pf.last_report.plan.reason
