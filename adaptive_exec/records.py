@@ -338,7 +338,9 @@ class RunReport:
         if plan.mode == "serial":
             head = "serial in the caller"
         elif plan.mode == "distributed":
-            head = (f"dask cluster, {fmt_count(plan.n_workers, 'task', 'tasks')} in flight, "
+            # Its threads, as explain() says: up to two chunks per thread are in flight
+            # (dispatch.IN_FLIGHT_PER_WORKER), so "2 tasks in flight" was half of them.
+            head = (f"dask cluster, {fmt_count(plan.n_workers, 'thread', 'threads')}, "
                     f"chunks of {plan.chunksize:,}")
         elif plan.mode == "threads":
             head = (f"{fmt_count(plan.n_workers, 'thread', 'threads')}, "

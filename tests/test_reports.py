@@ -104,7 +104,15 @@ def test_a_dask_map_reads_as_the_cluster():
         pf = parallelize(work, client=client)
         assert pf.map(range(40)) == list(range(40))
     line = str(pf.last_report)
-    assert re.match(r"dask cluster, \d+ tasks? in flight, chunks of \d+, 40 items in ", line), line
+    assert re.match(r"dask cluster, \d+ threads?, chunks of \d+, 40 items in ", line), line
+
+
+def test_a_dask_report_counts_threads_not_tasks_in_flight():
+    # Two chunks per cluster thread are in flight (README: "two per worker thread in
+    # flight"); the line said "2 tasks in flight" for a 2-thread cluster holding 4.
+    plan = Plan("distributed", 2, 10, 1.0, 0.5, 2.0, "why", False, {"n_samples": 3})
+    line = str(RunReport(plan, 0.4, 40, 3, False))
+    assert line.startswith("dask cluster, 2 threads, chunks of 10, 40 items in "), line
 
 
 # --- explain() and the reasons: people's units, one number per quantity --------------------
