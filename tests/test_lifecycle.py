@@ -188,7 +188,9 @@ def check_parent_pool_untouched(parent_workers):
     assert sorted(loky_backend.worker_pids()) == sorted(parent_workers)
     pf = parallelize(h.heavy, backend="loky")
     assert pf.map(range(20)) == [x * 3 for x in range(20)]
-    assert sorted(loky_backend.worker_pids()) == sorted(parent_workers)  # the same pool
+    # The same pool: its workers still serve (one planned narrower under load, then
+    # wider, has grown by a worker on the template and exec paths).
+    assert set(parent_workers) <= set(loky_backend.worker_pids())
 
 
 def use_the_pool():
@@ -790,7 +792,7 @@ if pid == 0:
     sys.exit(0)  # a normal exit: the atexit hooks run, ours and multiprocessing's
 os.waitpid(pid, 0)
 print(pf.map(range(20)) == [x * 3 for x in range(20)],
-      sorted(loky_backend.worker_pids()) == sorted(workers), flush=True)
+      set(workers) <= set(loky_backend.worker_pids()), flush=True)
 """
 
 
