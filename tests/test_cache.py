@@ -574,8 +574,11 @@ def test_second_run_in_a_fresh_process_plans_from_the_cache(tmp_path):
     assert entry.qualname == "work" and entry.features.mean_s >= 0.0015
     # The third run's items cost 10x what was planned: its record would teach the
     # parallel correction an error that the refreshed mean already fixes, so it is not
-    # kept (api.py); the other three are.
-    assert len(entry.runs) == 3 and entry.hits == 3
+    # kept (api.py); the others are, but for one that a busy core put as far off its
+    # plan (the second, beside a busy core: 2 records kept of 3).
+    kept = [run.n_items for run in entry.runs]
+    assert 60 not in kept and 20 in kept and 200 in kept, entry.runs
+    assert entry.hits == 3
 
 
 def test_observed_time_replaces_the_cached_one_beyond_2x_and_is_followed_half_way_below():
