@@ -827,6 +827,14 @@ pf = parallelize(sq, backend="loky", max_workers=1, chunksize=1)
 assert pf.map(range(8)) == [x * x for x in range(8)]
 executor = lb._get(1)[0]
 assert lb.pool_size() == 1
+# The pool's first worker up, and the helper that spawns it gone: else that spawn, slow
+# on a loaded machine, could be the one the shutdown lands in, and the growth then come
+# after the shutdown, and rightly start a new pool (its 2 workers "left": a CI failure).
+assert executor.submit(sq, 3).result(timeout=30) == 9
+for thread in threading.enumerate():
+    if thread.name == "adaptive_exec-start":
+        thread.join(30)
+        assert not thread.is_alive()
 in_spawn = threading.Event()
 context = executor._context
 
@@ -835,7 +843,8 @@ class SlowContext:  # a spawn that takes a while (a loaded machine, a large call
         return getattr(context, name)
 
     def Process(self, *args, **kwargs):
-        in_spawn.set()
+        if threading.current_thread() is grower:
+            in_spawn.set()
         time.sleep(0.5)
         return context.Process(*args, **kwargs)
 
@@ -846,6 +855,7 @@ assert in_spawn.wait(10)
 lb.shutdown()  # meanwhile: Ctrl-C, a test's teardown, the exit hook
 grower.join(20)
 assert not grower.is_alive()
+assert lb._state.executor is None  # the growth came before the shutdown, as meant
 template = starts.template_pid()
 
 def workers():
