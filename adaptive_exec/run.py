@@ -659,7 +659,7 @@ class MapRun:
         parallel plan sends the rest after them; otherwise their results are collected
         first, and the rest runs as planned."""
         n_left = self.n_items - self.n_sampled - sent.n_items if self.n_exact else None
-        if plan.mode == "parallel":
+        if plan.mode == "parallel" and not self._changed_since_sent(sent):
             yield from self._parallel(plan, self.n_sampled, n_left, sent)
             return
         collect = dataclasses.replace(plan, mode="parallel", n_workers=sent.n_workers,
@@ -683,6 +683,23 @@ class MapRun:
         self.source = rest
         self.ran = ran
         yield from self._parallel(plan, self.n_done, n_left)
+
+    def _changed_since_sent(self, sent: SentAhead) -> bool:
+        """Did the caller's sampled calls change what the function reads (a global
+        rebound, a captured dict filled, a context variable set) since the watch pickled
+        it for the items sent ahead? Then the rest must not go out with that copy: the
+        items not yet sent get the function as the caller has it now, as in a map with
+        no items sent ahead (a first call that set LEVEL = 7 had every later item read
+        LEVEL = 0 in the workers, where the loop, and the same map with a short first
+        call, read 7). The items sent ahead ran before the change: nothing runs twice."""
+        try:
+            now = worker.with_context(worker.with_initializer(
+                self.func, self.options.initializer, self.options.initargs),
+                worker.context_blob())
+        except Exception:
+            return False  # cannot be pickled now: the parallel run finds out and says so
+        was = sent.target.ref
+        return now.key != was.key or now.context_key != was.context_key
 
     def _serial_beside(self, sent: SentAhead, collect: Plan, ran: str
                        ) -> Iterator[list[Any]]:

@@ -381,3 +381,36 @@ def test_a_remembered_map_of_more_rounds_runs_its_odd_item_beside_the_last_ones(
     me = os.getpid()
     assert log[6][0] == me and all(log[i][0] != me for i in range(6)), log
     assert log[6][1] < max(log[i][2] for i in range(6)), log  # beside them, not after
+
+
+_LEVEL = 0
+
+
+def _sets_level_on_first(x, first_s):
+    """Item 0 runs long, then rebinds a module global the later items read."""
+    global _LEVEL
+    h.spin(first_s if x == 0 else 0.004)
+    if x == 0:
+        _LEVEL = 7
+    return x, _LEVEL
+
+
+def test_items_not_sent_ahead_see_what_the_first_call_changed():
+    # The loop's items 1.. read _LEVEL == 7. Those sent to workers while item 0 still ran
+    # could not (it was not set yet); every later one must: they went out with the copy
+    # of the function pickled while item 0 ran (300 of 300 read 0, where the same map
+    # with a short first call gave the loop's results).
+    global _LEVEL
+    first_s = 1.2 if os.environ.get("ADAPTIVE_EXEC_START") == "exec" else 0.6
+    n = 300
+    pf = parallelize(functools.partial(_sets_level_on_first, first_s=first_s),
+                     backend="loky", cache=False)
+    _LEVEL = 0
+    got = pf.map(range(n))
+    assert [x for x, _ in got] == list(range(n))
+    reason = pf.last_report.plan.reason
+    sent = re.search(r"items? (\d+)(?:-(\d+))? went to the pool", reason)
+    assert sent is not None, reason  # (the mechanics under test: items went ahead)
+    last_ahead = int(sent.group(2) or sent.group(1))
+    stale = [x for x, level in got if level != 7]
+    assert all(x <= last_ahead for x in stale), (stale, reason)
