@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import sys
 import threading
 
@@ -101,22 +102,43 @@ def test_a_pool_run_of_a_function_with_threads_of_its_own_teaches_its_workers_ti
     # Calls of ~30-60 ms: the CPU of the spinning threads is read over enough time
     # even on a crowded machine (calls of ~15 ms read 0.2 beside two test suites).
     big, small = [24 << 20] * 30, [3 << 20] * 30
-    ratios, funcs = {}, {}
-    for capped in (True, False):
-        funcs[capped] = func = functools.partial(h.blas_like, capped=capped)
-        pool = parallelize(func, backend="loky")
-        assert pool.map(big) == [3 * s for s in big]  # sampled here, then the pool
-        planned = pool.last_report.plan
-        assert planned.mode == "parallel"
-        assert planned.features["threads_cpu"] > OWN_THREADS_MIN, planned.features
-        assert planned.features["worker_ratio"] is None
-        entry = cache.lookup(fingerprint(func))
-        assert entry is not None and entry.features.worker_ratio is not None
-        assert entry.features.mean_s == planned.features["mean_s"]  # not the pool's
-        assert entry.runs and entry.runs[-1].mode == "parallel"
-        ratios[capped] = entry.features.worker_ratio
+    funcs = {capped: functools.partial(h.blas_like, capped=capped)
+             for capped in (True, False)}
+
+    def measured_ratios(order):
+        # A sample beside a burst of other work can read the spinning threads below
+        # OWN_THREADS_MIN (no ratio is learnt then): sampled again, up to 3 times.
+        for _ in range(3):
+            cache.clear()  # each attempt sampled here afresh, not planned from the last
+            ratios = {}
+            for capped in order:
+                pool = parallelize(funcs[capped], backend="loky")
+                assert pool.map(big) == [3 * s for s in big]  # sampled here, then the pool
+                planned = pool.last_report.plan
+                assert planned.mode == "parallel"
+                if planned.features["threads_cpu"] <= OWN_THREADS_MIN:
+                    break
+                assert planned.features["worker_ratio"] is None
+                entry = cache.lookup(fingerprint(funcs[capped]))
+                assert entry is not None and entry.features.worker_ratio is not None
+                assert entry.features.mean_s == planned.features["mean_s"]  # not the pool's
+                assert entry.runs and entry.runs[-1].mode == "parallel"
+                ratios[capped] = entry.features.worker_ratio
+            else:
+                return ratios
+        raise AssertionError(f"own threads not seen in 3 samples: {planned.features}")
+
     # The uncapped threads contend with the other worker's: their wall time says so.
-    assert ratios[True] < 0.8 * ratios[False], ratios
+    # Each ratio is two timings seconds apart, and one burst of the CI's other work
+    # moves one by 2x: a single comparison failed now and then beside the forced-path
+    # runs. It also passed half the time on a worker time of CPU seconds (no contention
+    # seen: the bug), the function measured first reading lower than the other (x0.3-0.9
+    # of it). So four attempts, each function first in two, judged together (geometric
+    # mean): x0.2-0.4 measured, 0.8 the bound; x0.6-1.2 on CPU seconds.
+    attempts = [measured_ratios(order)
+                for order in ((True, False), (False, True)) * 2]
+    together = math.prod(r[True] / r[False] for r in attempts) ** (1 / len(attempts))
+    assert together < 0.8, attempts
     assert "an item's time in a worker, over here" in parallelize(funcs[True]).plan(
         big).explain()
     # Other inputs, on the pool alone: the caller's time follows them through the ratio

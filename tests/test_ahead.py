@@ -172,6 +172,17 @@ def test_a_serial_rest_that_moves_to_the_pool_is_reported_so(tmp_path):
     # loop finds later items dear and hands the rest to the pool: the report said "the
     # rest in the caller" while plan.reason said it switched to parallel.
     path, pf = _table_sent_ahead(tmp_path, dear_from=40, dear_cost=0.02)
+    # A warm pool (its workers without the table): whether the rest moves must not hang
+    # on how long loky's start takes. Started cold, on the exec path beside the CI's
+    # suites, its workers were not up when the dear items came, and a start-up this
+    # process had measured under that load (seconds) outweighed the 2.4 s left of the
+    # rest at every re-plan: it stayed in the caller, rightly (reproduced with workers
+    # whose interpreter start sleeps 1.5 s and a start-up of 2.5 s recorded).
+    from adaptive_exec.backends import loky as loky_backend
+
+    warm = parallelize(h.heavy, backend="loky", cache=False)
+    assert warm.map(range(8)) == [3 * x for x in range(8)]
+    assert loky_backend.is_warm(1), warm.last_report
     n = 160
     assert pf.map(range(n)) == [x + 1 for x in range(n)]
     report = pf.last_report

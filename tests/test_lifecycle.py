@@ -1201,12 +1201,24 @@ for _ in range(5):  # a warm pool (beside busy processes a map may be planned se
         break
 else:
     raise SystemExit("no pool after 5 maps: " + str(pf.last_report))
+# A pool at rest first: the first map's end queues the overhead probe (16 no-ops and a
+# 2 MB result, written into the pipe in pieces by a worker), still under way when the map
+# returns. The message below, written in the middle of that result (beside busy
+# processes that write spans many reads), made it unreadable: loky ended the pool and its
+# manager thread ("A result has failed to un-serialize", reproduced with that thread's
+# reads slowed and the message sent 5 ms after the no-ops), which the wait below then
+# never saw in our read: CI's "never read the half message".
+deadline = time.monotonic() + 30
+while loky_backend._state.overhead_probe is not None:
+    if time.monotonic() > deadline:
+        raise SystemExit("the overhead probe never ended")
+    time.sleep(0.01)
 # What a worker killed halfway through writing a result leaves: a message whose header
 # promises more than ever comes. loky's manager thread reads it for ever, and sees no
 # worker's death meanwhile; then a worker dies (the OOM killer).
 executor._result_queue._writer._send(struct.pack("!i", 2**31 - 1) + b"half")
 manager = executor._executor_manager_thread
-deadline = time.monotonic() + 10
+deadline = time.monotonic() + 30
 while time.monotonic() < deadline:
     f = sys._current_frames().get(manager.ident)
     names = []
@@ -1236,7 +1248,7 @@ def test_a_pool_whose_manager_thread_is_stuck_on_a_half_result_is_replaced(tmp_p
         pytest.skip("fork: Linux")
     script = tmp_path / "child.py"
     script.write_text(STUCK_MANAGER_CHILD.format(tests=TESTS))
-    assert _run_to_its_end(script, path, timeout=60).split() == ["True"]
+    assert _run_to_its_end(script, path, timeout=90).split() == ["True"]
 
 
 @posix_only
