@@ -2703,3 +2703,40 @@ def test_a_context_variable_that_cannot_be_pickled_stays_a_forked_worker_s_own(t
         print(pf.last_report.plan.mode, *sorted(set().union(*kinds)))
     """, env={starts.ENV_START: starts.FORK})
     assert out.split()[-2:] == ["parallel", "lock"], out
+
+
+def test_an_imap_closed_early_in_one_thread_never_breaks_another_threads_map():
+    # Found by a hunting helper: one thread leaving an imap early ends the pool's
+    # workers (nothing runs on unwatched); another thread's map that was starting a pool
+    # (or recovering onto a new one) at that moment sent its start-up pings to the pool
+    # just ended, and loky's ShutdownExecutorError came out of that map (2-4 of 30 maps),
+    # where the loop returned.
+    from adaptive_exec import system
+
+    system.fake_readings(others=0.0)
+    failures: list[BaseException] = []
+
+    def closer():
+        for i in range(80):
+            it = parallelize(h.square, backend="loky").imap(range(i % 20))
+            next(it, None)
+            it.close()
+
+    def mapper():
+        for i in range(80):
+            try:
+                got = parallelize(h.square, backend="loky").map(range(i % 20))
+                assert got == [x * x for x in range(i % 20)]
+            except BaseException as exc:  # noqa: BLE001 - any is the failure
+                failures.append(exc)
+
+    try:
+        threads = [threading.Thread(target=closer), threading.Thread(target=mapper)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads)
+        assert failures == []
+    finally:
+        system.fake_readings()

@@ -1344,6 +1344,15 @@ class StartupProbe:
                     fut = executor.submit(ping, 0.005)
                 except RuntimeError as exc:
                     if not system.shutting_down():
+                        if is_gone(executor):
+                            # Another thread's map ended this pool between its making
+                            # and these pings (an imap of its closed early, a time-out,
+                            # Ctrl-C): loky's ShutdownExecutorError came out of this
+                            # map, where the loop returned. No worker will answer: the
+                            # map sends its chunks, finds the pool gone (PoolGone) and
+                            # takes the current one.
+                            self.first.set()
+                            return
                         raise
                     # The interpreter began to end since the pool was made: loky started
                     # its manager thread but could not register its exit hook. Told to
