@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import functools
 import logging
 import os
 import random
@@ -101,6 +102,99 @@ def forced_serial(options: Options) -> Optional[str]:
         return ("inside a daemonic process (a multiprocessing.Pool worker), which may "
                 "not start processes of its own")
     return None
+
+
+def feeds_own_input(func: Callable[..., Any], items: Any) -> Optional[str]:
+    """Why a map of ``func`` over the list ``items`` must run in the caller: the
+    function reaches that very list (through a global it or a function it calls reads,
+    a captured variable, a default, a partial's argument, its object's attribute) and
+    its code may grow a list (``append``, ``extend``, ``insert``, ``+=``), as a crawler
+    grows its queue; the loop walks on over what it adds. In a worker it appended to a
+    copy: 48 results of the loop's 334, silently (found by a hunting helper). None for
+    any other input or function: one that only reads the list it is mapped over
+    (``x / max(xs)``) keeps the pool."""
+    if not isinstance(items, list):
+        return None
+    found: list[types.CodeType] = []
+    try:
+        reached = _reaches(func, items, _REACH_DEPTH, set(), found)
+        grows = reached and any(_may_grow(code) for code in found)
+    except Exception:  # noqa: BLE001 - an object that resists looking: not found
+        grows = False
+    if not grows:
+        return None
+    return ("the function reaches the list it is mapped over and may append to it, as "
+            "a crawler does: the loop walks on over what it adds, which a worker's copy "
+            "of the list would keep")
+
+
+_REACH_DEPTH = 4  # the function, a helper it calls, an object, its attribute
+_GROWING_NAMES = frozenset({"append", "extend", "insert", "__iadd__"})
+
+
+def _may_grow(code: types.CodeType) -> bool:
+    """Could ``code`` grow a list: a call of a growing method, or an in-place operator
+    (``queue += found``, ``queue *= 2``)?"""
+    if _GROWING_NAMES.intersection(code.co_names):
+        return True
+    import dis
+
+    return any(ins.opname.startswith("INPLACE_")
+               or (ins.opname == "BINARY_OP" and ins.argrepr.endswith("="))
+               for ins in dis.get_instructions(code))
+
+
+def _reaches(obj: Any, target: list[Any], depth: int, seen: set[int],
+             codes_seen: list[types.CodeType]) -> bool:
+    """Does ``obj`` reach the list ``target`` within ``depth`` steps? The code objects
+    of the functions looked into are added to ``codes_seen``."""
+    if obj is target:
+        return True
+    if depth <= 0 or id(obj) in seen:
+        return False
+    seen.add(id(obj))
+    if isinstance(obj, functools.partial):
+        parts: list[Any] = [obj.func, *obj.args, *obj.keywords.values()]
+    elif isinstance(obj, types.MethodType):
+        parts = [obj.__func__, obj.__self__]
+    elif isinstance(obj, types.FunctionType):
+        codes, names = [obj.__code__], set[str]()
+        while codes:
+            code = codes.pop()
+            codes_seen.append(code)
+            names.update(code.co_names)
+            codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+        glob = obj.__globals__
+        parts = [glob[n] for n in names if n in glob]
+        # A module's attribute it reads by name (``state.TODO.append(url)``).
+        # (Over the modules found so far only: extended while read, a module's attribute
+        # that is a module, os.path's os, made the walk endless.)
+        modules = [part for part in parts if isinstance(part, types.ModuleType)]
+        parts.extend(vars(mod)[n] for mod in modules for n in names if n in vars(mod))
+        for cell in obj.__closure__ or ():
+            try:
+                parts.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                pass
+        parts.extend(obj.__defaults__ or ())
+        parts.extend((obj.__kwdefaults__ or {}).values())
+        wrapped = getattr(obj, "__wrapped__", None)
+        if wrapped is not None:
+            parts.append(wrapped)
+    elif isinstance(obj, (type, types.ModuleType, types.BuiltinFunctionType)):
+        return False
+    elif isinstance(obj, (list, tuple, set, frozenset, dict)):
+        return False  # another collection: what it holds is not scanned (its size)
+    else:
+        attrs = getattr(obj, "__dict__", None)
+        parts = list(attrs.values()) if isinstance(attrs, dict) else []
+        call = next((vars(k)["__call__"] for k in type(obj).__mro__
+                     if "__call__" in vars(k)), None)
+        if isinstance(call, types.FunctionType):
+            parts.append(call)
+    # Every part is looked into (not any(), which stops at the first that reaches):
+    # the code that grows the list may be a helper's, found after the list itself.
+    return bool(sum(_reaches(part, target, depth - 1, seen, codes_seen) for part in parts))
 
 
 # Our modules' frames: those whose file is in this package.

@@ -420,7 +420,8 @@ class ParallelFunction(Generic[P, R]):
             self._key = fingerprint(self._func)
         kind = MapKind(star, ordered, partial=name.startswith("imap"), plan_only=plan_only)
         return MapRun(self._func, self._options, self._key, guard(it), known_length(items),
-                      kind, plain_calls=self._calls.take, on_report=self._shared.keep)
+                      kind, plain_calls=self._calls.take, on_report=self._shared.keep,
+                      items=items if isinstance(items, list) else None)
 
     def _run(self, items: Iterable[Any], *, star: bool, ordered: bool, name: str
              ) -> Iterator[list[Any]]:

@@ -111,8 +111,10 @@ class MapRun:
         kind: MapKind,
         plain_calls: Callable[[], list[float]],
         on_report: Callable[[RunReport], None],
+        items: Any = None,
     ):
         self.func = func
+        self.items = items  # the input itself, for the list a crawler appends to
         self.options = options
         self.key = key  # the function's fingerprint: its cache entry
         self.it = it
@@ -236,7 +238,8 @@ class MapRun:
 
     def prepare(self) -> None:
         """Where this map may run, and what is remembered of the function."""
-        self.forced = adapt.forced_serial(self.options) or adapt.reentered()
+        self.forced = (adapt.forced_serial(self.options) or adapt.reentered()
+                       or adapt.feeds_own_input(self.func, self.items))
         # The dask client, when this map may go to a cluster. Known before sampling: no
         # local pool is started ahead, nor local load measured, for a map going there.
         self.client = adapt.dask_client(self.options) if self.forced is None else None

@@ -952,6 +952,40 @@ def crawl(x):
     return x
 
 
+HEAVY_CRAWL = [0]
+
+
+def heavy_crawl(x):
+    """A crawler whose items are worth a pool (5 ms each): each of the first 60 adds
+    two to the list it is mapped over (HEAVY_CRAWL), 121 items in all."""
+    spin(0.005)
+    if x < 60:
+        HEAVY_CRAWL.append(2 * x + 1)
+        HEAVY_CRAWL.append(2 * x + 2)
+    return x
+
+
+INPLACE_CRAWL = [0]
+
+
+def inplace_crawl(x):
+    """heavy_crawl's twin that grows its queue with ``+=``."""
+    global INPLACE_CRAWL
+    spin(0.005)
+    if x < 60:
+        INPLACE_CRAWL += [2 * x + 1, 2 * x + 2]
+    return x
+
+
+SCORES = list(range(1, 41))
+
+
+def share_of_best(x):
+    """Reads the list it is mapped over (its best score), never grows it: 5 ms each."""
+    spin(0.005)
+    return x / max(SCORES)
+
+
 class NamesLikeOurs:
     """A callable whose attributes bear the names of ParallelFunction's own (a model's
     ``self._options``, a lookup table called ``self.map``)."""

@@ -1666,6 +1666,63 @@ def test_a_list_the_function_appends_to_is_walked_to_its_end(how):
         assert got == expected, pf.last_report
 
 
+@pytest.mark.parametrize("backend", ["auto", "loky"])
+@pytest.mark.parametrize("how", ["map", "imap", "imap_unordered"])
+def test_a_list_a_heavy_function_appends_to_is_walked_to_its_end(how, backend):
+    # Items worth a pool: the crawler then ran in workers, which appended to their own
+    # copies of the list, and the map ended where the caller's list did (48 results of
+    # the loop's 334, silently; imap, remembered, 15 of 81; found by a hunting helper).
+    from adaptive_exec import system
+
+    h.HEAVY_CRAWL[:] = [0]
+    expected = [h.heavy_crawl(x) for x in h.HEAVY_CRAWL]
+    assert len(expected) == 121
+    system.fake_readings(others=0.0)  # a quiet machine: the pool is worth it
+    try:
+        pf = parallelize(h.heavy_crawl, backend=backend)
+        for _ in range(2):  # the first map measures; the next one is remembered
+            h.HEAVY_CRAWL[:] = [0]
+            got = list(getattr(pf, how)(h.HEAVY_CRAWL))
+            if how == "imap_unordered":
+                got.sort()
+            assert got == expected, pf.last_report
+    finally:
+        system.fake_readings()
+
+
+def test_a_crawler_that_grows_its_list_in_place_is_walked_to_its_end():
+    h.INPLACE_CRAWL[:] = [0]
+    expected = [h.inplace_crawl(x) for x in h.INPLACE_CRAWL]
+    assert len(expected) == 121
+    from adaptive_exec import system
+
+    system.fake_readings(others=0.0)
+    try:
+        h.INPLACE_CRAWL[:] = [0]
+        assert parallelize(h.inplace_crawl, backend="loky").map(h.INPLACE_CRAWL) == expected
+    finally:
+        system.fake_readings()
+
+
+def test_a_function_that_only_reads_lists_still_gets_the_pool():
+    # The crawler's rule is about the very list mapped over, and code that may grow a
+    # list: one that reads another list, or the very one it is mapped over without
+    # growing any (x / max(xs)), keeps the pool.
+    from adaptive_exec import system
+
+    system.fake_readings(others=0.0)
+    try:
+        items = list(range(40))
+        pf = parallelize(h.heavy, backend="loky")
+        assert pf.map(items) == [x * 3 for x in items]
+        assert pf.last_report.plan.mode == "parallel", pf.last_report
+        pf = parallelize(h.share_of_best, backend="loky")
+        assert pf.map(h.SCORES) == [x / 40 for x in h.SCORES]
+        assert pf.last_report.plan.mode == "parallel", pf.last_report
+    finally:
+        system.fake_readings()
+
+
 # --- 4. errors in the loop's order ---------------------------------------------------
 
 @pytest.mark.parametrize("exc", ["ValueError", "SystemExit", "KeyboardInterrupt",
