@@ -1124,3 +1124,28 @@ def spin_fail_on(x, bad=frozenset()):
     if x in bad:
         raise ValueError(f"bad item {x}")
     return x
+
+
+# A first call that waits for the items behind it to reach workers gives up after this
+# long: a hang bound only, far beyond any start of loky's pool seen under load (~0.3 s
+# quiet; seconds beside the CI's suites, on the exec path with workers slowed 1.5 s).
+WORKERS_BEGAN_WITHIN_S = 30.0
+
+
+def outlasting_the_start(x, func, began, caller, **kwargs):
+    """``func(x, **kwargs)``; in a process other than ``caller`` (a pid: a worker) it
+    first appends a line to the file ``began``. The caller's item 0, the first call,
+    first keeps its CPU busy until that file exists, that is until an item behind it
+    has begun in a worker (at most WORKERS_BEGAN_WITHIN_S): a long first call, whatever
+    loky's start takes on this path and under this load (a fixed length assumed the
+    workers up within it: under load they were not, and nothing went ahead). Busy, not
+    asleep: a call that sleeps reads as one that waits, which threads serve, and
+    nothing is sent ahead of it."""
+    if os.getpid() != caller:
+        with open(began, "a") as f:
+            f.write(f"{x} {os.getpid()}\n")
+    elif x == 0:
+        end = time.perf_counter() + WORKERS_BEGAN_WITHIN_S
+        while not os.path.exists(began) and time.perf_counter() < end:
+            spin(0.002)
+    return func(x, **kwargs)

@@ -46,11 +46,22 @@ def _spinning(tmp_path, seconds):
                              cache=False)
 
 
+def _behind_a_long_first_call(began, func, **kwargs):
+    """``func`` (partial'd with ``kwargs``), whose first call, here, lasts until an item
+    behind it has begun in a worker, then its own cost (h.outlasting_the_start): long
+    enough for the pool to start meanwhile, however long that takes. A fixed length
+    (0.8 s; 1.6 s on the exec path) assumed loky's start (a fresh interpreter per
+    worker, ~0.3 s quiet) done within it: with the workers' interpreter start slowed by
+    1.5 s nothing went ahead. If nothing is ever sent ahead, the first call ends after
+    h.WORKERS_BEGAN_WITHIN_S and the items behind it run after it: the tests fail."""
+    return parallelize(functools.partial(h.outlasting_the_start, func=func,
+                                         began=str(began),
+                                         caller=os.getpid(), **kwargs), cache=False)
+
+
 def test_the_items_behind_a_long_first_call_run_in_workers_meanwhile(tmp_path):
-    # Long enough for the pool to start meanwhile: loky's own start (a fresh interpreter
-    # per worker) took ~0.3 s quiet, and past 0.8 s beside two suites and a busy core.
-    slow_start = os.environ.get("ADAPTIVE_EXEC_START") == "exec"
-    path, pf = _spinning(tmp_path, 1.6 if slow_start else 0.8)
+    path = str(tmp_path / "calls")
+    pf = _behind_a_long_first_call(tmp_path / "began", h.spin_logged, path=path, seconds=0.8)
     assert pf.map(range(3)) == [0, 2, 4]
     log = h.read_spin_log(path)
     me = os.getpid()
@@ -85,8 +96,12 @@ def test_the_items_behind_a_long_first_call_run_in_workers_meanwhile(tmp_path):
 
 
 def test_with_more_items_than_workers_the_caller_measures_a_second_call(tmp_path):
-    # Its second call tells a first call's one-time cost from the next ones'.
-    path, pf = _spinning(tmp_path, 0.3)
+    # Its second call tells a first call's one-time cost from the next ones'. (The first
+    # call lasts until items behind it are in workers: the caller keeps its second item
+    # when it hands the others over, which it did not when loky's start outlasted a
+    # fixed 0.3 s: the sample then ended after one call.)
+    path = str(tmp_path / "calls")
+    pf = _behind_a_long_first_call(tmp_path / "began", h.spin_logged, path=path, seconds=0.3)
     n = 2 + 2 * psutil.cpu_count() + 2
     assert pf.map(range(n)) == [2 * x for x in range(n)]
     log = h.read_spin_log(path)
@@ -121,13 +136,15 @@ def test_a_long_first_call_that_raises_is_raised_with_nothing_after_it(tmp_path)
     assert parallelize(h.heavy, backend="loky").map(range(8)) == [3 * x for x in range(8)]
 
 
-def test_an_item_sent_ahead_that_raises_or_kills_its_worker_comes_in_its_turn():
-    raising = parallelize(functools.partial(h.faulty, raise_on=frozenset({2}), cost=0.4),
-                          cache=False)
+def test_an_item_sent_ahead_that_raises_or_kills_its_worker_comes_in_its_turn(tmp_path):
+    raising = _behind_a_long_first_call(tmp_path / "began_raising", h.faulty,
+                                        raise_on=frozenset({2}), cost=0.4)
     assert h.outcome(raising.imap, range(4)) == ([0, 10], (ValueError, 2))
-    # (Items 0 and 1 run here, 2 and 3 are sent ahead: see the test above.)
-    crashing = parallelize(functools.partial(h.faulty, crash=frozenset({3}), cost=0.4),
-                           cache=False)
+    # (Items 0 and 1 run here, 2 and 3 are sent ahead: see the test above. The first
+    # call lasts until they are in workers: with a fixed 0.4 s and a slow start of
+    # loky's, nothing went ahead, and item 3 ran in the caller, where it cannot crash.)
+    crashing = _behind_a_long_first_call(tmp_path / "began_crashing", h.faulty,
+                                         crash=frozenset({3}), cost=0.4)
     got, error = h.outcome(crashing.imap, range(4))
     assert got == [0, 10, 20] and error == (WorkerCrashedError, 3)
 
@@ -235,7 +252,7 @@ def test_a_base_exception_beside_the_items_sent_ahead_comes_in_its_turn(tmp_path
 
 
 CTRL_C_CHILD = textwrap.dedent("""
-    import json, os, sys, time
+    import functools, json, os, sys, time
     import signal
     # Ctrl-C raises KeyboardInterrupt, as in a terminal: a test run started in the
     # background (cmd &) hands its children SIGINT ignored, and Python then installs no
@@ -244,15 +261,23 @@ CTRL_C_CHILD = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import psutil
     import aex_helpers as h
-    from adaptive_exec import parallelize
+    from adaptive_exec import parallelize, system
 
-    slow = parallelize(lambda x: h.faulty(x, cost=1.5), cache=False)
+    # Read as quiet, as the tests above (on 2 cores a busy process leaves room for one
+    # worker, and nothing would go ahead). The first call lasts until the items behind
+    # it have begun in workers, then 1.5 s: the Ctrl-C comes meanwhile.
+    system.fake_readings(others=0.0)
+    slow = parallelize(functools.partial(h.outlasting_the_start, func=h.faulty,
+                                         began={began!r}, caller=os.getpid(), cost=1.5),
+                       cache=False)
     try:
         print("go", flush=True)
         slow.map(range(4))
         print("finished", flush=True)
     except KeyboardInterrupt:
-        gone, left = psutil.wait_procs(h.worker_children(), timeout=3)
+        # Gone, polled for as long as a hang takes to tell (at once quiet; 3 s were not
+        # always enough beside the CI's suites).
+        gone, left = psutil.wait_procs(h.worker_children(), timeout=20)
         print(json.dumps({{"left": [p.pid for p in left]}}), flush=True)
 """)
 
@@ -260,18 +285,23 @@ CTRL_C_CHILD = textwrap.dedent("""
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_ctrl_c_while_items_run_ahead_leaves_no_worker(tmp_path):
     script = tmp_path / "child.py"
-    script.write_text(CTRL_C_CHILD.format(tests=TESTS))
+    began = tmp_path / "began"
+    script.write_text(CTRL_C_CHILD.format(tests=TESTS, began=str(began)))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     family = [proc.pid]
     try:
         assert proc.stdout.readline().strip() == "go"
-        # The first call runs 1.5 s: at 1.0 s the items behind it are in workers.
-        time.sleep(1.0)
+        # Once the items behind the first call are in workers (a fixed 1.0 s assumed
+        # loky's start done by then), while it runs 1.5 s more.
+        deadline = time.monotonic() + h.WORKERS_BEGAN_WITHIN_S
+        while not began.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert began.exists(), "no item went ahead of the first call"
         family += [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         proc.send_signal(signal.SIGINT)
-        out, err = h.communicate_or_dump(proc, 30, "the child, after Ctrl-C,")
+        out, err = h.communicate_or_dump(proc, 40, "the child, after Ctrl-C,")
         last = out.strip().splitlines()[-1]
         assert last == '{"left": []}', out + err[-3000:]
     finally:
