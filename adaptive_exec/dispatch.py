@@ -635,8 +635,15 @@ class ParallelRun:
                 self._run_locally(info)
                 return
         else:
-            msg = "the process pool kept being replaced by other threads' maps"
-            raise WorkerCrashedError(msg, index=info.start)
+            if self.timeout is not None:  # its items cannot be stopped here
+                msg = "the process pool kept being replaced by other threads' maps"
+                raise WorkerCrashedError(msg, index=info.start)
+            # Other threads' maps ended or replaced the pool each time it was taken (a
+            # thread closing imaps early in a loop ends the workers each time): this
+            # chunk runs here, as the loop runs it, and the next tries the pool again.
+            # Raised, it broke a map the loop completes (a CI run beside its suites).
+            self._run_locally(info)
+            return
         info.submitted = time.perf_counter()
         info.executor = self.executor
         self.pending[fut] = info

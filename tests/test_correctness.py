@@ -2797,3 +2797,21 @@ def test_an_imap_closed_early_in_one_thread_never_breaks_another_threads_map():
         assert failures == []
     finally:
         system.fake_readings()
+
+
+def test_a_chunk_whose_pool_is_ended_at_every_turn_runs_in_the_caller(monkeypatch):
+    # The test above, at its worst (a CI run beside its suites): each time the map took
+    # the current pool, another thread's closed imap had ended it, and after three turns
+    # the map raised WorkerCrashedError ("the process pool kept being replaced"), where
+    # the loop returns. Every turn ending so (a seam): the chunks run in the caller.
+    from adaptive_exec.backends import base
+    from adaptive_exec.backends import loky as loky_backend
+
+    def gone(*args, **kwargs):
+        raise base.PoolGone()
+
+    monkeypatch.setattr(loky_backend.LokyTarget, "submit", gone)
+    pf = parallelize(h.square, backend="loky")
+    assert pf.map(range(50)) == [x * x for x in range(50)]
+    assert list(pf.imap(range(30))) == [x * x for x in range(30)]
+
