@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 from . import system
-from .backends.base import PoolGone, StartupWatch, Target
+from .backends.base import NOT_BEGUN, PoolGone, StartupWatch, Target
 from .errors import (
     ITEM_ATTR,
     AdaptiveExecError,
@@ -89,9 +89,11 @@ UNNOTED_START_S = 30.0
 # worker are held before no new chunk is sent (a judgement: the memory a slow consumer
 # or one slow chunk can pin stays bounded, and skewed work keeps ~4 chunks of slack).
 BUFFERED_PER_WORKER = 4
-# A chunk that ran in a live worker when its pool broke is sent again without counting
-# a crash against it (ParallelRun._crashed), this many times at most: a bound, should
-# the verdict keep sparing it, not a measurement.
+# A chunk that ran in a live worker when its pool broke, or in none while each dead one
+# ran another chunk, is sent again without counting a crash, however often (another
+# thread's map may break pool after pool under a long item: 20 such breaks named one).
+# A chunk no worker had begun, beside a death no chunk explains (a worker that died
+# taking it up?), is spared this many times at most: a bound, not a measurement.
 SPARED_MAX = 20
 # Items costing this many times more or less in the workers than planned are "far off":
 # chunks are resized to keep their planned duration (_Chunks._sized). A judgement: within
@@ -741,13 +743,13 @@ class ParallelRun:
         """The pool broke while ``info`` was in it: rebuild, and retry or name."""
         # Asked first: ending the broken pool from here kills its live workers too.
         where = getattr(self.target, "ran_where_it_broke", None)
-        innocent = where is not None and where(info.start, info.executor, exc) is False
+        verdict = where(info.start, info.executor, exc) if where is not None else None
         self.executor, deliberate = self.target.recover(self.executor, info.executor,
                                                         self.n_workers)
         if deliberate:  # ended by a time-out, Ctrl-C or growth, maybe another thread's
             self.retry.append(info)
             return
-        if innocent and info.spared < SPARED_MAX:
+        if verdict is False or (verdict == NOT_BEGUN and info.spared < SPARED_MAX):
             # It ran in a worker loky killed only as it ended the pool: another chunk's
             # worker died first (another thread's map's, maybe). Counted, it was named
             # the culprit once that chunk had broken two pools under it.

@@ -15,6 +15,10 @@ from typing import Any, Optional, Protocol
 
 from ..worker import ChunkResult
 
+# A verdict of ``ran_where_it_broke``: no worker had begun the chunk, and a worker that
+# died was not known to be running another one (it may have died taking this chunk up).
+NOT_BEGUN = "not begun"
+
 
 class StartupWatch(Protocol):
     """A cold pool's start-up probe: ``first`` is set when any worker answered."""

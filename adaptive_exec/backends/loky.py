@@ -65,7 +65,7 @@ from ..worker import (
     worker_init,
 )
 from . import starts
-from .base import PoolGone
+from .base import NOT_BEGUN, PoolGone
 
 # Workers idle this long exit; a map a few minutes later then pays start-up again.
 IDLE_TIMEOUT_S = 300
@@ -181,6 +181,12 @@ _dead_at_break: weakref.WeakKeyDictionary[Any, dict[int, int]] = weakref.WeakKey
 
 
 _DEATHS = ("TerminatedWorkerError", "BrokenProcessPool")  # loky's: a worker died
+# A pool -> the clock slots of the chunks sent to it whose results have not come back
+# (any map's, any thread's): a worker dead at a break that had noted one of them was
+# running that chunk, not taking up another (_note_break).
+_in_flight: weakref.WeakKeyDictionary[Any, set[int]] = weakref.WeakKeyDictionary()
+# A pool that broke -> whether each worker dead then was running such a chunk.
+_deaths_explained: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 # How long a run whose chunk failed with a broken pool waits for _note_break's record.
 BREAK_NOTE_WAIT_S = 0.5
 _break_events: weakref.WeakKeyDictionary[Any, threading.Event] = weakref.WeakKeyDictionary()
@@ -210,10 +216,24 @@ def _note_break(executor: Any, fut: cf.Future) -> None:
             code = proc.exitcode
             if code is not None:
                 dead[pid] = code
+        clock = _clocks[0] if _clocks else None
+        with _clock_lock:
+            slots = list(_in_flight.get(executor, ()))
+        running = {clock.ran_by(slot) for slot in slots} if clock is not None else set()
+        _deaths_explained[executor] = bool(dead) and set(dead) <= running
         _dead_at_break[executor] = dead
         _break_noted(executor).set()
     except Exception:  # a callback must not raise into loky's thread
         pass
+
+
+def _back_from_worker(executor: Any, slot: int, fut: cf.Future) -> None:
+    """A future's done callback: its chunk is no longer in flight, unless it failed as
+    its pool broke (_note_break, called after this one, reads the slots left)."""
+    if not fut.cancelled() and type(fut.exception()).__name__ in _DEATHS:
+        return
+    with _clock_lock:
+        _in_flight.get(executor, set()).discard(slot)
 
 
 def _ours(proc: Any) -> bool:
@@ -1105,6 +1125,10 @@ class LokyTarget:
             if is_gone(executor):
                 raise PoolGone() from exc
             raise
+        if clock is not None:
+            with _clock_lock:
+                _in_flight.setdefault(executor, set()).add(clock[3])
+            fut.add_done_callback(functools.partial(_back_from_worker, executor, clock[3]))
         fut.add_done_callback(functools.partial(_note_break, executor))
         _end_first_at_exit()
         return fut
@@ -1155,13 +1179,14 @@ class LokyTarget:
             OverheadProbe.start(executor, pool_size())
 
     def ran_where_it_broke(self, start: int, executor: Any, exc: BaseException
-                           ) -> Optional[bool]:
+                           ) -> Optional[Any]:
         """Was the chunk at ``start`` in a worker that had died when ``executor`` broke?
-        False: it was in a live one, killed only as loky ended the pool, or in none (a
-        crash of another chunk, another thread's maybe); None when not known (no clock,
-        no dead worker noted). Asked before the pool is ended from here (which kills the
-        live workers too), and waits briefly for the note: a future's waiters wake
-        before its callbacks run."""
+        False: it was in a live one, killed only as loky ended the pool, or in none while
+        each dead worker was running another chunk (another thread's maybe); NOT_BEGUN:
+        in none, and a dead worker may have died taking it up; None when not known (no
+        clock, no dead worker noted). Asked before the pool is ended from here (which
+        kills the live workers too), and waits briefly for the note: a future's waiters
+        wake before its callbacks run."""
         slot = self.slots.get(start)
         if (self.clock is None or slot is None or type(exc).__name__ not in _DEATHS
                 or ended_on_purpose(executor)):
@@ -1171,6 +1196,8 @@ class LokyTarget:
         if not dead:
             return None
         pid = self.clock.ran_by(slot)
+        if pid is None and not _deaths_explained.get(executor, False):
+            return NOT_BEGUN  # spared a bounded number of times (dispatch.SPARED_MAX)
         return pid is not None and pid in dead
 
     def item_started(self, start: int) -> Optional[float]:
