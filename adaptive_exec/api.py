@@ -33,7 +33,7 @@ from typing import (
     overload,
 )
 
-from . import system
+from . import cache, system
 from .backends import dask as dask_backend
 from .backends import loky as loky_backend
 from .errors import hide_library_frames, item_of
@@ -408,6 +408,8 @@ class ParallelFunction(Generic[P, R]):
         system.env_max_memory()
         system.disabled()
         system.env_flag(ENV_PROGRESS)
+        if self._options.cache:
+            cache.check_env()
         try:
             it = iter(items)
         except TypeError:

@@ -162,30 +162,41 @@ def machine_id() -> str:
     return _machine
 
 
-def _env_number(name: str, default: float, cast: Callable[[str], float]) -> float:
-    raw = os.environ.get(name)
+def _env_number(name: str, default: float, cast: Callable[[str], float], what: str) -> float:
+    """A positive limit from the environment, the default where it is unset or empty; a
+    ValueError naming the variable for anything else (checked before a map's first item,
+    api.py). (A bad value fell back to the default silently: ..._MAX_ENTRIES=0, meant as
+    "keep nothing", kept 10 000 entries.)"""
+    raw = os.environ.get(name, "").strip()
     if not raw:
         return default
     try:
         value = cast(raw)
     except ValueError:
-        logger.debug("adaptive_exec cache: ignoring %s=%r (not a number)", name, raw)
-        return default
-    if not value > 0 or math.isinf(value):
-        logger.debug("adaptive_exec cache: ignoring %s=%r (not positive)", name, raw)
-        return default
+        value = math.nan
+    if not value > 0 or math.isinf(value):  # nan fails the first test
+        msg = f"{name} must be {what}, got {os.environ.get(name)!r} (or unset it)"
+        raise ValueError(msg)
     return value
 
 
 def max_entries() -> int:
     """The size cap (``ADAPTIVE_EXEC_CACHE_MAX_ENTRIES``): beyond it, the least recently
     used entries go."""
-    return int(_env_number(ENV_MAX_ENTRIES, DEFAULT_MAX_ENTRIES, int))
+    return int(_env_number(ENV_MAX_ENTRIES, DEFAULT_MAX_ENTRIES, int,
+                           f"a whole number of entries above 0 (default {DEFAULT_MAX_ENTRIES})"))
 
 
 def expire_days() -> float:
     """Entries unused this many days are gone (``ADAPTIVE_EXEC_CACHE_EXPIRE_DAYS``)."""
-    return _env_number(ENV_EXPIRE_DAYS, DEFAULT_EXPIRE_DAYS, float)
+    return _env_number(ENV_EXPIRE_DAYS, DEFAULT_EXPIRE_DAYS, float,
+                       f"a number of days above 0 (default {DEFAULT_EXPIRE_DAYS:g})")
+
+
+def check_env() -> None:
+    """A ValueError naming the variable if a cache limit in the environment is not one."""
+    max_entries()
+    expire_days()
 
 
 # --- the file, and what this process holds back from it -------------------------------

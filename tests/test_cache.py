@@ -1102,12 +1102,36 @@ def test_entries_unused_for_the_configured_days_expire(monkeypatch):
     assert [e.fingerprint for e in cache.list_entries()] == ["another"]
 
 
-@pytest.mark.parametrize("raw", ["", "zero", "0", "-3", "inf", "1e999"])
-def test_bad_limits_fall_back_to_the_defaults(monkeypatch, raw):
+@pytest.mark.parametrize("raw", ["", "  "])
+def test_empty_limits_are_the_defaults(monkeypatch, raw):
     monkeypatch.setenv(cache.ENV_MAX_ENTRIES, raw)
     monkeypatch.setenv(cache.ENV_EXPIRE_DAYS, raw)
     assert cache.max_entries() == cache.DEFAULT_MAX_ENTRIES
     assert cache.expire_days() == cache.DEFAULT_EXPIRE_DAYS
+    cache.check_env()
+
+
+@pytest.mark.parametrize("raw", ["zero", "0", "-3", "inf", "1e999", "nan", "2.5"])
+@pytest.mark.parametrize("name", [cache.ENV_MAX_ENTRIES, cache.ENV_EXPIRE_DAYS])
+def test_a_bad_limit_says_what_to_pass_before_any_item_runs(monkeypatch, tmp_path, raw, name):
+    # A bad value fell back to the default silently: MAX_ENTRIES=0, meant as "keep
+    # nothing", kept 10 000 entries. ("2.5" is fine as days, not as a count of entries.)
+    monkeypatch.setenv(name, raw)
+    if name == cache.ENV_EXPIRE_DAYS and raw == "2.5":
+        assert cache.expire_days() == 2.5
+        return
+    with pytest.raises(ValueError, match=f"{name} must be .*above 0.*{raw!r}"):
+        cache.check_env()
+    log = tmp_path / "calls"
+    pf = parallelize(h.record_call)
+    for _ in range(2):  # on every map, not only the first
+        with pytest.raises(ValueError, match=name):
+            pf.starmap([(str(log), x) for x in range(5)])
+    assert not log.exists()
+    # Without the cache, the variable is not read: the map runs.
+    pf = parallelize(h.record_call, cache=False)
+    expected = [h.record_call(os.devnull, x) for x in range(3)]
+    assert pf.starmap([(str(log), x) for x in range(3)]) == expected
 
 
 def test_clear_empties_the_file_for_every_machine():
