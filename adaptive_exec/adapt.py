@@ -27,6 +27,7 @@ from . import ahead, cache, calibration, planner, system, worker
 from .backends import dask as dask_backend
 from .backends import loky as loky_backend
 from .backends import starts
+from .backends.threads import ThreadTarget
 from .fingerprint import describe
 from .planner import OWN_THREADS_MIN, WAITING_MAX_CPU, WAITING_MIN_SHARE, make_plan
 from .records import Calibration, Cluster, Features, Options, Plan, fmt_bytes, fmt_s
@@ -52,6 +53,12 @@ GROWTH_CAP = 4.0
 # and about what a template's costs: a call this long is worth a worker's start to run
 # beside (a judgement; a 20 ms function never waits for it).
 SEND_AHEAD_AFTER_S = 0.1
+# A sampled call that has waited this long (sleeping, on a socket or pipe, a child
+# process, a lock: not the disk, a first call's way of reading what it keeps), with items
+# behind it: they go to threads of this process meanwhile (ahead.py), as the plan would
+# run them. Without it two 0.5 s waits took 1.06 s cold, where threads take 0.5 s. Long
+# enough for ~10 looks at the call (WAITS_LOOK_S), short beside a wait worth overlapping.
+THREADS_AHEAD_AFTER_S = 0.02
 # The same where the template was forked at the map's start (starts.fork_template_early):
 # it forks a worker in ~25-30 ms, so a call of 40 ms is worth one beside it.
 SEND_AHEAD_FORKED_S = 0.04
@@ -380,6 +387,9 @@ class SamplingWatch:
         self.finished = 0  # calls completed, written by the caller's thread
         self.t0 = time.perf_counter()
         self.call_began = self.t0  # when the caller's current call began
+        # The caller's thread, and its CPU seconds when that call began (_call_cpu_share).
+        self.caller = threading.current_thread()
+        self.call_cpu0 = time.thread_time()
         self.cpu0 = time.process_time()
         self.next_look = self.t0 + QUICK_LOOK_S  # the caller's next _quick_look
         # What the caller's calls wait on, looked at every WAITS_LOOK_S by this watch.
@@ -400,6 +410,7 @@ class SamplingWatch:
         self.sending = False  # it sends items ahead: the map waits for it to hand them over
         self.switching = False  # it holds the GIL's switch interval low (system.fast_switching)
         self.template_asked = False  # it had the template started early (_template_early)
+        self.no_threads = False  # the function must not run on threads (_send_to_threads)
         # What items sent ahead may take (_ahead_width): the caller's memory now, to see
         # how much its long call has grown it; other processes' load, read from the
         # watch's first decision on (not the map's probe: its plan-time window).
@@ -467,7 +478,10 @@ class SamplingWatch:
                 due = time.perf_counter() + delay
                 elapsed = time.perf_counter() - self.t0
                 share = (time.process_time() - cpu0) / elapsed
-                if self._waits(share) or share > 1 + OWN_THREADS_MIN:
+                waits = self._waits(share)
+                if waits and self._send_to_threads(share):
+                    return
+                if waits or share > 1 + OWN_THREADS_MIN:
                     # It waits (threads will serve it) or runs threads of its own
                     # (BLAS): no process pool for it. Look again later.
                     continue
@@ -646,6 +660,57 @@ class SamplingWatch:
             pass
         return True
 
+    def _send_to_threads(self, cpu_share: float) -> bool:
+        """The caller's call has waited THREADS_AHEAD_AFTER_S on something threads
+        overlap: the items behind it go to threads of this process meanwhile, as many as
+        the plan would give them (planner._threads_plan), topped up as they finish,
+        until sampling ends; the map's run takes them over (run._after_ahead). True once
+        sent (the watch's work is done); False while not (yet) to be."""
+        opts = self.options
+        if (self.no_threads or self.source is None or self.func is None
+                or self._left() < 2 or opts.backend != "auto" or opts.timeout is not None
+                or self.decided or self.started is not None or self.sending
+                or time.perf_counter() - self.call_began < THREADS_AHEAD_AFTER_S):
+            return False
+        waited = self.waits.share()
+        if waited is None or waited < WAITING_MIN_SHARE or self.waits.mostly() == system.DISK:
+            return False
+        try:
+            # It sets signal handlers or swaps process-wide state: never on threads.
+            self.no_threads = worker.needs_main_thread(self.func)
+        except Exception:  # code we cannot read: left to the plan
+            self.no_threads = True
+        if self.no_threads:
+            return False
+        # The current call's own CPU share where it can be read (the process's, since
+        # the map began, counts this watch's start and the caller's bookkeeping: 0.2 for
+        # a call that sleeps, which gave 10 threads where the plan then gave 64).
+        spent = _thread_cpu(self.caller)
+        elapsed = time.perf_counter() - self.call_began
+        if spent and elapsed > 0:
+            cpu_share = max(0.0, spent - self.call_cpu0) / elapsed
+        cpus = system.usable_cpus(opts.max_workers)
+        width = int(min(planner.MAX_THREADS, self._left() - 1,
+                        max(2.0, cpus / max(cpu_share, 1e-3))))
+        ceiling = system.worker_ceiling(opts.max_workers)
+        width = min(width, ceiling) if ceiling is not None else width
+        if width < 1:
+            return False
+        with self._lock:
+            if self.abandoned or self.done.is_set() or self.decided:
+                return True
+            self.sending = True
+        target = ThreadTarget(self.func, self.star, context=self.context)
+        executor, _ = target.open(width)
+        sent = ahead.SentAhead(self.source, target, executor, width)
+        self.ahead = sent
+        reserve = 1 if self._left() - 1 > width else 0  # a second call for the sample
+        if not self.source.hand_over(reserve):
+            return True  # sampling ended first: nothing was sent (no thread started)
+        while sent.feed() and not self.done.wait(0.005):
+            pass
+        return True
+
     def _caller_forks_sooner(self) -> bool:
         """Will the caller fork the pool at its call's end (``fork_for``), while a pool
         from here would wait for a template still importing? Then the watch leaves it
@@ -702,6 +767,7 @@ class SamplingWatch:
         the watch decided on but could not make (a fork, once the watch has ended).
         Returns the CPU seconds that start took here (not the function's)."""
         self.finished = finished
+        self.call_cpu0 = time.thread_time()
         self.call_began = now = time.perf_counter()
         if not self.decided and now >= self.next_look:
             self._quick_look(now)

@@ -386,7 +386,8 @@ class MapRun:
         assert self.features is not None
         plan = self.planner.plan(self.features, self.n_items, self.n_sampled + self._n_ahead())
         if self.ahead is not None:
-            sent = (f"{_span(self.n_sampled, self._n_ahead())} went to the pool while the "
+            where = "threads" if self.ahead.on_threads else "the pool"
+            sent = (f"{_span(self.n_sampled, self._n_ahead())} went to {where} while the "
                     f"first call{'s' if self.n_sampled > 1 else ''} ran here")
             # The items in flight end about a start-up and their rounds after the first
             # was sent: the estimate (what the cache's correction learns from) covers
@@ -401,7 +402,8 @@ class MapRun:
                 serial = plan.estimated_serial_s + self._n_ahead() * self.features.mean_s
                 speedup = serial / est if est > 0 else 0.0
                 plan = dataclasses.replace(
-                    plan, mode="parallel", n_workers=self.ahead.n_workers, chunksize=1,
+                    plan, mode="threads" if self.ahead.on_threads else "parallel",
+                    n_workers=self.ahead.n_workers, chunksize=1,
                     estimated_parallel_s=est, estimated_serial_s=serial,
                     estimated_speedup=speedup,
                     reason=(f"{sent} ({fmt_s(self.features.mean_s)} a call): that was all; "
@@ -441,7 +443,8 @@ class MapRun:
         if sent is None or sent.first_sent is None or features is None:
             return 0.0
         rounds = math.ceil(self._n_ahead() / max(1, sent.n_workers))
-        startup = adapt.pool_calibration().startup_for(sent.n_workers)
+        startup = 0.0 if sent.on_threads else adapt.pool_calibration().startup_for(
+            sent.n_workers)
         end = sent.first_sent + startup + rounds * features.mean_s
         return max(0.0, end - time.perf_counter())
 
@@ -662,12 +665,17 @@ class MapRun:
         parallel plan sends the rest after them; otherwise their results are collected
         first, and the rest runs as planned."""
         n_left = self.n_items - self.n_sampled - sent.n_items if self.n_exact else None
-        if plan.mode == "parallel" and not self._changed_since_sent(sent):
+        ahead_mode = "threads" if sent.on_threads else "parallel"
+        if sent.on_threads:
+            # The rest is sent from this thread, in the caller's context as it is now.
+            sent.target.context = None
+        if plan.mode == ahead_mode and not self._changed_since_sent(sent):
             yield from self._parallel(plan, self.n_sampled, n_left, sent)
             return
-        collect = dataclasses.replace(plan, mode="parallel", n_workers=sent.n_workers,
+        collect = dataclasses.replace(plan, mode=ahead_mode, n_workers=sent.n_workers,
                                       chunksize=1)
-        ran = (f"{_span(self.n_sampled, sent.n_items)} ran on the pool, sent there while "
+        where = "threads" if sent.on_threads else "the pool"
+        ran = (f"{_span(self.n_sampled, sent.n_items)} ran on {where}, sent there while "
                f"the first call ran here; the rest "
                f"{'in the caller' if plan.mode == 'serial' else 'on ' + plan.runs_on()}")
         if plan.mode == "serial":
@@ -677,7 +685,7 @@ class MapRun:
                 here = self.n_sampled + sent.n_items
                 loop = (f"{_span(here, self.moved_at - here)} in the caller, "
                         if self.moved_at > here else "")
-                self.ran = (f"{_span(self.n_sampled, sent.n_items)} ran on the pool, sent "
+                self.ran = (f"{_span(self.n_sampled, sent.n_items)} ran on {where}, sent "
                             f"there while the first call ran here; {loop}the rest on "
                             f"{self.plan.runs_on()}")
             return
@@ -694,7 +702,10 @@ class MapRun:
         items not yet sent get the function as the caller has it now, as in a map with
         no items sent ahead (a first call that set LEVEL = 7 had every later item read
         LEVEL = 0 in the workers, where the loop, and the same map with a short first
-        call, read 7). The items sent ahead ran before the change: nothing runs twice."""
+        call, read 7). The items sent ahead ran before the change: nothing runs twice.
+        (Threads run the function itself, no copy: they see what it reads as it is.)"""
+        if sent.on_threads:
+            return False
         try:
             now = worker.with_context(worker.with_initializer(
                 self.func, self.options.initializer, self.options.initargs),
@@ -807,7 +818,8 @@ class MapRun:
                           on_workers=lambda busy: self._announce(plan, busy),
                           in_flight=sent.pending if sent is not None else None,
                           unsent=tuple(sent.unsent) if sent is not None else ())
-        t_run, trial = time.perf_counter(), plan.mode == "threads"
+        # (Not for items sent ahead to threads, collected alone: nothing is left to judge.)
+        t_run, trial = time.perf_counter(), plan.mode == "threads" and n_left != 0
         try:
             for batch in run:
                 self.n_done += len(batch)

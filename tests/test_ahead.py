@@ -7,6 +7,8 @@ order, errors, crashes, Ctrl-C and generators behave as the loop's.
 
 from __future__ import annotations
 
+import contextvars
+import decimal
 import functools
 import os
 import re
@@ -456,3 +458,116 @@ def test_items_not_sent_ahead_see_what_the_first_call_changed():
     last_ahead = int(sent.group(2) or sent.group(1)) if sent is not None else 0
     stale = [x for x, level in got if level != 7]
     assert all(x <= last_ahead for x in stale), (stale, reason)
+
+
+# --- a first call that waits: the items behind it go to threads ----------------------
+# Issue 14 ("no sample-then-decide stall"): two 0.5 s waits took 1.06 s cold, one after
+# the other, where threads take 0.5 s; the caller sampled the first, then planned threads.
+
+WAIT_BOUND_S = 10.0  # item 0 waits at most this long for an item to begin elsewhere
+_BEGAN = threading.Event()
+_SEEN: dict = {}  # item -> (thread ident, began, ended), perf_counter
+_CV = contextvars.ContextVar("_CV", default="unset")
+
+
+def _waits_for_another(x):
+    """Item 0 waits (on an event: a lock) until an item behind it has begun elsewhere,
+    at most WAIT_BOUND_S; the others wait 20 ms. If nothing is sent ahead, item 0 waits
+    the whole bound and the items behind it begin after it: the tests fail."""
+    began = time.perf_counter()
+    if x == 0:
+        _BEGAN.wait(WAIT_BOUND_S)
+    else:
+        _BEGAN.set()
+        time.sleep(0.02)
+    _SEEN[x] = (threading.get_ident(), began, time.perf_counter())
+    return x * 2, _CV.get(), str(decimal.Decimal(1) / decimal.Decimal(7))
+
+
+@pytest.fixture
+def _fresh_waits():
+    _BEGAN.clear()
+    _SEEN.clear()
+    yield
+    _BEGAN.clear()
+    _SEEN.clear()
+
+
+def test_the_items_behind_a_first_call_that_waits_run_on_threads_meanwhile(_fresh_waits):
+    pf = parallelize(_waits_for_another, cache=False)
+    got = pf.map(range(4))
+    assert [r[0] for r in got] == [0, 2, 4, 6]
+    me = threading.get_ident()
+    assert _SEEN[0][0] == me
+    # Item 1 began on another thread of this process before item 0 ended.
+    assert _SEEN[1][0] != me and _SEEN[1][1] < _SEEN[0][2], _SEEN
+    assert _SEEN[0][2] - _SEEN[0][1] < WAIT_BOUND_S / 2, _SEEN
+    plan = pf.last_report.plan
+    assert plan.mode == "threads", plan.reason
+    assert re.match(r"items 1-3 went to threads while the first call ran here", plan.reason)
+
+
+def test_items_sent_to_threads_run_in_the_callers_context(_fresh_waits):
+    # The watch's thread sends them: in its own context they read every ContextVar's
+    # default and the default decimal precision (28 digits), where the loop reads the
+    # caller's.
+    pf = parallelize(_waits_for_another, cache=False)
+    token = _CV.set("caller's")
+    try:
+        with decimal.localcontext() as ctx:
+            ctx.prec = 5
+            got = pf.map(range(4))
+    finally:
+        _CV.reset(token)
+    assert got == [(x * 2, "caller's", "0.14286") for x in range(4)]
+    assert any(ident != threading.get_ident() for ident, _, _ in _SEEN.values()), _SEEN
+
+
+def _second_raises(x):
+    if x == 0:
+        _BEGAN.wait(WAIT_BOUND_S)
+        return 0
+    _BEGAN.set()
+    if x == 2:
+        raise ValueError("item two")
+    time.sleep(0.02)
+    return x
+
+
+def test_an_item_sent_to_a_thread_that_raises_comes_in_its_turn(_fresh_waits):
+    pf = parallelize(_second_raises, cache=False)
+    with pytest.raises(ValueError, match="item two"):
+        pf.map(range(6))
+    assert list(pf.imap(range(2))) == [0, 1]  # the map after it runs
+
+
+def test_an_imap_left_while_items_run_on_threads_ends_them(_fresh_waits):
+    pf = parallelize(_waits_for_another, cache=False)
+    it = pf.imap(range(40))
+    assert next(it)[0] == 0
+    it.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(
+            t.name.startswith("adaptive_exec_") for t in threading.enumerate()):
+        time.sleep(0.02)
+    left = [t.name for t in threading.enumerate() if t.name.startswith("adaptive_exec_")]
+    assert not left
+    assert len(_SEEN) < 40  # nothing queued behind the ones running went on
+
+
+def _alarm_guarded(x):
+    """Waits under an alarm, the classic guard: signal.signal raises ValueError on any
+    thread but the main one."""
+    previous = signal.signal(signal.SIGALRM, signal.default_int_handler)
+    signal.setitimer(signal.ITIMER_REAL, 30)
+    try:
+        time.sleep(0.3 if x == 0 else 0.02)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    return x
+
+
+def test_a_function_that_sets_signal_handlers_is_never_sent_to_threads():
+    pf = parallelize(_alarm_guarded, cache=False)
+    assert pf.map(range(4)) == list(range(4))  # on threads: ValueError

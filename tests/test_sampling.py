@@ -71,7 +71,9 @@ def test_what_the_hook_spends_between_calls_is_not_the_samples_time():
         return x
 
     s = sample(one_ms, iter(range(200)), star=False, complexity=1, on_item=hook)
-    assert s.features.n_samples >= 10
+    # Counted in the budget, the hook ended the sample at its third call; beside a busy
+    # machine a 1 ms spin takes ~2 ms of wall time, and 9 calls fit (a run at load 4).
+    assert s.features.n_samples >= 5
     assert s.calls_s < 0.05  # the hook's sleep is in neither figure
     assert s.wall_s < s.calls_s + 0.05
 

@@ -17,14 +17,26 @@ class ThreadTarget:
 
     remote = False
 
-    def __init__(self, func: Callable[..., Any], star: bool):
+    def __init__(self, func: Callable[..., Any], star: bool,
+                 context: Optional[contextvars.Context] = None):
         self.func = func
         self.star = star
         self.n_workers = 0
+        # The context chunks run in a copy of: the submitting thread's when None. Items
+        # sent ahead by the sampling watch's thread (adapt.SamplingWatch) run in the
+        # caller's, captured at the map's start; the map then sets it back to None.
+        self.context = context
+        self._executor: Optional[DaemonThreads] = None
 
     def open(self, n_workers: int) -> tuple[Any, None]:
+        # The threads items were sent ahead to serve the rest of the map too: their
+        # chunks in flight are the run's, and end with its close.
         self.n_workers = n_workers
-        return DaemonThreads(n_workers), None
+        if self._executor is None or self._executor.is_shut():
+            self._executor = DaemonThreads(n_workers)
+        else:
+            self._executor.resize(n_workers)
+        return self._executor, None
 
     def capacity(self) -> int:
         return self.n_workers
@@ -37,10 +49,10 @@ class ThreadTarget:
         # The copy shares the values: the decimal context, which the function may change
         # (getcontext().prec = ...), is copied itself, one per chunk, or threads changing
         # it raced (283 of 300 results wrong).
-        ctx = contextvars.copy_context()
+        ctx = contextvars.copy_context() if self.context is None else self.context.copy()
         decimal = sys.modules.get("decimal")
         if decimal is not None:
-            ctx.run(decimal.setcontext, decimal.getcontext().copy())
+            ctx.run(_own_decimal_context, decimal)
         return executor.submit(ctx.run, run_items, self.func, start, chunk, self.star)
 
     def decode(self, res: ChunkResult) -> tuple[list[Any], Optional[BaseException]]:
@@ -70,6 +82,11 @@ class ThreadTarget:
         # unrelated later items, which the loop never runs: 10.6 s for one raised at
         # 1.6 s); nothing queued behind them runs.
         executor.shutdown(wait=clean, cancel_futures=True)
+
+
+def _own_decimal_context(decimal: Any) -> None:
+    # Inside the chunk's context: a copy of the decimal context found there.
+    decimal.setcontext(decimal.getcontext().copy())
 
 
 _STOP = object()
@@ -111,6 +128,16 @@ class DaemonThreads:
                 self._threads.append(t)
                 self._idle += 1  # waiting for work from now on
         return fut
+
+    def resize(self, n_threads: int) -> None:
+        """At most ``n_threads`` from now on (threads beyond it end as they idle out
+        only at shutdown: a thread cannot be stopped)."""
+        with self._lock:
+            self._n = max(1, n_threads)
+
+    def is_shut(self) -> bool:
+        with self._lock:
+            return self._shut
 
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
         with self._lock:
