@@ -1619,14 +1619,18 @@ DEFAULTS = "\0defaults"
 
 
 def _mutable_defaults(core: types.FunctionType) -> Optional[tuple[str, dict[int, Any],
-                                                                  dict[str, Any]]]:
+                                                                  dict[str, Any], int]]:
     """The defaults of ``core`` that the caller may have changed since the worker's
     import made them: in place (``def convert(x, rates=RATES)``, then
     ``RATES["eur"] = 2.0``: workers kept the old rates), or rebound (``f.__defaults__
-    = (9,)``: 149 of 150 results wrong); its qualified name, and the positional and
-    keyword-only defaults that are builtin data, by position and name. Not others: a
-    sentinel must stay the worker's own object."""
-    positional = {i: v for i, v in enumerate(core.__defaults__ or ()) if _sent_default(v)}
+    = (9,)``: 149 of 150 results wrong; ``f.__defaults__ = ((3, 4),)``, a tuple: 150 of
+    150); its qualified name, the positional and keyword-only defaults that are builtin
+    data, by position and name, and how many positional defaults the caller's function
+    has (they fill the last parameters: rebound to more or fewer than the worker's
+    import made, position 0 named another parameter there). Not others: a sentinel
+    must stay the worker's own object."""
+    given = core.__defaults__ or ()
+    positional = {i: v for i, v in enumerate(given) if _sent_default(v)}
     keyword = {k: v for k, v in (core.__kwdefaults__ or {}).items() if _sent_default(v)}
     if not (positional or keyword):
         return None
@@ -1634,40 +1638,73 @@ def _mutable_defaults(core: types.FunctionType) -> Optional[tuple[str, dict[int,
         dumps((positional, keyword))
     except Exception:  # noqa: BLE001 - holds what cannot travel: the worker keeps its own
         return None
-    return core.__qualname__, positional, keyword
+    return core.__qualname__, positional, keyword, len(given)
 
 
 def _sent_default(value: Any) -> bool:
     """A default that travels with the function taken by name: a builtin container (it
-    may change in place), or a small value of builtin data (rebound defaults); not a
-    large string or bytes, pickled each map for a rebinding seldom made (a 100 MB one
-    made a map 2.4x slower), nor a sentinel, which must stay the worker's own."""
-    kind = type(value)
-    if kind in (dict, list, set, bytearray):
+    may change in place), or a small value of builtin data (rebound defaults): a number,
+    a short string, a tuple or frozenset of such (``shape=(1, 2)``, rebound: workers
+    kept their import's); not a large string, bytes or tuple, pickled each map for a
+    rebinding seldom made (a 100 MB one made a map 2.4x slower), nor a sentinel, which
+    must stay the worker's own (nor a tuple holding one)."""
+    if type(value) in (dict, list, set, bytearray):
         return True
+    return _small_data(value, [SMALL_DEFAULT], 0)
+
+
+def _small_data(value: Any, left: list[int], depth: int) -> bool:
+    """Is ``value`` builtin data of at most ``left[0]`` elements and characters in all
+    (shared by the parts of a tuple, nested at most 16 deep)?"""
+    kind = type(value)
     if kind in (str, bytes):
-        return len(value) <= SMALL_DEFAULT
-    return kind in (int, float, complex, bool, type(None))
+        left[0] -= len(value)
+    elif kind in (tuple, frozenset):
+        left[0] -= len(value) + 1
+        if left[0] < 0 or depth >= 16:
+            return False
+        return all(_small_data(v, left, depth + 1) for v in value)
+    elif kind in (int, float, complex, bool, type(None)):
+        left[0] -= 1
+    else:
+        return False
+    return left[0] >= 0
 
 
 SMALL_DEFAULT = 4096
 
 
-def _set_defaults(module: str, entry: tuple[str, dict[int, Any], dict[str, Any]]) -> None:
+def _set_defaults(module: str, entry: tuple[str, dict[int, Any], dict[str, Any], int]
+                  ) -> None:
     """In a worker: the caller's mutable defaults set on the module's function."""
-    qualname, positional, keyword = entry
+    qualname, positional, keyword, count = entry
     target: Any = sys.modules[module]
     for part in qualname.split("."):
         target = getattr(target, part, None)
     target = _innermost(getattr(target, "__adaptive_exec_wrapped__", target))
     if not isinstance(target, types.FunctionType):
         return
-    if positional and target.__defaults__ is not None:
-        now = list(target.__defaults__)
-        for i, value in positional.items():
-            if i < len(now):
+    if positional:
+        now = list(target.__defaults__ or ())
+        if count != len(now):
+            # The caller rebound them to another count: they fill the last parameters,
+            # so the caller's position i is the worker's i - count + len(now). Those not
+            # sent (a sentinel) are the worker's own at that parameter, where it has one.
+            rebuilt: list[Any] = []
+            for i in range(count):
+                j = i - count + len(now)
+                if i in positional:
+                    rebuilt.append(positional[i])
+                elif 0 <= j < len(now):
+                    rebuilt.append(now[j])
+                else:  # a default the worker's function lacks and that was not sent
+                    break
+            else:
+                target.__defaults__ = tuple(rebuilt)
+        else:
+            for i, value in positional.items():
                 now[i] = value
-        target.__defaults__ = tuple(now)
+            target.__defaults__ = tuple(now)
     if keyword and target.__kwdefaults__ is not None:
         target.__kwdefaults__ = {**target.__kwdefaults__, **keyword}
 

@@ -2815,3 +2815,72 @@ def test_a_chunk_whose_pool_is_ended_at_every_turn_runs_in_the_caller(monkeypatc
     assert pf.map(range(50)) == [x * x for x in range(50)]
     assert list(pf.imap(range(30))) == [x * x for x in range(30)]
 
+
+
+REBOUND_DEFAULTS_MODULE = """
+    import time
+
+    def shaped(x, shape=(1, 2), *, offsets=frozenset({0})):
+        time.sleep(0.002)
+        return x * shape[0] + shape[1] + max(offsets)
+
+    def aligned(x, a, b=1):
+        time.sleep(0.002)
+        return x * a + b
+"""
+
+
+@pytest.mark.parametrize("path", ["fork", "template", "exec"])
+def test_rebound_tuple_defaults_and_a_new_count_of_defaults_reach_warm_workers(
+        tmp_path, path):
+    # A module's function taken by name whose defaults the caller rebinds to builtin
+    # data that is a tuple or frozenset (``shaped.__defaults__ = ((3, 4),)``): warm
+    # workers kept their import's, 150 of 150 results wrong; and rebound to more
+    # defaults than the import made (``aligned.__defaults__ = (5, 7)``): position 0
+    # was set on ``b`` there, and every item raised TypeError where the loop returned.
+    # Found by an adversarial hunt.
+    (tmp_path / "shapes.py").write_text(textwrap.dedent(REBOUND_DEFAULTS_MODULE))
+    out = run_script(tmp_path, """
+        import os, sys
+        sys.path.insert(0, os.getcwd())
+        import shapes
+        from adaptive_exec import parallelize
+
+        items, wrong = list(range(150)), []
+
+        def check(what, func):
+            pf = parallelize(func, backend="loky", chunksize=10)
+            try:
+                got = pf.map(items)
+            except Exception as exc:
+                got = [repr(exc)]
+            if got != [func(x) for x in items] or pf.last_report.plan.mode != "parallel":
+                wrong.append((what, got[:3], pf.last_report.plan.mode))
+
+        check("warm", shapes.shaped)  # workers import the module's defaults
+        shapes.shaped.__defaults__ = ((3, 4),)
+        shapes.shaped.__kwdefaults__ = {"offsets": frozenset({5, 9})}
+        check("a tuple and a frozenset since", shapes.shaped)
+        check("warm, the other", lambda x: shapes.aligned(x, 2))
+        shapes.aligned.__defaults__ = (5, 7)
+        check("more defaults since", shapes.aligned)
+        print(wrong)
+    """, env={"ADAPTIVE_EXEC_START": path}, timeout=120)
+    assert out.strip().splitlines()[-1] == "[]", out
+
+
+def test_which_defaults_travel_with_a_function_taken_by_name():
+    # Small builtin data travels (it may have been rebound); large data is pickled each
+    # map for a rebinding seldom made, and a sentinel must stay the worker's own.
+    from adaptive_exec.worker import SMALL_DEFAULT, _sent_default
+
+    deep: tuple = ()
+    for _ in range(20):
+        deep = (deep,)
+    assert _sent_default((1, 2)) and _sent_default(frozenset({"a", 2.5}))
+    assert _sent_default((("eur", 1.1), ("usd", None)))
+    assert _sent_default({"any": object()})  # a container: it may change in place
+    assert not _sent_default((1, object()))  # a sentinel inside
+    assert not _sent_default(tuple(range(SMALL_DEFAULT + 1)))
+    assert not _sent_default(tuple("x" * 100 for _ in range(SMALL_DEFAULT // 50)))
+    assert not _sent_default(deep)
