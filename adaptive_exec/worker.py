@@ -46,12 +46,14 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, TypeVa
 from .errors import (
     ExceptionState,
     InitializerError,
+    UnpicklableWarning,
     attach_origin,
     builtin_fields,
     rebuild_exception,
     safe_str,
     same_exception,
     set_on,
+    warn_user,
 )
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -1602,7 +1604,9 @@ def _patch_for(core: Optional[types.FunctionType], owner: Optional[type],
             continue
         try:
             dumps(value)
-        except Exception:  # a lock, a connection: the worker keeps its own
+        except Exception as exc:  # a lock, a connection: the worker keeps its own
+            if isinstance(value, (dict, list, set, tuple, collections.deque)):
+                _warn_kept(core.__module__, name, value, exc)
             continue
         values[name] = value
     defaults = _mutable_defaults(core)
@@ -1616,6 +1620,26 @@ def _patch_for(core: Optional[types.FunctionType], owner: Optional[type],
 # The patch's entry for the function's own defaults that are mutable containers
 # (``_mutable_defaults``); no global can have this name.
 DEFAULTS = "\0defaults"
+
+
+# (module, global) pairs whose kept value was said once in this process (_warn_kept).
+_KEPT_SAID: set[tuple[str, str]] = set()
+
+
+def _warn_kept(module: str, name: str, value: Any, exc: BaseException) -> None:
+    """A container the function reads that cannot be pickled (a dict holding a lock
+    beside data): workers read their own, as their import made it, so data the caller
+    changes in it is not seen there (REG["scale"] = 5: 119 of 120 results the import's,
+    silently, where the same function in the script said so and ran in the caller).
+    Said once a process, for each such global."""
+    if (module, name) in _KEPT_SAID:
+        return
+    _KEPT_SAID.add((module, name))
+    warn_user(f"adaptive_exec: {module}.{name}, a {type(value).__name__} the function "
+              f"reads, cannot be pickled ({type(exc).__name__}: {exc}): workers read "
+              f"their own, as their import of {module} made it, and what you change in "
+              "it is not seen there; pass what changes as an argument, or keep it apart "
+              "from what cannot be pickled", UnpicklableWarning)
 
 
 def _mutable_defaults(core: types.FunctionType) -> Optional[tuple[str, dict[int, Any],

@@ -2884,3 +2884,42 @@ def test_which_defaults_travel_with_a_function_taken_by_name():
     assert not _sent_default(tuple(range(SMALL_DEFAULT + 1)))
     assert not _sent_default(tuple("x" * 100 for _ in range(SMALL_DEFAULT // 50)))
     assert not _sent_default(deep)
+
+
+KEPT_GLOBAL_MODULE = """
+    import threading
+
+    REG = {"lock": threading.Lock(), "scale": 1}
+    PLAIN_LOCK = threading.Lock()
+
+    def scaled(x):
+        with PLAIN_LOCK:  # a lock alone: each process's own, nothing to say
+            return x * REG["scale"]
+"""
+
+
+def test_a_container_that_cannot_be_pickled_is_said_once_not_kept_silently(tmp_path):
+    # A dict holding a lock beside data: not picklable, so workers read their own, and
+    # REG["scale"] = 5 in the caller gave 119 of 120 results the import's, silently (the
+    # same function in the script said so, and ran in the caller). Found by an
+    # adversarial helper; now said, once a process for each such global.
+    (tmp_path / "kept.py").write_text(textwrap.dedent(KEPT_GLOBAL_MODULE))
+    out = run_script(tmp_path, """
+        import os, sys, warnings
+        sys.path.insert(0, os.getcwd())
+        import kept
+        from adaptive_exec import UnpicklableWarning, parallelize
+
+        pf = parallelize(kept.scaled, backend="loky", chunksize=10)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            pf.map(range(40))
+            pf.map(range(40))
+        said = [str(w.message) for w in seen if w.category is UnpicklableWarning]
+        print(len(said), said[0] if said else "")
+    """, timeout=120)
+    count, _, message = out.strip().splitlines()[-1].partition(" ")
+    assert count == "1", out
+    assert message.startswith("adaptive_exec: kept.REG, a dict the function reads, cannot "
+                              "be pickled"), message
+    assert "PLAIN_LOCK" not in message
