@@ -48,6 +48,7 @@ from .errors import (
     UnpicklableWarning,
     WorkerCrashedError,
     attach_origin,
+    from_a_signal_handler,
     item_of,
     set_on,
     unenforced,
@@ -495,6 +496,16 @@ class ParallelRun:
             self.cross.caller_only = True
             self.cross.reason = self.cross.reason or (
                 "the interpreter began shutting down before the pool could start")
+        except OSError as exc:
+            if from_a_signal_handler(exc):
+                raise
+            # The pool's queues, semaphores, pipes or processes could not be made (the
+            # process is at its limit of open files or of processes, RLIMIT_NOFILE /
+            # RLIMIT_NPROC): the loop needs none of them, so its items run here, as a
+            # pool that refuses a chunk's items does (_send). It raised EMFILE.
+            self.executor, self.probe = None, None
+            self.cross.warn(f"the pool could not start ({exc})", exc)
+            self.cross.caller_only = True
         self.capacity = self.target.capacity()
         self._t0 = time.perf_counter()
         if self.probe is not None:
@@ -623,6 +634,8 @@ class ParallelRun:
             except AdaptiveExecError:
                 raise  # ours (a cluster that went away...): not a pickling failure
             except Exception as exc:
+                if from_a_signal_handler(exc):
+                    raise  # the caller's own (a SIGALRM handler's): not a refused start
                 if system.shutting_down():
                     self._run_rest_here(info)
                     return
@@ -710,6 +723,8 @@ class ParallelRun:
             try:
                 results, err = self.target.decode(res)
             except Exception as exc:  # results this process cannot unpickle
+                if from_a_signal_handler(exc):
+                    raise
                 self.cross.warn(f"the results of items from index {info.start} cannot "
                                   f"be unpickled in the caller ({exc})", exc)
                 self.cross.caller_only = True

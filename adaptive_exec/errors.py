@@ -9,6 +9,7 @@ failing item's index and the worker's traceback attached (see ``attach_origin``)
 from __future__ import annotations
 
 import builtins
+import signal
 import sys
 import types
 import warnings
@@ -183,6 +184,31 @@ def item_of(exc: BaseException) -> Optional[int]:
     if index is None:
         index = getattr(exc, "item_index", None)  # set by a constructor of ours
     return index if type(index) is int else None
+
+
+def from_a_signal_handler(exc: BaseException) -> bool:
+    """Did ``exc`` come out of one of the caller's Python signal handlers (a ``SIGALRM``
+    handler raising its own timeout), which ran while our code pickled or submitted?
+    Such an exception is the caller's to handle, as in the loop: taken for a pickling
+    failure it was swallowed (the map went on in the caller, an UnpicklableWarning saying
+    "cannot be pickled ()"), and the program's own time-out was lost."""
+    codes = set()
+    for sig in signal.valid_signals():
+        try:
+            handler = signal.getsignal(sig)
+        except (OSError, ValueError):
+            continue
+        handler = getattr(handler, "func", handler)  # a functools.partial
+        handler = getattr(handler, "__func__", handler)  # a bound method
+        code = getattr(handler, "__code__", None)
+        if code is not None:
+            codes.add(code)
+    tb = exc.__traceback__
+    while tb is not None and codes:
+        if tb.tb_frame.f_code in codes:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def set_on(exc: BaseException, name: str, value: Any) -> None:

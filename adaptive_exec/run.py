@@ -35,7 +35,7 @@ from .backends import serial as serial_backend
 from .backends import starts
 from .backends.threads import ThreadTarget
 from .dispatch import ParallelRun, Pending, RunSpec, observed_cv
-from .errors import UnpicklableWarning, item_of, unenforced, warn_user
+from .errors import UnpicklableWarning, from_a_signal_handler, item_of, unenforced, warn_user
 from .fingerprint import describe, function_complexity
 from .records import (
     Calibration,
@@ -710,7 +710,9 @@ class MapRun:
             now = worker.with_context(worker.with_initializer(
                 self.func, self.options.initializer, self.options.initargs),
                 worker.context_blob())
-        except Exception:
+        except Exception as exc:
+            if from_a_signal_handler(exc):
+                raise
             return False  # cannot be pickled now: the parallel run finds out and says so
         was = sent.target.ref
         return now.key != was.key or now.context_key != was.context_key
@@ -774,6 +776,8 @@ class MapRun:
                     self.func, self.options.initializer, self.options.initargs),
                     worker.context_blob())
             except Exception as exc:
+                if from_a_signal_handler(exc):
+                    raise  # the caller's own (a SIGALRM handler's), not a pickling failure
                 what = (f"the function cannot be pickled ({exc})"
                         if not _picklable_function(self.func) else
                         f"the initializer or its initargs cannot be pickled ({exc})")
@@ -916,7 +920,9 @@ class MapRun:
         try:
             return "here:" + hashlib.sha1(pickle.dumps((opts.initializer, opts.initargs))
                                           ).hexdigest()
-        except Exception:  # not picklable by reference: this very object and its args
+        except Exception as exc:  # not picklable by reference: this very object and its args
+            if from_a_signal_handler(exc):
+                raise
             return f"here:{id(opts.initializer)}:{id(opts.initargs)}"
 
     def _too_heavy_to_ship(self, plan: Plan, ref: FunctionRef, calib: Calibration
@@ -974,7 +980,9 @@ class MapRun:
 def _picklable_function(func: Callable[..., Any]) -> bool:
     try:
         function_ref(func)
-    except Exception:
+    except Exception as exc:
+        if from_a_signal_handler(exc):
+            raise
         return False
     return True
 

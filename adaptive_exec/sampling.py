@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
+from .errors import from_a_signal_handler
 from .records import Features
 from .system import ThreadWaits
 from .worker import call_each, cloudpickle_dumps, runqueue_wait_s
@@ -103,11 +104,14 @@ def _pickled_size(obj: Any) -> Optional[int]:
     neither can (a lock, an open file)."""
     try:
         return len(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
-    except Exception:
-        pass
+    except Exception as exc:
+        if from_a_signal_handler(exc):
+            raise  # the caller's own (a SIGALRM handler's time-out), as in the loop
     try:
         return len(cloudpickle_dumps(obj))
-    except Exception:
+    except Exception as exc:
+        if from_a_signal_handler(exc):
+            raise
         return None
 
 

@@ -130,7 +130,10 @@ def available_memory() -> Optional[int]:
         import psutil
     except ImportError:  # pragma: no cover - psutil is a dependency
         return None
-    return int(psutil.virtual_memory().available)
+    try:
+        return int(psutil.virtual_memory().available)
+    except OSError:  # /proc/meminfo cannot be opened either (no descriptor left)
+        return None
 
 
 _FLAG_OFF = ("", "0", "false", "no", "off")

@@ -169,7 +169,7 @@ def _clock() -> Optional[ItemClock]:
             if BlobFile.available():
                 try:
                     made = ItemClock()
-                except OSError:
+                except (OSError, ImportError):  # ImportError: mmap, with no descriptor left
                     made = None
             _clocks.append(made)
         return _clocks[0]
@@ -630,6 +630,10 @@ def prestart(n_workers: int, epoch: Optional[int] = None) -> Any:
         return _get(n_workers, epoch)[0]
     except PoolGone:
         return None  # the interpreter is ending: no pool, the map runs in its caller
+    except OSError:
+        # No room for the pool's pipes, semaphores or processes (RLIMIT_NOFILE,
+        # RLIMIT_NPROC): none ahead; the map that wants one says why (Run._open).
+        return None
     finally:
         with _state.lock:
             _state.starting_at = None
