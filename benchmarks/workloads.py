@@ -135,6 +135,11 @@ def io_bound_task(i: int) -> int:
     return _mix(i)
 
 
+def few_waits_task(i: int) -> int:
+    time.sleep(0.4)  # a slow request: nothing to compute, all waiting
+    return _mix(i)
+
+
 # --------------------------------------------------------------------------- items
 
 
@@ -338,6 +343,11 @@ WORKLOADS: Dict[str, Workload] = {
         Workload(
             "io_bound", "10 ms sleep per item: waiting, not computing",
             f"{_THIS}:io_bound_task", 200, 60, _indices, _expected_mix, _flat(0.01),
+        ),
+        Workload(
+            "few_waits", "3 items waiting 0.4 s each (slow requests): the cold map must "
+            "not wait for the first before it sends the others",
+            f"{_THIS}:few_waits_task", 3, 3, _indices, _expected_mix, _flat(0.4),
         ),
         # Real work on the standard library's .py files (~730 on CPython 3.11), sampled
         # evenly.  Mean item costs measured on this suite's 2-core Xeon, CPython 3.11.7,

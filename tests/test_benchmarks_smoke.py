@@ -44,8 +44,9 @@ def _needs(workload: str) -> None:
 
 
 # How many items of each workload to run for real: enough to see the values vary,
-# few enough to stay quick (few_heavy, two_heavy and memory_heavy cost 0.3-0.5 s an item).
-_SAMPLE = {"few_heavy": 1, "two_heavy": 1, "memory_heavy": 1}
+# few enough to stay quick (few_heavy, two_heavy, memory_heavy and few_waits cost 0.3-0.5 s
+# an item).
+_SAMPLE = {"few_heavy": 1, "two_heavy": 1, "memory_heavy": 1, "few_waits": 1}
 
 
 @pytest.mark.timeout(60)
