@@ -58,6 +58,10 @@ SEND_AHEAD_AFTER_S = 0.1
 # behind it: they go to threads of this process meanwhile (ahead.py), as the plan would
 # run them. Without it two 0.5 s waits took 1.06 s cold, where threads take 0.5 s. Long
 # enough for ~10 looks at the call (WAITS_LOOK_S), short beside a wait worth overlapping.
+# Counted over the sample instead (10 ms), 200 waits of 10 ms went from 0.09-0.10 s to
+# 0.085-0.10, and calls of 2 ms that wait on a lock they share went to threads, whose
+# items then held up the caller's sampled calls on that lock: the loop's time looked
+# 35% longer, and the threads' trial no longer saw that they lose. Not kept.
 THREADS_AHEAD_AFTER_S = 0.02
 # The same where the template was forked at the map's start (starts.fork_template_early):
 # it forks a worker in ~25-30 ms, so a call of 40 ms is worth one beside it.
@@ -522,6 +526,12 @@ class SamplingWatch:
         0.3 the function was judged to run threads of its own (a CI run planned it serial)."""
         pool = sum(_thread_cpu(t) - self._pool_threads0.get(t.ident, 0.0)
                    for t in loky_backend.pool_threads())
+        sent = self.ahead
+        if sent is not None and sent.on_threads:
+            # Threads items went ahead to (_send_to_threads), started during the sample:
+            # their CPU read as the function's own threads (threads_cpu 0.3+, a BLAS
+            # function's), and the rest of 200 waits of 10 ms went to a process pool.
+            pool += sum(_thread_cpu(t) for t in sent.executor.threads())
         if self.thread.is_alive():
             own = _thread_cpu(self.thread)
             if own:
@@ -666,8 +676,8 @@ class SamplingWatch:
         the plan would give them (planner._threads_plan), topped up as they finish,
         until sampling ends; the map's run takes them over (run._after_ahead). True once
         sent (the watch's work is done); False while not (yet) to be."""
-        opts = self.options
-        if (self.no_threads or self.source is None or self.func is None
+        opts, func = self.options, self.func  # (stop() lets go of the function)
+        if (self.no_threads or self.source is None or func is None
                 or self._left() < 2 or opts.backend != "auto" or opts.timeout is not None
                 or self.decided or self.started is not None or self.sending
                 or time.perf_counter() - self.call_began < THREADS_AHEAD_AFTER_S):
@@ -677,7 +687,7 @@ class SamplingWatch:
             return False
         try:
             # It sets signal handlers or swaps process-wide state: never on threads.
-            self.no_threads = worker.needs_main_thread(self.func)
+            self.no_threads = worker.needs_main_thread(func)
         except Exception:  # code we cannot read: left to the plan
             self.no_threads = True
         if self.no_threads:
@@ -693,14 +703,17 @@ class SamplingWatch:
         width = int(min(planner.MAX_THREADS, self._left() - 1,
                         max(2.0, cpus / max(cpu_share, 1e-3))))
         ceiling = system.worker_ceiling(opts.max_workers)
-        width = min(width, ceiling) if ceiling is not None else width
+        if ceiling is not None:
+            # max_workers=8, someone throttling requests: at most 8 at once, the
+            # caller's own call one of them (9 ran at once).
+            width = min(width, ceiling - 1)
         if width < 1:
             return False
         with self._lock:
             if self.abandoned or self.done.is_set() or self.decided:
                 return True
             self.sending = True
-        target = ThreadTarget(self.func, self.star, context=self.context)
+        target = ThreadTarget(func, self.star, context=self.context)
         executor, _ = target.open(width)
         sent = ahead.SentAhead(self.source, target, executor, width)
         self.ahead = sent

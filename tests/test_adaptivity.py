@@ -44,12 +44,15 @@ def test_threads_that_do_not_beat_the_loop_give_way_to_it_and_are_not_planned_ag
     assert again.features.get("threads_lost") is True
 
 
+@pytest.mark.parametrize("seconds, n", [(0.01, 200), (0.05, 60)])
 @pytest.mark.parametrize("cap", [3, 8])
-def test_max_workers_caps_the_threads_of_a_waiting_function(cap):
-    """Someone throttling requests with max_workers=8 gets at most 8 at once, not 64."""
+def test_max_workers_caps_the_threads_of_a_waiting_function(cap, seconds, n):
+    """Someone throttling requests with max_workers=8 gets at most 8 at once, not 64;
+    also where the first call is long enough for items to go to threads while it runs
+    (50 ms: the caller's call is one of the 8; 9 ran at once)."""
     h.most_at_once(reset=True)
-    pf = parallelize(h.waiting_counted, max_workers=cap)
-    assert pf.map(range(200)) == [x + 1 for x in range(200)]
+    pf = parallelize(functools.partial(h.waiting_counted, seconds=seconds), max_workers=cap)
+    assert pf.map(range(n)) == [x + 1 for x in range(n)]
     plan = pf.last_report.plan
     assert plan.mode == "threads", plan.reason
     assert plan.n_workers == cap

@@ -135,6 +135,11 @@ class DaemonThreads:
         with self._lock:
             self._n = max(1, n_threads)
 
+    def threads(self) -> list[threading.Thread]:
+        """The threads started so far."""
+        with self._lock:
+            return list(self._threads)
+
     def is_shut(self) -> bool:
         with self._lock:
             return self._shut
