@@ -380,8 +380,9 @@ class SamplingWatch:
     def __init__(self, options: Options, n_known: Optional[int],
                  source: Optional[ahead.SharedSource] = None,
                  func: Optional[Callable[..., Any]] = None, star: bool = False,
-                 forked_template: bool = False):
+                 forked_template: bool = False, bounded: bool = False):
         self.options = options
+        self.bounded = bounded  # imap: items sent ahead are bounded (ahead.SentAhead)
         self.n_known = n_known
         # The input, when the watch may send items to the pool while a long call runs
         # here (a list, tuple or range of known length; see ahead.py).
@@ -391,7 +392,7 @@ class SamplingWatch:
         self.finished = 0  # calls completed, written by the caller's thread
         self.t0 = time.perf_counter()
         self.call_began = self.t0  # when the caller's current call began
-        # The caller's thread, and its CPU seconds when that call began (_call_cpu_share).
+        # The caller's thread, and its CPU seconds when its call began (_send_to_threads).
         self.caller = threading.current_thread()
         self.call_cpu0 = time.thread_time()
         self.cpu0 = time.process_time()
@@ -442,8 +443,8 @@ class SamplingWatch:
     @classmethod
     def start(cls, options: Options, n_known: Optional[int],
               source: Optional[ahead.SharedSource] = None,
-              func: Optional[Callable[..., Any]] = None, star: bool = False
-              ) -> Optional[SamplingWatch]:
+              func: Optional[Callable[..., Any]] = None, star: bool = False,
+              bounded: bool = False) -> Optional[SamplingWatch]:
         """A watch, or None when no pool could be started ahead for this map."""
         cpus = pool_cpus(options)
         if not cpus or (n_known is not None and n_known < 2):
@@ -459,7 +460,8 @@ class SamplingWatch:
         forked = (source is not None and not warm and n_known is not None
                   and n_known <= FORKED_TEMPLATE_ITEMS * cpus and starts.fork_template_early())
         # Given to the watch before its thread starts, which reads it (_long_call).
-        return cls(options, n_known, source, func, star, forked_template=forked)
+        return cls(options, n_known, source, func, star, forked_template=forked,
+                   bounded=bounded)
 
     def _run(self) -> None:
         delay = 0.005
@@ -659,7 +661,7 @@ class SamplingWatch:
             return True  # load or memory leave room for one worker: the plan decides
         # Made before the hand-over: the map then finds every item the watch read from
         # the input here, or in the source's leftover (ahead.SharedSource.close).
-        sent = ahead.SentAhead(self.source, target, executor, width)
+        sent = ahead.SentAhead(self.source, target, executor, width, self.bounded)
         self.ahead = sent
         # The caller keeps one more item when there are more than the workers take: its
         # sample then shows a second call (a one-time cost is told from the next ones').
@@ -715,7 +717,7 @@ class SamplingWatch:
             self.sending = True
         target = ThreadTarget(func, self.star, context=self.context)
         executor, _ = target.open(width)
-        sent = ahead.SentAhead(self.source, target, executor, width)
+        sent = ahead.SentAhead(self.source, target, executor, width, self.bounded)
         self.ahead = sent
         reserve = 1 if self._left() - 1 > width else 0  # a second call for the sample
         if not self.source.hand_over(reserve):

@@ -28,7 +28,7 @@ import threading
 import time
 from typing import Any, Iterator, Optional
 
-from .dispatch import Pending
+from .dispatch import BUFFERED_PER_WORKER, IN_FLIGHT_PER_WORKER, Pending
 from .worker import NEED_FUNCTION
 
 
@@ -117,8 +117,15 @@ class SentAhead:
     """The items the watch sent to the pool, one per task, topped up to one per worker
     as they finish, until sampling ends; then handed to the map's parallel run."""
 
-    def __init__(self, source: SharedSource, target: Any, executor: Any, n_workers: int):
+    def __init__(self, source: SharedSource, target: Any, executor: Any, n_workers: int,
+                 bounded: bool = False):
         self.source = source
+        # imap: at most what its run holds (dispatch: 2 in flight plus 4 waiting per
+        # worker) is taken ahead, results kept until the run takes them over. Unbounded,
+        # a first call of 1 s had 1,496 items of imap(range(10**9)) run (and their results
+        # held) before its first result; ten times that for a 10 s call.
+        self.limit = ((IN_FLIGHT_PER_WORKER + BUFFERED_PER_WORKER) * max(1, n_workers)
+                      if bounded else None)
         self.target = target  # a backends.loky.LokyTarget, or threads.ThreadTarget
         self.executor = executor
         self.n_workers = n_workers
@@ -137,6 +144,8 @@ class SentAhead:
             if res.status == NEED_FUNCTION and not self._send(self.pending.pop(fut), True):
                 return False
         while sum(1 for f in self.pending if not f.done()) < self.n_workers:
+            if self.limit is not None and len(self.pending) + len(self.unsent) >= self.limit:
+                return True  # the bound: more once the run takes these over
             got = self.source.take()
             if got is None:
                 return False

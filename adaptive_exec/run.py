@@ -305,7 +305,8 @@ class MapRun:
         source = (SharedSource(self.it) if self.n_known is not None and self.client is None
                   and not self.plan_only and isinstance(self.it, _SAFE_ITERATORS) else None)
         watch = adapt.SamplingWatch.start(self.options, self.n_known, source, self.func,
-                                          self.star) if self.client is None else None
+                                          self.star, bounded=self.partial
+                                          ) if self.client is None else None
         try:
             s = sample(self.func, source if source is not None else self.it, star=self.star,
                        complexity=function_complexity(self.func),
@@ -824,20 +825,30 @@ class MapRun:
                           unsent=tuple(sent.unsent) if sent is not None else ())
         # (Not for items sent ahead to threads, collected alone: nothing is left to judge.)
         t_run, trial = time.perf_counter(), plan.mode == "threads" and n_left != 0
+        done0 = 0  # items done before the trial's window
         if sent is not None and sent.on_threads and sent.first_sent is not None:
-            # The threads' rate since they began: the items sent ahead count among those
-            # done, so their time does too (counted from here, 70 items that finished
-            # before it made threads serialised by a lock look 16x faster than the loop).
-            t_run = sent.first_sent
+            if sent.n_workers >= plan.n_workers:
+                # The threads' rate since they began: the items sent ahead count among
+                # those done, so their time does too (counted from here, 70 items that
+                # finished before it made threads serialised by a lock look 16x faster
+                # than the loop).
+                t_run = sent.first_sent
+            else:
+                # Fewer threads went ahead than the plan's (max_workers=2: one beside the
+                # caller's call, whose own items the rate leaves out): their rate is one
+                # thread's, the loop's, and every such map lost its trial, remembered.
+                # Judged from here, on what finishes from now on.
+                done0 = sum(info.n for fut, info in sent.pending.items() if fut.done())
         try:
             for batch in run:
                 self.n_done += len(batch)
                 yield batch
                 # Judged once every thread has finished a chunk, after THREADS_TRIAL_S.
-                if (trial and run.worker_items >= plan.n_workers * plan.chunksize
+                if (trial and run.worker_items - done0 >= plan.n_workers * plan.chunksize
                         and time.perf_counter() - t_run >= planner.THREADS_TRIAL_S):
                     trial = False
-                    if self._threads_lose(run.worker_items, time.perf_counter() - t_run):
+                    if self._threads_lose(run.worker_items - done0,
+                                          time.perf_counter() - t_run):
                         run.drain()
         except BaseException:
             # Also for a run ended by an item's exception, a crash or the consumer: its

@@ -499,12 +499,15 @@ def test_the_items_behind_a_first_call_that_waits_run_on_threads_meanwhile(_fres
     assert [r[0] for r in got] == [0, 2, 4, 6]
     me = threading.get_ident()
     assert _SEEN[0][0] == me
-    # Item 1 began on another thread of this process before item 0 ended.
-    assert _SEEN[1][0] != me and _SEEN[1][1] < _SEEN[0][2], _SEEN
+    # Items behind it began on other threads of this process before item 0 ended (on a
+    # loaded machine the caller may keep item 1 for its sample: then 2 and 3 went).
+    early = [x for x in (1, 2, 3) if _SEEN[x][0] != me and _SEEN[x][1] < _SEEN[0][2]]
+    assert early, _SEEN
     assert _SEEN[0][2] - _SEEN[0][1] < WAIT_BOUND_S / 2, _SEEN
     plan = pf.last_report.plan
     assert plan.mode == "threads", plan.reason
-    assert re.match(r"items 1-3 went to threads while the first call ran here", plan.reason)
+    assert re.match(r"items? [123](-3)? went to threads while the first calls? ran here",
+                    plan.reason), plan.reason
 
 
 def test_items_sent_to_threads_run_in_the_callers_context(_fresh_waits):
@@ -571,3 +574,50 @@ def _alarm_guarded(x):
 def test_a_function_that_sets_signal_handlers_is_never_sent_to_threads():
     pf = parallelize(_alarm_guarded, cache=False)
     assert pf.map(range(4)) == list(range(4))  # on threads: ValueError
+
+
+_RAN_AHEAD = [0]
+_AHEAD_CAP = 6 * 64  # dispatch: 2 in flight + 4 waiting per thread; at most 64 threads
+
+
+def _waits_while_others_pile_up(x):
+    if x == 0:
+        # Waits until more items ran elsewhere than imap may hold, or 1.5 s.
+        deadline = time.monotonic() + 1.5
+        while _RAN_AHEAD[0] <= _AHEAD_CAP + 10 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return 0
+    time.sleep(0.002)
+    _RAN_AHEAD[0] += 1
+    return x
+
+
+def test_imap_holds_a_bounded_number_of_items_sent_ahead_of_a_waiting_call():
+    """imap's read-ahead is bounded (README): items sent to threads while a long first
+    call waits were topped up for as long as it ran (1,496 before the first result of a
+    1 s call), each run and its result held."""
+    _RAN_AHEAD[0] = 0
+    it = parallelize(_waits_while_others_pile_up, cache=False).imap(range(10**9))
+    try:
+        assert next(it) == 0
+        ran = _RAN_AHEAD[0]
+    finally:
+        it.close()
+    assert ran <= _AHEAD_CAP + 2, ran
+
+
+def _long_wait_first(x):
+    time.sleep(0.2 if x == 0 else 0.03)
+    return x
+
+
+def test_one_thread_sent_ahead_does_not_lose_the_threads_trial_for_two():
+    """max_workers=2: one thread gets items beside the caller's long first call, the plan
+    then gives two. The trial counted from the first send, where the caller's own items
+    are left out: one thread's rate, the loop's, so the rest ran serially (1.14 s, not
+    0.72) and the cache remembered threads as lost."""
+    pf = parallelize(_long_wait_first, cache=False, max_workers=2)
+    assert pf.map(list(range(40))) == list(range(40))
+    report = pf.last_report
+    assert report.plan.mode == "threads", (report.plan.reason, report.ran)
+    assert not report.ran or "did not beat" not in report.ran, report.ran
