@@ -92,7 +92,14 @@ def stored_version(conn: sqlite3.Connection) -> Optional[int]:
             "SELECT name FROM sqlite_master WHERE type = 'table'")}
         if not tables:
             return None
-        raise _NotOurs(f"a database without a meta table (tables: {sorted(tables)})") from None
+        if "meta" in tables:
+            # Created by another connection between the two statements (each reads its
+            # own snapshot outside a transaction): a fresh file that four threads' first
+            # maps opened at once was moved aside as not ours. Read it again.
+            row = conn.execute(
+                "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        else:
+            raise _NotOurs(f"a database without a meta table (tables: {sorted(tables)})") from None
     try:
         version = int(row[0])
     except (TypeError, ValueError):
