@@ -75,7 +75,8 @@ class InitializerError(AdaptiveExecError, RuntimeError):
 
 
 class UnpicklableWarning(UserWarning):
-    """The function, an item or a result cannot be pickled: the map ran serially instead."""
+    """The function, an item or a result cannot be pickled (or the pool cannot start: the
+    process is at its limit of open files): the map ran serially instead."""
 
 
 class CacheWarning(UserWarning):
