@@ -89,12 +89,28 @@ def start(root: str) -> Runs:
     return Runs(folder, proc.pid)  # its pid is the group's id (start_new_session)
 
 
-def _alive(pid: int, since: float) -> bool:
+def _started(pid: int) -> object:
+    """What tells this process from a later one given the same pid: its start, in clock
+    ticks since boot where Linux says it (/proc/<pid>/stat), else its creation time. Not
+    psutil's create_time() alone: it adds the boot time, which Linux derives from the
+    wall clock, so a clock set forward moved it later, and a busy-core run's runner took
+    the living pytest for a new process, ended its runs and removed their files (the
+    session then waited 880 s for results that never came)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+    except (OSError, ValueError, IndexError):
+        import psutil
+
+        return round(psutil.Process(pid).create_time())  # raises NoSuchProcess if gone
+
+
+def _alive(pid: int, started: object) -> bool:
     import psutil
 
     try:
-        p = psutil.Process(pid)
-        return p.create_time() <= since and p.status() != psutil.STATUS_ZOMBIE
+        return (_started(pid) == started
+                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
 
@@ -102,8 +118,10 @@ def _alive(pid: int, since: float) -> bool:
 def _run(folder: str, pytest_pid: int, root: str) -> None:
     import psutil
 
-    since = psutil.Process(pytest_pid).create_time() if _alive(pytest_pid, time.time()) \
-        else 0.0
+    try:
+        since = _started(pytest_pid)
+    except psutil.NoSuchProcess:
+        return  # the session is gone already: nothing to run for
     for path in PATHS:
         with open(os.path.join(folder, f"{path}.log"), "w") as out:
             # -B: an interpreter flag, so that loky's own start (exec) runs its workers
