@@ -69,8 +69,15 @@ def test_max_workers_1_keeps_a_waiting_function_in_the_caller():
 
 @pytest.mark.skipif(usable_cpus() < 2, reason="needs 2 CPUs to see two threads at once")
 def test_a_function_with_threads_of_its_own_is_seen():
-    s = sample(h.hash_in_two_threads, iter(range(5)), star=False, complexity=1)
-    assert s.features.threads_cpu > 0.3, s.features  # ~1: one more CPU than the caller's
+    # ~1: one more CPU than the caller's. Beside CI's other suites two hashing threads
+    # got less than a CPU in all (0.23 once): the best of three samples.
+    seen = []
+    for _ in range(3):
+        s = sample(h.hash_in_two_threads, iter(range(5)), star=False, complexity=1)
+        seen.append(s.features.threads_cpu)
+        if seen[-1] > 0.3:
+            break
+    assert max(seen) > 0.3, seen
 
 
 def test_a_function_with_threads_of_its_own_gets_no_pool():

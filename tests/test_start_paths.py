@@ -721,11 +721,14 @@ def test_a_large_function_crosses_once_per_worker_per_map():
     # keeps fewer busy than the pool holds, and loky hands chunks to any idle one.
     workers = max(max(n for _, n in report.workers_timeline), loky_backend.pool_size())
     assert report.plan.mode == "parallel" and workers >= 1
-    assert SIZE * 0.9 <= report.bytes_sent <= 1.3 * SIZE * workers + (1 << 20), (
-        report.bytes_sent, workers)
-    # Again, on the warm pool: its workers have it (the same key); nothing new crosses.
+    first = report.bytes_sent
+    assert SIZE * 0.9 <= first <= 1.3 * SIZE * workers + (1 << 20), (first, workers)
+    # Again, on the warm pool: a worker that has it (the same key) is not sent it again;
+    # one the first map left idle (a busy machine: CI's exec run planned one worker of
+    # two) gets it now, once. Over both maps, each worker once.
     assert pf.map(range(80)) == [holder.data[i] + i for i in range(80)]
-    assert pf.last_report.bytes_sent < 1 << 20, pf.last_report.bytes_sent
+    second, pool = pf.last_report.bytes_sent, loky_backend.pool_size()
+    assert first + second <= 1.3 * SIZE * pool + (2 << 20), (first, second, pool)
 
 
 @pytest.mark.parametrize("path", [starts.TEMPLATE, starts.EXEC])
