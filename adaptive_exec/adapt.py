@@ -56,13 +56,19 @@ SEND_AHEAD_AFTER_S = 0.1
 # A sampled call that has waited this long (sleeping, on a socket or pipe, a child
 # process, a lock: not the disk, a first call's way of reading what it keeps), with items
 # behind it: they go to threads of this process meanwhile (ahead.py), as the plan would
-# run them. Without it two 0.5 s waits took 1.06 s cold, where threads take 0.5 s. Long
-# enough for ~10 looks at the call (WAITS_LOOK_S), short beside a wait worth overlapping.
+# run them. Without it two 0.5 s waits took 1.06 s cold, where threads take 0.5 s. Looked
+# at on each look at the caller (~1 ms apart at first): at 20 ms, and only at the watch's
+# doubling decision times, 200 waits of 10 ms ran their first two calls here one after
+# the other (0.09-0.12 s cold, 0.08 since; 0.065-0.075 warm). A call of 2 ms never gets
+# here, however many wait (below).
 # Counted over the sample instead (10 ms), 200 waits of 10 ms went from 0.09-0.10 s to
 # 0.085-0.10, and calls of 2 ms that wait on a lock they share went to threads, whose
 # items then held up the caller's sampled calls on that lock: the loop's time looked
 # 35% longer, and the threads' trial no longer saw that they lose. Not kept.
-THREADS_AHEAD_AFTER_S = 0.02
+THREADS_AHEAD_AFTER_S = 0.006
+# Looks at the caller twice as often (WAITS_LOOK_S / 2) this long into the map: enough
+# looks to tell a first call that waits (MIN_LOOKS) by THREADS_AHEAD_AFTER_S or soon after.
+THREADS_AHEAD_LOOKS_FOR_S = 0.03
 # The same where the template was forked at the map's start (starts.fork_template_early):
 # it forks a worker in ~25-30 ms, so a call of 40 ms is worth one beside it.
 SEND_AHEAD_FORKED_S = 0.04
@@ -416,6 +422,8 @@ class SamplingWatch:
         self.switching = False  # it holds the GIL's switch interval low (system.fast_switching)
         self.template_asked = False  # it had the template started early (_template_early)
         self.no_threads = False  # the function must not run on threads (_send_to_threads)
+        # The watch's first look in the caller's current call: (when, the caller's CPU).
+        self.first_look: Optional[tuple[float, float]] = None
         # What items sent ahead may take (_ahead_width): the caller's memory now, to see
         # how much its long call has grown it; other processes' load, read from the
         # watch's first decision on (not the map's probe: its plan-time window).
@@ -473,20 +481,27 @@ class SamplingWatch:
         system.fast_switching(True)
         self.switching = True
         try:
-            while not self.done.wait(WAITS_LOOK_S * _JITTER.uniform(0.5, 1.5)):
+            while not self.done.wait(self._look_every() * _JITTER.uniform(0.5, 1.5)):
                 # At irregular times: looks every 2 ms at calls that sleep 2 ms each fell
                 # in step with them (beside a busy core the caller, just woken, waited for
                 # the core this thread was looking from: 0 looks of 3 found it asleep).
                 self.waits.look()
-                if time.perf_counter() < due:
+                now = time.perf_counter()
+                if self.first_look is None or self.first_look[0] < self.call_began:
+                    self.first_look = (now, _thread_cpu(self.caller))
+                if (not self.no_threads and now - self.call_began >= THREADS_AHEAD_AFTER_S
+                        and self._send_to_threads(
+                            (time.process_time() - cpu0) / (now - self.t0))):
+                    # At each look, not at the doubling times below: those fell at 5, 15
+                    # and 35 ms, after the first two calls of 10 ms had ended each.
+                    return
+                if now < due:
                     continue
                 delay = min(delay * 2, 0.05)
                 due = time.perf_counter() + delay
                 elapsed = time.perf_counter() - self.t0
                 share = (time.process_time() - cpu0) / elapsed
                 waits = self._waits(share)
-                if waits and self._send_to_threads(share):
-                    return
                 if waits or share > 1 + OWN_THREADS_MIN:
                     # It waits (threads will serve it) or runs threads of its own
                     # (BLAS): no process pool for it. Look again later.
@@ -510,6 +525,14 @@ class SamplingWatch:
             if self.switching:
                 system.fast_switching(False)
             self.cpu_s = time.thread_time()
+
+    def _look_every(self) -> float:
+        """Seconds between two looks at the caller: half WAITS_LOOK_S in the map's
+        first THREADS_AHEAD_LOOKS_FOR_S, where a first call that waits is worth
+        overlapping as soon as the looks (system.ThreadWaits.MIN_LOOKS) tell it."""
+        if time.perf_counter() - self.t0 < THREADS_AHEAD_LOOKS_FOR_S:
+            return WAITS_LOOK_S / 2
+        return WAITS_LOOK_S
 
     def _waits(self, cpu_share: float) -> bool:
         """Does the function mostly wait (threads will serve it, not a pool)? As the
@@ -697,10 +720,19 @@ class SamplingWatch:
         # The current call's own CPU share where it can be read (the process's, since
         # the map began, counts this watch's start and the caller's bookkeeping: 0.2 for
         # a call that sleeps, which gave 10 threads where the plan then gave 64).
+        # Counted from the watch's first look in the call where there was one: the
+        # caller's own bookkeeping as the call began (~0.6 ms of its first call) read
+        # as 0.09 of a 10 ms sleep, 22 threads where the plan then gave 64.
         spent = _thread_cpu(self.caller)
-        elapsed = time.perf_counter() - self.call_began
+        began, cpu_began = self.call_began, self.call_cpu0
+        first = self.first_look
+        if first is not None and first[0] >= began and time.perf_counter() - first[0] > 0.002:
+            began, cpu_began = first
+        elapsed = time.perf_counter() - began
         if spent and elapsed > 0:
-            cpu_share = max(0.0, spent - self.call_cpu0) / elapsed
+            cpu_share = max(0.0, spent - cpu_began) / elapsed
+        if cpu_share >= WAITING_MAX_CPU:
+            return False  # it computes as much as it waits: the plan decides
         cpus = system.usable_cpus(opts.max_workers)
         width = int(min(planner.MAX_THREADS, self._left() - 1,
                         max(2.0, cpus / max(cpu_share, 1e-3))))

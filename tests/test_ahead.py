@@ -621,3 +621,33 @@ def test_one_thread_sent_ahead_does_not_lose_the_threads_trial_for_two():
     report = pf.last_report
     assert report.plan.mode == "threads", (report.plan.reason, report.ran)
     assert not report.ran or "did not beat" not in report.ran, report.ran
+
+
+_SHORT: dict[int, tuple[int, float, float]] = {}
+
+
+def _waits_30ms(x):
+    began = time.perf_counter()
+    time.sleep(0.03)
+    _SHORT[x] = (threading.get_ident(), began, time.perf_counter())
+    return x + 1
+
+
+def test_a_first_call_of_30ms_that_waits_has_items_on_threads_before_it_ends():
+    # The watch decided at 5, 15 and 35 ms into the map (doubling times): a first call
+    # of 10-30 ms that waits had ended before any of them found it 20 ms long, and the
+    # map ran its first two calls here one after the other (200 waits of 10 ms: 0.09-
+    # 0.12 s cold, 0.065-0.075 warm). Now it is looked at as it runs, and after 6 ms of
+    # waiting the items behind it go to threads.
+    _SHORT.clear()
+    try:
+        got = parallelize(_waits_30ms, cache=False).map(range(12))
+        assert got == list(range(1, 13))
+        me = threading.get_ident()
+        first = min(_SHORT, key=lambda x: _SHORT[x][1])
+        assert _SHORT[first][0] == me, _SHORT
+        early = [x for x, (who, began, _) in _SHORT.items()
+                 if who != me and began < _SHORT[first][2]]
+        assert early, _SHORT
+    finally:
+        _SHORT.clear()
