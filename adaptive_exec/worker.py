@@ -28,6 +28,7 @@ import enum
 import functools
 import hashlib
 import importlib
+import inspect
 import io
 import itertools
 import os
@@ -523,7 +524,80 @@ def _code_digest(func: types.FunctionType, owner: Optional[type] = None) -> str:
             continue
         h.update(f.__qualname__.encode())
         feed_code(h, f.__code__)
-    return h.hexdigest()
+    others = _other_modules_digests(func, owner, space)
+    if not others:
+        return h.hexdigest()
+    return h.hexdigest() + "|" + ";".join(f"{m}={d}" for m, d in sorted(others.items()))
+
+
+def _other_modules_digests(func: types.FunctionType, owner: Optional[type] = None,
+                           space: Optional[dict[str, Any]] = None,
+                           depth: int = 2) -> dict[str, str]:
+    """{module: digest of the code of its functions that ``func`` reaches}, for the
+    user's *other* modules whose functions ``func`` (and what it reaches in its module)
+    calls: ``helpers.f(x)``, ``pkg.sub.f(x)``, ``from helpers import f``, ``depth``
+    modules deep. Without them a warm worker kept the code of ``helpers`` from before the
+    caller's ``importlib.reload(helpers)`` (%autoreload after editing helpers.py): every
+    result it made was the old code's."""
+    from .fingerprint import feed_code
+
+    found: dict[str, dict[str, types.CodeType]] = {}
+    here = getattr(func, "__module__", None)
+
+    def add(value: Any, level: int) -> None:
+        if isinstance(value, functools._lru_cache_wrapper):  # type: ignore[attr-defined]
+            value = _innermost(value)
+        value = _innermost(getattr(value, "__adaptive_exec_wrapped__", value))
+        if not isinstance(value, types.FunctionType):
+            return
+        name = value.__module__
+        module = sys.modules.get(name or "")
+        if (not name or name == here or module is None or not _users_module(module)
+                or not _compiled_plainly(name) or not _importable(value)):
+            return
+        codes = found.setdefault(name, {})
+        if value.__qualname__ in codes or sum(map(len, found.values())) > 64:
+            return
+        for f in _reached(value, None, vars(module)):
+            if "<locals>" not in f.__qualname__:
+                codes.setdefault(f.__qualname__, f.__code__)
+        if level > 1:
+            walk(value, None, vars(module), level - 1)
+
+    def walk(f0: types.FunctionType, own: Optional[type], names: Optional[dict[str, Any]],
+             level: int) -> None:
+        if names is None:
+            names = f0.__globals__
+        for f in _reached(f0, own, names):
+            for name, attrs in _name_chains(f.__code__):
+                holder = (sys.modules.get(name[len(IMPORTED):]) if name.startswith(IMPORTED)
+                          else names.get(name))
+                if isinstance(holder, types.ModuleType):
+                    for attr in attrs:
+                        try:
+                            value = inspect.getattr_static(holder, attr)
+                        except AttributeError:
+                            break
+                        if isinstance(value, types.ModuleType):
+                            holder = value
+                            continue
+                        add(value, level)
+                        break
+                else:
+                    add(holder, level)
+
+    try:
+        walk(func, owner, space, depth)
+    except Exception:  # never let the check break a map
+        return {}
+    out = {}
+    for name, codes in found.items():
+        h = hashlib.sha1()
+        for qualname in sorted(codes):
+            h.update(qualname.encode())
+            feed_code(h, codes[qualname])
+        out[name] = h.hexdigest()
+    return out
 
 
 def _forget_state_of(module: types.ModuleType) -> None:
@@ -588,8 +662,22 @@ def _current_code(func: Any, ref: FunctionRef, rebuild: Callable[[], Any],
 
     if same():
         return func
-    core, _ = _code_that_runs(func)
+    core, owner = _code_that_runs(func)
     assert core is not None
+    # The user's other modules whose code the function calls (``helpers.f``) and that
+    # the caller reloaded since this worker imported them: reloaded here first.
+    _, _, theirs = (ref.code or "").partition("|")
+    if theirs:
+        module = sys.modules.get(core.__module__)
+        ours = _other_modules_digests(core, owner, vars(module) if module else None)
+        for part in theirs.split(";"):
+            name, _, digest = part.partition("=")
+            other = sys.modules.get(name)
+            if other is not None and ours.get(name) != digest:
+                importlib.reload(other)
+                _forget_state_of(other)
+        if same():
+            return func
     module = sys.modules.get(core.__module__)
     if module is not None:
         importlib.reload(module)

@@ -608,6 +608,58 @@ def test_a_module_the_caller_reloaded_or_whose_file_changed_runs_the_callers_cod
     assert all("not the caller's copy" in w for w in warned), warned
 
 
+@pytest.mark.parametrize("path", ["fork", "template", "exec"])
+def test_a_reload_of_a_module_the_function_calls_into_reaches_warm_workers(tmp_path, path):
+    # The code check above covered the function's own module only: after the caller's
+    # importlib.reload(helpers) (%autoreload after an edit of helpers.py alone), warm
+    # workers kept helpers' old code, 120 of 120 results wrong; and an edit of
+    # helpers.py without a reload gave freshly started workers the new code. Found by
+    # an adversarial review helper.
+    out = run_script(tmp_path, """
+        import importlib, json, os, sys, time, warnings
+        sys.path.insert(0, os.getcwd())
+        stamp = [time.time()]
+
+        def write(name, text):
+            with open(name, "w") as fh:
+                fh.write(text)
+            stamp[0] += 10  # a newer mtime: the next import compiles it again
+            os.utime(name, (stamp[0], stamp[0]))
+
+        HELPER = "def f(x):\\n    return x + {offset}\\n"
+        write("helpers.py", HELPER.format(offset=1))
+        write("mod.py", "import helpers, time\\n"
+                        "def g(x):\\n"
+                        "    end = time.perf_counter() + 0.002\\n"
+                        "    while time.perf_counter() < end:\\n"
+                        "        pass\\n"
+                        "    return helpers.f(x)\\n")
+        importlib.invalidate_caches()
+        from adaptive_exec import parallelize
+        import helpers, mod
+
+        items = list(range(120))
+        pf = parallelize(mod.g, backend="loky", max_workers=2, chunksize=4)
+        for _ in range(3):  # warm workers that have imported helpers
+            assert pf.map(items) == [x + 1 for x in items]
+        write("helpers.py", HELPER.format(offset=1000))
+        importlib.reload(helpers)
+        got, loop = pf.map(items), [mod.g(x) for x in items]
+        wrong = sum(a != b for a, b in zip(got, loop))
+        mode = pf.last_report.plan.mode
+        write("helpers.py", HELPER.format(offset=7))  # edited, not reloaded
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            got2 = pf.map(items)
+        wrong2 = sum(a != b for a, b in zip(got2, [mod.g(x) for x in items]))
+        print(json.dumps([wrong, mode, wrong2]))
+    """, timeout=150, env={starts.ENV_START: path})
+    wrong, mode, wrong2 = json.loads(out.splitlines()[-1])
+    assert mode == "parallel"
+    assert wrong == 0, f"{wrong} of 120 results from helpers' code before the reload"
+    assert wrong2 == 0, f"{wrong2} of 120 results from helpers' file the caller never ran"
+
+
 @pytest.mark.parametrize("path", ["template", "exec"])
 def test_the_code_check_takes_no_fresh_workers_copy_for_a_stale_one(tmp_path, path):
     # Found by a review helper in the check above (c62aa98), each a worker that took its
