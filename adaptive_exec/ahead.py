@@ -132,6 +132,9 @@ class SentAhead:
         self.pending: dict[cf.Future, Pending] = {}
         self.unsent: list[Pending] = []  # taken from the input, not in the pool
         self.first_sent: Optional[float] = None  # perf_counter() of the first send
+        # An item sent has raised (or its chunk failed): the loop runs nothing after it,
+        # so nothing more is sent, and the caller's loop beside them stops (failed()).
+        self._failed = False
 
     def feed(self) -> bool:
         """Top the pool up to one item per worker; resend, whole, an item whose worker
@@ -144,6 +147,10 @@ class SentAhead:
             if res.status == NEED_FUNCTION and not self._send(self.pending.pop(fut), True):
                 return False
         while sum(1 for f in self.pending if not f.done()) < self.n_workers:
+            if self._failed:
+                # Topped up as they finished, 600-1,000 items went out after item 2
+                # raised, where the loop ran 3.
+                return False
             if self.limit is not None and len(self.pending) + len(self.unsent) >= self.limit:
                 return True  # the bound: more once the run takes these over
             got = self.source.take()
@@ -167,7 +174,21 @@ class SentAhead:
             self.first_sent = info.submitted
         info.executor = self.executor
         self.pending[fut] = info
+        fut.add_done_callback(self._note_outcome)
         return True
+
+    def _note_outcome(self, fut: cf.Future) -> None:
+        # (On the thread that completes the future: a flag, nothing more.)
+        if fut.cancelled():
+            return
+        if fut.exception() is not None or getattr(fut.result(), "error", None) is not None:
+            self._failed = True
+
+    def failed(self) -> bool:
+        """An item sent has raised: the loop runs nothing after it, nor may the caller's
+        loop that runs the rest beside them (run._serial_beside: it ran the whole rest
+        of the input, 3,000 items where the loop ran 3, before raising item 2's error)."""
+        return self._failed
 
     def running(self) -> bool:
         """Some of the items sent are still running (or queued) in the pool."""

@@ -731,7 +731,9 @@ class MapRun:
         error: Optional[BaseException] = None
         finished = False
         try:
-            while sent.running():
+            # Not past an item sent ahead that failed: the loop would run nothing after
+            # it (its error is raised below, in its turn, by collecting them).
+            while sent.running() and not sent.failed():
                 held.append(next(serial))
         except StopIteration:
             finished = True

@@ -651,3 +651,50 @@ def test_a_first_call_of_30ms_that_waits_has_items_on_threads_before_it_ends():
         assert early, _SHORT
     finally:
         _SHORT.clear()
+
+
+_RAN: list = []  # (item, thread ident), in the order the items began
+
+
+def _third_raises_behind_a_wait(x):
+    """Item 0 waits until an item behind it has begun elsewhere (at most WAIT_BOUND_S),
+    then 0.1 s more; item 2 raises, item 3 waits 0.5 s; the others return at once (the
+    rest is planned serial, or threads)."""
+    _RAN.append((x, threading.get_ident()))
+    if x == 0:
+        _BEGAN.wait(WAIT_BOUND_S)
+        time.sleep(0.1)  # the threads could be topped up meanwhile
+    elif x == 2:
+        _BEGAN.set()
+        raise ValueError("item two")
+    elif x == 3:
+        _BEGAN.set()
+        time.sleep(0.5)  # still running when the plan's run takes the threads over
+    else:
+        _BEGAN.set()
+    return x
+
+
+@pytest.mark.timeout(60)
+def test_nothing_more_runs_once_an_item_sent_to_threads_has_raised(_fresh_waits):
+    """The loop runs items 0-2 and raises item 2's error. The watch kept topping the
+    threads up after item 2 raised there (600-1,000 items), and a serial plan's loop ran
+    the whole rest of the input in the caller beside them (all 3,000) before raising it."""
+    _RAN.clear()
+    pf = parallelize(_third_raises_behind_a_wait, cache=False)
+    try:
+        with pytest.raises(ValueError, match="item two"):
+            pf.map(range(3000))
+        ran = [x for x, _ in _RAN]
+        me = threading.get_ident()
+        assert any(x == 2 and ident != me for x, ident in _RAN), _RAN[:5]  # it went ahead
+        # Beside it, at most the items already in flight on the threads (up to 64).
+        assert len(ran) <= 3 + 64, (len(ran), max(ran))
+        assert max(ran) < 3 + 64, max(ran)
+    finally:
+        _RAN.clear()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(
+                t.name.startswith("adaptive_exec_") for t in threading.enumerate()):
+            time.sleep(0.02)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("adaptive_exec_")]
