@@ -228,7 +228,18 @@ class MapRun:
                 how = f"ended by {type(exc).__name__}"
             ended = f"{how}; {fmt_count(self.n_done, 'result', 'results')} made"
             if self.plan is None:  # before a plan: while its first items ran here
-                self.plan = dataclasses.replace(empty_plan(), reason=ended)
+                plan = empty_plan()
+                sent = self.ahead
+                if sent is not None:
+                    # What ran beside them: an imap left at its first result said
+                    # "serial", where 198 items had run on 64 threads.
+                    where = "threads" if sent.on_threads else "the pool"
+                    ended += (f"; {_span(self.n_sampled, self._n_ahead())} had gone to "
+                              f"{where} while the first calls ran here")
+                    plan = dataclasses.replace(
+                        plan, mode="threads" if sent.on_threads else "parallel",
+                        n_workers=sent.n_workers)
+                self.plan = dataclasses.replace(plan, reason=ended)
             self.ran = "; ".join(part for part in (ended, self.ran) if part)
             self.report()
         except Exception:  # noqa: BLE001 - the map's own exception is what is raised

@@ -698,3 +698,33 @@ def test_nothing_more_runs_once_an_item_sent_to_threads_has_raised(_fresh_waits)
                 t.name.startswith("adaptive_exec_") for t in threading.enumerate()):
             time.sleep(0.02)
     assert not [t.name for t in threading.enumerate() if t.name.startswith("adaptive_exec_")]
+
+
+def _waits_first(x):
+    if x == 0:
+        time.sleep(0.3)  # the items behind it go to threads meanwhile
+    else:
+        time.sleep(0.01)
+    return x
+
+
+@pytest.mark.timeout(60)
+def test_an_imap_left_before_its_plan_reports_the_items_that_went_to_threads():
+    # The report of an imap left at its first result (before the map had planned) said
+    # "serial" and "2 results made", where 194 items had run on 64 threads. Found by an
+    # adversarial review helper.
+    pf = parallelize(_waits_first, cache=False)
+    it = pf.imap(range(200))
+    assert next(it) == 0
+    it.close()
+    report = pf.last_report
+    assert report is not None
+    assert "left by its consumer" in report.plan.reason, report.plan.reason
+    assert re.search(r"items? \d+(-\d+)? had gone to threads", report.plan.reason), \
+        report.plan.reason
+    assert report.plan.mode == "threads", report.plan
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(
+            t.name.startswith("adaptive_exec_") for t in threading.enumerate()):
+        time.sleep(0.02)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("adaptive_exec_")]
