@@ -641,8 +641,28 @@ def _compiled_plainly(module: str) -> bool:
                                       "importlib._bootstrap_external"))
 
 
+# (module, the caller's code digest) this worker reloaded that module for: a copy that
+# a reload did not make the caller's (the caller rebound one of its functions to one a
+# worker cannot have, its file changed since the caller imported it) is not reloaded
+# again for every map (each re-ran the module's code in every worker).
+_RELOADED_FOR: set[tuple[str, str]] = set()
+
+
+def _reload_once(module: types.ModuleType, code: str) -> bool:
+    """Reload ``module`` here, once per caller's ``code``; False if done before."""
+    if (module.__name__, code) in _RELOADED_FOR:
+        return False
+    if len(_RELOADED_FOR) > 1024:
+        _RELOADED_FOR.clear()
+    _RELOADED_FOR.add((module.__name__, code))
+    importlib.reload(module)
+    _forget_state_of(module)
+    return True
+
+
 def _current_code(func: Any, ref: FunctionRef, rebuild: Callable[[], Any],
-                  patch: Callable[..., dict[str, Any]]) -> Any:
+                  patch: Callable[..., dict[str, Any]],
+                  attrs: Optional[_WithAttributes] = None) -> Any:
     """``func`` where the code it runs is the caller's (``ref.code``); else the module
     it comes from is reloaded here (the caller reloaded it) and ``func`` rebuilt; raises
     where it still differs (the module's file changed since the caller imported it:
@@ -650,9 +670,12 @@ def _current_code(func: Any, ref: FunctionRef, rebuild: Callable[[], Any],
     def same() -> bool:
         # Compared with the caller's globals set here first (the patch): a global the
         # caller set to a closure of the module's (transform = make(3)) is what the
-        # function reaches there, and only then here.
+        # function reaches there, and only then here. So are the attributes of other
+        # modules it reads (a function the caller rebound there: helpers.f = helpers.g).
         if ref.patch is not None and ref.patch_module is not None:
             _Patched(func, ref.patch_module, f"{ref.key}:check", patch()).enter()
+        if attrs is not None:
+            attrs.enter()
         found, owner = _code_that_runs(func)
         if found is None or not (ref.code or "").startswith(f"{sys.flags.optimize}:"):
             # A caller under python -O, a worker without it (loky's own start passes no
@@ -674,21 +697,20 @@ def _current_code(func: Any, ref: FunctionRef, rebuild: Callable[[], Any],
             name, _, digest = part.partition("=")
             other = sys.modules.get(name)
             if other is not None and ours.get(name) != digest:
-                importlib.reload(other)
-                _forget_state_of(other)
+                _reload_once(other, ref.code or "")
         if same():
             return func
     module = sys.modules.get(core.__module__)
-    if module is not None:
-        importlib.reload(module)
-        _forget_state_of(module)
+    if module is not None and _reload_once(module, ref.code or ""):
         if ref.patch is not None:
             patch(again=True)
         func = rebuild()
         if same():
             return func
     raise ImportError(f"this worker's module {core.__module__!r} is not the caller's copy "
-                      "of it (its file changed since the caller imported it)")
+                      "of it (its file, or one it calls into, changed since the caller "
+                      "imported it, or the caller rebound a function it calls to one a "
+                      "worker cannot import)")
 
 
 def _globals_read(func: types.FunctionType, owner: Optional[type] = None) -> dict[str, Any]:
@@ -896,6 +918,11 @@ def _attributes_read(func: types.FunctionType, owner: Optional[type] = None,
                 if isinstance(value, functools._lru_cache_wrapper):  # type: ignore[attr-defined]
                     value = _innermost(value)  # cfg.cached(x): what it reads counts
                 if isinstance(value, types.FunctionType):
+                    if (value.__module__, value.__qualname__) != (holder.__name__, attr):
+                        # Rebound by the caller (helpers.f = helpers.g, or mock-style to
+                        # a function of another module): the binding travels, by name;
+                        # warm workers called their own helpers.f, 100 of 100 wrong.
+                        found[(holder.__name__, attr)] = value
                     _add_reads_of(value, depth, found)
                 elif _plain_value(value):
                     found[(holder.__name__, attr)] = value
@@ -2114,12 +2141,15 @@ def _resolve(ref: FunctionRef) -> Optional[Callable[..., Any]]:
         # In the caller's own process (a dask worker thread there): its modules are
         # the caller's, live, as a thread's loop would see them: nothing to set.
         at_home = ref.home is not None and ref.home == this_process()
+        # Unpickled once, for the code check and the items both.
+        attrs = (_WithAttributes(func[0] if ref.bundled else func, ref.key, ref.attrs)
+                 if ref.attrs is not None and not at_home else None)
         if ref.code is not None and not at_home:
             if ref.bundled:
-                func = (_current_code(func[0], ref, lambda: rebuild()[0], patch),
+                func = (_current_code(func[0], ref, lambda: rebuild()[0], patch, attrs),
                         *func[1:])
             else:
-                func = _current_code(func, ref, rebuild, patch)
+                func = _current_code(func, ref, rebuild, patch, attrs)
         if ref.bundled:
             func, initializer, initargs = func
             if ref.init_key is not None:  # runs with the function's own namespace
@@ -2129,8 +2159,9 @@ def _resolve(ref: FunctionRef) -> Optional[Callable[..., Any]]:
             # module was applied in between.
             importlib.import_module(ref.patch_module)
             func = _Patched(func, ref.patch_module, ref.key, patch())
-        if ref.attrs is not None and not at_home:
-            func = _WithAttributes(func, ref.key, ref.attrs)
+        if attrs is not None:
+            attrs.func = func
+            func = attrs
         size = ref.size() + (ref.blob_at[2] if ref.blob_at else 0)
         _FUNCTIONS[ref.key] = (func, size)
         while len(_FUNCTIONS) > _MAX_FUNCTIONS or (

@@ -660,6 +660,57 @@ def test_a_reload_of_a_module_the_function_calls_into_reaches_warm_workers(tmp_p
     assert wrong2 == 0, f"{wrong2} of 120 results from helpers' file the caller never ran"
 
 
+@pytest.mark.parametrize("path", ["fork", "exec"])
+def test_a_function_of_another_module_rebound_between_maps_is_the_one_called(tmp_path, path):
+    # helpers.f = helpers.g between two maps (as mock.patch does): warm workers called
+    # their own helpers.f, 100 of 100 results wrong. Rebound to a function a worker can
+    # import, the binding now travels (the map stays parallel); to one it cannot (a
+    # lambda), the caller runs the items, with a warning, and each worker reloads the
+    # modules at most once for it, not at every map.
+    out = run_script(tmp_path, """
+        import json, os, sys, warnings
+        sys.path.insert(0, os.getcwd())
+        with open("helpers.py", "w") as fh:
+            fh.write("import os\\n"
+                     "with open('imports.log', 'a') as log:\\n"
+                     "    log.write(f'{os.getpid()}\\\\n')\\n"
+                     "def f(x):\\n    return x + 1\\n"
+                     "def g(x):\\n    return x + 2\\n")
+        with open("mod.py", "w") as fh:
+            fh.write("import helpers, time\\n"
+                     "def work(x):\\n"
+                     "    end = time.perf_counter() + 0.002\\n"
+                     "    while time.perf_counter() < end:\\n"
+                     "        pass\\n"
+                     "    return helpers.f(x)\\n")
+        from adaptive_exec import parallelize
+        import helpers, mod
+
+        items = list(range(100))
+        pf = parallelize(mod.work, backend="loky", max_workers=2, chunksize=4)
+        for _ in range(2):
+            assert pf.map(items) == [x + 1 for x in items]
+        out = []
+        for new in (helpers.g, lambda x: x * 7):
+            helpers.f = new
+            for _ in range(3):
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    got = pf.map(items)
+                wrong = sum(a != b for a, b in zip(got, [mod.work(x) for x in items]))
+                out.append([wrong, pf.last_report.ran or "", len(caught)])
+        with open("imports.log") as log:
+            pids = log.read().split()
+        print(json.dumps([out, {p: pids.count(p) for p in set(pids)}, str(os.getpid())]))
+    """, timeout=150, env={starts.ENV_START: path})
+    runs, imports, me = json.loads(out.splitlines()[-1])
+    assert [wrong for wrong, _, _ in runs] == [0] * 6, runs
+    assert all(not ran and not warned for _, ran, warned in runs[:3]), runs[:3]
+    assert all("ran in the caller" in ran for _, ran, _ in runs[3:]), runs[3:]
+    # A worker imports helpers once (exec), then reloads it once for the lambda at most.
+    assert all(n <= 2 for pid, n in imports.items() if pid != me), imports
+
+
 @pytest.mark.parametrize("path", ["template", "exec"])
 def test_the_code_check_takes_no_fresh_workers_copy_for_a_stale_one(tmp_path, path):
     # Found by a review helper in the check above (c62aa98), each a worker that took its
