@@ -157,6 +157,9 @@ class MapRun:
         # Where the loop handed the rest to a pool (_serial's re-plan), when it did.
         self.moved_at: Optional[int] = None
         self.setups: list[float] = []  # one-time set-ups seen in workers' first calls
+        # Items a pool or threads could not take, run in the caller instead (results or
+        # items that cannot cross, a pool that could not start): their time is the loop's.
+        self.n_fell_back = 0
         self.adjusted: Optional[str] = None  # how the run corrected a far-off plan
         # A threads run that lost its trial: (items, seconds) it ran on threads.
         self.threads_trial: Optional[tuple[int, float]] = None
@@ -499,6 +502,12 @@ class MapRun:
             done, seconds = self.threads_trial
             run = cache.RunRecord(done, planner.THREADS_TRIAL, 1, plan.chunksize,
                                   done * self.features.mean_s, seconds)
+        # Items that fell back to the caller ran at the loop's pace, under a plan that
+        # priced them on the pool: the wall time says nothing of the plan's estimate
+        # (78 items of 80 run here were remembered as a parallel run 1.6x over its
+        # estimate, and the next map of the function, whose results crossed, was planned
+        # x1.30 more cautious).
+        telling = telling and not (self.n_fell_back and plan.mode != "serial")
         cache.observe(
             self.key, module=module, qualname=qualname,
             sampled=self.features if self.entry is None else None,
@@ -806,9 +815,18 @@ class MapRun:
             else:
                 heavy = self._too_heavy_to_ship(plan, ref, calib)
                 if heavy is not None:
+                    # The pool's estimate with the function's shipping counted, as the
+                    # reason gives it: explain() said "parallel: 229.8 ms, speedup:
+                    # 1.00x" where the reason said 1.80 s more for the pool, against the
+                    # loop's 392.1 ms.
+                    why, shipping = heavy
+                    pool_s = plan.estimated_parallel_s + shipping
                     self.plan = dataclasses.replace(
                         plan, mode="serial", n_workers=1, chunksize=1,
-                        estimated_speedup=1.0, reason=heavy)
+                        estimated_parallel_s=pool_s,
+                        estimated_speedup=(plan.estimated_serial_s / pool_s
+                                           if pool_s > 0 else 0.0),
+                        reason=why)
                     self._announce(self.plan)
                     self.stay_serial = True
                     yield from self._serial()
@@ -883,6 +901,7 @@ class MapRun:
                              f"{fmt_s(self._item_s(plan))} planned: chunks of "
                              f"{plan.chunksize:,} became {resized:,}")
         if run.local_items:
+            self.n_fell_back += run.local_items
             self.ran = (f"{run.local_items:,} of the items ran in the caller: "
                         f"{run.cross.reason}")
         self.bytes_sent += getattr(target, "bytes_sent", 0)
@@ -955,8 +974,9 @@ class MapRun:
             return f"here:{id(opts.initializer)}:{id(opts.initargs)}"
 
     def _too_heavy_to_ship(self, plan: Plan, ref: FunctionRef, calib: Calibration
-                           ) -> Optional[str]:
-        """Why the loop beats the pool once the function's own size is counted, or None.
+                           ) -> Optional[tuple[str, float]]:
+        """Why the loop beats the pool once the function's own size is counted, and the
+        seconds that shipping it costs; or None.
         A function that captures a large object (a bound method of an object holding
         500 MB) crosses to each worker once per map: its bytes are written once, read and
         rebuilt by every worker, each copy at about the measured per-byte cost. The plan
@@ -970,7 +990,7 @@ class MapRun:
         return (f"the function carries {fmt_bytes(size)} (what it captures): sending it to "
                 f"{plan.n_workers} workers is estimated at {fmt_s(shipping)}, which with "
                 f"the pool's {fmt_s(plan.estimated_parallel_s)} loses to the loop's "
-                f"{fmt_s(plan.estimated_serial_s)}; running serially")
+                f"{fmt_s(plan.estimated_serial_s)}; running serially"), shipping
 
     def _announce(self, plan: Plan, busy: Optional[int] = None) -> None:
         """Tell ``on_plan`` (the bar) what runs the items now; it cannot fail the map."""

@@ -597,3 +597,84 @@ def test_a_report_that_fails_never_replaces_the_item_s_error(monkeypatch):
                      max_workers=2)
     with pytest.raises(ValueError, match="bad item 70"):
         pf.map(range(200))
+
+
+def _lock_from_the_pool(x):
+    h.burn(0.005)
+    if h.in_worker():
+        return threading.Lock()  # cannot travel back from a worker
+    return x
+
+
+@pytest.mark.timeout(120)
+def test_a_map_whose_items_fell_back_to_the_caller_teaches_the_cache_no_pool_time(
+        monkeypatch):
+    """Every item's result failed to come back from a worker and ran in the caller: the
+    run's wall time is the loop's, not the pool's. Remembered as a parallel run against
+    the pool's estimate, it set a correction (x1.30 after one such map) that made the
+    next map of the same function, whose results cross fine, more cautious or serial."""
+    import warnings
+
+    from adaptive_exec import cache
+    from adaptive_exec import run as run_module
+    from adaptive_exec.backends import loky as loky_backend
+    from adaptive_exec.fingerprint import fingerprint
+
+    # Whatever the workers' few items measured against the sample (a busy core stretches
+    # one and not the other): a run is remembered unless it is known to say nothing.
+    monkeypatch.setattr(run_module, "TELLING_RATIO", 1e9)
+    pf = parallelize(_lock_from_the_pool, backend="loky", chunksize=4)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert pf.map(range(60)) == list(range(60))
+        report = pf.last_report
+        assert report.plan.mode == "parallel" and report.ran is not None, str(report)
+        assert "ran in the caller" in report.ran
+        cache._flush_pending()
+        entry = cache.lookup(fingerprint(_lock_from_the_pool))
+        assert entry is not None
+        pool_runs = [r for r in entry.runs if r.mode == "parallel"]
+        assert pool_runs == [], (str(report), entry.runs)
+    finally:
+        loky_backend.shutdown()
+
+
+class _Carrier:
+    """A bound method that carries a large object to every worker it is sent to."""
+
+    def __init__(self, size: int):
+        self.data = bytes(size)
+
+    def work(self, x):
+        h.spin(0.002)
+        return self.data[x] + x
+
+
+@needs_two
+@pytest.mark.timeout(120)
+def test_a_function_too_heavy_to_ship_explains_the_pool_estimate_its_reason_gives():
+    """The plan turned serial because shipping the function loses: explain() showed the
+    pool's estimate without that shipping and a speedup of 1.00x (parallel 229.8 ms
+    against the loop's 392.1 ms, where the reason said 1.80 s more for the pool)."""
+    from adaptive_exec.backends import loky as loky_backend
+
+    carrier = _Carrier(128 << 20)
+    system.fake_readings(others=0.0)  # a quiet machine: the pool wins on the sample
+    try:
+        pf = parallelize(carrier.work, cache=False)
+        assert pf.map(range(300)) == list(range(300))
+    finally:
+        system.fake_readings()
+        loky_backend.shutdown()
+    plan = pf.last_report.plan
+    assert plan.mode == "serial", plan.reason
+    if "carries" not in plan.reason:
+        pytest.skip(f"the sample alone said serial: {plan.reason}")
+    assert plan.estimated_parallel_s > plan.estimated_serial_s, plan.explain()
+    assert plan.estimated_speedup == pytest.approx(
+        plan.estimated_serial_s / plan.estimated_parallel_s, rel=1e-6), plan.explain()
+    text = plan.explain()
+    assert explain_value(text, "parallel") == fmt_s(plan.estimated_parallel_s), text
+    assert explain_value(text, "speedup") == fmt_speedup(plan.estimated_speedup), text
+    assert plan.estimated_speedup < 1.0, text
