@@ -387,8 +387,10 @@ class FunctionRef:
                                    settings=_lean_settings(self.settings), lean=True)
 
     def without_context(self) -> FunctionRef:
-        """For workers that are not ours to move (a dask cluster's, maybe elsewhere)."""
-        return dataclasses.replace(self, cwd=None, sys_path=(), settings=None)
+        """For workers that are not ours to move (a dask cluster's, maybe elsewhere): no
+        directory, no path; the settings go, but only the decimal context is taken
+        there (per item's context: _shared_settings)."""
+        return dataclasses.replace(self, cwd=None, sys_path=())
 
 
 def _importable(value: Any, exact: bool = False) -> bool:
@@ -1644,8 +1646,14 @@ def _adopt_settings(settings: Settings) -> bool:
         sys.setrecursionlimit(limit)
     if digits is not None and getattr(sys, "get_int_max_str_digits", lambda: digits)() != digits:
         sys.set_int_max_str_digits(digits)
+    _set_decimal(dec)
+    return True
+
+
+def _set_decimal(dec: Optional[tuple[Any, ...]]) -> None:
+    """The caller's decimal context (``_decimal_settings``) as this thread's."""
     if dec is None and "decimal" not in sys.modules:
-        return True
+        return
     import decimal
 
     if dec is None:  # an earlier map's caller had set one: back to the default
@@ -1655,7 +1663,16 @@ def _adopt_settings(settings: Settings) -> bool:
         decimal.setcontext(decimal.Context(
             prec=prec, rounding=rounding, Emin=emin, Emax=emax, capitals=capitals,
             clamp=clamp, traps=[getattr(decimal, name) for name in traps]))
-    return True
+
+
+def _shared_settings(settings: Optional[Settings]) -> None:
+    """On a dask worker (a process that serves others, on its own thread): of the
+    caller's settings, the decimal context, set in the items' own context (copied per
+    chunk: gone after it). Not the process-wide ones (environment, recursion limit,
+    warnings filters, locale, umask, argv), which would stay set for the cluster's
+    other tasks: those stay the worker's own (README, "Running on a dask cluster")."""
+    if settings is not None:
+        _set_decimal(settings[2])
 
 
 def _decimal_settings(c: Any) -> tuple[Any, ...]:
@@ -2072,7 +2089,7 @@ def _enter_context(ref: FunctionRef) -> bool:
     """Adopt the caller's working directory, sys.path and interpreter settings, as a
     loop in the caller would see them; before anything is unpickled (an item's class
     may live on that path)."""
-    if ref.settings is not None and not _adopt_settings(ref.settings):
+    if ref.settings is not None and ref.home is None and not _adopt_settings(ref.settings):
         return False
     if ref.sys_path and tuple(sys.path[: len(ref.sys_path)]) != ref.sys_path:
         theirs = set(ref.sys_path)
@@ -2703,11 +2720,16 @@ def run_chunk(ref: FunctionRef, start: int, payload: bytes, star: bool,
         # script itself (pickle.dumps(Point(x)) of the script's dataclass raised
         # PicklingError at its first item: "it's not the same object as __main__.Point",
         # or "attribute lookup Point on __main__ failed" on a worker of another machine).
-        names = (_scripts_names(func) if ref.home is None or ref.home != this_process()
-                 else contextlib.nullcontext())
+        elsewhere = ref.home is None or ref.home != this_process()
+        names = _scripts_names(func) if elsewhere else contextlib.nullcontext()
+        settings = ref.settings if elsewhere and ref.home is not None else None
+
+        def run() -> ChunkResult:
+            _shared_settings(settings)
+            return run_items(func, start, items, star, time_first=first)
+
         with names:
-            res = dataclasses.replace(_in_context(context, lambda: run_items(
-                func, start, items, star, time_first=first)), function_bytes=fetched)
+            res = dataclasses.replace(_in_context(context, run), function_bytes=fetched)
     if _POOL_WORKER:
         _flush_std_streams()
     error = None if res.error is None else _pickle_error(res.error)

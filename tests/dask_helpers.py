@@ -108,3 +108,18 @@ def largest_function_held() -> int:
 def first_and_length(data):
     spin(0.002)
     return data[0], len(data)
+
+
+def seventh(x):
+    """A loop's item that reads the decimal context."""
+    import decimal
+
+    spin(0.002)
+    return str(decimal.Decimal(1) / decimal.Decimal(7 + x % 3))
+
+
+def worker_precision(*_):
+    """The decimal precision of a worker's thread outside any item: its own."""
+    import decimal
+
+    return decimal.getcontext().prec

@@ -642,3 +642,26 @@ def test_the_initializer_runs_once_in_each_cluster_worker(client, cluster, tmp_p
         pids = [int(line.split()[0]) for line in f]
     assert len(pids) == len(set(pids))
     assert {pid for _, _, pid in out} - {os.getpid()} <= cluster.worker_pids() & set(pids)
+
+
+@pytest.mark.timeout(120)
+def test_items_on_the_cluster_take_the_callers_decimal_context_and_nothing_else(client):
+    # The decimal context was not taken to dask workers: 28 digits where the loop gave 5
+    # (found by an adversarial review helper). It is the items' own now, set in each
+    # chunk's context: the worker's threads keep their own outside (other clients' tasks
+    # run there); so do the process-wide settings (README, "Running on a dask cluster").
+    import decimal
+
+    pf = parallelize(dh.seventh, backend="dask", client=client, chunksize=4)
+    pf.map(range(5))  # features cached: every item goes to the cluster
+    with decimal.localcontext() as ctx:
+        ctx.prec = 5
+        expected = [dh.seventh(x) for x in range(60)]
+        assert pf.map(range(60)) == expected
+        assert pf.last_report.plan.mode == "distributed"
+    assert len(expected[0]) == len("0.14286")
+    # A plain task on each worker, on the threads our chunks ran on: their own context.
+    workers = list(client.scheduler_info()["workers"])
+    assert {client.submit(dh.worker_precision, k, pure=False, workers=[w]).result()
+            for k, w in enumerate(workers)} == {28}
+    assert pf.map(range(60)) == [dh.seventh(x) for x in range(60)]  # back to 28 digits
