@@ -422,6 +422,7 @@ class SamplingWatch:
         self.switching = False  # it holds the GIL's switch interval low (system.fast_switching)
         self.template_asked = False  # it had the template started early (_template_early)
         self.no_threads = False  # the function must not run on threads (_send_to_threads)
+        self.code_read = False  # no_threads was read from its code
         # The watch's first look in the caller's current call: (when, the caller's CPU).
         self.first_look: Optional[tuple[float, float]] = None
         # What items sent ahead may take (_ahead_width): the caller's memory now, to see
@@ -710,13 +711,6 @@ class SamplingWatch:
         waited = self.waits.share()
         if waited is None or waited < WAITING_MIN_SHARE or self.waits.mostly() == system.DISK:
             return False
-        try:
-            # It sets signal handlers or swaps process-wide state: never on threads.
-            self.no_threads = worker.needs_main_thread(func)
-        except Exception:  # code we cannot read: left to the plan
-            self.no_threads = True
-        if self.no_threads:
-            return False
         # The current call's own CPU share where it can be read (the process's, since
         # the map began, counts this watch's start and the caller's bookkeeping: 0.2 for
         # a call that sleeps, which gave 10 threads where the plan then gave 64).
@@ -733,6 +727,16 @@ class SamplingWatch:
             cpu_share = max(0.0, spent - cpu_began) / elapsed
         if cpu_share >= WAITING_MAX_CPU:
             return False  # it computes as much as it waits: the plan decides
+        # Last, and once (this runs at each look at a call that waits): its code read.
+        if not self.code_read:
+            self.code_read = True
+            try:
+                # It sets signal handlers or swaps process-wide state: never on threads.
+                self.no_threads = worker.needs_main_thread(func)
+            except Exception:  # code we cannot read: left to the plan
+                self.no_threads = True
+        if self.no_threads:
+            return False
         cpus = system.usable_cpus(opts.max_workers)
         width = int(min(planner.MAX_THREADS, self._left() - 1,
                         max(2.0, cpus / max(cpu_share, 1e-3))))
