@@ -870,11 +870,31 @@ class ParallelRun:
                 self.next_out += n
         else:
             for start in sorted(self.buffer):
-                results, n, err = self.buffer.pop(start)
+                if self.error_at is not None and start > self.error_at:
+                    # After the failing item: the loop never runs it. (Those that
+                    # finished before the failure was known have come out already: in
+                    # completion order that cannot be helped.)
+                    del self.buffer[start]
+                    continue
+                results, n, err = self.buffer[start]
+                if err is not None and self._to_come_before(start):
+                    # The failing chunk's results before its error now; the error once
+                    # every chunk before it has come out: it was raised at once, and
+                    # results before it that were still running were lost (35 of 37).
+                    if results:
+                        self.buffer[start] = ([], n, err)
+                        yield results
+                    continue
+                del self.buffer[start]
                 if results:
                     yield results
                 if err is not None:
                     raise err
+
+    def _to_come_before(self, start: int) -> bool:
+        """Is a chunk that starts before ``start`` still running or to be run again?"""
+        return (any(info.start < start for info in self.pending.values())
+                or any(info.start < start for info in self.retry))
 
     def _drop_work_after_error(self) -> None:
         """Work after the failing item is not needed: cancel what has not started; what
