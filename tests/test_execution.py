@@ -90,8 +90,12 @@ def test_a_remembered_quick_map_runs_as_one_loop_and_imap_keeps_its_bound(monkey
     assert pf.last_report.from_cache and pf.last_report.plan.mode == "serial"
     assert calls == [len(items)], calls
     calls.clear()
-    assert list(pf.imap(items)) == expected  # nothing lost to a cut chunk
-    assert len(calls) > 1 and max(calls) < len(items)
+    # imap over three times as many: its first batch is bounded by the remembered time
+    # (SERIAL_FIRST_CHUNK_S), about the map's whole list above: under load (CI beside two
+    # other jobs) 1,605 items were that one batch, and nothing was left to cut.
+    more = list(range(3 * len(items)))
+    assert list(pf.imap(more)) == [h.tiny(x) for x in more]  # nothing lost to a cut chunk
+    assert len(calls) > 1 and max(calls) < len(more), calls
 
 
 @pytest.fixture
@@ -266,3 +270,59 @@ def test_the_thread_pool_runs_its_work_at_once_and_never_holds_up_exit():
     assert all(t.daemon and not t.is_alive() for t in pool._threads)
     with pytest.raises(RuntimeError, match="after shutdown"):
         pool.submit(time.sleep, 0)
+
+
+def _inc(x):
+    return x + 1
+
+
+def _size(x):
+    return len(x)
+
+
+@pytest.mark.timeout(60)
+def test_imap_over_a_slow_stream_yields_as_it_reads():
+    # The read-ahead and the serial run's first chunk were sized on the function's own
+    # time: over a generator that takes 5 ms an item, results 10 to 599 all came once
+    # the whole input had been read (3 s; the loop's 11th result at 0.06 s). Counted in
+    # items read, not seconds. Found by an adversarial review helper.
+    read = [0]
+
+    def slow():
+        for i in range(400):
+            time.sleep(0.005)
+            read[0] += 1
+            yield i
+
+    out, read_at_10 = [], None
+    for i, r in enumerate(parallelize(_inc, cache=False).imap(slow())):
+        out.append(r)
+        if i == 10:
+            read_at_10 = read[0]
+    assert out == [x + 1 for x in range(400)]
+    assert read_at_10 is not None and read_at_10 < 200, read_at_10
+
+
+@pytest.mark.timeout(60)
+def test_the_read_ahead_of_a_stream_is_bounded_by_its_items_own_size(monkeypatch):
+    # Bounded by the sampled items' size alone: 1-byte items sampled, then 20 KB each,
+    # held the rest of the stream (40 MB here; 0.2-0.6 GB with 50 KB items). Found by an
+    # adversarial review helper.
+    import tracemalloc
+
+    from adaptive_exec import run as run_module
+
+    monkeypatch.setattr(run_module, "READ_AHEAD_BYTES", 4 << 20)
+
+    def grows():
+        for i in range(3000):
+            yield b"x" if i < 1000 else bytes(20_000)
+
+    tracemalloc.start()
+    try:
+        n = sum(1 for _ in parallelize(_size, cache=False).imap(grows()))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert n == 3000
+    assert peak < 20e6, peak
