@@ -13,7 +13,6 @@ import operator
 import textwrap
 import threading
 import time
-import types
 import weakref
 from collections.abc import Mapping
 from typing import (
@@ -257,6 +256,12 @@ class ParallelFunction(Generic[P, R]):
         _shared: Optional[_Shared] = None,
         **unknown: NoReturn,
     ):
+        if isinstance(func, staticmethod):
+            # Callable since Python 3.10, so it passed; but our __get__ then bound it as
+            # a method: instance.f(3) called f(instance, 3), a TypeError the loop never has.
+            msg = ("parallelize needs a plain function here, got a staticmethod; put "
+                   "@staticmethod above @parallelize, not below it")
+            raise TypeError(msg)
         if not callable(func):
             msg = (
                 "parallelize needs a callable (a function, lambda or callable object), "
@@ -310,6 +315,12 @@ class ParallelFunction(Generic[P, R]):
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
         if obj is None:
             return self
+        # Bound as the callable itself binds: a class attribute holding abs, a
+        # functools.partial or a callable object is not bound (obj.f(x) calls f(x)); it was
+        # bound always, and obj.f(x) called f(obj, x).
+        get = getattr(type(self._func), "__get__", None)
+        if get is None:
+            return self
         # A bound copy per read, sharing per instance its last_report and the samples
         # of its plain calls (kept while the instance lives, without keeping it alive).
         key = id(obj)
@@ -325,7 +336,7 @@ class ParallelFunction(Generic[P, R]):
             if ref is not None:
                 with self._per_instance_lock:
                     self._per_instance[key] = (ref, shared)
-        return ParallelFunction(types.MethodType(self._func, obj), _shared=shared,
+        return ParallelFunction(get(self._func, obj, objtype), _shared=shared,
                                 **self._options.as_kwargs())
 
     def _forget(self, key: int, ref: Any) -> None:
@@ -336,6 +347,16 @@ class ParallelFunction(Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"<parallelized {getattr(self._func, '__qualname__', self._func)!r}>"
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # A decorated function of an importable module is that module's attribute, as a
+        # plain function is: pickled by reference. (Its function, under the same name, is
+        # not the module's attribute: pickle refused it, "not the same object as m.f".)
+        # A script's (__main__) keeps its state: cloudpickle sends it by value.
+        name = _global_name(self)
+        if name is not None:
+            return name
+        return super().__reduce_ex__(protocol)
 
     def __getstate__(self) -> dict[str, Any]:
         # A dask client does not travel (it is a connection): the copy finds its own.
@@ -432,6 +453,24 @@ class ParallelFunction(Generic[P, R]):
         if self._options.progress or system.env_flag(ENV_PROGRESS):
             batches = _with_progress(batches, run, name)
         return batches
+
+
+def _global_name(pf: ParallelFunction[Any, Any]) -> Optional[str]:
+    """pf's qualified name where its module (not __main__) holds pf under it, else None."""
+    import sys
+
+    module = getattr(pf, "__module__", None)
+    qualname = getattr(pf, "__qualname__", None)
+    if (not isinstance(module, str) or not isinstance(qualname, str) or module == "__main__"
+            or "<locals>" in qualname or module not in sys.modules):
+        return None
+    obj: Any = sys.modules[module]
+    try:
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except Exception:
+        return None
+    return qualname if obj is pf else None
 
 
 def _flatten(batches: Iterator[list[Any]]) -> Generator[Any, None, None]:

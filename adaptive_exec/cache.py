@@ -135,7 +135,10 @@ def default_dir() -> str:
 def path() -> str:
     """The cache file in use: ``$ADAPTIVE_EXEC_CACHE_DIR/cache.sqlite3``, else in
     ``default_dir()``."""
-    configured = os.environ.get(ENV_DIR) or None
+    # Blank is unset, as for every other variable of ours: " " made a directory named
+    # " " in the current one, a cache of its own in each directory a program ran in.
+    raw = os.environ.get(ENV_DIR)
+    configured = raw if raw is not None and raw.strip() else None
     key = (configured, None if configured else os.environ.get("XDG_CACHE_HOME"))
     found = _paths.get(key)
     if found is None:

@@ -1215,3 +1215,19 @@ def test_lookup_on_a_hit_reads_only():
             conn.execute("ROLLBACK")
     with db() as conn:
         assert conn.execute("SELECT hits FROM entries").fetchone()[0] == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("blank", [" ", "\t", "  \n"])
+def test_a_blank_cache_dir_variable_is_unset(tmp_path, monkeypatch, blank):
+    # Blank counts as unset for every other variable of ours; here " " made a directory
+    # named " " in the current directory, with a cache of its own.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("ADAPTIVE_EXEC_CACHE_DIR", blank)
+    run_dir = tmp_path / "cwd"
+    run_dir.mkdir()
+    monkeypatch.chdir(run_dir)
+    assert cache.path() == os.path.join(str(tmp_path / "xdg"), "adaptive_exec",
+                                        os.path.basename(cache.path()))
+    assert parallelize(h.square, backend="serial").map(range(5)) == [0, 1, 4, 9, 16]
+    assert os.listdir(run_dir) == []

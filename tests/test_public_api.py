@@ -333,3 +333,81 @@ def test_disable_variable_set_to_false_leaves_the_map_adaptive(monkeypatch):
     pf = parallelize(h.square)
     assert pf.map(range(20)) == [x * x for x in range(20)]
     assert "ADAPTIVE_EXEC_DISABLE" not in pf.last_report.plan.reason
+
+
+@pytest.mark.timeout(60)
+def test_a_decorated_function_of_a_module_pickles_by_reference(tmp_path, monkeypatch):
+    # @parallelize over a module's function: pickle (concurrent.futures, multiprocessing)
+    # refused it, "Can't pickle <function sq>: it's not the same object as mod.sq".
+    (tmp_path / "aex_decorated_mod.py").write_text(
+        "from adaptive_exec import parallelize\n"
+        "@parallelize\n"
+        "def sq(x):\n"
+        "    return x * x\n"
+        "@parallelize(max_workers=2)\n"
+        "def cube(x):\n"
+        "    return x ** 3\n"
+        "class K:\n"
+        "    @parallelize\n"
+        "    def m(self, x):\n"
+        "        return x + 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import aex_decorated_mod as mod
+
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        assert pickle.loads(pickle.dumps(mod.sq, protocol)) is mod.sq
+        assert pickle.loads(pickle.dumps(mod.cube, protocol)) is mod.cube
+        assert pickle.loads(pickle.dumps(mod.K.m, protocol)) is mod.K.m
+        bound = pickle.loads(pickle.dumps(mod.K().m, protocol))  # by state, as before
+        assert bound(1) == 2
+    assert mod.cube._options.max_workers == 2
+    # Not a module's attribute: pickled by its state, as before.
+    clone = pickle.loads(pickle.dumps(parallelize(h.square, max_workers=2)))
+    assert clone(4) == 16 and clone._options.max_workers == 2
+
+
+def test_parallelize_below_staticmethod_says_where_it_goes():
+    # Accepted, it was bound as a method: instance.run(3) called run(instance, 3).
+    with pytest.raises(TypeError, match="put @staticmethod above @parallelize"):
+        class Model:
+            @parallelize
+            @staticmethod
+            def run(x):
+                return x
+
+
+def test_parallelize_above_staticmethod_works():
+    class Model:
+        @staticmethod
+        @parallelize
+        def run(x):
+            return -x
+
+    assert Model().run(3) == -3 and Model.run.map(range(3)) == [0, -1, -2]
+    assert Model().run.map(range(3)) == [0, -1, -2]
+
+
+class _Triple:
+    def __call__(self, x):
+        return x * 3
+
+
+def test_a_class_attribute_binds_as_the_callable_it_wraps():
+    # A builtin, a partial or a callable object in a class is not bound by Python
+    # (obj.f(x) calls f(x)); parallelized, it was bound always: obj.f(x) called f(obj, x).
+    class A:
+        plain_abs, par_abs = abs, parallelize(abs)
+        plain_part = functools.partial(divmod, 100)
+        par_part = parallelize(functools.partial(divmod, 100))
+        plain_obj, par_obj = _Triple(), parallelize(_Triple())
+
+        @parallelize
+        def method(self, x):
+            return (type(self).__name__, x)
+
+    a = A()
+    assert a.par_abs(-2) == a.plain_abs(-2) == 2
+    assert a.par_abs.map([-1, -2]) == [1, 2]
+    assert a.par_part(7) == a.plain_part(7) and a.par_part.map([7]) == [a.plain_part(7)]
+    assert a.par_obj(2) == a.plain_obj(2) == 6 and a.par_obj.map([1, 2]) == [3, 6]
+    assert a.method(1) == ("A", 1) and a.method.map([1, 2]) == [("A", 1), ("A", 2)]
