@@ -203,7 +203,13 @@ def test_a_serial_rest_that_moves_to_the_pool_is_reported_so(tmp_path):
     assert warm.map(range(8)) == [3 * x for x in range(8)]
     assert loky_backend.is_warm(1), warm.last_report
     n = 160
-    assert pf.map(range(n)) == [x + 1 for x in range(n)]
+    # As a quiet machine: in CI's forced template run, beside the main suite, the re-plans
+    # saw a CPU kept busy by others and rightly kept the rest here (one worker left).
+    system.fake_readings(others=0.0)
+    try:
+        assert pf.map(range(n)) == [x + 1 for x in range(n)]
+    finally:
+        system.fake_readings()
     report = pf.last_report
     log = h.read_spin_log(path)
     me = os.getpid()
