@@ -172,14 +172,19 @@ def test_a_serial_plan_runs_the_rest_here_while_the_items_sent_ahead_finish(tmp_
     n = 100
     assert pf.map(range(n)) == [x + 1 for x in range(n)]
     report = pf.last_report
-    assert report.plan.mode == "serial", report.plan.reason
+    # Under load (CI's forced exec run beside the main suite) the serial rest's items took
+    # 2.1 ms, not the 0.57 sampled, and the loop rightly handed the rest to the pool after
+    # 39 of them: the items it names ran here first all the same.
+    switched = (report.plan.mode == "parallel"
+                and report.plan.reason.startswith("switched to parallel after"))
+    assert report.plan.mode == "serial" or switched, report.plan.reason
     assert report.ran is not None and "ran on the pool, sent there" in report.ran, report.ran
     log = h.read_spin_log(path)
     me = os.getpid()
-    sent = [x for x, (pid, _, _) in log.items() if pid != me]
-    assert sent and max(sent) < 10, log
-    rest = [x for x in log if x > max(sent)]
-    assert all(log[x][0] == me for x in rest), log
+    sent = [x for x, (pid, _, _) in log.items() if pid != me and x < 10]
+    assert sent, log
+    rest = sorted(x for x in log if x > max(sent))
+    assert all(log[x][0] == me for x in (rest[:5] if switched else rest)), log
     # The rest began here before the workers were done with their set-ups (by ~0.4 s
     # more than the caller's took).
     sent_end = max(log[x][2] for x in sent)
@@ -706,7 +711,11 @@ def test_nothing_more_runs_once_an_item_sent_to_threads_has_raised(_fresh_waits)
     assert not [t.name for t in threading.enumerate() if t.name.startswith("adaptive_exec_")]
 
 
+_WAITED_ON: dict[int, int] = {}  # item -> the thread it ran on
+
+
 def _waits_first(x):
+    _WAITED_ON[x] = threading.get_ident()
     if x == 0:
         time.sleep(0.3)  # the items behind it go to threads meanwhile
     else:
@@ -719,6 +728,7 @@ def test_an_imap_left_before_its_plan_reports_the_items_that_went_to_threads():
     # The report of an imap left at its first result (before the map had planned) said
     # "serial" and "2 results made", where 194 items had run on 64 threads. Found by an
     # adversarial review helper.
+    _WAITED_ON.clear()
     pf = parallelize(_waits_first, cache=False)
     it = pf.imap(range(200))
     assert next(it) == 0
@@ -726,6 +736,15 @@ def test_an_imap_left_before_its_plan_reports_the_items_that_went_to_threads():
     report = pf.last_report
     assert report is not None
     assert "left by its consumer" in report.plan.reason, report.plan.reason
+    me = threading.get_ident()
+    ahead = [x for x, who in _WAITED_ON.items() if who != me]
+    _WAITED_ON.clear()
+    if not ahead:
+        # Nothing went ahead (a loaded moment: too few looks at the first call before it
+        # ended, in CI's forced template run): then the report must not say so.
+        assert "had gone" not in report.plan.reason and report.plan.mode == "serial", \
+            report.plan
+        return
     assert re.search(r"items? \d+(-\d+)? had gone to threads", report.plan.reason), \
         report.plan.reason
     assert report.plan.mode == "threads", report.plan
